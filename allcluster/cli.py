@@ -1,0 +1,129 @@
+"""``allcluster``: the command line. Thin: parse, then call the library (imports are lazy)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from allcluster.config import ConfigError
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from allcluster.data.manifest import IndexConfig, format_summary, run_index
+    from allcluster.config import from_dict
+
+    cfg = from_dict(IndexConfig, {
+        "source": args.source, "out": args.out, "ratios": args.ratios, "folds": args.folds, "seed": args.seed,
+        "patient_regex": args.patient_regex, "max_pixels": args.max_pixels, "workers": args.workers},
+        "allcluster index")
+    _, summary = run_index(cfg)
+    print(format_summary(summary))
+    print(f"manifest: {Path(cfg.out).resolve()}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from allcluster.config import load
+    from allcluster.ray_utils import ensure_ray
+    from allcluster.train.config import TrainConfig, resolve
+    from allcluster.train.ray_train import run_training
+
+    cfg = resolve(load(TrainConfig, args.config, args.overrides), args.config)
+    ensure_ray(args.address)
+    final = run_training(cfg)
+    print(json.dumps({k: v for k, v in final.items() if k != "model_card"}, indent=2, default=str))
+    print(f"outputs: {Path(cfg.output_dir).resolve()} (model/, metrics.parquet, config.yaml)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from allcluster.demo import run_demo
+
+    run_demo(Path(args.out), args.overrides)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from allcluster.models.registry import REGISTRY
+
+    print(f"{'backbone':<24}{'input':>6}  {'CAM layer':<32}{'papers'}")
+    for name, spec in sorted(REGISTRY.items()):
+        print(f"{name:<24}{spec.input_size:>6}  {spec.cam_layer:<32}{','.join(spec.papers)}")
+    return 0
+
+
+def cmd_weights_fetch(args: argparse.Namespace) -> int:
+    from allcluster.models.weights import fetch_weights
+
+    for name in args.backbones:
+        print(fetch_weights(name))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from allcluster import bench
+
+    result = bench.BENCHMARKS[args.which](args)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="allcluster", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="synthetic 4-class demo: generate, index, train on a local Ray (CPU)")
+    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    _add_set(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("index", help="build a manifest Parquet with leak-free splits from images or a CSV")
+    p.add_argument("source", help="folder of <class>/<images>, or a CSV with path,label[,patient]")
+    p.add_argument("--out", required=True, help="manifest Parquet to write")
+    p.add_argument("--ratios", type=float, nargs=3, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--folds", type=int, default=0, help="k-fold: test held out, rest in K grouped folds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patient-regex", default="", help="patient id from the file name (first group)")
+    p.add_argument("--max-pixels", type=int, default=50_000_000, help="refuse larger images (bombs)")
+    p.add_argument("--workers", type=int, default=0, help="decode threads (0: all cores)")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("train", help="one training run as a Ray Train TorchTrainer")
+    p.add_argument("--config", required=True)
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    _add_set(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("models", help="list the backbone registry")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("weights", help="pretrained weights: pre-stage on a machine with internet")
+    wsub = p.add_subparsers(dest="weights_command", required=True)
+    f = wsub.add_parser("fetch", help="download into the timm/HF cache (run on a login node)")
+    f.add_argument("backbones", nargs="+")
+    f.set_defaults(func=cmd_weights_fetch)
+
+    p = sub.add_parser("bench", help="benchmarks; print JSON")
+    from allcluster.bench import add_bench_arguments
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as err:     # user errors: one clear line, no traceback
+        print(f"allcluster {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Frozen-dataclass configs loaded from commented YAML.
+
+Every stage (index, train, sweep, score, report) has one frozen dataclass whose fields are the YAML
+keys; nested sections are nested dataclasses. Loading validates everything up front: an unknown key,
+a wrong type or an out-of-range value raises :class:`ConfigError` naming the file, the key path and
+what is allowed. ``--set a.b=c`` overrides go through the same validation.
+
+Range limits live in field metadata (``field(default=..., metadata=bounds(ge=0))``); choices come
+from ``Literal[...]`` annotations.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and the key path."""
+
+
+def bounds(ge: float | None = None, le: float | None = None, gt: float | None = None,
+           lt: float | None = None) -> dict[str, float]:
+    """Field metadata for numeric ranges, e.g. ``field(default=0.1, metadata=bounds(ge=0, lt=1))``."""
+    return {k: v for k, v in dict(ge=ge, le=le, gt=gt, lt=lt).items() if v is not None}
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp))
+    if origin in (tuple, list):
+        return f"a list of {_describe(get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return f"a section with keys {', '.join(f.name for f in dataclasses.fields(tp))}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _range_error(value: float, meta: dict) -> str | None:
+    checks = {"ge": (lambda v, b: v >= b, ">="), "le": (lambda v, b: v <= b, "<="),
+              "gt": (lambda v, b: v > b, ">"), "lt": (lambda v, b: v < b, "<")}
+    failed = [f"{sym} {meta[k]}" for k, (ok, sym) in checks.items() if k in meta and not ok(value, meta[k])]
+    if failed:
+        allowed = " and ".join(f"{sym} {meta[k]}" for k, (_, sym) in checks.items() if k in meta)
+        return f"value {value!r} is out of range; allowed: {allowed}"
+    return None
+
+
+class _Builder:
+    """Builds a dataclass tree from plain data, collecting the key path for error messages."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, path: str, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{self.source}: {path or '<top level>'}: {message}")
+
+    def build(self, cls: type[T], data: Any, path: str = "") -> T:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            self.fail(path, f"expected {_describe(cls)}, got {type(data).__name__} {data!r}")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            key = f"{path}.{unknown[0]}" if path else str(unknown[0])
+            self.fail(key, f"unknown key; allowed keys here: {', '.join(fields)}")
+        values = {}
+        for name, value in data.items():
+            key = f"{path}.{name}" if path else name
+            values[name] = self.coerce(hints[name], value, key, fields[name].metadata)
+        try:
+            return cls(**values)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as err:
+            self.fail(path, str(err))
+
+    def coerce(self, tp: Any, value: Any, path: str, meta: Any = None) -> Any:
+        origin = get_origin(tp)
+        if dataclasses.is_dataclass(tp):
+            return self.build(tp, value, path)
+        if origin is Literal:
+            choices = get_args(tp)
+            if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
+                self.fail(path, f"{value!r} is not allowed; allowed values: {', '.join(map(repr, choices))}")
+            return value
+        if origin in (Union, types.UnionType):
+            options = get_args(tp)
+            if value is None and type(None) in options:
+                return None
+            errors = []
+            for option in (o for o in options if o is not type(None)):
+                try:
+                    return self.coerce(option, value, path, meta)
+                except ConfigError as err:
+                    errors.append(str(err))
+            self.fail(path, f"expected {_describe(tp)}, got {value!r}")
+        if origin in (tuple, list):
+            if not isinstance(value, (list, tuple)):
+                self.fail(path, f"expected {_describe(tp)}, got {value!r}")
+            (item_tp, *_rest) = get_args(tp)
+            return tuple(self.coerce(item_tp, v, f"{path}[{i}]", meta) for i, v in enumerate(value))
+        if origin is dict:
+            if not isinstance(value, dict):
+                self.fail(path, f"expected a mapping, got {value!r}")
+            return dict(value)
+        if tp is Any:
+            return value
+        return self.scalar(tp, value, path, meta or {})
+
+    def scalar(self, tp: type, value: Any, path: str, meta: dict) -> Any:
+        if tp is bool:
+            if not isinstance(value, bool):
+                self.fail(path, f"expected true or false, got {value!r}")
+            return value
+        if tp in (int, float):
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not numeric or (tp is int and isinstance(value, float) and not value.is_integer()):
+                self.fail(path, f"expected {tp.__name__}, got {value!r}")
+            value = tp(value)
+            problem = _range_error(value, meta)
+            if problem:
+                self.fail(path, problem)
+            return value
+        if tp is str:
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                self.fail(path, f"expected a string, got {value!r}")
+            return str(value)
+        self.fail(path, f"unsupported config type {tp}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=c`` into ``(['a', 'b'], c)`` with ``c`` parsed as a YAML scalar or list."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set optim.lr=1e-4")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set {text!r}: empty key")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
+    """Return a copy of ``data`` with each ``a.b=c`` override applied."""
+    data = json.loads(json.dumps(data or {}))
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {key} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def from_dict(cls: type[T], data: dict | None, source: str = "<dict>") -> T:
+    """Validate plain data into the config dataclass ``cls``."""
+    return _Builder(source).build(cls, data or {})
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, turning syntax errors into :class:`ConfigError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    return data
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = (),
+         base: dict | None = None) -> T:
+    """Load ``cls`` from a YAML file (or ``base`` data) with ``--set`` overrides applied."""
+    data = read_yaml(path) if path is not None else dict(base or {})
+    overrides = list(overrides)
+    source = str(path) if path is not None else "<defaults>"
+    if overrides:
+        source += " (with --set " + " ".join(overrides) + ")"
+    return from_dict(cls, apply_overrides(data, overrides), source)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain (YAML/JSON-able) data of a config dataclass; tuples become lists."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_hash(cfg: Any) -> str:
+    """Stable short hash of the resolved config, used as provenance in every output row."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def write_resolved(cfg: Any, path: str | Path, header: str = "") -> Path:
+    """Write the fully resolved config (all defaults filled) as YAML next to an output."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    comment = f"# {header}\n" if header else ""
+    path.write_text(f"{comment}# resolved config, hash {config_hash(cfg)}\n{text}")
+    return path
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    """``dataclasses.replace`` re-exported for callers that fill defaults."""
+    return dataclasses.replace(cfg, **changes)

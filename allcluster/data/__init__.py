@@ -1,0 +1,1 @@
+"""Data: manifest and splits, decoding, preprocessing, the decoded-image cache, synthetic data."""

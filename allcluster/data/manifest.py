@@ -1,0 +1,261 @@
+"""``allcluster index``: an image tree or CSV becomes a manifest Parquet with leak-free splits.
+
+The manifest is the single source of truth for which files exist, which decode, what they are and
+where they go (train/val/test). Every input file is one row; a broken file is a row with
+``status="error"``, so nothing is silently lost.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from allcluster.config import ConfigError, bounds, write_resolved
+from allcluster.data import decode as dec
+from allcluster.data.splits import assign_splits
+
+MANIFEST_SCHEMA = pa.schema([
+    ("path", pa.string()), ("sha256", pa.string()), ("label", pa.string()), ("patient", pa.string()),
+    ("split", pa.string()), ("fold", pa.int64()), ("width", pa.int64()), ("height", pa.int64()),
+    ("size_bytes", pa.int64()), ("status", pa.string()), ("error_type", pa.string()),
+    ("error", pa.string()), ("n_copies", pa.int64()), ("label_conflict", pa.bool_()),
+])
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Options of ``allcluster index`` (written next to the manifest as ``<name>.config.yaml``)."""
+    source: str = ""
+    out: str = "manifest.parquet"
+    ratios: tuple[float, ...] = (0.8, 0.1, 0.1)
+    folds: int = field(default=0, metadata=bounds(ge=0))
+    seed: int = 0
+    patient_regex: str = ""
+    max_pixels: int = field(default=dec.DEFAULT_MAX_PIXELS, metadata=bounds(gt=0))
+    min_side: int = field(default=dec.DEFAULT_MIN_SIDE, metadata=bounds(ge=1))
+    workers: int = field(default=0, metadata=bounds(ge=0))
+
+    def __post_init__(self):
+        if len(self.ratios) != 3 or any(r < 0 for r in self.ratios) or not 0.999 < sum(self.ratios) < 1.001:
+            raise ConfigError(f"ratios: {list(self.ratios)} must be three non-negative shares "
+                              "(train, val, test) summing to 1, e.g. 0.8 0.1 0.1")
+        if self.folds == 1:
+            raise ConfigError("folds: 1 is not a k-fold; use 0 (plain split) or 2 or more")
+        if self.patient_regex:
+            try:
+                re.compile(self.patient_regex)
+            except re.error as err:
+                raise ConfigError(f"patient_regex: {self.patient_regex!r} is not a valid regex: {err}")
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: str
+    label: str
+    patient: str = ""
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def list_folder(root: Path) -> list[SourceFile]:
+    """``<root>/<class>/**/<file>``: the first folder level is the label; symlinked folders are not
+    followed (they may loop or leave the tree); files at the top level get no label."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        rel = Path(dirpath).relative_to(root)
+        label = rel.parts[0] if rel.parts else ""
+        files += [SourceFile(str(Path(dirpath) / f), label) for f in sorted(filenames) if not _is_hidden(f)]
+    return files
+
+
+def list_csv(csv_path: Path) -> list[SourceFile]:
+    """A CSV with ``path,label[,patient]`` columns; relative paths are relative to the CSV's folder."""
+    with open(csv_path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        missing = {"path", "label"} - set(columns)
+        if missing:
+            raise ConfigError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))}; "
+                              f"expected path,label[,patient], found {', '.join(columns) or 'no header'}")
+        rows = list(reader)
+    base = csv_path.parent
+    return [SourceFile(str(Path(r["path"]) if Path(r["path"]).is_absolute() else base / r["path"]),
+                       (r.get("label") or "").strip(), (r.get("patient") or "").strip()) for r in rows]
+
+
+def list_source(source: str | Path) -> list[SourceFile]:
+    """Files of a folder tree or a CSV file list."""
+    source = Path(source)
+    if source.is_dir():
+        return list_folder(source)
+    if source.is_file() and source.suffix.lower() == ".csv":
+        return list_csv(source)
+    raise ConfigError(f"{source}: SOURCE must be a folder of <class>/<images> or a .csv file "
+                      "with path,label[,patient] columns")
+
+
+def inspect_file(path: str, max_pixels: int = dec.DEFAULT_MAX_PIXELS,
+                 min_side: int = dec.DEFAULT_MIN_SIDE) -> dict:
+    """Hash and fully decode one file (at a small JPEG draft size, enough to detect truncation)."""
+    row = dict(path=path, sha256="", width=-1, height=-1, size_bytes=-1, status="ok", error_type="", error="")
+    try:
+        data = dec.read_bytes(path)
+        row["size_bytes"] = len(data)
+        row["sha256"] = hashlib.sha256(data).hexdigest()
+        image = dec.decode(data, path, max_pixels=max_pixels, min_side=min_side, draft=64)
+        row["width"], row["height"] = image.width, image.height
+    except dec.DecodeError as err:
+        row.update(status="error", error_type=err.kind, error=str(err))
+    return row
+
+
+def _inspect_chunk(args: tuple[list[str], int, int]) -> list[dict]:
+    paths, max_pixels, min_side = args
+    return [inspect_file(p, max_pixels, min_side) for p in paths]
+
+
+def inspect_files(paths: list[str], max_pixels: int, min_side: int, workers: int = 0) -> list[dict]:
+    """Inspect files on a thread pool, preserving order (PIL and hashlib release the GIL)."""
+    workers = workers or min(32, os.cpu_count() or 1)
+    if workers == 1 or len(paths) < 64:
+        return _inspect_chunk((paths, max_pixels, min_side))
+    chunk = max(16, min(256, len(paths) // (workers * 4) or 1))
+    chunks = [(paths[i:i + chunk], max_pixels, min_side) for i in range(0, len(paths), chunk)]
+    with ThreadPoolExecutor(workers) as pool:
+        return [row for rows in pool.map(_inspect_chunk, chunks) for row in rows]
+
+
+def patient_from_name(path: str, pattern: re.Pattern) -> str:
+    """Patient id from the file name: the regex's first group, or its whole match."""
+    match = pattern.search(Path(path).name)
+    if not match:
+        return ""
+    return match.group(1) if match.groups() else match.group(0)
+
+
+def mark_duplicates(df: pd.DataFrame) -> pd.DataFrame:
+    """Add ``n_copies`` and ``label_conflict`` (copies of one image carrying different labels)."""
+    df = df.copy()
+    ok = df["status"] == "ok"
+    copies = df[ok].groupby("sha256")["label"].agg(["size", "nunique"])
+    df["n_copies"] = df["sha256"].map(copies["size"]).fillna(1).astype(np.int64).where(ok, 1)
+    df["label_conflict"] = df["sha256"].map(copies["nunique"] > 1).fillna(False).astype(bool) & ok
+    return df
+
+
+def build_manifest(cfg: IndexConfig) -> pd.DataFrame:
+    """List, hash, decode-check, de-duplicate and split ``cfg.source``; returns the manifest rows."""
+    files = list_source(cfg.source)
+    if not files:
+        raise ConfigError(f"{cfg.source}: no files found")
+    rows = inspect_files([f.path for f in files], cfg.max_pixels, cfg.min_side, cfg.workers)
+    df = pd.DataFrame(rows)
+    df["label"] = [f.label for f in files]
+    df["patient"] = [f.patient for f in files]
+    if cfg.patient_regex:
+        pattern = re.compile(cfg.patient_regex)
+        from_name = [patient_from_name(p, pattern) for p in df["path"]]
+        df["patient"] = [p or n for p, n in zip(df["patient"], from_name)]
+    unlabeled = (df["label"] == "") & (df["status"] == "ok")
+    df.loc[unlabeled, ["status", "error_type"]] = ["error", "no_label"]
+    df.loc[unlabeled, "error"] = df.loc[unlabeled, "path"] + ": no class folder or label for this file"
+    df = mark_duplicates(df)
+    df["eligible"] = (df["status"] == "ok") & ~df["label_conflict"]
+    df = assign_splits(df, tuple(cfg.ratios), cfg.seed, cfg.folds)
+    return df.drop(columns="eligible").sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def summarize(df: pd.DataFrame) -> dict:
+    """Counts per class per split, duplicate groups, label conflicts and errors by type."""
+    ok = df[df["status"] == "ok"]
+    dup = ok[ok["n_copies"] > 1]
+    dup_groups = dup.groupby("sha256")["path"].apply(list)
+    conflicting = dup[dup["label_conflict"]]
+    conflicts = [[f"{p} ({l})" for p, l in zip(g["path"], g["label"])] for _, g in conflicting.groupby("sha256")]
+    per_split = pd.crosstab(ok["label"], ok["split"].replace("", "excluded"))
+    return {
+        "files": int(len(df)),
+        "ok": int(len(ok)),
+        "classes": sorted(ok["label"].unique().tolist()),
+        "per_class_per_split": {c: {s: int(v) for s, v in per_split.loc[c].items()} for c in per_split.index},
+        "duplicates": {"groups": int(len(dup_groups)), "files": int(len(dup)),
+                       "examples": [list(g) for g in dup_groups.head(10)]},
+        "label_conflicts": {"groups": int(len(conflicts)), "files": int(dup["label_conflict"].sum()),
+                            "groups_list": conflicts},
+        "errors": {"count": int((df["status"] == "error").sum()),
+                   "by_type": {k: int(v) for k, v in df.loc[df["status"] == "error", "error_type"].value_counts().items()},
+                   "examples": df.loc[df["status"] == "error", "error"].head(10).tolist()},
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """Human-readable text of :func:`summarize` for the console."""
+    splits = ["train", "val", "test", "excluded"]
+    lines = [f"{summary['files']} files, {summary['ok']} decodable, classes: {', '.join(summary['classes'])}",
+             f"{'class':<16}" + "".join(f"{s:>10}" for s in splits)]
+    for cls, counts in summary["per_class_per_split"].items():
+        lines.append(f"{cls:<16}" + "".join(f"{counts.get(s, 0):>10}" for s in splits))
+    d, c, e = summary["duplicates"], summary["label_conflicts"], summary["errors"]
+    lines.append(f"duplicates: {d['groups']} groups of identical files ({d['files']} files); "
+                 "each group kept inside one split")
+    lines.append(f"label conflicts: {c['groups']} groups ({c['files']} files) excluded from all splits")
+    lines += [f"  {' | '.join(g)}" for g in c["groups_list"][:10]]
+    lines.append(f"errors: {e['count']}" + (f" by type {e['by_type']}" if e["count"] else ""))
+    lines += [f"  {m}" for m in e["examples"]]
+    return "\n".join(lines)
+
+
+def write_manifest(df: pd.DataFrame, out: str | Path) -> Path:
+    """Write the manifest Parquet atomically (readable by pandas/pyarrow/DuckDB without allcluster)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(df[MANIFEST_SCHEMA.names], schema=MANIFEST_SCHEMA, preserve_index=False)
+    tmp = out.with_name(out.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read a manifest, checking that it has the columns training needs."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: manifest not found; build it with `allcluster index SOURCE --out {path}`")
+    df = pq.read_table(path).to_pandas()
+    missing = set(MANIFEST_SCHEMA.names) - set(df.columns)
+    if missing:
+        raise ConfigError(f"{path}: not an allcluster manifest (missing columns {', '.join(sorted(missing))})")
+    return df
+
+
+def manifest_fingerprint(df: pd.DataFrame, columns: Iterable[str] = ("path", "sha256", "label", "split", "status")) -> str:
+    """Hash of the manifest content that matters downstream (changes invalidate caches)."""
+    digest = hashlib.sha256()
+    for column in columns:
+        digest.update("\x1f".join(map(str, df[column].tolist())).encode())
+        digest.update(b"\x1e")
+    return digest.hexdigest()[:16]
+
+
+def run_index(cfg: IndexConfig) -> tuple[pd.DataFrame, dict]:
+    """Build, write and summarise a manifest; writes ``<out>.summary.json`` and ``<out>.config.yaml``."""
+    df = build_manifest(cfg)
+    out = write_manifest(df, cfg.out)
+    summary = summarize(df)
+    out.with_name(out.stem + ".summary.json").write_text(json.dumps(summary, indent=2))
+    write_resolved(cfg, out.with_name(out.stem + ".config.yaml"), "allcluster index")
+    return df, summary

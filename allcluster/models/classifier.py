@@ -1,0 +1,162 @@
+"""Backbone + head as one module, offline weight loading, and two-stage fine-tuning control."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from allcluster.models.registry import BackboneSpec, HeadSpec, get_spec
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """Pretrained weights are not available offline; the message says how to pre-stage them."""
+
+
+class Head(nn.Module):
+    """GAP -> dropout -> [dense -> ReLU]* -> dropout -> dense(classes) (papers 000/002).
+
+    With no hidden layer the head is GAP -> dense, which is what class activation mapping (CAM,
+    Zhou et al. 2016) needs to read class weights directly.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, spec: HeadSpec):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        layers: list[nn.Module] = [nn.Flatten(), nn.Dropout(spec.dropout)]
+        width = in_features
+        for hidden in spec.hidden:
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        layers.append(nn.Dropout(spec.hidden_dropout))
+        self.mlp = nn.Sequential(*layers)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.mlp(self.pool(features)))
+
+
+class Classifier(nn.Module):
+    """``backbone.forward_features`` (a spatial map) followed by :class:`Head`."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, spec: BackboneSpec, head: HeadSpec):
+        super().__init__()
+        self.backbone = backbone
+        self.head = Head(backbone.num_features, num_classes, head)
+        self.spec_name = spec.name
+        self._frozen_norms: list[nn.Module] = []
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+    def train(self, mode: bool = True) -> "Classifier":
+        super().train(mode)
+        for norm in self._frozen_norms:      # frozen blocks keep their BatchNorm statistics (Keras semantics)
+            norm.eval()
+        return self
+
+    def backbone_groups(self) -> list[list[str]]:
+        """Backbone parameter names grouped by block, input side first (timm's group_matcher)."""
+        from timm.models import group_parameters
+
+        groups = group_parameters(self.backbone, self.backbone.group_matcher(coarse=True))
+        return [names for _, names in sorted(groups.items(), key=lambda kv: kv[0])]
+
+    def set_trainable(self, unfreeze_blocks: int) -> int:
+        """Train the head plus the last ``unfreeze_blocks`` backbone blocks (-1: all, 0: head only).
+
+        Returns the number of trainable parameters.
+        """
+        groups = self.backbone_groups()
+        keep = len(groups) if unfreeze_blocks < 0 else min(unfreeze_blocks, len(groups))
+        trainable = {name for group in groups[len(groups) - keep:] for name in group}
+        for name, param in self.backbone.named_parameters():
+            param.requires_grad_(name in trainable)
+        for param in self.head.parameters():
+            param.requires_grad_(True)
+        self._frozen_norms = [m for name, m in self.backbone.named_modules()
+                              if isinstance(m, nn.modules.batchnorm._NormBase)
+                              and not any(p.requires_grad for p in m.parameters(recurse=False))
+                              and any(True for _ in m.parameters(recurse=False))]
+        self.train(self.training)
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def resolve_module(model: nn.Module, path: str) -> nn.Module:
+    """The submodule at dotted ``path`` (e.g. ``backbone.layer4``), with a clear error if absent."""
+    module = model
+    for part in path.split("."):
+        if not hasattr(module, part):
+            raise AttributeError(f"layer {path!r} not found: {type(module).__name__} has no {part!r}")
+        module = getattr(module, part)
+    return module
+
+
+def _hub_cache_hint(spec: BackboneSpec) -> str:
+    return (f"Pre-stage them on a machine with internet (e.g. the login node):\n"
+            f"    allcluster weights fetch {spec.name}\n"
+            f"which fills the Hugging Face / torch hub cache (set HF_HOME and TORCH_HOME to a shared "
+            f"filesystem path so compute nodes see it), or set model.weights to a local "
+            f".safetensors/.pth file.")
+
+
+def _check_offline_cache(spec: BackboneSpec) -> None:
+    """Fail fast (instead of a network timeout) when a URL-hosted checkpoint is not cached."""
+    import timm
+
+    cfg = timm.get_pretrained_cfg(spec.timm_name)
+    if cfg.hf_hub_id or not cfg.url:
+        return
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
+    if not cached.is_file():
+        raise WeightsNotFoundError(f"backbone {spec.name}: pretrained weights not in the torch hub "
+                                   f"cache ({cached}). {_hub_cache_hint(spec)}")
+
+
+def build_backbone(spec: BackboneSpec, pretrained: bool, weights: str = "") -> nn.Module:
+    """Create a backbone; pretrained weights come only from ``weights`` or an already-filled cache."""
+    if weights:
+        if not Path(weights).is_file():
+            raise WeightsNotFoundError(f"model.weights: {weights} does not exist (backbone {spec.name}). "
+                                       f"{_hub_cache_hint(spec)}")
+        if not spec.timm_name:
+            backbone = spec.build(False, 3)
+            _load_state_file(backbone, weights)
+        else:
+            backbone = spec.build(True, 3, str(Path(weights).resolve()))
+    elif pretrained and spec.timm_name:
+        _check_offline_cache(spec)
+        try:
+            backbone = spec.build(True, 3)
+        except Exception as err:  # huggingface_hub/timm raise several types when offline
+            if "offline" in str(err).lower() or "cache" in str(err).lower() or isinstance(err, OSError):
+                raise WeightsNotFoundError(f"backbone {spec.name}: pretrained weights are not in the local "
+                                           f"cache and the hub is offline. {_hub_cache_hint(spec)}") from err
+            raise
+    else:
+        backbone = spec.build(pretrained, 3)
+    for name in spec.drop_modules:
+        setattr(backbone, name, nn.Identity())
+    return backbone
+
+
+def _load_state_file(module: nn.Module, path: str) -> None:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    module.load_state_dict({re.sub(r"^(module\.|backbone\.)", "", k): v for k, v in state.items()})
+
+
+def build_model(backbone: str, num_classes: int, head: HeadSpec | None = None, pretrained: bool = False,
+                weights: str = "") -> Classifier:
+    """Build a :class:`Classifier` from a registry name (head defaults to the entry's default)."""
+    spec = get_spec(backbone)
+    return Classifier(build_backbone(spec, pretrained, weights), num_classes, spec, head or spec.default_head)

@@ -1,0 +1,105 @@
+"""The exported model directory: what `allcluster score` and `allcluster explain` load.
+
+    model/weights.safetensors   the best-validation-macro-F1 weights (no pickle)
+    model/model_card.json       classes, backbone, input size, normalisation, CAM layer, metrics,
+                                calibration temperature, config, versions, weights sha256
+    model/config.yaml           the resolved training config
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from allcluster.models.classifier import Classifier, build_model
+from allcluster.models.registry import HeadSpec, get_spec
+
+CARD_VERSION = 1
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Versions of everything that shapes a result (provenance for every output)."""
+    import timm
+    import allcluster
+
+    found = {"allcluster": allcluster.__version__, "torch": torch.__version__, "timm": timm.__version__,
+             "python": platform.python_version()}
+    try:
+        import ray
+        found["ray"] = ray.__version__
+    except ImportError:
+        found["ray"] = ""
+    return found
+
+
+def save_model_dir(out: str | Path, model: Classifier, card: dict, config_yaml: str = "") -> Path:
+    """Write weights, card and config atomically (into a temp folder, then renamed)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, tmp / "weights.safetensors")
+    card = {"format_version": CARD_VERSION, **card, "weights_sha256": file_sha256(tmp / "weights.safetensors"),
+            "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (tmp / "model_card.json").write_text(json.dumps(card, indent=2, default=float))
+    if config_yaml:
+        (tmp / "config.yaml").write_text(config_yaml)
+    if out.exists():
+        old = out.with_name(out.name + f".old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        import shutil
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+@dataclass
+class LoadedModel:
+    model: Classifier
+    card: dict
+
+    @property
+    def classes(self) -> list[str]:
+        return self.card["classes"]
+
+    @property
+    def temperature(self) -> float:
+        return float(self.card.get("temperature", 1.0))
+
+
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild the classifier from its card (no pretrained download) and load the weights."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    card_path = path / "model_card.json"
+    if not card_path.is_file():
+        raise FileNotFoundError(f"{path}: not a model directory (no model_card.json); "
+                                "train one with `allcluster train` or `allcluster sweep`")
+    card = json.loads(card_path.read_text())
+    weights = path / "weights.safetensors"
+    if card.get("weights_sha256") and file_sha256(weights) != card["weights_sha256"]:
+        raise ValueError(f"{weights}: sha256 does not match model_card.json (corrupt or replaced file)")
+    get_spec(card["backbone"])
+    head = HeadSpec(tuple(card["head"]["hidden"]), card["head"]["dropout"], card["head"]["hidden_dropout"])
+    model = build_model(card["backbone"], len(card["classes"]), head, pretrained=False)
+    model.load_state_dict(load_file(weights))
+    return LoadedModel(model.to(device).eval(), card)

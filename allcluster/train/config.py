@@ -1,0 +1,163 @@
+"""``TrainConfig``: every key of a training YAML (``allcluster train --config CFG``).
+
+Defaults follow paper 002's recipe (two-stage fine-tuning, label smoothing 0.1, early stopping
+patience 10, ReduceLROnPlateau factor 0.1). ``resolve`` fills what depends on the backbone
+(input size, normalisation, head) so the written config says exactly what ran.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from allcluster.config import ConfigError, bounds, replace
+
+AUGMENTATIONS = ("none", "classic", "randaug", "augmix", "mixup", "cutmix")
+OPTIMIZERS = ("adam", "sgd", "rmsprop", "adadelta", "adamax", "adamw")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images, at what size."""
+    manifest: str = ""                 # manifest Parquet from `allcluster index`
+    image_size: int = field(default=0, metadata=bounds(ge=0))   # 0: the backbone's input size
+    roi_crop: bool = False             # crop to the largest stained contour first (paper 002)
+    roi_margin: float = field(default=0.1, metadata=bounds(ge=0, le=1))
+    fold: int = field(default=-1, metadata=bounds(ge=-1))       # k-fold manifests: validation fold
+    max_per_class: int = field(default=0, metadata=bounds(ge=0))  # 0: all; else a stratified subset per split
+    cache_dir: str = ""                # "": $ALLCLUSTER_CACHE_DIR or node-local $TMPDIR
+    loader_workers: int = field(default=2, metadata=bounds(ge=0))
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Classifier head; null fields take the backbone's registry default."""
+    hidden: Optional[tuple[int, ...]] = None
+    dropout: Optional[float] = field(default=None, metadata=bounds(ge=0, lt=1))
+    hidden_dropout: Optional[float] = field(default=None, metadata=bounds(ge=0, lt=1))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "allnet"           # a registry key: `allcluster models` lists them
+    pretrained: bool = False           # ImageNet weights from the local timm/HF cache (never downloaded)
+    weights: str = ""                  # or a local .safetensors/.pth file with backbone weights
+    head: HeadConfig = HeadConfig()
+
+
+@dataclass(frozen=True)
+class ClassicAugConfig:
+    """Keras-style affine augmentation; defaults are ALL-Net's Table 3 (paper 000)."""
+    rotation: float = field(default=10.0, metadata=bounds(ge=0, le=180))   # degrees
+    width_shift: float = field(default=0.1, metadata=bounds(ge=0, lt=1))
+    height_shift: float = field(default=0.1, metadata=bounds(ge=0, lt=1))
+    shear: float = field(default=0.2, metadata=bounds(ge=0, le=45))        # degrees, as Keras
+    zoom: float = field(default=0.2, metadata=bounds(ge=0, lt=1))
+    hflip: bool = True
+    vflip: bool = False
+    fill_mode: Literal["nearest", "constant", "reflect"] = "nearest"
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-split augmentation, selected by ``name``."""
+    name: Literal["none", "classic", "randaug", "augmix", "mixup", "cutmix"] = "none"
+    classic: ClassicAugConfig = ClassicAugConfig()
+    randaug_num_ops: int = field(default=2, metadata=bounds(ge=1, le=10))
+    randaug_magnitude: int = field(default=9, metadata=bounds(ge=0, le=30))
+    augmix_severity: int = field(default=3, metadata=bounds(ge=1, le=10))
+    augmix_width: int = field(default=3, metadata=bounds(ge=1, le=10))
+    mixup_alpha: float = field(default=0.2, metadata=bounds(gt=0))
+    cutmix_alpha: float = field(default=1.0, metadata=bounds(gt=0))
+
+
+@dataclass(frozen=True)
+class ImbalanceConfig:
+    # minority: copies of minority-class images (with classic augmentation) up to the largest
+    # class (paper 000's benign-class augmentation)
+    oversample: Literal["none", "minority"] = "none"
+    # balanced: loss weight n / (classes * n_class) (papers 003/004)
+    class_weights: Literal["none", "balanced"] = "none"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser of the fine-tuning stage (stage 2); stage 1 uses the same one at ``finetune.head_lr``."""
+    name: Literal["adam", "sgd", "rmsprop", "adadelta", "adamax", "adamw"] = "adam"
+    lr: float = field(default=1e-5, metadata=bounds(gt=0))
+    weight_decay: float = field(default=1e-4, metadata=bounds(ge=0))
+    momentum: float = field(default=0.9, metadata=bounds(ge=0, lt=1))    # sgd, rmsprop
+    nesterov: bool = False                                                # sgd
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    name: Literal["plateau", "cosine", "constant"] = "plateau"
+    factor: float = field(default=0.1, metadata=bounds(gt=0, lt=1))       # plateau
+    patience: int = field(default=3, metadata=bounds(ge=0))               # plateau, epochs
+    warmup_epochs: int = field(default=0, metadata=bounds(ge=0))          # cosine
+    min_lr: float = field(default=0.0, metadata=bounds(ge=0))
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Two-stage fine-tuning (paper 002): stage 1 trains the head only, stage 2 unfreezes blocks."""
+    head_epochs: int = field(default=10, metadata=bounds(ge=0))   # stage 1 length; 0 skips it
+    head_lr: float = field(default=1e-3, metadata=bounds(gt=0))
+    unfreeze_blocks: int = field(default=2, metadata=bounds(ge=-1))  # stage 2: last N blocks, -1 all
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    epochs: int = field(default=100, metadata=bounds(ge=1))         # stage 2 maximum
+    batch_size: int = field(default=32, metadata=bounds(ge=2))      # per worker
+    label_smoothing: float = field(default=0.1, metadata=bounds(ge=0, lt=1))
+    early_stopping_patience: int = field(default=10, metadata=bounds(ge=0))  # 0 disables
+    precision: Literal["auto", "fp32", "bf16"] = "auto"              # auto: bf16 on GPU, fp32 on CPU
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    num_workers: int = field(default=1, metadata=bounds(ge=1))       # Ray Train workers (DDP)
+    use_gpu: bool = False
+    cpus_per_worker: float = field(default=1.0, metadata=bounds(gt=0))
+    gpus_per_worker: float = field(default=1.0, metadata=bounds(gt=0))  # fractions share a GPU
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. ``output_dir`` receives config.yaml, metrics.parquet, checkpoints, model/."""
+    name: str = "run"
+    output_dir: str = "runs/run"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    augment: AugmentConfig = AugmentConfig()
+    imbalance: ImbalanceConfig = ImbalanceConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    fit: FitConfig = FitConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+
+def resolve(cfg: TrainConfig, source: str = "config") -> TrainConfig:
+    """Fill backbone-dependent defaults (image size, head) and check cross-field rules."""
+    from allcluster.models.registry import REGISTRY
+
+    if cfg.model.backbone not in REGISTRY:
+        raise ConfigError(f"{source}: model.backbone: {cfg.model.backbone!r} is not registered; allowed "
+                          f"values: {', '.join(sorted(REGISTRY))}")
+    if not cfg.data.manifest:
+        raise ConfigError(f"{source}: data.manifest: required (a manifest from `allcluster index`)")
+    spec = REGISTRY[cfg.model.backbone]
+    head = cfg.model.head
+    head = replace(head,
+                   hidden=spec.default_head.hidden if head.hidden is None else head.hidden,
+                   dropout=spec.default_head.dropout if head.dropout is None else head.dropout,
+                   hidden_dropout=spec.default_head.hidden_dropout if head.hidden_dropout is None
+                   else head.hidden_dropout)
+    if cfg.augment.name in ("mixup", "cutmix") and cfg.fit.batch_size % 2:
+        raise ConfigError(f"{source}: fit.batch_size: {cfg.fit.batch_size} must be even for {cfg.augment.name}")
+    return replace(cfg,
+                   data=replace(cfg.data, image_size=cfg.data.image_size or spec.input_size),
+                   model=replace(cfg.model, head=head))

@@ -1,0 +1,335 @@
+"""The per-worker training loop: two-stage fine-tuning, per-epoch checkpoints, export of the best model.
+
+Runs identically on one CPU process or as one of N DDP workers (see :mod:`allcluster.train.session`):
+training data is sharded by a DistributedSampler, evaluation splits are sharded without padding and
+gathered, so every metric is computed over each validation image exactly once. The test split is
+evaluated once, after training, with the best-validation-macro-F1 weights.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import yaml
+
+from allcluster import metrics as M
+from allcluster.augment import BatchMixer, image_transform, minority_transform, soft_cross_entropy
+from allcluster.config import ConfigError, config_hash, to_dict
+from allcluster.data.cache import ensure_cache
+from allcluster.data.manifest import read_manifest
+from allcluster.data.preprocess import Normalize, Preprocess
+from allcluster.models import build_model, get_spec
+from allcluster.models.model_dir import save_model_dir
+from allcluster.optim import EarlyStopping, EpochScheduler, build_optimizer
+from allcluster.train.config import TrainConfig
+from allcluster.train.data import (CachedImages, Split, balanced_class_weights, eval_loader, load_splits,
+                                   oversample_minority, train_loader)
+from allcluster.train.session import Session
+
+EVAL_METRICS = ("loss", "accuracy", "macro_f1", "auc", "macro_specificity", "ece")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    epochs: int
+    lr: float
+    unfreeze_blocks: int
+    early_stopping: bool
+
+
+def plan_stages(cfg: TrainConfig) -> list[Stage]:
+    """Stage 1 (head only, fixed length) when ``finetune.head_epochs`` > 0, then stage 2."""
+    stages = []
+    if cfg.finetune.head_epochs:
+        stages.append(Stage("head", cfg.finetune.head_epochs, cfg.finetune.head_lr, 0, False))
+    stages.append(Stage("finetune", cfg.fit.epochs, cfg.optim.lr, cfg.finetune.unfreeze_blocks, True))
+    return stages
+
+
+@dataclass
+class TrainState:
+    """Everything needed to resume: position, weights, optimiser, best-so-far, history."""
+    stage_index: int = 0
+    stage_epoch: int = 0          # epochs already completed in the current stage
+    epoch: int = 0                # epochs completed overall
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    model: dict | None = None
+    optimizer: dict | None = None
+    scheduler: dict | None = None
+    best_model: dict | None = None
+    history: list[dict] = field(default_factory=list)
+    final: dict | None = None     # set once the best model is exported (the run is finished)
+
+    def save(self, directory: Path) -> None:
+        torch.save(self.__dict__, directory / "state.pt")
+
+    @classmethod
+    def load(cls, directory: Path) -> "TrainState":
+        return cls(**torch.load(directory / "state.pt", map_location="cpu", weights_only=False))
+
+
+def _cpu_state(module: torch.nn.Module) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+class WorkerRun:
+    """One worker's view of a training run (state shared by the short methods below)."""
+
+    def __init__(self, cfg: TrainConfig, session: Session, run_id: str = "", log=print):
+        self.cfg, self.session, self.run_id = cfg, session, run_id
+        self.is_main = session.rank == 0
+        self.log = log if self.is_main else (lambda *a, **k: None)
+        self.out = Path(cfg.output_dir)
+        self.device = session.device
+        self.on_gpu = self.device.type == "cuda"
+        precision = cfg.fit.precision
+        self.bf16 = precision == "bf16" or (precision == "auto" and self.on_gpu)
+
+    # ---- setup -------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.fit.seed + self.session.rank)
+        manifest = read_manifest(cfg.data.manifest)
+        self.preprocess = Preprocess(cfg.data.image_size, cfg.data.roi_crop, cfg.data.roi_margin)
+        self.cache = ensure_cache(manifest, self.preprocess, cfg.data.cache_dir or None,
+                                  manifest_path=cfg.data.manifest, log=self.log)
+        self.classes, self.splits = load_splits(manifest, self.cache, cfg.data, cfg.fit.seed)
+        if not len(self.splits["train"]) or not len(self.splits["val"]):
+            raise ConfigError(f"{cfg.data.manifest}: the train and val splits must not be empty "
+                             f"(sizes: { {k: len(v) for k, v in self.splits.items()} })")
+        spec = get_spec(cfg.model.backbone)
+        head = cfg.model.head
+        from allcluster.models.registry import HeadSpec
+        self.head_spec = HeadSpec(tuple(head.hidden), head.dropout, head.hidden_dropout)
+        self.model = build_model(cfg.model.backbone, len(self.classes), self.head_spec,
+                                 cfg.model.pretrained, cfg.model.weights).to(self.device)
+        if self.on_gpu:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.spec = spec
+        self.normalize = Normalize(spec.mean, spec.std).to(self.device)
+        self._build_train_data()
+
+    def _build_train_data(self) -> None:
+        cfg, train = self.cfg, self.splits["train"]
+        copies = None
+        if cfg.imbalance.oversample == "minority":
+            train, copies = oversample_minority(train, cfg.fit.seed)
+        self.train_split = train
+        self.class_weights = (balanced_class_weights(train.labels, len(self.classes)).to(self.device)
+                              if cfg.imbalance.class_weights == "balanced" else None)
+        dataset = CachedImages(self.cache.path, cfg.data.image_size, train, image_transform(cfg.augment),
+                               copies, minority_transform(cfg.augment))
+        self.train_loader, self.sampler = train_loader(
+            dataset, cfg.fit.batch_size, self.session.rank, self.session.world_size, cfg.fit.seed,
+            cfg.data.loader_workers, self.on_gpu)
+        self.mixer = BatchMixer(cfg.augment, len(self.classes), cfg.fit.label_smoothing)
+
+    def autocast(self):
+        if not self.bf16:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        images = self.normalize(images.to(self.device, non_blocking=True))
+        return images.contiguous(memory_format=torch.channels_last) if self.on_gpu else images
+
+    # ---- one epoch ---------------------------------------------------------------------------
+    def train_epoch(self, net: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> dict:
+        net.train()
+        self.sampler.set_epoch(epoch)
+        loss_sum, correct, seen = 0.0, 0, 0
+        start = time.perf_counter()
+        for images_u8, labels, _ in self.train_loader:
+            images = self.to_device(images_u8)
+            labels = labels.to(self.device, non_blocking=True)
+            images, targets = self.mixer(images, labels)
+            with self.autocast():
+                logits = net(images)
+            loss = soft_cross_entropy(logits, targets, self.class_weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(labels)
+            correct += int((logits.argmax(1) == targets.argmax(1)).sum())
+            seen += len(labels)
+        seconds = time.perf_counter() - start
+        totals = np.sum(self.session.all_gather([loss_sum, correct, seen]), axis=0)
+        return {"train_loss": totals[0] / max(totals[2], 1), "train_accuracy": totals[1] / max(totals[2], 1),
+                "train_images_per_s": totals[2] / max(seconds, 1e-9), "train_seconds": seconds}
+
+    @torch.no_grad()
+    def predict(self, net: torch.nn.Module, split: Split) -> np.ndarray:
+        """Logits for every sample of ``split`` (sharded over ranks, gathered, in split order)."""
+        net.eval()
+        dataset = CachedImages(self.cache.path, self.cfg.data.image_size, split)
+        loader = eval_loader(dataset, self.cfg.fit.batch_size * 2, self.session.rank, self.session.world_size,
+                             self.cfg.data.loader_workers, self.on_gpu)
+        chunks, indices = [], []
+        for images_u8, _, index in loader:
+            with self.autocast():
+                chunks.append(net(self.to_device(images_u8)).float().cpu())
+            indices.append(index)
+        local = (torch.cat(indices).numpy() if indices else np.zeros(0, np.int64),
+                 torch.cat(chunks).numpy() if chunks else np.zeros((0, len(self.classes)), np.float32))
+        parts = self.session.all_gather(local)
+        order = np.concatenate([p[0] for p in parts])
+        logits = np.concatenate([p[1] for p in parts])
+        result = np.zeros_like(logits)
+        result[order] = logits
+        return result
+
+    def evaluate(self, net: torch.nn.Module, split: Split, prefix: str, temperature: float = 1.0) -> tuple[dict, np.ndarray]:
+        logits = self.predict(net, split)
+        found = M.classification_metrics(split.labels, M.softmax(logits, temperature), self.classes)
+        found["loss"] = found["nll"]
+        return {f"{prefix}_{k}": v for k, v in found.items()}, logits
+
+    # ---- the run -----------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.setup()
+        resume = self.session.latest_checkpoint()
+        state = TrainState.load(resume) if resume else TrainState()
+        if state.final is not None:
+            self.log(f"[train] {self.out}: already finished; nothing to do")
+            self.session.report(state.final)
+            return state.final
+        if resume:
+            self.log(f"[train] resuming after epoch {state.epoch} from {resume}")
+            self.model.load_state_dict(state.model)
+        for index, stage in enumerate(plan_stages(self.cfg)):
+            if index < state.stage_index:
+                continue
+            if self.run_stage(stage, index, state):
+                break
+        return self.finish(state)
+
+    def run_stage(self, stage: Stage, index: int, state: TrainState) -> bool:
+        """Train one stage from the state's position; True when early stopping ended the run."""
+        trainable = self.model.set_trainable(stage.unfreeze_blocks)
+        net = self.session.wrap(self.model)
+        optimizer = build_optimizer(self.cfg.optim, self.model.parameters(), stage.lr)
+        scheduler = EpochScheduler(self.cfg.schedule, optimizer, stage.epochs)
+        resuming = state.stage_index == index and state.stage_epoch > 0
+        if resuming:
+            optimizer.load_state_dict(state.optimizer)
+            scheduler.load_state_dict(state.scheduler)
+        stopper = EarlyStopping(self.cfg.fit.early_stopping_patience if stage.early_stopping else 0,
+                                best=state.best_score, bad_epochs=state.bad_epochs if resuming else 0)
+        self.log(f"[train] stage {stage.name}: {stage.epochs} epochs at lr {stage.lr:g}, "
+                 f"{trainable:,} trainable parameters")
+        stopped = False
+        for stage_epoch in range(state.stage_epoch if resuming else 0, stage.epochs):
+            row = self.epoch_row(net, optimizer, stage, state.epoch)
+            if stopper.update(row["val_macro_f1"]):
+                state.best_score, state.best_epoch = stopper.best, state.epoch
+                state.best_model = _cpu_state(self.model)
+            scheduler.step(row["val_macro_f1"])
+            stopped = stopper.should_stop
+            done = stopped or stage_epoch + 1 == stage.epochs
+            state.stage_index, state.stage_epoch = (index + 1, 0) if done else (index, stage_epoch + 1)
+            state.epoch += 1
+            state.bad_epochs = stopper.bad_epochs
+            row.update(best_val_macro_f1=state.best_score, best_epoch=state.best_epoch)
+            state.history.append(row)
+            state.model, state.optimizer, state.scheduler = _cpu_state(self.model), optimizer.state_dict(), scheduler.state_dict()
+            self.checkpoint(state, row)
+            if stopped:
+                self.log(f"[train] early stopping: no val macro-F1 gain for {stopper.patience} epochs")
+                break
+        del net
+        return stopped
+
+    def epoch_row(self, net: torch.nn.Module, optimizer: torch.optim.Optimizer, stage: Stage, epoch: int) -> dict:
+        lr = optimizer.param_groups[0]["lr"]
+        start = time.perf_counter()
+        row = {"epoch": epoch, "stage": stage.name, "lr": lr, **self.train_epoch(net, optimizer, epoch)}
+        found, _ = self.evaluate(net, self.splits["val"], "val")
+        row.update({f"val_{k}": found[f"val_{k}"] for k in EVAL_METRICS})
+        row["epoch_seconds"] = time.perf_counter() - start
+        self.log(f"[train] epoch {epoch + 1} ({stage.name}) loss {row['train_loss']:.4f} "
+                 f"acc {row['train_accuracy']:.3f} | val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f} "
+                 f"macro-F1 {row['val_macro_f1']:.3f} | {row['train_images_per_s']:.0f} img/s")
+        return row
+
+    def checkpoint(self, state: TrainState, metrics: dict) -> None:
+        """Report metrics; rank 0 attaches the full state as this epoch's checkpoint."""
+        if not self.is_main:
+            self.session.report(metrics)
+            return
+        self.write_history(state.history)
+        with tempfile.TemporaryDirectory(prefix="allcluster-ckpt-") as tmp:
+            state.save(Path(tmp))
+            self.session.report(metrics, Path(tmp))
+
+    def write_history(self, history: list[dict]) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        rows = [{**r, "run_id": self.run_id, "config_hash": config_hash(self.cfg)} for r in history]
+        tmp = self.out / "metrics.parquet.tmp"
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+        os.replace(tmp, self.out / "metrics.parquet")
+
+    # ---- final evaluation and export ---------------------------------------------------------
+    def finish(self, state: TrainState) -> dict:
+        """Best weights -> temperature on val -> the single test evaluation -> model directory."""
+        if state.best_model is not None:
+            self.model.load_state_dict(state.best_model)
+        net = self.model
+        val_logits = self.predict(net, self.splits["val"])
+        temperature = M.fit_temperature(val_logits, self.splits["val"].labels)
+        final = {"done": True, "epoch": state.epoch, "best_epoch": state.best_epoch, "temperature": temperature}
+        for name in ("val", "test"):
+            split = self.splits[name]
+            logits = val_logits if name == "val" else self.predict(net, split)
+            raw = M.classification_metrics(split.labels, M.softmax(logits), self.classes)
+            calibrated = M.classification_metrics(split.labels, M.softmax(logits, temperature), self.classes)
+            final[f"{name}_metrics"] = raw
+            final.update({f"{name}_{k}": raw[k] for k in ("accuracy", "macro_f1", "auc", "macro_specificity", "map")})
+            final[f"{name}_loss"] = raw["nll"]
+            final[f"{name}_ece"] = raw["ece"]
+            final[f"{name}_ece_calibrated"] = calibrated["ece"]
+        final["train_images_per_s"] = float(np.median([r["train_images_per_s"] for r in state.history])) if state.history else 0.0
+        final["train_seconds"] = float(sum(r["train_seconds"] for r in state.history))
+        if self.is_main:
+            final["model_dir"] = str(self.export(final, state))
+        state.final = {k: v for k, v in final.items() if not k.endswith("_metrics")}
+        self.checkpoint(state, state.final)
+        self.log(f"[train] best epoch {state.best_epoch + 1}: val macro-F1 {final['val_macro_f1']:.4f}; "
+                 f"test accuracy {final['test_accuracy']:.4f}, macro-F1 {final['test_macro_f1']:.4f}")
+        return final
+
+    def export(self, final: dict, state: TrainState) -> Path:
+        cfg, spec = self.cfg, self.spec
+        card = {
+            "classes": self.classes, "backbone": cfg.model.backbone, "timm_name": spec.timm_name,
+            "input_size": cfg.data.image_size, "mean": list(spec.mean), "std": list(spec.std),
+            "roi_crop": cfg.data.roi_crop, "roi_margin": cfg.data.roi_margin, "cam_layer": spec.cam_layer,
+            "head": {"hidden": list(self.head_spec.hidden), "dropout": self.head_spec.dropout,
+                     "hidden_dropout": self.head_spec.hidden_dropout},
+            "temperature": final["temperature"], "best_epoch": state.best_epoch, "epochs_trained": state.epoch,
+            "metrics": {"val": final["val_metrics"], "test": final["test_metrics"],
+                        "val_ece_calibrated": final["val_ece_calibrated"],
+                        "test_ece_calibrated": final["test_ece_calibrated"]},
+            "split_sizes": {k: len(v) for k, v in self.splits.items()},
+            "manifest": str(Path(cfg.data.manifest).resolve()), "run_id": self.run_id,
+            "config_hash": config_hash(cfg), "config": to_dict(cfg),
+        }
+        header = f"# allcluster train, run {self.run_id}\n"
+        return save_model_dir(self.out / "model", self.model, card,
+                              header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def run_worker(cfg: TrainConfig, session: Session, run_id: str = "", log=print) -> dict:
+    """Entry point for one worker (Ray Train's ``train_loop_per_worker`` calls this)."""
+    return WorkerRun(cfg, session, run_id, log).run()

@@ -1,0 +1,94 @@
+"""Thin Ray wrapper: one training run as a Ray Train ``TorchTrainer`` (used by train and sweep)."""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+from allcluster.config import ConfigError, from_dict, to_dict, write_resolved
+from allcluster.train.config import TrainConfig
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    from allcluster.train.loop import run_worker
+    from allcluster.train.session import RaySession
+
+    cfg = from_dict(TrainConfig, loop_config["train"], "train config")
+    run_worker(cfg, RaySession(), loop_config.get("run_id", ""))
+
+
+def run_id_for(output_dir: Path) -> str:
+    """A run id that survives restarts: created once, stored in ``<output_dir>/run.json``."""
+    marker = output_dir / "run.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())["run_id"]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex[:12]
+    marker.write_text(json.dumps({"run_id": run_id}))
+    return run_id
+
+
+def scaling_config(cfg: TrainConfig):
+    from ray.train import ScalingConfig
+
+    res = cfg.resources
+    per_worker = {"CPU": res.cpus_per_worker}
+    if res.use_gpu:
+        per_worker["GPU"] = res.gpus_per_worker
+    return ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker)
+
+
+def build_trainer(cfg: TrainConfig, run_id: str, callbacks: list | None = None):
+    """A ``TorchTrainer`` whose run folder is ``<output_dir>/ray``: rerunning resumes from it."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = Path(cfg.output_dir).resolve()
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": to_dict(cfg), "run_id": run_id},
+        scaling_config=scaling_config(cfg),
+        run_config=RunConfig(
+            name="ray", storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=0),
+            callbacks=callbacks or [],
+            worker_runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}}))
+
+
+def check_fits_cluster(cfg: TrainConfig) -> None:
+    """Refuse a request the cluster can never satisfy (Ray Train would otherwise wait forever)."""
+    import ray
+
+    total = ray.cluster_resources()
+    res = cfg.resources
+    need_cpu = res.num_workers * res.cpus_per_worker
+    if need_cpu > total.get("CPU", 0) + 1e-9:
+        raise ConfigError(f"resources: {res.num_workers} workers x {res.cpus_per_worker} CPUs = {need_cpu:g} CPUs, "
+                         f"but the Ray cluster has {total.get('CPU', 0):g}; lower resources.num_workers "
+                         "or resources.cpus_per_worker")
+    if res.use_gpu and res.num_workers * res.gpus_per_worker > total.get("GPU", 0) + 1e-9:
+        raise ConfigError(f"resources: {res.num_workers} workers x {res.gpus_per_worker} GPUs requested, "
+                         f"but the Ray cluster has {total.get('GPU', 0):g} GPUs; set resources.use_gpu: false "
+                         "or fewer workers")
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    """Fit one run on the connected Ray cluster; returns the final metrics (from the model card)."""
+    from allcluster.ray_utils import ensure_ray
+
+    ensure_ray()
+    check_fits_cluster(cfg)
+    output_dir = Path(cfg.output_dir)
+    run_id = run_id_for(output_dir)
+    write_resolved(cfg, output_dir / "config.yaml", f"allcluster train, run {run_id}")
+    result = build_trainer(cfg, run_id).fit()
+    if result.error:
+        raise result.error
+    card_path = output_dir / "model" / "model_card.json"
+    final = dict(result.metrics or {})
+    if card_path.is_file():
+        final["model_card"] = json.loads(card_path.read_text())
+    return final

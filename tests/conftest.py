@@ -1,0 +1,117 @@
+"""Shared fixtures: a real local Ray (2 CPUs), real ALL images, synthetic images, manifests.
+
+Tests that need the real ALL images skip with a loud reason where they are absent (they are never
+copied into this repository); CI has them at ../shared/data/all_aria_2021/Original.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train: fail fast instead of waiting for resources that never come.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+
+
+def _real_data_dir() -> Path:
+    from allcluster.bench import all_data_dir
+    return all_data_dir()
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    path = _real_data_dir()
+    if not path.is_dir():
+        reason = (f"REAL DATA ABSENT: {path} not found; tests on the real ALL images are SKIPPED. "
+                  "Set ALLCLUSTER_ALL_DATA to the dataset's Original/ folder (Kaggle DOI "
+                  "10.34740/KAGGLE/DSV/2175623) to run them.")
+        warnings.warn(reason)
+        print(f"\n*** {reason} ***\n", file=sys.stderr)
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory) -> Path:
+    """One decoded-image cache root for the session (as one node shares it between runs)."""
+    root = tmp_path_factory.mktemp("cache")
+    os.environ["ALLCLUSTER_CACHE_DIR"] = str(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def ray_local(cache_root):
+    """A real local Ray with 2 CPUs, shared by the whole session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "ALLCLUSTER_CACHE_DIR": str(cache_root),
+                                           "PYTHONWARNINGS": "ignore::DeprecationWarning"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    from allcluster.data.synthetic import generate
+    return generate(tmp_path_factory.mktemp("synthetic"), n_per_class=40, size=48, seed=1)
+
+
+@pytest.fixture(scope="session")
+def synthetic_manifest(synthetic_dir, tmp_path_factory) -> Path:
+    from allcluster.config import from_dict
+    from allcluster.data.manifest import IndexConfig, run_index
+
+    out = tmp_path_factory.mktemp("synthetic-manifest") / "manifest.parquet"
+    run_index(from_dict(IndexConfig, {"source": str(synthetic_dir), "out": str(out)}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_manifest(real_data_dir, tmp_path_factory) -> Path:
+    """Manifest of the whole real ALL dataset (3,256 images; about 2 s)."""
+    from allcluster.config import from_dict
+    from allcluster.data.manifest import IndexConfig, run_index
+
+    out = tmp_path_factory.mktemp("real-manifest") / "manifest.parquet"
+    run_index(from_dict(IndexConfig, {"source": str(real_data_dir), "out": str(out)}))
+    return out
+
+
+def tiny_train_config(manifest: Path, output_dir: Path, **sections) -> "TrainConfig":
+    """A fast CPU training config for tests; ``sections`` override whole YAML sections."""
+    from allcluster.config import apply_overrides, from_dict
+    from allcluster.train.config import TrainConfig, resolve
+
+    data = {
+        "name": "test", "output_dir": str(output_dir),
+        "data": {"manifest": str(manifest), "image_size": 48, "loader_workers": 0},
+        "model": {"backbone": "allnet", "head": {"hidden": [32], "dropout": 0.1, "hidden_dropout": 0.1}},
+        "optim": {"name": "adam", "lr": 0.003, "weight_decay": 0.0},
+        "finetune": {"head_epochs": 0, "unfreeze_blocks": -1},
+        "fit": {"epochs": 2, "batch_size": 16, "early_stopping_patience": 0},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1.0},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return resolve(from_dict(TrainConfig, data, "test config"))
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    import yaml
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def clean_dir(tmp_path):
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)

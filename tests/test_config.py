@@ -1,0 +1,108 @@
+"""Config loading: frozen dataclasses, clear errors naming file and key, overrides, every YAML valid."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from allcluster.config import ConfigError, config_hash, from_dict, load, to_dict, write_resolved
+from allcluster.train.config import TrainConfig, resolve
+from conftest import REPO, write_yaml
+
+
+def test_unknown_key_names_file_key_path_and_allowed_keys(tmp_path):
+    path = write_yaml(tmp_path / "bad.yaml", {"optim": {"nmae": "adam"}})
+    with pytest.raises(ConfigError) as err:
+        load(TrainConfig, path)
+    message = str(err.value)
+    assert str(path) in message and "optim.nmae" in message
+    assert "allowed keys here: name, lr, weight_decay, momentum, nesterov" in message
+
+
+def test_invalid_choice_lists_allowed_values(tmp_path):
+    path = write_yaml(tmp_path / "bad.yaml", {"optim": {"name": "lion"}})
+    with pytest.raises(ConfigError, match=r"optim\.name: 'lion' is not allowed; allowed values: 'adam', 'sgd'"):
+        load(TrainConfig, path)
+
+
+def test_wrong_type_is_rejected(tmp_path):
+    path = write_yaml(tmp_path / "bad.yaml", {"fit": {"epochs": "ten"}})
+    with pytest.raises(ConfigError, match=r"fit\.epochs: expected int, got 'ten'"):
+        load(TrainConfig, path)
+    with pytest.raises(ConfigError, match=r"model\.pretrained: expected true or false"):
+        from_dict(TrainConfig, {"model": {"pretrained": "yes"}})
+
+
+def test_out_of_range_value_names_the_range(tmp_path):
+    path = write_yaml(tmp_path / "bad.yaml", {"fit": {"label_smoothing": 1.5}})
+    with pytest.raises(ConfigError, match=r"fit\.label_smoothing: value 1\.5 is out of range; allowed: >= 0 and < 1"):
+        load(TrainConfig, path)
+
+
+def test_section_given_a_scalar_is_rejected():
+    with pytest.raises(ConfigError, match=r"augment: expected a section with keys name"):
+        from_dict(TrainConfig, {"augment": "mixup"})
+
+
+def test_set_overrides_apply_and_are_validated(tmp_path):
+    path = write_yaml(tmp_path / "ok.yaml", {"optim": {"name": "adam"}})
+    cfg = load(TrainConfig, path, ["optim.name=sgd", "optim.lr=0.01", "model.head.hidden=[64, 32]"])
+    assert cfg.optim.name == "sgd" and cfg.optim.lr == 0.01 and cfg.model.head.hidden == (64, 32)
+    with pytest.raises(ConfigError, match=r"with --set optim\.lr=-1.*optim\.lr: value -1"):
+        load(TrainConfig, path, ["optim.lr=-1"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load(TrainConfig, path, ["optim.lr"])
+
+
+def test_configs_are_frozen():
+    cfg = TrainConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.name = "other"  # type: ignore[misc]
+
+
+def test_resolve_fills_backbone_defaults_and_writes_them(tmp_path):
+    cfg = resolve(from_dict(TrainConfig, {"data": {"manifest": "m.parquet"}, "model": {"backbone": "inception_v3"}}))
+    assert cfg.data.image_size == 299
+    assert cfg.model.head.hidden == (256,) and cfg.model.head.dropout == 0.3
+    written = write_resolved(cfg, tmp_path / "config.yaml")
+    reloaded = from_dict(TrainConfig, yaml.safe_load(written.read_text()))
+    assert reloaded == cfg and config_hash(reloaded) == config_hash(cfg)
+
+
+def test_resolve_rejects_unregistered_backbone():
+    cfg = from_dict(TrainConfig, {"data": {"manifest": "m.parquet"}, "model": {"backbone": "resnet9000"}})
+    with pytest.raises(ConfigError, match=r"model\.backbone: 'resnet9000' is not registered; allowed values: .*allnet"):
+        resolve(cfg, "my.yaml")
+
+
+def _all_yaml_configs() -> list[Path]:
+    return sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def _config_class_for(path: Path):
+    """Each YAML under configs/ says which stage it configures by its folder (or the demo)."""
+    from allcluster.config_registry import config_class_for
+    return config_class_for(path)
+
+
+@pytest.mark.parametrize("path", _all_yaml_configs(), ids=lambda p: str(p.relative_to(REPO)))
+def test_every_config_file_loads_and_validates(path):
+    text = path.read_text()
+    assert text.startswith("# "), f"{path}: must open with a comment giving the exact command that runs it"
+    assert "allcluster " in text.splitlines()[0] or "sbatch " in text.splitlines()[0], \
+        f"{path}: the first line must be the command that runs it"
+    cls, validate = _config_class_for(path)
+    cfg = load(cls, path)
+    validate(cfg, path)
+
+
+def test_configs_folder_is_not_empty():
+    assert len(_all_yaml_configs()) >= 3
+
+
+def test_demo_yaml_equals_the_embedded_demo_default():
+    from allcluster.demo import DEMO_CONFIG
+    assert yaml.safe_load((REPO / "configs" / "demo.yaml").read_text()) == DEMO_CONFIG
+    assert to_dict(from_dict(TrainConfig, DEMO_CONFIG)) == to_dict(load(TrainConfig, REPO / "configs" / "demo.yaml"))

@@ -1,0 +1,88 @@
+"""Decoding: every supported format becomes RGB uint8; every broken input is a typed DecodeError."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from allcluster.data import decode as dec
+from allcluster.data.preprocess import Normalize, Preprocess, roi_crop
+from imagezoo import EXPECTED_ERROR, bad_files, good_files, rgb_array
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("zoo")
+    return good_files(folder / "good"), bad_files(folder / "bad")
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "png", "bmp", "tiff8", "gray_png", "rgba_png", "palette_png",
+                                  "cmyk_jpeg", "tiff16_gray", "tiff16_rgb"])
+def test_supported_formats_decode_to_rgb_uint8(zoo, kind):
+    image = dec.load(zoo[0][kind])
+    assert image.array.dtype == np.uint8 and image.array.shape == (40, 40, 3)
+    assert (image.width, image.height) == (40, 40)
+
+
+def test_lossless_formats_keep_pixels_exactly(zoo):
+    expected = rgb_array()
+    for kind in ("png", "bmp", "tiff8"):
+        np.testing.assert_array_equal(dec.load(zoo[0][kind]).array, expected)
+    # 16-bit samples are scaled back to 8 bits (x * 257 / 257)
+    np.testing.assert_array_equal(dec.load(zoo[0]["tiff16_rgb"]).array, expected)
+    np.testing.assert_array_equal(dec.load(zoo[0]["tiff16_gray"]).array[..., 1], expected[..., 0])
+
+
+def test_rgba_is_composited_on_white(zoo):
+    arr = dec.load(zoo[0]["rgba_png"]).array.astype(int)
+    expected = (rgb_array().astype(int) * 128 + 255 * 127) / 255
+    assert np.abs(arr - expected).max() <= 1
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_ERROR))
+def test_broken_inputs_raise_typed_errors_naming_the_file(zoo, name):
+    path = zoo[1][name]
+    with pytest.raises(dec.DecodeError) as err:
+        dec.load(path)
+    assert err.value.kind == EXPECTED_ERROR[name]
+    assert str(path) in str(err.value)
+
+
+def test_bomb_is_refused_before_decoding(zoo):
+    with pytest.raises(dec.DecodeError, match="exceeds the limit of"):
+        dec.load(zoo[1]["bomb"], max_pixels=1_000_000)
+
+
+def test_missing_and_unreadable_files_are_decode_errors(tmp_path):
+    with pytest.raises(dec.DecodeError) as err:
+        dec.load(tmp_path / "nope.jpg")
+    assert err.value.kind == "unreadable"
+    with pytest.raises(dec.DecodeError) as err:
+        dec.load(tmp_path)
+    assert err.value.kind == "unreadable"
+
+
+def test_preprocess_resizes_and_normalize_standardises():
+    rgb = rgb_array(50)
+    out = Preprocess(32)(rgb)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    import torch
+    norm = Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    x = torch.from_numpy(out).permute(2, 0, 1)[None]
+    y = norm(x)
+    expected = (x.float() / 255 - 0.5) / 0.25
+    assert torch.allclose(y, expected, atol=1e-5)
+
+
+def test_roi_crop_trims_black_margins_and_background_to_the_cell():
+    canvas = np.zeros((100, 100, 3), np.uint8)                  # black acquisition margin
+    canvas[10:90, 10:90] = (235, 225, 230)                      # bright slide background
+    yy, xx = np.mgrid[:100, :100]
+    cell = (yy - 50) ** 2 + (xx - 40) ** 2 < 15 ** 2            # a stained (saturated) cell
+    canvas[cell] = (120, 40, 150)
+    cropped = roi_crop(canvas, margin=0.0)
+    assert cropped.shape[0] in range(28, 33) and cropped.shape[1] in range(28, 33)
+
+
+def test_roi_crop_keeps_images_without_a_plausible_region():
+    flat = np.full((64, 64, 3), 200, np.uint8)
+    assert roi_crop(flat).shape == flat.shape

@@ -1,0 +1,140 @@
+"""`allcluster index`: one row per file, error rows instead of crashes, duplicates never leak."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from allcluster.config import ConfigError, from_dict
+from allcluster.data.manifest import IndexConfig, build_manifest, read_manifest, run_index
+from allcluster.data.splits import splits_for_fold
+from imagezoo import EXPECTED_ERROR, bad_files, jpeg_bytes
+
+CLASSES = ("Benign", "Early", "Pre", "Pro")
+
+
+def make_tree(root: Path, per_class: int = 12) -> Path:
+    for c, cls in enumerate(CLASSES):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            (root / cls / f"{cls}-{i:03d}.jpg").write_bytes(jpeg_bytes(seed=100 * c + i))
+    return root
+
+
+def index(source: Path, out: Path, **options) -> tuple[pd.DataFrame, dict]:
+    return run_index(from_dict(IndexConfig, {"source": str(source), "out": str(out), **options}))
+
+
+def test_corrupt_files_become_error_rows_and_the_command_exits_0(tmp_path):
+    root = make_tree(tmp_path / "images")
+    bad = bad_files(root / "Benign")
+    result = subprocess.run([sys.executable, "-m", "allcluster.cli", "index", str(root),
+                             "--out", str(tmp_path / "m.parquet")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"errors: {len(bad)}" in result.stdout
+    df = read_manifest(tmp_path / "m.parquet")
+    assert len(df) == 4 * 12 + len(bad)          # every file is a row: nothing lost
+    errors = df[df["status"] == "error"].set_index("path")
+    for name, path in bad.items():
+        assert errors.loc[str(path), "error_type"] == EXPECTED_ERROR[name]
+        assert str(path) in errors.loc[str(path), "error"]
+    assert (df.loc[df["status"] == "error", "split"] == "").all()
+
+
+def test_manifest_has_the_documented_columns_and_real_sizes(tmp_path):
+    df, _ = index(make_tree(tmp_path / "images", 4), tmp_path / "m.parquet")
+    for column in ("path", "sha256", "label", "patient", "split", "width", "height", "status", "error"):
+        assert column in df.columns
+    assert (df["width"] == 40).all() and (df["height"] == 40).all() and (df["sha256"].str.len() == 64).all()
+    assert (tmp_path / "m.config.yaml").is_file() and (tmp_path / "m.summary.json").is_file()
+
+
+def test_duplicates_are_reported_and_kept_in_one_split(tmp_path):
+    root = make_tree(tmp_path / "images", 20)
+    for i in range(6):   # copies of Early images under other names
+        shutil.copy(root / "Early" / f"Early-{i:03d}.jpg", root / "Early" / f"copy-{i}.jpg")
+    df, summary = index(root, tmp_path / "m.parquet")
+    assert summary["duplicates"]["groups"] == 6 and summary["duplicates"]["files"] == 12
+    assert df.groupby("sha256")["split"].nunique().max() == 1
+
+
+def test_duplicates_with_different_labels_are_conflicts_excluded_from_splits(tmp_path):
+    root = make_tree(tmp_path / "images", 10)
+    shutil.copy(root / "Early" / "Early-000.jpg", root / "Pro" / "looks-like-pro.jpg")
+    df, summary = index(root, tmp_path / "m.parquet")
+    assert summary["label_conflicts"]["groups"] == 1 and summary["label_conflicts"]["files"] == 2
+    conflicted = df[df["label_conflict"]]
+    assert len(conflicted) == 2 and (conflicted["split"] == "").all()
+    assert "looks-like-pro.jpg (Pro)" in " ".join(summary["label_conflicts"]["groups_list"][0])
+
+
+def test_split_ratios_are_stratified_per_class(tmp_path):
+    df, summary = index(make_tree(tmp_path / "images", 50), tmp_path / "m.parquet", seed=3)
+    for cls in CLASSES:
+        counts = summary["per_class_per_split"][cls]
+        assert counts == {"train": 40, "val": 5, "test": 5}
+
+
+def test_patient_regex_keeps_each_patient_in_one_split(tmp_path):
+    root = tmp_path / "images"
+    for c, cls in enumerate(CLASSES):
+        (root / cls).mkdir(parents=True)
+        for patient in range(6):
+            for i in range(5):
+                (root / cls / f"P{c}{patient:02d}_img{i}.jpg").write_bytes(jpeg_bytes(1000 * c + 10 * patient + i))
+    df, _ = index(root, tmp_path / "m.parquet", patient_regex=r"^(P\d+)_")
+    assert df["patient"].nunique() == 24
+    assert df.groupby("patient")["split"].nunique().max() == 1
+    assert set(df["split"]) == {"train", "val", "test"}
+
+
+def test_csv_source_with_patient_column(tmp_path):
+    root = make_tree(tmp_path / "images", 8)
+    rows = [{"path": str(p.relative_to(tmp_path)), "label": p.parent.name, "patient": f"pt{i % 10}"}
+            for i, p in enumerate(sorted(root.rglob("*.jpg")))]
+    rows.append({"path": "images/missing.jpg", "label": "Pro", "patient": "pt0"})
+    pd.DataFrame(rows).to_csv(tmp_path / "list.csv", index=False)
+    df, summary = index(tmp_path / "list.csv", tmp_path / "m.parquet")
+    assert len(df) == 33 and summary["errors"]["by_type"] == {"unreadable": 1}
+    assert df[df["status"] == "ok"].groupby("patient")["split"].nunique().max() == 1
+
+
+def test_csv_without_required_columns_names_the_file(tmp_path):
+    (tmp_path / "bad.csv").write_text("file,class\na.jpg,x\n")
+    with pytest.raises(ConfigError, match=r"bad\.csv: missing column\(s\) label, path"):
+        build_manifest(IndexConfig(source=str(tmp_path / "bad.csv")))
+
+
+def test_kfold_assigns_grouped_stratified_folds_with_a_held_out_test(tmp_path):
+    root = make_tree(tmp_path / "images", 30)
+    shutil.copy(root / "Pre" / "Pre-000.jpg", root / "Pre" / "dup.jpg")
+    df, _ = index(root, tmp_path / "m.parquet", folds=5)
+    ok = df[df["status"] == "ok"]
+    assert set(ok.loc[ok["split"] == "test", "fold"]) == {-1}
+    assert set(ok.loc[ok["split"] != "test", "fold"]) == {0, 1, 2, 3, 4}
+    assert ok.groupby("sha256")["fold"].nunique().max() == 1
+    fold3 = splits_for_fold(ok, 3)
+    assert set(ok.loc[fold3 == "val", "fold"]) == {3} and (fold3[ok["split"] == "test"] == "test").all()
+
+
+def test_bad_index_options_are_clear_errors():
+    with pytest.raises(ConfigError, match="ratios"):
+        from_dict(IndexConfig, {"source": "x", "ratios": [0.5, 0.5, 0.5]})
+    with pytest.raises(ConfigError, match="patient_regex"):
+        from_dict(IndexConfig, {"source": "x", "patient_regex": "("})
+
+
+def test_real_data_duplicates_never_straddle_splits(real_manifest):
+    df = read_manifest(real_manifest)
+    summary = json.loads(real_manifest.with_name("manifest.summary.json").read_text())
+    assert len(df) == 3256 and (df["status"] == "ok").all()
+    assert summary["duplicates"]["groups"] > 0, "the real ALL set has exact duplicate pairs"
+    in_splits = df[df["split"] != ""]
+    assert in_splits.groupby("sha256")["split"].nunique().max() == 1, "a sha256 appears in two splits"
+    shares = in_splits["split"].value_counts(normalize=True)
+    assert abs(shares["train"] - 0.8) < 0.01 and abs(shares["test"] - 0.1) < 0.01

@@ -1,0 +1,111 @@
+"""The backbone registry: every entry builds, resolves its CAM layer; ALL-Net is exactly paper 000's."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from allcluster.models import REGISTRY, HeadSpec, WeightsNotFoundError, build_model, resolve_module
+from allcluster.models.registry import get_spec
+
+# Small inputs that every network accepts (Inception-style stems need more than 75 px).
+SMALL_INPUT = {"inception_v3": 107, "inception_resnet_v2": 107, "legacy_xception": 71, "nasnetalarge": 99}
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_registry_entry_builds_and_its_cam_layer_resolves(name):
+    spec = get_spec(name)
+    assert spec.input_size >= 64 and len(spec.mean) == 3 and len(spec.std) == 3
+    model = build_model(name, num_classes=4, pretrained=False).eval()
+    layer = resolve_module(model, spec.cam_layer)
+    seen = {}
+    layer.register_forward_hook(lambda module, inputs, output: seen.setdefault("map", output))
+    size = SMALL_INPUT.get(name, 64)
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, size, size))
+        features = model.forward_features(torch.randn(1, 3, size, size))
+    assert logits.shape == (1, 4)
+    cam_map = seen["map"]
+    assert cam_map.ndim == 4, f"{spec.cam_layer} must output a spatial map"
+    # The CAM layer feeds the head: same channels as the features the head pools.
+    assert cam_map.shape[1] == features.shape[1] == model.backbone.num_features
+
+
+def test_allnet_matches_the_keras_summary_of_paper_000():
+    model = build_model("allnet", num_classes=4)
+    assert sum(p.numel() for p in model.parameters()) == 787_268
+    convs = [m for m in model.backbone.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 64, 128]
+    dense = [m for m in model.head.modules() if isinstance(m, nn.Linear)]
+    assert [d.out_features for d in dense] == [256, 512, 1024, 4]
+    seen = []
+    for conv in convs:
+        conv.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[1:])))
+    model(torch.zeros(1, 3, 224, 224))
+    assert seen == [(32, 222, 222), (64, 109, 109), (128, 52, 52)]
+
+
+def test_head_is_gap_dropout_dense_dropout_classes():
+    model = build_model("test_efficientnet", 5, HeadSpec(hidden=(64,), dropout=0.3, hidden_dropout=0.4))
+    layers = list(model.head.mlp)
+    assert isinstance(layers[1], nn.Dropout) and layers[1].p == 0.3
+    assert isinstance(layers[2], nn.Linear) and layers[2].out_features == 64
+    assert isinstance(layers[-1], nn.Dropout) and layers[-1].p == 0.4
+    assert model.head.fc.out_features == 5
+
+
+def test_two_stage_finetuning_freezes_then_unfreezes_the_last_blocks():
+    model = build_model("resnet18", 4)
+    head_only = model.set_trainable(0)
+    assert head_only == sum(p.numel() for p in model.head.parameters())
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    last_two = model.set_trainable(2)
+    expected = head_only + sum(p.numel() for n in ("layer3", "layer4") for p in getattr(model.backbone, n).parameters())
+    assert last_two == expected
+    assert not model.backbone.conv1.weight.requires_grad and model.backbone.layer4[0].conv1.weight.requires_grad
+    assert model.set_trainable(-1) == sum(p.numel() for p in model.parameters())
+
+
+def test_frozen_blocks_keep_batchnorm_statistics_in_training_mode():
+    model = build_model("resnet18", 4)
+    model.set_trainable(1)
+    model.train()
+    assert not model.backbone.bn1.training and model.backbone.layer4[0].bn1.training
+    before = model.backbone.bn1.running_mean.clone()
+    model(torch.randn(4, 3, 64, 64))
+    assert torch.equal(before, model.backbone.bn1.running_mean)
+
+
+def test_weights_load_from_a_local_file(tmp_path):
+    source = build_model("test_efficientnet", 4)
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in source.backbone.state_dict().items()}, tmp_path / "w.safetensors")
+    loaded = build_model("test_efficientnet", 4, weights=str(tmp_path / "w.safetensors"))
+    for key, value in source.backbone.state_dict().items():
+        assert torch.equal(value, loaded.backbone.state_dict()[key]), key
+    allnet = build_model("allnet", 4)
+    torch.save(allnet.backbone.state_dict(), tmp_path / "allnet.pth")
+    again = build_model("allnet", 4, weights=str(tmp_path / "allnet.pth"))
+    assert torch.equal(again.backbone.features.conv1.weight, allnet.backbone.features.conv1.weight)
+
+
+def test_missing_weight_file_is_a_clear_error(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match=r"model\.weights: .*nope\.pth does not exist") as err:
+        build_model("resnet50", 4, weights=str(tmp_path / "nope.pth"))
+    assert "allcluster weights fetch resnet50" in str(err.value)
+
+
+def test_pretrained_weights_absent_from_the_offline_cache_say_how_to_prestage(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    import huggingface_hub.constants as hub_constants
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    for name in ("densenet121", "legacy_xception"):    # an HF-hosted and a URL-hosted checkpoint
+        with pytest.raises(WeightsNotFoundError) as err:
+            build_model(name, 4, pretrained=True)
+        assert f"allcluster weights fetch {name}" in str(err.value)
+
+
+def test_unknown_backbone_lists_the_registry():
+    with pytest.raises(KeyError, match="registered: .*allnet.*densenet121"):
+        get_spec("resnet9000")
