@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import os
 
+# Settings the driver's environment hands to every Ray worker (caches and offline weight stores).
+PASSED_TO_WORKERS = ("ALLCLUSTER_CACHE_DIR", "HF_HOME", "HF_HUB_CACHE", "TORCH_HOME")
+
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect once per process.
@@ -15,8 +18,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-                        "PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    env_vars = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    env_vars.update({k: os.environ[k] for k in PASSED_TO_WORKERS if os.environ.get(k)})
+    env = {"env_vars": env_vars}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:

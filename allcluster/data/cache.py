@@ -28,6 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from allcluster.console import say
 from allcluster.data import decode as dec
 from allcluster.data.preprocess import Preprocess
 
@@ -108,8 +109,9 @@ def _build(tmp: Path, unique: pd.DataFrame, preprocess: Preprocess, max_pixels: 
 
 def ensure_cache(manifest: pd.DataFrame, preprocess: Preprocess, root: str | Path | None = None,
                  manifest_path: str = "", max_pixels: int = dec.DEFAULT_MAX_PIXELS,
-                 workers: int = 0, log=print) -> ImageCache:
+                 workers: int = 0, log=None) -> ImageCache:
     """Open the cache for the manifest's decodable images, building it first if needed."""
+    log = log or say
     root = Path(root) if root else default_cache_root()
     root.mkdir(parents=True, exist_ok=True)
     ok = manifest[manifest["status"] == "ok"]

@@ -110,7 +110,10 @@ def _check_offline_cache(spec: BackboneSpec) -> None:
     import timm
 
     cfg = timm.get_pretrained_cfg(spec.timm_name)
-    if cfg.hf_hub_id or not cfg.url:
+    if cfg.hf_hub_id:
+        _check_hf_cache(spec, cfg.hf_hub_id)
+        return
+    if not cfg.url:
         return
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
     if not cached.is_file():
@@ -118,19 +121,39 @@ def _check_offline_cache(spec: BackboneSpec) -> None:
                                    f"cache ({cached}). {_hub_cache_hint(spec)}")
 
 
+def _check_hf_cache(spec: BackboneSpec, repo_id: str) -> None:
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, _, revision = repo_id.partition("@")
+    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        if isinstance(try_to_load_from_cache(repo, filename, revision=revision or None), str):
+            return
+    raise WeightsNotFoundError(f"backbone {spec.name}: pretrained weights ({repo_id}) are not in the "
+                               f"Hugging Face cache and the hub is offline. {_hub_cache_hint(spec)}")
+
+
+def check_weights_available(spec: BackboneSpec, pretrained: bool, weights: str = "") -> None:
+    """Raise :class:`WeightsNotFoundError` (with how to pre-stage) unless the weights are on disk.
+
+    Cheap: drivers call it before Ray starts, so a missing file fails in seconds, not in a worker.
+    """
+    if weights and not Path(weights).is_file():
+        raise WeightsNotFoundError(f"model.weights: {weights} does not exist (backbone {spec.name}). "
+                                   f"{_hub_cache_hint(spec)}")
+    if not weights and pretrained and spec.timm_name:
+        _check_offline_cache(spec)
+
+
 def build_backbone(spec: BackboneSpec, pretrained: bool, weights: str = "") -> nn.Module:
     """Create a backbone; pretrained weights come only from ``weights`` or an already-filled cache."""
+    check_weights_available(spec, pretrained, weights)
     if weights:
-        if not Path(weights).is_file():
-            raise WeightsNotFoundError(f"model.weights: {weights} does not exist (backbone {spec.name}). "
-                                       f"{_hub_cache_hint(spec)}")
         if not spec.timm_name:
             backbone = spec.build(False, 3)
             _load_state_file(backbone, weights)
         else:
             backbone = spec.build(True, 3, str(Path(weights).resolve()))
     elif pretrained and spec.timm_name:
-        _check_offline_cache(spec)
         try:
             backbone = spec.build(True, 3)
         except Exception as err:  # huggingface_hub/timm raise several types when offline

@@ -24,6 +24,7 @@ import yaml
 from allcluster import metrics as M
 from allcluster.augment import BatchMixer, image_transform, minority_transform, soft_cross_entropy
 from allcluster.config import ConfigError, config_hash, to_dict
+from allcluster.console import say
 from allcluster.data.cache import ensure_cache
 from allcluster.data.manifest import read_manifest
 from allcluster.data.preprocess import Normalize, Preprocess
@@ -87,10 +88,10 @@ def _cpu_state(module: torch.nn.Module) -> dict:
 class WorkerRun:
     """One worker's view of a training run (state shared by the short methods below)."""
 
-    def __init__(self, cfg: TrainConfig, session: Session, run_id: str = "", log=print):
+    def __init__(self, cfg: TrainConfig, session: Session, run_id: str = "", log=None):
         self.cfg, self.session, self.run_id = cfg, session, run_id
         self.is_main = session.rank == 0
-        self.log = log if self.is_main else (lambda *a, **k: None)
+        self.log = (log or say) if self.is_main else (lambda *a, **k: None)
         self.out = Path(cfg.output_dir)
         self.device = session.device
         self.on_gpu = self.device.type == "cuda"
@@ -330,6 +331,6 @@ class WorkerRun:
                               header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def run_worker(cfg: TrainConfig, session: Session, run_id: str = "", log=print) -> dict:
+def run_worker(cfg: TrainConfig, session: Session, run_id: str = "", log=None) -> dict:
     """Entry point for one worker (Ray Train's ``train_loop_per_worker`` calls this)."""
     return WorkerRun(cfg, session, run_id, log).run()

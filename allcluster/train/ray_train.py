@@ -75,10 +75,21 @@ def check_fits_cluster(cfg: TrainConfig) -> None:
                          "or fewer workers")
 
 
+def preflight(cfg: TrainConfig) -> None:
+    """Cheap checks on the driver, before any Ray worker starts: manifest and weights on disk."""
+    from allcluster.models import check_weights_available, get_spec
+
+    if not Path(cfg.data.manifest).is_file():
+        raise ConfigError(f"data.manifest: {cfg.data.manifest} does not exist; build it with "
+                          "`allcluster index SOURCE --out MANIFEST.parquet`")
+    check_weights_available(get_spec(cfg.model.backbone), cfg.model.pretrained, cfg.model.weights)
+
+
 def run_training(cfg: TrainConfig) -> dict:
     """Fit one run on the connected Ray cluster; returns the final metrics (from the model card)."""
     from allcluster.ray_utils import ensure_ray
 
+    preflight(cfg)
     ensure_ray()
     check_fits_cluster(cfg)
     output_dir = Path(cfg.output_dir)

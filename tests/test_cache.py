@@ -1,0 +1,89 @@
+"""The decoded-image cache: built once per dataset and input size, reused, invalidated on change."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pandas as pd
+
+from allcluster.data.cache import ensure_cache
+from allcluster.data.decode import load
+from allcluster.data.manifest import read_manifest
+from allcluster.data.preprocess import Preprocess
+
+
+def _quiet(_message):
+    pass
+
+
+def test_cache_holds_preprocessed_uint8_images_of_every_ok_row(synthetic_manifest, tmp_path):
+    manifest = read_manifest(synthetic_manifest)
+    prep = Preprocess(size=32)
+    cache = ensure_cache(manifest, prep, tmp_path, str(synthetic_manifest), log=_quiet)
+    ok = manifest[manifest["status"] == "ok"]
+    assert cache.images.dtype == np.uint8 and cache.images.shape[1:] == (32, 32, 3)
+    assert set(cache.rows) == set(ok["sha256"])
+    row = ok.iloc[3]
+    expected = prep(load(row["path"]).array)
+    assert np.array_equal(cache.images[cache.row(row["sha256"])], expected)
+
+
+def test_second_call_reuses_the_cache_without_decoding(synthetic_manifest, tmp_path):
+    manifest = read_manifest(synthetic_manifest)
+    messages = []
+    first = ensure_cache(manifest, Preprocess(size=24), tmp_path, str(synthetic_manifest), log=messages.append)
+    second = ensure_cache(manifest, Preprocess(size=24), tmp_path, str(synthetic_manifest), log=messages.append)
+    assert first.path == second.path
+    assert sum("decoding" in m for m in messages) == 1
+
+
+def test_another_input_size_gets_its_own_cache(synthetic_manifest, tmp_path):
+    manifest = read_manifest(synthetic_manifest)
+    small = ensure_cache(manifest, Preprocess(size=24), tmp_path, str(synthetic_manifest), log=_quiet)
+    large = ensure_cache(manifest, Preprocess(size=40), tmp_path, str(synthetic_manifest), log=_quiet)
+    assert small.path != large.path and small.path.is_dir() and large.path.is_dir()
+
+
+def test_changed_manifest_invalidates_and_replaces_the_old_cache(synthetic_manifest, tmp_path):
+    manifest = read_manifest(synthetic_manifest)
+    old = ensure_cache(manifest, Preprocess(size=24), tmp_path, str(synthetic_manifest), log=_quiet)
+    fewer = manifest.iloc[: len(manifest) // 2]
+    new = ensure_cache(fewer, Preprocess(size=24), tmp_path, str(synthetic_manifest), log=_quiet)
+    assert new.path != old.path
+    assert not old.path.exists(), "the stale cache of the same manifest file should be removed"
+    assert len(new.rows) == fewer["sha256"].nunique()
+
+
+def test_duplicate_files_are_decoded_once(synthetic_manifest, tmp_path):
+    manifest = read_manifest(synthetic_manifest)
+    doubled = pd.concat([manifest, manifest.iloc[:5]], ignore_index=True)
+    cache = ensure_cache(doubled, Preprocess(size=24), tmp_path, log=_quiet)
+    assert cache.images.shape[0] == manifest["sha256"].nunique()
+
+
+def test_concurrent_builders_on_one_node_build_once(synthetic_manifest, tmp_path):
+    manifest = read_manifest(synthetic_manifest)
+    messages, results = [], []
+
+    def build():
+        results.append(ensure_cache(manifest, Preprocess(size=28), tmp_path, str(synthetic_manifest),
+                                    log=messages.append))
+
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum("decoding" in m for m in messages) == 1
+    assert len({r.path for r in results}) == 1
+
+
+def test_undecodable_rows_are_marked_invalid_not_fatal(synthetic_manifest, tmp_path):
+    manifest = read_manifest(synthetic_manifest).copy()
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    manifest.loc[0, "path"] = str(broken)          # manifest said ok; the file changed since
+    cache = ensure_cache(manifest, Preprocess(size=24), tmp_path / "c", log=_quiet)
+    row = cache.row(manifest.loc[0, "sha256"])
+    assert not cache.valid[row]
+    assert cache.valid.sum() == len(cache.valid) - 1

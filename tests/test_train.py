@@ -1,0 +1,143 @@
+"""Training as a real Ray Train run on a local Ray (2 CPUs): outputs, DDP, resume, real images."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from allcluster.cli import main
+from allcluster.models.model_dir import file_sha256, load_model_dir
+from tests.conftest import REPO, tiny_train_config, write_yaml
+
+pytestmark = pytest.mark.ray
+
+
+def _fit(cfg):
+    from allcluster.train.ray_train import run_training
+    return run_training(cfg)
+
+
+def test_training_run_exports_model_dir_metrics_and_resolved_config(ray_local, synthetic_manifest, tmp_path):
+    cfg = tiny_train_config(synthetic_manifest, tmp_path / "run")
+    final = _fit(cfg)
+    out = tmp_path / "run"
+    card = json.loads((out / "model" / "model_card.json").read_text())
+    for key in ("classes", "backbone", "input_size", "mean", "std", "temperature", "metrics", "versions",
+                "weights_sha256", "config", "cam_layer"):
+        assert key in card, key
+    assert card["classes"] == ["Benign", "Early", "Pre", "Pro"]
+    assert card["weights_sha256"] == file_sha256(out / "model" / "weights.safetensors")
+    assert set(card["versions"]) >= {"allcluster", "torch", "timm", "ray"}
+    assert card["metrics"]["test"]["n"] == card["split_sizes"]["test"] > 0
+    assert 0 < card["temperature"] < 100
+    history = pq.read_table(out / "metrics.parquet").to_pandas()
+    assert history["epoch"].tolist() == [0, 1]
+    assert not any(c.startswith("test_") for c in history.columns), "test split must not be looked at per epoch"
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["model"]["head"]["hidden"] == [32] and resolved["data"]["image_size"] == 48
+    assert yaml.safe_load((out / "model" / "config.yaml").read_text()) == resolved
+    loaded = load_model_dir(out / "model")
+    assert loaded.card["backbone"] == "allnet"
+    assert final["test_accuracy"] == pytest.approx(card["metrics"]["test"]["accuracy"])
+
+
+def test_two_ddp_workers_evaluate_every_validation_image_exactly_once(ray_local, synthetic_manifest, tmp_path):
+    cfg = tiny_train_config(synthetic_manifest, tmp_path / "ddp", fit={"epochs": 1},
+                            resources={"num_workers": 2, "cpus_per_worker": 0.9})
+    _fit(cfg)
+    card = json.loads((tmp_path / "ddp" / "model" / "model_card.json").read_text())
+    manifest = pd.read_parquet(synthetic_manifest)
+    for split in ("val", "test"):
+        expected = int((manifest["split"] == split).sum())
+        assert card["metrics"][split]["n"] == expected
+        assert sum(sum(r) for r in card["metrics"][split]["confusion"]) == expected
+
+
+def test_finished_run_is_not_retrained_when_rerun(ray_local, synthetic_manifest, tmp_path):
+    cfg = tiny_train_config(synthetic_manifest, tmp_path / "again", fit={"epochs": 1})
+    _fit(cfg)
+    weights = tmp_path / "again" / "model" / "weights.safetensors"
+    before = (file_sha256(weights), weights.stat().st_mtime_ns)
+    final = _fit(cfg)
+    assert (file_sha256(weights), weights.stat().st_mtime_ns) == before
+    assert final["done"] is True
+
+
+def test_training_on_a_stratified_subset_of_the_real_all_images(ray_local, real_manifest, tmp_path):
+    cfg = tiny_train_config(real_manifest, tmp_path / "real", data={"max_per_class": 24, "image_size": 64},
+                            fit={"epochs": 2, "batch_size": 16})
+    _fit(cfg)
+    card = json.loads((tmp_path / "real" / "model" / "model_card.json").read_text())
+    assert card["classes"] == ["Benign", "Early", "Pre", "Pro"]
+    assert card["split_sizes"]["train"] == 4 * 24
+    assert card["metrics"]["test"]["n"] == card["split_sizes"]["test"] > 0
+    assert 0.0 <= card["metrics"]["test"]["accuracy"] <= 1.0
+
+
+def test_missing_weight_file_fails_before_ray_starts(synthetic_manifest, tmp_path, capsys):
+    config = write_yaml(tmp_path / "cfg.yaml", {
+        "output_dir": str(tmp_path / "out"),
+        "data": {"manifest": str(synthetic_manifest)},
+        "model": {"backbone": "densenet121", "weights": str(tmp_path / "nope.safetensors")}})
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "model.weights" in err and "nope.safetensors" in err and "allcluster weights fetch densenet121" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_manifest_names_the_key_and_the_fix(tmp_path, capsys):
+    config = write_yaml(tmp_path / "cfg.yaml", {"output_dir": str(tmp_path / "out"),
+                                                "data": {"manifest": str(tmp_path / "none.parquet")}})
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "data.manifest" in err and "allcluster index" in err
+
+
+def _wait_for_epochs(metrics: Path, n: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early (rc {proc.returncode}): {proc.stdout.read()[-3000:]}")
+        if metrics.is_file() and pq.read_metadata(metrics).num_rows >= n:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no {n} epochs in {metrics} after {timeout} s")
+
+
+@pytest.mark.slow
+def test_rerun_after_sigkill_resumes_from_the_latest_checkpoint(synthetic_manifest, tmp_path):
+    out = tmp_path / "killed"
+    config = write_yaml(tmp_path / "cfg.yaml", {
+        "output_dir": str(out),
+        "data": {"manifest": str(synthetic_manifest), "image_size": 48, "loader_workers": 0},
+        "model": {"backbone": "allnet"},
+        "finetune": {"head_epochs": 0, "unfreeze_blocks": -1},
+        "fit": {"epochs": 6, "batch_size": 16, "early_stopping_patience": 0},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1.0}})
+    command = [sys.executable, "-m", "allcluster.cli", "train", "--config", str(config)]
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    try:
+        _wait_for_epochs(out / "metrics.parquet", 2, first, timeout=300)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)      # the driver and the local Ray it started
+        first.wait()
+    done_before = pq.read_metadata(out / "metrics.parquet").num_rows
+    assert done_before < 6
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-3000:]
+    assert "resuming after epoch" in log
+    history = pq.read_table(out / "metrics.parquet").to_pandas()
+    assert history["epoch"].tolist() == list(range(6))
+    assert (out / "model" / "model_card.json").is_file()
