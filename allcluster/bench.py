@@ -34,7 +34,6 @@ def bench_train(args: argparse.Namespace) -> dict:
     """ALL-Net from scratch on the real ALL images (CPU, Ray Train), deduplicated 80/10/10 splits."""
     from allcluster.config import from_dict
     from allcluster.data.manifest import IndexConfig, run_index
-    from allcluster.ray_utils import ensure_ray
     from allcluster.train.config import TrainConfig, resolve
     from allcluster.train.ray_train import run_training
 
@@ -57,7 +56,7 @@ def bench_train(args: argparse.Namespace) -> dict:
         "fit": {"epochs": args.epochs, "batch_size": 32, "early_stopping_patience": 10, "seed": args.seed},
         "resources": {"num_workers": 1, "cpus_per_worker": float(os.cpu_count() or 1)},
     }, "bench train"))
-    ensure_ray()
+
     final = run_training(cfg)
     card = final.get("model_card", {})
     test = card.get("metrics", {}).get("test", {})
@@ -79,7 +78,75 @@ def bench_train(args: argparse.Namespace) -> dict:
     }
 
 
-BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict]] = {"train": bench_train}
+def _timed_steps(run, batches, steps: int) -> float:
+    """Images/s of ``steps`` optimiser steps of ``run``'s model over ``batches`` (after 2 warm-up steps)."""
+    import torch
+
+    from allcluster.augment import soft_cross_entropy
+    from allcluster.optim import build_optimizer
+
+    optimizer = build_optimizer(run.cfg.optim, run.model.parameters(), run.cfg.optim.lr)
+    run.model.train()
+    seen, start = 0, 0.0
+    for i, (images_u8, labels) in enumerate(batches):
+        if i == 2:
+            start, seen = time.perf_counter(), 0
+        images, targets = run.mixer(run.to_device(images_u8), labels.to(run.device))
+        loss = soft_cross_entropy(run.model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen += len(labels)
+        if i + 1 == steps + 2:
+            break
+    if run.on_gpu:
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - start)
+
+
+def bench_sweep(args: argparse.Namespace) -> dict:
+    """Training img/s through the sweep's data path (cache -> loader -> augment) vs the bare step."""
+    import itertools
+
+    import torch
+
+    from allcluster.config import from_dict
+    from allcluster.data.manifest import IndexConfig, run_index
+    from allcluster.train.config import TrainConfig, resolve
+    from allcluster.train.loop import WorkerRun
+    from allcluster.train.session import LocalSession
+
+    data, out = Path(args.data), Path(args.out).resolve()
+    if not data.is_dir():
+        raise FileNotFoundError(f"{data}: real ALL images not found (set --data or $ALLCLUSTER_ALL_DATA)")
+    run_index(from_dict(IndexConfig, {"source": str(data), "out": str(out / "manifest.parquet")}))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = resolve(from_dict(TrainConfig, {
+        "output_dir": str(out / "run"),
+        "data": {"manifest": str(out / "manifest.parquet"), "image_size": args.image_size,
+                 "loader_workers": args.loader_workers},
+        "model": {"backbone": args.backbone}, "augment": {"name": args.augment},
+        "fit": {"batch_size": args.batch_size}, "resources": {"use_gpu": device == "cuda"}}, "bench sweep"))
+    run = WorkerRun(cfg, LocalSession(out / "run", device))
+    run.setup()
+    loader = ((x, y) for x, y, _ in itertools.chain.from_iterable(itertools.repeat(run.train_loader)))
+    with_data = _timed_steps(run, loader, args.steps)
+    fixed = next(iter(run.train_loader))
+    bare = _timed_steps(run, itertools.repeat((fixed[0], fixed[1])), args.steps)
+    return {
+        "benchmark": "sweep",
+        "meaning": "Training images/s of one worker through the sweep's data path (decoded-image cache "
+                   "memmap -> DataLoader -> augmentation -> device normalisation) vs the bare training "
+                   "step on one fixed batch already in memory, same model, device and batch size. "
+                   "ratio = data_path / bare; target >= 0.8 (the data path must not starve the model).",
+        "backbone": args.backbone, "image_size": cfg.data.image_size, "batch_size": args.batch_size,
+        "augment": args.augment, "loader_workers": args.loader_workers, "steps": args.steps,
+        "data_path_images_per_s": round(with_data, 1), "bare_step_images_per_s": round(bare, 1),
+        "ratio": round(with_data / bare, 3), "device": device_info(),
+    }
+
+
+BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict]] = {"train": bench_train, "sweep": bench_sweep}
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,3 +157,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("sweep", help="training img/s through the sweep's data path vs the bare step; JSON")
+    p.add_argument("--data", default=str(all_data_dir()))
+    p.add_argument("--out", default="runs/bench-sweep")
+    p.add_argument("--backbone", default="allnet")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--augment", default="classic", help="none, classic, randaug, augmix, mixup, cutmix")
+    p.add_argument("--loader-workers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20)

@@ -30,16 +30,30 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from allcluster.config import load
-    from allcluster.ray_utils import ensure_ray
     from allcluster.train.config import TrainConfig, resolve
     from allcluster.train.ray_train import run_training
 
     cfg = resolve(load(TrainConfig, args.config, args.overrides), args.config)
-    ensure_ray(args.address)
-    final = run_training(cfg)
+    final = run_training(cfg, args.address)
     print(json.dumps({k: v for k, v in final.items() if k != "model_card"}, indent=2, default=str))
     print(f"outputs: {Path(cfg.output_dir).resolve()} (model/, metrics.parquet, config.yaml)")
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from allcluster.sweep.driver import grid_cells, load_sweep, run_sweep
+    from allcluster.sweep.results import summary_text
+
+    sweep, trials, _ = load_sweep(args.config, args.overrides)
+    if args.dry_run:
+        from allcluster.sweep.estimate import dry_run_text
+        print(dry_run_text(trials, grid_cells(sweep), probe=not args.no_probe))
+        return 0
+    table = run_sweep(sweep, trials, args.retry_errored, args.address)
+    exp = Path(sweep.experiment_dir).resolve()
+    print(summary_text(table))
+    print(f"tables: {exp / 'trials.parquet'}, {exp / 'epochs.parquet'}; best model: {exp / 'best_model'}")
+    return 0 if (table["status"] == "finished").any() or not len(table) else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -99,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     _add_set(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="a Ray Tune grid of training runs (backbone x augmentation x optimizer ...)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the grid, each trial's state and measured cost estimates; schedule nothing")
+    p.add_argument("--no-probe", action="store_true", help="with --dry-run: skip the throughput probe")
+    p.add_argument("--retry-errored", action="store_true", help="rerun trials that errored before")
+    _add_set(p)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("models", help="list the backbone registry")
     p.set_defaults(func=cmd_models)

@@ -155,21 +155,37 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
+def set_path(data: dict, keys: list[str], value: Any, what: str) -> None:
+    """Set ``data[k0][k1]...= value`` in place, creating sections; ``what`` names it in errors."""
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
 def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
     """Return a copy of ``data`` with each ``a.b=c`` override applied."""
     data = json.loads(json.dumps(data or {}))
     for text in overrides:
         keys, value = parse_override(text)
-        node = data
-        for key in keys[:-1]:
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: {key} is not a section")
-            node = child
-        node[keys[-1]] = value
+        set_path(data, keys, value, f"--set {text!r}")
     return data
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    """A copy of ``base`` with ``top`` laid over it, section by section."""
+    merged = json.loads(json.dumps(base or {}))
+    for key, value in (top or {}).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = json.loads(json.dumps(value))
+    return merged
 
 
 def from_dict(cls: type[T], data: dict | None, source: str = "<dict>") -> T:

@@ -13,9 +13,20 @@ def _train():
     return TrainConfig, lambda cfg, path: resolve(cfg, str(path))
 
 
+def _sweep():
+    from allcluster.sweep.config import SweepConfig
+    from allcluster.sweep.plan import plan_trials
+
+    def validate(cfg, path: Path):
+        plan_trials(cfg, str(path))
+        return cfg
+    return SweepConfig, validate
+
+
 STAGES: dict[str, Callable[[], tuple[type, Callable[[Any, Path], Any]]]] = {
     "train": _train,
     "demo": _train,
+    "sweep": _sweep,
 }
 
 

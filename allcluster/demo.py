@@ -20,7 +20,7 @@ DEMO_CONFIG = {
     "optim": {"name": "adam", "lr": 0.002, "weight_decay": 0.0},
     "schedule": {"name": "cosine", "warmup_epochs": 1},
     "finetune": {"head_epochs": 0, "unfreeze_blocks": -1},
-    "fit": {"epochs": 12, "batch_size": 32, "label_smoothing": 0.1, "early_stopping_patience": 0},
+    "fit": {"epochs": 30, "batch_size": 32, "label_smoothing": 0.1, "early_stopping_patience": 0},
     "resources": {"num_workers": 1, "cpus_per_worker": 1.0},
 }
 SYNTHETIC = {"n_per_class": 150, "size": 64, "seed": 0}
@@ -43,7 +43,6 @@ def run_demo(out: Path, overrides: list[str] = ()) -> dict:
     from allcluster.config import from_dict
     from allcluster.data.manifest import IndexConfig, format_summary, run_index
     from allcluster.data.synthetic import generate
-    from allcluster.ray_utils import ensure_ray
     from allcluster.train.ray_train import run_training
 
     start = time.time()
@@ -56,7 +55,7 @@ def run_demo(out: Path, overrides: list[str] = ()) -> dict:
     _, summary = run_index(index_cfg)
     print(format_summary(summary))
     cfg = demo_config(out, overrides)
-    ensure_ray()
+
     final = run_training(cfg)
     card = final.get("model_card", {})
     test = card.get("metrics", {}).get("test", {})

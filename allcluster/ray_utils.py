@@ -26,3 +26,48 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
+
+
+def wait_for_nodes(expected: int, timeout_s: float) -> list[dict]:
+    """Block until ``expected`` nodes are alive in the connected cluster; returns them."""
+    import time
+
+    import ray
+
+    deadline = time.time() + timeout_s
+    while True:
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        if len(alive) >= expected:
+            return alive
+        if time.time() > deadline:
+            raise TimeoutError(f"only {len(alive)} of {expected} Ray nodes joined within {timeout_s:g} s")
+        time.sleep(0.5)
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m allcluster.ray_utils wait N TIMEOUT``: used by slurm/ray-cluster.sh."""
+    import ray
+
+    if len(argv) != 3 or argv[0] != "wait":
+        print("usage: python -m allcluster.ray_utils wait NODES TIMEOUT_S")
+        return 2
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
+    try:
+        nodes = wait_for_nodes(int(argv[1]), float(argv[2]))
+    except TimeoutError as err:
+        print(f"[ray-cluster] {err}")
+        return 1
+    for n in sorted(nodes, key=lambda n: n["NodeManagerAddress"]):
+        res = n["Resources"]
+        print(f"[ray-cluster] node {n['NodeManagerHostname']} ({n['NodeManagerAddress']}): "
+              f"{res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs, "
+              f"{res.get('memory', 0) / 2**30:.1f} GiB memory")
+    total = ray.cluster_resources()
+    print(f"[ray-cluster] all {len(nodes)} nodes joined: {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs")
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(_main(sys.argv[1:]))

@@ -33,6 +33,8 @@ from allcluster.data import decode as dec
 from allcluster.data.preprocess import Preprocess
 
 CACHE_VERSION = 1
+# Set for sweep trials: the driver builds every node's cache first, so a trial that would decode is a bug.
+MUST_EXIST_ENV = "ALLCLUSTER_CACHE_MUST_EXIST"
 
 
 def default_cache_root() -> Path:
@@ -121,6 +123,9 @@ def ensure_cache(manifest: pd.DataFrame, preprocess: Preprocess, root: str | Pat
     with open(root / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)      # one builder per node; the others wait, then reuse
         if not (final / "meta.json").is_file():
+            if os.environ.get(MUST_EXIST_ENV):
+                raise RuntimeError(f"decoded-image cache {final} is missing on this node, and {MUST_EXIST_ENV} "
+                                   "says it must have been built before this run (sweep trials never decode)")
             start = time.time()
             log(f"[cache] decoding {len(unique)} distinct images at {preprocess.size}px into {final}")
             tmp = root / f"{key}.tmp-{os.getpid()}"

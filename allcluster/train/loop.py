@@ -289,7 +289,8 @@ class WorkerRun:
         net = self.model
         val_logits = self.predict(net, self.splits["val"])
         temperature = M.fit_temperature(val_logits, self.splits["val"].labels)
-        final = {"done": True, "epoch": state.epoch, "best_epoch": state.best_epoch, "temperature": temperature}
+        final = {"run_complete": True,   # not "done": Tune reads that key as "stop this trial now"
+                 "epoch": state.epoch, "best_epoch": state.best_epoch, "temperature": temperature}
         for name in ("val", "test"):
             split = self.splits[name]
             logits = val_logits if name == "val" else self.predict(net, split)

@@ -12,11 +12,27 @@ from allcluster.train.config import TrainConfig
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
+    _quiet_per_report_logs()
     from allcluster.train.loop import run_worker
     from allcluster.train.session import RaySession
 
     cfg = from_dict(TrainConfig, loop_config["train"], "train config")
     run_worker(cfg, RaySession(), loop_config.get("run_id", ""))
+
+
+def _quiet_per_report_logs() -> None:
+    """Ray Train logs every report and checkpoint at INFO; our one line per epoch says it shorter.
+
+    Only those two loggers: the parent ``ray.train`` logger also carries the workers' stdout.
+    """
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context, storage
+    except ImportError:       # private modules: a later Ray may move them; the logs are only noise
+        return
+    for name in (context.__file__, storage.__name__):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_id_for(output_dir: Path) -> str:
@@ -40,7 +56,7 @@ def scaling_config(cfg: TrainConfig):
     return ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker)
 
 
-def build_trainer(cfg: TrainConfig, run_id: str, callbacks: list | None = None):
+def build_trainer(cfg: TrainConfig, run_id: str, callbacks: list | None = None, env: dict | None = None):
     """A ``TorchTrainer`` whose run folder is ``<output_dir>/ray``: rerunning resumes from it."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -55,7 +71,7 @@ def build_trainer(cfg: TrainConfig, run_id: str, callbacks: list | None = None):
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=0),
             callbacks=callbacks or [],
-            worker_runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}}))
+            worker_runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), **(env or {})}}))
 
 
 def check_fits_cluster(cfg: TrainConfig) -> None:
@@ -85,12 +101,12 @@ def preflight(cfg: TrainConfig) -> None:
     check_weights_available(get_spec(cfg.model.backbone), cfg.model.pretrained, cfg.model.weights)
 
 
-def run_training(cfg: TrainConfig) -> dict:
+def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     """Fit one run on the connected Ray cluster; returns the final metrics (from the model card)."""
     from allcluster.ray_utils import ensure_ray
 
     preflight(cfg)
-    ensure_ray()
+    ensure_ray(address)
     check_fits_cluster(cfg)
     output_dir = Path(cfg.output_dir)
     run_id = run_id_for(output_dir)

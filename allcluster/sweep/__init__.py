@@ -1,0 +1,1 @@
+"""Sweeps: Ray Tune grids of training runs (``allcluster sweep --config CFG``)."""

@@ -1,0 +1,96 @@
+"""``allcluster sweep --dry-run``: the grid, each trial's state, and measured cost estimates.
+
+The estimate comes from a short probe: a few real training steps (forward, backward, optimiser) of
+each distinct backbone x input size x batch size on this machine's device, then
+``epochs x (train images / probe img/s + val images / (3 x probe img/s))`` per trial. It is an upper
+bound in epochs (early stopping and ASHA end trials sooner) and is only as good as the device the
+dry run ran on, which it names: run it on a node like the ones the sweep will use.
+"""
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import torch
+
+from allcluster.data.manifest import read_manifest
+from allcluster.models import build_model, get_spec
+from allcluster.optim import build_optimizer
+from allcluster.sweep.plan import Trial, trial_status
+from allcluster.train.config import TrainConfig
+
+PROBE_STEPS = 3
+
+
+def probe_images_per_s(cfg: TrainConfig, device: torch.device, num_classes: int = 4) -> float:
+    """Training throughput of one worker for this backbone, input size and batch size."""
+    spec = get_spec(cfg.model.backbone)
+    head = spec.default_head.__class__(**{k: getattr(cfg.model.head, k) for k in ("hidden", "dropout", "hidden_dropout")})
+    model = build_model(cfg.model.backbone, num_classes, head).to(device).train()
+    optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.optim.lr)
+    batch = min(cfg.fit.batch_size, 32)
+    x = torch.randn(batch, 3, cfg.data.image_size, cfg.data.image_size, device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    step()                                   # warm-up (allocations, cuDNN autotune)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(PROBE_STEPS):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return PROBE_STEPS * batch / (time.perf_counter() - start)
+
+
+def _split_sizes(cfg: TrainConfig) -> tuple[int, int]:
+    frame = read_manifest(cfg.data.manifest)
+    frame = frame[frame["status"] == "ok"]
+    counts = frame.groupby(["split", "label"]).size()
+    cap = cfg.data.max_per_class or None
+
+    def size(split: str) -> int:
+        per_class = counts.get(split, pd.Series(dtype=int))
+        return int(per_class.clip(upper=cap).sum()) if cap else int(per_class.sum())
+    return size("train"), size("val")
+
+
+def estimate_table(trials: list[Trial], probe: bool = True) -> pd.DataFrame:
+    """One row per trial: state, varied values, and (with ``probe``) estimated hours."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    measured: dict[tuple, float] = {}
+    rows = []
+    for trial in trials:
+        cfg = trial.config
+        row = {"trial_id": trial.trial_id, "state": trial_status(trial.dir), **trial.params}
+        if probe:
+            key = (cfg.model.backbone, cfg.data.image_size, min(cfg.fit.batch_size, 32), tuple(cfg.model.head.hidden))
+            if key not in measured:
+                measured[key] = probe_images_per_s(cfg, device)
+            ips = measured[key] * cfg.resources.num_workers
+            n_train, n_val = _split_sizes(cfg)
+            epochs = cfg.finetune.head_epochs + cfg.fit.epochs
+            hours = epochs * (n_train / ips + n_val / (3 * ips)) / 3600
+            gpus = cfg.resources.num_workers * cfg.resources.gpus_per_worker if cfg.resources.use_gpu else 0.0
+            row.update(probe_images_per_s=round(ips, 1), max_epochs=epochs, est_hours=round(hours, 3),
+                       est_gpu_hours=round(hours * gpus, 3))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table.attrs["device"] = torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    return table
+
+
+def dry_run_text(trials: list[Trial], grid_cells: int, probe: bool = True) -> str:
+    table = estimate_table(trials, probe)
+    lines = [f"grid: {grid_cells} cells, {len(trials)} trials; states: "
+             + ", ".join(f"{n} {s}" for s, n in table["state"].value_counts().items())]
+    if probe:
+        lines.append(f"estimates measured on {table.attrs['device']}; upper bounds (all epochs): "
+                     f"{table['est_hours'].sum():.2f} trial-hours, {table['est_gpu_hours'].sum():.2f} GPU-hours")
+    lines.append(table.to_string(index=False))
+    return "\n".join(lines)

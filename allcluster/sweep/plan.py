@@ -1,0 +1,139 @@
+"""Planning a sweep (pure, no Ray): which trials exist, their configs, folders and states.
+
+Trials are expanded here, deterministically (grid order x seeded draws), and each gets an id from its
+varied values. Rerunning a sweep therefore plans the same trials in the same folders, which is what
+makes resume simple: a finished trial has its model card, an interrupted one its Ray Train
+checkpoints, an errored one its ``error.json``.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from allcluster.config import ConfigError, deep_merge, from_dict, read_yaml, set_path
+from allcluster.sweep.config import DISTRIBUTIONS, SweepConfig
+from allcluster.train.config import TrainConfig, resolve
+
+STATUSES = ("finished", "stopped", "errored", "interrupted", "pending")
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One training run of the sweep."""
+    trial_id: str
+    index: int
+    params: dict[str, Any]          # the varied values, by dotted key
+    config: TrainConfig
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+
+def base_train_dict(sweep: SweepConfig, source: str) -> dict:
+    """The training config every trial starts from: ``base`` YAML with ``train`` laid over it."""
+    base = {}
+    if sweep.base:
+        path = Path(sweep.base)
+        if not path.is_file() and Path(source).parent.joinpath(sweep.base).is_file():
+            path = Path(source).parent / sweep.base
+        if not path.is_file():
+            raise ConfigError(f"{source}: base: {sweep.base} not found")
+        base = read_yaml(path)
+    return deep_merge(base, sweep.train)
+
+
+def _draw(spec: dict, key: str, rng: np.random.Generator, source: str) -> Any:
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+        raise ConfigError(f"{source}: sample.{key}: expected one of {{{', '.join(DISTRIBUTIONS)}}}: "
+                          f"[...], got {spec!r}")
+    kind, args = next(iter(spec.items()))
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{source}: sample.{key}.choice: expected a non-empty list")
+        return args[int(rng.integers(len(args)))]
+    if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args)
+            and args[0] < args[1]):
+        raise ConfigError(f"{source}: sample.{key}.{kind}: expected [low, high] with low < high, got {args!r}")
+    low, high = args
+    if kind == "uniform":
+        return float(rng.uniform(low, high))
+    if kind == "loguniform":
+        if low <= 0:
+            raise ConfigError(f"{source}: sample.{key}.loguniform: low must be > 0")
+        return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+    return int(rng.integers(int(low), int(high)))      # randint: high excluded, as Tune's
+
+
+def expand(sweep: SweepConfig, source: str) -> list[dict[str, Any]]:
+    """Every trial's varied values: the grid's product, times ``num_samples`` seeded draws."""
+    for key, values in sweep.grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{source}: grid.{key}: expected a non-empty list of values")
+    keys = list(sweep.grid)
+    cells = [dict(zip(keys, combo)) for combo in itertools.product(*(sweep.grid[k] for k in keys))]
+    draws = sweep.num_samples if sweep.sample else 1
+    rng = np.random.default_rng(sweep.seed)
+    trials = []
+    for cell in cells:
+        for _ in range(draws):
+            trials.append({**cell, **{k: _draw(v, k, rng, source) for k, v in sweep.sample.items()}})
+    return trials
+
+
+def trial_id(params: dict[str, Any]) -> str:
+    """Readable and stable: the varied values' short form plus a hash of all of them."""
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    words = [str(v) if not isinstance(v, float) else f"{v:.3g}" for v in params.values()]
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", "-".join(words)).strip("-")[:60]
+    return f"{slug}-{digest}" if slug else digest
+
+
+def trial_config(base: dict, params: dict[str, Any], sweep: SweepConfig, tid: str, source: str) -> TrainConfig:
+    data = json.loads(json.dumps(base))
+    for key, value in params.items():
+        set_path(data, key.split("."), value, f"{source}: {key}")
+    data["name"] = f"{sweep.name}/{tid}"
+    data["output_dir"] = str(Path(sweep.experiment_dir).resolve() / "trials" / tid)
+    trial_source = f"{source} (trial {tid}: {', '.join(f'{k}={v!r}' for k, v in params.items())})"
+    return resolve(from_dict(TrainConfig, data, trial_source), trial_source)
+
+
+def plan_trials(sweep: SweepConfig, source: str) -> list[Trial]:
+    """All trials of the sweep, each with a validated, resolved training config."""
+    base = base_train_dict(sweep, source)
+    trials, seen = [], set()
+    for index, params in enumerate(expand(sweep, source)):
+        tid = trial_id(params)
+        if tid in seen:
+            continue                       # e.g. a choice drawn twice in one cell
+        seen.add(tid)
+        trials.append(Trial(tid, index, params, trial_config(base, params, sweep, tid, source)))
+    return trials
+
+
+def trial_status(trial_dir: Path) -> str:
+    """What the folder says: finished, stopped (early, by ASHA), errored, interrupted or pending."""
+    if (trial_dir / "model" / "model_card.json").is_file():
+        return "finished"
+    if (trial_dir / "stopped.json").is_file():
+        return "stopped"
+    if (trial_dir / "error.json").is_file():
+        return "errored"
+    if (trial_dir / "metrics.parquet").is_file():
+        return "interrupted"
+    return "pending"
+
+
+def trials_to_run(trials: list[Trial], retry_errored: bool) -> list[Trial]:
+    """Pending and interrupted trials (and errored ones when asked); finished/stopped never rerun."""
+    wanted = {"pending", "interrupted"} | ({"errored"} if retry_errored else set())
+    return [t for t in trials if trial_status(t.dir) in wanted]

@@ -1,0 +1,175 @@
+"""Thin Ray wrapper: run a planned sweep with Ray Tune, each trial a Ray Train ``TorchTrainer``.
+
+Uses the Train V2 + Tune integration of Ray 2.60: a Tune *function* trainable that builds and fits a
+``TorchTrainer`` with ``TuneReportCallback`` (passing a Trainer to ``Tuner`` is deprecated).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import traceback
+from pathlib import Path
+
+from allcluster.config import ConfigError, from_dict, to_dict, write_resolved
+from allcluster.console import say
+from allcluster.data.cache import MUST_EXIST_ENV
+from allcluster.data.preprocess import Preprocess
+from allcluster.sweep.config import SweepConfig
+from allcluster.sweep.plan import Trial, trial_status
+from allcluster.train.config import TrainConfig
+
+# The Tune trial actor only waits on its TorchTrainer, whose workers hold the real resources.
+TRIAL_DRIVER_CPU = 0.01
+
+
+def tune_trial(config: dict) -> None:
+    """Tune function trainable: one trial = one Ray Train run in the trial's own folder."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from allcluster.train.ray_train import build_trainer, run_id_for
+
+    trial = config["trial"]
+    cfg = from_dict(TrainConfig, trial["train"], f"trial {trial['trial_id']}")
+    out = Path(cfg.output_dir)
+    run_id = run_id_for(out)
+    write_resolved(cfg, out / "config.yaml", f"allcluster sweep trial {trial['trial_id']}, run {run_id}")
+    result = build_trainer(cfg, run_id, callbacks=[TuneReportCallback()], env={MUST_EXIST_ENV: "1"}).fit()
+    if result.error:
+        raise result.error
+
+
+def trial_resources(cfg: TrainConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) one trial holds while it trains."""
+    res = cfg.resources
+    gpus = res.num_workers * res.gpus_per_worker if res.use_gpu else 0.0
+    return res.num_workers * res.cpus_per_worker + TRIAL_DRIVER_CPU, gpus
+
+
+def concurrency(trials: list[Trial], cluster: dict, cap: int) -> int:
+    """How many trials run at once: what the cluster fits (so one config fills 1 GPU or 32)."""
+    cpus = max(trial_resources(t.config)[0] for t in trials)
+    gpus = max(trial_resources(t.config)[1] for t in trials)
+    have_cpu, have_gpu = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    if cpus > have_cpu + 1e-9 or gpus > have_gpu + 1e-9:
+        raise ConfigError(f"train.resources: one trial needs {cpus:g} CPUs and {gpus:g} GPUs, but the Ray "
+                          f"cluster has {have_cpu:g} CPUs and {have_gpu:g} GPUs; lower resources.num_workers, "
+                          "cpus_per_worker or gpus_per_worker")
+    fits = math.floor(have_cpu / cpus + 1e-9)
+    if gpus:
+        fits = min(fits, math.floor(have_gpu / gpus + 1e-9))
+    return max(1, min(fits, cap or fits, len(trials)))
+
+
+def _build_node_caches(manifest: str, keys: list[tuple[int, bool, float, str]]) -> str:
+    """Runs on one node: build (or find) that node's decoded-image caches."""
+    import socket
+
+    from allcluster.data.cache import ensure_cache
+    from allcluster.data.manifest import read_manifest
+
+    frame = read_manifest(manifest)
+    for size, roi, margin, root in keys:
+        ensure_cache(frame, Preprocess(size=size, roi_crop=roi, roi_margin=margin), root or None,
+                     manifest_path=manifest, log=lambda m: say(f"[sweep] {socket.gethostname()}: {m}"))
+    return socket.gethostname()
+
+
+def prebuild_caches(trials: list[Trial]) -> None:
+    """Decode every image once per node and input size before any trial starts."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    wanted: dict[str, set] = {}
+    for t in trials:
+        d = t.config.data
+        wanted.setdefault(d.manifest, set()).add((d.image_size, d.roi_crop, d.roi_margin, d.cache_dir))
+    build = ray.remote(num_cpus=1)(_build_node_caches)
+    pending = []
+    for node in (n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1):
+        strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        for manifest, keys in wanted.items():
+            pending.append(build.options(scheduling_strategy=strategy).remote(manifest, sorted(keys)))
+    say(f"[sweep] decoded-image caches ready on: {', '.join(sorted(set(ray.get(pending))))}")
+
+
+def progress_callback(total: int):
+    """A Tune callback printing one line per trial event (Tune's own tables print whole configs)."""
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        def __init__(self):
+            self.done = 0
+            self.start = time.time()
+
+        def _name(self, trial) -> str:
+            return trial.config["trial"]["trial_id"]
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            say(f"[sweep] start {self._name(trial)}")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "epoch" in result and "train_loss" in result:
+                say(f"[sweep] {self._name(trial)} epoch {result['epoch'] + 1}: val macro-F1 "
+                    f"{result['val_macro_f1']:.3f} (best {result['best_val_macro_f1']:.3f})")
+
+        def _ended(self, trial, how: str):
+            self.done += 1
+            say(f"[sweep] {how} {self._name(trial)} ({self.done}/{total} done, "
+                f"{time.time() - self.start:.0f} s elapsed)")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._ended(trial, "ended")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._ended(trial, "ERRORED")
+
+    return Progress()
+
+
+def record_outcomes(result_grid, trials: dict[str, Trial]) -> None:
+    """Mark errored trials (error.json) and trials ASHA stopped before their end (stopped.json)."""
+    for result in result_grid:
+        trial = trials[result.config["trial"]["trial_id"]]
+        if result.error is not None:
+            err = result.error
+            text = "".join(traceback.format_exception_only(type(err), err)).strip()
+            (trial.dir / "error.json").parent.mkdir(parents=True, exist_ok=True)
+            (trial.dir / "error.json").write_text(json.dumps({"error": text[-4000:], "time": time.time()}))
+        elif trial_status(trial.dir) != "finished":
+            (trial.dir / "stopped.json").write_text(json.dumps({"by": "asha", "time": time.time()}))
+
+
+def run_tune(sweep: SweepConfig, to_run: list[Trial], experiment_dir: Path) -> None:
+    """Fit the given trials with Tune; outcomes are written into each trial's folder."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    for trial in to_run:
+        (trial.dir / "error.json").unlink(missing_ok=True)      # a retried trial starts clean
+    limit = concurrency(to_run, ray.cluster_resources(), sweep.max_concurrent)
+    say(f"[sweep] {len(to_run)} trials to run, {limit} at a time")
+    prebuild_caches(to_run)
+    scheduler = None
+    if sweep.asha.enabled:
+        scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=sweep.asha.grace_period,
+                                  reduction_factor=sweep.asha.reduction_factor,
+                                  max_t=max(_max_epochs(t.config) for t in to_run))
+    tuner = tune.Tuner(
+        tune.with_resources(tune_trial, {"cpu": TRIAL_DRIVER_CPU}),
+        # Trials were expanded (and validated) by the planner; Tune schedules that list.
+        param_space={"trial": tune.grid_search([{"trial_id": t.trial_id, "train": to_dict(t.config)}
+                                                for t in to_run])},
+        tune_config=tune.TuneConfig(metric="val_macro_f1", mode="max", scheduler=scheduler,
+                                    max_concurrent_trials=limit,
+                                    trial_dirname_creator=lambda t: t.config["trial"]["trial_id"]),
+        run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
+                                  storage_path=str(experiment_dir.resolve()),
+                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                                  callbacks=[progress_callback(len(to_run))], verbose=0))
+    record_outcomes(tuner.fit(), {t.trial_id: t for t in to_run})
+
+
+def _max_epochs(cfg: TrainConfig) -> int:
+    return cfg.finetune.head_epochs + cfg.fit.epochs + 1      # + 1: the final (done) report

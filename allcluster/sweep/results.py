@@ -1,0 +1,147 @@
+"""Sweep results (pure, no Ray): ``trials.parquet``, ``epochs.parquet``, the best model, a summary.
+
+Every number is read back from the trials' own folders (model card, per-epoch Parquet), so the tables
+are rebuilt the same way after any restart.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from allcluster.config import config_hash
+from allcluster.models.model_dir import versions
+from allcluster.sweep.plan import Trial, trial_status
+
+METRIC_KEYS = ("accuracy", "loss", "macro_f1", "auc", "macro_specificity", "ece")
+SUMMARY_COLUMNS = ["backbone", "augmentation", "optimizer", "status", "best_epoch", "train_accuracy",
+                   "val_accuracy", "test_accuracy", "train_loss", "val_loss", "test_loss", "val_macro_f1",
+                   "test_macro_f1", "test_auc", "wall_seconds", "gpu_hours"]
+
+
+def _history(trial: Trial) -> pd.DataFrame:
+    path = trial.dir / "metrics.parquet"
+    return pq.read_table(path).to_pandas() if path.is_file() else pd.DataFrame()
+
+
+def _card(trial: Trial) -> dict:
+    path = trial.dir / "model" / "model_card.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _latest_checkpoint(trial: Trial) -> str:
+    found = sorted((trial.dir / "ray").glob("checkpoint_*"))
+    return str(found[-1]) if found else ""
+
+
+def _split_metrics(prefix: str, metrics: dict) -> dict:
+    if not metrics:
+        return {f"{prefix}_{k}": np.nan for k in METRIC_KEYS}
+    return {f"{prefix}_{k}": float(metrics["nll"] if k == "loss" else metrics.get(k, np.nan)) for k in METRIC_KEYS}
+
+
+def trial_row(trial: Trial) -> dict:
+    """One row of ``trials.parquet`` for a trial, from whatever its folder holds."""
+    cfg, history, card = trial.config, _history(trial), _card(trial)
+    status = trial_status(trial.dir)
+    res = cfg.resources
+    gpus = res.num_workers * res.gpus_per_worker if res.use_gpu else 0.0
+    row = {"trial_id": trial.trial_id, "trial_index": trial.index, **trial.params,
+           "backbone": cfg.model.backbone, "augmentation": cfg.augment.name, "optimizer": cfg.optim.name,
+           "lr": cfg.optim.lr, "image_size": cfg.data.image_size, "head_epochs": cfg.finetune.head_epochs,
+           "unfreeze_blocks": cfg.finetune.unfreeze_blocks, "batch_size": cfg.fit.batch_size,
+           "num_workers": res.num_workers, "gpus_per_trial": gpus,
+           "status": status, "error": _read_json(trial.dir / "error.json").get("error", "")}
+    best = history.loc[history["val_macro_f1"].idxmax()] if len(history) else None
+    row["best_epoch"] = int(best["epoch"]) if best is not None else -1
+    row["epochs_trained"] = int(len(history))
+    row["train_accuracy"] = float(best["train_accuracy"]) if best is not None else np.nan
+    row["train_loss"] = float(best["train_loss"]) if best is not None else np.nan
+    if card:
+        row.update(_split_metrics("val", card["metrics"]["val"]))
+        row.update(_split_metrics("test", card["metrics"]["test"]))
+        row["test_ece_calibrated"] = float(card["metrics"]["test_ece_calibrated"])
+        row["temperature"] = float(card["temperature"])
+    else:
+        row.update({f"val_{k}": float(best[f"val_{k}"]) if best is not None else np.nan for k in METRIC_KEYS})
+        row.update({f"test_{k}": np.nan for k in METRIC_KEYS})
+        row["test_ece_calibrated"], row["temperature"] = np.nan, np.nan
+    wall = float(history["epoch_seconds"].sum()) if len(history) else 0.0
+    row["wall_seconds"] = wall
+    row["images_per_s"] = float(history["train_images_per_s"].median()) if len(history) else np.nan
+    row["gpu_hours"] = wall / 3600 * gpus
+    row["cpu_hours"] = wall / 3600 * res.num_workers * res.cpus_per_worker
+    row["model_dir"] = str(trial.dir / "model") if card else ""
+    row["checkpoint_path"] = row["model_dir"] or _latest_checkpoint(trial)
+    row["config_hash"] = config_hash(cfg)
+    row["run_id"] = _read_json(trial.dir / "run.json").get("run_id", "")
+    return row
+
+
+def trials_table(trials: list[Trial], sweep_name: str) -> pd.DataFrame:
+    rows = [trial_row(t) for t in trials]
+    table = pd.DataFrame(rows)
+    found = versions()
+    for name in ("allcluster", "torch", "timm", "ray"):
+        table[f"{name}_version"] = found[name]
+    table["sweep"] = sweep_name
+    return table
+
+
+def epochs_table(trials: list[Trial]) -> pd.DataFrame:
+    parts = []
+    for trial in trials:
+        history = _history(trial)
+        if len(history):
+            parts.append(history.assign(trial_id=trial.trial_id))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"trial_id": pd.Series(dtype=str)})
+
+
+def write_parquet(table: pd.DataFrame, path: Path) -> Path:
+    """Atomic write (a reader never sees half a file)."""
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def pick_best(table: pd.DataFrame) -> pd.Series | None:
+    """The finished trial with the highest validation macro-F1 (then lowest val loss); never test."""
+    done = table[table["status"] == "finished"]
+    if not len(done):
+        return None
+    return done.sort_values(["val_macro_f1", "val_loss"], ascending=[False, True]).iloc[0]
+
+
+def export_best(best: pd.Series, experiment_dir: Path) -> Path:
+    """Copy the best trial's model directory to ``<experiment>/best_model`` (replacing an older one)."""
+    target = experiment_dir / "best_model"
+    tmp = experiment_dir / f".best_model.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(best["model_dir"], tmp)
+    card = json.loads((tmp / "model_card.json").read_text())
+    card["sweep"] = {"trial_id": best["trial_id"], "chosen_by": "val_macro_f1",
+                     "val_macro_f1": float(best["val_macro_f1"])}
+    (tmp / "model_card.json").write_text(json.dumps(card, indent=2, default=float))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def summary_text(table: pd.DataFrame) -> str:
+    """A console table like paper 002's Table 10, best validation macro-F1 first."""
+    shown = table.sort_values("val_macro_f1", ascending=False, na_position="last")[SUMMARY_COLUMNS]
+    counts = table["status"].value_counts().to_dict()
+    head = f"{len(table)} trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return head + "\n" + shown.to_string(index=False, float_format=lambda v: f"{v:.4f}")

@@ -1,0 +1,14 @@
+#!/usr/bin/env python3
+"""The Ray driver of a sweep; slurm/sweep.sh runs it on the job's first node with RAY_ADDRESS set.
+
+    python jobs/sweep.py --config configs/sweep/ci_tiny.yaml [--set k=v ...] [--dry-run] [--retry-errored]
+
+Without RAY_ADDRESS it starts a local Ray (the same as `allcluster sweep`).
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from allcluster.cli import main  # noqa: E402
+
+sys.exit(main(["sweep", *sys.argv[1:]]))

@@ -1,0 +1,175 @@
+"""Sweeps: planning (pure), and real Ray Tune runs of Ray Train trials on a local Ray (2 CPUs)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from allcluster.cli import main
+from allcluster.config import ConfigError, from_dict
+from allcluster.sweep.config import SweepConfig
+from allcluster.sweep.plan import expand, plan_trials, trial_status
+from tests.conftest import REPO, write_yaml
+
+TRAIN = {
+    "data": {"image_size": 32, "loader_workers": 0},
+    "model": {"backbone": "allnet", "head": {"hidden": [16]}},
+    "finetune": {"head_epochs": 0, "unfreeze_blocks": -1},
+    "optim": {"lr": 0.003, "weight_decay": 0.0},
+    "fit": {"epochs": 2, "batch_size": 16, "early_stopping_patience": 0},
+    "resources": {"num_workers": 1, "cpus_per_worker": 0.9},
+}
+
+
+def sweep_yaml(path: Path, manifest: Path, experiment: Path, **keys) -> Path:
+    train = json.loads(json.dumps(TRAIN))
+    train["data"]["manifest"] = str(manifest)
+    data = {"name": "t", "experiment_dir": str(experiment), "train": train,
+            "grid": {"augment.name": ["mixup", "cutmix"], "optim.name": ["adam", "sgd"]}}
+    data.update(keys)
+    return write_yaml(path, data)
+
+
+def _sweep(data: dict) -> SweepConfig:
+    return from_dict(SweepConfig, data, "sweep.yaml")
+
+
+# ---- planning (no Ray) ---------------------------------------------------------------------------
+def test_grid_expands_to_every_combination_with_stable_ids(tmp_path):
+    sweep = _sweep({"experiment_dir": str(tmp_path), "train": {"data": {"manifest": "m.parquet"}},
+                    "grid": {"model.backbone": ["allnet", "resnet18"], "augment.name": ["mixup", "augmix", "cutmix"],
+                             "optim.name": ["adam", "sgd"]}})
+    trials = plan_trials(sweep, "sweep.yaml")
+    assert len(trials) == 12
+    assert {(t.config.model.backbone, t.config.augment.name, t.config.optim.name) for t in trials} == {
+        (b, a, o) for b in ("allnet", "resnet18") for a in ("mixup", "augmix", "cutmix") for o in ("adam", "sgd")}
+    assert [t.trial_id for t in trials] == [t.trial_id for t in plan_trials(sweep, "sweep.yaml")]
+    assert len({t.trial_id for t in trials}) == 12
+    assert all(t.dir == tmp_path.resolve() / "trials" / t.trial_id for t in trials)
+    assert trials[0].config.data.image_size == 224       # filled from the registry per trial
+
+
+def test_random_samples_are_seeded_and_inside_their_ranges():
+    data = {"train": {"data": {"manifest": "m"}}, "grid": {"optim.name": ["adam", "sgd"]}, "num_samples": 5,
+            "sample": {"optim.lr": {"loguniform": [1e-4, 1e-2]}, "fit.batch_size": {"choice": [16, 32]},
+                       "fit.epochs": {"randint": [3, 6]}}}
+    first = expand(_sweep(data), "s")
+    assert len(first) == 10 and first == expand(_sweep(data), "s")
+    assert all(1e-4 <= p["optim.lr"] <= 1e-2 and p["fit.batch_size"] in (16, 32) and 3 <= p["fit.epochs"] < 6
+               for p in first)
+    assert first != expand(_sweep({**data, "seed": 1}), "s")
+
+
+def test_bad_grid_value_names_the_trial_and_the_key():
+    sweep = _sweep({"train": {"data": {"manifest": "m"}}, "grid": {"optim.name": ["adam", "nadam"]}})
+    with pytest.raises(ConfigError, match=r"optim\.name: 'nadam' is not allowed; allowed values: .*'adam'"):
+        plan_trials(sweep, "sweep.yaml")
+
+
+def test_unknown_grid_key_and_bad_distribution_are_clear_errors():
+    with pytest.raises(ConfigError, match=r"optim\.learning_rate: unknown key; allowed keys here: .*lr"):
+        plan_trials(_sweep({"train": {"data": {"manifest": "m"}}, "grid": {"optim.learning_rate": [1e-3]}}), "s")
+    with pytest.raises(ConfigError, match=r"sample\.optim\.lr: expected one of \{choice, uniform"):
+        plan_trials(_sweep({"train": {"data": {"manifest": "m"}}, "sample": {"optim.lr": {"normal": [0, 1]}}}), "s")
+    with pytest.raises(ConfigError, match=r"unknown key; allowed keys here: .*experiment_dir"):
+        _sweep({"experiment": "x"})
+
+
+def test_dry_run_prints_grid_states_and_measured_estimates(synthetic_manifest, tmp_path, capsys):
+    config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, tmp_path / "exp")
+    assert main(["sweep", "--config", str(config), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "grid: 4 cells, 4 trials; states: 4 pending" in out
+    assert "estimates measured on cpu" in out and "GPU-hours" in out
+    assert "est_hours" in out and "mixup" in out and "cutmix" in out
+    assert not (tmp_path / "exp").exists(), "a dry run schedules and writes nothing"
+
+
+# ---- real Tune runs ------------------------------------------------------------------------------
+@pytest.mark.ray
+def test_sweep_runs_every_trial_and_exports_the_best_by_validation(ray_local, synthetic_manifest, tmp_path, capsys):
+    config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, tmp_path / "exp")
+    assert main(["sweep", "--config", str(config)]) == 0
+    exp = tmp_path / "exp"
+    trials = pd.read_parquet(exp / "trials.parquet")
+    assert len(trials) == 4 and trials["trial_id"].is_unique
+    assert (trials["status"] == "finished").all(), trials[["trial_id", "status", "error"]]
+    assert set(zip(trials["augment.name"], trials["optim.name"])) == {
+        ("mixup", "adam"), ("mixup", "sgd"), ("cutmix", "adam"), ("cutmix", "sgd")}
+    for column in ("train_accuracy", "val_accuracy", "test_accuracy", "val_macro_f1", "test_macro_f1",
+                   "test_auc", "test_macro_specificity", "test_ece"):
+        assert trials[column].between(0, 1).all(), column
+    assert (trials["wall_seconds"] > 0).all() and (trials["images_per_s"] > 0).all()
+    assert (trials["gpu_hours"] == 0).all() and (trials["epochs_trained"] == 2).all()
+    assert trials["config_hash"].str.len().eq(16).all() and (trials["ray_version"] != "").all()
+    epochs = pd.read_parquet(exp / "epochs.parquet")
+    assert len(epochs) == 8 and set(epochs["trial_id"]) == set(trials["trial_id"])
+    best = trials.sort_values("val_macro_f1", ascending=False).iloc[0]
+    card = json.loads((exp / "best_model" / "model_card.json").read_text())
+    assert card["sweep"]["trial_id"] == best["trial_id"]
+    assert card["sweep"]["val_macro_f1"] == pytest.approx(trials["val_macro_f1"].max())
+    assert (exp / "best_model" / "weights.safetensors").is_file()
+    out = capsys.readouterr().out
+    assert "4 trials: 4 finished" in out and "val_macro_f1" in out
+
+
+@pytest.mark.ray
+def test_errored_trial_is_recorded_and_retried_only_when_asked(ray_local, synthetic_manifest, tmp_path):
+    # a 2-pixel input passes validation but cannot go through ALL-Net's pooling: a runtime error
+    config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, tmp_path / "exp",
+                        grid={"data.image_size": [32, 2]}, train={**TRAIN, "fit": {**TRAIN["fit"], "epochs": 1},
+                                                                  "data": {**TRAIN["data"], "manifest": str(synthetic_manifest)}})
+    assert main(["sweep", "--config", str(config)]) == 0
+    trials = pd.read_parquet(tmp_path / "exp" / "trials.parquet").set_index("data.image_size")
+    assert trials.loc[32, "status"] == "finished"
+    assert trials.loc[2, "status"] == "errored" and trials.loc[2, "error"]
+    weights = Path(trials.loc[32, "model_dir"]) / "weights.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    errored_dir = tmp_path / "exp" / "trials" / trials.loc[2, "trial_id"]
+    first_error_time = json.loads((errored_dir / "error.json").read_text())["time"]
+
+    assert main(["sweep", "--config", str(config)]) == 0          # nothing to do: no retry asked
+    assert json.loads((errored_dir / "error.json").read_text())["time"] == first_error_time
+    assert main(["sweep", "--config", str(config), "--retry-errored"]) == 0
+    assert json.loads((errored_dir / "error.json").read_text())["time"] > first_error_time
+    assert weights.stat().st_mtime_ns == stamp, "a finished trial must not be rerun"
+
+
+@pytest.mark.slow
+def test_sweep_killed_mid_way_resumes_and_ends_with_each_trial_once(synthetic_manifest, tmp_path):
+    exp = tmp_path / "exp"
+    config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, exp,
+                        train={**TRAIN, "fit": {**TRAIN["fit"], "epochs": 3},
+                               "data": {**TRAIN["data"], "manifest": str(synthetic_manifest)}})
+    command = [sys.executable, "-m", "allcluster.cli", "sweep", "--config", str(config)]
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while not list(exp.glob("trials/*/model/model_card.json")):
+            assert first.poll() is None, first.stdout.read()[-3000:]
+            assert time.time() < deadline, "no trial finished in time"
+            time.sleep(0.5)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    finished = {p.parent.parent.name: (p.parent / "weights.safetensors").stat().st_mtime_ns
+                for p in exp.glob("trials/*/model/model_card.json")}
+    assert 1 <= len(finished) < 4
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    trials = pd.read_parquet(exp / "trials.parquet")
+    assert len(trials) == 4 and trials["trial_id"].is_unique and (trials["status"] == "finished").all()
+    for trial_id, stamp in finished.items():
+        weights = exp / "trials" / trial_id / "model" / "weights.safetensors"
+        assert weights.stat().st_mtime_ns == stamp, f"{trial_id} finished before the kill and was rerun"
+    epochs = pd.read_parquet(exp / "epochs.parquet")
+    assert sorted(epochs.groupby("trial_id")["epoch"].apply(list).tolist()) == [[0, 1, 2]] * 4
