@@ -25,7 +25,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
+        # The dashboard serves Ray's State API: without it Ray Train cannot free the placement group
+        # of a trial that Tune (ASHA) stops, and that trial's CPUs/GPUs stay reserved.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, runtime_env=env, log_to_driver=True)
 
 
 def wait_for_nodes(expected: int, timeout_s: float) -> list[dict]:

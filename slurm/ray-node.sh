@@ -23,7 +23,10 @@ echo "[ray-node $(date +%T)] $role on $(hostname -s) ($node_ip): $cpus CPUs, $gp
 args=(--block --node-ip-address="$node_ip" --num-cpus="$cpus" --num-gpus="$gpus" --temp-dir="$tmp"
       --disable-usage-stats "${mem[@]}" "${ports[@]}")
 if [ "$role" = head ]; then
-  "$ray_bin" start --head --port="$b" --include-dashboard=false "${args[@]}"
+  # The dashboard serves Ray's State API, which Ray Train needs to free the resources of a trial that
+  # Tune stops early; it listens on this node's address (token auth applies), on a port of the job's block.
+  "$ray_bin" start --head --port="$b" --include-dashboard=true --dashboard-host="$node_ip" \
+    --dashboard-port=$((b + 8)) "${args[@]}"
 else
   "$ray_bin" start --address="$RAY_ADDRESS" "${args[@]}"
 fi

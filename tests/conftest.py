@@ -52,7 +52,7 @@ def ray_local(cache_root):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
+        ray.init(num_cpus=2, include_dashboard=True, log_to_driver=True,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "ALLCLUSTER_CACHE_DIR": str(cache_root),
                                            "PYTHONWARNINGS": "ignore::DeprecationWarning"}})
     yield ray

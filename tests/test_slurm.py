@@ -69,7 +69,8 @@ def test_sbatch_sweep_runs_the_ci_grid_across_two_nodes(slurm, real_manifest, tm
     for column in ("val_accuracy", "test_accuracy", "val_macro_f1", "test_macro_f1", "test_auc"):
         assert trials[column].between(0, 1).all(), column
     card = json.loads((experiment / "best_model" / "model_card.json").read_text())
-    assert card["sweep"]["trial_id"] == trials.loc[trials["val_macro_f1"].idxmax(), "trial_id"]
+    ranked = trials.sort_values(["val_macro_f1", "val_loss"], ascending=[False, True])  # ties: lower val loss
+    assert card["sweep"]["trial_id"] == ranked.iloc[0]["trial_id"]
     assert "4 trials: 4 finished" in logs
     if nodes == 2:
         hosts = {line.split(" on ")[1].split()[0] for line in logs.splitlines() if "[ray-node" in line}

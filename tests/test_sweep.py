@@ -111,13 +111,14 @@ def test_sweep_runs_every_trial_and_exports_the_best_by_validation(ray_local, sy
     assert trials["config_hash"].str.len().eq(16).all() and (trials["ray_version"] != "").all()
     epochs = pd.read_parquet(exp / "epochs.parquet")
     assert len(epochs) == 8 and set(epochs["trial_id"]) == set(trials["trial_id"])
-    best = trials.sort_values("val_macro_f1", ascending=False).iloc[0]
+    best = trials.sort_values(["val_macro_f1", "val_loss"], ascending=[False, True]).iloc[0]  # ties: lower loss
     card = json.loads((exp / "best_model" / "model_card.json").read_text())
     assert card["sweep"]["trial_id"] == best["trial_id"]
     assert card["sweep"]["val_macro_f1"] == pytest.approx(trials["val_macro_f1"].max())
     assert (exp / "best_model" / "weights.safetensors").is_file()
     out = capsys.readouterr().out
     assert "4 trials: 4 finished" in out and "val_macro_f1" in out
+    assert _cpus_free_soon(ray_local, 2.0) == pytest.approx(2.0), "finished trials must release their CPUs"
 
 
 @pytest.mark.ray
@@ -173,3 +174,29 @@ def test_sweep_killed_mid_way_resumes_and_ends_with_each_trial_once(synthetic_ma
         assert weights.stat().st_mtime_ns == stamp, f"{trial_id} finished before the kill and was rerun"
     epochs = pd.read_parquet(exp / "epochs.parquet")
     assert sorted(epochs.groupby("trial_id")["epoch"].apply(list).tolist()) == [[0, 1, 2]] * 4
+
+
+def _cpus_free_soon(ray, expected: float, timeout: float = 30.0) -> float:
+    deadline = time.time() + timeout
+    while True:
+        free = ray.available_resources().get("CPU", 0.0)
+        if free >= expected - 1e-6 or time.time() > deadline:
+            return free
+        time.sleep(0.5)
+
+
+@pytest.mark.ray
+def test_asha_stops_or_finishes_every_trial_and_releases_its_resources(ray_local, synthetic_manifest, tmp_path):
+    config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, tmp_path / "exp",
+                        train={**TRAIN, "fit": {**TRAIN["fit"], "epochs": 4},
+                               "data": {**TRAIN["data"], "manifest": str(synthetic_manifest)}},
+                        grid={"optim.lr": [0.003, 0.001, 1e-6, 1e-7]},
+                        asha={"enabled": True, "grace_period": 1, "reduction_factor": 2})
+    assert main(["sweep", "--config", str(config)]) == 0
+    trials = pd.read_parquet(tmp_path / "exp" / "trials.parquet")
+    assert len(trials) == 4 and set(trials["status"]) <= {"finished", "stopped"}
+    stopped = trials[trials["status"] == "stopped"]
+    assert stopped["test_accuracy"].isna().all() and (stopped["model_dir"] == "").all()
+    assert (stopped["epochs_trained"] >= 1).all()
+    # a stopped trial's Ray Train workers and placement group must not stay reserved
+    assert _cpus_free_soon(ray_local, 2.0) == pytest.approx(2.0)

@@ -172,4 +172,6 @@ def run_tune(sweep: SweepConfig, to_run: list[Trial], experiment_dir: Path) -> N
 
 
 def _max_epochs(cfg: TrainConfig) -> int:
-    return cfg.finetune.head_epochs + cfg.fit.epochs + 1      # + 1: the final (done) report
+    # Beyond the last report (epochs + the final one): ASHA must never stop a trial for reaching max_t,
+    # which would kill it before it exports its model.
+    return cfg.finetune.head_epochs + cfg.fit.epochs + 2
