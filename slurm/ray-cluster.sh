@@ -77,7 +77,8 @@ ray_cluster_start() {
 
   _log "job $SLURM_JOB_ID: ${#RAY_NODES[@]} node(s): ${RAY_NODES[*]}; head $head; Ray address $RAY_ADDRESS"
   _log "token auth on; token $(stat -c '%A %U' "$RAY_AUTH_TOKEN_PATH") $RAY_AUTH_TOKEN_PATH"
-  _ray_start_node "$head" head
+  _ray_start_node "$head" head || return $?
+  _ray_check_foreign_token_refused || return $?
   local node
   for node in "${RAY_NODES[@]:1}"; do
     _ray_start_node "$node" worker
@@ -103,6 +104,20 @@ _ray_start_node() {  # $1 node, $2 head|worker: one srun step that runs `ray sta
     echo "ray-cluster.sh: the Ray head on $node did not answer in 120 s" >&2
     return 1
   fi
+}
+
+_ray_check_foreign_token_refused() {  # another user's job holds another token: it must not get in
+  local other rc=0
+  other=$(mktemp)
+  echo "not-this-jobs-token" >"$other"
+  RAY_AUTH_TOKEN_PATH=$other timeout 60 "$(dirname "$ALLCLUSTER_PYTHON")/ray" status --address="$RAY_ADDRESS" \
+    >/dev/null 2>&1 || rc=$?
+  rm -f "$other"
+  if [ "$rc" = 0 ]; then
+    echo "ray-cluster.sh: a client with another token could attach to this job's Ray; stopping" >&2
+    return 1
+  fi
+  _log "token check: a client with another token is refused"
 }
 
 ray_cluster_run() {  # the driver: its exit code is the job's

@@ -63,6 +63,7 @@ def test_sbatch_sweep_runs_the_ci_grid_across_two_nodes(slurm, real_manifest, tm
     assert done.returncode == 0, f"sbatch rc {done.returncode}: {done.stderr}\n{logs[-6000:]}"
     assert f"all {nodes} nodes joined" in logs, logs[-4000:]
     assert "token auth on; token -rw-------" in logs
+    assert "token check: a client with another token is refused" in logs
     trials = pd.read_parquet(experiment / "trials.parquet")
     assert len(trials) == 4 and trials["trial_id"].is_unique
     assert (trials["status"] == "finished").all(), trials[["trial_id", "status", "error"]].to_string()

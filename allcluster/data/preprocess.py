@@ -29,7 +29,7 @@ def resize(rgb: np.ndarray, size: int) -> np.ndarray:
     """Resize to ``size`` x ``size`` (the papers resize, they do not crop), antialiased."""
     if rgb.shape[0] == size and rgb.shape[1] == size:
         return rgb
-    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR, reducing_gap=3.0))
+    return np.array(Image.fromarray(rgb).resize((size, size), Image.BILINEAR, reducing_gap=3.0))  # writable
 
 
 def foreground_mask(rgb: np.ndarray) -> np.ndarray:
