@@ -81,3 +81,83 @@ def test_integrated_gradients_attributions_sum_to_the_score_difference():
 def test_unknown_explainer_lists_the_registry():
     with pytest.raises(KeyError, match="registered: .*gradcam"):
         get_explainer("shap")
+
+
+class TopLeftTexture(torch.nn.Module):
+    """A 'model' whose class 1 depends only on the texture of the image's top-left quadrant."""
+    spec_name = "allnet"         # mean 0, std 1: its inputs are the raw 0..1 pixels
+
+    def forward(self, x):
+        h, w = x.shape[-2] // 2, x.shape[-1] // 2
+        texture = x[:, :, :h, :w].flatten(1).std(dim=1)
+        return torch.stack([torch.zeros_like(texture), 40 * (texture - 0.05)], dim=1)
+
+
+def _real_image(real_data_dir, size: int = 224) -> np.ndarray:
+    from allcluster.data.decode import load
+    from allcluster.data.preprocess import resize
+
+    path = sorted((real_data_dir / "Pro").glob("*.jpg"))[0]
+    return resize(load(path).array, size).astype(np.float64) / 255.0
+
+
+def _share_in_top_left(mask: np.ndarray) -> float:
+    h, w = mask.shape[0] // 2, mask.shape[1] // 2
+    return mask[:h, :w].sum() / max(mask.sum(), 1)
+
+
+def test_lime_and_the_lime_package_both_find_the_region_the_model_uses(real_data_dir):
+    from lime import lime_image
+
+    rgb = _real_image(real_data_dir)
+    model = TopLeftTexture()
+
+    def classify(batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            x = torch.as_tensor(batch, dtype=torch.float32).permute(0, 3, 1, 2)
+            return torch.softmax(model(x), dim=1).numpy()
+
+    reference = lime_image.LimeImageExplainer(random_state=0).explain_instance(
+        rgb, classify, labels=(1,), top_labels=None, num_samples=500, hide_color=None, random_seed=0)
+    _, their_mask = reference.get_image_and_mask(1, positive_only=True, num_features=5, hide_rest=False)
+
+    ours = get_explainer("lime")(model)
+    ours.num_samples = 500
+    image = torch.as_tensor(rgb, dtype=torch.float32).permute(2, 0, 1)
+    result = ours.explain(image[None], torch.tensor([1]))
+    segments, weights = ours.superpixels[0]
+    top = [s for s in np.argsort(-weights)[:5] if weights[s] > 0]
+    our_mask = np.isin(segments, top)
+
+    assert _share_in_top_left(their_mask) > 0.8, "the lime package should find the top-left region"
+    assert _share_in_top_left(our_mask) > 0.8, "our LIME should find the top-left region"
+    assert _share_in_top_left(result.maps[0].numpy() > 0.5) > 0.8
+
+
+def test_lime_is_seeded_and_gives_the_three_views(real_data_dir):
+    from allcluster.xai.lime import lime_views
+
+    rgb = _real_image(real_data_dir, 128)
+    image = torch.as_tensor(rgb, dtype=torch.float32).permute(2, 0, 1)[None]
+    first, second = get_explainer("lime")(TopLeftTexture()), get_explainer("lime")(TopLeftTexture())
+    first.num_samples = second.num_samples = 200
+    a, b = first.explain(image, torch.tensor([1])), second.explain(image, torch.tensor([1]))
+    assert torch.equal(a.maps, b.maps)
+    segments, weights = first.superpixels[0]
+    views = lime_views((rgb * 255).astype(np.uint8), segments, weights, top=3)
+    assert set(views) == {"positive_only", "hide_rest", "pros_cons"}
+    assert all(v.shape == (128, 128, 3) and v.dtype == np.uint8 for v in views.values())
+    hidden = views["hide_rest"].sum(axis=2) == 0
+    assert 0 < hidden.mean() < 1      # some superpixels shown, the rest blacked out
+
+
+def test_weighted_ridge_matches_scikit_learn():
+    from sklearn.linear_model import Ridge
+
+    from allcluster.xai.lime import weighted_ridge
+
+    rng = np.random.default_rng(0)
+    x, y, w = rng.integers(0, 2, (200, 12)).astype(float), rng.random(200), rng.random(200)
+    expected = Ridge(alpha=1.0).fit(x, y, sample_weight=w).coef_
+    got = weighted_ridge(torch.as_tensor(x), torch.as_tensor(y), torch.as_tensor(w)).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-8)

@@ -5,9 +5,10 @@ Every method subclasses :class:`allcluster.xai.base.Explainer` and overrides one
 from allcluster.xai.attribution import IntegratedGradients
 from allcluster.xai.base import Explainer, Explanation
 from allcluster.xai.cams import CAM, GradCAM, GradCAMPlusPlus, ScoreCAM
+from allcluster.xai.lime import Lime
 
 EXPLAINERS: dict[str, type[Explainer]] = {
-    cls.name: cls for cls in (GradCAM, GradCAMPlusPlus, ScoreCAM, CAM, IntegratedGradients)}
+    cls.name: cls for cls in (GradCAM, GradCAMPlusPlus, ScoreCAM, CAM, IntegratedGradients, Lime)}
 
 
 def get_explainer(name: str) -> type[Explainer]:
