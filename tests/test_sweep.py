@@ -200,3 +200,33 @@ def test_asha_stops_or_finishes_every_trial_and_releases_its_resources(ray_local
     assert (stopped["epochs_trained"] >= 1).all()
     # a stopped trial's Ray Train workers and placement group must not stay reserved
     assert _cpus_free_soon(ray_local, 2.0) == pytest.approx(2.0)
+
+
+@pytest.mark.ray
+def test_a_trial_the_scheduler_stops_is_recorded_as_stopped_and_frees_its_resources(
+        ray_local, synthetic_manifest, tmp_path, monkeypatch):
+    # ASHA's choice depends on the metrics; here a scheduler with ASHA's interface stops one known trial
+    # after its first epoch, so Tune's real stop path (killing a running Ray Train trial) is exercised.
+    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+    import allcluster.sweep.ray_tune as ray_tune
+
+    class StopSlowLearner(FIFOScheduler):
+        def on_trial_result(self, tune_controller, trial, result):
+            slow = trial.config["trial"]["train"]["optim"]["lr"] < 1e-6
+            return TrialScheduler.STOP if slow and "epoch" in result else TrialScheduler.CONTINUE
+
+    monkeypatch.setattr(ray_tune, "build_scheduler", lambda sweep, trials: StopSlowLearner())
+    config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, tmp_path / "exp",
+                        train={**TRAIN, "fit": {**TRAIN["fit"], "epochs": 3},
+                               "data": {**TRAIN["data"], "manifest": str(synthetic_manifest)}},
+                        grid={"optim.lr": [0.003, 1e-7]}, asha={"enabled": True})
+    assert main(["sweep", "--config", str(config)]) == 0
+    trials = pd.read_parquet(tmp_path / "exp" / "trials.parquet").set_index("optim.lr")
+    assert trials.loc[0.003, "status"] == "finished"
+    assert trials.loc[1e-7, "status"] == "stopped"
+    assert trials.loc[1e-7, "epochs_trained"] < 3 and trials.loc[1e-7, "model_dir"] == ""
+    assert _cpus_free_soon(ray_local, 2.0) == pytest.approx(2.0), "the stopped trial's CPUs must be freed"
+    assert main(["sweep", "--config", str(config)]) == 0          # a stopped trial is not rerun
+    again = pd.read_parquet(tmp_path / "exp" / "trials.parquet").set_index("optim.lr")
+    assert again.loc[1e-7, "status"] == "stopped" and again.loc[1e-7, "epochs_trained"] < 3

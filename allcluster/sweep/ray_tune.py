@@ -140,22 +140,28 @@ def record_outcomes(result_grid, trials: dict[str, Trial]) -> None:
             (trial.dir / "stopped.json").write_text(json.dumps({"by": "asha", "time": time.time()}))
 
 
+def build_scheduler(sweep: SweepConfig, trials: list[Trial]):
+    """ASHA on validation macro-F1 per epoch when ``asha.enabled``; else Tune's default (FIFO)."""
+    if not sweep.asha.enabled:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="training_iteration", grace_period=sweep.asha.grace_period,
+                         reduction_factor=sweep.asha.reduction_factor,
+                         max_t=max(_max_epochs(t.config) for t in trials))
+
+
 def run_tune(sweep: SweepConfig, to_run: list[Trial], experiment_dir: Path) -> None:
     """Fit the given trials with Tune; outcomes are written into each trial's folder."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     for trial in to_run:
         (trial.dir / "error.json").unlink(missing_ok=True)      # a retried trial starts clean
     limit = concurrency(to_run, ray.cluster_resources(), sweep.max_concurrent)
     say(f"[sweep] {len(to_run)} trials to run, {limit} at a time")
     prebuild_caches(to_run)
-    scheduler = None
-    if sweep.asha.enabled:
-        scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=sweep.asha.grace_period,
-                                  reduction_factor=sweep.asha.reduction_factor,
-                                  max_t=max(_max_epochs(t.config) for t in to_run))
+    scheduler = build_scheduler(sweep, to_run)
     tuner = tune.Tuner(
         tune.with_resources(tune_trial, {"cpu": TRIAL_DRIVER_CPU}),
         # Trials were expanded (and validated) by the planner; Tune schedules that list.
