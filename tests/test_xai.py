@@ -161,3 +161,18 @@ def test_weighted_ridge_matches_scikit_learn():
     expected = Ridge(alpha=1.0).fit(x, y, sample_weight=w).coef_
     got = weighted_ridge(torch.as_tensor(x), torch.as_tensor(y), torch.as_tensor(w)).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-8)
+
+
+def test_faithfulness_rewards_the_map_that_points_at_what_the_model_uses(real_data_dir):
+    from allcluster.xai.faithfulness import faithfulness
+
+    rgb = _real_image(real_data_dir, 64)
+    image = torch.as_tensor(rgb, dtype=torch.float32).permute(2, 0, 1)[None].repeat(2, 1, 1, 1)
+    right, wrong = torch.zeros(64, 64), torch.zeros(64, 64)
+    right[:32, :32] = 1                     # the region TopLeftTexture reads
+    wrong[32:, 32:] = 1
+    scores = faithfulness(TopLeftTexture(), image, torch.stack([right, wrong]), torch.tensor([1, 1]),
+                          fraction=0.25)
+    assert scores["drop"][0] > 0.5 > scores["drop"][1]
+    assert scores["kept"][0] > scores["kept"][1]
+    assert torch.allclose(scores["confidence"][0], scores["confidence"][1])
