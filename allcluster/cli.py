@@ -44,7 +44,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from allcluster.sweep.driver import grid_cells, load_sweep, run_sweep
     from allcluster.sweep.results import summary_text
 
-    sweep, trials, _ = load_sweep(args.config, args.overrides)
+    sweep, trials = load_sweep(args.config, args.overrides)
     if args.dry_run:
         from allcluster.sweep.estimate import dry_run_text
         print(dry_run_text(trials, grid_cells(sweep), probe=not args.no_probe))

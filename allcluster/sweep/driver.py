@@ -14,11 +14,11 @@ from allcluster.sweep.results import (epochs_table, export_best, pick_best, tria
                                       write_parquet)
 
 
-def load_sweep(path: str, overrides: list[str] = ()) -> tuple[SweepConfig, list[Trial], str]:
+def load_sweep(path: str, overrides: list[str] = ()) -> tuple[SweepConfig, list[Trial]]:
     """Read and validate a sweep YAML and plan its trials (every trial config validated)."""
     sweep = load(SweepConfig, path, overrides)
     source = str(path) + (" (with --set " + " ".join(overrides) + ")" if overrides else "")
-    return sweep, plan_trials(sweep, source), source
+    return sweep, plan_trials(sweep, source)
 
 
 def grid_cells(sweep: SweepConfig) -> int:

@@ -14,19 +14,17 @@ import pandas as pd
 import torch
 
 from allcluster.data.manifest import read_manifest
-from allcluster.models import build_model, get_spec
+from allcluster.models import build_model
 from allcluster.optim import build_optimizer
 from allcluster.sweep.plan import Trial, trial_status
-from allcluster.train.config import TrainConfig
+from allcluster.train.config import TrainConfig, head_spec
 
 PROBE_STEPS = 3
 
 
 def probe_images_per_s(cfg: TrainConfig, device: torch.device, num_classes: int = 4) -> float:
     """Training throughput of one worker for this backbone, input size and batch size."""
-    spec = get_spec(cfg.model.backbone)
-    head = spec.default_head.__class__(**{k: getattr(cfg.model.head, k) for k in ("hidden", "dropout", "hidden_dropout")})
-    model = build_model(cfg.model.backbone, num_classes, head).to(device).train()
+    model = build_model(cfg.model.backbone, num_classes, head_spec(cfg)).to(device).train()
     optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.optim.lr)
     batch = min(cfg.fit.batch_size, 32)
     x = torch.randn(batch, 3, cfg.data.image_size, cfg.data.image_size, device=device)
@@ -48,10 +46,12 @@ def probe_images_per_s(cfg: TrainConfig, device: torch.device, num_classes: int 
     return PROBE_STEPS * batch / (time.perf_counter() - start)
 
 
-def _split_sizes(cfg: TrainConfig) -> tuple[int, int]:
-    frame = read_manifest(cfg.data.manifest)
-    frame = frame[frame["status"] == "ok"]
-    counts = frame.groupby(["split", "label"]).size()
+def _split_class_counts(manifest: str) -> pd.Series:
+    frame = read_manifest(manifest)
+    return frame[frame["status"] == "ok"].groupby(["split", "label"]).size()
+
+
+def _split_sizes(cfg: TrainConfig, counts: pd.Series) -> tuple[int, int]:
     cap = cfg.data.max_per_class or None
 
     def size(split: str) -> int:
@@ -64,6 +64,7 @@ def estimate_table(trials: list[Trial], probe: bool = True) -> pd.DataFrame:
     """One row per trial: state, varied values, and (with ``probe``) estimated hours."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     measured: dict[tuple, float] = {}
+    counts = {m: _split_class_counts(m) for m in {t.config.data.manifest for t in trials}} if probe else {}
     rows = []
     for trial in trials:
         cfg = trial.config
@@ -73,7 +74,7 @@ def estimate_table(trials: list[Trial], probe: bool = True) -> pd.DataFrame:
             if key not in measured:
                 measured[key] = probe_images_per_s(cfg, device)
             ips = measured[key] * cfg.resources.num_workers
-            n_train, n_val = _split_sizes(cfg)
+            n_train, n_val = _split_sizes(cfg, counts[cfg.data.manifest])
             epochs = cfg.finetune.head_epochs + cfg.fit.epochs
             hours = epochs * (n_train / ips + n_val / (3 * ips)) / 3600
             gpus = cfg.resources.num_workers * cfg.resources.gpus_per_worker if cfg.resources.use_gpu else 0.0

@@ -161,3 +161,11 @@ def resolve(cfg: TrainConfig, source: str = "config") -> TrainConfig:
     return replace(cfg,
                    data=replace(cfg.data, image_size=cfg.data.image_size or spec.input_size),
                    model=replace(cfg.model, head=head))
+
+
+def head_spec(cfg: TrainConfig):
+    """The resolved ``model.head`` section as the registry's ``HeadSpec`` (what ``build_model`` takes)."""
+    from allcluster.models.registry import HeadSpec
+
+    head = cfg.model.head
+    return HeadSpec(tuple(head.hidden), head.dropout, head.hidden_dropout)

@@ -31,7 +31,7 @@ from allcluster.data.preprocess import Normalize, Preprocess
 from allcluster.models import build_model, get_spec
 from allcluster.models.model_dir import save_model_dir
 from allcluster.optim import EarlyStopping, EpochScheduler, build_optimizer
-from allcluster.train.config import TrainConfig
+from allcluster.train.config import TrainConfig, head_spec
 from allcluster.train.data import (CachedImages, Split, balanced_class_weights, eval_loader, load_splits,
                                    oversample_minority, train_loader)
 from allcluster.train.session import Session
@@ -111,9 +111,7 @@ class WorkerRun:
             raise ConfigError(f"{cfg.data.manifest}: the train and val splits must not be empty "
                              f"(sizes: { {k: len(v) for k, v in self.splits.items()} })")
         spec = get_spec(cfg.model.backbone)
-        head = cfg.model.head
-        from allcluster.models.registry import HeadSpec
-        self.head_spec = HeadSpec(tuple(head.hidden), head.dropout, head.hidden_dropout)
+        self.head_spec = head_spec(cfg)
         self.model = build_model(cfg.model.backbone, len(self.classes), self.head_spec,
                                  cfg.model.pretrained, cfg.model.weights).to(self.device)
         if self.on_gpu:

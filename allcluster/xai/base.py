@@ -45,6 +45,7 @@ class Explainer:
     class-activation-map family, or ``attribute`` for methods that work on the input."""
     name = "base"
     expensive = False            # run on a budget (selected images only) when True
+    needs_gradients = True       # CAM-family methods that only need a forward pass set False
 
     def __init__(self, model: torch.nn.Module, layer: str):
         self.model = model.eval()
@@ -88,8 +89,6 @@ class Explainer:
                                            activations.grad if self.needs_gradients else None)
         raw = (weights[:, :, None, None] * activations.detach()).sum(1)
         return raw, logits, targets
-
-    needs_gradients = True
 
     def channel_weights(self, images: torch.Tensor, targets: torch.Tensor, activations: torch.Tensor,
                         grads: torch.Tensor | None) -> torch.Tensor:
