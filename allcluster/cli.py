@@ -56,6 +56,41 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if (table["status"] == "finished").any() or not len(table) else 1
 
 
+def load_score_config(args: argparse.Namespace):
+    """The scoring config: YAML (optional), then --model/--input/--out, then --set overrides."""
+    from allcluster.config import apply_overrides, from_dict, read_yaml
+    from allcluster.score.config import ScoreConfig, check
+
+    data = read_yaml(args.config) if args.config else {}
+    data.update({k: getattr(args, k) for k in ("model", "input", "out") if getattr(args, k)})
+    source = args.config or "allcluster score"
+    cfg = from_dict(ScoreConfig, apply_overrides(data, args.overrides), source)
+    return check(cfg, source)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    cfg = load_score_config(args)
+    if args.dry_run:
+        from allcluster.score.estimate import dry_run_text
+        print(dry_run_text(cfg))
+        return 0
+    from allcluster.score.ray_data import run_score
+
+    summary = run_score(cfg, args.address)
+    print(json.dumps(summary, indent=2))
+    print(f"rows: {Path(cfg.out).resolve() / 'rows'} (Parquet); heatmaps: {Path(cfg.out).resolve() / 'heatmaps'}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from allcluster.xai.panel import explain_images, format_results
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    results = explain_images(args.model, args.images, args.out, methods, args.device, args.lime_samples)
+    print(format_results(results))
+    return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from allcluster.demo import run_demo
 
@@ -123,6 +158,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-errored", action="store_true", help="rerun trials that errored before")
     _add_set(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("score", help="score and explain an image archive with Ray Data into Parquet + heatmaps")
+    p.add_argument("--model", help="exported model directory (model_card.json + weights.safetensors)")
+    p.add_argument("--input", help="folder tree, manifest .parquet, or text file of paths")
+    p.add_argument("--out", help="output folder; rerunning the same command resumes")
+    p.add_argument("--config", help="scoring YAML (configs/score/*.yaml); --model/--input/--out/--set win")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    p.add_argument("--dry-run", action="store_true", help="list the inputs and predict the job's time from "
+                   "measured per-image costs; score nothing")
+    _add_set(p)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("explain", help="one PNG panel per image: the image and each method's heatmap")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--model", required=True, help="exported model directory")
+    p.add_argument("--out", default="explanations", help="folder for the panels (default: ./explanations)")
+    p.add_argument("--methods", default="gradcam,gradcam++,scorecam,lime", help="comma-separated explainers")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--lime-samples", type=int, default=1000)
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("models", help="list the backbone registry")
     p.set_defaults(func=cmd_models)

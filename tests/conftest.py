@@ -86,6 +86,20 @@ def real_manifest(real_data_dir, tmp_path_factory) -> Path:
     return out
 
 
+ALL_CLASSES = ["Benign", "Early", "Pre", "Pro"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """An exported, untrained ALL-Net model directory at 64 px with the ALL dataset's four classes
+    (temperature 1.5, so raw and calibrated probabilities differ)."""
+    from allcluster.models.model_dir import export_untrained
+    from allcluster.models.registry import HeadSpec
+
+    return export_untrained(tmp_path_factory.mktemp("tiny-model") / "model", "allnet", ALL_CLASSES,
+                            input_size=64, head=HeadSpec((32,), 0.0, 0.0), seed=0, temperature=1.5)
+
+
 def tiny_train_config(manifest: Path, output_dir: Path, **sections) -> "TrainConfig":
     """A fast CPU training config for tests; ``sections`` override whole YAML sections."""
     from allcluster.config import apply_overrides, from_dict

@@ -103,3 +103,22 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
     model = build_model(card["backbone"], len(card["classes"]), head, pretrained=False)
     model.load_state_dict(load_file(weights))
     return LoadedModel(model.to(device).eval(), card)
+
+
+def export_untrained(out: str | Path, backbone: str, classes: list[str], input_size: int | None = None,
+                     head: HeadSpec | None = None, seed: int = 0, temperature: float = 1.0) -> Path:
+    """A model directory holding a randomly initialised classifier (no pretrained download).
+
+    For benchmarks and tests: throughput and the scoring pipeline do not depend on the weights.
+    """
+    spec = get_spec(backbone)
+    head = head or spec.default_head
+    torch.manual_seed(seed)
+    model = build_model(backbone, len(classes), head, pretrained=False)
+    card = {"classes": list(classes), "backbone": backbone, "timm_name": spec.timm_name,
+            "input_size": input_size or spec.input_size, "mean": list(spec.mean), "std": list(spec.std),
+            "roi_crop": False, "roi_margin": 0.1, "cam_layer": spec.cam_layer,
+            "head": {"hidden": list(head.hidden), "dropout": head.dropout, "hidden_dropout": head.hidden_dropout},
+            "temperature": temperature, "run_id": f"untrained-{backbone}-seed{seed}", "config_hash": "untrained",
+            "untrained": True}
+    return save_model_dir(out, model, card)

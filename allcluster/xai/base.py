@@ -55,9 +55,12 @@ class Explainer:
 
     # ---- hooks ---------------------------------------------------------------------------------
     def _keep(self, _module, _inputs, output):
+        if self.needs_gradients and torch.is_grad_enabled():
+            # A fresh leaf: the backward pass stops at the target layer instead of running down
+            # through the backbone (and into weights that need no gradient).
+            output = output.detach().requires_grad_(True)
         self._activations = output
-        if output.requires_grad:
-            output.retain_grad()
+        return output
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and the target layer's activations, from one forward pass."""
@@ -79,7 +82,7 @@ class Explainer:
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(raw maps (N, h, w), logits, targets). CAM family: weights x activations (Eq. 1-2 of
         Selvaraju et al. 2017, with the method's own channel weights)."""
-        with torch.enable_grad():
+        with torch.set_grad_enabled(self.needs_gradients):
             self.model.zero_grad(set_to_none=True)
             logits, activations = self.forward(images)
             targets = logits.argmax(1) if targets is None else targets.to(logits.device)

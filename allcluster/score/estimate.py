@@ -1,0 +1,114 @@
+"""``allcluster score --dry-run``: the job's size and its time, predicted from measured costs.
+
+A probe of up to ``PROBE`` of the job's own files is read, decoded, predicted and explained on this
+machine (heatmaps go to a temporary folder); the per-image costs are scaled to the files still to
+do, the expected share selected for the expensive methods (as the probe's), the job-wide cap, and
+the model replicas the pipeline would start here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from allcluster.score import core
+from allcluster.score.config import ScoreConfig
+from allcluster.score.inputs import list_inputs
+from allcluster.score.output import budget_used, done_paths
+
+PROBE = 16
+
+
+def _timed(fn, *args) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - start, result
+
+
+def measure(cfg: ScoreConfig, paths: list[str], card: dict) -> dict:
+    """Per-image milliseconds of decode, of the every-image work and of the budgeted methods."""
+    import numpy as np
+
+    batch = {"path": np.array(paths, dtype=object)}
+    decode_s, decoded = _timed(core.read_decode, batch, int(card["input_size"]), bool(card["roi_crop"]),
+                               float(card["roi_margin"]), cfg.max_pixels, lambda shas, p: [""] * len(shas))
+    with tempfile.TemporaryDirectory() as tmp:
+        cheap_cfg = dataclasses.replace(cfg, explain=dataclasses.replace(
+            cfg.explain, budget=dataclasses.replace(cfg.explain.budget, methods=[])))
+        scorer = core.Scorer(cheap_cfg, tmp, "dry-run", lambda n: n)
+        scorer(decoded)                                  # warm-up (allocations, kernels)
+        cheap_s, table = _timed(scorer, decoded)
+        rows = table.to_pylist()
+        ok = [r for r in rows if r["status"] == "ok"]
+        reasons = core.budget_reasons(np.array([r["confidence"] for r in ok]), [r["predicted_class"] for r in ok],
+                                      [r["sha256"] for r in ok], cfg.explain.budget)
+        budget_ms = measure_budget(cfg, tmp, decoded, ok)
+    return {"decode_ms": 1e3 * decode_s / len(paths), "every_image_ms": 1e3 * cheap_s / max(1, len(ok)),
+            "budget_ms": budget_ms, "selected_share": sum(map(bool, reasons)) / max(1, len(ok)),
+            "probe_images": len(paths), "probe_errors": len(rows) - len(ok), "device": scorer.constants["device"]}
+
+
+def measure_budget(cfg: ScoreConfig, tmp: str, decoded: dict, ok_rows: list[dict]) -> float:
+    """Milliseconds per image of all budgeted methods together, on up to two probe images."""
+    import numpy as np
+    import torch
+
+    if not cfg.explain.budget.methods or not ok_rows:
+        return 0.0
+    scorer = core.Scorer(cfg, tmp, "dry-run", lambda n: n)
+    keep = [i for i, s in enumerate(decoded["status"]) if s == "ok"][:2]
+    x = scorer.normalize(torch.from_numpy(np.asarray(decoded["pixels"])[keep]).to(scorer.device).permute(0, 3, 1, 2))
+    start = time.perf_counter()
+    for explainer in scorer.budgeted.values():
+        explainer.explain(x)
+    return 1e3 * (time.perf_counter() - start) / len(keep)
+
+
+def estimate(cfg: ScoreConfig) -> dict:
+    """The dry run's numbers (see the module docstring)."""
+    import torch
+
+    from allcluster.score.ray_data import actor_plan, read_card
+
+    card = read_card(cfg.model)
+    out = Path(cfg.out)
+    listing = list_inputs(cfg.input)
+    done = done_paths(out)
+    todo = [p for p in listing.paths if p not in done]
+    result = {"inputs": len(listing), "listing_errors": len(listing.errors), "already_scored": len(done),
+              "to_do": len(todo)}
+    if not todo:
+        return result
+    probe = todo[:: max(1, len(todo) // PROBE)][:PROBE]
+    costs = measure(cfg, probe, card)
+    local = {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
+    plan = actor_plan(cfg, local)
+    cap_left = max(0, cfg.explain.budget.max_images - budget_used(out))
+    selected = min(cap_left, round(costs["selected_share"] * len(todo)))
+    model_s = (len(todo) * costs["every_image_ms"] + selected * costs["budget_ms"]) / 1e3 / plan["size"]
+    decode_s = len(todo) * costs["decode_ms"] / 1e3 / max(1.0, (local["CPU"] - plan["size"] * plan["num_cpus"])
+                                                          / cfg.workers.decode_cpus)
+    result.update(costs, replicas=plan["size"], budget_selected=selected, budget_cap_left=cap_left,
+                  estimated_model_s=round(model_s, 1), estimated_decode_s=round(decode_s, 1),
+                  estimated_total_s=round(max(model_s, decode_s), 1))
+    return result
+
+
+def dry_run_text(cfg: ScoreConfig) -> str:
+    """Human summary plus the JSON numbers."""
+    numbers = estimate(cfg)
+    lines = [f"[score --dry-run] {numbers['inputs']} inputs ({numbers['listing_errors']} listing errors), "
+             f"{numbers['already_scored']} already scored, {numbers['to_do']} to do"]
+    if "estimated_total_s" in numbers:
+        hours = numbers["estimated_total_s"] / 3600
+        lines.append(f"[score --dry-run] measured on {numbers['device']} over {numbers['probe_images']} of the files: "
+                     f"decode {numbers['decode_ms']:.1f} ms, predict + every-image explanations "
+                     f"{numbers['every_image_ms']:.1f} ms, budgeted methods {numbers['budget_ms']:.1f} ms per image; "
+                     f"{numbers['budget_selected']} images selected for the budget")
+        lines.append(f"[score --dry-run] estimate with {numbers['replicas']} model replica(s) like this machine's: "
+                     f"{numbers['estimated_total_s']:.0f} s ({hours:.2f} h); with more nodes it scales down "
+                     "with the replica count")
+    return "\n".join(lines) + "\n" + json.dumps(numbers, indent=2)

@@ -1,0 +1,198 @@
+"""The driver's side of a scoring job: result shards, resume state, duplicates, progress, summary.
+
+Layout of ``OUT``::
+
+    rows/part-<run>-<n>.parquet   result rows, one shard per flush (atomic: written, then renamed)
+    heatmaps/ab/<sha256>.<method>.png   8-bit maps at the model resolution (overlays/ when asked)
+    score.yaml, job.json          the resolved config; the settings every rerun must keep
+    summary.json                  counts per class, flagged, errors by type, throughput
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from allcluster.config import ConfigError
+from allcluster.score.rows import OWN_COLUMNS
+
+BUDGET_REASONS = ["low_confidence", "class", "sample"]     # rows that got the expensive methods
+
+
+def rows_dataset(out: Path) -> pads.Dataset | None:
+    """All finished shards of ``out`` (temporary files start with '.' and are ignored)."""
+    rows = out / "rows"
+    if not rows.is_dir() or not any(rows.glob("*.parquet")):
+        return None
+    return pads.dataset(rows, format="parquet")
+
+
+def done_paths(out: Path) -> set[str]:
+    """Paths that already have their row: a rerun skips them."""
+    data = rows_dataset(out)
+    return set() if data is None else set(data.to_table(columns=["path"]).column("path").to_pylist())
+
+
+def budget_used(out: Path) -> int:
+    """Budgeted explanations already spent by earlier runs into ``out`` (the cap spans reruns)."""
+    data = rows_dataset(out)
+    if data is None:
+        return 0
+    reasons = data.to_table(columns=["budget_reason", "duplicate_of"],
+                            filter=pc.field("duplicate_of") == "")["budget_reason"]
+    return int(pc.sum(pc.is_in(reasons, pa.array(BUDGET_REASONS))).as_py() or 0)
+
+
+def check_job_settings(out: Path, settings: dict) -> None:
+    """A rerun into ``out`` must keep the model and the row-shaping keys, so every shard agrees."""
+    path = out / "job.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
+        if changed:
+            detail = "; ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+            raise ConfigError(f"{out}: already holds rows scored with other settings ({detail}); "
+                              "rerun with the same settings to resume, or score into a new --out")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2))
+
+
+class ShardWriter:
+    """Buffers result rows and writes them as atomic Parquet shards."""
+
+    def __init__(self, out: Path, schema: pa.Schema, run_id: str, rows_per_shard: int, flush_seconds: float):
+        self.dir = out / "rows"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.schema, self.run_id = schema, run_id
+        self.rows_per_shard, self.flush_seconds = rows_per_shard, flush_seconds
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
+        self.shards = 0
+        self.last_flush = time.monotonic()
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.buffer.append(table.select(self.schema.names).cast(self.schema))
+            self.buffered += table.num_rows
+        if self.buffered >= self.rows_per_shard or time.monotonic() - self.last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last_flush = time.monotonic()
+        if not self.buffered:
+            return
+        table = pa.concat_tables(self.buffer)
+        final = self.dir / f"part-{self.run_id}-{self.shards:05d}.parquet"
+        tmp = self.dir / f".{final.name}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, final)
+        self.buffer, self.buffered = [], 0
+        self.shards += 1
+
+
+def split_duplicates(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(rows ready to write, rows of duplicates still waiting for their first copy's results)."""
+    waiting = pc.and_(pc.not_equal(table["duplicate_of"], ""), pc.equal(table["status"], "ok"))
+    waiting = pc.fill_null(waiting, False)
+    return table.filter(pc.invert(waiting)), table.filter(waiting)
+
+
+def resolve_duplicates(out: Path, waiting: pa.Table) -> pa.Table:
+    """Each waiting duplicate gets its first copy's results (read back from the written shards)
+    with its own path and identity columns; a duplicate whose first copy has no row is an error."""
+    if not waiting.num_rows:
+        return waiting
+    shas = pc.unique(waiting["sha256"])
+    data = rows_dataset(out)
+    owners = data.to_table(filter=pc.field("sha256").isin(shas) & (pc.field("duplicate_of") == "")) if data else None
+    by_sha = {}
+    if owners is not None:
+        for row in owners.to_pylist():
+            by_sha.setdefault(row["sha256"], row)
+    filled = []
+    for row in waiting.to_pylist():
+        owner = by_sha.get(row["sha256"])
+        if owner is None:
+            filled.append({**row, "status": "error", "error_type": "duplicate_unresolved",
+                           "error": f"{row['path']}: same bytes as {row['duplicate_of']}, which has no result row"})
+        else:
+            filled.append({**owner, **{k: row[k] for k in OWN_COLUMNS if k in row}})
+    return pa.Table.from_pylist(filled, schema=waiting.schema)
+
+
+class Progress:
+    """done/total, images/s, ETA and errors: in place on a terminal, plain lines in a Slurm log."""
+
+    def __init__(self, total: int, interval: float = 0.0, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.interval = interval or (1.0 if self.tty else 30.0)
+        self.total, self.done, self.errors = total, 0, 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, done: int, errors: int) -> None:
+        self.done += done
+        self.errors += errors
+        if time.monotonic() - self.last >= self.interval:
+            self.show()
+
+    def rate(self) -> float:
+        return self.done / max(1e-9, time.monotonic() - self.start)
+
+    def line(self) -> str:
+        rate = self.rate()
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 360_000 else "?"
+        share = 100.0 * self.done / max(1, self.total)
+        return (f"[score] {self.done}/{self.total} ({share:.1f}%)  {rate:.1f} img/s  ETA {eta_text}  "
+                f"errors {self.errors}")
+
+    def show(self, final: bool = False) -> None:
+        self.last = time.monotonic()
+        if self.tty:
+            self.stream.write("\r" + self.line() + ("\n" if final else ""))
+        else:
+            self.stream.write(self.line() + "\n")
+        self.stream.flush()
+
+
+def summarize(out: Path, run_seconds: float, run_rows: int) -> dict:
+    """Counts over every row of ``out`` (all runs), plus this run's throughput."""
+    data = rows_dataset(out)
+    columns = ["status", "error_type", "predicted_class", "uncertain", "duplicate_of", "budget_reason"]
+    df = data.to_table(columns=columns).to_pandas() if data else None
+    if df is None or df.empty:
+        return {"rows": 0, "ok": 0, "errors": 0, "run_rows": run_rows, "run_seconds": round(run_seconds, 1)}
+    ok = df[df["status"] == "ok"]
+    return {
+        "rows": int(len(df)), "ok": int(len(ok)), "errors": int((df["status"] == "error").sum()),
+        "per_class": {str(k): int(v) for k, v in ok["predicted_class"].value_counts().sort_index().items()},
+        "uncertain": int(ok["uncertain"].fillna(False).sum()),
+        "errors_by_type": {str(k): int(v) for k, v in df.loc[df["status"] == "error", "error_type"].value_counts().items()},
+        "duplicates": int((df["duplicate_of"].fillna("") != "").sum()),
+        "budget_explained": int((df["budget_reason"].isin(BUDGET_REASONS) & (df["duplicate_of"] == "")).sum()),
+        "run_rows": run_rows, "run_seconds": round(run_seconds, 1),
+        "run_images_per_s": round(run_rows / run_seconds, 2) if run_seconds > 0 else 0.0,
+    }
+
+
+def summary_text(summary: dict) -> str:
+    lines = [f"[score] {summary['rows']} rows: {summary['ok']} ok, {summary['errors']} errors"
+             f" ({summary.get('duplicates', 0)} duplicates filled from their first copy)"]
+    if summary.get("per_class"):
+        lines.append("[score] predicted: " + ", ".join(f"{k} {v}" for k, v in summary["per_class"].items())
+                     + f"; uncertain (flagged) {summary['uncertain']}; budgeted explanations "
+                     f"{summary['budget_explained']}")
+    if summary.get("errors_by_type"):
+        lines.append("[score] errors: " + ", ".join(f"{k} {v}" for k, v in summary["errors_by_type"].items()))
+    lines.append(f"[score] this run: {summary['run_rows']} rows in {summary['run_seconds']} s"
+                 f" ({summary.get('run_images_per_s', 0.0)} img/s)")
+    return "\n".join(lines)

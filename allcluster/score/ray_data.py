@@ -1,0 +1,140 @@
+"""The Ray Data wrapper: ``allcluster score`` as a streaming pipeline over the cluster.
+
+    listing (driver) -> read + hash + decode (CPU tasks) -> predict + explain (actor pool, GPUs when
+    present) -> rows back to the driver, which writes Parquet shards and shows progress
+
+Memory is bounded by Ray Data's streaming backpressure: only a few batches of pixels are in flight,
+whatever the archive size. Heatmaps are written by the actors, rows by the driver.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from allcluster.console import say
+from allcluster.score import core
+from allcluster.score.config import ScoreConfig, row_settings
+from allcluster.score.inputs import Listing, list_inputs
+from allcluster.score.output import (Progress, ShardWriter, budget_used, check_job_settings, done_paths,
+                                     resolve_duplicates, split_duplicates, summarize, summary_text)
+from allcluster.score.rows import row_schema
+
+
+def read_card(model_dir: str) -> dict:
+    path = Path(model_dir) / "model_card.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir}: not a model directory (no model_card.json); "
+                                "export one with `allcluster train` or `allcluster sweep`")
+    return json.loads(path.read_text())
+
+
+def actor_plan(cfg: ScoreConfig, resources: dict) -> dict:
+    """How many model replicas, with which resources: one per GPU (share) when the cluster has
+    GPUs, otherwise CPU actors leaving room for the decode tasks."""
+    w = cfg.workers
+    gpus = resources.get("GPU", 0) if w.device != "cpu" else 0
+    if gpus:
+        size = w.actors or max(1, int(gpus // w.gpus_per_actor))
+        return {"size": size, "num_gpus": w.gpus_per_actor, "num_cpus": w.cpus_per_actor, "device": "cuda"}
+    cpus = resources.get("CPU", 1)
+    size = w.actors or max(1, int((cpus - w.decode_cpus) // w.cpus_per_actor) // 2)
+    return {"size": size, "num_gpus": 0, "num_cpus": w.cpus_per_actor, "device": "cpu",
+            "threads": w.torch_threads or max(1, math.ceil(w.cpus_per_actor))}
+
+
+class ScoreActor(core.Scorer):
+    """One model replica in the actor pool (Ray Data constructs it once per actor)."""
+
+    def __init__(self, cfg, out_dir, run_id, ledger, extra, device, threads=0):
+        import ray
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        super().__init__(cfg, out_dir, run_id, lambda n: ray.get(ledger.reserve.remote(n)), extra, device)
+
+
+def _read_decode(batch, ledger, **kwargs):
+    import ray
+    return core.read_decode(batch, claim=lambda shas, paths: ray.get(ledger.claim.remote(shas, paths)), **kwargs)
+
+
+def build_dataset(cfg: ScoreConfig, card: dict, todo: Listing, ledger, run_id: str, plan: dict):
+    """The lazy Ray Dataset of result rows for the files in ``todo``."""
+    import ray
+
+    items = [{"path": p, **{k: v[i] for k, v in todo.extra.items()}} for i, p in enumerate(todo.paths)]
+    blocks = max(1, min(len(items) // max(1, cfg.batch_size), 4096))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    ds = ds.map_batches(_read_decode, batch_size=cfg.batch_size, num_cpus=cfg.workers.decode_cpus,
+                        fn_kwargs={"ledger": ledger, "size": int(card["input_size"]), "roi_crop": bool(card["roi_crop"]),
+                                   "roi_margin": float(card["roi_margin"]), "max_pixels": cfg.max_pixels})
+    return ds.map_batches(
+        ScoreActor, batch_size=cfg.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"],
+        fn_constructor_args=(cfg, str(Path(cfg.out).resolve()), run_id, ledger, list(todo.extra), plan["device"],
+                             plan.get("threads", 0)))
+
+
+def run_score(cfg: ScoreConfig, address: str | None = None) -> dict:
+    """Score every file of ``cfg.input`` that ``cfg.out`` has no row for yet; returns the summary."""
+    from allcluster.config import write_resolved
+
+    out = Path(cfg.out).resolve()
+    card = read_card(cfg.model)
+    check_job_settings(out, {"model_sha256": card.get("weights_sha256", ""), **row_settings(cfg)})
+    write_resolved(cfg, out / "score.yaml", "allcluster score")
+    run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{np.random.default_rng().integers(1 << 16):04x}"
+    listing = list_inputs(cfg.input)
+    done = done_paths(out)
+    todo = Listing([p for p in listing.paths if p not in done],
+                   {k: [v for p, v in zip(listing.paths, vals) if p not in done] for k, vals in listing.extra.items()},
+                   [e for e in listing.errors if e["path"] not in done])
+    schema = row_schema(card["classes"], list(cfg.explain.methods) + list(cfg.explain.budget.methods), list(todo.extra))
+    writer = ShardWriter(out, schema, run_id, cfg.rows_per_shard, cfg.flush_seconds)
+    say(f"[score] {len(listing)} inputs, {len(done)} already scored in {out}, {len(todo)} to do (run {run_id})")
+    start = time.monotonic()
+    writer.add(core.error_rows(schema, todo.errors, core.provenance(card, cfg, run_id, "")))
+    if todo.paths:
+        stream_rows(cfg, card, todo, writer, run_id, address, out)
+    writer.flush()
+    summary = summarize(out, time.monotonic() - start, len(todo))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    say(summary_text(summary))
+    return summary
+
+
+def stream_rows(cfg: ScoreConfig, card: dict, todo: Listing, writer: ShardWriter, run_id: str,
+                address: str | None, out: Path) -> None:
+    """Run the pipeline and write its rows as they stream back (duplicates resolved at the end)."""
+    import pyarrow as pa
+    import ray
+
+    from allcluster.ray_utils import ensure_ray
+
+    ensure_ray(address)
+    plan = actor_plan(cfg, ray.cluster_resources())
+    say(f"[score] {plan['size']} model replica(s) on {plan['device']} "
+        f"({plan['num_gpus']:g} GPU, {plan['num_cpus']:g} CPU each), batch {cfg.batch_size}")
+    ledger = ray.remote(core.Ledger).options(num_cpus=0).remote(cfg.explain.budget.max_images, budget_used(out))
+    progress = Progress(len(todo), cfg.progress_seconds)
+    waiting = []
+    for table in build_dataset(cfg, card, todo, ledger, run_id, plan).iter_batches(batch_size=None,
+                                                                                     batch_format="pyarrow"):
+        ready, pending = split_duplicates(table)
+        writer.add(ready)
+        if pending.num_rows:
+            waiting.append(pending.select(writer.schema.names).cast(writer.schema))
+        errors = int(np.sum(np.asarray(ready["status"].to_pylist()) == "error"))
+        progress.update(table.num_rows, errors)
+    writer.add(pa.Table.from_pylist([], schema=writer.schema))
+    progress.update(len(todo.errors), len(todo.errors))
+    progress.show(final=True)
+    writer.flush()
+    if waiting:
+        writer.add(resolve_duplicates(out, pa.concat_tables(waiting)))
+        writer.flush()

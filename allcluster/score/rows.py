@@ -1,0 +1,68 @@
+"""The result-row schema of ``allcluster score`` (one row per input file; documented in the README).
+
+Class- and method-dependent columns are named from the model card and the config:
+``prob_<class>`` / ``cal_prob_<class>`` per class, and ``heatmap_<m>``, ``raw_max_<m>``,
+``faith_drop_<m>``, ``faith_kept_<m>`` per explanation method ``m`` (``gradcam++`` -> ``gradcampp``).
+Columns a row has no value for (an error row, a method not run on it) are null.
+"""
+from __future__ import annotations
+
+import re
+
+import pyarrow as pa
+
+IDENTITY = [("path", pa.string()), ("folder", pa.string()), ("sha256", pa.string()), ("size_bytes", pa.int64()),
+            ("width", pa.int32()), ("height", pa.int32()), ("status", pa.string()), ("error_type", pa.string()),
+            ("error", pa.string()), ("duplicate_of", pa.string())]
+PREDICTION = [("predicted_class", pa.string()), ("predicted_index", pa.int32()), ("confidence", pa.float32()),
+              ("uncertain", pa.bool_())]
+EXPLANATION = [("cam_method", pa.string()), ("cam_layer", pa.string()), ("explained_by", pa.string()),
+               ("budget_reason", pa.string())]
+TIMINGS = [("t_read_ms", pa.float32()), ("t_decode_ms", pa.float32()), ("t_model_ms", pa.float32()),
+           ("t_explain_ms", pa.float32())]
+PROVENANCE = [("model_sha256", pa.string()), ("model_run_id", pa.string()), ("config_hash", pa.string()),
+              ("run_id", pa.string()), ("device", pa.string()), ("scored_at", pa.string()),
+              ("allcluster_version", pa.string()), ("torch_version", pa.string()), ("timm_version", pa.string()),
+              ("ray_version", pa.string())]
+# Columns a duplicate keeps as its own; all others are copied from the row of its first copy.
+OWN_COLUMNS = ("path", "folder", "duplicate_of", "label", "patient", "split", "t_read_ms", "t_decode_ms",
+               "t_model_ms", "t_explain_ms")
+
+
+def slug(name: str) -> str:
+    """A column-safe form of a class or method name (``gradcam++`` -> ``gradcampp``)."""
+    return re.sub(r"[^0-9A-Za-z_]+", "_", name.replace("++", "pp")).strip("_")
+
+
+def class_columns(classes: list[str]) -> tuple[list[str], list[str]]:
+    """(raw probability columns, calibrated probability columns), in class order."""
+    return [f"prob_{slug(c)}" for c in classes], [f"cal_prob_{slug(c)}" for c in classes]
+
+
+def method_columns(method: str) -> dict[str, str]:
+    m = slug(method)
+    return {"heatmap": f"heatmap_{m}", "raw_max": f"raw_max_{m}", "drop": f"faith_drop_{m}", "kept": f"faith_kept_{m}"}
+
+
+def row_schema(classes: list[str], methods: list[str], extra: list[str] = ()) -> pa.Schema:
+    """The Arrow schema of every shard of one job (``extra``: manifest columns passed through)."""
+    raw, calibrated = class_columns(classes)
+    fields = IDENTITY + [(c, pa.string()) for c in extra] + PREDICTION
+    fields += [(c, pa.float32()) for c in raw + calibrated] + EXPLANATION
+    for method in methods:
+        cols = method_columns(method)
+        fields += [(cols["heatmap"], pa.string()), (cols["raw_max"], pa.float32()),
+                   (cols["drop"], pa.float32()), (cols["kept"], pa.float32())]
+    fields += TIMINGS + PROVENANCE
+    seen = set()
+    for name, _ in fields:
+        if name in seen:
+            raise ValueError(f"result column {name!r} would appear twice (class or method names collide)")
+        seen.add(name)
+    return pa.schema(fields, metadata={"allcluster.classes": ",".join(classes),
+                                       "allcluster.methods": ",".join(methods)})
+
+
+def empty_columns(schema: pa.Schema, n: int) -> dict[str, list]:
+    """``n`` all-null rows as column lists, to be filled in place."""
+    return {name: [None] * n for name in schema.names}

@@ -1,0 +1,236 @@
+"""Per-image explanation panels for `allcluster explain`, like the papers' XAI figures.
+
+Each panel is one PNG: the preprocessed image titled with its file name and the calibrated
+prediction, then one axis per method with the heatmap (jet, alpha 0.5) over the image, plus LIME's
+paper-002 "positive only" view when LIME runs. Panels go only to ``out_dir``, named
+``<stem>-<first 8 hex of the file's sha256>.explain.png`` (deterministic; equal stems from
+different folders do not collide unless the files are byte-identical, when the panels are too).
+
+Images are explained in chunks of :data:`CHUNK` (one batched tensor per method and chunk), so memory
+stays bounded however many files one call names. A file that cannot be read or decoded becomes an
+error result naming it; the other files are still explained.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT_METHODS = ("gradcam", "gradcam++", "scorecam", "lime")
+CHUNK = 16                 # images per batched explain call (Score-CAM's masks grow with N x channels)
+AXIS_INCHES = 2.6          # each axis is square; the panel's width grows with the number of axes
+TITLE_INCHES = 0.6         # room above the axes for two-line titles
+DPI = 100
+HEAT_ALPHA = 0.5
+LIME_VIEW_TITLE = "lime (positive only)"
+
+
+@dataclass
+class _Item:
+    """One input file: the preprocessed image (or why there is none) and its content digest."""
+    path: Path
+    rgb: np.ndarray | None = None       # uint8 (S, S, 3) as the model sees it, before normalisation
+    digest: str = ""                    # first 8 hex of the file's sha256
+    error: str = ""
+
+
+def check_methods(methods: str | Iterable[str]) -> list[str]:
+    """Method names as a list (a comma-separated string is split), duplicates dropped.
+
+    Raises ``ValueError`` listing the registered explainers for an unknown or empty selection.
+    """
+    from allcluster.xai import EXPLAINERS
+
+    names = methods.split(",") if isinstance(methods, str) else list(methods)
+    names = list(dict.fromkeys(n.strip() for n in names if n.strip()))
+    unknown = [n for n in names if n not in EXPLAINERS]
+    if unknown or not names:
+        what = f"unknown method(s) {', '.join(map(repr, unknown))}" if unknown else "no method given"
+        raise ValueError(f"{what}; registered: {', '.join(sorted(EXPLAINERS))}")
+    return names
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` is CUDA when available, else CPU; an unavailable CUDA is a clear ``ValueError``."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device {device!r}: expected auto, cpu or cuda") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine (use auto or cpu)")
+    return resolved
+
+
+def panel_name(path: str | Path, digest: str) -> str:
+    """``<stem>-<digest>.explain.png`` for an image file and the first hex digits of its sha256."""
+    return f"{Path(path).stem}-{digest}.explain.png"
+
+
+def _load(path: str | Path, preprocess) -> _Item:
+    """Read, decode and preprocess one file; a bad file becomes an item carrying its error."""
+    from allcluster.data.decode import DecodeError, decode, read_bytes
+
+    path = Path(path)
+    try:
+        data = read_bytes(path)
+        rgb = preprocess(decode(data, str(path)).array)
+    except DecodeError as err:
+        return _Item(path, error=f"{err.kind}: {err}")
+    return _Item(path, rgb=np.ascontiguousarray(rgb), digest=hashlib.sha256(data).hexdigest()[:8])
+
+
+def _explainers(model: torch.nn.Module, cam_layer: str, methods: Sequence[str], lime_samples: int) -> dict:
+    """One explainer instance per method (LIME takes no layer and gets ``lime_samples``)."""
+    from allcluster.xai import get_explainer
+
+    made = {}
+    for name in methods:
+        if name == "lime":
+            made[name] = get_explainer(name)(model)
+            made[name].num_samples = int(lime_samples)
+        else:
+            made[name] = get_explainer(name)(model, cam_layer)
+    return made
+
+
+def _normalised_batch(items: Sequence[_Item], normalize: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    """Stack the items' uint8 images, move them to ``device`` as uint8, normalise there (NCHW)."""
+    stacked = torch.from_numpy(np.stack([item.rgb for item in items]))        # (N, S, S, 3) uint8
+    return normalize(stacked.to(device).permute(0, 3, 1, 2))                 # NHWC-strided NCHW view
+
+
+def _explain_chunk(model, explainers: dict, batch: torch.Tensor, temperature: float) -> dict:
+    """Predicted classes, their calibrated probabilities, every method's maps (N, H, W) and LIME's
+    superpixels, for one normalised batch."""
+    with torch.no_grad():
+        logits = model(batch).float()
+    targets = logits.argmax(1)
+    probs = torch.softmax(logits / temperature, dim=1).gather(1, targets[:, None])[:, 0]
+    maps = {name: ex.explain(batch, targets).maps.float().cpu().numpy() for name, ex in explainers.items()}
+    lime = explainers.get("lime")
+    return {"targets": targets.cpu().tolist(), "probs": probs.cpu().tolist(), "maps": maps,
+            "superpixels": lime.superpixels if lime is not None else None}
+
+
+def _axes_for(item: _Item, index: int, found: dict) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+    """(title, image, heatmap or None) for every method axis of one image's panel."""
+    from allcluster.xai.lime import lime_views
+
+    axes = [(name, item.rgb, maps[index]) for name, maps in found["maps"].items()]
+    if found["superpixels"] is not None:
+        segments, weights = found["superpixels"][index]
+        axes.append((LIME_VIEW_TITLE, lime_views(item.rgb, segments, weights)["positive_only"], None))
+    return axes
+
+
+def prediction_title(name: str, class_name: str, probability: float, calibrated: bool = True) -> str:
+    """Two-line axis title: the file name, then e.g. ``Pre  p=0.91 (calibrated)``."""
+    name = name if len(name) <= 32 else name[:14] + "..." + name[-15:]
+    return f"{name}\n{class_name}  p={probability:.2f} ({'calibrated' if calibrated else 'uncalibrated'})"
+
+
+def draw_panel(out_path: str | Path, title: str, rgb: np.ndarray,
+               axes: Sequence[tuple[str, np.ndarray, np.ndarray | None]]) -> Path:
+    """Write one PNG: ``rgb`` titled ``title``, then each (title, image, heatmap) side by side, the
+    heatmap (values in [0, 1]) overlaid in jet at alpha 0.5. Written atomically (temp file, rename)."""
+    import matplotlib
+    if "matplotlib.pyplot" not in sys.modules:       # switching an imported pyplot would close its figures
+        matplotlib.use("Agg")
+    from matplotlib.figure import Figure              # no pyplot: no global state, never displayed
+
+    spec = [(title, rgb, None), *axes]
+    fig = Figure(figsize=(AXIS_INCHES * len(spec), AXIS_INCHES + TITLE_INCHES), dpi=DPI)
+    for ax, (name, image, heat) in zip(fig.subplots(1, len(spec), squeeze=False)[0], spec):
+        ax.imshow(image, interpolation="nearest")
+        if heat is not None:
+            ax.imshow(heat, cmap="jet", alpha=HEAT_ALPHA, vmin=0.0, vmax=1.0, interpolation="bilinear")
+        ax.set_title(name, fontsize=8)
+        ax.set_axis_off()
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=AXIS_INCHES / (AXIS_INCHES + TITLE_INCHES),
+                        wspace=0.04)
+    out_path = Path(out_path)
+    tmp = out_path.with_name(out_path.name + f".tmp-{os.getpid()}")
+    fig.savefig(tmp, format="png", dpi=DPI)
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def _result(item: _Item, panel: str = "", class_name: str = "", confidence: float = 0.0, error: str = "") -> dict:
+    """The per-image result row (errors carry no panel, no class and confidence 0)."""
+    error = error or item.error
+    return {"image": str(item.path), "panel": panel, "status": "error" if error else "ok", "error": error,
+            "predicted_class": class_name, "confidence": float(confidence)}
+
+
+def _explain_items(loaded, items: list[_Item], explainers: dict, normalize, device, out_dir: Path) -> list[dict]:
+    """Explain the decoded items of one chunk and draw their panels; one result per item."""
+    found = _explain_chunk(loaded.model, explainers, _normalised_batch(items, normalize, device),
+                           loaded.temperature)
+    calibrated = "temperature" in loaded.card
+    results = []
+    for index, item in enumerate(items):
+        class_name, prob = loaded.classes[found["targets"][index]], found["probs"][index]
+        title = prediction_title(item.path.name, class_name, prob, calibrated)
+        try:
+            panel = draw_panel(out_dir / panel_name(item.path, item.digest), title, item.rgb,
+                               _axes_for(item, index, found))
+        except OSError as err:
+            results.append(_result(item, class_name=class_name, confidence=prob,
+                                   error=f"write_failed: {item.path}: panel not written: {err}"))
+            continue
+        results.append(_result(item, str(panel), class_name, prob))
+    return results
+
+
+def explain_images(model_dir: str | Path, images: Sequence[str | Path], out_dir: str | Path,
+                   methods: str | Iterable[str] = DEFAULT_METHODS, device: str = "auto",
+                   lime_samples: int = 1000) -> list[dict]:
+    """Explain each image's predicted class with every method and write one PNG panel per image.
+
+    Returns one dict per input, in input order: ``image``, ``panel`` (path, or "" on error),
+    ``status`` ("ok"/"error"), ``error`` (naming the file), ``predicted_class`` and ``confidence``
+    (the calibrated probability softmax(logits / temperature) of that class; 0 on error).
+    Unknown methods and an unavailable device raise ``ValueError`` before any work is done.
+    """
+    from allcluster.data.preprocess import Normalize, Preprocess
+    from allcluster.models.model_dir import load_model_dir
+
+    methods = check_methods(methods)
+    torch_device = resolve_device(device)
+    loaded = load_model_dir(model_dir, torch_device)
+    card = loaded.card
+    preprocess = Preprocess(int(card["input_size"]), bool(card["roi_crop"]), float(card["roi_margin"]))
+    normalize = Normalize(tuple(card["mean"]), tuple(card["std"])).to(torch_device)
+    explainers = _explainers(loaded.model, card["cam_layer"], methods, lime_samples)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[int, dict] = {}
+    paths = list(images)
+    for start in range(0, len(paths), CHUNK):
+        items = [_load(path, preprocess) for path in paths[start:start + CHUNK]]
+        good = [(start + i, item) for i, item in enumerate(items) if item.rgb is not None]
+        results.update({start + i: _result(item) for i, item in enumerate(items) if item.rgb is None})
+        if good:
+            done = _explain_items(loaded, [item for _, item in good], explainers, normalize, torch_device, out_dir)
+            results.update({index: row for (index, _), row in zip(good, done)})
+    return [results[i] for i in range(len(paths))]
+
+
+def format_results(results: Sequence[dict]) -> str:
+    """One line per image for the CLI: ``ok  Pre  p=0.91  image -> panel`` or ``error  message``."""
+    lines = []
+    for row in results:
+        if row["status"] == "ok":
+            lines.append(f"ok     {row['predicted_class']:<8} p={row['confidence']:.2f}  "
+                         f"{row['image']} -> {row['panel']}")
+        else:
+            lines.append(f"error  {row['error'] or row['image']}")
+    return "\n".join(lines)
