@@ -242,8 +242,85 @@ def bench_lime(args: argparse.Namespace) -> dict:
             "speedup": round(theirs_s / ours_s, 2), "device": device_info()}
 
 
+def _bare_forward_rate(model_dir: Path, batch_size: int, repeat: int = 5) -> float:
+    """Images/s of the model's bare forward pass (uint8 batch -> normalise -> logits), no files."""
+    import torch
+
+    from allcluster.data.preprocess import Normalize
+    from allcluster.models.model_dir import load_model_dir
+    from allcluster.score.core import pick_device
+
+    device = pick_device("auto")
+    loaded = load_model_dir(model_dir, device)
+    size = loaded.card["input_size"]
+    norm = Normalize(tuple(loaded.card["mean"]), tuple(loaded.card["std"])).to(device)
+    batch = torch.randint(0, 256, (batch_size, size, size, 3), dtype=torch.uint8, device=device)
+
+    def forward():
+        with torch.inference_mode():
+            loaded.model(norm(batch.permute(0, 3, 1, 2))).cpu()
+    return _rate(forward, batch_size, repeat)
+
+
+def _timed_score(model_dir: Path, inputs: Path, out: Path, batch_size: int, methods: list[str],
+                 faithfulness: float) -> dict:
+    """One real scoring job (local Ray, already started); its rows/s and error count."""
+    from allcluster.config import from_dict
+    from allcluster.score.config import ScoreConfig, check
+    from allcluster.score.ray_data import run_score
+
+    cfg = check(from_dict(ScoreConfig, {
+        "model": str(model_dir), "input": str(inputs), "out": str(out), "batch_size": batch_size,
+        "progress_seconds": 30, "explain": {"methods": methods, "faithfulness_fraction": faithfulness}},
+        "bench score"), "bench score")
+    start = time.perf_counter()
+    summary = run_score(cfg)
+    seconds = time.perf_counter() - start
+    return {"images": summary["rows"], "errors": summary["errors"], "seconds": round(seconds, 2),
+            "img_s": round(summary["rows"] / seconds, 2)}
+
+
+def bench_score(args: argparse.Namespace) -> dict:
+    """End-to-end scoring img/s (files -> Parquet rows + heatmaps) vs the bare forward img/s."""
+    import shutil
+
+    from allcluster.models.model_dir import export_untrained
+    from allcluster.ray_utils import ensure_ray
+
+    files = sorted(Path(args.data).rglob("*.jpg"))[: args.images]
+    if not files:
+        raise FileNotFoundError(f"{args.data}: no JPEG images (set --data or $ALLCLUSTER_ALL_DATA)")
+    out = Path(args.out).resolve()
+    shutil.rmtree(out, ignore_errors=True)
+    model_dir = export_untrained(out / "model", args.backbone, ["Benign", "Early", "Pre", "Pro"], args.image_size)
+    inputs = out / "inputs.txt"
+    inputs.write_text("\n".join(map(str, files)) + "\n")
+    methods = [m for m in args.methods.split(",") if m]
+    bare = _bare_forward_rate(model_dir, args.batch_size)
+    ensure_ray()                       # cluster start is per job, not per image: not timed
+    cam = _timed_score(model_dir, inputs, out / "scored", args.batch_size, methods, 0.0)
+    result = {"benchmark": "score",
+              "meaning": "end_to_end_img_s: files listed, read, hashed, decoded, predicted and explained "
+                         "(methods, Grad-CAM from the prediction's own pass), heatmap PNGs and Parquet rows "
+                         "written, by the real Ray Data job (actor start and model load included, Ray start "
+                         "not); bare_forward_img_s: the same model's forward pass alone, same device and "
+                         "batch size; ratio = end_to_end / bare_forward (target >= 0.5 on a CPU machine). "
+                         "with_faithfulness: the same job also scoring every heatmap (two more forward passes "
+                         "per image by definition: deletion and preservation).",
+              "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
+              "methods": methods, "images": cam["images"], "errors": cam["errors"], "seconds": cam["seconds"],
+              "end_to_end_img_s": cam["img_s"], "bare_forward_img_s": round(bare, 2),
+              "ratio": round(cam["img_s"] / bare, 3)}
+    if args.faithfulness > 0:
+        faithful = _timed_score(model_dir, inputs, out / "scored-faithful", args.batch_size, methods,
+                                args.faithfulness)
+        result["with_faithfulness"] = {**faithful, "fraction": args.faithfulness,
+                                       "ratio": round(faithful["img_s"] / bare, 3)}
+    return {**result, "device": device_info()}
+
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict]] = {
-    "train": bench_train, "sweep": bench_sweep, "cam": bench_cam, "lime": bench_lime}
+    "train": bench_train, "sweep": bench_sweep, "cam": bench_cam, "lime": bench_lime, "score": bench_score}
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -273,3 +350,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="densenet121")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--num-samples", type=int, default=1000)
+    p = sub.add_parser("score", help="end-to-end scoring img/s (files -> Parquet + heatmaps) vs bare forward; JSON")
+    p.add_argument("--data", default=str(all_data_dir()))
+    p.add_argument("--out", default="runs/bench-score")
+    p.add_argument("--images", type=int, default=2048)
+    p.add_argument("--backbone", default="allnet")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--methods", default="gradcam", help="every-image explainers, comma-separated ('' for none)")
+    p.add_argument("--faithfulness", type=float, default=0.2, help="also time the job with faithfulness at this fraction (0: skip)")

@@ -85,8 +85,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from allcluster.xai.panel import explain_images, format_results
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    results = explain_images(args.model, args.images, args.out, methods, args.device, args.lime_samples)
+    try:
+        results = explain_images(args.model, args.images, args.out, args.methods, args.device, args.lime_samples)
+    except ValueError as err:                      # unknown method, CUDA asked for but absent
+        raise ConfigError(str(err)) from err
     print(format_results(results))
     return 0 if all(r["status"] == "ok" for r in results) else 1
 

@@ -23,10 +23,16 @@ def _sweep():
     return SweepConfig, validate
 
 
+def _score():
+    from allcluster.score.config import ScoreConfig, check
+    return ScoreConfig, lambda cfg, path: check(cfg, str(path), require_paths=False)
+
+
 STAGES: dict[str, Callable[[], tuple[type, Callable[[Any, Path], Any]]]] = {
     "train": _train,
     "demo": _train,
     "sweep": _sweep,
+    "score": _score,
 }
 
 

@@ -85,3 +85,30 @@ def test_sweep_script_refuses_to_run_outside_a_job(tmp_path):
     done = subprocess.run(["bash", "slurm/sweep.sh", "configs/sweep/ci_tiny.yaml"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "not inside a Slurm job" in done.stderr
+
+
+def test_sbatch_score_scores_a_file_list_on_the_two_node_ray_cluster(slurm, tiny_model_dir, real_data_dir, tmp_path):
+    nodes = min(2, len(slurm["nodes"]))
+    files = [p for c in sorted(real_data_dir.iterdir()) for p in sorted(c.glob("*.jpg"))[:6]]
+    listing = tmp_path / "files.txt"
+    listing.write_text("\n".join(map(str, files)) + "\n")
+    out, log = tmp_path / "scored", tmp_path / "job-%j.out"
+    command = ["sbatch", "--wait", f"--nodes={nodes}", "--cpus-per-task=2", "--mem=4G", "--time=00:15:00",
+               f"--output={log}", "slurm/score.sh", "--config", "configs/score/ci_tiny.yaml", "--model",
+               str(tiny_model_dir), "--input", str(listing), "--out", str(out)]
+    done = subprocess.run(command, cwd=REPO, env=slurm["env"], capture_output=True, text=True, timeout=900)
+    logs = "\n".join(p.read_text(errors="replace") for p in tmp_path.glob("job-*.out"))
+    assert done.returncode == 0, f"sbatch rc {done.returncode}: {done.stderr}\n{logs[-6000:]}"
+    assert f"all {nodes} nodes joined" in logs and "token auth on; token -rw-------" in logs
+    rows = pd.read_parquet(out / "rows")
+    assert sorted(rows["path"]) == sorted(map(str, files)) and (rows["status"] == "ok").all()
+    assert rows["heatmap_gradcam"].map(lambda rel: (out / rel).is_file()).all()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"] == len(files) and f"[score] {len(files)} rows: {len(files)} ok" in logs
+
+
+def test_score_script_refuses_to_run_outside_a_job():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    done = subprocess.run(["bash", "slurm/score.sh", "--model", "m", "--input", "i", "--out", "o"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "not inside a Slurm job" in done.stderr

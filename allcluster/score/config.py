@@ -59,12 +59,13 @@ class ScoreConfig:
     workers: WorkersConfig = WorkersConfig()
 
 
-def check(cfg: ScoreConfig, source: str) -> ScoreConfig:
-    """Checks that span keys: required paths, method names, no method twice."""
+def check(cfg: ScoreConfig, source: str, require_paths: bool = True) -> ScoreConfig:
+    """Checks that span keys: required paths, method names, no method twice. Shipped YAMLs leave
+    the paths to the command line (``require_paths=False`` validates them)."""
     from allcluster.xai import EXPLAINERS
 
     for key in ("model", "input", "out"):
-        if not getattr(cfg, key):
+        if require_paths and not getattr(cfg, key):
             raise ConfigError(f"{source}: {key} is required (--{key} on the command line, or `{key}:` in the YAML)")
     methods = list(cfg.explain.methods) + list(cfg.explain.budget.methods)
     for i, name in enumerate(methods):

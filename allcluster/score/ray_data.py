@@ -43,7 +43,7 @@ def actor_plan(cfg: ScoreConfig, resources: dict) -> dict:
     cpus = resources.get("CPU", 1)
     size = w.actors or max(1, int((cpus - w.decode_cpus) // w.cpus_per_actor) // 2)
     return {"size": size, "num_gpus": 0, "num_cpus": w.cpus_per_actor, "device": "cpu",
-            "threads": w.torch_threads or max(1, math.ceil(w.cpus_per_actor))}
+            "threads": w.torch_threads or max(1, math.ceil(w.cpus_per_actor), int(cpus // size))}
 
 
 class ScoreActor(core.Scorer):
@@ -117,6 +117,7 @@ def stream_rows(cfg: ScoreConfig, card: dict, todo: Listing, writer: ShardWriter
     from allcluster.ray_utils import ensure_ray
 
     ensure_ray(address)
+    ray.data.DataContext.get_current().enable_progress_bars = False     # our own progress line instead
     plan = actor_plan(cfg, ray.cluster_resources())
     say(f"[score] {plan['size']} model replica(s) on {plan['device']} "
         f"({plan['num_gpus']:g} GPU, {plan['num_cpus']:g} CPU each), batch {cfg.batch_size}")

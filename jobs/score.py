@@ -1,0 +1,14 @@
+#!/usr/bin/env python3
+"""The Ray driver of a scoring job; slurm/score.sh runs it on the job's first node with RAY_ADDRESS set.
+
+    python jobs/score.py --model MODEL_DIR --input PATH --out OUT_DIR [--config CFG] [--set k=v ...] [--dry-run]
+
+Without RAY_ADDRESS it starts a local Ray (the same as `allcluster score`).
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from allcluster.cli import main  # noqa: E402
+
+sys.exit(main(["score", *sys.argv[1:]]))

@@ -1,0 +1,410 @@
+"""Scoring: listing rules, the pure stages, and real Ray Data jobs over real ALL images and a zoo of
+broken files (rows, heatmaps, duplicates, budgets, resume after SIGKILL)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import imagezoo
+from allcluster.config import ConfigError, from_dict
+from allcluster.score import core
+from allcluster.score.config import ScoreConfig, check
+from allcluster.score.inputs import list_inputs
+from allcluster.score.output import check_job_settings
+from conftest import REPO, write_yaml
+
+CI_TINY = REPO / "configs" / "score" / "ci_tiny.yaml"
+
+
+def score_config(model: Path, source: Path, out: Path, **keys) -> ScoreConfig:
+    import yaml
+
+    data = {**yaml.safe_load(CI_TINY.read_text()), "model": str(model), "input": str(source), "out": str(out)}
+    for key, value in keys.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return check(from_dict(ScoreConfig, data, "test"), "test")
+
+
+def real_images(real_data_dir: Path, per_class: int) -> list[Path]:
+    return [p for c in sorted(real_data_dir.iterdir()) for p in sorted(c.glob("*.jpg"))[:per_class]]
+
+
+def tree_fingerprint(root: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.is_symlink() and os.access(p, os.R_OK)}
+
+
+# ---- listing ------------------------------------------------------------------------------------------
+def test_listing_follows_inner_symlinks_and_refuses_those_leaving_the_root(tmp_path):
+    root, outside = tmp_path / "dump", tmp_path / "elsewhere"
+    (root / "a").mkdir(parents=True)
+    outside.mkdir()
+    (root / "a" / "cell.jpg").write_bytes(imagezoo.jpeg_bytes())
+    (outside / "secret.jpg").write_bytes(imagezoo.jpeg_bytes(1))
+    (root / "a" / "inner-link.jpg").symlink_to(root / "a" / "cell.jpg")
+    (root / "a" / "outer-link.jpg").symlink_to(outside / "secret.jpg")
+    (root / "a" / "loop.jpg").symlink_to(root / "a" / "loop.jpg")
+    (root / "a" / "dangling.jpg").symlink_to(root / "a" / "gone.jpg")
+    (root / "linked-folder").symlink_to(outside, target_is_directory=True)
+    os.mkfifo(root / "a" / "pipe.jpg")
+    listing = list_inputs(root)
+    assert sorted(Path(p).name for p in listing.paths) == ["cell.jpg", "inner-link.jpg"]
+    errors = {Path(e["path"]).name: e["error_type"] for e in listing.errors}
+    assert errors == {"outer-link.jpg": "outside_root", "loop.jpg": "symlink_loop", "dangling.jpg": "unreadable",
+                      "linked-folder": "symlinked_folder", "pipe.jpg": "not_a_file"}
+    assert not any("secret" in p for p in listing.paths)
+
+
+def test_manifest_and_text_inputs_keep_their_paths_and_manifest_columns(tmp_path, synthetic_manifest):
+    listing = list_inputs(synthetic_manifest)
+    manifest = pd.read_parquet(synthetic_manifest)
+    assert listing.paths == manifest["path"].tolist()
+    assert listing.extra["label"] == manifest["label"].tolist()
+    assert set(listing.extra) == {"label", "patient", "split"}
+    text = tmp_path / "list.txt"
+    text.write_text("# cells\nrel/a.jpg\n\n/abs/b.png\n")
+    assert list_inputs(text).paths == [str(tmp_path / "rel" / "a.jpg"), "/abs/b.png"]
+    with pytest.raises(ConfigError, match="missing-folder"):
+        list_inputs(tmp_path / "missing-folder")
+
+
+# ---- config and bookkeeping ---------------------------------------------------------------------------
+def test_unknown_method_and_missing_paths_are_config_errors(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"explain.budget.methods: unknown method 'shap'.*gradcam"):
+        score_config(tiny_model_dir, tmp_path, tmp_path / "o", explain={"budget": {"methods": ["shap"]}})
+    with pytest.raises(ConfigError, match="input is required"):
+        check(from_dict(ScoreConfig, {"model": "m", "out": "o"}), "cli")
+    with pytest.raises(ConfigError, match="explain.faithfulness_fractio"):
+        from_dict(ScoreConfig, {"explain": {"faithfulness_fractio": 0.1}}, "cli")
+
+
+def test_rerun_into_the_same_out_with_other_row_settings_is_refused(tmp_path):
+    check_job_settings(tmp_path, {"model_sha256": "a", "explain.methods": ["gradcam"]})
+    check_job_settings(tmp_path, {"model_sha256": "a", "explain.methods": ["gradcam"]})
+    with pytest.raises(ConfigError, match=r"explain.methods: \['gradcam'\] -> \['gradcam\+\+'\]"):
+        check_job_settings(tmp_path, {"model_sha256": "a", "explain.methods": ["gradcam++"]})
+
+
+def test_ledger_gives_each_content_one_owner_and_retries_keep_ownership():
+    ledger = core.Ledger(budget_cap=5, budget_used=2)
+    a, b = "aa" * 32, "bb" * 32
+    assert ledger.claim([a, b, a], ["x", "y", "z"]) == ["", "", "x"]
+    assert ledger.claim([a], ["x"]) == [""], "a retried task must still own its content"
+    assert (ledger.reserve(2), ledger.reserve(4), ledger.reserve(1)) == (2, 1, 0)
+
+
+def test_budget_rules_pick_low_confidence_named_classes_and_a_stable_sample():
+    from allcluster.score.config import BudgetConfig
+
+    shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(2000)]
+    budget = BudgetConfig(methods=["lime"], low_confidence=0.5, classes=["Pro"], sample_fraction=0.1)
+    conf = np.array([0.4, 0.9, 0.9] + [0.9] * 1997)
+    names = ["Pre", "Pro", "Pre"] + ["Pre"] * 1997
+    reasons = core.budget_reasons(conf, names, shas, budget)
+    assert reasons[:2] == ["low_confidence", "class"]
+    share = sum(r == "sample" for r in reasons[2:]) / 1998
+    assert 0.08 < share < 0.12
+    assert reasons == core.budget_reasons(conf, names, shas, budget), "the sample must not change on rerun"
+    assert set(core.budget_reasons(conf, names, shas, BudgetConfig(methods=[]))) == {""}
+
+
+# ---- the pure stages ----------------------------------------------------------------------------------
+def test_read_decode_turns_the_zoo_into_error_rows_and_skips_duplicate_decodes(tmp_path):
+    bad = imagezoo.bad_files(tmp_path / "bad")
+    good = imagezoo.good_files(tmp_path / "good")
+    copy = tmp_path / "copy.jpg"
+    shutil.copy(good["jpeg"], copy)
+    paths = [str(p) for p in [*bad.values(), *good.values(), copy]]
+    ledger = core.Ledger(0)
+    out = core.read_decode({"path": np.array(paths, dtype=object)}, 32, False, 0.1, 10_000_000, ledger.claim)
+    by_path = {p: i for i, p in enumerate(paths)}
+    for name, path in bad.items():
+        i = by_path[str(path)]
+        assert (out["status"][i], out["error_type"][i]) == ("error", imagezoo.EXPECTED_ERROR[name]), name
+        assert str(path) in out["error"][i]
+    for name, path in good.items():
+        i = by_path[str(path)]
+        assert out["status"][i] == "ok" and out["pixels"][i].std() > 0, name
+    i = by_path[str(copy)]
+    assert out["duplicate_of"][i] == str(good["jpeg"]) and out["t_decode_ms"][i] == 0
+    assert out["pixels"].shape == (len(paths), 32, 32, 3) and out["pixels"].dtype == np.uint8
+
+
+def _decoded(paths: list[Path], size: int = 64) -> dict:
+    return core.read_decode({"path": np.array([str(p) for p in paths], dtype=object)}, size, False, 0.1,
+                            10_000_000, core.Ledger(0).claim)
+
+
+def test_scorer_rows_agree_with_a_direct_forward_and_gradcam(tiny_model_dir, real_data_dir, tmp_path):
+    from allcluster.data.preprocess import Normalize
+    from allcluster.models.model_dir import load_model_dir
+    from allcluster.xai import get_explainer
+
+    paths = real_images(real_data_dir, 2)
+    cfg = score_config(tiny_model_dir, tmp_path, tmp_path / "out", explain={"budget": {"methods": []}})
+    decoded = _decoded(paths)
+    table = core.Scorer(cfg, str(tmp_path / "out"), "run-1", lambda n: n)(decoded)
+    rows = table.to_pandas()
+    loaded = load_model_dir(tiny_model_dir)
+    x = Normalize(tuple(loaded.card["mean"]), tuple(loaded.card["std"]))(
+        torch.from_numpy(decoded["pixels"]).permute(0, 3, 1, 2))
+    with torch.no_grad():
+        logits = loaded.model(x)
+    probs = torch.softmax(logits, 1).numpy()
+    calibrated = torch.softmax(logits / 1.5, 1).numpy()
+    np.testing.assert_allclose(rows[["prob_Benign", "prob_Early", "prob_Pre", "prob_Pro"]].to_numpy(), probs, atol=1e-5)
+    np.testing.assert_allclose(rows[[f"cal_prob_{c}" for c in loaded.classes]].to_numpy(), calibrated, atol=1e-5)
+    np.testing.assert_allclose(rows["confidence"], calibrated.max(1), atol=1e-5)
+    assert rows["predicted_class"].tolist() == [loaded.classes[k] for k in calibrated.argmax(1)]
+    assert (rows["uncertain"] == (rows["confidence"] < cfg.uncertain_below)).all()
+    maps = get_explainer("gradcam")(loaded.model, loaded.card["cam_layer"]).explain(x).maps.numpy()
+    for i, rel in enumerate(rows["heatmap_gradcam"]):
+        stored = np.asarray(Image.open(tmp_path / "out" / rel))
+        assert stored.shape == (64, 64) and stored.dtype == np.uint8
+        assert np.abs(stored.astype(int) - np.round(maps[i] * 255)).max() <= 1
+    assert rows["faith_drop_gradcam"].notna().all() and rows["faith_kept_gradcam"].between(0, 1e3).all()
+    assert (rows["cam_method"] == "gradcam").all() and (rows["cam_layer"] == loaded.card["cam_layer"]).all()
+    assert (rows["model_sha256"] == loaded.card["weights_sha256"]).all() and (rows["run_id"] == "run-1").all()
+
+
+def test_a_model_failure_becomes_error_rows_not_a_crash(tiny_model_dir, real_data_dir, tmp_path):
+    cfg = score_config(tiny_model_dir, tmp_path, tmp_path / "out")
+    scorer = core.Scorer(cfg, str(tmp_path / "out"), "run", lambda n: n)
+    decoded = _decoded(real_images(real_data_dir, 1), size=32)       # wrong size: the model path fails
+    decoded["pixels"] = np.zeros((4, 3, 3, 3), np.uint8)
+    rows = scorer(decoded).to_pandas()
+    assert (rows["status"] == "error").all() and (rows["error_type"] == "model_error").all()
+    assert all(path in err for path, err in zip(rows["path"], rows["error"]))
+
+
+def test_faithfulness_with_known_probabilities_equals_the_full_computation():
+    from allcluster.models import build_model
+    from allcluster.models.registry import HeadSpec
+    from allcluster.xai.faithfulness import faithfulness
+
+    torch.manual_seed(0)
+    model = build_model("allnet", 4, HeadSpec((16,), 0, 0)).eval()
+    x, maps, targets = torch.randn(3, 3, 48, 48), torch.rand(3, 48, 48), torch.tensor([0, 1, 3])
+    with torch.no_grad():
+        probs = torch.softmax(model(x), 1)
+    full, reused = faithfulness(model, x, maps, targets), faithfulness(model, x, maps, targets, probs=probs)
+    for key in ("confidence", "drop", "kept"):
+        torch.testing.assert_close(full[key], reused[key], atol=1e-5, rtol=1e-4)
+
+
+# ---- a real Ray Data job over real images and the zoo ----------------------------------------------
+def build_dump(root: Path, real_data_dir: Path, outside: Path) -> dict:
+    """Real images in class folders, byte-identical copies, odd names and every broken input."""
+    images = real_images(real_data_dir, 4)
+    for p in images[:-1]:
+        (root / p.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, root / p.parent.name / p.name)
+    odd = root / "odd names"
+    odd.mkdir()
+    shutil.copy(images[-1], odd / "zellé 1 ünïcode.jpg")
+    copies = [root / "copies" / "same-as-first.jpg", root / "copies" / "again.jpg"]
+    copies[0].parent.mkdir()
+    for copy in copies:
+        shutil.copy(images[0], copy)
+    bad = imagezoo.bad_files(root / "zoo" / "bad")
+    good = imagezoo.good_files(root / "zoo" / "good")
+    outside.mkdir(parents=True, exist_ok=True)
+    (outside / "private.jpg").write_bytes(imagezoo.jpeg_bytes(7))
+    links = {"outside_root": root / "zoo" / "leaves-root.jpg", "symlink_loop": root / "zoo" / "loop.jpg"}
+    links["outside_root"].symlink_to(outside / "private.jpg")
+    links["symlink_loop"].symlink_to(links["symlink_loop"])
+    os.mkfifo(root / "zoo" / "pipe.jpg")
+    return {"first": root / images[0].parent.name / images[0].name, "copies": copies, "bad": bad, "good": good,
+            "links": links, "fifo": root / "zoo" / "pipe.jpg", "odd": odd / "zellé 1 ünïcode.jpg"}
+
+
+@pytest.fixture(scope="module")
+def zoo_job(ray_local, tiny_model_dir, real_data_dir, tmp_path_factory):
+    from allcluster.cli import main
+
+    base = tmp_path_factory.mktemp("score-job")
+    root, out = base / "dump", base / "out"
+    dump = build_dump(root, real_data_dir, base / "outside")
+    before = tree_fingerprint(root)
+    rc = main(["score", "--config", str(CI_TINY), "--model", str(tiny_model_dir), "--input", str(root),
+               "--out", str(out)])
+    rows = pd.read_parquet(out / "rows")
+    return {"rc": rc, "rows": rows.set_index("path", drop=False), "out": out, "root": root, "dump": dump,
+            "before": before, "summary": json.loads((out / "summary.json").read_text()), "model": tiny_model_dir}
+
+
+@pytest.mark.ray
+def test_every_entry_of_the_dump_gets_exactly_one_row_and_the_job_exits_0(zoo_job):
+    rows, root = zoo_job["rows"], zoo_job["root"]
+    entries = {str(p) for p in root.rglob("*") if p.is_file() or p.is_symlink() or p.is_fifo()}
+    assert zoo_job["rc"] == 0
+    assert rows["path"].is_unique and set(rows["path"]) == entries
+    summary = zoo_job["summary"]
+    assert summary["rows"] == len(entries) and summary["errors"] == int((rows["status"] == "error").sum())
+    assert summary["per_class"] == rows.loc[rows["status"] == "ok", "predicted_class"].value_counts().to_dict()
+    assert summary["errors_by_type"] == rows.loc[rows["status"] == "error", "error_type"].value_counts().to_dict()
+
+
+@pytest.mark.ray
+def test_corrupt_zoo_files_become_one_error_row_each_and_odd_valid_files_are_scored(zoo_job):
+    rows, dump = zoo_job["rows"], zoo_job["dump"]
+    for name, path in dump["bad"].items():
+        row = rows.loc[str(path)]
+        assert (row["status"], row["error_type"]) == ("error", imagezoo.EXPECTED_ERROR[name]), name
+        assert str(path) in row["error"] and pd.isna(row["predicted_class"])
+    for kind, path in dump["links"].items():
+        assert (rows.loc[str(path), "status"], rows.loc[str(path), "error_type"]) == ("error", kind)
+    assert rows.loc[str(dump["fifo"]), "error_type"] == "not_a_file"
+    for name, path in [*dump["good"].items(), ("unicode and spaces", dump["odd"])]:   # CMYK, 16-bit, RGBA ...
+        row = rows.loc[str(path)]
+        assert row["status"] == "ok" and row["predicted_class"] in ("Benign", "Early", "Pre", "Pro"), name
+        assert (zoo_job["out"] / row["heatmap_gradcam"]).is_file(), name
+
+
+def test_a_file_without_read_permission_is_an_unreadable_error_row(tmp_path):
+    """As an ordinary user (root reads anything, so this runs the stage as 'nobody' where possible)."""
+    locked = tmp_path / "locked.jpg"
+    locked.write_bytes(imagezoo.jpeg_bytes())
+    locked.chmod(0)
+    code = ("import sys, json, numpy as np; from allcluster.score.core import read_decode, Ledger; "
+            "o = read_decode({'path': np.array([sys.argv[1]], dtype=object)}, 32, False, 0.1, 10**7, Ledger(0).claim); "
+            "print(json.dumps([o['status'][0], o['error_type'][0], o['error'][0]]))")
+    command = [sys.executable, "-c", code, str(locked)]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: cannot drop privileges to test permissions")
+        tmp_path.chmod(0o755)
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    status, kind, message = json.loads(done.stdout)
+    assert (status, kind) == ("error", "unreadable") and str(locked) in message and "permission" in message.lower()
+
+
+@pytest.mark.ray
+def test_byte_identical_files_are_computed_once_and_each_gets_its_row(zoo_job):
+    rows, dump = zoo_job["rows"], zoo_job["dump"]
+    first = rows.loc[str(dump["first"])]
+    assert first["duplicate_of"] == "" and first["t_model_ms"] > 0
+    for copy in dump["copies"]:
+        row = rows.loc[str(copy)]
+        assert row["duplicate_of"] == str(dump["first"]) and row["sha256"] == first["sha256"]
+        assert pd.isna(row["t_model_ms"]) and row["t_decode_ms"] == 0, "a duplicate must not be recomputed"
+        for column in ("predicted_class", "confidence", "prob_Pre", "heatmap_gradcam", "faith_drop_gradcam"):
+            assert row[column] == first[column], column
+    computed = rows[(rows["status"] == "ok") & (rows["duplicate_of"] == "")]
+    assert computed["sha256"].is_unique
+    maps = list((zoo_job["out"] / "heatmaps").rglob("*.gradcam.png"))
+    assert len(maps) == computed["sha256"].nunique()
+
+
+@pytest.mark.ray
+def test_heatmaps_are_8bit_maps_named_by_content_and_inputs_are_never_written(zoo_job):
+    rows, out = zoo_job["rows"], zoo_job["out"]
+    ok = rows[rows["status"] == "ok"]
+    for sha, rel in zip(ok["sha256"], ok["heatmap_gradcam"]):
+        assert rel == f"heatmaps/{sha[:2]}/{sha}.gradcam.png"
+        image = Image.open(out / rel)
+        assert image.mode == "L" and image.size == (64, 64)
+    assert tree_fingerprint(zoo_job["root"]) == zoo_job["before"]
+    assert not list(zoo_job["root"].rglob("*.png.tmp")) and not list(zoo_job["root"].rglob("heatmaps"))
+
+
+@pytest.mark.ray
+def test_budgeted_lime_runs_only_on_selected_images_within_the_cap(zoo_job):
+    rows = zoo_job["rows"]
+    own = rows[(rows["status"] == "ok") & (rows["duplicate_of"] == "")]
+    explained = own[own["heatmap_lime"].notna()]
+    assert 1 <= len(explained) <= 4, "ci_tiny caps LIME at 4 images"
+    assert (explained["budget_reason"] == "low_confidence").all() and (explained["confidence"] < 0.6).all()
+    assert (explained["explained_by"] == "gradcam,lime").all()
+    skipped = own[own["heatmap_lime"].isna()]
+    assert set(skipped["budget_reason"]) <= {"", "over_cap"}
+    assert zoo_job["summary"]["budget_explained"] == len(explained)
+
+
+@pytest.mark.ray
+def test_rows_carry_provenance_and_read_without_allcluster(zoo_job):
+    rows = zoo_job["rows"]
+    card = json.loads((zoo_job["model"] / "model_card.json").read_text())
+    assert (rows["model_sha256"] == card["weights_sha256"]).all() and rows["run_id"].nunique() == 1
+    for column in ("torch_version", "timm_version", "ray_version", "allcluster_version", "config_hash"):
+        assert rows[column].str.len().gt(0).all(), column
+    code = ("import sys, pyarrow.dataset as ds; t = ds.dataset(sys.argv[1], format='parquet').to_table(); "
+            "assert 'allcluster' not in sys.modules; print(t.num_rows, t.schema.field('confidence').type)")
+    done = subprocess.run([sys.executable, "-I", "-c", code, str(zoo_job["out"] / "rows")], capture_output=True,
+                          text=True, cwd="/")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(len(rows)), "float"]
+
+
+@pytest.mark.ray
+def test_rerunning_a_finished_job_scores_nothing_again(zoo_job):
+    from allcluster.cli import main
+
+    shards = sorted((zoo_job["out"] / "rows").glob("*.parquet"))
+    rc = main(["score", "--config", str(CI_TINY), "--model", str(zoo_job["model"]), "--input",
+               str(zoo_job["root"]), "--out", str(zoo_job["out"])])
+    assert rc == 0 and sorted((zoo_job["out"] / "rows").glob("*.parquet")) == shards
+    assert json.loads((zoo_job["out"] / "summary.json").read_text())["run_rows"] == 0
+
+
+def test_dry_run_lists_the_job_and_estimates_from_measured_costs(tiny_model_dir, real_data_dir, tmp_path, capsys):
+    from allcluster.cli import main
+
+    assert main(["score", "--config", str(CI_TINY), "--model", str(tiny_model_dir), "--input", str(real_data_dir),
+                 "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    numbers = json.loads(text[text.index("{"):])
+    assert numbers["to_do"] == numbers["inputs"] == len(list(real_data_dir.rglob("*.jpg")))
+    assert numbers["decode_ms"] > 0 and numbers["every_image_ms"] > 0 and numbers["budget_ms"] > 0
+    assert 0 < numbers["budget_selected"] <= 4 and numbers["estimated_total_s"] > 0
+    assert not (tmp_path / "out").exists(), "a dry run writes nothing"
+
+
+@pytest.mark.slow
+def test_job_killed_half_way_resumes_and_ends_with_every_input_exactly_once(tiny_model_dir, real_data_dir, tmp_path):
+    files = real_images(real_data_dir, 40)
+    listing = tmp_path / "files.txt"
+    listing.write_text("\n".join(map(str, files)) + "\n")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "allcluster.cli", "score", "--config", str(CI_TINY), "--model",
+               str(tiny_model_dir), "--input", str(listing), "--out", str(out), "--set", "explain.budget.methods=[]"]
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while _rows_written(out) < len(files) // 2:
+            assert first.poll() is None, first.stdout.read()[-3000:]
+            assert time.time() < deadline, "the job wrote no rows in time"
+            time.sleep(0.2)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    before = _rows_written(out)
+    assert len(files) // 2 <= before < len(files), "the kill should land part way"
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    assert f"{before} already scored" in second.stderr
+    rows = pd.read_parquet(out / "rows")
+    assert sorted(rows["path"]) == sorted(map(str, files)) and (rows["status"] == "ok").all()
+    assert rows["run_id"].nunique() == 2
+
+
+def _rows_written(out: Path) -> int:
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in (out / "rows").glob("*.parquet")) if out.is_dir() else 0
