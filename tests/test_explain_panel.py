@@ -135,3 +135,19 @@ def test_unknown_method_is_refused_with_the_registered_names(tiny_model_dir, tmp
     # checked before the model is even loaded
     with pytest.raises(ValueError, match="registered"):
         explain_images(tmp_path / "no-model", [], out, methods="gradcam,nope")
+
+
+def test_explain_command_prints_one_line_per_image_and_fails_on_a_bad_one(tiny_model_dir, real_data_dir, tmp_path,
+                                                                         capsys):
+    from allcluster.cli import main
+
+    good = sorted((real_data_dir / "Pro").glob("*.jpg"))[0]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(good.read_bytes()[:500])
+    args = ["explain", str(good), "--model", str(tiny_model_dir), "--out", str(tmp_path / "panels"),
+            "--methods", "gradcam,gradcam++"]
+    assert main(args) == 0
+    assert len(list((tmp_path / "panels").glob("*.explain.png"))) == 1 and str(good) in capsys.readouterr().out
+    assert main(args[:1] + [str(broken)] + args[1:]) == 1
+    assert str(broken) in capsys.readouterr().out
+    assert main(args[:-1] + ["gradcam,shap"]) == 2 and "shap" in capsys.readouterr().err

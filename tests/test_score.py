@@ -408,3 +408,50 @@ def test_job_killed_half_way_resumes_and_ends_with_every_input_exactly_once(tiny
 
 def _rows_written(out: Path) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in (out / "rows").glob("*.parquet")) if out.is_dir() else 0
+
+
+class _Stream:
+    def __init__(self, tty: bool):
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_updates_in_place_on_a_terminal_and_prints_lines_in_a_log(tty):
+    from allcluster.score.output import Progress
+
+    stream = _Stream(tty)
+    progress = Progress(total=10, interval=1e-9, stream=stream)
+    progress.update(4, 1)
+    progress.update(6, 0)
+    progress.show(final=True)
+    assert "10/10 (100.0%)" in stream.text and "errors 1" in stream.text and "img/s" in stream.text
+    assert "ETA 00:00:00" in stream.text and "4/10 (40.0%)" in stream.text
+    if tty:
+        assert stream.text.count("\r") == 3 and stream.text.count("\n") == 1
+    else:
+        assert "\r" not in stream.text and stream.text.count("\n") == 3
+
+
+def test_overlays_are_written_only_when_asked(tiny_model_dir, real_data_dir, tmp_path):
+    paths = real_images(real_data_dir, 1)
+    for overlays in (False, True):
+        out = tmp_path / f"overlays-{overlays}"
+        cfg = score_config(tiny_model_dir, tmp_path, out, explain={"overlays": overlays, "budget": {"methods": []}})
+        rows = core.Scorer(cfg, str(out), "run", lambda n: n)(_decoded(paths)).to_pandas()
+        written = sorted(out.rglob("*.jpg"))
+        if not overlays:
+            assert not written and len(list(out.rglob("*.png"))) == len(paths)
+            continue
+        expected = [out / rel.replace("heatmaps/", "overlays/").replace(".png", ".jpg") for rel in rows["heatmap_gradcam"]]
+        assert written == sorted(expected)
+        overlay = np.asarray(Image.open(expected[0]))
+        assert overlay.shape == (64, 64, 3) and overlay.std() > 0
