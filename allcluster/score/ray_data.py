@@ -63,13 +63,24 @@ def _read_decode(batch, ledger, **kwargs):
     return core.read_decode(batch, claim=lambda shas, paths: ray.get(ledger.claim.remote(shas, paths)), **kwargs)
 
 
+def write_todo(out: Path, todo: Listing, run_id: str, batch_size: int) -> Path:
+    """The files still to score as a Parquet file on the shared filesystem: Ray Data reads it in
+    blocks, so the listing never travels through the driver's object store whole."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = out / "state" / f"todo-{run_id}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"path": todo.paths, **todo.extra}), path, row_group_size=max(64, 4 * batch_size))
+    return path
+
+
 def build_dataset(cfg: ScoreConfig, card: dict, todo: Listing, ledger, run_id: str, plan: dict):
     """The lazy Ray Dataset of result rows for the files in ``todo``."""
     import ray
 
-    items = [{"path": p, **{k: v[i] for k, v in todo.extra.items()}} for i, p in enumerate(todo.paths)]
-    blocks = max(1, min(len(items) // max(1, cfg.batch_size), 4096))
-    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    ds = ray.data.read_parquet(str(write_todo(Path(cfg.out).resolve(), todo, run_id, cfg.batch_size)),
+                               override_num_blocks=max(1, min(len(todo.paths) // cfg.batch_size, 4096)))
     ds = ds.map_batches(_read_decode, batch_size=cfg.batch_size, num_cpus=cfg.workers.decode_cpus,
                         fn_kwargs={"ledger": ledger, "size": int(card["input_size"]), "roi_crop": bool(card["roi_crop"]),
                                    "roi_margin": float(card["roi_margin"]), "max_pixels": cfg.max_pixels})
@@ -139,3 +150,4 @@ def stream_rows(cfg: ScoreConfig, card: dict, todo: Listing, writer: ShardWriter
     if waiting:
         writer.add(resolve_duplicates(out, pa.concat_tables(waiting)))
         writer.flush()
+    (out / "state" / f"todo-{run_id}.parquet").unlink(missing_ok=True)
