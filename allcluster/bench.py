@@ -156,10 +156,11 @@ def _bench_model(backbone: str):
     return model, get_spec(backbone).cam_layer, device
 
 
-def _rate(fn, images: int, repeat: int) -> float:
+def _rate(fn, images: int, repeat: int, warmup: int = 2) -> float:
     import torch
 
-    fn()                                                    # warm-up
+    for _ in range(warmup):                                 # allocator and oneDNN/cuDNN kernel caches
+        fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -168,6 +169,26 @@ def _rate(fn, images: int, repeat: int) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return images * repeat / (time.perf_counter() - start)
+
+
+def _interleaved_rates(fns: dict[str, Callable[[], object]], images: int, repeat: int) -> dict[str, float]:
+    """Median images/s of each function, timed in alternating rounds after a warm-up of each, so a
+    slow phase of a shared or throttled machine does not land on one side only."""
+    import statistics
+
+    import torch
+
+    for fn in list(fns.values()) * 2:
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: images / statistics.median(seconds) for name, seconds in times.items()}
 
 
 def bench_cam(args: argparse.Namespace) -> dict:
@@ -186,13 +207,14 @@ def bench_cam(args: argparse.Namespace) -> dict:
     def forward():
         with torch.no_grad():
             model(images)
-    result = {"forward_images_per_s": _rate(forward, len(images), args.repeat),
-              "ours_images_per_s": _rate(lambda: ours.explain(images), len(images), args.repeat),
-              "pytorch_grad_cam_images_per_s": _rate(lambda: theirs(input_tensor=images, targets=None),
-                                                     len(images), args.repeat)}
+    result = _interleaved_rates({
+        "forward_images_per_s": forward, "ours_images_per_s": lambda: ours.explain(images),
+        "pytorch_grad_cam_images_per_s": lambda: theirs(input_tensor=images, targets=None)},
+        len(images), args.repeat)
     return {"benchmark": "cam",
-            "meaning": "Images/s of Grad-CAM heatmaps (with the prediction) for random inputs: ours (one "
-                       "forward+backward, maps kept on the device) vs pytorch-grad-cam's GradCAM (fp32), "
+            "meaning": "Images/s (median of alternating rounds) of Grad-CAM heatmaps with the prediction for "
+                       "random inputs: ours (one forward + a backward that stops at the CAM layer, maps kept on "
+                       "the device) vs pytorch-grad-cam's GradCAM (fp32), "
                        "and the bare forward pass; speedup = ours / pytorch-grad-cam, target >= 10 on a GPU.",
             "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
             **{k: round(v, 1) for k, v in result.items()},

@@ -93,6 +93,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0 if all(r["status"] == "ok" for r in results) else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from allcluster.config import from_dict
+    from allcluster.report import ReportOptions, build_report
+
+    options = from_dict(ReportOptions, {
+        "metric": args.metric, "group_by": args.group_by or ["folder"], "malignant": args.malignant,
+        "gallery_per_class": args.gallery_per_class}, "allcluster report")
+    result = build_report(args.inputs, args.out, options)
+    counts = {k: v for k, v in result.get("scoring", {}).items() if k != "confusion"}
+    print(json.dumps({"trials": result["trials"], "scoring": counts, "notes": result["notes"]}, indent=2))
+    print(f"report: {result['index']} (tables/, plots/, morning_list.csv)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from allcluster.demo import run_demo
 
@@ -180,6 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--lime-samples", type=int, default=1000)
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("report", help="result tables, plots and a static HTML report from sweep and scoring Parquet")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="sweep experiment folders and/or scoring output folders (or their Parquet files)")
+    p.add_argument("--out", required=True, help="report folder (index.html, tables/, plots/, morning_list.csv)")
+    p.add_argument("--metric", default="test_macro_f1", help="trials.parquet column of the pivots (default: %(default)s)")
+    p.add_argument("--group-by", action="append", default=[], metavar="COLUMN",
+                   help="scoring roll-up by this row column, e.g. folder, patient, label (repeatable; default: folder)")
+    p.add_argument("--malignant", action="append", default=[], metavar="CLASS",
+                   help="class counted as malignant for the morning list (repeatable; default: all but Benign)")
+    p.add_argument("--gallery-per-class", type=int, default=4, metavar="N",
+                   help="most confident and most uncertain images per predicted class (default: %(default)s)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("models", help="list the backbone registry")
     p.set_defaults(func=cmd_models)

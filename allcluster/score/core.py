@@ -20,6 +20,7 @@ from allcluster.data import decode as dec
 from allcluster.data.preprocess import Normalize, Preprocess
 from allcluster.score.config import BudgetConfig, ScoreConfig
 from allcluster.score.rows import class_columns, empty_columns, method_columns, row_schema
+from allcluster.xai.overlay import jet_overlay
 
 Claim = Callable[[list[str], list[str]], list[str]]   # (sha256s, paths) -> owner path per file ("" = you)
 Reserve = Callable[[int], int]                        # ask for n budgeted explanations -> granted
@@ -149,8 +150,7 @@ def write_heatmaps(out_dir: Path, shas: list[str], method: str, maps_u8: np.ndar
         rel = heatmap_relpath(sha, method)
         _write_atomic(out_dir / rel, cv2.imencode(".png", maps_u8[i])[1].tobytes())
         if pixels is not None:
-            colour = cv2.applyColorMap(maps_u8[i], cv2.COLORMAP_JET)
-            blend = cv2.addWeighted(pixels[i][..., ::-1], 0.5, colour, 0.5, 0)
+            blend = jet_overlay(pixels[i], maps_u8[i])[..., ::-1]             # RGB -> cv2's BGR
             _write_atomic(out_dir / rel.replace("heatmaps/", "overlays/", 1).replace(".png", ".jpg"),
                           cv2.imencode(".jpg", blend, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes())
         names.append(rel)

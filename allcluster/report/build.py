@@ -1,0 +1,255 @@
+"""Assembles the report folder: tables (CSV, Markdown, HTML), figures, overlays, ``index.html``."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import pyarrow.csv as pacsv
+
+from allcluster import metrics
+from allcluster.config import ConfigError, bounds, write_resolved
+from allcluster.console import say
+from allcluster.data.decode import DecodeError
+from allcluster.report import html, plots, tables
+from allcluster.report.inputs import Inputs, collect_inputs, roi_settings
+from allcluster.score.rows import class_columns
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """``allcluster report`` options (written, resolved, to ``report.yaml``)."""
+    metric: str = "test_macro_f1"                    # trials.parquet column shown in the pivots
+    group_by: list[str] = field(default_factory=lambda: ["folder"])   # scoring roll-ups, one table each
+    malignant: list[str] = field(default_factory=list)  # [] = every class except Benign/benign
+    gallery_per_class: int = field(default=4, metadata=bounds(ge=0))  # most confident + most uncertain, each
+    curves: int = field(default=3, metadata=bounds(ge=1))            # training curves of the best N trials
+    morning_rows: int = field(default=50, metadata=bounds(ge=0))     # morning-list rows shown in the HTML
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_.-]+", "_", text).strip("_") or "x"
+
+
+class Report:
+    """The report folder being written: every table and figure also becomes an HTML part."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.files: dict[str, str] = {}
+        self.notes: list[str] = []
+        self.rois: dict[str, tuple[bool, float]] = {}     # scoring OUT -> the model's ROI crop settings
+        self.missing: list[str] = []                       # overlays that could not be made
+
+    def rel(self, path: Path) -> str:
+        return path.relative_to(self.out).as_posix()
+
+    def table(self, name: str, df: pd.DataFrame, title: str, image_columns: tuple[str, ...] = ()) -> list[str]:
+        """Write ``tables/<name>.csv|.md|.html``; return the heading and the table as HTML parts."""
+        base = self.out / "tables" / name
+        base.parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(base.with_suffix(".csv"), index=False)
+        base.with_suffix(".md").write_text(html.markdown_table(df))
+        table = html.table_html(df, name.replace("_", "-"), image_columns)
+        base.with_suffix(".html").write_text(table + "\n")
+        self.files[name] = self.rel(base.with_suffix(".csv"))
+        return [html.heading(title), table]
+
+    def figure(self, name: str, caption: str, draw: Callable[[Path], Path]) -> list[str]:
+        path = draw(self.out / "plots" / f"{name}.png")
+        self.files[f"plot:{name}"] = self.rel(path)
+        return [html.figure_html(self.rel(path), caption, f"plot-{name}")]
+
+    def note(self, text: str) -> list[str]:
+        self.notes.append(text)
+        return [html.note_html(text)]
+
+    def overlay(self, row, target: Path) -> str:
+        """An overlay image in the report folder (its relative path), or "" with a note if it cannot be made."""
+        try:
+            return self.rel(plots.overlay(row.path, row.heatmap, target, *self.rois.get(row.scoring_out, (False, 0.1))))
+        except (OSError, DecodeError, ValueError) as err:
+            self.missing.append(f"{row.path}: {err}")
+            return ""
+
+    def finish_notes(self) -> None:
+        """One note for every overlay that could not be made (image or heatmap gone)."""
+        if self.missing:
+            self.notes.append(f"no overlay for {len(self.missing)} image(s) (image or heatmap not readable from "
+                              f"here), e.g. {self.missing[0]}")
+
+
+# ---- sweeps ---------------------------------------------------------------------------------------------
+def sweep_parts(report: Report, inputs: Inputs, trials: pd.DataFrame, options: ReportOptions) -> list[str]:
+    """Leaderboard, pivots, best per backbone, metric heatmap, training curves."""
+    finished = int((trials["status"] == "finished").sum()) if len(trials) else 0
+    if not finished:
+        return report.note(f"no finished trial in {len(trials)} trials: no sweep tables")
+    parts = [html.paragraph(f"{len(trials)} trials, {finished} finished. Every cell shows its best trial, chosen "
+                            "by validation macro-F1 (then validation loss); the test split never chooses.")]
+    parts += report.table("leaderboard", tables.leaderboard(trials), "Leaderboard (backbone x augmentation x optimizer)")
+    by_aug = tables.pivot(trials, "augmentation", options.metric)
+    parts += report.table("pivot_backbone_x_augmentation", by_aug, f"{options.metric}: backbone x augmentation")
+    parts += report.table("pivot_backbone_x_optimizer", tables.pivot(trials, "optimizer", options.metric),
+                          f"{options.metric}: backbone x optimizer")
+    parts += report.figure("metric_heatmap", f"{options.metric}, backbone x augmentation",
+                           lambda p: plots.metric_heatmap(by_aug, options.metric, p))
+    parts += report.table("best_per_backbone", tables.best_per_backbone(trials, options.metric),
+                          "Best configuration per backbone")
+    best_ids = tables.ranked(trials)["trial_id"].head(options.curves).tolist()
+    epochs = tables.load_epochs(inputs.sweeps, best_ids)
+    if len(epochs):
+        parts += [html.heading(f"Training curves of the best {len(best_ids)} trials")]
+        parts += report.figure("training_curves", "loss and validation macro-F1 per epoch",
+                               lambda p: plots.training_curves(epochs, best_ids, p))
+    else:
+        parts += report.note("no epochs.parquet rows for the best trials: no training curves")
+    return parts
+
+
+# ---- scoring --------------------------------------------------------------------------------------------
+def morning_parts(report: Report, data: tables.ScoreData, options: ReportOptions) -> tuple[list[str], int]:
+    """``morning_list.csv`` (every flagged row) and its first rows in the HTML with overlays."""
+    malignant = options.malignant
+    morning = tables.morning_list(data, malignant)
+    pacsv.write_csv(morning, report.out / "morning_list.csv")
+    report.files["morning_list"] = "morning_list.csv"
+    parts = [html.heading("Morning list"),
+             html.paragraph(f"{morning.num_rows} flagged images (predicted {', '.join(malignant) or 'no class'} as "
+                            "malignant, or uncertain), most urgent first: 1 malignant and uncertain, 2 malignant, "
+                            "3 uncertain. All of them, with heatmap paths: morning_list.csv.")]
+    shown = morning.slice(0, options.morning_rows).to_pandas()
+    if len(shown):
+        shown.insert(2, "overlay", [report.overlay(row, report.out / "morning" / f"{row.priority:05d}.jpg")
+                                    if row.heatmap else "" for row in shown.itertuples(index=False)])
+        columns = ["priority", "reason", "overlay", "path", "predicted_class", "confidence", "malignant_probability",
+                   "label", "patient"]
+        parts += report.table("morning_list_top", shown[[c for c in columns if c in shown]],
+                              f"First {len(shown)} of the morning list", image_columns=("overlay",))
+    return parts, morning.num_rows
+
+
+def labelled_parts(report: Report, data: tables.ScoreData) -> tuple[list[str], dict]:
+    """Confusion matrix, ROC, reliability before/after calibration, per-class F1 from labelled rows."""
+    rows = tables.labelled_rows(data)
+    if not len(rows):
+        return report.note("no labelled rows (score a manifest to get a label column): no confusion matrix, "
+                           "ROC, reliability or per-class F1"), {}
+    raw_cols, cal_cols = class_columns(data.classes)
+    y, raw, cal = rows["y"].to_numpy(), rows[raw_cols].to_numpy(np.float64), rows[cal_cols].to_numpy(np.float64)
+    found = metrics.classification_metrics(y, cal, data.classes)
+    found["ece_before_calibration"] = metrics.expected_calibration_error(raw, y)
+    summary = pd.DataFrame([{k: found[k] for k in ("n", "accuracy", "macro_f1", "macro_precision", "macro_recall",
+                                                    "macro_specificity", "auc", "map", "nll")}
+                            | {"ece_before": found["ece_before_calibration"], "ece_after": found["ece"]}])
+    per_class = pd.DataFrame([{"class": c, **v} for c, v in found["per_class"].items()])
+    cm = np.asarray(found["confusion"])
+    parts = [html.heading("Against the labels"),
+             html.paragraph(f"{len(rows)} ok rows with a label among the model's classes (calibrated probabilities).")]
+    parts += report.table("labelled_metrics", summary, "Metrics on labelled rows")
+    parts += report.table("per_class", per_class, "Per class")
+    parts += report.figure("confusion", "confusion matrix (rows: true class)",
+                           lambda p: plots.confusion_plot(cm, data.classes, p))
+    parts += report.figure("roc", "ROC per class", lambda p: plots.roc_plot(y, cal, data.classes, p))
+    parts += report.figure("reliability", "reliability before and after calibration",
+                           lambda p: plots.reliability_plot(y, raw, cal, p))
+    parts += report.figure("f1_per_class", "F1 per class",
+                           lambda p: plots.f1_bars({c: v["f1"] for c, v in found["per_class"].items()}, p))
+    return parts, {"labelled_rows": int(len(rows)), "confusion": found["confusion"]}
+
+
+def gallery_parts(report: Report, data: tables.ScoreData, options: ReportOptions) -> list[str]:
+    """The most confident and most uncertain images of each predicted class with their heatmap."""
+    picks = tables.gallery_rows(data, options.gallery_per_class)
+    if not len(picks):
+        return [html.heading("Heatmap gallery")] + report.note("no ok rows with a heatmap: no gallery")
+    picks["image"] = [report.overlay(row, report.out / "gallery" / f"{i:03d}-{safe_name(row.predicted_class)}.jpg")
+                      for i, row in enumerate(picks.itertuples(index=False))]
+    picks = picks[picks["image"] != ""]
+    (report.out / "gallery").mkdir(exist_ok=True)
+    picks.to_csv(report.out / "gallery" / "gallery.csv", index=False)
+    report.files["gallery"] = "gallery/gallery.csv"
+    method = data.heatmap_column[len("heatmap_"):]
+    return [html.heading(f"Heatmap gallery ({method}, {options.gallery_per_class} per class and kind)"),
+            html.gallery_html(picks)]
+
+
+def scoring_parts(report: Report, inputs: Inputs, data: tables.ScoreData, options: ReportOptions) -> tuple[list[str], dict]:
+    """Overview, counts per class, errors by type, roll-ups, morning list, labelled plots, gallery."""
+    keys = list(dict.fromkeys(["predicted_class", "error_type", *options.group_by]))
+    counts = tables.aggregate(data, keys, options.malignant)
+    report.rois = {str(s.root): roi_settings(s.root) for s in inputs.scorings}
+    morning, n_morning = morning_parts(report, data, options)
+    overview = tables.overview(counts["predicted_class"], n_morning)
+    parts = report.table("overview", overview, "Overview")
+    parts += report.table("class_counts", tables.class_counts(counts["predicted_class"]), "Predicted classes (ok rows)")
+    errors = tables.errors_by_type(counts["error_type"])
+    parts += report.table("errors_by_type", errors, "Errors by type") if len(errors) else [
+        html.heading("Errors by type"), html.paragraph("no error rows")]
+    for key in options.group_by:
+        parts += report.table(f"rollup_{safe_name(key)}", counts[key], f"By {key}")
+    parts += morning
+    labelled, found = labelled_parts(report, data)
+    parts += labelled + gallery_parts(report, data, options)
+    return parts, {**{k: int(v) for k, v in overview.iloc[0].items()}, **found}
+
+
+# ---- the whole report -------------------------------------------------------------------------------------
+GENERATED = ("tables", "plots", "gallery", "morning")
+
+
+def prepare_out(out: Path) -> None:
+    """Create ``out``; an earlier report there is replaced, any other non-empty folder is refused."""
+    if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file():
+        raise ConfigError(f"{out}: exists, is not empty and holds no earlier report; choose a new --out")
+    for name in GENERATED:
+        shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def resolve(options: ReportOptions, inputs: Inputs, trials: pd.DataFrame,
+            data: tables.ScoreData | None) -> ReportOptions:
+    """Check the options against what the inputs hold (before anything is written); fill defaults."""
+    if len(trials):
+        tables.check_metric(trials, options.metric)
+    if data is None:
+        return options
+    tables.check_columns(data, options.group_by, "--group-by")
+    tables.check_classes(data, options.malignant)
+    return replace(options, malignant=list(options.malignant) or tables.default_malignant(data.classes))
+
+
+def build_report(inputs: list[str | Path], out: str | Path, options: ReportOptions = ReportOptions()) -> dict:
+    """Read sweep and scoring INPUTs, write the report folder ``out``; return what ``report.json`` holds."""
+    start, out = time.monotonic(), Path(out)
+    found = collect_inputs(list(inputs))
+    trials = tables.load_trials(found.sweeps)
+    data = tables.open_scoring(found.scorings) if found.scorings else None
+    options = resolve(options, found, trials, data)
+    prepare_out(out)
+    report = Report(out)
+    sections = [("inputs", "Inputs", [html.table_html(pd.DataFrame(found.describe()), "inputs")])]
+    result: dict = {"out": str(out.resolve()), "index": str((out / "index.html").resolve()),
+                    "inputs": found.describe(), "trials": int(len(trials))}
+    if found.sweeps:
+        sections.append(("sweep", "Sweep", sweep_parts(report, found, trials, options)))
+    if data is not None:
+        parts, result["scoring"] = scoring_parts(report, found, data, options)
+        sections.append(("scoring", "Scoring", parts))
+    report.finish_notes()
+    if report.notes:
+        sections.append(("notes", "Notes", [html.paragraph(n) for n in report.notes]))
+    write_resolved(options, out / "report.yaml", "allcluster report " + " ".join(str(i) for i in inputs))
+    subtitle = f"allcluster report, {time.strftime('%Y-%m-%d %H:%M %Z')}, from {len(found.sweeps)} sweep(s) " \
+               f"and {len(found.scorings)} scoring job(s)"
+    (out / "index.html").write_text(html.page("allcluster report", subtitle, sections))
+    result.update(files=report.files, notes=report.notes, seconds=round(time.monotonic() - start, 1))
+    (out / "report.json").write_text(json.dumps(result, indent=2, default=str))
+    say(f"[report] {out.resolve() / 'index.html'} ({result['seconds']} s)")
+    return result

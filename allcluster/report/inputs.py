@@ -1,0 +1,146 @@
+"""What ``allcluster report`` reads: sweep experiment folders and scoring output folders, or their Parquet.
+
+Each INPUT is classified without reading its rows (only Parquet footers):
+
+* a folder with ``trials.parquet`` is a sweep experiment (``epochs.parquet`` next to it is used when present);
+* a folder with ``rows/*.parquet`` is a scoring output folder (``OUT``; heatmap paths are relative to it);
+* a folder of Parquet files, or one ``.parquet`` file, is classified by its columns: trials, epochs or
+  scoring rows (rows inside ``OUT/rows/`` keep ``OUT`` as their root).
+
+Anything else is a :class:`ConfigError` naming the path.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from allcluster.config import ConfigError, read_yaml
+
+TRIALS_COLUMNS = {"trial_id", "status", "val_macro_f1", "backbone"}
+EPOCHS_COLUMNS = {"trial_id", "epoch", "val_macro_f1"}
+ROWS_COLUMNS = {"path", "status", "predicted_class", "confidence"}
+
+
+@dataclass
+class SweepSource:
+    """One sweep experiment: its folder and the tables found there."""
+    dir: Path
+    trials: Path | None = None
+    epochs: Path | None = None
+
+
+@dataclass
+class ScoreSource:
+    """One scoring output folder ``root`` and the row shards read from it."""
+    root: Path
+    files: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class Inputs:
+    sweeps: list[SweepSource] = field(default_factory=list)
+    scorings: list[ScoreSource] = field(default_factory=list)
+
+    def describe(self) -> list[dict]:
+        """One plain dict per source, for report.yaml / report.json."""
+        sweeps = [{"kind": "sweep", "folder": str(s.dir),
+                   "read": ", ".join(p.name for p in (s.trials, s.epochs) if p)} for s in self.sweeps]
+        return sweeps + [{"kind": "scoring", "folder": str(s.root), "read": f"{len(s.files)} row shard(s)"}
+                         for s in self.scorings]
+
+
+def parquet_files(folder: Path) -> list[Path]:
+    """Finished Parquet files of a folder (temporary files start with '.')."""
+    return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
+
+
+def parquet_kind(path: Path) -> str:
+    """``trials``, ``epochs`` or ``rows`` from a Parquet file's columns (its footer only)."""
+    try:
+        names = set(pq.read_schema(path).names)
+    except Exception as err:   # pyarrow raises several types for a file that is not Parquet
+        raise ConfigError(f"{path}: cannot read as Parquet ({err})") from err
+    for kind, needed in (("trials", TRIALS_COLUMNS), ("epochs", EPOCHS_COLUMNS), ("rows", ROWS_COLUMNS)):
+        if needed <= names:
+            return kind
+    raise ConfigError(f"{path}: a Parquet file with neither sweep columns ({', '.join(sorted(TRIALS_COLUMNS))}) "
+                      f"nor scoring-row columns ({', '.join(sorted(ROWS_COLUMNS))})")
+
+
+def _rows_root(path: Path) -> Path:
+    """The scoring OUT folder of a row shard (heatmap paths are relative to it)."""
+    return path.parent.parent if path.parent.name == "rows" else path.parent
+
+
+def _sibling(path: Path, name: str) -> Path | None:
+    return path.parent / name if (path.parent / name).is_file() else None
+
+
+def classify_file(path: Path) -> SweepSource | ScoreSource:
+    """A single ``.parquet`` INPUT as a sweep or scoring source."""
+    kind = parquet_kind(path)
+    if kind == "trials":
+        return SweepSource(path.parent, path, _sibling(path, "epochs.parquet"))
+    if kind == "epochs":
+        return SweepSource(path.parent, _sibling(path, "trials.parquet"), path)
+    return ScoreSource(_rows_root(path), [path])
+
+
+def classify_folder(path: Path) -> SweepSource | ScoreSource:
+    """A folder INPUT: sweep experiment, scoring OUT, or a folder of row shards."""
+    if (path / "trials.parquet").is_file():
+        return SweepSource(path, path / "trials.parquet", _sibling(path / "trials.parquet", "epochs.parquet"))
+    if (path / "rows").is_dir() and parquet_files(path / "rows"):
+        return ScoreSource(path, parquet_files(path / "rows"))
+    files = parquet_files(path)
+    try:
+        if files and parquet_kind(files[0]) == "rows":
+            return ScoreSource(_rows_root(files[0]), files)
+    except ConfigError:
+        pass                                   # Parquet of another kind: the folder is none of ours
+    raise ConfigError(f"{path}: not a sweep experiment folder (no trials.parquet) nor a scoring output folder "
+                      "(no rows/*.parquet)")
+
+
+def classify(path: str | Path) -> SweepSource | ScoreSource:
+    """One INPUT; a clear error naming it when it is none of the known kinds."""
+    path = Path(path)
+    if path.is_dir():
+        return classify_folder(path.resolve())
+    if path.is_file() and path.suffix.lower() == ".parquet":
+        return classify_file(path.resolve())
+    if path.exists():
+        raise ConfigError(f"{path}: expected a folder or a .parquet file")
+    raise FileNotFoundError(f"{path}: report input not found")
+
+
+def collect_inputs(paths: list[str | Path]) -> Inputs:
+    """Classify every INPUT; sources naming the same folder are merged (no row is read twice)."""
+    if not paths:
+        raise ConfigError("no INPUT given: name sweep experiment folders and/or scoring output folders")
+    sweeps: dict[Path, SweepSource] = {}
+    scorings: dict[Path, ScoreSource] = {}
+    for path in paths:
+        source = classify(path)
+        if isinstance(source, SweepSource):
+            known = sweeps.setdefault(source.dir, SweepSource(source.dir))
+            known.trials = known.trials or source.trials
+            known.epochs = known.epochs or source.epochs
+        else:
+            known = scorings.setdefault(source.root, ScoreSource(source.root))
+            known.files = sorted(set(known.files) | set(source.files))
+    return Inputs(list(sweeps.values()), list(scorings.values()))
+
+
+def roi_settings(root: Path) -> tuple[bool, float]:
+    """(roi_crop, roi_margin) of the model a scoring job used, from ``OUT/score.yaml`` and the model
+    card; (False, 0.1) when either is gone (e.g. the folder was copied off the cluster)."""
+    try:
+        model = Path(read_yaml(root / "score.yaml")["model"])
+        card = json.loads((model / "model_card.json").read_text())
+        return bool(card.get("roi_crop", False)), float(card.get("roi_margin", 0.1))
+    except (OSError, KeyError, TypeError, ValueError, ConfigError):
+        return False, 0.1

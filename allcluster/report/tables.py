@@ -1,0 +1,375 @@
+"""Result tables, pure: DataFrames in, DataFrames out (no files written here).
+
+Sweep tables come from ``trials.parquet`` (small: one row per trial). Scoring tables come from the
+result rows through a ``pyarrow.dataset`` read in record batches with only the needed columns: counts
+are summed batch by batch and the gallery keeps a few candidates per class, so their memory is
+bounded by the batch size and the number of groups, not by the number of rows. Two things are held
+whole: the morning list (the flagged rows' few columns, as Arrow, to sort them) and the labelled rows
+(label and probabilities, usually an evaluation set).
+
+Every "best trial" is chosen as the sweep chooses its best model: highest validation macro-F1, then
+lowest validation loss; the test split never picks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from allcluster.config import ConfigError
+from allcluster.report.inputs import ScoreSource, SweepSource
+from allcluster.score.rows import class_columns, method_columns
+
+RANK_BY, RANK_ASCENDING = ["val_macro_f1", "val_loss", "trial_id"], [False, True, True]
+CELL = ["backbone", "augmentation", "optimizer"]
+LEADERBOARD_COLUMNS = CELL + [
+    "trials", "trial_id", "train_accuracy", "val_accuracy", "test_accuracy", "train_loss", "val_loss", "test_loss",
+    "val_macro_f1", "test_macro_f1", "test_auc", "test_macro_specificity", "test_ece", "test_ece_calibrated",
+    "wall_seconds", "gpu_hours", "sweep"]
+CONFIG_COLUMNS = ["augmentation", "optimizer", "lr", "image_size", "head_epochs", "unfreeze_blocks", "batch_size"]
+# swept keys already shown under the names above
+SHOWN_KEYS = {"model.backbone", "augment.name", "optim.name", "optim.lr", "data.image_size", "finetune.head_epochs",
+              "finetune.unfreeze_blocks", "fit.batch_size"}
+NONE = "(none)"
+BATCH_ROWS = 65_536
+GALLERY_COLUMNS = ["predicted_class", "kind", "confidence", "path", "heatmap", "scoring_out", "label"]
+TIERS = {1: "malignant, uncertain", 2: "malignant", 3: "uncertain"}
+
+
+# ---- sweeps -------------------------------------------------------------------------------------------
+def load_trials(sources: list[SweepSource]) -> pd.DataFrame:
+    """Every sweep's ``trials.parquet`` in one table (``experiment``: the folder it came from)."""
+    parts = [pd.read_parquet(s.trials).assign(experiment=str(s.dir)) for s in sources if s.trials]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def load_epochs(sources: list[SweepSource], trial_ids: list[str]) -> pd.DataFrame:
+    """The per-epoch rows of ``trial_ids`` only (read with a Parquet filter)."""
+    parts = [pq.read_table(s.epochs, filters=[("trial_id", "in", trial_ids)]).to_pandas()
+             for s in sources if s.epochs and trial_ids]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def metric_columns(trials: pd.DataFrame) -> list[str]:
+    """Numeric columns of ``trials.parquet`` a pivot can show."""
+    return [c for c in trials.columns if pd.api.types.is_numeric_dtype(trials[c]) and not c.endswith("index")]
+
+
+def check_metric(trials: pd.DataFrame, metric: str) -> None:
+    if metric not in metric_columns(trials):
+        raise ConfigError(f"--metric {metric!r}: not a numeric column of trials.parquet; choose one of "
+                          + ", ".join(metric_columns(trials)))
+
+
+def ranked(trials: pd.DataFrame) -> pd.DataFrame:
+    """Finished trials, best first (by validation only)."""
+    done = trials[trials["status"] == "finished"]
+    return done.sort_values(RANK_BY, ascending=RANK_ASCENDING, kind="mergesort")
+
+
+def best_per(trials: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The best finished trial of every combination of ``keys``."""
+    return ranked(trials).drop_duplicates(keys).reset_index(drop=True)
+
+
+def leaderboard(trials: pd.DataFrame) -> pd.DataFrame:
+    """Paper 002's Table 10: one row per backbone x augmentation x optimizer, its best trial's numbers,
+    best cell first; ``trials`` counts every trial of the cell (any status)."""
+    counts = trials.groupby(CELL).size().rename("trials").reset_index()
+    table = best_per(trials, CELL).merge(counts, on=CELL, how="left")
+    return table[[c for c in LEADERBOARD_COLUMNS if c in table]]
+
+
+def pivot(trials: pd.DataFrame, columns: str, metric: str, index: str = "backbone") -> pd.DataFrame:
+    """``metric`` of the best trial of each ``index`` x ``columns`` cell (empty cells: NaN)."""
+    best = best_per(trials, [index, columns])
+    table = best.pivot(index=index, columns=columns, values=metric)
+    table.columns = [str(c) for c in table.columns]
+    return table.reset_index()
+
+
+def param_columns(trials: pd.DataFrame) -> list[str]:
+    """The swept keys (columns named by their dotted training key, e.g. ``optim.lr``) not shown otherwise."""
+    return [c for c in trials.columns if "." in c and c not in SHOWN_KEYS]
+
+
+def best_per_backbone(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The best configuration of each backbone: its swept values and headline numbers."""
+    wanted = ["backbone", "trial_id", *CONFIG_COLUMNS, *param_columns(trials), "val_macro_f1", "val_accuracy",
+              metric, "test_accuracy", "test_macro_f1", "gpu_hours"]
+    table = best_per(trials, ["backbone"])
+    return table[[c for c in dict.fromkeys(wanted) if c in table]]
+
+
+# ---- scoring rows: the dataset ------------------------------------------------------------------------
+@dataclass
+class ScoreData:
+    """The result rows of one or more scoring jobs as one dataset (schemas unified)."""
+    dataset: pads.Dataset
+    roots: dict[str, Path]          # shard file -> its job's OUT folder (heatmap paths are relative to it)
+    classes: list[str]
+    methods: list[str]
+
+    @property
+    def names(self) -> list[str]:
+        return self.dataset.schema.names
+
+    def present(self, columns: list[str]) -> list[str]:
+        return [c for c in columns if c in self.names]
+
+    @property
+    def heatmap_column(self) -> str:
+        """The first every-image method's map (the one a row's ``cam_method`` names)."""
+        found = [method_columns(m)["heatmap"] for m in self.methods if method_columns(m)["heatmap"] in self.names]
+        return found[0] if found else ""
+
+
+def _listed(schemas: list[pa.Schema], key: bytes) -> list[str]:
+    """The union, in first-seen order, of a comma-separated schema metadata entry."""
+    seen: dict[str, None] = {}
+    for schema in schemas:
+        for name in ((schema.metadata or {}).get(key, b"").decode().split(",")):
+            if name:
+                seen.setdefault(name)
+    return list(seen)
+
+
+def open_scoring(sources: list[ScoreSource]) -> ScoreData:
+    """A dataset over every shard of every scoring input (only Parquet footers are read here)."""
+    files = [f for s in sources for f in s.files]
+    schemas = [pq.read_schema(f) for f in files]
+    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    dataset = pads.dataset([str(f) for f in files], schema=schema, format="parquet")
+    roots = {str(f): s.root for s in sources for f in s.files}
+    classes = _listed(schemas, b"allcluster.classes")
+    if not classes:   # rows written by hand: prob_<class> columns name the classes
+        classes = [n[len("prob_"):] for n in schema.names if n.startswith("prob_")]
+    return ScoreData(dataset, roots, classes, _listed(schemas, b"allcluster.methods"))
+
+
+def batches(data: ScoreData, columns: list[str], where: pc.Expression | None = None,
+            with_root: bool = False) -> Iterator[pa.Table]:
+    """The rows in record batches (one batch read ahead at a time), as Arrow tables; ``scoring_out``
+    (the job's OUT folder, when asked) is added from the shard each row comes from."""
+    wanted = data.present(columns) + (["__filename"] if with_root else [])
+    scanner = data.dataset.scanner(columns=wanted, filter=where, batch_size=BATCH_ROWS, batch_readahead=1,
+                                   fragment_readahead=1)
+    files = pa.array(list(data.roots), pa.string())
+    roots = pa.array([str(r) for r in data.roots.values()], pa.string())
+    for batch in scanner.to_batches():
+        if batch.num_rows:
+            table = pa.Table.from_batches([batch])
+            if with_root:
+                shard = table.column("__filename")
+                table = table.drop_columns(["__filename"]).append_column(
+                    "scoring_out", pc.take(roots, pc.index_in(shard, value_set=files)))
+            yield table
+
+
+def scan(data: ScoreData, columns: list[str], where: pc.Expression | None = None,
+         with_root: bool = False) -> Iterator[pd.DataFrame]:
+    """:func:`batches` as DataFrames."""
+    for table in batches(data, columns, where, with_root):
+        yield table.to_pandas()
+
+
+def check_columns(data: ScoreData, columns: list[str], what: str) -> None:
+    missing = [c for c in columns if c not in data.names]
+    if missing:
+        raise ConfigError(f"{what} {', '.join(missing)}: not a column of the scoring rows; columns: "
+                          + ", ".join(n for n in data.names if not n.startswith(("prob_", "cal_prob_"))))
+
+
+def default_malignant(classes: list[str]) -> list[str]:
+    """Every class except one called Benign/benign."""
+    return [c for c in classes if c.lower() != "benign"]
+
+
+def check_classes(data: ScoreData, names: list[str]) -> None:
+    unknown = [n for n in names if n not in data.classes]
+    if unknown:
+        raise ConfigError(f"--malignant {', '.join(unknown)}: not a class of the model; classes: "
+                          + ", ".join(data.classes))
+
+
+# ---- scoring rows: counts and roll-ups (streamed) -----------------------------------------------------
+def _indicators(df: pd.DataFrame, classes: list[str], malignant: list[str]) -> pd.DataFrame:
+    """Per-row 0/1 counters (and the confidence to average) that sum to a group's counts."""
+    ok = df["status"] == "ok"
+    predicted = df["predicted_class"]
+    frame = pd.DataFrame({
+        "rows": 1, "ok": ok, "errors": df["status"] == "error",
+        "uncertain": ok & df["uncertain"].fillna(False).astype(bool),
+        "malignant": ok & predicted.isin(malignant),
+        "duplicates": df["duplicate_of"].fillna("") != "",
+        "confidence_sum": df["confidence"].where(ok, 0.0).fillna(0.0).astype("float64")}, index=df.index)
+    for name in classes:
+        frame[name] = ok & (predicted == name)
+    return frame.astype({c: "int64" for c in frame.columns if c != "confidence_sum"})
+
+
+def _finish_counts(sums: pd.DataFrame, key: str) -> pd.DataFrame:
+    sums = sums.reset_index().rename(columns={"index": key})
+    mean = sums.pop("confidence_sum") / sums["ok"].where(sums["ok"] > 0)
+    sums["confidence_mean"] = mean
+    ints = [c for c in sums.columns if c not in (key, "confidence_mean")]
+    return sums.astype({c: "int64" for c in ints}).sort_values(key, kind="mergesort").reset_index(drop=True)
+
+
+def aggregate(data: ScoreData, keys: list[str], malignant: list[str]) -> dict[str, pd.DataFrame]:
+    """Counts per value of each of ``keys`` in one pass over the rows: rows, ok, errors, uncertain,
+    malignant, duplicates, one count per predicted class, and the mean confidence of ok rows.
+    Null and empty key values are one group, ``(none)``."""
+    needed = ["status", "predicted_class", "uncertain", "confidence", "duplicate_of", *keys]
+    sums: dict[str, pd.DataFrame | None] = dict.fromkeys(keys)
+    for df in scan(data, list(dict.fromkeys(needed))):
+        counters = _indicators(df, data.classes, malignant)
+        for key in keys:
+            group = df[key].astype("string").fillna(NONE).replace("", NONE).rename(key)
+            part = counters.groupby(group.to_numpy()).sum()
+            sums[key] = part if sums[key] is None else sums[key].add(part, fill_value=0)
+    return {key: _finish_counts(sums[key], key) for key in keys if sums[key] is not None}
+
+
+def class_counts(per_class: pd.DataFrame) -> pd.DataFrame:
+    """Counts per predicted class (ok rows), from ``aggregate(...)["predicted_class"]``."""
+    table = per_class[per_class["ok"] > 0]
+    return pd.DataFrame({"predicted_class": table["predicted_class"], "images": table["ok"],
+                         "share": table["ok"] / max(1, int(table["ok"].sum())), "uncertain": table["uncertain"],
+                         "confidence_mean": table["confidence_mean"]}).reset_index(drop=True)
+
+
+def errors_by_type(per_type: pd.DataFrame) -> pd.DataFrame:
+    """Error rows per ``error_type``, from ``aggregate(...)["error_type"]``."""
+    table = per_type[per_type["errors"] > 0][["error_type", "errors"]]
+    return table.sort_values(["errors", "error_type"], ascending=[False, True]).reset_index(drop=True)
+
+
+def overview(per_class: pd.DataFrame, morning_rows: int) -> pd.DataFrame:
+    """One-row totals of the scoring inputs (any ``aggregate`` table sums to the same totals)."""
+    totals = per_class[["rows", "ok", "errors", "uncertain", "malignant", "duplicates"]].sum()
+    return pd.DataFrame([{**{k: int(v) for k, v in totals.items()}, "morning_list": int(morning_rows)}])
+
+
+# ---- the morning list ---------------------------------------------------------------------------------
+def _flagged(malignant: list[str]) -> pc.Expression:
+    return (pc.field("status") == "ok") & ((pc.field("uncertain") == True)  # noqa: E712 (an Arrow expression)
+                                           | pc.field("predicted_class").isin(malignant))
+
+
+def _priority_keys(table: pa.Table, malignant: list[str], malignant_cols: list[str]) -> pa.Table:
+    """Adds ``tier`` (1 malignant and uncertain, 2 malignant, 3 uncertain), ``reason`` and
+    ``malignant_probability`` (calibrated probabilities of the malignant classes summed)."""
+    probability = pa.array(np.zeros(table.num_rows))
+    for column in malignant_cols:
+        probability = pc.add(probability, pc.fill_null(pc.cast(table[column], pa.float64()), 0.0))
+    is_malignant = pc.is_in(table["predicted_class"], pa.array(malignant, pa.string()))
+    uncertain = pc.fill_null(table["uncertain"], False)
+    tier = pc.if_else(pc.and_(is_malignant, uncertain), 1, pc.if_else(is_malignant, 2, 3)).cast(pa.int8())
+    reasons = pa.DictionaryArray.from_arrays(pc.subtract(tier, 1), pa.array([TIERS[t] for t in sorted(TIERS)]))
+    return (table.append_column("tier", tier).append_column("reason", reasons)
+            .append_column("malignant_probability", probability))
+
+
+def _heatmap_paths(table: pa.Table, heat: str) -> pa.Array:
+    """Absolute heatmap paths (``scoring_out`` / relative path), "" where a row has none."""
+    if not heat:
+        return pa.array([""] * table.num_rows, pa.string())
+    rel = pc.fill_null(table[heat], "")
+    return pc.if_else(pc.equal(rel, ""), "", pc.binary_join_element_wise(table["scoring_out"], rel, "/"))
+
+
+def morning_list(data: ScoreData, malignant: list[str]) -> pa.Table:
+    """Flagged images, most urgent first: ok rows predicted malignant or uncertain.
+
+    Priority: 1 malignant and uncertain, 2 malignant, 3 uncertain (benign); inside a tier the higher
+    calibrated malignant probability first, then the lower confidence, then the path. ``heatmap`` is
+    the absolute path of the row's first every-image heatmap. Only the flagged rows' few columns are
+    held, as Arrow (about 250 bytes a row), for the sort.
+    """
+    _, calibrated = class_columns(data.classes)
+    malignant_cols = data.present([c for name, c in zip(data.classes, calibrated) if name in malignant])
+    heat = data.heatmap_column
+    shown = data.present(["path", "predicted_class", "confidence", "uncertain", "label", "patient"])
+    parts = [_priority_keys(t, malignant, malignant_cols).append_column("heatmap", _heatmap_paths(t, heat))
+             .select(["tier", "reason", *shown, "malignant_probability", "heatmap", "scoring_out"])
+             for t in batches(data, [*shown, *malignant_cols, heat], _flagged(malignant), with_root=True)]
+    if not parts:
+        names = ["priority", "reason", *shown, "malignant_probability", "heatmap", "scoring_out"]
+        return pa.table({n: pa.array([], pa.string()) for n in names})
+    table = pa.concat_tables(parts)
+    order = pc.sort_indices(table, sort_keys=[("tier", "ascending"), ("malignant_probability", "descending"),
+                                              ("confidence", "ascending"), ("path", "ascending")])
+    table = table.take(order).drop_columns(["tier"])
+    return table.add_column(0, "priority", pa.array(np.arange(1, table.num_rows + 1)))
+
+
+# ---- labelled rows: predictions against the truth -----------------------------------------------------
+def labelled_rows(data: ScoreData) -> pd.DataFrame:
+    """ok rows with a non-empty label that is one of the model's classes: ``label``, ``y`` (class
+    index), raw and calibrated probabilities. In memory: labelled rows are an evaluation set."""
+    raw, calibrated = class_columns(data.classes)
+    if "label" not in data.names or not set(raw + calibrated) <= set(data.names):
+        return pd.DataFrame(columns=["label", "y", *raw, *calibrated])
+    where = (pc.field("status") == "ok") & pc.field("label").is_valid() & (pc.field("label") != "")
+    parts = list(scan(data, ["label", *raw, *calibrated], where))
+    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["label", *raw, *calibrated])
+    df = df[df["label"].isin(data.classes)].dropna(subset=raw + calibrated)
+    df.insert(1, "y", df["label"].map({c: i for i, c in enumerate(data.classes)}).astype("int64"))
+    return df.reset_index(drop=True)
+
+
+def roc_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) at every distinct score, from (0, 0) to (1, 1)."""
+    positive, scores = np.asarray(positive, bool), np.asarray(scores, np.float64)
+    order = np.argsort(-scores, kind="mergesort")
+    s, hit = scores[order], positive[order]
+    last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])       # one threshold per distinct score
+    tps, fps = np.cumsum(hit)[last], np.cumsum(~hit)[last]
+    n_pos, n_neg = max(1, int(positive.sum())), max(1, int((~positive).sum()))
+    return np.r_[0.0, fps / n_neg], np.r_[0.0, tps / n_pos]
+
+
+# ---- the gallery ----------------------------------------------------------------------------------------
+def _ends(table: pa.Table, n: int) -> pa.Table:
+    """Per predicted class: the ``n`` most confident and ``2n`` least confident rows (enough to pick
+    ``n`` uncertain ones that are not among the confident ones); ties broken by path."""
+    parts = []
+    for name in pc.unique(table["predicted_class"]).to_pylist():
+        rows = table.filter(pc.equal(table["predicted_class"], name))
+        top = pc.select_k_unstable(rows, n, [("confidence", "descending"), ("path", "ascending")])
+        bottom = pc.select_k_unstable(rows, 2 * n, [("confidence", "ascending"), ("path", "ascending")])
+        parts.append(rows.take(np.union1d(top.to_numpy(), bottom.to_numpy())))
+    return pa.concat_tables(parts)
+
+
+def gallery_rows(data: ScoreData, n: int) -> pd.DataFrame:
+    """Per predicted class, the ``n`` most confident then the ``n`` most uncertain ok rows that have
+    a heatmap (first copies only: a duplicate would show the same image twice)."""
+    heat = data.heatmap_column
+    if not heat or n <= 0:
+        return pd.DataFrame(columns=GALLERY_COLUMNS)
+    where = ((pc.field("status") == "ok") & pc.field(heat).is_valid() & (pc.field(heat) != "")
+             & (pc.field("duplicate_of") == ""))
+    keep = None
+    for table in batches(data, ["path", "predicted_class", "confidence", "label", heat], where, with_root=True):
+        table = table.append_column("heatmap", _heatmap_paths(table, heat)).drop_columns([heat])
+        keep = _ends(table if keep is None else pa.concat_tables([keep, table]), n)
+    if keep is None:
+        return pd.DataFrame(columns=GALLERY_COLUMNS)
+    keep = keep.to_pandas()
+    picked = []
+    for name, group in keep.groupby("predicted_class", sort=True):
+        ordered = group.sort_values(["confidence", "path"], ascending=[False, True], kind="mergesort")
+        confident = ordered.head(n).assign(kind="most confident")
+        rest = ordered[~ordered["path"].isin(confident["path"])]
+        uncertain = rest.sort_values(["confidence", "path"], kind="mergesort").head(n).assign(kind="most uncertain")
+        picked += [confident, uncertain]
+    return pd.concat(picked, ignore_index=True)[GALLERY_COLUMNS[:-1] + data.present(["label"])]

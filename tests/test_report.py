@@ -1,0 +1,536 @@
+"""``allcluster report`` from a real small sweep and a real scoring run on the real ALL images: every
+number in the tables is checked against the Parquet rows it comes from, and the HTML is opened in
+headless Chromium (tables, plots and gallery must render offline)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from allcluster.cli import main
+from allcluster.config import ConfigError
+from allcluster.report import ReportOptions, build_report, tables
+from allcluster.report.inputs import ScoreSource, SweepSource, collect_inputs
+from conftest import REPO, write_yaml
+
+CI_TINY_SCORE = REPO / "configs" / "score" / "ci_tiny.yaml"
+PER_CLASS = 6            # scored test-split images per class
+GALLERY = 2              # --gallery-per-class
+CLASSES = ["Benign", "Early", "Pre", "Pro"]
+MALIGNANT = ["Early", "Pre", "Pro"]         # the default: every class but Benign
+
+def readme_pandas_recipe() -> str:
+    """The README's "without allcluster" pandas recipe, read from the README itself (so they agree)."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### The same tables without allcluster"):]
+    return section[section.index("```python") + len("```python"):section.index("```", section.index("```python") + 9)]
+
+
+# ---- pure parts ----------------------------------------------------------------------------------------------
+def test_inputs_are_told_apart_by_their_files_and_columns(tmp_path):
+    (tmp_path / "exp").mkdir()
+    pq.write_table(pa.table({"trial_id": ["t"], "status": ["finished"], "val_macro_f1": [0.5], "backbone": ["a"]}),
+                   tmp_path / "exp" / "trials.parquet")
+    (tmp_path / "out" / "rows").mkdir(parents=True)
+    shard = tmp_path / "out" / "rows" / "part-0.parquet"
+    pq.write_table(pa.table({"path": ["x.jpg"], "status": ["ok"], "predicted_class": ["A"], "confidence": [0.9]}), shard)
+    (tmp_path / "out" / "rows" / ".part-1.parquet.tmp").write_bytes(b"half a shard")
+    found = collect_inputs([tmp_path / "exp", tmp_path / "out", shard])
+    assert found.sweeps == [SweepSource((tmp_path / "exp").resolve(), (tmp_path / "exp" / "trials.parquet").resolve())]
+    assert found.scorings == [ScoreSource((tmp_path / "out").resolve(), [shard.resolve()])]
+    pq.write_table(pa.table({"a": [1]}), tmp_path / "other.parquet")
+    (tmp_path / "notes.txt").write_text("x")
+    for path, message in [(tmp_path / "other.parquet", "neither sweep columns"), (tmp_path / "notes.txt", "expected a folder"),
+                          (tmp_path, "not a sweep experiment folder")]:
+        with pytest.raises(ConfigError, match=message):
+            collect_inputs([path])
+    with pytest.raises(FileNotFoundError, match="gone"):
+        collect_inputs([tmp_path / "gone"])
+
+
+def test_markdown_and_html_tables_escape_their_cells():
+    from allcluster.report import html
+
+    df = pd.DataFrame({"name": ["a|b", "<script>x</script>"], "value": [0.123456, float("nan")], "n": [3, 4]})
+    assert html.markdown_table(df).splitlines() == ["| name | value | n |", "|---|---|---|", "| a\\|b | 0.1235 | 3 |",
+                                                    "| <script>x</script> |  | 4 |"]
+    fragment = html.table_html(df, "t")
+    assert "<script>" not in fragment and "&lt;script&gt;" in fragment and DomSummary.of(fragment).tables == {"t": 2}
+
+
+def test_roc_points_equal_scikit_learns():
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(0)
+    positive = rng.random(300) < 0.3
+    scores = np.round(rng.random(300) + positive * 0.3, 2)          # rounded: ties
+    fpr, tpr, _ = roc_curve(positive, scores, drop_intermediate=False)
+    ours = tables.roc_curve(positive, scores)
+    np.testing.assert_allclose(ours[0], fpr)
+    np.testing.assert_allclose(ours[1], tpr)
+
+
+# ---- the real runs -----------------------------------------------------------------------------------------
+def sweep_config(path: Path, manifest: Path, experiment: Path) -> Path:
+    """ci_tiny's recipe: 2 backbones x 2 augmentations (optimizer drawn per trial), 3 epochs at 48 px on a
+    64-per-class subset (a trial's cost is mostly Ray Train's start; these epochs take seconds)."""
+    train = {"data": {"manifest": str(manifest), "image_size": 48, "max_per_class": 64, "loader_workers": 0},
+             "model": {"backbone": "allnet", "head": {"hidden": [16], "dropout": 0.0, "hidden_dropout": 0.0}},
+             "finetune": {"head_epochs": 0, "unfreeze_blocks": -1},
+             "optim": {"lr": 0.003, "weight_decay": 0.0},
+             "fit": {"epochs": 3, "batch_size": 16, "early_stopping_patience": 0},
+             "resources": {"num_workers": 1, "cpus_per_worker": 0.9}}
+    return write_yaml(path, {"name": "report-test", "experiment_dir": str(experiment), "train": train, "seed": 0,
+                             "grid": {"model.backbone": ["allnet", "test_efficientnet"],
+                                      "augment.name": ["none", "mixup"]},
+                             "sample": {"optim.name": {"choice": ["adam", "adamw"]}}})
+
+
+def scoring_manifest(real_manifest: Path, base: Path) -> Path:
+    """Test-split images (PER_CLASS per class) plus a byte-identical copy, a truncated file and a
+    missing one, with labels: the rows get duplicates, two error types and a label column."""
+    manifest = pd.read_parquet(real_manifest)
+    picked = manifest[manifest["split"] == "test"].groupby("label").head(PER_CLASS)
+    extra = base / "extra"
+    extra.mkdir()
+    first = Path(picked.iloc[0]["path"])
+    shutil.copy(first, extra / "copy.jpg")
+    (extra / "cut.jpg").write_bytes(first.read_bytes()[: first.stat().st_size // 2])
+    added = pd.DataFrame({"path": [str(extra / n) for n in ("copy.jpg", "cut.jpg", "gone.jpg")],
+                          "label": [picked.iloc[0]["label"], "Pre", "Pro"], "patient": "", "split": "test"})
+    out = base / "score-input.parquet"
+    pd.concat([picked[["path", "label", "patient", "split"]], added], ignore_index=True).to_parquet(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, real_manifest, tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("report")
+    experiment, scored, report = base / "sweep", base / "scored", base / "report"
+    assert main(["sweep", "--config", str(sweep_config(base / "sweep.yaml", real_manifest, experiment))]) == 0
+    assert main(["score", "--config", str(CI_TINY_SCORE), "--model", str(experiment / "best_model"),
+                 "--input", str(scoring_manifest(real_manifest, base)), "--out", str(scored),
+                 "--set", "explain.budget.max_images=2"]) == 0
+    assert main(["report", str(experiment), str(scored), "--out", str(report), "--group-by", "folder",
+                 "--group-by", "label", "--gallery-per-class", str(GALLERY)]) == 0
+    return {"base": base, "experiment": experiment, "scored": scored, "report": report,
+            "trials": pd.read_parquet(experiment / "trials.parquet"), "rows": pd.read_parquet(scored / "rows"),
+            "result": json.loads((report / "report.json").read_text())}
+
+
+def read_table(report: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(report / "tables" / f"{name}.csv", keep_default_na=False, na_values=[""])
+
+
+def table(runs: dict, name: str) -> pd.DataFrame:
+    return read_table(runs["report"], name)
+
+
+def best_of(trials: pd.DataFrame, **cell) -> pd.Series:
+    """The validation-best finished trial of a cell, computed here independently of the report."""
+    mask = trials["status"] == "finished"
+    for key, value in cell.items():
+        mask &= trials[key] == value
+    return trials[mask].sort_values(["val_macro_f1", "val_loss", "trial_id"], ascending=[False, True, True]).iloc[0]
+
+
+# ---- sweep tables ----------------------------------------------------------------------------------------
+@pytest.mark.ray
+@pytest.mark.slow
+def test_leaderboard_rows_are_the_validation_best_trial_of_each_cell(runs):
+    trials, board = runs["trials"], table(runs, "leaderboard")
+    finished = trials[trials["status"] == "finished"]
+    assert len(finished) == 4
+    assert len(board) == finished.groupby(["backbone", "augmentation", "optimizer"]).ngroups
+    for row in board.itertuples(index=False):
+        best = best_of(trials, backbone=row.backbone, augmentation=row.augmentation, optimizer=row.optimizer)
+        assert row.trial_id == best["trial_id"]
+        for column in ("train_accuracy", "val_accuracy", "test_accuracy", "train_loss", "val_loss", "test_loss",
+                       "val_macro_f1", "test_macro_f1", "test_auc", "test_macro_specificity", "test_ece",
+                       "wall_seconds", "gpu_hours"):
+            assert getattr(row, column) == pytest.approx(best[column], rel=1e-12, abs=1e-15), column
+    assert board["val_macro_f1"].is_monotonic_decreasing
+    card = json.loads((runs["experiment"] / "best_model" / "model_card.json").read_text())
+    assert board.iloc[0]["trial_id"] == card["sweep"]["trial_id"], "the top row is the sweep's exported best model"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_pivots_and_best_per_backbone_show_the_validation_best_trial_of_each_cell(runs):
+    trials = runs["trials"]
+    for across in ("augmentation", "optimizer"):
+        pivot = table(runs, f"pivot_backbone_x_{across}").set_index("backbone")
+        cells = trials[trials["status"] == "finished"].groupby(["backbone", across]).size()
+        assert pivot.notna().to_numpy().sum() == len(cells)
+        for (backbone, value), _ in cells.items():
+            expected = best_of(trials, backbone=backbone, **{across: value})["test_macro_f1"]
+            assert pivot.loc[backbone, str(value)] == pytest.approx(expected, rel=1e-12)
+    per_backbone = table(runs, "best_per_backbone").set_index("backbone")
+    assert sorted(per_backbone.index) == ["allnet", "test_efficientnet"]
+    for backbone, row in per_backbone.iterrows():
+        assert row["trial_id"] == best_of(trials, backbone=backbone)["trial_id"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_cell_with_several_trials_shows_the_validation_best_not_the_test_best(runs):
+    trials = runs["trials"]
+    top = best_of(trials)
+    worse_on_val = top.copy()
+    worse_on_val[["trial_id", "val_macro_f1", "test_macro_f1"]] = ["z-worse-val", top["val_macro_f1"] - 0.01, 1.0]
+    board = tables.leaderboard(pd.concat([trials, worse_on_val.to_frame().T], ignore_index=True))
+    row = board[board["trial_id"].isin([top["trial_id"], "z-worse-val"])]
+    assert row["trial_id"].tolist() == [top["trial_id"]] and int(row["trials"].iloc[0]) == 2
+    better_on_val = worse_on_val.copy()
+    better_on_val[["trial_id", "val_macro_f1"]] = ["a-better-val", top["val_macro_f1"] + 0.01]
+    board = tables.leaderboard(pd.concat([trials, better_on_val.to_frame().T], ignore_index=True))
+    assert board.iloc[0]["trial_id"] == "a-better-val"
+
+
+# ---- scoring tables --------------------------------------------------------------------------------------
+@pytest.mark.ray
+@pytest.mark.slow
+def test_counts_errors_and_rollups_equal_counts_over_the_rows(runs):
+    rows = runs["rows"]
+    ok = rows[rows["status"] == "ok"]
+    assert len(rows) == 4 * PER_CLASS + 3
+    counts = table(runs, "class_counts").set_index("predicted_class")
+    assert counts["images"].to_dict() == ok["predicted_class"].value_counts().to_dict()
+    assert counts["uncertain"].to_dict() == ok.groupby("predicted_class")["uncertain"].sum().to_dict()
+    assert np.allclose(counts["confidence_mean"], ok.groupby("predicted_class")["confidence"].mean()[counts.index])
+    overview = table(runs, "overview").iloc[0]
+    assert overview["rows"] == len(rows) and overview["ok"] == len(ok) and overview["errors"] == 2
+    assert overview["uncertain"] == ok["uncertain"].sum() and overview["duplicates"] >= 1
+    assert overview["duplicates"] == (rows["duplicate_of"] != "").sum()
+    errors = table(runs, "errors_by_type").set_index("error_type")["errors"].to_dict()
+    assert errors == rows.loc[rows["status"] == "error", "error_type"].value_counts().to_dict()
+    assert set(errors) == {"truncated", "unreadable"}
+    for key in ("folder", "label"):
+        rollup = table(runs, f"rollup_{key}").set_index(key)
+        assert rollup["rows"].to_dict() == rows[key].value_counts().to_dict()
+        assert rollup["errors"].to_dict() == (rows["status"] == "error").groupby(rows[key]).sum().to_dict()
+        for name in CLASSES:
+            expected = (ok["predicted_class"] == name).groupby(ok[key]).sum().reindex(rollup.index, fill_value=0)
+            assert rollup[name].tolist() == expected.tolist(), (key, name)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_morning_list_is_exactly_the_flagged_rows_in_priority_order(runs):
+    rows = runs["rows"]
+    ok = rows[rows["status"] == "ok"]
+    flagged = ok[ok["uncertain"] | ok["predicted_class"].isin(MALIGNANT)]
+    morning = pd.read_csv(runs["report"] / "morning_list.csv", keep_default_na=False)
+    assert len(morning) == len(flagged) and sorted(morning["path"]) == sorted(flagged["path"])
+    assert morning["priority"].tolist() == list(range(1, len(morning) + 1))
+    check_priority_order(morning, rows.set_index("path"), MALIGNANT)
+    assert all(Path(p).is_file() for p in morning["heatmap"]), "heatmap links must point at the job's maps"
+
+
+def check_priority_order(morning: pd.DataFrame, rows: pd.DataFrame, malignant: list[str]) -> None:
+    """Tiers 1 (malignant and uncertain), 2 (malignant), 3 (uncertain) in order; inside a tier the
+    calibrated malignant probability (recomputed from the rows) never increases."""
+    source = rows.loc[morning["path"]]
+    is_malignant = source["predicted_class"].isin(malignant).to_numpy()
+    uncertain = source["uncertain"].astype(bool).to_numpy()
+    tier = np.where(is_malignant & uncertain, 1, np.where(is_malignant, 2, 3))
+    assert (np.diff(tier) >= 0).all(), tier
+    probability = source[[f"cal_prob_{c}" for c in malignant]].sum(axis=1).to_numpy()
+    assert np.allclose(morning["malignant_probability"], probability, atol=1e-6)
+    for t in (1, 2, 3):
+        assert (np.diff(probability[tier == t]) <= 1e-7).all()
+    assert morning["reason"].tolist() == [tables.TIERS[t] for t in tier]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_every_priority_tier_on_the_real_rows_with_other_flags(runs, tmp_path):
+    """The real rows with other flags, so that all three tiers occur: ``uncertain`` redrawn (below the
+    median confidence), every ok row predicted as its label, and only Pre malignant."""
+    rows = pq.read_table(runs["scored"] / "rows")
+    confidence = rows["confidence"].to_numpy(zero_copy_only=False)
+    ok = pc.equal(rows["status"], "ok")
+    changes = {"uncertain": pa.array(confidence < np.nanmedian(confidence)),
+               "predicted_class": pc.if_else(ok, rows["label"], rows["predicted_class"])}
+    for name, column in changes.items():
+        rows = rows.set_column(rows.schema.get_field_index(name), name, column)
+    (tmp_path / "rows").mkdir()
+    pq.write_table(rows, tmp_path / "rows" / "part-0.parquet")
+    data = tables.open_scoring(collect_inputs([tmp_path]).scorings)
+    morning = tables.morning_list(data, ["Pre"]).to_pandas()
+    df = rows.to_pandas()
+    assert data.classes == CLASSES and data.heatmap_column == "heatmap_gradcam"
+    expected = df[(df["status"] == "ok") & (df["uncertain"] | (df["predicted_class"] == "Pre"))]
+    assert sorted(morning["path"]) == sorted(expected["path"])
+    assert set(morning["reason"]) == set(tables.TIERS.values()), morning["reason"].value_counts()
+    check_priority_order(morning, df.set_index("path"), ["Pre"])
+
+
+# ---- labelled rows, plots, gallery -----------------------------------------------------------------------
+@pytest.mark.ray
+@pytest.mark.slow
+def test_confusion_matrix_and_metrics_equal_the_labelled_rows(runs):
+    from sklearn.metrics import f1_score
+
+    rows = runs["rows"]
+    labelled = rows[(rows["status"] == "ok") & (rows["label"] != "")]
+    confusion = np.asarray(runs["result"]["scoring"]["confusion"])
+    expected = pd.crosstab(labelled["label"], labelled["predicted_class"]).reindex(
+        index=CLASSES, columns=CLASSES, fill_value=0)
+    assert confusion.sum() == len(labelled) == runs["result"]["scoring"]["labelled_rows"]
+    assert (confusion == expected.to_numpy()).all()
+    found = table(runs, "labelled_metrics").iloc[0]
+    assert found["n"] == len(labelled)
+    assert found["accuracy"] == pytest.approx((labelled["label"] == labelled["predicted_class"]).mean())
+    assert found["macro_f1"] == pytest.approx(f1_score(labelled["label"], labelled["predicted_class"],
+                                                       labels=CLASSES, average="macro", zero_division=0))
+    per_class = table(runs, "per_class").set_index("class")
+    assert per_class["support"].to_dict() == labelled["label"].value_counts().reindex(CLASSES, fill_value=0).to_dict()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_plots_are_real_images(runs):
+    plots = runs["report"] / "plots"
+    names = {"confusion", "roc", "reliability", "f1_per_class", "metric_heatmap", "training_curves"}
+    assert {p.stem for p in plots.glob("*.png")} == names
+    for name in names:
+        image = np.asarray(Image.open(plots / f"{name}.png").convert("RGB"))
+        assert image.shape[0] > 200 and image.shape[1] > 200, name
+        assert len(np.unique(image.reshape(-1, 3), axis=0)) > 20, f"{name} looks blank"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_gallery_shows_the_most_confident_and_most_uncertain_rows_of_each_class(runs):
+    rows = runs["rows"]
+    own = rows[(rows["status"] == "ok") & (rows["duplicate_of"] == "")]
+    gallery = pd.read_csv(runs["report"] / "gallery" / "gallery.csv", keep_default_na=False)
+    assert set(gallery["predicted_class"]) == set(own["predicted_class"])
+    for name, group in own.groupby("predicted_class"):
+        ranked = group.sort_values(["confidence", "path"], ascending=[False, True])
+        confident = ranked["path"].head(GALLERY).tolist()
+        rest = ranked[~ranked["path"].isin(confident)].sort_values(["confidence", "path"])
+        shown = gallery[gallery["predicted_class"] == name]
+        assert shown.loc[shown["kind"] == "most confident", "path"].tolist() == confident
+        assert shown.loc[shown["kind"] == "most uncertain", "path"].tolist() == rest["path"].head(GALLERY).tolist()
+    check_overlay(runs, gallery.iloc[0])
+
+
+def check_overlay(runs: dict, pick: pd.Series) -> None:
+    """The overlay is the row's Grad-CAM map in jet at alpha 0.5 over the image resized to the map."""
+    import matplotlib
+
+    heat = np.asarray(Image.open(pick["heatmap"]), dtype=np.float64) / 255
+    image = np.asarray(Image.open(pick["path"]).convert("RGB").resize(heat.shape[::-1], Image.BILINEAR), np.float64)
+    expected = 0.5 * image + 0.5 * 255 * matplotlib.colormaps["jet"](heat)[..., :3]
+    overlay = np.asarray(Image.open(runs["report"] / pick["image"]), dtype=np.float64)
+    assert overlay.shape == expected.shape
+    assert np.abs(overlay - expected).mean() < 8, "JPEG error only"
+    assert np.abs(overlay - image).mean() > 2 * np.abs(overlay - expected).mean(), "the map must show"
+
+
+# ---- files, inputs, errors -------------------------------------------------------------------------------
+@pytest.mark.ray
+@pytest.mark.slow
+def test_every_table_is_written_as_csv_markdown_and_html(runs):
+    for name, rel in runs["result"]["files"].items():
+        if name.startswith("plot:") or not rel.startswith("tables/"):
+            continue
+        csv = pd.read_csv(runs["report"] / rel)
+        markdown = (runs["report"] / rel).with_suffix(".md").read_text().splitlines()
+        assert markdown[0].count("|") == len(csv.columns) + 1 and set(markdown[1]) <= {"|", "-"}
+        assert len(markdown) == len(csv) + 2, name
+        fragment = DomSummary.of((runs["report"] / rel).with_suffix(".html").read_text())
+        assert list(fragment.tables.values()) == [len(csv)], name
+    options = (runs["report"] / "report.yaml").read_text()
+    assert "metric: test_macro_f1" in options and "- Early" in options and "- label" in options
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_parquet_files_as_inputs_give_the_same_tables(runs, tmp_path):
+    shards = sorted((runs["scored"] / "rows").glob("*.parquet"))
+    found = collect_inputs([runs["experiment"] / "trials.parquet", runs["experiment"] / "epochs.parquet", *shards])
+    exp, scored = runs["experiment"].resolve(), runs["scored"].resolve()
+    assert found.sweeps == [SweepSource(exp, exp / "trials.parquet", exp / "epochs.parquet")]
+    assert found.scorings == [ScoreSource(scored, [p.resolve() for p in shards])]
+    result = build_report([runs["experiment"] / "trials.parquet", *shards], tmp_path / "r",
+                          ReportOptions(gallery_per_class=1, group_by=["label"]))
+    for name in ("leaderboard", "class_counts", "rollup_label"):
+        assert read_table(tmp_path / "r", name).equals(table(runs, name)), name
+    assert result["scoring"]["confusion"] == runs["result"]["scoring"]["confusion"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_rows_without_labels_or_heatmaps_skip_those_parts_and_say_so(runs, tmp_path):
+    rows = pq.read_table(runs["scored"] / "rows")
+    rows = rows.drop_columns(["label"])
+    (tmp_path / "out" / "rows").mkdir(parents=True)
+    pq.write_table(rows, tmp_path / "out" / "rows" / "part-0.parquet")      # no heatmaps/ folder next to it
+    result = build_report([tmp_path / "out"], tmp_path / "r", ReportOptions(morning_rows=2))
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "no labelled rows" in page and not (tmp_path / "r" / "plots").exists()
+    assert "Sweep" not in DomSummary.of(page).headings
+    assert any("no overlay" in n for n in result["notes"]), result["notes"]
+    assert result["scoring"]["rows"] == rows.num_rows
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_bad_options_and_inputs_are_one_clear_error(runs, tmp_path, capsys):
+    cases = [([str(runs["experiment"]), "--metric", "nope"], "--metric 'nope': not a numeric column"),
+             ([str(runs["scored"]), "--group-by", "ward"], "--group-by ward: not a column of the scoring rows"),
+             ([str(runs["scored"]), "--malignant", "Blast"], "--malignant Blast: not a class of the model; classes: Benign"),
+             ([str(tmp_path / "missing")], "report input not found"),
+             ([str(runs["base"] / "extra")], "not a sweep experiment folder")]
+    for args, message in cases:
+        assert main(["report", *args, "--out", str(tmp_path / "r")]) == 2
+        assert message in capsys.readouterr().err, args
+    assert not (tmp_path / "r").exists(), "nothing is written before the inputs and options are checked"
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "mine.txt").write_text("not a report")
+    with pytest.raises(ConfigError, match="holds no earlier report"):
+        build_report([runs["experiment"]], tmp_path / "busy")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_readme_pandas_recipe_gives_the_reports_headline_tables(runs):
+    scope = {"EXP": str(runs["experiment"]), "OUT": str(runs["scored"])}
+    exec(readme_pandas_recipe(), scope)
+    board = table(runs, "leaderboard")
+    assert scope["leaderboard"]["trial_id"].tolist() == board["trial_id"].tolist()
+    assert np.allclose(scope["leaderboard"]["test_macro_f1"], board["test_macro_f1"])
+    counts = table(runs, "class_counts").set_index("predicted_class")
+    assert scope["per_class"]["images"].to_dict() == counts["images"].to_dict()
+    assert scope["errors"].to_dict() == table(runs, "errors_by_type").set_index("error_type")["errors"].to_dict()
+
+
+# ---- the HTML in a real browser --------------------------------------------------------------------------
+class DomSummary(HTMLParser):
+    """Tables (id -> body rows), image sources, headings and the harness result of an HTML text."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables: dict[str, int] = {}
+        self.images: list[str] = []
+        self.headings: list[str] = []
+        self.result = ""
+        self._table, self._in_body, self._heading, self._pre = None, False, False, False
+
+    @classmethod
+    def of(cls, text: str) -> "DomSummary":
+        parser = cls()
+        parser.feed(text)
+        return parser
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self._table = attrs.get("id", f"table-{len(self.tables)}")
+            self.tables[self._table] = 0
+        elif tag == "tbody":
+            self._in_body = True
+        elif tag == "tr" and self._in_body and self._table:
+            self.tables[self._table] += 1
+        elif tag == "img":
+            self.images.append(attrs.get("src", ""))
+        self._heading = tag in ("h2", "h3") or self._heading
+        self._pre = (tag == "pre" and attrs.get("id") == "result") or self._pre
+
+    def handle_endtag(self, tag):
+        if tag == "tbody":
+            self._in_body = False
+        elif tag == "table":
+            self._table = None
+        self._heading = self._heading and tag not in ("h2", "h3")
+        self._pre = self._pre and tag != "pre"
+
+    def handle_data(self, data):
+        if self._heading:
+            self.headings.append(data)
+        if self._pre:
+            self.result += data
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The Chromium binary; a loud skip without one (session-scoped and requested before ``runs``, so a
+    missing browser skips before the sweep and scoring run)."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if not found:
+        reason = ("CHROMIUM ABSENT: no chromium binary on PATH; the browser test of the HTML report is SKIPPED. "
+                  "Install Debian's `chromium` package (.ci/run does) to run it.")
+        warnings.warn(reason)
+        print(f"\n*** {reason} ***\n", file=sys.stderr)
+        pytest.skip(reason)
+    return found
+
+
+def run_chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+               f"--user-data-dir={profile}", "--allow-file-access-from-files", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+HARNESS = """<!DOCTYPE html><html><body><iframe id="f" src="{src}" width="1280" height="4000"></iframe><script>
+document.getElementById("f").onload = function () {{
+  var d = this.contentDocument, broken = [], images = d.images;
+  for (var i = 0; i < images.length; i++)
+    if (!images[i].complete || images[i].naturalWidth === 0) broken.push(images[i].getAttribute("src"));
+  var out = document.createElement("pre"); out.id = "result";
+  out.textContent = JSON.stringify({{images: images.length, broken: broken, tables: d.querySelectorAll("table").length,
+    width: d.getElementById("leaderboard").offsetWidth}});
+  document.body.appendChild(out);
+}};
+</script></body></html>"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_index_html_renders_offline_in_headless_chromium(chromium, runs, tmp_path):
+    binary, report = chromium, runs["report"]
+    page = (report / "index.html").read_text()
+    assert "http://" not in page.lower() and "https://" not in page.lower() and "<script" not in page.lower()
+    source = DomSummary.of(page)
+    assert source.images and all(not s.startswith(("/", "file:")) and (report / s).is_file() for s in source.images)
+
+    dom = DomSummary.of(run_chromium(binary, tmp_path / "p1", "--dump-dom", (report / "index.html").as_uri()).stdout)
+    assert dom.tables["leaderboard"] == len(table(runs, "leaderboard"))
+    assert dom.tables["class-counts"] == len(table(runs, "class_counts"))
+    assert dom.tables["morning-list-top"] == min(50, len(pd.read_csv(report / "morning_list.csv")))
+    assert sorted(dom.images) == sorted(source.images)
+    gallery = pd.read_csv(report / "gallery" / "gallery.csv")
+    assert set(gallery["image"]) <= set(dom.images) and {"plots/confusion.png", "plots/roc.png"} <= set(dom.images)
+
+    harness = tmp_path / "harness.html"
+    harness.write_text(HARNESS.format(src=(report / "index.html").as_uri()))
+    loaded = DomSummary.of(run_chromium(binary, tmp_path / "p2", "--virtual-time-budget=30000", "--dump-dom",
+                                        harness.as_uri()).stdout)
+    state = json.loads(loaded.result)
+    assert state["images"] == len(source.images) and state["broken"] == [], state
+    assert state["tables"] == len(source.tables) and state["width"] > 400
+
+    shot = tmp_path / "shot.png"
+    run_chromium(binary, tmp_path / "p3", f"--screenshot={shot}", "--window-size=1280,4000",
+                 (report / "index.html").as_uri())
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.shape == (4000, 1280, 3)
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 500, "the screenshot is (nearly) one colour"
+    assert (pixels.reshape(-1, 3) != 255).any(axis=1).mean() > 0.05, "the page is mostly empty"
