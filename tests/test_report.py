@@ -158,7 +158,7 @@ def test_leaderboard_rows_are_the_validation_best_trial_of_each_cell(runs):
         best = best_of(trials, backbone=row.backbone, augmentation=row.augmentation, optimizer=row.optimizer)
         assert row.trial_id == best["trial_id"]
         for column in ("train_accuracy", "val_accuracy", "test_accuracy", "train_loss", "val_loss", "test_loss",
-                       "val_macro_f1", "test_macro_f1", "test_auc", "test_macro_specificity", "test_ece",
+                       "train_macro_f1", "val_macro_f1", "test_macro_f1", "test_auc", "test_macro_specificity", "test_ece",
                        "wall_seconds", "gpu_hours"):
             assert getattr(row, column) == pytest.approx(best[column], rel=1e-12, abs=1e-15), column
     assert board["val_macro_f1"].is_monotonic_decreasing

@@ -103,8 +103,8 @@ def test_sweep_runs_every_trial_and_exports_the_best_by_validation(ray_local, sy
     assert (trials["status"] == "finished").all(), trials[["trial_id", "status", "error"]]
     assert set(zip(trials["augment.name"], trials["optim.name"])) == {
         ("mixup", "adam"), ("mixup", "sgd"), ("cutmix", "adam"), ("cutmix", "sgd")}
-    for column in ("train_accuracy", "val_accuracy", "test_accuracy", "val_macro_f1", "test_macro_f1",
-                   "test_auc", "test_macro_specificity", "test_ece"):
+    for column in ("train_accuracy", "train_macro_f1", "val_accuracy", "test_accuracy", "val_macro_f1",
+                   "test_macro_f1", "test_auc", "test_macro_specificity", "test_ece"):
         assert trials[column].between(0, 1).all(), column
     assert (trials["wall_seconds"] > 0).all() and (trials["images_per_s"] > 0).all()
     assert (trials["gpu_hours"] == 0).all() and (trials["epochs_trained"] == 2).all()

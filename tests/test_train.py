@@ -43,6 +43,7 @@ def test_training_run_exports_model_dir_metrics_and_resolved_config(ray_local, s
     history = pq.read_table(out / "metrics.parquet").to_pandas()
     assert history["epoch"].tolist() == [0, 1]
     assert not any(c.startswith("test_") for c in history.columns), "test split must not be looked at per epoch"
+    assert history["train_macro_f1"].between(0, 1).all() and history["train_accuracy"].between(0, 1).all()
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["model"]["head"]["hidden"] == [32] and resolved["data"]["image_size"] == 48
     assert yaml.safe_load((out / "model" / "config.yaml").read_text()) == resolved

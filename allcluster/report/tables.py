@@ -31,8 +31,8 @@ RANK_BY, RANK_ASCENDING = ["val_macro_f1", "val_loss", "trial_id"], [False, True
 CELL = ["backbone", "augmentation", "optimizer"]
 LEADERBOARD_COLUMNS = CELL + [
     "trials", "trial_id", "train_accuracy", "val_accuracy", "test_accuracy", "train_loss", "val_loss", "test_loss",
-    "val_macro_f1", "test_macro_f1", "test_auc", "test_macro_specificity", "test_ece", "test_ece_calibrated",
-    "wall_seconds", "gpu_hours", "sweep"]
+    "train_macro_f1", "val_macro_f1", "test_macro_f1", "test_auc", "test_macro_specificity", "test_ece",
+    "test_ece_calibrated", "wall_seconds", "gpu_hours", "sweep"]
 CONFIG_COLUMNS = ["augmentation", "optimizer", "lr", "image_size", "head_epochs", "unfreeze_blocks", "batch_size"]
 # swept keys already shown under the names above
 SHOWN_KEYS = {"model.backbone", "augment.name", "optim.name", "optim.lr", "data.image_size", "finetune.head_epochs",

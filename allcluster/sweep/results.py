@@ -20,7 +20,7 @@ from allcluster.models.model_dir import versions
 from allcluster.sweep.plan import Trial, trial_status
 
 METRIC_KEYS = ("accuracy", "loss", "macro_f1", "auc", "macro_specificity", "ece")
-SUMMARY_COLUMNS = ["backbone", "augmentation", "optimizer", "status", "best_epoch", "train_accuracy",
+SUMMARY_COLUMNS = ["backbone", "augmentation", "optimizer", "status", "best_epoch", "train_accuracy", "train_macro_f1",
                    "val_accuracy", "test_accuracy", "train_loss", "val_loss", "test_loss", "val_macro_f1",
                    "test_macro_f1", "test_auc", "wall_seconds", "gpu_hours"]
 
@@ -67,6 +67,7 @@ def trial_row(trial: Trial) -> dict:
     row["epochs_trained"] = int(len(history))
     row["train_accuracy"] = float(best["train_accuracy"]) if best is not None else np.nan
     row["train_loss"] = float(best["train_loss"]) if best is not None else np.nan
+    row["train_macro_f1"] = float(best.get("train_macro_f1", np.nan)) if best is not None else np.nan
     if card:
         row.update(_split_metrics("val", card["metrics"]["val"]))
         row.update(_split_metrics("test", card["metrics"]["test"]))

@@ -148,7 +148,9 @@ class WorkerRun:
     def train_epoch(self, net: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> dict:
         net.train()
         self.sampler.set_epoch(epoch)
-        loss_sum, correct, seen = 0.0, 0, 0
+        loss_sum, seen = 0.0, 0
+        n = len(self.classes)
+        confusion = torch.zeros(n * n, dtype=torch.long, device=self.device)   # running, on augmented batches
         start = time.perf_counter()
         for images_u8, labels, _ in self.train_loader:
             images = self.to_device(images_u8)
@@ -161,12 +163,14 @@ class WorkerRun:
             loss.backward()
             optimizer.step()
             loss_sum += float(loss.detach()) * len(labels)
-            correct += int((logits.argmax(1) == targets.argmax(1)).sum())
+            confusion += torch.bincount(targets.argmax(1) * n + logits.argmax(1), minlength=n * n)
             seen += len(labels)
         seconds = time.perf_counter() - start
-        totals = np.sum(self.session.all_gather([loss_sum, correct, seen]), axis=0)
-        return {"train_loss": totals[0] / max(totals[2], 1), "train_accuracy": totals[1] / max(totals[2], 1),
-                "train_images_per_s": totals[2] / max(seconds, 1e-9), "train_seconds": seconds}
+        totals = np.sum(self.session.all_gather([loss_sum, seen, *confusion.tolist()]), axis=0)
+        cm = totals[2:].reshape(n, n)
+        return {"train_loss": totals[0] / max(totals[1], 1), "train_accuracy": np.trace(cm) / max(totals[1], 1),
+                "train_macro_f1": float(M.per_class_prf_specificity(cm)["f1"].mean()),
+                "train_images_per_s": totals[1] / max(seconds, 1e-9), "train_seconds": seconds}
 
     @torch.no_grad()
     def predict(self, net: torch.nn.Module, split: Split) -> np.ndarray:
