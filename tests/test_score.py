@@ -74,7 +74,12 @@ def test_manifest_and_text_inputs_keep_their_paths_and_manifest_columns(tmp_path
     manifest = pd.read_parquet(synthetic_manifest)
     assert listing.paths == manifest["path"].tolist()
     assert listing.extra["label"] == manifest["label"].tolist()
-    assert set(listing.extra) == {"label", "patient", "split"}
+    assert listing.extra["fold"] == manifest["fold"].astype(str).tolist()
+    assert listing.extra["input_sha256"] == manifest["sha256"].tolist(), "a computed name gets input_"
+    assert {"patient", "split", "input_status"} <= set(listing.extra) and "sha256" not in listing.extra
+    own = tmp_path / "own.parquet"
+    pd.DataFrame({"path": ["a.jpg", "b.jpg"], "ward": ["W1", None], "confidence": [1, 2]}).to_parquet(own)
+    assert list_inputs(own).extra == {"ward": ["W1", ""], "input_confidence": ["1", "2"]}
     text = tmp_path / "list.txt"
     text.write_text("# cells\nrel/a.jpg\n\n/abs/b.png\n")
     assert list_inputs(text).paths == [str(tmp_path / "rel" / "a.jpg"), "/abs/b.png"]
@@ -455,3 +460,25 @@ def test_overlays_are_written_only_when_asked(tiny_model_dir, real_data_dir, tmp
         assert written == sorted(expected)
         overlay = np.asarray(Image.open(expected[0]))
         assert overlay.shape == (64, 64, 3) and overlay.std() > 0
+
+
+def test_a_duplicate_takes_its_first_copys_results_but_keeps_its_own_input_columns(tmp_path):
+    import pyarrow as pa
+
+    from allcluster.score.output import ShardWriter, resolve_duplicates
+    from allcluster.score.rows import empty_columns, row_schema
+
+    schema = row_schema(["A", "B"], ["gradcam"], ["ward"])
+    cols = empty_columns(schema, 3)
+    cols.update(path=["first.jpg", "copy.jpg", "orphan.jpg"], sha256=["aa" * 32, "aa" * 32, "bb" * 32],
+                status=["ok"] * 3, duplicate_of=["", "first.jpg", "gone.jpg"], ward=["W1", "W2", "W3"],
+                predicted_class=["B", None, None], confidence=[0.9, None, None], t_model_ms=[5.0, None, None])
+    table = pa.Table.from_pydict(cols, schema=schema)
+    writer = ShardWriter(tmp_path, schema, "run", rows_per_shard=100, flush_seconds=60)
+    writer.add(table.slice(0, 1))
+    writer.flush()
+    filled = resolve_duplicates(tmp_path, table.slice(1), ["ward"]).to_pylist()
+    copy, orphan = filled
+    assert (copy["path"], copy["ward"], copy["duplicate_of"]) == ("copy.jpg", "W2", "first.jpg")
+    assert (copy["predicted_class"], copy["confidence"], copy["t_model_ms"]) == ("B", pytest.approx(0.9), None)
+    assert (orphan["status"], orphan["error_type"]) == ("error", "duplicate_unresolved")

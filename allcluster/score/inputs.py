@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 
 from allcluster.config import ConfigError
 
-PASSTHROUGH = ("label", "patient", "split")    # manifest columns copied into result rows
 
 
 @dataclass
@@ -80,11 +79,16 @@ def list_tree(root: Path) -> Listing:
 
 
 def list_manifest(path: Path) -> Listing:
-    """Rows of a manifest Parquet (``allcluster index``): its ``path`` column plus label/patient/split."""
+    """Rows of a manifest Parquet (``allcluster index``'s, or any table with a ``path`` column): every
+    other column is copied into the result rows as text (renamed ``input_<name>`` where scoring
+    computes a column of that name), so reports can roll up by any of them."""
+    from allcluster.score.rows import input_column_name
+
     table = pq.read_table(path)
     if "path" not in table.column_names:
         raise ConfigError(f"{path}: a manifest to score needs a 'path' column; found {', '.join(table.column_names)}")
-    extra = {c: [str(v or "") for v in table.column(c).to_pylist()] for c in PASSTHROUGH if c in table.column_names}
+    extra = {input_column_name(c): ["" if v is None else str(v) for v in table.column(c).to_pylist()]
+             for c in table.column_names if c != "path"}
     return Listing([str(p) for p in table.column("path").to_pylist()], extra)
 
 

@@ -106,9 +106,11 @@ def split_duplicates(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     return table.filter(pc.invert(waiting)), table.filter(waiting)
 
 
-def resolve_duplicates(out: Path, waiting: pa.Table) -> pa.Table:
+def resolve_duplicates(out: Path, waiting: pa.Table, extra: list[str] = ()) -> pa.Table:
     """Each waiting duplicate gets its first copy's results (read back from the written shards)
-    with its own path and identity columns; a duplicate whose first copy has no row is an error."""
+    with its own path, identity and input (``extra``) columns; a duplicate whose first copy has no
+    row is an error."""
+    own = [*OWN_COLUMNS, *extra]
     if not waiting.num_rows:
         return waiting
     shas = pc.unique(waiting["sha256"])
@@ -125,7 +127,7 @@ def resolve_duplicates(out: Path, waiting: pa.Table) -> pa.Table:
             filled.append({**row, "status": "error", "error_type": "duplicate_unresolved",
                            "error": f"{row['path']}: same bytes as {row['duplicate_of']}, which has no result row"})
         else:
-            filled.append({**owner, **{k: row[k] for k in OWN_COLUMNS if k in row}})
+            filled.append({**owner, **{k: row[k] for k in own}})
     return pa.Table.from_pylist(filled, schema=waiting.schema)
 
 

@@ -148,6 +148,6 @@ def stream_rows(cfg: ScoreConfig, card: dict, todo: Listing, writer: ShardWriter
     progress.show(final=True)
     writer.flush()
     if waiting:
-        writer.add(resolve_duplicates(out, pa.concat_tables(waiting)))
+        writer.add(resolve_duplicates(out, pa.concat_tables(waiting), list(todo.extra)))
         writer.flush()
     (out / "state" / f"todo-{run_id}.parquet").unlink(missing_ok=True)

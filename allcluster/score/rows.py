@@ -24,9 +24,19 @@ PROVENANCE = [("model_sha256", pa.string()), ("model_run_id", pa.string()), ("co
               ("run_id", pa.string()), ("device", pa.string()), ("scored_at", pa.string()),
               ("allcluster_version", pa.string()), ("torch_version", pa.string()), ("timm_version", pa.string()),
               ("ray_version", pa.string())]
-# Columns a duplicate keeps as its own; all others are copied from the row of its first copy.
-OWN_COLUMNS = ("path", "folder", "duplicate_of", "label", "patient", "split", "t_read_ms", "t_decode_ms",
-               "t_model_ms", "t_explain_ms")
+# Columns a duplicate keeps as its own (with the input's passed-through columns); all others are
+# copied from the row of its first copy.
+OWN_COLUMNS = ("path", "folder", "duplicate_of", "t_read_ms", "t_decode_ms", "t_model_ms", "t_explain_ms")
+FIXED_NAMES = {name for name, _ in IDENTITY + PREDICTION + EXPLANATION + TIMINGS + PROVENANCE}
+DERIVED_PREFIXES = ("prob_", "cal_prob_", "heatmap_", "raw_max_", "faith_drop_", "faith_kept_")
+
+
+def input_column_name(name: str) -> str:
+    """The row column for an input (manifest) column: its own name, or ``input_<name>`` where that
+    would collide with a column scoring computes (e.g. an ``allcluster index`` manifest's ``sha256``)."""
+    if name in FIXED_NAMES or name.startswith(DERIVED_PREFIXES):
+        return f"input_{name}"
+    return name
 
 
 def slug(name: str) -> str:
