@@ -129,3 +129,24 @@ def write_yaml(path: Path, data: dict) -> Path:
 def clean_dir(tmp_path):
     yield tmp_path
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def run_then_sigkill(command: list[str], ready, timeout_s: float, what: str) -> None:
+    """Run a CLI command in its own session (with its own local Ray) and SIGKILL the whole process
+    group as soon as ``ready()`` holds; fails if the command exits first or ``what`` never happens."""
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        deadline = time.time() + timeout_s
+        while not ready():
+            assert process.poll() is None, process.stdout.read()[-3000:]
+            assert time.time() < deadline, f"{what} did not happen within {timeout_s:g} s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

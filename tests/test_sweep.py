@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from allcluster.cli import main
 from allcluster.config import ConfigError, from_dict
 from allcluster.sweep.config import SweepConfig
 from allcluster.sweep.plan import expand, plan_trials, trial_status
-from tests.conftest import REPO, write_yaml
+from tests.conftest import REPO, run_then_sigkill, write_yaml
 
 TRAIN = {
     "data": {"image_size": 32, "loader_workers": 0},
@@ -150,18 +149,9 @@ def test_sweep_killed_mid_way_resumes_and_ends_with_each_trial_once(synthetic_ma
                         train={**TRAIN, "fit": {**TRAIN["fit"], "epochs": 3},
                                "data": {**TRAIN["data"], "manifest": str(synthetic_manifest)}})
     command = [sys.executable, "-m", "allcluster.cli", "sweep", "--config", str(config)]
+    run_then_sigkill(command, lambda: bool(list(exp.glob("trials/*/model/model_card.json"))), 400,
+                     "a finished trial")
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
-    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 400
-        while not list(exp.glob("trials/*/model/model_card.json")):
-            assert first.poll() is None, first.stdout.read()[-3000:]
-            assert time.time() < deadline, "no trial finished in time"
-            time.sleep(0.5)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
     finished = {p.parent.parent.name: (p.parent / "weights.safetensors").stat().st_mtime_ns
                 for p in exp.glob("trials/*/model/model_card.json")}
     assert 1 <= len(finished) < 4

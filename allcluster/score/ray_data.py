@@ -63,15 +63,15 @@ def _read_decode(batch, ledger, **kwargs):
     return core.read_decode(batch, claim=lambda shas, paths: ray.get(ledger.claim.remote(shas, paths)), **kwargs)
 
 
-def write_todo(out: Path, todo: Listing, run_id: str, batch_size: int) -> Path:
-    """The files still to score as a Parquet file on the shared filesystem: Ray Data reads it in
-    blocks, so the listing never travels through the driver's object store whole."""
+def write_todo(out: Path, todo: Listing, run_id: str) -> Path:
+    """The files still to score as a Parquet file on the shared filesystem, which Ray Data reads:
+    the listing does not go through the driver's object store as Python objects."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = out / "state" / f"todo-{run_id}.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"path": todo.paths, **todo.extra}), path, row_group_size=max(64, 4 * batch_size))
+    pq.write_table(pa.table({"path": todo.paths, **todo.extra}), path)
     return path
 
 
@@ -79,8 +79,10 @@ def build_dataset(cfg: ScoreConfig, card: dict, todo: Listing, ledger, run_id: s
     """The lazy Ray Dataset of result rows for the files in ``todo``."""
     import ray
 
-    ds = ray.data.read_parquet(str(write_todo(Path(cfg.out).resolve(), todo, run_id, cfg.batch_size)),
-                               override_num_blocks=max(1, min(len(todo.paths) // cfg.batch_size, 4096)))
+    # read_parquet yields the small file as one block; splitting the path table (a barrier on paths
+    # only, never on images) lets results stream back about one batch at a time.
+    blocks = max(1, min(math.ceil(len(todo.paths) / cfg.batch_size), 4096))
+    ds = ray.data.read_parquet(str(write_todo(Path(cfg.out).resolve(), todo, run_id))).repartition(blocks)
     ds = ds.map_batches(_read_decode, batch_size=cfg.batch_size, num_cpus=cfg.workers.decode_cpus,
                         fn_kwargs={"ledger": ledger, "size": int(card["input_size"]), "roi_crop": bool(card["roi_crop"]),
                                    "roi_margin": float(card["roi_margin"]), "max_pixels": cfg.max_pixels})
