@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,11 +29,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from allcluster.atomic import atomic_write_parquet
+from allcluster.config import ConfigError
 from allcluster.console import say
 from allcluster.data import decode as dec
+from allcluster.data.paths import clean_text, to_fs
+from allcluster.locks import open_lock_file
 from allcluster.data.preprocess import Preprocess
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2     # 2: index.parquet records error_type (transient failures are retried)
 # Set for sweep trials: the driver builds every node's cache first, so a trial that would decode is a bug.
 MUST_EXIST_ENV = "ALLCLUSTER_CACHE_MUST_EXIST"
 
@@ -72,74 +77,134 @@ class ImageCache:
         return self.rows[sha256]
 
 
-def _decode_rows(args: tuple[str, list[tuple[int, str]], int, Preprocess, int]) -> list[tuple[int, str]]:
-    """Decode, preprocess and write some rows into the shared memmap; returns (row, error) failures."""
+def _decode_rows(args: tuple[str, list[tuple[int, str]], int, Preprocess, int]) -> list[tuple[int, str, str]]:
+    """Decode, preprocess and write some rows into the shared memmap; returns (row, error type, error)
+    failures. Any exception for one file is that file's failure, never the build's."""
     images_path, jobs, n, preprocess, max_pixels = args
     images = np.memmap(images_path, dtype=np.uint8, mode="r+",
                        shape=(n, preprocess.size, preprocess.size, 3))
     failures = []
     for row, path in jobs:
         try:
-            decoded = dec.load(path, max_pixels=max_pixels, draft=preprocess.size)
-            images[row] = preprocess(decoded.array)
+            decoded = dec.load(to_fs(path), max_pixels=max_pixels, draft=preprocess.size)
+            try:
+                images[row] = preprocess(decoded.array)
+            except Exception as err:      # noqa: BLE001 - e.g. the ROI crop on an odd image
+                raise dec.unexpected("decode_error", path, err) from err
         except dec.DecodeError as err:
-            failures.append((row, str(err)))
+            failures.append((row, err.kind, clean_text(str(err))))
     images.flush()
     return failures
+
+
+def _decode_parallel(images_path: Path, jobs: list[tuple[int, str]], n: int, preprocess: Preprocess,
+                     max_pixels: int, workers: int) -> list[tuple[int, str, str]]:
+    workers = max(1, min(workers or (os.cpu_count() or 1), len(jobs) // 64 or 1))
+    chunk = max(1, len(jobs) // (workers * 8) or 1)
+    tasks = [(str(images_path), jobs[i:i + chunk], n, preprocess, max_pixels) for i in range(0, len(jobs), chunk)]
+    # Threads, not processes: PIL releases the GIL while decoding and resizing, and threads avoid
+    # re-importing __main__ (fragile inside Ray workers and stdin scripts).
+    with ThreadPoolExecutor(workers) as pool:
+        return [f for part in pool.map(_decode_rows, tasks) for f in part]
+
+
+def _write_index(folder: Path, shas: list[str], paths: list[str], failures: list[tuple[int, str, str]]) -> None:
+    n = len(shas)
+    valid, kinds, errors = np.ones(n, dtype=bool), [""] * n, [""] * n
+    for row, kind, message in failures:
+        valid[row], kinds[row], errors[row] = False, kind, message
+    atomic_write_parquet(folder / "index.parquet", pa.table({"sha256": shas, "path": paths, "valid": valid,
+                                                             "error_type": kinds, "error": errors}))
 
 
 def _build(tmp: Path, unique: pd.DataFrame, preprocess: Preprocess, max_pixels: int, workers: int) -> None:
     n, size = len(unique), preprocess.size
     images_path = tmp / "images.u8"
     np.memmap(images_path, dtype=np.uint8, mode="w+", shape=(max(n, 1), size, size, 3)).flush()
-    jobs = list(enumerate(unique["path"]))
-    workers = max(1, min(workers or (os.cpu_count() or 1), len(jobs) // 64 or 1))
-    chunk = max(1, len(jobs) // (workers * 8) or 1)
-    tasks = [(str(images_path), jobs[i:i + chunk], max(n, 1), preprocess, max_pixels)
-             for i in range(0, len(jobs), chunk)]
-    # Threads, not processes: PIL releases the GIL while decoding and resizing, and threads avoid
-    # re-importing __main__ (fragile inside Ray workers and stdin scripts).
-    with ThreadPoolExecutor(workers) as pool:
-        failures = [f for part in pool.map(_decode_rows, tasks) for f in part]
-    valid = np.ones(n, dtype=bool)
-    errors = [""] * n
-    for row, message in failures:
-        valid[row], errors[row] = False, message
-    pq.write_table(pa.table({"sha256": unique["sha256"].tolist(), "path": unique["path"].tolist(),
-                             "valid": valid, "error": errors}), tmp / "index.parquet")
+    failures = _decode_parallel(images_path, list(enumerate(unique["path"])), max(n, 1), preprocess, max_pixels, workers)
+    _write_index(tmp, unique["sha256"].tolist(), unique["path"].tolist(), failures)
+
+
+def _retry_transient(final: Path, unique: pd.DataFrame, preprocess: Preprocess, max_pixels: int, workers: int,
+                     log) -> None:
+    """Decode again the images whose failure was not their own (missing, unreadable, I/O error...)
+    when the cache was built, from the manifest's current paths; content failures are kept."""
+    index = pq.read_table(final / "index.parquet").to_pandas()
+    kinds = index["error_type"] if "error_type" in index else pd.Series([""] * len(index))
+    retry = index.index[~index["valid"] & kinds.isin(sorted(dec.TRANSIENT_ERRORS))].tolist()
+    if not retry:
+        return
+    paths = dict(zip(unique["sha256"], unique["path"]))
+    jobs = [(row, paths.get(index.at[row, "sha256"], index.at[row, "path"])) for row in retry]
+    log(f"[cache] retrying {len(jobs)} image(s) that could not be read when {final.name} was built")
+    n = len(index)
+    failures = {row: (kind, msg) for row, kind, msg in
+                _decode_parallel(final / "images.u8", jobs, max(n, 1), preprocess, max_pixels, workers)}
+    kept = [(row, kinds.iat[row], index.at[row, "error"]) for row in index.index[~index["valid"]] if row not in retry]
+    fresh = [(row, *failures[row]) for row, _ in jobs if row in failures]
+    path_list = index["path"].tolist()
+    for row, path in jobs:
+        path_list[row] = path
+    _write_index(final, index["sha256"].tolist(), path_list, kept + fresh)
+
+
+def check_private_root(root: Path) -> None:
+    """A cache root must be ours and not writable by anyone else: another user on a shared node who
+    could write there could swap the decoded training images."""
+    info = root.lstat()
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"cache root {root} is not a folder (a symlink or a file); set ALLCLUSTER_CACHE_DIR "
+                          "to a private folder")
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise ConfigError(f"cache root {root} is owned by uid {info.st_uid} with mode {stat.filemode(info.st_mode)}; "
+                          f"it must be owned by you (uid {os.getuid()}) and not writable by group or others. "
+                          "Remove it, or set ALLCLUSTER_CACHE_DIR to a private folder")
 
 
 def ensure_cache(manifest: pd.DataFrame, preprocess: Preprocess, root: str | Path | None = None,
                  manifest_path: str = "", max_pixels: int = dec.DEFAULT_MAX_PIXELS,
                  workers: int = 0, log=None) -> ImageCache:
-    """Open the cache for the manifest's decodable images, building it first if needed."""
+    """Open the cache for the manifest's decodable images, building it first if needed (images that
+    could not be read last time, for reasons not their own, are retried)."""
     log = log or say
     root = Path(root) if root else default_cache_root()
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_private_root(root)
     ok = manifest[manifest["status"] == "ok"]
     unique = ok.drop_duplicates("sha256").sort_values("sha256")[["sha256", "path"]]
     key = cache_key(unique["sha256"].tolist(), preprocess)
     final = root / key
-    with open(root / f"{key}.lock", "w") as lock:
+    lock = open_lock_file(root / f"{key}.lock")
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)      # one builder per node; the others wait, then reuse
         if not (final / "meta.json").is_file():
-            if os.environ.get(MUST_EXIST_ENV):
-                raise RuntimeError(f"decoded-image cache {final} is missing on this node, and {MUST_EXIST_ENV} "
-                                   "says it must have been built before this run (sweep trials never decode)")
-            start = time.time()
-            log(f"[cache] decoding {len(unique)} distinct images at {preprocess.size}px into {final}")
-            tmp = root / f"{key}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            _build(tmp, unique, preprocess, max_pixels, workers)
-            meta = {"manifest": str(Path(manifest_path).resolve()) if manifest_path else "",
-                    "size": preprocess.size, "preprocess": preprocess.key(), "count": len(unique),
-                    "version": CACHE_VERSION, "build_seconds": round(time.time() - start, 2)}
-            (tmp / "meta.json").write_text(json.dumps(meta))
-            os.replace(tmp, final)
-            _remove_stale(root, key, meta)
-            log(f"[cache] built in {meta['build_seconds']} s")
+            _build_new(root, key, unique, preprocess, manifest_path, max_pixels, workers, log)
+        elif not os.environ.get(MUST_EXIST_ENV):
+            _retry_transient(final, unique, preprocess, max_pixels, workers, log)
+    finally:
+        os.close(lock)
     return ImageCache.open(final)
+
+
+def _build_new(root: Path, key: str, unique: pd.DataFrame, preprocess: Preprocess, manifest_path: str,
+               max_pixels: int, workers: int, log) -> None:
+    final = root / key
+    if os.environ.get(MUST_EXIST_ENV):
+        raise RuntimeError(f"decoded-image cache {final} is missing on this node, and {MUST_EXIST_ENV} "
+                           "says it must have been built before this run (sweep trials never decode)")
+    start = time.time()
+    log(f"[cache] decoding {len(unique)} distinct images at {preprocess.size}px into {final}")
+    tmp = root / f"{key}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _build(tmp, unique, preprocess, max_pixels, workers)
+    meta = {"manifest": str(Path(manifest_path).resolve()) if manifest_path else "",
+            "size": preprocess.size, "preprocess": preprocess.key(), "count": len(unique),
+            "version": CACHE_VERSION, "build_seconds": round(time.time() - start, 2)}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    os.replace(tmp, final)
+    _remove_stale(root, key, meta)
+    log(f"[cache] built in {meta['build_seconds']} s")
 
 
 def _remove_stale(root: Path, key: str, meta: dict) -> None:

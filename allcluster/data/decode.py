@@ -2,16 +2,24 @@
 
 Every failure is a :class:`DecodeError` with a short ``kind`` (a stable error type for result
 tables) and a message naming the file; callers turn it into an error row, never a crash.
+Memory per file is bounded twice: a file over ``max_bytes`` is refused from its size alone (never
+read), and an image whose header declares more than ``max_pixels`` is refused before its pixels are
+decoded.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from allcluster.data.paths import clean_text, to_text
 
 # We enforce our own pixel limit before decoding (see ``check_size``); PIL's own check would only
 # warn below 2x its limit, and its error type differs between versions.
@@ -20,6 +28,22 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 DEFAULT_MAX_PIXELS = 50_000_000   # ~7000 x 7000: far above any cell image, far below a bomb
 DEFAULT_MIN_SIDE = 8              # a 1x1 "image" carries no cell; it is an input error
+DEFAULT_MAX_BYTES = 512 * 2**20   # far above any microscope image; a whole-slide .svs or a tar is refused
+_CHUNK = 1 << 20
+
+# Error types that may not be the file's own fault (I/O hiccups, a file still being copied, a full
+# disk or an out-of-memory GPU while scoring): a rerun tries such files again. Every other type is
+# determined by the file's content or kind and is kept until ``--retry-errors``.
+TRANSIENT_ERRORS = frozenset({
+    "unreadable",        # missing, permission denied, I/O error (NFS hiccup)
+    "empty_file",        # 0 bytes: often a copy that has only just started
+    "truncated",         # the image data stops early: often a copy still in progress
+    "read_error",        # any other exception while reading or hashing
+    "unlistable",        # a folder that could not be listed
+    "list_error",        # any other exception while listing or stat-ing an entry
+    "model_error",       # predict/explain failed for the batch (CUDA OOM, disk full writing heatmaps)
+    "duplicate_unresolved",  # the first copy of these bytes got no row (it will on the rerun)
+})
 
 
 class DecodeError(Exception):
@@ -38,19 +62,58 @@ class DecodedImage:
     height: int
 
 
-def read_bytes(path: str | Path) -> bytes:
-    """Read a file's bytes, mapping OS failures to :class:`DecodeError`."""
+def _open_regular(path: str | Path, name: str, max_bytes: int) -> tuple[int, int]:
+    """(fd, size) of a regular file no larger than ``max_bytes``; checked on the open descriptor, so
+    a FIFO never blocks (O_NONBLOCK) and a huge file is refused without reading a byte."""
     try:
-        data = Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except PermissionError as err:
-        raise DecodeError("unreadable", f"{path}: permission denied") from err
-    except IsADirectoryError as err:
-        raise DecodeError("unreadable", f"{path}: is a directory") from err
+        raise DecodeError("unreadable", f"{name}: permission denied") from err
     except OSError as err:
-        raise DecodeError("unreadable", f"{path}: {err.strerror or err}") from err
-    if not data:
-        raise DecodeError("empty_file", f"{path}: file is empty (0 bytes)")
-    return data
+        raise DecodeError("unreadable", f"{name}: {err.strerror or err}") from err
+    info = os.fstat(fd)
+    problem = None
+    if stat.S_ISDIR(info.st_mode):
+        problem = DecodeError("unreadable", f"{name}: is a directory")
+    elif not stat.S_ISREG(info.st_mode):
+        problem = DecodeError("not_a_file", f"{name}: not a regular file")
+    elif info.st_size > max_bytes:
+        problem = DecodeError("too_large", f"{name}: {info.st_size:,} bytes exceeds the file size limit of "
+                                           f"{max_bytes:,} bytes (max_bytes); not read")
+    if problem:
+        os.close(fd)
+        raise problem
+    return fd, info.st_size
+
+
+def read_hashed(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[bytes, str]:
+    """(bytes, sha256 hex) of a file, read and hashed in 1 MiB chunks; OS failures, non-regular files,
+    empty files and files over ``max_bytes`` (even one that grows while read) become :class:`DecodeError`."""
+    name = to_text(path)
+    fd, size = _open_regular(path, name, max_bytes)
+    digest, buffer = hashlib.sha256(), bytearray()
+    try:
+        with os.fdopen(fd, "rb", buffering=0) as handle:
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+                buffer += chunk
+                if len(buffer) > max_bytes:
+                    raise DecodeError("too_large", f"{name}: grew past the file size limit of {max_bytes:,} bytes while read")
+    except OSError as err:
+        raise DecodeError("unreadable", f"{name}: {err.strerror or err}") from err
+    if not buffer:
+        raise DecodeError("empty_file", f"{name}: file is empty (0 bytes)")
+    return bytes(buffer), digest.hexdigest()
+
+
+def read_bytes(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """A file's bytes (see :func:`read_hashed` for the failures)."""
+    return read_hashed(path, max_bytes)[0]
+
+
+def unexpected(kind: str, name: str, err: BaseException) -> DecodeError:
+    """An exception nobody anticipated, as a :class:`DecodeError` naming the file and the exception."""
+    return DecodeError(kind, clean_text(f"{name}: {type(err).__name__}: {err}"))
 
 
 def check_size(width: int, height: int, name: str, max_pixels: int, min_side: int) -> None:
@@ -95,12 +158,26 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im)
 
 
+def _tiff_plane(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(height, width) of the first image plane of a TIFF series shape (pages/planes first or last)."""
+    while len(shape) > 3:
+        shape = shape[1:]
+    if len(shape) == 3 and shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4):
+        return shape[1], shape[2]
+    return shape[0], shape[1] if len(shape) > 1 else 1
+
+
 def _decode_with_tifffile(data: bytes, name: str, max_pixels: int, min_side: int) -> DecodedImage:
     """Fallback for TIFF layouts PIL cannot read (e.g. 16-bit-per-channel RGB)."""
     import tifffile
 
     try:
-        arr = tifffile.imread(io.BytesIO(data))
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            height, width = _tiff_plane(tif.series[0].shape)    # from the tags: no pixel decoded yet
+            check_size(width, height, name, max_pixels, min_side)
+            arr = tif.series[0].asarray()
+    except DecodeError:
+        raise
     except Exception as err:  # tifffile raises many types for bad files
         raise DecodeError("undecodable", f"{name}: TIFF could not be decoded: {err}") from err
     while arr.ndim > 3:
@@ -109,11 +186,13 @@ def _decode_with_tifffile(data: bytes, name: str, max_pixels: int, min_side: int
         arr = np.moveaxis(arr, 0, -1)
     height, width = arr.shape[:2]
     check_size(width, height, name, max_pixels, min_side)
+    if arr.ndim == 3 and arr.shape[2] not in (1, 2, 3, 4):
+        raise DecodeError("undecodable", f"{name}: TIFF with {arr.shape[2]} channels is not an RGB or gray image")
     arr = _wide_to_uint8(arr) if arr.dtype != np.uint8 else arr
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
-    elif arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
+    elif arr.shape[2] in (1, 2):          # gray (+ alpha)
+        arr = np.repeat(arr[..., :1], 3, axis=2)
     return DecodedImage(np.ascontiguousarray(arr[..., :3]), width, height)
 
 
@@ -151,6 +230,27 @@ def decode(data: bytes, name: str = "<bytes>", *, max_pixels: int = DEFAULT_MAX_
     return DecodedImage(np.ascontiguousarray(arr), width, height)
 
 
-def load(path: str | Path, **kwargs) -> DecodedImage:
-    """Read and decode one file; see :func:`decode` for the keyword arguments."""
-    return decode(read_bytes(path), str(path), **kwargs)
+def decode_any(data: bytes, name: str, **kwargs) -> DecodedImage:
+    """:func:`decode`, with any unanticipated exception (``struct.error``, ``TypeError``... from a
+    decoder or EXIF transposition) turned into a ``decode_error``: one bad file never stops a job."""
+    try:
+        return decode(data, name, **kwargs)
+    except DecodeError:
+        raise
+    except Exception as err:        # noqa: BLE001 - the point: nothing escapes as a crash
+        raise unexpected("decode_error", name, err) from err
+
+
+def read_any(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[bytes, str]:
+    """:func:`read_hashed`, with any unanticipated exception turned into a ``read_error``."""
+    try:
+        return read_hashed(path, max_bytes)
+    except DecodeError:
+        raise
+    except Exception as err:        # noqa: BLE001
+        raise unexpected("read_error", to_text(path), err) from err
+
+
+def load(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, **kwargs) -> DecodedImage:
+    """Read and decode one file (any failure is a :class:`DecodeError`); see :func:`decode`."""
+    return decode_any(read_any(path, max_bytes)[0], to_text(path), **kwargs)

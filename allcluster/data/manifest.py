@@ -21,8 +21,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from allcluster.atomic import atomic_write_parquet
 from allcluster.config import ConfigError, bounds, write_resolved
 from allcluster.data import decode as dec
+from allcluster.data.paths import absolute, clean_text, normalised_column, table_path, to_fs, to_text
 from allcluster.data.splits import assign_splits
 
 MANIFEST_SCHEMA = pa.schema([
@@ -61,9 +63,12 @@ class IndexConfig:
 
 @dataclass(frozen=True)
 class SourceFile:
+    """One input file: its table path (:mod:`allcluster.data.paths`), label, patient, and a problem
+    found while listing (error type, message) when it cannot be read at all."""
     path: str
     label: str
     patient: str = ""
+    problem: tuple[str, str] | None = None
 
 
 def _is_hidden(name: str) -> bool:
@@ -72,19 +77,27 @@ def _is_hidden(name: str) -> bool:
 
 def list_folder(root: Path) -> list[SourceFile]:
     """``<root>/<class>/**/<file>``: the first folder level is the label; symlinked folders are not
-    followed (they may loop or leave the tree); files at the top level get no label."""
+    followed (they may loop or leave the tree); files at the top level get no label; a folder that
+    cannot be listed is one error row (``unlistable``)."""
+    root = Path(absolute(root))
     files = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+
+    def unlistable(err: OSError) -> None:
+        where = err.filename or str(root)
+        files.append(SourceFile(to_text(where), "", problem=("unlistable", to_text(
+            f"{where}: cannot list folder: {err.strerror or err}"))))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
         rel = Path(dirpath).relative_to(root)
-        label = rel.parts[0] if rel.parts else ""
-        files += [SourceFile(str(Path(dirpath) / f), label) for f in sorted(filenames) if not _is_hidden(f)]
+        label = to_text(rel.parts[0]) if rel.parts else ""
+        files += [SourceFile(table_path(Path(dirpath) / f), label) for f in sorted(filenames) if not _is_hidden(f)]
     return files
 
 
 def list_csv(csv_path: Path) -> list[SourceFile]:
     """A CSV with ``path,label[,patient]`` columns; relative paths are relative to the CSV's folder."""
-    with open(csv_path, newline="") as handle:
+    with open(csv_path, newline="", errors="surrogateescape") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         missing = {"path", "label"} - set(columns)
@@ -92,9 +105,9 @@ def list_csv(csv_path: Path) -> list[SourceFile]:
             raise ConfigError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))}; "
                               f"expected path,label[,patient], found {', '.join(columns) or 'no header'}")
         rows = list(reader)
-    base = csv_path.parent
-    return [SourceFile(str(Path(r["path"]) if Path(r["path"]).is_absolute() else base / r["path"]),
-                       (r.get("label") or "").strip(), (r.get("patient") or "").strip()) for r in rows]
+    base = Path(absolute(csv_path)).parent
+    return [SourceFile(table_path(r["path"], base), to_text((r.get("label") or "").strip()),
+                       to_text((r.get("patient") or "").strip())) for r in rows]
 
 
 def list_source(source: str | Path) -> list[SourceFile]:
@@ -109,17 +122,17 @@ def list_source(source: str | Path) -> list[SourceFile]:
 
 
 def inspect_file(path: str, max_pixels: int = dec.DEFAULT_MAX_PIXELS,
-                 min_side: int = dec.DEFAULT_MIN_SIDE) -> dict:
-    """Hash and fully decode one file (at a small JPEG draft size, enough to detect truncation)."""
+                 min_side: int = dec.DEFAULT_MIN_SIDE, max_bytes: int = dec.DEFAULT_MAX_BYTES) -> dict:
+    """Hash and fully decode one file (``path``: a table path) at a small JPEG draft size, enough to
+    detect truncation; any failure is the row's error, never an exception."""
     row = dict(path=path, sha256="", width=-1, height=-1, size_bytes=-1, status="ok", error_type="", error="")
     try:
-        data = dec.read_bytes(path)
+        data, row["sha256"] = dec.read_any(to_fs(path), max_bytes)
         row["size_bytes"] = len(data)
-        row["sha256"] = hashlib.sha256(data).hexdigest()
-        image = dec.decode(data, path, max_pixels=max_pixels, min_side=min_side, draft=64)
+        image = dec.decode_any(data, path, max_pixels=max_pixels, min_side=min_side, draft=64)
         row["width"], row["height"] = image.width, image.height
     except dec.DecodeError as err:
-        row.update(status="error", error_type=err.kind, error=str(err))
+        row.update(status="error", error_type=err.kind, error=clean_text(str(err)))
     return row
 
 
@@ -137,6 +150,15 @@ def inspect_files(paths: list[str], max_pixels: int, min_side: int, workers: int
     chunks = [(paths[i:i + chunk], max_pixels, min_side) for i in range(0, len(paths), chunk)]
     with ThreadPoolExecutor(workers) as pool:
         return [row for rows in pool.map(_inspect_chunk, chunks) for row in rows]
+
+
+def inspect_sources(files: list[SourceFile], max_pixels: int, min_side: int, workers: int = 0) -> list[dict]:
+    """:func:`inspect_files` for the readable files; listing problems become error rows as they are."""
+    readable = [f.path for f in files if f.problem is None]
+    inspected = iter(inspect_files(readable, max_pixels, min_side, workers))
+    failed = dict(sha256="", width=-1, height=-1, size_bytes=-1, status="error")
+    return [next(inspected) if f.problem is None else
+            {**failed, "path": f.path, "error_type": f.problem[0], "error": f.problem[1]} for f in files]
 
 
 def patient_from_name(path: str, pattern: re.Pattern) -> str:
@@ -162,7 +184,7 @@ def build_manifest(cfg: IndexConfig) -> pd.DataFrame:
     files = list_source(cfg.source)
     if not files:
         raise ConfigError(f"{cfg.source}: no files found")
-    rows = inspect_files([f.path for f in files], cfg.max_pixels, cfg.min_side, cfg.workers)
+    rows = inspect_sources(files, cfg.max_pixels, cfg.min_side, cfg.workers)
     df = pd.DataFrame(rows)
     df["label"] = [f.label for f in files]
     df["patient"] = [f.patient for f in files]
@@ -224,10 +246,7 @@ def write_manifest(df: pd.DataFrame, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pandas(df[MANIFEST_SCHEMA.names], schema=MANIFEST_SCHEMA, preserve_index=False)
-    tmp = out.with_name(out.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)
-    return out
+    return atomic_write_parquet(out, table)
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
@@ -235,11 +254,14 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: manifest not found; build it with `allcluster index SOURCE --out {path}`")
-    df = pq.read_table(path).to_pandas()
-    missing = set(MANIFEST_SCHEMA.names) - set(df.columns)
+    table = pq.read_table(path)
+    missing = set(MANIFEST_SCHEMA.names) - set(table.column_names)
     if missing:
         raise ConfigError(f"{path}: not an allcluster manifest (missing columns {', '.join(sorted(missing))})")
-    return df
+    # Older manifests stored paths as given; relative ones are taken from the manifest's folder.
+    table = table.set_column(table.column_names.index("path"), "path",
+                             normalised_column(table.column("path"), path.resolve().parent))
+    return table.to_pandas()
 
 
 def manifest_fingerprint(df: pd.DataFrame, columns: Iterable[str] = ("path", "sha256", "label", "split", "status")) -> str:

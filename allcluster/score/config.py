@@ -52,6 +52,7 @@ class ScoreConfig:
     batch_size: int = field(default=32, metadata=bounds(ge=1))
     uncertain_below: float = field(default=0.6, metadata=bounds(ge=0, le=1))  # flag: calibrated conf below
     max_pixels: int = field(default=50_000_000, metadata=bounds(ge=64))   # refuse larger images (bombs)
+    max_bytes: int = field(default=512 * 2**20, metadata=bounds(ge=1))    # refuse larger files unread (.svs, tar)
     rows_per_shard: int = field(default=5000, metadata=bounds(ge=1))      # rows per Parquet shard
     flush_seconds: float = field(default=60.0, metadata=bounds(gt=0))     # ...or a shard at least this often
     progress_seconds: float = field(default=0.0, metadata=bounds(ge=0))   # 0: 1 s on a terminal, 30 s in a log

@@ -5,9 +5,6 @@ No Ray here: :mod:`allcluster.score.ray_data` runs :func:`read_decode` as Ray Da
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import stat
 import time
 from pathlib import Path
 from typing import Callable
@@ -16,7 +13,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from allcluster.atomic import atomic_write_bytes
 from allcluster.data import decode as dec
+from allcluster.data.paths import clean_text, parent_text, to_fs
 from allcluster.data.preprocess import Normalize, Preprocess
 from allcluster.score.config import BudgetConfig, ScoreConfig
 from allcluster.score.rows import class_columns, empty_columns, method_columns, row_schema
@@ -48,28 +47,23 @@ class Ledger:
 
 
 # ---- stage 1: read + decode (CPU tasks) ------------------------------------------------------------
-def read_input(path: str) -> bytes:
-    """A file's bytes; refuses non-regular files (a FIFO would block the job forever)."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as err:
-        raise dec.DecodeError("unreadable", f"{path}: {err.strerror or err}") from err
-    if not stat.S_ISREG(mode):
-        raise dec.DecodeError("not_a_file", f"{path}: not a regular file")
-    return dec.read_bytes(path)
+def _fail(out: dict, i: int, err: dec.DecodeError) -> None:
+    out["status"][i], out["error_type"][i], out["error"][i] = "error", err.kind, clean_text(str(err))
 
 
 def read_decode(batch: dict[str, np.ndarray], size: int, roi_crop: bool, roi_margin: float, max_pixels: int,
-                claim: Claim) -> dict[str, np.ndarray]:
+                claim: Claim, max_bytes: int = dec.DEFAULT_MAX_BYTES) -> dict[str, np.ndarray]:
     """Read, hash and decode a batch of files into uint8 ``pixels`` (N, size, size, 3).
 
-    Every file keeps its row: read/decode failures get ``status="error"``; a file whose bytes another
-    file of the job already has gets ``duplicate_of`` and is not decoded (it is filled in at the end).
+    ``batch["path"]`` holds table paths (:mod:`allcluster.data.paths`). Every file keeps its row: any
+    failure while reading, hashing, decoding or preprocessing it gets ``status="error"``; a file whose
+    bytes another file of the job already has gets ``duplicate_of`` and is not decoded (it is filled
+    in at the end).
     """
     paths = [str(p) for p in batch["path"]]
     n = len(paths)
     out = {k: np.asarray(v) for k, v in batch.items()}
-    out.update(folder=np.array([str(Path(p).parent) for p in paths], dtype=object),
+    out.update(folder=np.array([parent_text(p) for p in paths], dtype=object),
                sha256=np.full(n, "", dtype=object), size_bytes=np.full(n, -1, np.int64),
                width=np.full(n, -1, np.int32), height=np.full(n, -1, np.int32),
                status=np.full(n, "ok", dtype=object), error_type=np.full(n, "", dtype=object),
@@ -80,12 +74,12 @@ def read_decode(batch: dict[str, np.ndarray], size: int, roi_crop: bool, roi_mar
     for i, path in enumerate(paths):
         start = time.perf_counter()
         try:
-            blobs.append(read_input(path))
-            out["size_bytes"][i] = len(blobs[-1])
-            out["sha256"][i] = hashlib.sha256(blobs[-1]).hexdigest()
+            data, out["sha256"][i] = dec.read_any(to_fs(path), max_bytes)
+            out["size_bytes"][i] = len(data)
+            blobs.append(data)
         except dec.DecodeError as err:
             blobs.append(None)
-            out["status"][i], out["error_type"][i], out["error"][i] = "error", err.kind, str(err)
+            _fail(out, i, err)
         out["t_read_ms"][i] = (time.perf_counter() - start) * 1e3
     hashed = [i for i in range(n) if blobs[i] is not None]
     owners = claim([out["sha256"][i] for i in hashed], [paths[i] for i in hashed]) if hashed else []
@@ -96,13 +90,22 @@ def read_decode(batch: dict[str, np.ndarray], size: int, roi_crop: bool, roi_mar
             continue
         start = time.perf_counter()
         try:
-            image = dec.decode(blobs[i], paths[i], max_pixels=max_pixels, draft=size)
-            out["pixels"][i] = preprocess(image.array)
-            out["width"][i], out["height"][i] = image.width, image.height
+            decode_into(out, i, blobs[i], paths[i], preprocess, max_pixels)
         except dec.DecodeError as err:
-            out["status"][i], out["error_type"][i], out["error"][i] = "error", err.kind, str(err)
+            _fail(out, i, err)
+        blobs[i] = None                       # free the bytes as soon as they are decoded
         out["t_decode_ms"][i] = (time.perf_counter() - start) * 1e3
     return out
+
+
+def decode_into(out: dict, i: int, data: bytes, path: str, preprocess: Preprocess, max_pixels: int) -> None:
+    """Decode + preprocess one file into row ``i`` of ``out``; every failure is a :class:`DecodeError`."""
+    image = dec.decode_any(data, path, max_pixels=max_pixels, draft=preprocess.size)
+    try:
+        out["pixels"][i] = preprocess(image.array)
+    except Exception as err:      # noqa: BLE001 - an odd shape or a cv2 failure in the ROI crop
+        raise dec.unexpected("decode_error", path, err) from err
+    out["width"][i], out["height"][i] = image.width, image.height
 
 
 # ---- stage 2: predict + explain (actor) ------------------------------------------------------------
@@ -133,13 +136,6 @@ def heatmap_relpath(sha: str, method: str, suffix: str = ".png") -> str:
     return f"heatmaps/{sha[:2]}/{sha}.{method_columns(method)['heatmap'][len('heatmap_'):]}{suffix}"
 
 
-def _write_atomic(path: Path, encoded: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(encoded)
-    os.replace(tmp, path)
-
-
 def write_heatmaps(out_dir: Path, shas: list[str], method: str, maps_u8: np.ndarray,
                    pixels: np.ndarray | None = None) -> list[str]:
     """8-bit maps at the model's resolution (PNG), plus colour overlays (JPEG) when ``pixels`` given."""
@@ -148,10 +144,10 @@ def write_heatmaps(out_dir: Path, shas: list[str], method: str, maps_u8: np.ndar
     names = []
     for i, sha in enumerate(shas):
         rel = heatmap_relpath(sha, method)
-        _write_atomic(out_dir / rel, cv2.imencode(".png", maps_u8[i])[1].tobytes())
+        atomic_write_bytes(out_dir / rel, cv2.imencode(".png", maps_u8[i])[1].tobytes())
         if pixels is not None:
             blend = jet_overlay(pixels[i], maps_u8[i])[..., ::-1]             # RGB -> cv2's BGR
-            _write_atomic(out_dir / rel.replace("heatmaps/", "overlays/", 1).replace(".png", ".jpg"),
+            atomic_write_bytes(out_dir / rel.replace("heatmaps/", "overlays/", 1).replace(".png", ".jpg"),
                           cv2.imencode(".jpg", blend, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes())
         names.append(rel)
     return names
@@ -180,7 +176,7 @@ def error_rows(schema: pa.Schema, errors: list[dict], constants: dict[str, str])
     cols = empty_columns(schema, len(errors))
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     for i, err in enumerate(errors):
-        cols["path"][i], cols["folder"][i] = err["path"], str(Path(err["path"]).parent)
+        cols["path"][i], cols["folder"][i] = err["path"], parent_text(err["path"])
         cols["status"][i], cols["error_type"][i], cols["error"][i] = "error", err["error_type"], err["error"]
         cols["duplicate_of"][i] = ""
     for key, value in {**constants, "scored_at": stamp}.items():
@@ -238,7 +234,7 @@ class Scorer:
             except Exception as err:       # noqa: BLE001 - any model-side failure becomes error rows
                 for i in todo:
                     cols["status"][i], cols["error_type"][i] = "error", "model_error"
-                    cols["error"][i] = f"{cols['path'][i]}: {type(err).__name__}: {err}"
+                    cols["error"][i] = clean_text(f"{cols['path'][i]}: {type(err).__name__}: {err}")
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         for key, value in {**self.constants, "scored_at": stamp}.items():
             cols[key] = [value] * n

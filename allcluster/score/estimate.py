@@ -16,8 +16,7 @@ from pathlib import Path
 
 from allcluster.score import core
 from allcluster.score.config import ScoreConfig
-from allcluster.score.inputs import list_inputs
-from allcluster.score.output import budget_used, done_paths
+from allcluster.score.output import budget_used
 
 PROBE = 16
 
@@ -34,7 +33,8 @@ def measure(cfg: ScoreConfig, paths: list[str], card: dict) -> dict:
 
     batch = {"path": np.array(paths, dtype=object)}
     decode_s, decoded = _timed(core.read_decode, batch, int(card["input_size"]), bool(card["roi_crop"]),
-                               float(card["roi_margin"]), cfg.max_pixels, lambda shas, p: [""] * len(shas))
+                               float(card["roi_margin"]), cfg.max_pixels, lambda shas, p: [""] * len(shas),
+                               cfg.max_bytes)
     with tempfile.TemporaryDirectory() as tmp:
         cheap_cfg = dataclasses.replace(cfg, explain=dataclasses.replace(
             cfg.explain, budget=dataclasses.replace(cfg.explain.budget, methods=[])))
@@ -67,22 +67,21 @@ def measure_budget(cfg: ScoreConfig, tmp: str, decoded: dict, ok_rows: list[dict
     return 1e3 * (time.perf_counter() - start) / len(keep)
 
 
-def estimate(cfg: ScoreConfig) -> dict:
+def estimate(cfg: ScoreConfig, retry_errors: bool = False) -> dict:
     """The dry run's numbers (see the module docstring)."""
     import torch
 
-    from allcluster.score.ray_data import actor_plan, read_card
+    from allcluster.score.ray_data import actor_plan, plan_job, read_card
 
     card = read_card(cfg.model)
-    out = Path(cfg.out)
-    listing = list_inputs(cfg.input)
-    done = done_paths(out)
-    todo = [p for p in listing.paths if p not in done]
-    result = {"inputs": len(listing), "listing_errors": len(listing.errors), "already_scored": len(done),
-              "to_do": len(todo)}
-    if not todo:
+    out = Path(cfg.out).resolve()
+    listing, pending, done = plan_job(cfg, out, retry_errors)
+    todo = pending.files.column("path")
+    result = {"inputs": len(listing), "listing_errors": len(listing.errors), "already_scored": done,
+              "to_do": len(pending)}
+    if not len(todo):
         return result
-    probe = todo[:: max(1, len(todo) // PROBE)][:PROBE]
+    probe = todo.take(list(range(0, len(todo), max(1, len(todo) // PROBE)))[:PROBE]).to_pylist()
     costs = measure(cfg, probe, card)
     local = {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
     plan = actor_plan(cfg, local)
@@ -97,9 +96,9 @@ def estimate(cfg: ScoreConfig) -> dict:
     return result
 
 
-def dry_run_text(cfg: ScoreConfig) -> str:
+def dry_run_text(cfg: ScoreConfig, retry_errors: bool = False) -> str:
     """Human summary plus the JSON numbers."""
-    numbers = estimate(cfg)
+    numbers = estimate(cfg, retry_errors)
     lines = [f"[score --dry-run] {numbers['inputs']} inputs ({numbers['listing_errors']} listing errors), "
              f"{numbers['already_scored']} already scored, {numbers['to_do']} to do"]
     if "estimated_total_s" in numbers:

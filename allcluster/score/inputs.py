@@ -11,21 +11,48 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from allcluster.config import ConfigError
-
+from allcluster.data.decode import unexpected
+from allcluster.data.paths import normalised_column, table_path, to_text
 
 
 @dataclass
 class Listing:
-    """Files to score (``paths`` with optional per-file ``extra`` columns) and listing-time errors."""
-    paths: list[str] = field(default_factory=list)
-    extra: dict[str, list[str]] = field(default_factory=dict)
+    """Files to score (``files``: a ``path`` column in table form plus optional input columns, all
+    text) and listing-time errors. Held as Arrow, not Python objects: millions of paths stay small."""
+    files: pa.Table = field(default_factory=lambda: pa.table({"path": pa.array([], pa.string())}))
     errors: list[dict] = field(default_factory=list)     # {"path", "error_type", "error"}
 
+    @property
+    def paths(self) -> list[str]:
+        return self.files.column("path").to_pylist()
+
+    @property
+    def extra(self) -> dict[str, list[str]]:
+        return {c: self.files.column(c).to_pylist() for c in self.input_columns}
+
+    @property
+    def input_columns(self) -> list[str]:
+        """The passed-through input (manifest) columns, in order."""
+        return [c for c in self.files.column_names if c != "path"]
+
     def __len__(self) -> int:
-        return len(self.paths) + len(self.errors)
+        return self.files.num_rows + len(self.errors)
+
+    def without(self, done: pa.Array) -> "Listing":
+        """The entries whose path is not in ``done`` (vectorised: a hash set in Arrow, not in Python)."""
+        keep = pc.invert(pc.is_in(self.files.column("path"), value_set=done))
+        error_paths = pa.array([e["path"] for e in self.errors], pa.string())
+        error_keep = pc.invert(pc.is_in(error_paths, value_set=done)).to_pylist()
+        return Listing(self.files.filter(keep), [e for e, k in zip(self.errors, error_keep) if k])
+
+
+def _error(path: str, kind: str, message: str) -> dict:
+    return {"path": to_text(path), "error_type": kind, "error": to_text(message)}
 
 
 def _symlink_problem(path: Path, root: Path) -> tuple[str, str] | None:
@@ -58,55 +85,80 @@ def _entry_problem(path: Path, root: Path) -> tuple[str, str] | None:
     return None
 
 
-def list_tree(root: Path) -> Listing:
-    """Every non-hidden file under ``root`` (recursive, sorted); see the module docstring for links."""
+def _checked_entry(path: Path, root: Path) -> tuple[str, str] | None:
+    """:func:`_entry_problem`, with any unanticipated exception as a ``list_error`` for this entry."""
+    try:
+        return _entry_problem(path, root)
+    except Exception as err:                  # noqa: BLE001 - one odd entry never stops the listing
+        failure = unexpected("list_error", str(path), err)
+        return failure.kind, str(failure)
+
+
+def list_tree(root: Path, exclude: tuple[str | Path, ...] = ()) -> Listing:
+    """Every non-hidden file under ``root`` (recursive, sorted; ``root`` resolved to its real path);
+    folders in ``exclude`` (the job's own output) are never entered. See the module docstring for links."""
     root = root.resolve()
-    listing = Listing()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    skip = {os.path.realpath(p) for p in exclude}
+    paths, errors = [], []
+
+    def unlistable(err: OSError) -> None:
+        errors.append(_error(err.filename or str(root), "unlistable", f"{err.filename}: cannot list folder: {err.strerror or err}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable, followlinks=False):
         here = Path(dirpath)
-        for name in sorted(d for d in dirnames if (here / d).is_symlink() and not d.startswith(".")):
-            listing.errors.append({"path": str(here / name), "error_type": "symlinked_folder",
-                                   "error": f"{here / name}: symlinked folder not descended into"})
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not (here / d).is_symlink())
-        for name in sorted(f for f in filenames if not f.startswith(".")):
-            path = here / name
-            problem = _entry_problem(path, root)
-            if problem:
-                listing.errors.append({"path": str(path), "error_type": problem[0], "error": problem[1]})
+        keep = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            if str(here / name) in skip:
+                continue
+            if (here / name).is_symlink():
+                errors.append(_error(str(here / name), "symlinked_folder", f"{here / name}: symlinked folder not descended into"))
             else:
-                listing.paths.append(str(path))
-    return listing
+                keep.append(name)
+        dirnames[:] = keep
+        for name in sorted(f for f in filenames if not f.startswith(".")):
+            problem = _checked_entry(here / name, root)
+            if problem:
+                errors.append(_error(str(here / name), *problem))
+            else:
+                paths.append(to_text(here / name))
+    return Listing(pa.table({"path": pa.array(paths, pa.string())}), errors)
 
 
 def list_manifest(path: Path) -> Listing:
-    """Rows of a manifest Parquet (``allcluster index``'s, or any table with a ``path`` column): every
-    other column is copied into the result rows as text (renamed ``input_<name>`` where scoring
-    computes a column of that name), so reports can roll up by any of them."""
+    """Rows of a manifest Parquet (``allcluster index``'s, or any table with a ``path`` column; relative
+    paths are relative to the manifest's folder): every other column is copied into the result rows as
+    text (renamed ``input_<name>`` where scoring computes a column of that name), so reports can roll
+    up by any of them."""
     from allcluster.score.rows import input_column_name
 
     table = pq.read_table(path)
     if "path" not in table.column_names:
         raise ConfigError(f"{path}: a manifest to score needs a 'path' column; found {', '.join(table.column_names)}")
-    extra = {input_column_name(c): ["" if v is None else str(v) for v in table.column(c).to_pylist()]
-             for c in table.column_names if c != "path"}
-    return Listing([str(p) for p in table.column("path").to_pylist()], extra)
+    columns = {"path": normalised_column(table.column("path"), Path(path).resolve().parent)}
+    for name in table.column_names:
+        if name != "path":
+            columns[input_column_name(name)] = pc.fill_null(table.column(name).cast(pa.string()), "")
+    return Listing(pa.table(columns))
 
 
 def list_text(path: Path) -> Listing:
-    """One path per line; blank lines and ``#`` comments skipped; relative paths from the file's folder."""
+    """One path per line (any bytes but a newline); blank lines and ``#`` comments skipped; relative
+    paths from the file's folder."""
+    base = Path(path).resolve().parent
     paths = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            paths.append(str(Path(line) if Path(line).is_absolute() else path.parent / line))
-    return Listing(paths)
+    for raw in Path(path).read_bytes().split(b"\n"):
+        line = os.fsdecode(raw.rstrip(b"\r"))
+        if line.strip() and not line.lstrip().startswith("#"):
+            paths.append(table_path(line, base))
+    return Listing(pa.table({"path": pa.array(paths, pa.string())}))
 
 
-def list_inputs(source: str | Path) -> Listing:
-    """The files a scoring job covers, from any of the three input kinds."""
+def list_inputs(source: str | Path, exclude: tuple[str | Path, ...] = ()) -> Listing:
+    """The files a scoring job covers, from any of the three input kinds (``exclude``: folders never
+    listed inside a folder input, i.e. the job's own output)."""
     source = Path(source)
     if source.is_dir():
-        return list_tree(source)
+        return list_tree(source, exclude)
     if source.is_file() and source.suffix.lower() == ".parquet":
         return list_manifest(source)
     if source.is_file():

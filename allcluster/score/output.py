@@ -7,11 +7,16 @@ Layout of ``OUT``::
     state/todo-<run>.parquet      the files a run still has to do (read by Ray Data; removed at the end)
     score.yaml, job.json          the resolved config; the settings every rerun must keep
     summary.json                  counts per class, flagged, errors by type, throughput
+    .lock                         held by the one run writing here (released by the OS when it dies)
+
+Exactly one row per input file: a rerun skips files whose row is final (``ok``, or an error their
+content determines) and scores the others again (transient errors,
+:data:`allcluster.data.decode.TRANSIENT_ERRORS`); :func:`compact` then drops every row that a newer
+run's row for the same path supersedes.
 """
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +26,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from allcluster.atomic import atomic_write_parquet
 from allcluster.config import ConfigError
+from allcluster.data.decode import TRANSIENT_ERRORS
+from allcluster.locks import ExclusiveLock
 from allcluster.score.rows import OWN_COLUMNS
 
 BUDGET_REASONS = ["low_confidence", "class", "sample"]     # rows that got the expensive methods
@@ -35,10 +43,48 @@ def rows_dataset(out: Path) -> pads.Dataset | None:
     return pads.dataset(rows, format="parquet")
 
 
-def done_paths(out: Path) -> set[str]:
-    """Paths that already have their row: a rerun skips them."""
+def done_paths(out: Path, retry_errors: bool = False) -> pa.Array:
+    """Paths whose row is final, which a rerun skips: ``ok`` rows and errors that the file's content
+    determines (with ``retry_errors``, ``ok`` rows only). Transient errors are scored again."""
     data = rows_dataset(out)
-    return set() if data is None else set(data.to_table(columns=["path"]).column("path").to_pylist())
+    if data is None:
+        return pa.array([], pa.string())
+    final = pc.field("status") == "ok"
+    if not retry_errors:
+        final = final | ~pc.field("error_type").isin(sorted(TRANSIENT_ERRORS))
+    return pc.unique(data.to_table(columns=["path"], filter=final).column("path")).combine_chunks()
+
+
+def compact(out: Path) -> int:
+    """Drop rows superseded by a newer run's row for the same path (a retried transient error, or a
+    row a killed run wrote twice); shards are rewritten atomically. Returns the rows dropped."""
+    data = rows_dataset(out)
+    if data is None:
+        return 0
+    keys = data.to_table(columns=["path", "run_id"])
+    counts = keys.group_by("path").aggregate([("run_id", "max"), ("run_id", "count")])
+    repeated = counts.filter(pc.greater(counts["run_id_count"], 1))
+    if not repeated.num_rows:
+        return 0
+    newest = pc.binary_join_element_wise(repeated["path"], repeated["run_id_max"], "\x00")
+    dropped = 0
+    for fragment in data.get_fragments():
+        shard = pq.read_table(fragment.path)
+        key = pc.binary_join_element_wise(shard["path"], shard["run_id"], "\x00")
+        stale = pc.and_(pc.is_in(shard["path"], repeated["path"]), pc.invert(pc.is_in(key, newest)))
+        if pc.any(stale).as_py():
+            keep = shard.filter(pc.invert(stale))
+            dropped += shard.num_rows - keep.num_rows
+            replace_shard(Path(fragment.path), keep)
+    return dropped
+
+
+def replace_shard(path: Path, table: pa.Table) -> None:
+    """Write ``table`` to ``path`` atomically (temp file + rename); an empty table removes the shard."""
+    if not table.num_rows:
+        path.unlink(missing_ok=True)
+        return
+    atomic_write_parquet(path, table)
 
 
 def budget_used(out: Path) -> int:
@@ -49,6 +95,12 @@ def budget_used(out: Path) -> int:
     reasons = data.to_table(columns=["budget_reason", "duplicate_of"],
                             filter=pc.field("duplicate_of") == "")["budget_reason"]
     return int(pc.sum(pc.is_in(reasons, pa.array(BUDGET_REASONS))).as_py() or 0)
+
+
+def lock_output(out: Path) -> ExclusiveLock:
+    """Make ``out`` and hold its lock for this run; a second run into it is refused naming the holder."""
+    out.mkdir(parents=True, exist_ok=True)
+    return ExclusiveLock(out / ".lock", f"output folder {out}").acquire()
 
 
 def check_job_settings(out: Path, settings: dict) -> None:
@@ -90,11 +142,7 @@ class ShardWriter:
         self.last_flush = time.monotonic()
         if not self.buffered:
             return
-        table = pa.concat_tables(self.buffer)
-        final = self.dir / f"part-{self.run_id}-{self.shards:05d}.parquet"
-        tmp = self.dir / f".{final.name}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, final)
+        replace_shard(self.dir / f"part-{self.run_id}-{self.shards:05d}.parquet", pa.concat_tables(self.buffer))
         self.buffer, self.buffered = [], 0
         self.shards += 1
 

@@ -8,8 +8,11 @@ whatever the archive size. Heatmaps are written by the actors, rows by the drive
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -19,8 +22,10 @@ from allcluster.console import say
 from allcluster.score import core
 from allcluster.score.config import ScoreConfig, row_settings
 from allcluster.score.inputs import Listing, list_inputs
-from allcluster.score.output import (Progress, ShardWriter, budget_used, check_job_settings, done_paths,
-                                     resolve_duplicates, split_duplicates, summarize, summary_text)
+from allcluster.atomic import atomic_write_text
+from allcluster.score.output import (Progress, ShardWriter, budget_used, check_job_settings,
+                                     compact, done_paths, lock_output, resolve_duplicates, split_duplicates,
+                                     summarize, summary_text)
 from allcluster.score.rows import row_schema
 
 
@@ -66,12 +71,11 @@ def _read_decode(batch, ledger, **kwargs):
 def write_todo(out: Path, todo: Listing, run_id: str) -> Path:
     """The files still to score as a Parquet file on the shared filesystem, which Ray Data reads:
     the listing does not go through the driver's object store as Python objects."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = out / "state" / f"todo-{run_id}.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"path": todo.paths, **todo.extra}), path)
+    pq.write_table(todo.files, path)
     return path
 
 
@@ -81,44 +85,93 @@ def build_dataset(cfg: ScoreConfig, card: dict, todo: Listing, ledger, run_id: s
 
     # read_parquet yields the small file as one block; splitting the path table (a barrier on paths
     # only, never on images) lets results stream back about one batch at a time.
-    blocks = max(1, min(math.ceil(len(todo.paths) / cfg.batch_size), 4096))
+    blocks = max(1, min(math.ceil(todo.files.num_rows / cfg.batch_size), 4096))
     ds = ray.data.read_parquet(str(write_todo(Path(cfg.out).resolve(), todo, run_id))).repartition(blocks)
     ds = ds.map_batches(_read_decode, batch_size=cfg.batch_size, num_cpus=cfg.workers.decode_cpus,
                         fn_kwargs={"ledger": ledger, "size": int(card["input_size"]), "roi_crop": bool(card["roi_crop"]),
-                                   "roi_margin": float(card["roi_margin"]), "max_pixels": cfg.max_pixels})
+                                   "roi_margin": float(card["roi_margin"]), "max_pixels": cfg.max_pixels,
+                                   "max_bytes": cfg.max_bytes})
     return ds.map_batches(
         ScoreActor, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"],
-        fn_constructor_args=(cfg, str(Path(cfg.out).resolve()), run_id, ledger, list(todo.extra), plan["device"],
+        fn_constructor_args=(cfg, str(Path(cfg.out).resolve()), run_id, ledger,
+                             todo.input_columns, plan["device"],
                              plan.get("threads", 0)))
 
 
-def run_score(cfg: ScoreConfig, address: str | None = None) -> dict:
-    """Score every file of ``cfg.input`` that ``cfg.out`` has no row for yet; returns the summary."""
+class Interrupted(Exception):
+    """SIGTERM, SIGINT or SIGUSR1 (Slurm's time-limit warning) arrived: stop, keep what is written."""
+
+
+EXIT_INTERRUPTED = 75      # EX_TEMPFAIL: interrupted; rerunning the same command resumes
+
+
+def _raise_interrupted(signum, _frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Turn SIGTERM/SIGINT/SIGUSR1 into :class:`Interrupted` in the main thread for the block."""
+    names = ("SIGTERM", "SIGINT", "SIGUSR1")
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {name: signal.signal(getattr(signal, name), _raise_interrupted) for name in names}
+    try:
+        yield
+    finally:
+        for name, handler in before.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+def plan_job(cfg: ScoreConfig, out: Path, retry_errors: bool = False) -> tuple[Listing, Listing, int]:
+    """(every input, the inputs still to score, how many already have a final row). The job's own
+    output is never listed as input, even when ``out`` lies inside ``input``."""
+    listing = list_inputs(cfg.input, exclude=(out,))
+    done = done_paths(out, retry_errors)
+    todo = listing.without(done)
+    return listing, todo, len(listing) - len(todo)
+
+
+def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool = False) -> dict:
+    """Score every file of ``cfg.input`` that ``cfg.out`` has no final row for; returns the summary
+    (``summary["interrupted"]`` is set when a signal stopped the run: rerun to resume)."""
     from allcluster.config import write_resolved
 
     out = Path(cfg.out).resolve()
     card = read_card(cfg.model)
-    check_job_settings(out, {"model_sha256": card.get("weights_sha256", ""), **row_settings(cfg)})
-    write_resolved(cfg, out / "score.yaml", "allcluster score")
-    run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{np.random.default_rng().integers(1 << 16):04x}"
-    listing = list_inputs(cfg.input)
-    done = done_paths(out)
-    todo = Listing([p for p in listing.paths if p not in done],
-                   {k: [v for p, v in zip(listing.paths, vals) if p not in done] for k, vals in listing.extra.items()},
-                   [e for e in listing.errors if e["path"] not in done])
-    schema = row_schema(card["classes"], list(cfg.explain.methods) + list(cfg.explain.budget.methods), list(todo.extra))
-    writer = ShardWriter(out, schema, run_id, cfg.rows_per_shard, cfg.flush_seconds)
-    say(f"[score] {len(listing)} inputs, {len(done)} already scored in {out}, {len(todo)} to do (run {run_id})")
-    start = time.monotonic()
-    writer.add(core.error_rows(schema, todo.errors, core.provenance(card, cfg, run_id, "")))
-    if todo.paths:
-        stream_rows(cfg, card, todo, writer, run_id, address, out)
-    writer.flush()
-    summary = summarize(out, time.monotonic() - start, len(todo))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    say(summary_text(summary))
-    return summary
+    lock = lock_output(out)                 # before anything is written: a refused second run writes nothing
+    try:
+        check_job_settings(out, {"model_sha256": card.get("weights_sha256", ""), **row_settings(cfg)})
+        write_resolved(cfg, out / "score.yaml", "allcluster score")
+        run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{np.random.default_rng().integers(1 << 16):04x}"
+        dropped = compact(out)              # a run killed while replacing retried rows left two
+        listing, todo, done = plan_job(cfg, out, retry_errors)
+        schema = row_schema(card["classes"], list(cfg.explain.methods) + list(cfg.explain.budget.methods),
+                            todo.input_columns)
+        writer = ShardWriter(out, schema, run_id, cfg.rows_per_shard, cfg.flush_seconds)
+        say(f"[score] {len(listing)} inputs, {done} already scored in {out}, {len(todo)} to do (run {run_id})"
+            + (f"; {dropped} superseded rows removed" if dropped else ""))
+        start, interrupted = time.monotonic(), ""
+        try:
+            with stop_on_signals():
+                writer.add(core.error_rows(schema, todo.errors, core.provenance(card, cfg, run_id, "")))
+                if todo.files.num_rows:
+                    stream_rows(cfg, card, todo, writer, run_id, address, out)
+        except Interrupted as signal_name:
+            interrupted = str(signal_name)
+        writer.flush()
+        compact(out)                        # retried transient errors: the new row replaces the old
+        summary = summarize(out, time.monotonic() - start, len(todo))
+        if interrupted:
+            summary["interrupted"] = interrupted
+            say(f"[score] interrupted by {interrupted}: rows so far are written; rerun the same command to resume")
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        say(summary_text(summary))
+        return summary
+    finally:
+        lock.release()
 
 
 def stream_rows(cfg: ScoreConfig, card: dict, todo: Listing, writer: ShardWriter, run_id: str,
@@ -150,6 +203,6 @@ def stream_rows(cfg: ScoreConfig, card: dict, todo: Listing, writer: ShardWriter
     progress.show(final=True)
     writer.flush()
     if waiting:
-        writer.add(resolve_duplicates(out, pa.concat_tables(waiting), list(todo.extra)))
+        writer.add(resolve_duplicates(out, pa.concat_tables(waiting), todo.input_columns))
         writer.flush()
     (out / "state" / f"todo-{run_id}.parquet").unlink(missing_ok=True)

@@ -1,0 +1,92 @@
+"""File locks that the OS releases when their holder dies, so a killed job never leaves a stale lock.
+
+``flock(2)`` locks belong to the open file: when the process exits (normally, by SIGKILL, or when
+Slurm ends the job) the kernel drops them. On NFS, Linux emulates ``flock`` with POSIX byte-range
+locks, so they hold across nodes; Lustre needs the ``flock`` mount option (most sites set it).
+Lock files are opened with ``O_NOFOLLOW``: a symlink planted at the lock path is refused, never
+followed to a file of the planter's choosing.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import stat
+import time
+from pathlib import Path
+
+from allcluster.config import ConfigError
+
+
+def open_lock_file(path: str | Path) -> int:
+    """An fd for ``path`` (created 0600 if missing); refuses a symlink or a non-regular file there."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        if err.errno == 40:          # ELOOP: the final component is a symlink
+            raise ConfigError(f"{path}: lock file is a symlink; refusing to follow it (remove it if it is yours)") from err
+        raise ConfigError(f"{path}: cannot open lock file: {err.strerror or err}") from err
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"{path}: lock path is not a regular file")
+    return fd
+
+
+def holder_info() -> dict:
+    """Who holds a lock: host, pid, Slurm job id (when inside a job), start time."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    if job and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ.get('SLURM_ARRAY_JOB_ID', job)}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": job,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def describe_holder(info: dict) -> str:
+    text = f"host {info.get('host', '?')}, pid {info.get('pid', '?')}"
+    if info.get("slurm_job_id"):
+        text += f", Slurm job {info['slurm_job_id']}"
+    return text + (f", since {info['since']}" if info.get("since") else "")
+
+
+class ExclusiveLock:
+    """A non-blocking exclusive lock on ``path`` that records its holder in the file.
+
+    ``acquire()`` raises :class:`ConfigError` naming the current holder when another process has it.
+    Keep the object alive for as long as the lock must be held; ``release()`` (or process exit) ends it.
+    """
+
+    def __init__(self, path: str | Path, what: str):
+        self.path, self.what, self.fd = Path(path), what, -1
+
+    def acquire(self) -> "ExclusiveLock":
+        fd = open_lock_file(self.path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._read_holder(fd)
+            os.close(fd)
+            raise ConfigError(f"{self.what} is in use by another run ({describe_holder(holder)}); "
+                              f"wait for it to finish or stop it first (lock: {self.path})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder_info()) + "\n").encode(), 0)
+        self.fd = fd
+        return self
+
+    @staticmethod
+    def _read_holder(fd: int) -> dict:
+        try:
+            return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)        # closing the fd drops the flock
+            self.fd = -1
+
+    def __enter__(self) -> "ExclusiveLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
