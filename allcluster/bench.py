@@ -341,8 +341,116 @@ def bench_score(args: argparse.Namespace) -> dict:
     return {**result, "device": device_info()}
 
 
+def synthetic_manifest_table(rows: int, seed: int = 0):
+    """An ``allcluster index``-shaped table of ``rows`` archive-like paths (the files need not exist)."""
+    import numpy as np
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    wards, patients = rng.integers(0, 40, rows), rng.integers(0, 200_000, rows)
+    paths = [f"/archive/hospital/2026/ward-{w:02d}/patient-{p:06d}/cell-{i:08d}.jpg"
+             for i, (w, p) in enumerate(zip(wards, patients))]
+    shas = [f"{i:064x}" for i in rng.integers(0, 1 << 62, rows)]
+    labels = np.array(["Benign", "Early", "Pre", "Pro"])[rng.integers(0, 4, rows)]
+    return pa.table({
+        "path": paths, "sha256": shas, "label": labels.tolist(), "patient": [f"P{p:06d}" for p in patients],
+        "split": ["test"] * rows, "fold": np.full(rows, -1), "width": np.full(rows, 360), "height": np.full(rows, 360),
+        "size_bytes": rng.integers(20_000, 60_000, rows), "status": ["ok"] * rows, "error_type": [""] * rows,
+        "error": [""] * rows, "n_copies": np.ones(rows, np.int64), "label_conflict": np.zeros(rows, bool)})
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def plan_probe(model: str, manifest: str, out: str) -> None:
+    """Run in a fresh process by ``bench plan``: list and plan a job, print the driver's memory (JSON).
+
+    The peak is reset after the imports and a 100-row warm-up (``/proc/self/clear_refs`` 5), so the
+    figure is what the listing and the plan add, not what Python, torch, Ray and the first page-in of
+    Arrow's code cost before any file is seen."""
+    import json
+
+    from allcluster.config import from_dict
+    from allcluster.score.config import ScoreConfig
+    from allcluster.score.output import compact
+    from allcluster.score.ray_data import plan_job, write_todo
+
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    with tempfile.TemporaryDirectory() as tmp:       # warm-up: page in the Arrow/Parquet code first
+        pq.write_table(synthetic_manifest_table(100), Path(tmp) / "m.parquet")
+        warm = from_dict(ScoreConfig, {"model": model, "input": str(Path(tmp) / "m.parquet"), "out": tmp}, "warm-up")
+        write_todo(Path(tmp), plan_job(warm, Path(tmp)).todo, "warm-up")
+    cfg = from_dict(ScoreConfig, {"model": model, "input": manifest, "out": out}, "bench plan")
+    Path("/proc/self/clear_refs").write_text("5")
+    base, start = _rss_kib("VmRSS"), time.perf_counter()
+    compact(Path(out))                  # what a run does first (a no-op here: no path has two rows)
+    job = plan_job(cfg, Path(out))
+    write_todo(Path(out), job.todo, "bench")
+    seconds = time.perf_counter() - start
+    peak = _rss_kib("VmHWM")
+    print(json.dumps({"inputs": job.inputs, "already_scored": job.done, "to_do": len(job.todo),
+                      "seconds": round(seconds, 2), "baseline_mib": round(base / 1024, 1),
+                      "peak_mib": round(peak / 1024, 1), "bytes_per_row": round((peak - base) * 1024 / max(1, job.inputs), 1)}))
+
+
+def bench_plan(args: argparse.Namespace) -> dict:
+    """Driver memory of listing + planning a scoring job over a synthetic archive-sized manifest,
+    fresh and resumed (half the files already have rows), each in a fresh process."""
+    import json
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from allcluster.models.model_dir import export_untrained
+    from allcluster.models.registry import HeadSpec
+    from allcluster.score.rows import row_schema
+
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    model = out / "model"
+    if not (model / "model_card.json").is_file():
+        export_untrained(model, "allnet", ["Benign", "Early", "Pre", "Pro"], input_size=64, head=HeadSpec((16,), 0, 0))
+    table = synthetic_manifest_table(args.rows)
+    manifest = out / "manifest.parquet"
+    pq.write_table(table, manifest)
+    resumed = out / "resumed"
+    half = table.slice(0, args.rows // 2)
+    schema = row_schema(["Benign", "Early", "Pre", "Pro"], ["gradcam"])
+    rows = pa.table({name: (half["path"] if name == "path" else pa.nulls(half.num_rows, schema.field(name).type))
+                     for name in schema.names}, schema=schema)
+    rows = rows.set_column(schema.names.index("status"), "status", pa.array(["ok"] * half.num_rows))
+    (resumed / "rows").mkdir(parents=True, exist_ok=True)
+    for i, start in enumerate(range(0, half.num_rows, 5000)):
+        pq.write_table(rows.slice(start, 5000), resumed / "rows" / f"part-bench-{i:05d}.parquet")
+    del table, half, rows
+    results = {}
+    for name, target in (("fresh", out / "fresh"), ("resumed", resumed)):
+        code = f"from allcluster.bench import plan_probe; plan_probe({str(model)!r}, {str(manifest)!r}, {str(target)!r})"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        if done.returncode:
+            raise RuntimeError(f"bench plan ({name}) failed:\n{done.stderr[-3000:]}")
+        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    worst = max(r["bytes_per_row"] for r in results.values())
+    return {"benchmark": "plan", "rows": args.rows, **results, "worst_bytes_per_row": worst,
+            "target_bytes_per_row": 600, "meets_target": worst < 600,
+            "meaning": "driver peak RSS added by listing a manifest, subtracting rows already scored (resumed: "
+                       "half of them) and writing the to-do list, per input row (baseline after imports)",
+            "device": device_info()}
+
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict]] = {
-    "train": bench_train, "sweep": bench_sweep, "cam": bench_cam, "lime": bench_lime, "score": bench_score}
+    "train": bench_train, "sweep": bench_sweep, "cam": bench_cam, "lime": bench_lime, "score": bench_score,
+    "plan": bench_plan}
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -372,6 +480,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="densenet121")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--num-samples", type=int, default=1000)
+    p = sub.add_parser("plan", help="driver memory per input row when listing and planning an archive-sized "
+                       "scoring job (synthetic manifest, files need not exist); JSON")
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--out", default="runs/bench-plan")
     p = sub.add_parser("score", help="end-to-end scoring img/s (files -> Parquet + heatmaps) vs bare forward; JSON")
     p.add_argument("--data", default=str(all_data_dir()))
     p.add_argument("--out", default="runs/bench-score")

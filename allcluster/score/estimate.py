@@ -75,10 +75,10 @@ def estimate(cfg: ScoreConfig, retry_errors: bool = False) -> dict:
 
     card = read_card(cfg.model)
     out = Path(cfg.out).resolve()
-    listing, pending, done = plan_job(cfg, out, retry_errors)
-    todo = pending.files.column("path")
-    result = {"inputs": len(listing), "listing_errors": len(listing.errors), "already_scored": done,
-              "to_do": len(pending)}
+    job = plan_job(cfg, out, retry_errors)
+    todo = job.todo.files.column("path")
+    result = {"inputs": job.inputs, "listing_errors": len(job.todo.errors), "already_scored": job.done,
+              "to_do": len(job.todo)}
     if not len(todo):
         return result
     probe = todo.take(list(range(0, len(todo), max(1, len(todo) // PROBE)))[:PROBE]).to_pylist()

@@ -45,6 +45,8 @@ class Listing:
 
     def without(self, done: pa.Array) -> "Listing":
         """The entries whose path is not in ``done`` (vectorised: a hash set in Arrow, not in Python)."""
+        if not len(done):
+            return self
         keep = pc.invert(pc.is_in(self.files.column("path"), value_set=done))
         error_paths = pa.array([e["path"] for e in self.errors], pa.string())
         error_keep = pc.invert(pc.is_in(error_paths, value_set=done)).to_pylist()
@@ -131,13 +133,15 @@ def list_manifest(path: Path) -> Listing:
     up by any of them."""
     from allcluster.score.rows import input_column_name
 
-    table = pq.read_table(path)
-    if "path" not in table.column_names:
-        raise ConfigError(f"{path}: a manifest to score needs a 'path' column; found {', '.join(table.column_names)}")
-    columns = {"path": normalised_column(table.column("path"), Path(path).resolve().parent)}
-    for name in table.column_names:
+    parquet = pq.ParquetFile(path)
+    names = parquet.schema_arrow.names
+    if "path" not in names:
+        raise ConfigError(f"{path}: a manifest to score needs a 'path' column; found {', '.join(names)}")
+    # One column at a time: an archive-sized manifest is never held twice (as read and as text).
+    columns = {"path": normalised_column(parquet.read(columns=["path"]).column(0), Path(path).resolve().parent)}
+    for name in names:
         if name != "path":
-            columns[input_column_name(name)] = pc.fill_null(table.column(name).cast(pa.string()), "")
+            columns[input_column_name(name)] = pc.fill_null(parquet.read(columns=[name]).column(0).cast(pa.string()), "")
     return Listing(pa.table(columns))
 
 

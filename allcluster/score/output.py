@@ -52,7 +52,7 @@ def done_paths(out: Path, retry_errors: bool = False) -> pa.Array:
     final = pc.field("status") == "ok"
     if not retry_errors:
         final = final | ~pc.field("error_type").isin(sorted(TRANSIENT_ERRORS))
-    return pc.unique(data.to_table(columns=["path"], filter=final).column("path")).combine_chunks()
+    return pc.unique(data.to_table(columns=["path"], filter=final).column("path").combine_chunks())
 
 
 def compact(out: Path) -> int:
@@ -155,10 +155,10 @@ def split_duplicates(table: pa.Table) -> tuple[pa.Table, pa.Table]:
 
 
 def resolve_duplicates(out: Path, waiting: pa.Table, extra: list[str] = ()) -> pa.Table:
-    """Each waiting duplicate gets its first copy's results (read back from the written shards)
-    with its own path, identity and input (``extra``) columns; a duplicate whose first copy has no
-    row is an error."""
-    own = [*OWN_COLUMNS, *extra]
+    """Each waiting duplicate gets its first copy's results (read back from the written shards; the
+    newest row where a retried first copy still has an older one) with its own path, identity, run
+    and input (``extra``) columns; a duplicate whose first copy has no row is an error."""
+    own = [*OWN_COLUMNS, "run_id", "scored_at", *extra]
     if not waiting.num_rows:
         return waiting
     shas = pc.unique(waiting["sha256"])
@@ -167,7 +167,8 @@ def resolve_duplicates(out: Path, waiting: pa.Table, extra: list[str] = ()) -> p
     by_sha = {}
     if owners is not None:
         for row in owners.to_pylist():
-            by_sha.setdefault(row["sha256"], row)
+            if row["sha256"] not in by_sha or row["run_id"] > by_sha[row["sha256"]]["run_id"]:
+                by_sha[row["sha256"]] = row
     filled = []
     for row in waiting.to_pylist():
         owner = by_sha.get(row["sha256"])

@@ -14,11 +14,13 @@ import math
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from allcluster.console import say
+from allcluster.ray_utils import ensure_ray
 from allcluster.score import core
 from allcluster.score.config import ScoreConfig, row_settings
 from allcluster.score.inputs import Listing, list_inputs
@@ -75,7 +77,9 @@ def write_todo(out: Path, todo: Listing, run_id: str) -> Path:
 
     path = out / "state" / f"todo-{run_id}.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(todo.files, path)
+    with pq.ParquetWriter(path, todo.files.schema) as writer:     # in slices: no second copy of the list
+        for batch in todo.files.to_batches(max_chunksize=65_536):
+            writer.write_batch(batch)
     return path
 
 
@@ -125,13 +129,21 @@ def stop_on_signals():
             signal.signal(getattr(signal, name), handler)
 
 
-def plan_job(cfg: ScoreConfig, out: Path, retry_errors: bool = False) -> tuple[Listing, Listing, int]:
-    """(every input, the inputs still to score, how many already have a final row). The job's own
-    output is never listed as input, even when ``out`` lies inside ``input``."""
+@dataclass
+class JobPlan:
+    """What a run will do: the inputs still to score, out of ``inputs``, ``done`` having a final row."""
+    todo: Listing
+    inputs: int
+    done: int
+
+
+def plan_job(cfg: ScoreConfig, out: Path, retry_errors: bool = False) -> JobPlan:
+    """List the inputs and drop those with a final row in ``out``. The job's own output is never
+    listed as input, even when ``out`` lies inside ``input``; the full listing is not kept."""
     listing = list_inputs(cfg.input, exclude=(out,))
-    done = done_paths(out, retry_errors)
-    todo = listing.without(done)
-    return listing, todo, len(listing) - len(todo)
+    inputs = len(listing)
+    todo = listing.without(done_paths(out, retry_errors))
+    return JobPlan(todo, inputs, inputs - len(todo))
 
 
 def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool = False) -> dict:
@@ -147,18 +159,21 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
         write_resolved(cfg, out / "score.yaml", "allcluster score")
         run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{np.random.default_rng().integers(1 << 16):04x}"
         dropped = compact(out)              # a run killed while replacing retried rows left two
-        listing, todo, done = plan_job(cfg, out, retry_errors)
+        plan = plan_job(cfg, out, retry_errors)
+        todo = plan.todo
         schema = row_schema(card["classes"], list(cfg.explain.methods) + list(cfg.explain.budget.methods),
                             todo.input_columns)
         writer = ShardWriter(out, schema, run_id, cfg.rows_per_shard, cfg.flush_seconds)
-        say(f"[score] {len(listing)} inputs, {done} already scored in {out}, {len(todo)} to do (run {run_id})"
+        say(f"[score] {plan.inputs} inputs, {plan.done} already scored in {out}, {len(todo)} to do (run {run_id})"
             + (f"; {dropped} superseded rows removed" if dropped else ""))
         start, interrupted = time.monotonic(), ""
+        if todo.files.num_rows:
+            ensure_ray(address)             # first: our signal handlers must be the ones in force
         try:
             with stop_on_signals():
                 writer.add(core.error_rows(schema, todo.errors, core.provenance(card, cfg, run_id, "")))
                 if todo.files.num_rows:
-                    stream_rows(cfg, card, todo, writer, run_id, address, out)
+                    stream_rows(cfg, card, todo, writer, run_id, out)
         except Interrupted as signal_name:
             interrupted = str(signal_name)
         writer.flush()
@@ -174,15 +189,11 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
         lock.release()
 
 
-def stream_rows(cfg: ScoreConfig, card: dict, todo: Listing, writer: ShardWriter, run_id: str,
-                address: str | None, out: Path) -> None:
+def stream_rows(cfg: ScoreConfig, card: dict, todo: Listing, writer: ShardWriter, run_id: str, out: Path) -> None:
     """Run the pipeline and write its rows as they stream back (duplicates resolved at the end)."""
     import pyarrow as pa
     import ray
 
-    from allcluster.ray_utils import ensure_ray
-
-    ensure_ray(address)
     ray.data.DataContext.get_current().enable_progress_bars = False     # our own progress line instead
     plan = actor_plan(cfg, ray.cluster_resources())
     say(f"[score] {plan['size']} model replica(s) on {plan['device']} "

@@ -142,6 +142,7 @@ class TrainConfig:
 
 def resolve(cfg: TrainConfig, source: str = "config") -> TrainConfig:
     """Fill backbone-dependent defaults (image size, head) and check cross-field rules."""
+    from allcluster.data.paths import absolute
     from allcluster.models.registry import REGISTRY
 
     if cfg.model.backbone not in REGISTRY:
@@ -158,9 +159,13 @@ def resolve(cfg: TrainConfig, source: str = "config") -> TrainConfig:
                    else head.hidden_dropout)
     if cfg.augment.name in ("mixup", "cutmix") and cfg.fit.batch_size % 2:
         raise ConfigError(f"{source}: fit.batch_size: {cfg.fit.batch_size} must be even for {cfg.augment.name}")
-    return replace(cfg,
-                   data=replace(cfg.data, image_size=cfg.data.image_size or spec.input_size),
-                   model=replace(cfg.model, head=head))
+    # Ray workers do not share the driver's working directory: every path leaves here absolute.
+    return replace(cfg, output_dir=absolute(cfg.output_dir),
+                   data=replace(cfg.data, image_size=cfg.data.image_size or spec.input_size,
+                                manifest=absolute(cfg.data.manifest),
+                                cache_dir=absolute(cfg.data.cache_dir) if cfg.data.cache_dir else ""),
+                   model=replace(cfg.model, head=head,
+                                 weights=absolute(cfg.model.weights) if cfg.model.weights else ""))
 
 
 def head_spec(cfg: TrainConfig):

@@ -1,0 +1,405 @@
+"""Unattended overnight runs (issue 10): every input gets exactly one row whatever the dump holds, any
+file name, absolute paths, one writer per output, outputs never read back as inputs, transient errors
+retried, bounded memory per file, and a cache that never keeps a failure that is not the file's own."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from allcluster.config import ConfigError, from_dict
+from allcluster.data import decode as dec
+from allcluster.data.paths import table_path, to_fs, to_text
+from allcluster.score import core
+from conftest import REPO, write_yaml
+
+CI_TINY = REPO / "configs" / "score" / "ci_tiny.yaml"
+ODD_NAMES = [b"latin1-caf\xe9.jpg", b"new\nline.jpg", b"tab\there.jpg", b"-leading-dash.jpg", b"back\\slash.jpg"]
+
+
+def real_images(real_data_dir: Path, per_class: int) -> list[Path]:
+    return [p for c in sorted(real_data_dir.iterdir()) for p in sorted(c.glob("*.jpg"))[:per_class]]
+
+
+def score_args(model: Path, source: Path | str, out: Path, *extra: str) -> list[str]:
+    return ["score", "--config", str(CI_TINY), "--model", str(model), "--input", str(source), "--out", str(out),
+            "--set", "explain.budget.methods=[]", *extra]
+
+
+def rows_of(out: Path) -> pd.DataFrame:
+    return pd.read_parquet(out / "rows")
+
+
+# ---- names and paths (pure) ------------------------------------------------------------------------------
+def test_any_file_name_has_a_reversible_utf8_text_form():
+    for raw in [*ODD_NAMES, b"plain/cell 1.jpg", "zellé ünïcode.jpg".encode(), b"\\x41 is not an escape"]:
+        name = os.fsdecode(raw)
+        text = to_text(name)
+        text.encode("utf-8")                             # valid UTF-8: Parquet can store it
+        assert to_fs(text) == name and os.fsencode(to_fs(text)) == raw
+    assert to_text(os.fsdecode(b"caf\xe9.jpg")) == "caf\\xe9.jpg"
+    assert to_text("back\\slash") == "back\\\\slash" and to_text("zellé.jpg") == "zellé.jpg"
+
+
+def test_paths_are_absolute_and_normalised_wherever_they_come_from(tmp_path, monkeypatch):
+    from allcluster.score.inputs import list_inputs
+
+    monkeypatch.chdir(tmp_path)
+    assert table_path("a/./b/../c.jpg") == str(tmp_path / "a" / "c.jpg")
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "rel.txt").write_text("../imgs/./x.jpg\n")
+    (tmp_path / "abs.txt").write_text(f"{tmp_path}//imgs/x.jpg\n")
+    pd.DataFrame({"path": ["imgs/x.jpg"]}).to_parquet(tmp_path / "m.parquet")
+    expected = [str(tmp_path / "imgs" / "x.jpg")]
+    assert list_inputs("lists/rel.txt").paths == expected
+    assert list_inputs(tmp_path / "abs.txt").paths == expected
+    monkeypatch.chdir("/")
+    assert list_inputs(tmp_path / "m.parquet").paths == expected, "manifest paths are relative to the manifest"
+
+
+# ---- one row per input, whatever the exception (injected) ---------------------------------------------
+class _Weird(Exception):
+    pass
+
+
+def _faulty(original, faults: dict):
+    """Wrap ``original`` so it raises the exception mapped to a file (matched in its first two string
+    arguments: a path, or decode's name); a real call otherwise."""
+    def wrapper(*args, **kwargs):
+        names = [a for a in args[:2] if isinstance(a, str)]
+        for key, error in faults.items():
+            if any(key in n for n in names):
+                raise error
+        return original(*args, **kwargs)
+    return wrapper
+
+
+def test_any_exception_reading_decoding_or_preprocessing_one_file_becomes_its_error_row(tmp_path, monkeypatch,
+                                                                                          real_data_dir):
+    from allcluster.data.preprocess import Preprocess
+
+    paths = []
+    for i, image in enumerate(real_images(real_data_dir, 2)[:6]):
+        paths.append(tmp_path / f"{['read', 'decode', 'prep', 'ok', 'ok', 'ok'][i]}-{i}.jpg")
+        shutil.copy(image, paths[-1])
+    monkeypatch.setattr(dec, "read_hashed", _faulty(dec.read_hashed, {"read-0": struct.error("bad header")}))
+    monkeypatch.setattr(dec, "decode", _faulty(dec.decode, {"decode-1": TypeError("EXIF orientation is None")}))
+
+    class FirstCallFails(Preprocess):          # files 0 and 1 never reach preprocessing: file 2 is first
+        calls = 0
+
+        def __call__(self, array):
+            FirstCallFails.calls += 1
+            if FirstCallFails.calls == 1:
+                raise _Weird("cv2 error in the ROI crop")
+            return super().__call__(array)
+    monkeypatch.setattr(core, "Preprocess", FirstCallFails)
+    out = core.read_decode({"path": np.array([table_path(p) for p in paths], dtype=object)}, 32, False, 0.1,
+                           10_000_000, core.Ledger(0).claim)
+    assert list(out["status"]) == ["error"] * 3 + ["ok"] * 3
+    assert list(out["error_type"][:3]) == ["read_error", "decode_error", "decode_error"]
+    for i, kind in enumerate(["error: bad header", "TypeError: EXIF orientation is None",
+                              "_Weird: cv2 error in the ROI crop"]):
+        assert str(paths[i]) in out["error"][i] and kind in out["error"][i], out["error"][i]
+    assert out["pixels"][3:].std() > 0
+
+
+def test_index_and_cache_build_turn_injected_exceptions_into_rows(tmp_path, monkeypatch, real_data_dir):
+    from allcluster.data.cache import ensure_cache
+    from allcluster.data.manifest import IndexConfig, build_manifest
+    from allcluster.data.preprocess import Preprocess
+
+    for i, image in enumerate(real_images(real_data_dir, 3)):
+        (tmp_path / "src" / image.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, tmp_path / "src" / image.parent.name / f"{'boom' if i == 0 else 'cell'}{i:02d}.jpg")
+    monkeypatch.setattr(dec, "decode", _faulty(dec.decode, {"boom00": KeyError("missing Huffman table")}))
+    manifest = build_manifest(from_dict(IndexConfig, {"source": str(tmp_path / "src")}))
+    boom = manifest[manifest["path"].str.contains("boom00")].iloc[0]
+    assert (boom["status"], boom["error_type"]) == ("error", "decode_error") and "KeyError" in boom["error"]
+    assert (manifest["status"] == "ok").sum() == len(manifest) - 1
+
+    monkeypatch.setattr(dec, "decode", _faulty(dec.decode, {"cell01": OverflowError("int too large")}))
+    root = tmp_path / "cache"
+    cache = ensure_cache(manifest, Preprocess(32, False, 0.1), root, log=lambda *_: None)
+    index = pq.read_table(cache.path / "index.parquet").to_pandas().set_index("path")
+    bad = index.loc[[p for p in index.index if "cell01" in p][0]]
+    assert not bad["valid"] and bad["error_type"] == "decode_error" and "OverflowError" in bad["error"]
+    assert index["valid"].sum() == len(index) - 1
+
+
+# ---- bounded memory per file -----------------------------------------------------------------------------
+def test_a_sparse_4gb_file_is_too_large_without_being_read_and_memory_stays_small(tmp_path, real_data_dir):
+    sparse = tmp_path / "whole-slide.svs"
+    subprocess.run(["truncate", "-s", "4G", str(sparse)], check=True)
+    image = real_images(real_data_dir, 1)[0]
+    code = ("import sys, json, resource, numpy as np; from allcluster.score.core import read_decode, Ledger; "
+            "o = read_decode({'path': np.array(sys.argv[1:], dtype=object)}, 64, False, 0.1, 50_000_000, "
+            "Ledger(0).claim); "
+            "print(json.dumps([list(o['error_type']), [float(t) for t in o['t_read_ms']], "
+            "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))")
+    done = subprocess.run([sys.executable, "-c", code, str(sparse), str(image)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    kinds, read_ms, peak_kib = json.loads(done.stdout)
+    print(f"\n[bounded memory] decode worker peak RSS with a 4 GiB sparse file in the batch: {peak_kib / 1024:.0f} MiB")
+    assert kinds == ["too_large", ""] and read_ms[0] < 100, "refused from its size alone, not read"
+    assert peak_kib < 1024 * 1024, "reading the 4 GiB file would have pushed peak RSS past 4 GiB"
+
+
+def test_a_tiff_declaring_too_many_pixels_is_refused_before_its_pixels_are_decoded(tmp_path, monkeypatch):
+    import tifffile
+
+    path = tmp_path / "wide16.tif"
+    tifffile.imwrite(path, np.zeros((300, 400, 3), np.uint16))            # PIL cannot read it: tifffile path
+    calls = []
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", lambda *a, **k: calls.append(1))
+    with pytest.raises(dec.DecodeError) as err:
+        dec.load(path, max_pixels=100_000)
+    assert err.value.kind == "too_large" and "120,000" in str(err.value) and not calls
+
+
+# ---- the cache never keeps a failure that is not the file's own ----------------------------------------
+def test_a_file_missing_when_the_cache_was_built_is_retried_and_used_once_restored(tmp_path, real_data_dir):
+    from allcluster.data.cache import ensure_cache
+    from allcluster.data.manifest import IndexConfig, build_manifest
+    from allcluster.data.preprocess import Preprocess
+    from allcluster.train.config import DataConfig
+    from allcluster.train.data import load_splits
+
+    for image in real_images(real_data_dir, 6):
+        (tmp_path / "src" / image.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, tmp_path / "src" / image.parent.name / image.name)
+    manifest = build_manifest(from_dict(IndexConfig, {"source": str(tmp_path / "src"), "ratios": [0.5, 0.25, 0.25]}))
+    victim = Path(manifest[manifest["split"] == "train"]["path"].iloc[0])
+    kept = victim.read_bytes()
+    victim.unlink()
+    root, pre = tmp_path / "cache", Preprocess(32, False, 0.1)
+    cache = ensure_cache(manifest, pre, root, log=lambda *_: None)
+    sha = manifest.set_index("path").loc[str(victim), "sha256"]
+    assert not cache.valid[cache.row(sha)]
+    _, splits = load_splits(manifest, cache, DataConfig(manifest="m"), 0)
+    assert str(victim) not in splits["train"].paths
+    victim.write_bytes(kept)
+    cache = ensure_cache(manifest, pre, root, log=lambda *_: None)
+    assert cache.valid[cache.row(sha)] and np.asarray(cache.images[cache.row(sha)]).std() > 0
+    _, splits = load_splits(manifest, cache, DataConfig(manifest="m"), 0)
+    assert str(victim) in splits["train"].paths, "the restored image is used for training"
+
+
+def test_a_cache_root_that_is_not_private_is_refused_and_lock_symlinks_are_not_followed(tmp_path):
+    from allcluster.data.cache import ensure_cache
+    from allcluster.data.preprocess import Preprocess
+
+    manifest = pd.DataFrame({"path": ["/x.jpg"], "sha256": ["aa" * 32], "status": ["ok"]})
+    shared = tmp_path / "shared-cache"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(ConfigError, match=r"shared-cache.*not writable by group or others"):
+        ensure_cache(manifest, Preprocess(32, False, 0.1), shared)
+    assert list(shared.iterdir()) == [], "refused before writing anything"
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    from allcluster.data.cache import cache_key
+    target = tmp_path / "victim.txt"
+    target.write_text("keep me")
+    (private / f"{cache_key(['aa' * 32], Preprocess(32, False, 0.1))}.lock").symlink_to(target)
+    with pytest.raises(ConfigError, match="symlink"):
+        ensure_cache(manifest, Preprocess(32, False, 0.1), private)
+    assert target.read_text() == "keep me"
+
+
+# ---- the README's real-data route, from another working directory -------------------------------------
+@pytest.mark.ray
+def test_index_of_a_relative_folder_then_train_works_as_the_readme_says(ray_local, real_data_dir, tmp_path,
+                                                                        monkeypatch):
+    from allcluster.cli import main
+
+    work = tmp_path / "work"
+    for image in real_images(real_data_dir, 12):
+        (work / "data" / "Original" / image.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, work / "data" / "Original" / image.parent.name / image.name)
+    monkeypatch.chdir(work)
+    assert main(["index", "data/Original", "--out", "runs/all/manifest.parquet"]) == 0
+    paths = pd.read_parquet(work / "runs/all/manifest.parquet")["path"]
+    assert all(p.startswith(str(work / "data" / "Original")) for p in paths)
+    config = write_yaml(work / "train.yaml", {
+        "name": "readme-route", "output_dir": "runs/all/allnet",
+        "data": {"manifest": "runs/all/manifest.parquet", "image_size": 32, "loader_workers": 0},
+        "model": {"backbone": "allnet", "head": {"hidden": [16]}}, "optim": {"name": "adam", "lr": 0.003},
+        "finetune": {"head_epochs": 0, "unfreeze_blocks": -1},
+        "fit": {"epochs": 1, "batch_size": 8, "early_stopping_patience": 0},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1.0}})
+    assert main(["train", "--config", str(config)]) == 0, "Ray workers run elsewhere: paths must be absolute"
+    card = json.loads((work / "runs/all/allnet/model/model_card.json").read_text())
+    assert card["classes"] == ["Benign", "Early", "Pre", "Pro"]
+
+
+# ---- a real Ray Data job: odd names, an output folder inside the input, a sparse file ------------------
+@pytest.fixture(scope="module")
+def odd_job(ray_local, tiny_model_dir, real_data_dir, tmp_path_factory):
+    """``--input D --out D/scored``, run twice, over real images under odd names and a 4 GiB sparse file."""
+    from allcluster.cli import main
+
+    dump = tmp_path_factory.mktemp("odd") / "D"
+    dump.mkdir()
+    images = real_images(real_data_dir, 2)
+    names = [os.fsdecode(n) for n in ODD_NAMES]
+    for name, image in zip(names, images):
+        shutil.copy(image, os.path.join(dump, name))
+    shutil.copy(images[-1], dump / "plain.jpg")
+    subprocess.run(["truncate", "-s", "4G", str(dump / "stray.svs")], check=True)
+    out = dump / "scored"
+    first = main(score_args(tiny_model_dir, dump, out))
+    shards = sorted((out / "rows").glob("*.parquet"))
+    second = main(score_args(tiny_model_dir, dump, out))
+    return {"rc": (first, second), "dump": dump, "out": out, "names": names, "shards": shards,
+            "summary": json.loads((out / "summary.json").read_text())}
+
+
+@pytest.mark.ray
+def test_odd_file_names_get_rows_with_escaped_paths_and_reruns_know_them(odd_job):
+    rows, dump = rows_of(odd_job["out"]), odd_job["dump"]
+    assert odd_job["rc"] == (0, 0)
+    expected = {table_path(os.path.join(dump, n)) for n in [*odd_job["names"], "plain.jpg", "stray.svs"]}
+    assert set(rows["path"]) == expected and rows["path"].is_unique
+    for name in odd_job["names"]:
+        row = rows.set_index("path").loc[table_path(os.path.join(dump, name))]
+        assert row["status"] == "ok", name
+        assert Path(to_fs(row.name)).is_file()
+        assert row["heatmap_gradcam"].startswith(f"heatmaps/{row['sha256'][:2]}/"), "never the raw name"
+    assert "latin1-caf\\xe9.jpg" in {Path(p).name for p in rows["path"]}
+    assert sorted((odd_job["out"] / "rows").glob("*.parquet")) == odd_job["shards"], "the rerun scored nothing"
+    assert odd_job["summary"]["run_rows"] == 0
+
+
+@pytest.mark.ray
+def test_the_output_folder_inside_the_input_is_never_scored(odd_job):
+    rows = rows_of(odd_job["out"])
+    assert not rows["path"].str.startswith(str(odd_job["out"])).any()
+    assert list((odd_job["out"]).rglob("*.png")), "heatmaps were written inside the input tree"
+
+
+@pytest.mark.ray
+def test_a_file_over_the_byte_cap_is_too_large_without_being_read(odd_job):
+    row = rows_of(odd_job["out"]).set_index("path").loc[table_path(odd_job["dump"] / "stray.svs")]
+    assert (row["status"], row["error_type"]) == ("error", "too_large")
+    assert "not read" in row["error"] and row["t_read_ms"] < 100
+
+
+@pytest.mark.ray
+def test_rows_with_odd_names_read_in_pandas_and_duckdb(odd_job):
+    import duckdb
+
+    shards = str(odd_job["out"] / "rows" / "*.parquet")
+    found = duckdb.sql(f"SELECT path, status FROM read_parquet('{shards}') WHERE path LIKE '%caf\\xe9%'").fetchall()
+    assert found == [(table_path(os.path.join(odd_job["dump"], os.fsdecode(ODD_NAMES[0]))), "ok")]
+    count = duckdb.sql(f"SELECT count(*) FROM read_parquet('{shards}')").fetchall()[0][0]
+    assert count == len(pd.read_parquet(odd_job["out"] / "rows")) == len(odd_job["names"]) + 2
+
+
+# ---- transient errors are retried, deterministic ones are not ------------------------------------------
+@pytest.mark.ray
+def test_transient_errors_are_scored_again_and_replace_their_rows(ray_local, tiny_model_dir, real_data_dir,
+                                                                  tmp_path, monkeypatch):
+    from allcluster.cli import main
+
+    images = real_images(real_data_dir, 2)[:5]
+    files = tmp_path / "files"
+    files.mkdir()
+    for image in images:
+        shutil.copy(image, files / image.name)
+    whole = images[0].read_bytes()
+    copying = files / "still-copying.jpg"
+    copying.write_bytes(whole[: len(whole) // 2])                  # a copy in progress: truncated
+    (files / "notes.jpg").write_text("not an image")                # deterministic: not_an_image
+    later = files / "arrives-later.jpg"                              # listed, not there yet: unreadable
+    listing = tmp_path / "lists" / "files.txt"
+    listing.parent.mkdir()
+    listing.write_text("".join(f"../files/{p.name}\n" for p in sorted(files.iterdir())) + "../files/arrives-later.jpg\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "heatmaps").write_text("a file where the heatmap folder goes: every batch fails to write its maps")
+    monkeypatch.chdir(tmp_path)
+    assert main(score_args(tiny_model_dir, "lists/files.txt", out)) == 0
+    first = rows_of(out).set_index("path")
+    assert len(first) == len(images) + 3
+    assert (first.loc[[table_path(files / p.name) for p in images], "error_type"] == "model_error").all()
+    assert first.loc[table_path(copying), "error_type"] == "truncated"
+    assert first.loc[table_path(later), "error_type"] == "unreadable"
+    assert first.loc[table_path(files / "notes.jpg"), "error_type"] == "not_an_image"
+
+    (out / "heatmaps").unlink()                                      # the disk is fine again
+    copying.write_bytes(whole)                                       # the copy finished
+    shutil.copy(images[1], later)                                    # the late file arrived
+    absolute_list = tmp_path / "other.txt"                           # same files, other spelling, other cwd
+    absolute_list.write_text("".join(f"{files}/./{p.name}\n" for p in sorted(files.iterdir())))
+    monkeypatch.chdir("/")
+    assert main(score_args(tiny_model_dir, absolute_list, out)) == 0
+    second = rows_of(out)
+    assert second["path"].is_unique and len(second) == len(images) + 3, "exactly one row per file"
+    second = second.set_index("path")
+    assert (second.drop(index=table_path(files / "notes.jpg"))["status"] == "ok").all()
+    notes = second.loc[table_path(files / "notes.jpg")]
+    assert notes["error_type"] == "not_an_image" and notes["run_id"] == first.loc[notes.name, "run_id"]
+
+    assert main(score_args(tiny_model_dir, absolute_list, out, "--retry-errors")) == 0
+    third = rows_of(out)
+    assert third["path"].is_unique and len(third) == len(images) + 3
+    assert third.set_index("path").loc[notes.name, "run_id"] not in set(second["run_id"]), "--retry-errors rescored it"
+
+
+# ---- one writer per output folder; a signal stops a run cleanly ----------------------------------------
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_second_run_into_a_busy_output_is_refused_and_sigterm_stops_the_first_cleanly(
+        ray_local, tiny_model_dir, real_data_dir, tmp_path, capsys):
+    from allcluster.cli import main
+
+    files = real_images(real_data_dir, 16)
+    listing = tmp_path / "files.txt"
+    listing.write_text("\n".join(map(str, files)) + "\n")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "allcluster.cli", *score_args(tiny_model_dir, listing, out,
+               "--set", "explain.methods=[gradcam,scorecam]", "--set", "flush_seconds=1")]
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while _rows_written(out) == 0:
+            assert first.poll() is None, first.stdout.read()[-3000:]
+            assert time.time() < deadline, "the first run wrote no row within 300 s"
+            time.sleep(0.2)
+        before = sorted(p.name for p in out.rglob("*"))
+        assert main(score_args(tiny_model_dir, listing, out)) == 2
+        refusal = capsys.readouterr().err
+        assert f"pid {first.pid}" in refusal and "in use by another run" in refusal, refusal
+        first.send_signal(signal.SIGTERM)
+        text, _ = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 75, text[-3000:]
+    assert "interrupted by SIGTERM" in text
+    written = _rows_written(out)
+    assert 0 < written < len(files)
+    assert set(before) <= set(p.name for p in out.rglob("*")), "the refused run removed nothing"
+    assert main(score_args(tiny_model_dir, listing, out, "--set", "explain.methods=[gradcam,scorecam]")) == 0
+    rows = rows_of(out)
+    assert sorted(rows["path"]) == sorted(map(str, files)) and (rows["status"] == "ok").all()
+    assert rows["run_id"].nunique() == 2, "one interrupted run and the one that finished it"
+
+
+def _rows_written(out: Path) -> int:
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in (out / "rows").glob("*.parquet")) if (out / "rows").is_dir() else 0
