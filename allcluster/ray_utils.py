@@ -18,8 +18,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    env_vars = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-                "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    from allcluster.models.weights import worker_env
+
+    # Workers never go online, whatever the driver's environment says (stated here, not inherited).
+    env_vars = {**worker_env(), "PYTHONWARNINGS": "ignore::DeprecationWarning"}
     env_vars.update({k: os.environ[k] for k in PASSED_TO_WORKERS if os.environ.get(k)})
     env = {"env_vars": env_vars}
     if address:

