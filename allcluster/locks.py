@@ -50,26 +50,28 @@ def describe_holder(info: dict) -> str:
 
 
 class ExclusiveLock:
-    """A non-blocking exclusive lock on ``path`` that records its holder in the file.
+    """A non-blocking exclusive (or ``shared``) lock on ``path``; an exclusive holder records itself in the file.
 
     ``acquire()`` raises :class:`ConfigError` naming the current holder when another process has it.
     Keep the object alive for as long as the lock must be held; ``release()`` (or process exit) ends it.
     """
 
-    def __init__(self, path: str | Path, what: str):
-        self.path, self.what, self.fd = Path(path), what, -1
+    def __init__(self, path: str | Path, what: str, shared: bool = False):
+        self.path, self.what, self.shared, self.fd = Path(path), what, shared, -1
 
     def acquire(self) -> "ExclusiveLock":
         fd = open_lock_file(self.path)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = self._read_holder(fd)
             os.close(fd)
-            raise ConfigError(f"{self.what} is in use by another run ({describe_holder(holder)}); "
+            who = describe_holder(holder) if holder else f"Slurm array tasks: see {self.path}-*"
+            raise ConfigError(f"{self.what} is in use by another run ({who}); "
                               f"wait for it to finish or stop it first (lock: {self.path})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder_info()) + "\n").encode(), 0)
+        os.ftruncate(fd, 0)              # shared holders (array tasks) name themselves in their own lock
+        if not self.shared:
+            os.pwrite(fd, (json.dumps(holder_info()) + "\n").encode(), 0)
         self.fd = fd
         return self
 

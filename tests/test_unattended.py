@@ -376,15 +376,12 @@ def test_a_second_run_into_a_busy_output_is_refused_and_sigterm_stops_the_first_
     first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True)
     try:
-        deadline = time.time() + 300
-        while _rows_written(out) == 0:
-            assert first.poll() is None, first.stdout.read()[-3000:]
-            assert time.time() < deadline, "the first run wrote no row within 300 s"
-            time.sleep(0.2)
+        _wait_for(lambda: f'"pid": {first.pid}' in _text(out / ".lock"), first, "the first run took the lock")
         before = sorted(p.name for p in out.rglob("*"))
         assert main(score_args(tiny_model_dir, listing, out)) == 2
         refusal = capsys.readouterr().err
         assert f"pid {first.pid}" in refusal and "in use by another run" in refusal, refusal
+        _wait_for(lambda: _rows_written(out) > 0, first, "the first run wrote rows")
         first.send_signal(signal.SIGTERM)
         text, _ = first.communicate(timeout=120)
     finally:
@@ -401,5 +398,66 @@ def test_a_second_run_into_a_busy_output_is_refused_and_sigterm_stops_the_first_
     assert rows["run_id"].nunique() == 2, "one interrupted run and the one that finished it"
 
 
+def _text(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
+
+
+def _wait_for(condition, process: subprocess.Popen, what: str, timeout_s: float = 600) -> None:
+    deadline = time.time() + timeout_s
+    while not condition():
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.time() < deadline, f"{what}: not within {timeout_s:g} s"
+        time.sleep(0.2)
+
+
 def _rows_written(out: Path) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in (out / "rows").glob("*.parquet")) if (out / "rows").is_dir() else 0
+
+
+# ---- array tasks: shards of one job into one shared output --------------------------------------------
+def test_shards_split_every_input_exactly_once_and_are_stable():
+    from allcluster.score.inputs import Shard
+
+    paths = [f"/archive/cell-{i}.jpg" for i in range(1000)]
+    owners = [[k for k in range(4) if Shard(k, 4).holds([p])[0]] for p in paths]
+    assert all(len(o) == 1 for o in owners), "every path in exactly one shard"
+    sizes = [sum(o == [k] for o in owners) for k in range(4)]
+    assert min(sizes) > 200 and Shard(2, 4).holds(paths) == Shard(2, 4).holds(list(paths))
+    for bad in ("4/4", "a/2", "1", "-1/3"):
+        with pytest.raises(ConfigError, match="--shard"):
+            Shard.parse(bad)
+
+
+@pytest.mark.ray
+def test_array_tasks_share_one_output_and_report_like_one_whole_job(ray_local, tiny_model_dir, real_data_dir,
+                                                                    tmp_path, capsys):
+    from allcluster.cli import main
+    from allcluster.locks import ExclusiveLock
+
+    dump = tmp_path / "dump"
+    for image in real_images(real_data_dir, 3):
+        (dump / image.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, dump / image.parent.name / image.name)
+    (dump / "notes.jpg").write_text("not an image")
+    whole, shared = tmp_path / "whole", tmp_path / "shared"
+    assert main(score_args(tiny_model_dir, dump, whole)) == 0
+
+    shared.mkdir()
+    running = ExclusiveLock(shared / ".lock-0-of-2", "shard 0").acquire()    # task 0 is already running
+    assert main(score_args(tiny_model_dir, dump, shared, "--shard", "0/2")) == 2
+    assert "shard 0/2" in capsys.readouterr().err
+    assert main(score_args(tiny_model_dir, dump, shared, "--shard", "1/2")) == 0, "other tasks are not blocked"
+    running.release()
+    task = ExclusiveLock(shared / ".lock", "a task", shared=True).acquire()  # while any task runs...
+    assert main(score_args(tiny_model_dir, dump, shared)) == 2, "...a whole job into the same output is refused"
+    task.release()
+    assert main(score_args(tiny_model_dir, dump, shared, "--shard", "0/2")) == 0
+
+    one, parts = rows_of(whole), rows_of(shared)
+    assert parts["path"].is_unique and sorted(parts["path"]) == sorted(one["path"])
+    assert parts["run_id"].nunique() == 2
+    for out in (whole, shared):
+        assert main(["report", str(out), "--out", str(out / "report")]) == 0
+    for table in ("class_counts", "errors_by_type"):
+        assert (pd.read_csv(shared / "report" / "tables" / f"{table}.csv")
+                .equals(pd.read_csv(whole / "report" / "tables" / f"{table}.csv"))), table

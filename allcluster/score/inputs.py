@@ -6,6 +6,7 @@ still accounts for every entry it saw), and symlinked folders are never descende
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from dataclasses import dataclass, field
@@ -43,6 +44,14 @@ class Listing:
     def __len__(self) -> int:
         return self.files.num_rows + len(self.errors)
 
+    def part(self, shard: Shard) -> "Listing":
+        """The entries that belong to ``shard``."""
+        if shard.whole:
+            return self
+        keep = pa.array(shard.holds(self.files.column("path").to_pylist()), pa.bool_())
+        errors = [e for e, k in zip(self.errors, shard.holds([e["path"] for e in self.errors])) if k]
+        return Listing(self.files.filter(keep), errors)
+
     def without(self, done: pa.Array) -> "Listing":
         """The entries whose path is not in ``done`` (vectorised: a hash set in Arrow, not in Python)."""
         if not len(done):
@@ -51,6 +60,39 @@ class Listing:
         error_paths = pa.array([e["path"] for e in self.errors], pa.string())
         error_keep = pc.invert(pc.is_in(error_paths, value_set=done)).to_pylist()
         return Listing(self.files.filter(keep), [e for e, k in zip(self.errors, error_keep) if k])
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Part ``index`` of ``count`` of a job (a Slurm array task): the files whose path hash falls in it."""
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        """``K/N`` with 0 <= K < N (``--shard``; Slurm: ``$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``)."""
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise ConfigError(f"--shard: {text!r} is not K/N (e.g. 0/4)") from None
+        if not 0 <= index < count:
+            raise ConfigError(f"--shard: {text!r} needs 0 <= K < N")
+        return cls(index, count)
+
+    @property
+    def whole(self) -> bool:
+        return self.count == 1
+
+    @property
+    def name(self) -> str:
+        return f"{self.index}-of-{self.count}"
+
+    def holds(self, paths: list[str]) -> list[bool]:
+        """Whether each table path belongs to this shard (a stable hash: the same on every node and rerun)."""
+        if self.whole:
+            return [True] * len(paths)
+        return [int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "big") % self.count == self.index
+                for p in paths]
 
 
 def _error(path: str, kind: str, message: str) -> dict:

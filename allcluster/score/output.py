@@ -30,6 +30,7 @@ from allcluster.atomic import atomic_write_parquet
 from allcluster.config import ConfigError
 from allcluster.data.decode import TRANSIENT_ERRORS
 from allcluster.locks import ExclusiveLock
+from allcluster.score.inputs import Shard
 from allcluster.score.rows import OWN_COLUMNS
 
 BUDGET_REASONS = ["low_confidence", "class", "sample"]     # rows that got the expensive methods
@@ -55,15 +56,17 @@ def done_paths(out: Path, retry_errors: bool = False) -> pa.Array:
     return pc.unique(data.to_table(columns=["path"], filter=final).column("path").combine_chunks())
 
 
-def compact(out: Path) -> int:
+def compact(out: Path, shard: Shard = Shard()) -> int:
     """Drop rows superseded by a newer run's row for the same path (a retried transient error, or a
-    row a killed run wrote twice); shards are rewritten atomically. Returns the rows dropped."""
+    row a killed run wrote twice); shards are rewritten atomically. Only paths of ``shard`` are
+    touched, so array tasks sharing ``out`` never rewrite each other's rows. Returns the rows dropped."""
     data = rows_dataset(out)
     if data is None:
         return 0
     keys = data.to_table(columns=["path", "run_id"])
     counts = keys.group_by("path").aggregate([("run_id", "max"), ("run_id", "count")])
     repeated = counts.filter(pc.greater(counts["run_id_count"], 1))
+    repeated = repeated.filter(pa.array(shard.holds(repeated["path"].to_pylist()), pa.bool_()))
     if not repeated.num_rows:
         return 0
     newest = pc.binary_join_element_wise(repeated["path"], repeated["run_id_max"], "\x00")
@@ -87,20 +90,31 @@ def replace_shard(path: Path, table: pa.Table) -> None:
     atomic_write_parquet(path, table)
 
 
-def budget_used(out: Path) -> int:
-    """Budgeted explanations already spent by earlier runs into ``out`` (the cap spans reruns)."""
+def budget_used(out: Path, shard: Shard = Shard()) -> int:
+    """Budgeted explanations already spent by earlier runs of ``shard`` into ``out`` (the cap spans reruns)."""
     data = rows_dataset(out)
     if data is None:
         return 0
-    reasons = data.to_table(columns=["budget_reason", "duplicate_of"],
-                            filter=pc.field("duplicate_of") == "")["budget_reason"]
-    return int(pc.sum(pc.is_in(reasons, pa.array(BUDGET_REASONS))).as_py() or 0)
+    spent = data.to_table(columns=["path"], filter=(pc.field("duplicate_of") == "")
+                          & pc.field("budget_reason").isin(BUDGET_REASONS))["path"].to_pylist()
+    return sum(shard.holds(spent))
 
 
-def lock_output(out: Path) -> ExclusiveLock:
-    """Make ``out`` and hold its lock for this run; a second run into it is refused naming the holder."""
+def lock_output(out: Path, shard: Shard = Shard()) -> list[ExclusiveLock]:
+    """Make ``out`` and hold its locks for this run; a second run into it is refused naming the holder.
+
+    A whole job holds ``.lock`` exclusively; array tasks hold it shared (so they run side by side, and
+    a whole job is refused while any runs) plus their own ``.lock-K-of-N`` exclusively."""
     out.mkdir(parents=True, exist_ok=True)
-    return ExclusiveLock(out / ".lock", f"output folder {out}").acquire()
+    if shard.whole:
+        return [ExclusiveLock(out / ".lock", f"output folder {out}").acquire()]
+    locks = [ExclusiveLock(out / ".lock", f"output folder {out}", shared=True).acquire()]
+    try:
+        locks.append(ExclusiveLock(out / f".lock-{shard.name}", f"shard {shard.index}/{shard.count} of {out}").acquire())
+    except ConfigError:
+        locks[0].release()
+        raise
+    return locks
 
 
 def check_job_settings(out: Path, settings: dict) -> None:

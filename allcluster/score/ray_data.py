@@ -23,7 +23,7 @@ from allcluster.console import say
 from allcluster.ray_utils import ensure_ray
 from allcluster.score import core
 from allcluster.score.config import ScoreConfig, row_settings
-from allcluster.score.inputs import Listing, list_inputs
+from allcluster.score.inputs import Listing, Shard, list_inputs
 from allcluster.atomic import atomic_write_text
 from allcluster.score.output import (Progress, ShardWriter, budget_used, check_job_settings,
                                      compact, done_paths, lock_output, resolve_duplicates, split_duplicates,
@@ -137,29 +137,31 @@ class JobPlan:
     done: int
 
 
-def plan_job(cfg: ScoreConfig, out: Path, retry_errors: bool = False) -> JobPlan:
-    """List the inputs and drop those with a final row in ``out``. The job's own output is never
-    listed as input, even when ``out`` lies inside ``input``; the full listing is not kept."""
-    listing = list_inputs(cfg.input, exclude=(out,))
+def plan_job(cfg: ScoreConfig, out: Path, retry_errors: bool = False, shard: Shard = Shard()) -> JobPlan:
+    """List the inputs (of ``shard``) and drop those with a final row in ``out``. The job's own output
+    is never listed as input, even when ``out`` lies inside ``input``; the full listing is not kept."""
+    listing = list_inputs(cfg.input, exclude=(out,)).part(shard)
     inputs = len(listing)
     todo = listing.without(done_paths(out, retry_errors))
     return JobPlan(todo, inputs, inputs - len(todo))
 
 
-def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool = False) -> dict:
-    """Score every file of ``cfg.input`` that ``cfg.out`` has no final row for; returns the summary
-    (``summary["interrupted"]`` is set when a signal stopped the run: rerun to resume)."""
+def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool = False,
+              shard: Shard = Shard()) -> dict:
+    """Score every file of ``cfg.input`` (of ``shard``: an array task's part) that ``cfg.out`` has no
+    final row for; returns the summary (``summary["interrupted"]`` is set when a signal stopped the
+    run: rerun to resume). Array tasks share ``out``; the budget cap is split evenly between them."""
     from allcluster.config import write_resolved
 
     out = Path(cfg.out).resolve()
     card = read_card(cfg.model)
-    lock = lock_output(out)                 # before anything is written: a refused second run writes nothing
+    locks = lock_output(out, shard)         # before anything is written: a refused second run writes nothing
     try:
         check_job_settings(out, {"model_sha256": card.get("weights_sha256", ""), **row_settings(cfg)})
         write_resolved(cfg, out / "score.yaml", "allcluster score")
         run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{np.random.default_rng().integers(1 << 16):04x}"
-        dropped = compact(out)              # a run killed while replacing retried rows left two
-        plan = plan_job(cfg, out, retry_errors)
+        dropped = compact(out, shard)       # a run killed while replacing retried rows left two
+        plan = plan_job(cfg, out, retry_errors, shard)
         todo = plan.todo
         schema = row_schema(card["classes"], list(cfg.explain.methods) + list(cfg.explain.budget.methods),
                             todo.input_columns)
@@ -173,11 +175,11 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
             with stop_on_signals():
                 writer.add(core.error_rows(schema, todo.errors, core.provenance(card, cfg, run_id, "")))
                 if todo.files.num_rows:
-                    stream_rows(cfg, card, todo, writer, run_id, out)
+                    stream_rows(cfg, card, todo, writer, run_id, out, shard)
         except Interrupted as signal_name:
             interrupted = str(signal_name)
         writer.flush()
-        compact(out)                        # retried transient errors: the new row replaces the old
+        compact(out, shard)                 # retried transient errors: the new row replaces the old
         summary = summarize(out, time.monotonic() - start, len(todo))
         if interrupted:
             summary["interrupted"] = interrupted
@@ -186,10 +188,12 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
         say(summary_text(summary))
         return summary
     finally:
-        lock.release()
+        for lock in reversed(locks):
+            lock.release()
 
 
-def stream_rows(cfg: ScoreConfig, card: dict, todo: Listing, writer: ShardWriter, run_id: str, out: Path) -> None:
+def stream_rows(cfg: ScoreConfig, card: dict, todo: Listing, writer: ShardWriter, run_id: str, out: Path,
+                shard: Shard = Shard()) -> None:
     """Run the pipeline and write its rows as they stream back (duplicates resolved at the end)."""
     import pyarrow as pa
     import ray
@@ -198,7 +202,8 @@ def stream_rows(cfg: ScoreConfig, card: dict, todo: Listing, writer: ShardWriter
     plan = actor_plan(cfg, ray.cluster_resources())
     say(f"[score] {plan['size']} model replica(s) on {plan['device']} "
         f"({plan['num_gpus']:g} GPU, {plan['num_cpus']:g} CPU each), batch {cfg.batch_size}")
-    ledger = ray.remote(core.Ledger).options(num_cpus=0).remote(cfg.explain.budget.max_images, budget_used(out))
+    cap = math.ceil(cfg.explain.budget.max_images / shard.count)
+    ledger = ray.remote(core.Ledger).options(num_cpus=0).remote(cap, budget_used(out, shard))
     progress = Progress(len(todo), cfg.progress_seconds)
     waiting = []
     for table in build_dataset(cfg, card, todo, ledger, run_id, plan).iter_batches(batch_size=None,
