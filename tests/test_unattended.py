@@ -115,6 +115,20 @@ def test_any_exception_reading_decoding_or_preprocessing_one_file_becomes_its_er
     assert out["pixels"][3:].std() > 0
 
 
+def test_an_exception_while_listing_one_entry_becomes_its_row_and_listing_goes_on(tmp_path, monkeypatch):
+    from allcluster.score import inputs
+
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    original = inputs._entry_problem
+    monkeypatch.setattr(inputs, "_entry_problem", lambda path, root: (_ for _ in ()).throw(
+        UnicodeError("odd inode")) if path.name == "b.jpg" else original(path, root))
+    listing = inputs.list_inputs(tmp_path)
+    assert [Path(p).name for p in listing.paths] == ["a.jpg", "c.jpg"]
+    assert [(Path(e["path"]).name, e["error_type"]) for e in listing.errors] == [("b.jpg", "list_error")]
+    assert "UnicodeError: odd inode" in listing.errors[0]["error"]
+
+
 def test_index_and_cache_build_turn_injected_exceptions_into_rows(tmp_path, monkeypatch, real_data_dir):
     from allcluster.data.cache import ensure_cache
     from allcluster.data.manifest import IndexConfig, build_manifest
