@@ -41,19 +41,60 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from allcluster.sweep.driver import grid_cells, load_sweep, run_sweep
+    from allcluster.console import say
+    from allcluster.sweep.driver import collect_only, config_changes, grid_cells, load_sweep, run_sweep, sweep_source
+    from allcluster.sweep.interrupt import EX_TEMPFAIL, SweepInterrupted
     from allcluster.sweep.results import summary_text
 
+    source = sweep_source(args.config, args.overrides)
     sweep, trials = load_sweep(args.config, args.overrides)
     if args.dry_run:
         from allcluster.sweep.estimate import dry_run_text
+        changes = config_changes(sweep, source)
+        if changes:
+            print(f"base config changed since {sweep.experiment_dir} started (a run needs --new-config): "
+                  + "; ".join(changes))
         print(dry_run_text(trials, grid_cells(sweep), probe=not args.no_probe))
         return 0
-    table = run_sweep(sweep, trials, args.retry_errored, args.address)
+    if args.trial_index is not None:
+        return _sweep_array_task(args, sweep, trials, source)
+    try:
+        if args.collect:
+            table, stopped_by = collect_only(sweep, trials, source, args.new_config), ""
+        else:
+            table, stopped_by = run_sweep(sweep, trials, args.retry_errored, args.address, source, args.new_config)
+    except SweepInterrupted as err:        # a second signal while the tables were being written
+        say(f"[sweep] interrupted by {err.signal_name}; rerun the same command to resume (exit {EX_TEMPFAIL})")
+        return EX_TEMPFAIL
     exp = Path(sweep.experiment_dir).resolve()
     print(summary_text(table))
     print(f"tables: {exp / 'trials.parquet'}, {exp / 'epochs.parquet'}; best model: {exp / 'best_model'}")
+    if stopped_by:
+        left = int(table["status"].isin(["interrupted", "pending"]).sum())
+        say(f"[sweep] interrupted by {stopped_by}: {left} of {len(table)} trials unfinished; "
+            f"rerun the same command to resume (exit {EX_TEMPFAIL})")
+        return EX_TEMPFAIL
     return 0 if (table["status"] == "finished").any() or not len(table) else 1
+
+
+def _sweep_array_task(args: argparse.Namespace, sweep, trials, source: str) -> int:
+    """``allcluster sweep --trial-index I``: 0 finished (or stopped), 1 errored, 75 interrupted."""
+    from allcluster.console import say
+    from allcluster.sweep.driver import run_array_task
+    from allcluster.sweep.interrupt import EX_TEMPFAIL
+
+    if args.new_config:
+        raise ConfigError("--new-config cannot go with --trial-index (array tasks run at once): run "
+                          f"`allcluster sweep --config {args.config} --collect --new-config` first")
+    status, stopped_by = run_array_task(sweep, trials, args.trial_index, args.retry_errored, args.address, source)
+    trial = trials[args.trial_index]
+    if stopped_by:
+        say(f"[sweep] interrupted by {stopped_by}: trial {args.trial_index} ({trial.trial_id}) is {status}; "
+            f"rerun the same command to resume (exit {EX_TEMPFAIL})")
+        return EX_TEMPFAIL
+    print(f"trial {args.trial_index} ({trial.trial_id}): {status}; folder {trial.dir}")
+    print(f"when every array task has ended: allcluster sweep --config {args.config} --collect")
+    return 1 if status == "errored" else 0
 
 
 def load_score_config(args: argparse.Namespace):
@@ -72,14 +113,17 @@ def cmd_score(args: argparse.Namespace) -> int:
     cfg = load_score_config(args)
     if args.dry_run:
         from allcluster.score.estimate import dry_run_text
-        print(dry_run_text(cfg))
+        print(dry_run_text(cfg, args.retry_errors))
         return 0
-    from allcluster.score.ray_data import run_score
+    from allcluster.score.ray_data import EXIT_INTERRUPTED, run_score
 
-    summary = run_score(cfg, args.address)
+    from allcluster.score.inputs import Shard
+
+    shard = Shard.parse(args.shard) if args.shard else Shard()
+    summary = run_score(cfg, args.address, args.retry_errors, shard)
     print(json.dumps(summary, indent=2))
     print(f"rows: {Path(cfg.out).resolve() / 'rows'} (Parquet); heatmaps: {Path(cfg.out).resolve() / 'heatmaps'}")
-    return 0
+    return EXIT_INTERRUPTED if summary.get("interrupted") else 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -115,17 +159,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from allcluster.models.classifier import weights_status
     from allcluster.models.registry import REGISTRY
 
-    print(f"{'backbone':<24}{'input':>6}  {'CAM layer':<32}{'papers'}")
+    print(f"{'backbone':<24}{'input':>6}  {'CAM layer':<32}{'papers':<12}{'weights here':<13}source")
     for name, spec in sorted(REGISTRY.items()):
-        print(f"{name:<24}{spec.input_size:>6}  {spec.cam_layer:<32}{','.join(spec.papers)}")
+        available, where = weights_status(spec)
+        print(f"{name:<24}{spec.input_size:>6}  {spec.cam_layer:<32}{','.join(spec.papers):<12}"
+              f"{'yes' if available else 'no':<13}{where}")
     return 0
 
 
 def cmd_weights_fetch(args: argparse.Namespace) -> int:
+    from allcluster.models.registry import REGISTRY
     from allcluster.models.weights import fetch_weights
 
+    unknown = [name for name in args.backbones if name not in REGISTRY]
+    if unknown:                                    # refuse before fetching any of them
+        raise ConfigError(f"unknown backbone(s) {', '.join(unknown)}; `allcluster models` lists them")
     for name in args.backbones:
         print(fetch_weights(name))
     return 0
@@ -165,13 +216,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sweep", help="a Ray Tune grid of training runs (backbone x augmentation x optimizer ...)")
+    p = sub.add_parser("sweep", help="a Ray Tune grid of training runs (backbone x augmentation x optimizer ...)",
+                       description="Run (or resume: rerun the same command) a sweep. On SIGINT, SIGTERM or "
+                       "SIGUSR1 running trials stop at their last epoch checkpoint, the tables are written "
+                       "and the command exits 75: rerun it to resume.")
     p.add_argument("--config", required=True)
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the grid, each trial's state and measured cost estimates; schedule nothing")
     p.add_argument("--no-probe", action="store_true", help="with --dry-run: skip the throughput probe")
     p.add_argument("--retry-errored", action="store_true", help="rerun trials that errored before")
+    p.add_argument("--new-config", action="store_true",
+                   help="the base config changed on purpose: move the old outputs to EXPERIMENT/superseded-<time>/ "
+                        "and start every trial afresh (without it such a rerun is refused, naming the keys)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--trial-index", type=int, metavar="I",
+                      help="array mode: run only planned trial I (0..N-1; --dry-run lists them) as one Ray Train "
+                           "run without Tune, e.g. as Slurm array task I; ASHA is a Tune-only feature and does not "
+                           "apply. Then --collect")
+    mode.add_argument("--collect", action="store_true",
+                      help="write trials.parquet, epochs.parquet and best_model/ from the trial folders (after the "
+                           "array tasks); runs no trial, needs no Ray")
     _add_set(p)
     p.set_defaults(func=cmd_sweep)
 
@@ -183,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     p.add_argument("--dry-run", action="store_true", help="list the inputs and predict the job's time from "
                    "measured per-image costs; score nothing")
+    p.add_argument("--retry-errors", action="store_true", help="also score again the files whose error is "
+                   "determined by their content (transient errors are always retried)")
+    p.add_argument("--shard", metavar="K/N", help="score only part K of N (by path hash) into the shared --out, "
+                   "e.g. a Slurm array task: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT")
     _add_set(p)
     p.set_defaults(func=cmd_score)
 
@@ -215,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     wsub = p.add_subparsers(dest="weights_command", required=True)
     f = wsub.add_parser("fetch", help="download into the timm/HF cache (run on a login node)")
     f.add_argument("backbones", nargs="+")
-    f.set_defaults(func=cmd_weights_fetch)
+    f.set_defaults(func=cmd_weights_fetch, hub_online=True)   # the one command that may go online
 
     p = sub.add_parser("bench", help="benchmarks; print JSON")
     from allcluster.bench import add_bench_arguments
@@ -226,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from allcluster.models.weights import set_hub_offline
+    set_hub_offline(not getattr(args, "hub_online", False))
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as err:     # user errors: one clear line, no traceback

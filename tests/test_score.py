@@ -356,14 +356,21 @@ def test_rows_carry_provenance_and_read_without_allcluster(zoo_job):
 
 
 @pytest.mark.ray
-def test_rerunning_a_finished_job_scores_nothing_again(zoo_job):
+def test_rerunning_a_finished_job_scores_only_its_transient_errors_again(zoo_job):
     from allcluster.cli import main
+    from allcluster.data.decode import TRANSIENT_ERRORS
 
-    shards = sorted((zoo_job["out"] / "rows").glob("*.parquet"))
+    before = pd.read_parquet(zoo_job["out"] / "rows")
+    transient = before[before["error_type"].isin(sorted(TRANSIENT_ERRORS))]
+    assert set(transient["error_type"]) == {"empty_file", "truncated"}
     rc = main(["score", "--config", str(CI_TINY), "--model", str(zoo_job["model"]), "--input",
                str(zoo_job["root"]), "--out", str(zoo_job["out"])])
-    assert rc == 0 and sorted((zoo_job["out"] / "rows").glob("*.parquet")) == shards
-    assert json.loads((zoo_job["out"] / "summary.json").read_text())["run_rows"] == 0
+    assert rc == 0
+    assert json.loads((zoo_job["out"] / "summary.json").read_text())["run_rows"] == len(transient)
+    after = pd.read_parquet(zoo_job["out"] / "rows")
+    assert after["path"].is_unique and sorted(after["path"]) == sorted(before["path"])
+    rescored = after[after["run_id"] != before["run_id"].iloc[0]]
+    assert sorted(rescored["path"]) == sorted(transient["path"]), "final rows are kept as they were"
 
 
 def test_dry_run_lists_the_job_and_estimates_from_measured_costs(tiny_model_dir, real_data_dir, tmp_path, capsys):

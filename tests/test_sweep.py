@@ -14,7 +14,7 @@ import pytest
 from allcluster.cli import main
 from allcluster.config import ConfigError, from_dict
 from allcluster.sweep.config import SweepConfig
-from allcluster.sweep.plan import expand, plan_trials, trial_status
+from allcluster.sweep.plan import expand, plan_trials
 from tests.conftest import REPO, run_then_sigkill, write_yaml
 
 TRAIN = {
@@ -187,6 +187,8 @@ def test_asha_stops_or_finishes_every_trial_and_releases_its_resources(ray_local
     assert len(trials) == 4 and set(trials["status"]) <= {"finished", "stopped"}
     stopped = trials[trials["status"] == "stopped"]
     assert stopped["test_accuracy"].isna().all() and (stopped["model_dir"] == "").all()
+    for trial_id in stopped["trial_id"]:
+        assert json.loads((tmp_path / "exp" / "trials" / trial_id / "stopped.json").read_text())["by"] == "asha"
     assert (stopped["epochs_trained"] >= 1).all()
     # a stopped trial's Ray Train workers and placement group must not stay reserved
     assert _cpus_free_soon(ray_local, 2.0) == pytest.approx(2.0)
@@ -201,10 +203,13 @@ def test_a_trial_the_scheduler_stops_is_recorded_as_stopped_and_frees_its_resour
 
     import allcluster.sweep.ray_tune as ray_tune
 
-    class StopSlowLearner(FIFOScheduler):
+    class SlowLearnerRule(FIFOScheduler):
         def on_trial_result(self, tune_controller, trial, result):
             slow = trial.config["trial"]["train"]["optim"]["lr"] < 1e-6
             return TrialScheduler.STOP if slow and "epoch" in result else TrialScheduler.CONTINUE
+
+    class StopSlowLearner(ray_tune.RecordsStops, SlowLearnerRule):
+        stopped_by = "slow-learner-rule"
 
     monkeypatch.setattr(ray_tune, "build_scheduler", lambda sweep, trials: StopSlowLearner())
     config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, tmp_path / "exp",
@@ -216,7 +221,220 @@ def test_a_trial_the_scheduler_stops_is_recorded_as_stopped_and_frees_its_resour
     assert trials.loc[0.003, "status"] == "finished"
     assert trials.loc[1e-7, "status"] == "stopped"
     assert trials.loc[1e-7, "epochs_trained"] < 3 and trials.loc[1e-7, "model_dir"] == ""
+    marker = tmp_path / "exp" / "trials" / trials.loc[1e-7, "trial_id"] / "stopped.json"
+    assert json.loads(marker.read_text())["by"] == "slow-learner-rule", "the scheduler that stopped it is named"
+    assert not (tmp_path / "exp" / "trials" / trials.loc[0.003, "trial_id"] / "stopped.json").exists()
     assert _cpus_free_soon(ray_local, 2.0) == pytest.approx(2.0), "the stopped trial's CPUs must be freed"
     assert main(["sweep", "--config", str(config)]) == 0          # a stopped trial is not rerun
     again = pd.read_parquet(tmp_path / "exp" / "trials.parquet").set_index("optim.lr")
     assert again.loc[1e-7, "status"] == "stopped" and again.loc[1e-7, "epochs_trained"] < 3
+
+
+# ---- stop signals and config changes --------------------------------------------------------------
+def test_each_stop_signal_is_caught_deferred_while_graceful_and_handlers_are_restored():
+    import signal
+
+    from allcluster.sweep.interrupt import STOP_REQUESTED, StopSignals, SweepInterrupted
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        with StopSignals() as stop:
+            with pytest.raises(SweepInterrupted, match=sig.name):      # before Tune: ends at once
+                signal.raise_signal(sig)
+        with StopSignals() as stop:
+            assert not stop.requested
+            stop.graceful()
+            signal.raise_signal(sig)                                     # Tune running: only asks to stop
+            assert stop.requested and STOP_REQUESTED.is_set() and stop.signal_name == sig.name
+            with pytest.raises(SweepInterrupted):                        # a second one: at once
+                signal.raise_signal(signal.SIGTERM)
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_base_config_diff_names_changed_keys_and_skips_the_varied_ones(tmp_path):
+    from allcluster.sweep.experiment import base_diff, resolved_base, varied_keys
+
+    data = {"experiment_dir": str(tmp_path), "train": {"data": {"manifest": "m"}, "fit": {"epochs": 2}},
+            "grid": {"optim.lr": [0.1, 0.01]}}
+    old = resolved_base(_sweep(data), "s")
+    assert old["fit.epochs"] == 2 and "output_dir" not in old and "name" not in old
+    changed = {**data, "train": {"data": {"manifest": "m"}, "fit": {"epochs": 3}, "optim": {"lr": 5.0}}}
+    new_sweep = _sweep(changed)
+    assert base_diff(old, resolved_base(new_sweep, "s"), varied_keys(new_sweep)) == ["train.fit.epochs: 2 -> 3"]
+    assert base_diff(old, old) == []
+    assert base_diff({"a.b": [1, 2]}, {"a.c": 1}) == ["train.a.b: [1, 2] -> (absent)", "train.a.c: (absent) -> 1"]
+
+
+def _listing(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+
+
+def test_rerun_with_a_changed_base_config_is_refused_naming_the_key_and_writes_nothing(
+        synthetic_manifest, tmp_path, capsys):
+    from allcluster.sweep.driver import load_sweep, sweep_source
+    from allcluster.sweep.experiment import resolved_base, store_base
+
+    exp = tmp_path / "exp"
+    config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, exp)
+    sweep, _ = load_sweep(str(config))
+    store_base(exp, resolved_base(sweep, sweep_source(str(config))))        # as the first run left it
+    before = _listing(exp)
+    assert main(["sweep", "--config", str(config), "--set", "train.fit.epochs=3"]) == 2
+    err = capsys.readouterr().err
+    assert "train.fit.epochs: 2 -> 3" in err and "--new-config" in err and str(exp) in err
+    assert _listing(exp) == before, "a refused rerun must write nothing"
+    assert main(["sweep", "--config", str(config), "--set", "train.fit.epochs=3", "--dry-run", "--no-probe"]) == 0
+    assert "a run needs --new-config): train.fit.epochs: 2 -> 3" in capsys.readouterr().out
+    assert _listing(exp) == before
+
+
+@pytest.mark.ray
+def test_new_config_moves_the_old_outputs_aside_and_runs_every_trial_afresh(ray_local, synthetic_manifest, tmp_path):
+    exp = tmp_path / "exp"
+    config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, exp, grid={"optim.name": ["adam"]},
+                        train={**TRAIN, "fit": {**TRAIN["fit"], "epochs": 1},
+                               "data": {**TRAIN["data"], "manifest": str(synthetic_manifest)}})
+    assert main(["sweep", "--config", str(config)]) == 0
+    old = pd.read_parquet(exp / "trials.parquet").iloc[0]
+    assert old["status"] == "finished" and old["epochs_trained"] == 1
+    before = _listing(exp)
+    assert main(["sweep", "--config", str(config), "--set", "train.fit.epochs=2"]) == 2
+    assert _listing(exp) == before
+    assert main(["sweep", "--config", str(config), "--set", "train.fit.epochs=2", "--new-config"]) == 0
+    new = pd.read_parquet(exp / "trials.parquet").iloc[0]
+    assert new["trial_id"] == old["trial_id"] and new["status"] == "finished" and new["epochs_trained"] == 2
+    assert new["config_hash"] != old["config_hash"]
+    (archive,) = exp.glob("superseded-*")
+    kept = pd.read_parquet(archive / "trials.parquet").iloc[0]
+    assert kept["config_hash"] == old["config_hash"] and kept["epochs_trained"] == 1
+    assert Path(kept["model_dir"]) == archive / "trials" / old["trial_id"] / "model"
+    assert (Path(kept["model_dir"]) / "weights.safetensors").is_file()
+    assert (archive / "best_model" / "model_card.json").is_file() and (archive / "base_config.yaml").is_file()
+    assert "epochs: 2" in (exp / "base_config.yaml").read_text()
+    assert main(["sweep", "--config", str(config), "--set", "train.fit.epochs=2"]) == 0     # same config now
+
+
+@pytest.mark.slow
+def test_sigint_stops_the_sweep_with_exit_75_and_the_rerun_finishes_every_trial(synthetic_manifest, tmp_path):
+    import signal
+
+    exp = tmp_path / "exp"       # 4 trials, 2 at a time: at the signal 2 are running and 2 never started
+    config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, exp,
+                        train={**TRAIN, "fit": {**TRAIN["fit"], "epochs": 2},
+                               "data": {**TRAIN["data"], "manifest": str(synthetic_manifest)}})
+    command = [sys.executable, "jobs/sweep.py", "--config", str(config)]   # the Slurm job's driver
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        # A first epoch's checkpoint is registered (Ray Train resumes from what its snapshot lists;
+        # metrics.parquet is written just before that, and a signal in between loses that epoch).
+        while not list(exp.glob("trials/*/ray/checkpoint_manager_snapshot.json")):
+            assert first.poll() is None, first.stdout.read()[-3000:]
+            assert time.time() < deadline, "no epoch was reported within 400 s"
+            time.sleep(0.2)
+        signalled = time.time()
+        first.send_signal(signal.SIGINT)                                    # the driver only, as Slurm does
+        log, _ = first.communicate(timeout=180)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    assert first.returncode == 75, log[-3000:]
+    assert "SIGINT received: stopping" in log
+    assert "interrupted by SIGINT:" in log and "rerun the same command to resume (exit 75)" in log
+    assert time.time() - signalled < 120
+    assert not list(exp.glob("trials/*/stopped.json")), "a signal is not a scheduler stop"
+    assert not list(exp.glob("trials/*/error.json")), "a signal is not an error"
+    states = pd.read_parquet(exp / "trials.parquet")["status"]
+    assert len(states) == 4 and set(states) <= {"finished", "interrupted", "pending"}, states
+    assert (states != "finished").any()
+
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-3000:]
+    assert "resuming after epoch" in log, "an interrupted trial restarted instead of resuming"
+    trials = pd.read_parquet(exp / "trials.parquet")
+    assert len(trials) == 4 and (trials["status"] == "finished").all(), trials[["trial_id", "status"]]
+    epochs = pd.read_parquet(exp / "epochs.parquet")
+    assert sorted(epochs.groupby("trial_id")["epoch"].apply(list).tolist()) == [[0, 1]] * 4
+
+
+# ---- array mode: one trial per task, then --collect ----------------------------------------------
+def test_trial_index_out_of_range_or_with_new_config_is_refused_and_writes_nothing(synthetic_manifest, tmp_path,
+                                                                                   capsys):
+    config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, tmp_path / "exp")
+    assert main(["sweep", "--config", str(config), "--trial-index", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--trial-index 4: " in err and "plans 4 trials, indices 0 to 3" in err
+    assert main(["sweep", "--config", str(config), "--trial-index", "0", "--new-config"]) == 2
+    assert "--collect --new-config` first" in capsys.readouterr().err
+    assert not (tmp_path / "exp").exists()
+
+
+@pytest.mark.ray
+def test_array_tasks_run_one_trial_each_without_tune_and_collect_writes_the_tables(
+        ray_local, synthetic_manifest, tmp_path, capsys):
+    exp = tmp_path / "exp"
+    config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, exp, grid={"optim.name": ["adam", "sgd"]},
+                        train={**TRAIN, "fit": {**TRAIN["fit"], "epochs": 1},
+                               "data": {**TRAIN["data"], "manifest": str(synthetic_manifest)}},
+                        asha={"enabled": True, "grace_period": 1})
+    for index in (1, 0):
+        assert main(["sweep", "--config", str(config), "--trial-index", str(index)]) == 0
+    out, err = capsys.readouterr()
+    assert "asha is a Tune-only feature, ignored here" in err
+    assert not list(exp.glob("tune-*")) and not (exp / "trials.parquet").exists(), "array tasks use no Tune"
+    weights = sorted(exp.glob("trials/*/model/weights.safetensors"))
+    assert len(weights) == 2
+    stamps = [w.stat().st_mtime_ns for w in weights]
+    assert main(["sweep", "--config", str(config), "--trial-index", "0"]) == 0
+    assert "is finished: nothing to do" in capsys.readouterr().err
+    assert [w.stat().st_mtime_ns for w in weights] == stamps
+
+    assert main(["sweep", "--config", str(config), "--collect"]) == 0
+    trials = pd.read_parquet(exp / "trials.parquet")
+    assert sorted(trials["optim.name"]) == ["adam", "sgd"] and (trials["status"] == "finished").all()
+    assert sorted(trials["trial_index"]) == [0, 1]
+    assert len(pd.read_parquet(exp / "epochs.parquet")) == 2
+    card = json.loads((exp / "best_model" / "model_card.json").read_text())
+    assert card["sweep"]["trial_id"] in set(trials["trial_id"])
+    assert "2 trials: 2 finished" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_sigterm_ends_an_array_task_with_exit_75_and_its_rerun_resumes_the_trial(synthetic_manifest, tmp_path):
+    import signal
+
+    exp = tmp_path / "exp"
+    config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, exp, grid={"optim.name": ["adam", "sgd"]},
+                        train={**TRAIN, "fit": {**TRAIN["fit"], "epochs": 2},
+                               "data": {**TRAIN["data"], "manifest": str(synthetic_manifest)}})
+    command = [sys.executable, "jobs/sweep.py", "--config", str(config), "--trial-index", "1"]
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while not list(exp.glob("trials/*/ray/checkpoint_manager_snapshot.json")):   # epoch 1 checkpointed
+            assert first.poll() is None, first.stdout.read()[-3000:]
+            assert time.time() < deadline, "no epoch was reported within 400 s"
+            time.sleep(0.2)
+        first.send_signal(signal.SIGTERM)                   # what scancel and the time limit send
+        log, _ = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    assert first.returncode == 75, log[-3000:]
+    assert "interrupted by SIGTERM: trial 1 (" in log and "rerun the same command to resume (exit 75)" in log
+    (trial_dir,) = exp.glob("trials/*")
+    assert trial_dir.name.startswith("sgd-") and not (trial_dir / "model").exists()
+    assert not (trial_dir / "stopped.json").exists() and not (trial_dir / "error.json").exists()
+
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-3000:]
+    assert "resuming after epoch 1" in log and "sgd-" in log and ": finished;" in log
+    assert pd.read_parquet(trial_dir / "metrics.parquet")["epoch"].tolist() == [0, 1]

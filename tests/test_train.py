@@ -171,3 +171,63 @@ def test_bf16_autocast_path_trains_and_exports_on_cpu(synthetic_manifest, tmp_pa
     final = run.run()
     assert math.isfinite(final["val_loss"]) and 0 <= final["test_accuracy"] <= 1
     assert (tmp_path / "bf16" / "model" / "model_card.json").is_file()
+
+
+class _OpensAFile:
+    """Unpickling this runs ``open(path, "w")``: what a planted checkpoint could do on resume."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+class _PlainObject:
+    """An ordinary class instance from this module (pickled by reference to the class)."""
+
+    def __init__(self):
+        self.lr = 0.1
+
+
+def test_a_checkpoint_holding_a_pickled_object_is_refused_naming_the_file(synthetic_manifest, tmp_path):
+    from allcluster.train.loop import TrainState, UnsafeCheckpointError, WorkerRun
+    from allcluster.train.session import LocalSession
+
+    marker = tmp_path / "code-ran"
+    planted = tmp_path / "run" / "checkpoints" / "checkpoint_000001"
+    planted.mkdir(parents=True)
+    torch.save({**TrainState().__dict__, "epoch": 1, "model": _OpensAFile(marker)}, planted / "state.pt")
+    cfg = tiny_train_config(synthetic_manifest, tmp_path / "run", fit={"epochs": 1})
+    with pytest.raises(UnsafeCheckpointError, match=rf"{planted / 'state.pt'}: refused to load .*io\.open"):
+        WorkerRun(cfg, LocalSession(tmp_path / "run" / "checkpoints")).run()      # the real resume path
+    assert not marker.exists(), "the planted object's code ran"
+    assert not (tmp_path / "run" / "model").exists()
+
+    other = tmp_path / "other"
+    other.mkdir()
+    torch.save({**TrainState().__dict__, "scheduler": _PlainObject()}, other / "state.pt")
+    with pytest.raises(UnsafeCheckpointError, match=rf"{other / 'state.pt'}: .*_PlainObject"):
+        TrainState.load(other)
+
+
+def test_training_state_is_saved_as_tensors_and_plain_types_and_loads_back(tmp_path):
+    import numpy as np
+
+    from allcluster.train.loop import TrainState
+
+    row = {"epoch": 0, "val_macro_f1": np.float64(0.5), "train_images_per_s": np.float32(12.5),
+           "confusion": np.eye(2, dtype=np.int64)}
+    state = TrainState(epoch=1, best_score=np.float64(0.5), model={"w": torch.ones(2)},
+                       optimizer={"state": {0: {"step": torch.tensor(3.0)}},
+                                  "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0]}]},
+                       history=[row])
+    state.save(tmp_path)
+    back = TrainState.load(tmp_path)                # weights_only=True accepts it
+    assert back.best_score == 0.5 and type(back.best_score) is float
+    assert back.history[0]["train_images_per_s"] == 12.5 and type(back.history[0]["val_macro_f1"]) is float
+    assert torch.equal(back.history[0]["confusion"], torch.eye(2, dtype=torch.int64))
+    assert back.optimizer["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert torch.equal(back.model["w"], torch.ones(2))
+    with pytest.raises(TypeError, match=r"state\.scheduler: a _PlainObject cannot go into a training checkpoint"):
+        TrainState(scheduler=_PlainObject()).save(tmp_path)

@@ -6,19 +6,32 @@ from pathlib import Path
 
 import pandas as pd
 
-from allcluster.config import load, write_resolved
+from allcluster.config import ConfigError, load, write_resolved
 from allcluster.console import say
 from allcluster.sweep.config import SweepConfig
+from allcluster.sweep.experiment import (BASE_FILE, check_base, read_stored_base, resolved_base, store_base,
+                                         supersede, varied_keys)
+from allcluster.sweep.interrupt import StopSignals, SweepInterrupted
 from allcluster.sweep.plan import Trial, plan_trials, trial_status, trials_to_run
 from allcluster.sweep.results import (epochs_table, export_best, pick_best, trials_table,
                                       write_parquet)
 
 
+def sweep_source(path: str, overrides: list[str] = ()) -> str:
+    """How errors name the sweep config: the file and its ``--set`` overrides."""
+    return str(path) + (" (with --set " + " ".join(overrides) + ")" if overrides else "")
+
+
 def load_sweep(path: str, overrides: list[str] = ()) -> tuple[SweepConfig, list[Trial]]:
     """Read and validate a sweep YAML and plan its trials (every trial config validated)."""
     sweep = load(SweepConfig, path, overrides)
-    source = str(path) + (" (with --set " + " ".join(overrides) + ")" if overrides else "")
-    return sweep, plan_trials(sweep, source)
+    return sweep, plan_trials(sweep, sweep_source(path, overrides))
+
+
+def config_changes(sweep: SweepConfig, source: str) -> list[str]:
+    """How the resolved base config differs from the one the experiment started with ([]: same/new)."""
+    return check_base(Path(sweep.experiment_dir), resolved_base(sweep, source), varied_keys(sweep), source,
+                      new_config=True)
 
 
 def grid_cells(sweep: SweepConfig) -> int:
@@ -41,22 +54,120 @@ def collect(sweep: SweepConfig, trials: list[Trial]) -> pd.DataFrame:
 
 
 def run_sweep(sweep: SweepConfig, trials: list[Trial], retry_errored: bool = False,
-              address: str | None = None) -> pd.DataFrame:
-    """Run what is left of the sweep on the Ray cluster, then write its tables."""
-    from allcluster.ray_utils import ensure_ray
-    from allcluster.sweep.ray_tune import run_tune
+              address: str | None = None, source: str = "sweep config",
+              new_config: bool = False) -> tuple[pd.DataFrame, str]:
+    """Run what is left of the sweep on the Ray cluster, then write its tables.
+
+    Returns the trials table and the name of the stop signal that ended the run early ("" when none;
+    see :mod:`allcluster.sweep.interrupt`). A changed base config is refused before anything is
+    written unless ``new_config`` (see :mod:`allcluster.sweep.experiment`).
+    """
     from allcluster.train.ray_train import preflight
 
     exp = Path(sweep.experiment_dir)
+    base = resolved_base(sweep, source)
+    changes = check_base(exp, base, varied_keys(sweep), source, new_config)
+    to_run = trials if changes else trials_to_run(trials, retry_errored or sweep.retry_errored)
+    for trial in {t.config.model.backbone: t for t in to_run}.values():
+        preflight(trial.config)
+    with StopSignals() as stop:
+        stop.graceful()                   # moving and writing files: a signal waits until they are done
+        _start(exp, sweep, base, trials, changes, new_config)
+        if to_run and not stop.requested:
+            stop.graceful(False)          # starting Ray, building caches: a signal ends it at once
+            try:
+                _run_on_ray(sweep, to_run, exp, address, stop)
+            except SweepInterrupted:
+                pass                      # no trial was running yet
+        stop.graceful()
+        table = collect(sweep, trials)
+    return table, stop.signal_name
+
+
+def _start(exp: Path, sweep: SweepConfig, base: dict, trials: list[Trial], changes: list[str],
+           new_config: bool) -> None:
+    if changes:
+        moved = supersede(exp)
+        say(f"[sweep] --new-config: {'; '.join(changes)}; the old outputs moved to {moved}")
+    elif new_config:
+        say("[sweep] --new-config: the base config is unchanged; continuing the experiment")
+    if read_stored_base(exp) is None:
+        if (exp / "trials").is_dir():
+            say(f"[sweep] {exp} has no {BASE_FILE} (started by an older allcluster): recording the current "
+                "base config; the trials already there are taken to match it")
+        store_base(exp, base)
     exp.mkdir(parents=True, exist_ok=True)
     write_resolved(sweep, exp / "sweep.yaml", f"allcluster sweep {sweep.name}")
     states = pd.Series([trial_status(t.dir) for t in trials]).value_counts().to_dict()
     say(f"[sweep] {sweep.name}: {len(trials)} trials ({grid_cells(sweep)} grid cells) in {exp.resolve()}; "
         + ", ".join(f"{n} {s}" for s, n in sorted(states.items())))
-    to_run = trials_to_run(trials, retry_errored or sweep.retry_errored)
-    if to_run:
-        for trial in {t.config.model.backbone: t for t in to_run}.values():
-            preflight(trial.config)
-        ensure_ray(address)
-        run_tune(sweep, to_run, exp)
+
+
+def _run_on_ray(sweep: SweepConfig, to_run: list[Trial], exp: Path, address: str | None,
+                stop: StopSignals) -> None:
+    from allcluster.ray_utils import ensure_ray
+    from allcluster.sweep.ray_tune import run_tune
+
+    ensure_ray(address)
+    stop.install()                        # ray.init replaced the SIGTERM handler
+    run_tune(sweep, to_run, exp, stop)
+
+
+def run_array_task(sweep: SweepConfig, trials: list[Trial], index: int, retry_errored: bool = False,
+                   address: str | None = None, source: str = "sweep config") -> tuple[str, str]:
+    """``--trial-index I``: run planned trial I alone (a Slurm array task), without Tune.
+
+    Returns the trial's status afterwards and the stop signal that ended it ("" when none). A changed
+    base config is refused as in :func:`run_sweep`; ``--collect`` then gathers the tables.
+    """
+    if not 0 <= index < len(trials):
+        raise ConfigError(f"--trial-index {index}: {source} plans {len(trials)} trials, indices 0 to "
+                          f"{len(trials) - 1} (`allcluster sweep --dry-run` lists them)")
+    exp, trial = Path(sweep.experiment_dir), trials[index]
+    base = resolved_base(sweep, source)
+    check_base(exp, base, varied_keys(sweep), source, new_config=False)
+    if not trials_to_run([trial], retry_errored or sweep.retry_errored):
+        say(f"[sweep] trial {index} ({trial.trial_id}) is {trial_status(trial.dir)}: nothing to do")
+        return trial_status(trial.dir), ""
+    from allcluster.train.ray_train import preflight
+
+    preflight(trial.config)
+    if sweep.asha.enabled:
+        say("[sweep] array mode runs every trial to its end: asha is a Tune-only feature, ignored here")
+    with StopSignals() as stop:           # never graceful: a signal ends the task at once
+        try:
+            if read_stored_base(exp) is None:
+                store_base(exp, base)
+            say(f"[sweep] trial {index} of {len(trials)}: {trial.trial_id} in {trial.dir}")
+            _run_array_on_ray(trial, address, stop)
+        except SweepInterrupted:
+            pass
+    return trial_status(trial.dir), stop.signal_name
+
+
+def _run_array_on_ray(trial: Trial, address: str | None, stop: StopSignals) -> None:
+    from allcluster.ray_utils import ensure_ray
+    from allcluster.sweep.ray_tune import run_array_trial
+
+    import ray
+
+    ensure_ray(address)
+    stop.install()                        # ray.init replaced the SIGTERM handler
+    try:
+        run_array_trial(trial)
+    except SweepInterrupted:
+        # End the trial's Train run now, not whenever the interpreter exits: its controller actor is
+        # owned by this driver and dies with the connection (a local Ray stops altogether).
+        ray.shutdown()
+        raise
+
+
+def collect_only(sweep: SweepConfig, trials: list[Trial], source: str = "sweep config",
+                 new_config: bool = False) -> pd.DataFrame:
+    """``--collect``: write trials.parquet, epochs.parquet and best_model/ from the trial folders
+    (after the array tasks ended); runs nothing, needs no Ray."""
+    exp = Path(sweep.experiment_dir)
+    base = resolved_base(sweep, source)
+    changes = check_base(exp, base, varied_keys(sweep), source, new_config)
+    _start(exp, sweep, base, trials, changes, new_config)
     return collect(sweep, trials)

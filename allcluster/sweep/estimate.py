@@ -68,7 +68,7 @@ def estimate_table(trials: list[Trial], probe: bool = True) -> pd.DataFrame:
     rows = []
     for trial in trials:
         cfg = trial.config
-        row = {"trial_id": trial.trial_id, "state": trial_status(trial.dir), **trial.params}
+        row = {"index": trial.index, "trial_id": trial.trial_id, "state": trial_status(trial.dir), **trial.params}
         if probe:
             key = (cfg.model.backbone, cfg.data.image_size, min(cfg.fit.batch_size, 32), tuple(cfg.model.head.hidden))
             if key not in measured:

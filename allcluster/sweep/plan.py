@@ -11,7 +11,10 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import re
+import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,12 +114,13 @@ def plan_trials(sweep: SweepConfig, source: str) -> list[Trial]:
     """All trials of the sweep, each with a validated, resolved training config."""
     base = base_train_dict(sweep, source)
     trials, seen = [], set()
-    for index, params in enumerate(expand(sweep, source)):
+    for params in expand(sweep, source):
         tid = trial_id(params)
         if tid in seen:
             continue                       # e.g. a choice drawn twice in one cell
         seen.add(tid)
-        trials.append(Trial(tid, index, params, trial_config(base, params, sweep, tid, source)))
+        # index: 0..N-1 in plan order, what `allcluster sweep --trial-index I` (a Slurm array task) takes
+        trials.append(Trial(tid, len(trials), params, trial_config(base, params, sweep, tid, source)))
     return trials
 
 
@@ -131,6 +135,25 @@ def trial_status(trial_dir: Path) -> str:
     if (trial_dir / "metrics.parquet").is_file():
         return "interrupted"
     return "pending"
+
+
+def mark_stopped(trial_dir: Path, by: str, epoch: int | None = None) -> None:
+    """Record that a scheduler (``by``, e.g. "asha") stopped this trial early: it is never rerun.
+
+    Only a scheduler's decision is recorded so: a trial left unfinished by a signal, ``scancel`` or
+    a time limit stays "interrupted"/"pending" and the next run resumes it.
+    """
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    tmp = trial_dir / f"stopped.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"by": by, "epoch": epoch, "time": time.time()}))
+    os.replace(tmp, trial_dir / "stopped.json")
+
+
+def mark_errored(trial_dir: Path, err: BaseException) -> None:
+    """Record a trial's exception in ``error.json`` (rerun only with ``--retry-errored``)."""
+    text = "".join(traceback.format_exception_only(type(err), err)).strip()
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    (trial_dir / "error.json").write_text(json.dumps({"error": text[-4000:], "time": time.time()}))
 
 
 def trials_to_run(trials: list[Trial], retry_errored: bool) -> list[Trial]:

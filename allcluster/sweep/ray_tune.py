@@ -5,10 +5,8 @@ Uses the Train V2 + Tune integration of Ray 2.60: a Tune *function* trainable th
 """
 from __future__ import annotations
 
-import json
 import math
 import time
-import traceback
 from pathlib import Path
 
 from allcluster.config import ConfigError, from_dict, to_dict, write_resolved
@@ -16,27 +14,54 @@ from allcluster.console import say
 from allcluster.data.cache import MUST_EXIST_ENV
 from allcluster.data.preprocess import Preprocess
 from allcluster.sweep.config import SweepConfig
-from allcluster.sweep.plan import Trial, trial_status
+from allcluster.sweep.interrupt import StopSignals, call_in_thread
+from allcluster.sweep.plan import Trial, mark_errored, mark_stopped
 from allcluster.train.config import TrainConfig
 
 # The Tune trial actor only waits on its TorchTrainer, whose workers hold the real resources.
 TRIAL_DRIVER_CPU = 0.01
 
 
+def trial_trainer(trial_id: str, train: dict, callbacks: list | None = None):
+    """The ``TorchTrainer`` of one trial, in the trial's own folder (fitting it again resumes from
+    the folder's checkpoints); it only reads the decoded-image cache the driver built."""
+    from allcluster.train.ray_train import build_trainer, run_id_for
+
+    cfg = from_dict(TrainConfig, train, f"trial {trial_id}")
+    out = Path(cfg.output_dir)
+    run_id = run_id_for(out)
+    write_resolved(cfg, out / "config.yaml", f"allcluster sweep trial {trial_id}, run {run_id}")
+    return build_trainer(cfg, run_id, callbacks=callbacks, env={MUST_EXIST_ENV: "1"})
+
+
 def tune_trial(config: dict) -> None:
     """Tune function trainable: one trial = one Ray Train run in the trial's own folder."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from allcluster.train.ray_train import build_trainer, run_id_for
-
     trial = config["trial"]
-    cfg = from_dict(TrainConfig, trial["train"], f"trial {trial['trial_id']}")
-    out = Path(cfg.output_dir)
-    run_id = run_id_for(out)
-    write_resolved(cfg, out / "config.yaml", f"allcluster sweep trial {trial['trial_id']}, run {run_id}")
-    result = build_trainer(cfg, run_id, callbacks=[TuneReportCallback()], env={MUST_EXIST_ENV: "1"}).fit()
+    result = trial_trainer(trial["trial_id"], trial["train"], [TuneReportCallback()]).fit()
     if result.error:
         raise result.error
+
+
+def run_array_trial(trial: Trial) -> None:
+    """Array mode (``--trial-index``): one planned trial as a plain Ray Train run, no Tune (so no
+    ASHA). Its outcome lands in its folder as in a Tune run (model/ or error.json). Called with the
+    stop signals armed: a signal raises ``SweepInterrupted`` here and the trial keeps its last
+    epoch checkpoint."""
+    import ray
+
+    concurrency([trial], ray.cluster_resources(), 1)      # refuses a trial the cluster cannot fit
+    (trial.dir / "error.json").unlink(missing_ok=True)
+    prebuild_caches([trial])
+    trainer = trial_trainer(trial.trial_id, to_dict(trial.config))
+    try:
+        result = call_in_thread(trainer.fit)
+    except Exception as err:                  # Train V2 raises a failed run (TrainingFailedError)
+        mark_errored(trial.dir, err)
+        return
+    if result.error:
+        mark_errored(trial.dir, result.error)
 
 
 def trial_resources(cfg: TrainConfig) -> tuple[float, float]:
@@ -127,32 +152,70 @@ def progress_callback(total: int):
     return Progress()
 
 
-def record_outcomes(result_grid, trials: dict[str, Trial]) -> None:
-    """Mark errored trials (error.json) and trials ASHA stopped before their end (stopped.json)."""
+def record_errors(result_grid, trials: dict[str, Trial]) -> None:
+    """Write ``error.json`` for every trial that raised. Trials a scheduler stopped were marked when
+    it decided (:class:`RecordsStops`); trials a stop signal cut short are left to be resumed."""
     for result in result_grid:
         trial = trials[result.config["trial"]["trial_id"]]
         if result.error is not None:
-            err = result.error
-            text = "".join(traceback.format_exception_only(type(err), err)).strip()
-            (trial.dir / "error.json").parent.mkdir(parents=True, exist_ok=True)
-            (trial.dir / "error.json").write_text(json.dumps({"error": text[-4000:], "time": time.time()}))
-        elif trial_status(trial.dir) != "finished":
-            (trial.dir / "stopped.json").write_text(json.dumps({"by": "asha", "time": time.time()}))
+            mark_errored(trial.dir, result.error)
+
+
+class RecordsStops:
+    """Mixin for a Tune scheduler: when it decides STOP for a trial that has not ended, the trial's
+    folder gets ``stopped.json`` naming the scheduler (``stopped_by``) at once, so the record survives
+    an interruption right after. Tune passes each reported result to ``on_trial_result`` and stops
+    the trial when it returns ``TrialScheduler.STOP``."""
+    stopped_by = "scheduler"
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        from ray.tune.schedulers import TrialScheduler
+
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP and not result.get("run_complete"):
+            mark_stopped(Path(trial.config["trial"]["train"]["output_dir"]), self.stopped_by, result.get("epoch"))
+        return decision
+
+
+def _asha_class():
+    from ray.tune.schedulers import ASHAScheduler
+
+    class RecordingASHA(RecordsStops, ASHAScheduler):
+        stopped_by = "asha"
+    return RecordingASHA
 
 
 def build_scheduler(sweep: SweepConfig, trials: list[Trial]):
     """ASHA on validation macro-F1 per epoch when ``asha.enabled``; else Tune's default (FIFO)."""
     if not sweep.asha.enabled:
         return None
-    from ray.tune.schedulers import ASHAScheduler
-
-    return ASHAScheduler(time_attr="training_iteration", grace_period=sweep.asha.grace_period,
+    return _asha_class()(time_attr="training_iteration", grace_period=sweep.asha.grace_period,
                          reduction_factor=sweep.asha.reduction_factor,
                          max_t=max(_max_epochs(t.config) for t in trials))
 
 
-def run_tune(sweep: SweepConfig, to_run: list[Trial], experiment_dir: Path) -> None:
-    """Fit the given trials with Tune; outcomes are written into each trial's folder."""
+def _stop_on_signal():
+    from ray.tune import Stopper
+
+    class StopOnSignal(Stopper):
+        """Ends the whole Tune run once a stop signal arrived (Tune then stops every trial)."""
+
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            from allcluster.sweep.interrupt import STOP_REQUESTED   # imported here: Tune pickles stoppers
+
+            return STOP_REQUESTED.is_set()
+    return StopOnSignal()
+
+
+def run_tune(sweep: SweepConfig, to_run: list[Trial], experiment_dir: Path, stop: StopSignals) -> None:
+    """Fit the given trials with Tune; outcomes are written into each trial's folder.
+
+    A stop signal (see :mod:`allcluster.sweep.interrupt`) ends the run early: running trials are
+    stopped (their last epoch checkpoint stays), pending ones never start, Tune saves its state.
+    """
     import ray
     from ray import tune
 
@@ -171,10 +234,11 @@ def run_tune(sweep: SweepConfig, to_run: list[Trial], experiment_dir: Path) -> N
                                     max_concurrent_trials=limit,
                                     trial_dirname_creator=lambda t: t.config["trial"]["trial_id"]),
         run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
-                                  storage_path=str(experiment_dir.resolve()),
+                                  storage_path=str(experiment_dir.resolve()), stop=_stop_on_signal(),
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                                   callbacks=[progress_callback(len(to_run))], verbose=0))
-    record_outcomes(tuner.fit(), {t.trial_id: t for t in to_run})
+    stop.graceful()
+    record_errors(call_in_thread(tuner.fit), {t.trial_id: t for t in to_run})
 
 
 def _max_epochs(cfg: TrainConfig) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import re
 import tempfile
 import time
 from contextlib import nullcontext
@@ -74,11 +76,46 @@ class TrainState:
     final: dict | None = None     # set once the best model is exported (the run is finished)
 
     def save(self, directory: Path) -> None:
-        torch.save(self.__dict__, directory / "state.pt")
+        """Write ``state.pt`` holding tensors and plain Python types only (what ``load`` accepts)."""
+        torch.save(plain_state(self.__dict__, "state"), directory / "state.pt")
 
     @classmethod
     def load(cls, directory: Path) -> "TrainState":
-        return cls(**torch.load(directory / "state.pt", map_location="cpu", weights_only=False))
+        """Read ``state.pt`` with ``torch.load(weights_only=True)``: anything but tensors and plain
+        types (a pickled object could run code as the sweep's owner) is refused, naming the file."""
+        path = directory / "state.pt"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"Unsupported[^\n]*?allowed global", str(err))
+            why = f" ({found.group(0)})" if found else ""
+            raise UnsafeCheckpointError(
+                f"{path}: refused to load this training checkpoint: it holds objects other than tensors "
+                f"and plain types{why}, and unpickling them could run code. allcluster never writes such "
+                f"a file: find out who did; to train the run afresh remove {directory.parent}") from None
+        return cls(**state)
+
+
+class UnsafeCheckpointError(ConfigError):
+    """A checkpoint that ``torch.load(weights_only=True)`` refuses (a pickled object, not state)."""
+
+
+def plain_state(value, where: str):
+    """``value`` with numpy scalars and arrays turned into Python numbers and tensors; anything that
+    is not a tensor or a plain type fails here, at save time, naming its key (not later at resume)."""
+    if isinstance(value, np.generic):          # before float: np.float64 subclasses float
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    if isinstance(value, dict):
+        return {k: plain_state(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [plain_state(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    raise TypeError(f"{where}: a {type(value).__name__} cannot go into a training checkpoint (tensors and "
+                    "plain types only: checkpoints load with torch.load(weights_only=True))")
 
 
 def _cpu_state(module: torch.nn.Module) -> dict:

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from pathlib import Path
 
 from allcluster.config import ConfigError, from_dict, to_dict, write_resolved
+from allcluster.models.weights import worker_env
 from allcluster.train.config import TrainConfig
 
 
@@ -71,7 +71,7 @@ def build_trainer(cfg: TrainConfig, run_id: str, callbacks: list | None = None, 
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=0),
             callbacks=callbacks or [],
-            worker_runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), **(env or {})}}))
+            worker_runtime_env={"env_vars": {**worker_env(), **(env or {})}}))
 
 
 def check_fits_cluster(cfg: TrainConfig) -> None:

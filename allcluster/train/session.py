@@ -66,6 +66,8 @@ class RaySession:
         checkpoint = self._train.get_checkpoint()
         if checkpoint is None:
             return None
+        if checkpoint.filesystem.type_name == "local" and Path(checkpoint.path).is_dir():
+            return Path(checkpoint.path)      # read in place: errors name the real file, no temp copy
         local = Path(tempfile.mkdtemp(prefix="allcluster-resume-"))
         return Path(checkpoint.to_directory(str(local)))
 

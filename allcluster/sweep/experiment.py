@@ -1,0 +1,129 @@
+"""The config an experiment folder was started with (pure, no Ray).
+
+Every trial is the sweep's base training config plus its varied values, and trial folders are
+named by the varied values only. A rerun under a changed base (``--set train.fit.epochs=3``) would
+therefore resume or keep trials trained under the old config beside new ones. The first run stores
+the resolved base in ``<experiment_dir>/base_config.yaml``; a rerun whose base differs is refused,
+naming the keys, unless ``--new-config``: the old outputs then move to
+``<experiment_dir>/superseded-<YYYYmmdd-HHMMSS>/`` and every trial starts afresh.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from allcluster.config import ConfigError, from_dict, read_yaml, to_dict
+from allcluster.sweep.config import SweepConfig
+from allcluster.sweep.plan import base_train_dict
+from allcluster.train.config import TrainConfig
+
+BASE_FILE = "base_config.yaml"
+PER_TRIAL_KEYS = ("name", "output_dir")          # set for each trial by the planner
+# What a sweep writes into its experiment folder (and --new-config moves aside); tune-*/ as well.
+OUTPUTS = ("trials", "trials.parquet", "epochs.parquet", "best_model", "sweep.yaml", BASE_FILE)
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"fit": {"epochs": 2}}`` -> ``{"fit.epochs": 2}`` (lists and tuples stay values, as lists)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.loads(json.dumps(value))   # tuples -> lists, as YAML reads them
+    return flat
+
+
+def resolved_base(sweep: SweepConfig, source: str) -> dict[str, Any]:
+    """The base training config of every trial, every default filled, as dotted keys."""
+    cfg = from_dict(TrainConfig, base_train_dict(sweep, source), f"{source}: train")
+    return {k: v for k, v in flatten(to_dict(cfg)).items() if k not in PER_TRIAL_KEYS}
+
+
+def varied_keys(sweep: SweepConfig) -> set[str]:
+    return set(sweep.grid) | set(sweep.sample)
+
+
+def base_diff(stored: dict[str, Any], current: dict[str, Any], varied: set[str] = frozenset()) -> list[str]:
+    """``"train.KEY: OLD -> NEW"`` for every key whose value differs, sorted; keys the grid or the
+    samples set (``varied``) are skipped: every trial overrides them."""
+    def overridden(key: str) -> bool:
+        return any(key == v or key.startswith(v + ".") for v in varied)
+
+    missing = object()
+    lines = []
+    for key in sorted(set(stored) | set(current)):
+        old, new = stored.get(key, missing), current.get(key, missing)
+        if old != new and not overridden(key):
+            shown = ["(absent)" if v is missing else json.dumps(v) for v in (old, new)]
+            lines.append(f"train.{key}: {shown[0]} -> {shown[1]}")
+    return lines
+
+
+def read_stored_base(experiment_dir: Path) -> dict[str, Any] | None:
+    """The base stored by the experiment's first run; None for a new folder (or one that predates it)."""
+    path = experiment_dir / BASE_FILE
+    return read_yaml(path) if path.is_file() else None
+
+
+def store_base(experiment_dir: Path, base: dict[str, Any]) -> Path:
+    path = experiment_dir / BASE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".yaml.tmp-{os.getpid()}")      # array tasks may write it at once
+    tmp.write_text("# the resolved base training config this experiment was started with; a rerun whose\n"
+                   "# base differs is refused (allcluster sweep --new-config starts afresh)\n"
+                   + yaml.safe_dump(base, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def check_base(experiment_dir: Path, base: dict[str, Any], varied: set[str], source: str,
+               new_config: bool) -> list[str]:
+    """The differing keys (empty: same config, or a new folder); raises ``ConfigError`` when the
+    base differs and ``new_config`` is not set. Reads only: a refusal writes nothing."""
+    stored = read_stored_base(experiment_dir)
+    diffs = base_diff(stored, base, varied) if stored is not None else []
+    if diffs and not new_config:
+        raise ConfigError(
+            f"{source}: the resolved base config differs from the one {experiment_dir} was started with "
+            f"({experiment_dir / BASE_FILE}): {'; '.join(diffs)}. Refusing to mix trials trained under two "
+            "configs: rerun with the original config, or add --new-config to move the old outputs to "
+            f"{experiment_dir}/superseded-<time>/ and start every trial afresh")
+    return diffs
+
+
+def supersede(experiment_dir: Path) -> Path:
+    """Move the experiment's outputs into a new ``superseded-<time>/`` folder inside it; the moved
+    ``trials.parquet`` gets its ``model_dir``/``checkpoint_path`` columns pointed at the new place."""
+    exp = experiment_dir.resolve()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = exp / f"superseded-{stamp}", 1
+    while target.exists():
+        n += 1
+        target = exp / f"superseded-{stamp}-{n}"
+    target.mkdir()
+    for path in [*(exp / name for name in OUTPUTS), *sorted(exp.glob("tune-*"))]:
+        if path.exists():
+            os.replace(path, target / path.name)
+    _repoint_trials_table(target / "trials.parquet", str(exp / "trials"), str(target / "trials"))
+    return target
+
+
+def _repoint_trials_table(path: Path, old: str, new: str) -> None:
+    import pandas as pd
+
+    from allcluster.sweep.results import write_parquet
+
+    if not path.is_file():
+        return
+    table = pd.read_parquet(path)
+    for column in ("model_dir", "checkpoint_path"):
+        if column in table:
+            table[column] = [v.replace(old, new, 1) if isinstance(v, str) and v.startswith(old) else v
+                             for v in table[column]]
+    write_parquet(table, path)

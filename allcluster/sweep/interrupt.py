@@ -1,0 +1,114 @@
+"""Stop signals of a sweep driver: SIGINT, SIGTERM and SIGUSR1 end it gracefully with exit code 75.
+
+The contract (``slurm/*.sh`` rely on it): on any of the three signals the sweep stops its running
+trials (each keeps the checkpoint of its last finished epoch, so at most the running epoch is lost),
+starts no new ones, writes its tables for what finished, prints one line saying so and exits 75
+(``EX_TEMPFAIL``): rerunning the same command resumes every unfinished trial. An array task
+(``--trial-index``: one Ray Train run, no Tune) ends at once on the first signal, also with 75.
+
+Why a handler of our own: Ray Tune catches SIGINT and SIGUSR1 only while ``tune.run`` runs in the
+main thread (``ray.tune.tune._setup_signal_catching``) and never SIGTERM, and ``ray.init`` replaces
+the SIGTERM handler with ``sys.exit`` (``ray._private.worker.init``; a local head's node even kills
+every Ray process on SIGTERM). So the driver keeps one handler for all three in the main thread,
+re-installed after ``ray.init``, and runs ``Tuner.fit`` in a worker thread (where Tune installs
+none); the handler sets :data:`STOP_REQUESTED`, which a Tune ``Stopper`` turns into ``stop_all``.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any, Callable
+
+from allcluster.console import say
+
+EX_TEMPFAIL = 75
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+# Module level on purpose: Tune (cloud)pickles its Stopper and callbacks into the experiment state, and
+# an Event cannot be pickled; by reference to this module every copy sees the same flag.
+STOP_REQUESTED = threading.Event()
+
+
+class SweepInterrupted(BaseException):
+    """A stop signal arrived while nothing could be stopped gracefully (before Tune, a second signal,
+    an array task). A ``BaseException``, like ``KeyboardInterrupt``: ``except Exception`` blocks (in
+    Ray too) must not swallow it."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(f"interrupted by {signal_name}")
+        self.signal_name = signal_name
+
+
+class StopSignals:
+    """Context manager owning SIGINT/SIGTERM/SIGUSR1 for one sweep run (main thread only).
+
+    Outside :meth:`graceful` the first signal raises :class:`SweepInterrupted` at once (used while
+    Ray starts: nothing is running that could be saved); inside it the first signal only sets
+    :data:`STOP_REQUESTED` and a second one raises. ``signal_name``: the first signal's name ("" if none).
+    """
+
+    def __init__(self):
+        self.signal_name = ""
+        self._graceful = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        STOP_REQUESTED.clear()
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+            self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def install(self) -> None:
+        """(Re-)install the handlers: ``ray.init`` replaces the SIGTERM one."""
+        if self._previous:
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, self._handle)
+
+    def graceful(self, on: bool = True) -> None:
+        """While on, the first signal only asks to stop (Tune's ``Stopper`` reads it) instead of raising."""
+        self._graceful = on
+
+    @property
+    def requested(self) -> bool:
+        return STOP_REQUESTED.is_set()
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        first = not STOP_REQUESTED.is_set()
+        if first:
+            self.signal_name = name
+            STOP_REQUESTED.set()
+        if first and self._graceful:
+            say(f"[sweep] {name} received: stopping; running trials keep their last epoch checkpoint, the "
+                "tables are written (send it again to stop at once)")
+            return
+        raise SweepInterrupted(self.signal_name)
+
+
+def call_in_thread(fn: Callable[[], Any]) -> Any:
+    """``fn()`` in a worker thread while the main thread waits, free to run the signal handlers.
+
+    Used for ``Tuner.fit`` and ``TorchTrainer.fit``: off the main thread neither installs its own
+    SIGINT/SIGUSR1 handler (Tune's ``_setup_signal_catching``, Train's ``_register_sigint_handler``
+    both check ``threading.main_thread()``). ``fn``'s exception, if any, is raised here; a
+    :class:`SweepInterrupted` from a handler leaves the (daemon) thread behind.
+    """
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = fn()
+        except BaseException as err:      # noqa: BLE001 - handed to the main thread
+            box["error"] = err
+
+    thread = threading.Thread(target=target, name="allcluster-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
