@@ -3,15 +3,28 @@
 #   source "$ALLCLUSTER_HOME/slurm/ray-cluster.sh"
 #   ray_cluster_start            # head on the first node, one worker per other node; waits for all
 #   ray_cluster_run jobs/X.py …  # the driver, on the first node, with RAY_ADDRESS set
-#   (an EXIT trap stops every Ray process this job started and removes its token and temp dirs)
+#   (an EXIT trap stops every Ray process this job started, removes its private folders and, after
+#   a time-limit warning, requeues the job)
 #
 # What it guarantees:
-# - Ports come from the job id (a block of 1000 per job), so two jobs on one node do not collide.
+# - Every Ray port is picked on its node when Ray starts there and checked free by binding it
+#   (slurm/ray-node.sh), the Ray client server's included, so jobs sharing a node do not collide. The
+#   head publishes the cluster address in the job's private folder; workers and the driver read it.
+# - The job's private folder $HOME/.ray-slurm/<job> (mode 700, created afresh at every start) holds
+#   the address and a fresh per-job token (mode 600): token authentication stays on, so other users'
+#   jobs on these nodes cannot attach.
+# - Each node's Ray temp dir lives inside a fresh mktemp -d folder (mode 700) under the node-local
+#   tmp, short enough for Unix socket paths (~107 bytes).
 # - Each node's Ray gets exactly what Slurm granted on that node: CPUs (SLURM_CPUS_ON_NODE), GPUs
 #   (the devices in the step's CUDA_VISIBLE_DEVICES) and memory (SLURM_MEM_PER_NODE); it logs them.
-# - A short node-local temp dir per node and job (Unix socket paths are limited to ~107 bytes).
-# - Token authentication stays on: a fresh per-job token in a file only the job owner can read
-#   ($HOME/.ray-slurm/<job>, mode 600), so other users' jobs on these nodes cannot attach.
+# - Time limits and preemption: the batch shell traps SIGUSR1 (sbatch --signal=B:USR1@SECONDS, which
+#   Slurm sends to the batch shell only), forwards it to the driver and waits for it; the driver
+#   writes what it has and exits 75 ("interrupted; rerun resumes"); the shell then stops Ray and runs
+#   `scontrol requeue $SLURM_JOB_ID`. The requeued job runs this script again from the top (restart
+#   N in the log, SLURM_RESTART_COUNT) and the driver resumes. SIGTERM (scancel, `scontrol requeue`
+#   from outside, the time limit itself) reaches every process of the job, the driver included:
+#   the shell only waits for the driver and does not requeue (Slurm requeues by itself when it
+#   preempts with PreemptMode=REQUEUE or when asked to).
 # - Nothing needs the network beyond the job's nodes; nothing is downloaded.
 # - Ray is stopped by signalling this job's own srun steps, never `ray stop` (which kills every Ray
 #   process on a node, other jobs' included).
@@ -19,8 +32,12 @@
 export ALLCLUSTER_HOME=${ALLCLUSTER_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
 export ALLCLUSTER_PYTHON=${ALLCLUSTER_PYTHON:-$ALLCLUSTER_HOME/.venv/bin/python}
 RAY_JOIN_TIMEOUT_S=${RAY_JOIN_TIMEOUT_S:-300}
+EX_TEMPFAIL=75               # the drivers' "interrupted; rerunning the same command resumes"
 _ray_steps=()
-_ray_tokdir=""
+_ray_jobdir=""
+_ray_warned=""               # the time-limit/preemption warning (SIGUSR1) arrived
+_ray_stopping=""             # SIGTERM/SIGINT arrived
+_ray_driver_pid=""
 
 _log() { echo "[ray-cluster $(date +%T)] $*"; }
 
@@ -46,37 +63,97 @@ _ray_node_addr() {  # the address Slurm uses for a node (NodeAddr), else its nam
   echo "${addr:-$1}"
 }
 
-ray_cluster_stop() {
+# ---------------------------------------------------------------- signals
+# Bash runs a trap only between commands, or when it interrupts `wait`: the driver therefore runs in
+# the background and the shell waits for it in a loop (ray_cluster_run).
+_ray_on_usr1() {
+  _ray_warned=1
+  if [ -n "$_ray_driver_pid" ] && kill -0 "$_ray_driver_pid" 2>/dev/null; then
+    _log "SIGUSR1 (time limit or preemption ahead): asking the driver (pid $_ray_driver_pid) to write what it has and stop"
+    kill -USR1 "$_ray_driver_pid" 2>/dev/null || true
+  else
+    _log "SIGUSR1 (time limit or preemption ahead) before the driver started: the job will requeue"
+  fi
+}
+
+_ray_on_term() {  # $1 = TERM|INT
+  _ray_stopping=1
+  if [ -n "$_ray_driver_pid" ] && kill -0 "$_ray_driver_pid" 2>/dev/null; then
+    # Slurm signals every process of the job (scancel, time limit, `scontrol requeue`): the driver
+    # has its own SIGTERM; sending a second would cut its graceful stop short.
+    _log "SIG$1: waiting for the driver to write what it has and exit"
+  else
+    _log "SIG$1 before the driver started: stopping"
+    exit 143
+  fi
+}
+
+_ray_requeue() {  # the warning came and the driver stopped unfinished: back to the queue
+  trap '' TERM INT   # scontrol requeue makes Slurm SIGTERM this shell: finish logging first
+  local out rc=0
+  _log "requeueing job $SLURM_JOB_ID (scontrol requeue): its next start resumes the work"
+  out=$(scontrol requeue "$SLURM_JOB_ID" 2>&1) || rc=$?
+  if [ "$rc" != 0 ]; then
+    _log "scontrol requeue failed ($out): resubmit the same command to resume (sbatch --requeue may be needed)"
+  fi
+}
+
+ray_cluster_stop() {  # the EXIT trap
+  local rc=$?
   if [ "${#_ray_steps[@]}" -gt 0 ]; then
     _log "stopping Ray (${#_ray_steps[@]} srun steps)"
-    kill -TERM "${_ray_steps[@]}" 2>/dev/null || true
+    # SIGTERM to the steps' tasks only (scancel without --batch spares the batch shell): each
+    # ray-node.sh stops its Ray and removes its temp folder. SIGTERM to srun itself would cancel the
+    # step, which SIGKILLs the tasks before they can clean up.
+    scancel --signal=TERM "$SLURM_JOB_ID" 2>/dev/null || true
+    local i
+    for i in $(seq 60); do
+      jobs -rp | grep -qxF -f <(printf '%s\n' "${_ray_steps[@]}") || break
+      sleep 0.5
+    done
+    kill -TERM "${_ray_steps[@]}" 2>/dev/null || true   # whatever is left after 30 s: srun cancels it
     wait "${_ray_steps[@]}" 2>/dev/null || true
     _ray_steps=()
   fi
-  [ -n "$_ray_tokdir" ] && rm -rf "$_ray_tokdir"
+  [ -n "$_ray_jobdir" ] && rm -rf "$_ray_jobdir"
+  _ray_jobdir=""
+  # After the warning any unfinished end requeues (75 as promised, or killed before its handler was
+  # in place, or failing while it stopped): the time limit ends this run anyway and the rerun resumes.
+  # Without the warning nothing requeues: a failure is reported, not retried.
+  if [ -n "$_ray_warned" ] && [ "$rc" != 0 ]; then
+    _ray_requeue
+  fi
   return 0
 }
 
+# ---------------------------------------------------------------- start
 ray_cluster_start() {
   _ray_check_env || return $?
   trap ray_cluster_stop EXIT
-  trap 'exit 143' TERM INT
+  trap _ray_on_usr1 USR1
+  trap '_ray_on_term TERM' TERM
+  trap '_ray_on_term INT' INT
   mapfile -t RAY_NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
-  local head=${RAY_NODES[0]} head_ip port_base
-  head_ip=$(_ray_node_addr "$head")
-  port_base=$(( 20000 + (SLURM_JOB_ID % 40) * 1000 ))
-  export RAY_PORT_BASE=$port_base
-  export RAY_ADDRESS="$head_ip:$port_base"
+  local head=${RAY_NODES[0]}
+  _log "job $SLURM_JOB_ID: restart ${SLURM_RESTART_COUNT:-0} of job $SLURM_JOB_ID;" \
+       "time limit $(squeue -h -j "$SLURM_JOB_ID" -o %l 2>/dev/null || echo '?')"
 
-  _ray_tokdir=$HOME/.ray-slurm/$SLURM_JOB_ID
-  ( umask 077; mkdir -p "$_ray_tokdir"
-    "$ALLCLUSTER_PYTHON" -c 'import secrets; print(secrets.token_hex(32))' >"$_ray_tokdir/token" )
-  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$_ray_tokdir/token
+  # The job's private folder, afresh at every start (a requeued job keeps its id: drop what the
+  # previous start left). mkdir without -p under umask 077: created by us, mode 700.
+  _ray_jobdir=$HOME/.ray-slurm/$SLURM_JOB_ID
+  ( umask 077; mkdir -p "$HOME/.ray-slurm" )
+  rm -rf "$_ray_jobdir"
+  ( umask 077; mkdir "$_ray_jobdir"
+    "$ALLCLUSTER_PYTHON" -c 'import secrets; print(secrets.token_hex(32))' >"$_ray_jobdir/token" ) || return 1
+  export RAY_JOB_DIR=$_ray_jobdir
+  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$_ray_jobdir/token
   export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
   export PYTHONPATH=$ALLCLUSTER_HOME${PYTHONPATH:+:$PYTHONPATH}
+  unset RAY_ADDRESS
 
-  _log "job $SLURM_JOB_ID: ${#RAY_NODES[@]} node(s): ${RAY_NODES[*]}; head $head; Ray address $RAY_ADDRESS"
-  _log "token auth on; token $(stat -c '%A %U' "$RAY_AUTH_TOKEN_PATH") $RAY_AUTH_TOKEN_PATH"
+  _log "job $SLURM_JOB_ID: ${#RAY_NODES[@]} node(s): ${RAY_NODES[*]}; head $head"
+  _log "private folder $(stat -c '%a %U' "$_ray_jobdir") $_ray_jobdir;" \
+       "token auth on; token $(stat -c '%A %U' "$RAY_AUTH_TOKEN_PATH") $RAY_AUTH_TOKEN_PATH"
   _ray_start_node "$head" head || return $?
   _ray_check_foreign_token_refused || return $?
   local node
@@ -94,16 +171,21 @@ _ray_start_node() {  # $1 node, $2 head|worker: one srun step that runs `ray sta
   srun --nodes=1 --ntasks=1 -w "$node" --overlap "${gres[@]}" \
        bash "$ALLCLUSTER_HOME/slurm/ray-node.sh" "$role" "$(_ray_node_addr "$node")" &
   _ray_steps+=($!)
-  if [ "$role" = head ]; then
-    local i
-    for i in $(seq 240); do
-      "$(dirname "$ALLCLUSTER_PYTHON")/ray" status --address="$RAY_ADDRESS" >/dev/null 2>&1 && return 0
-      jobs -rp | grep -qx "${_ray_steps[-1]}" || { echo "ray-cluster.sh: the Ray head on $node exited" >&2; return 1; }
-      sleep 0.5
-    done
-    echo "ray-cluster.sh: the Ray head on $node did not answer in 120 s" >&2
-    return 1
-  fi
+  [ "$role" = head ] || return 0
+  local i
+  for i in $(seq 240); do
+    if [ -z "${RAY_ADDRESS:-}" ] && [ -s "$_ray_jobdir/address" ]; then
+      export RAY_ADDRESS=$(cat "$_ray_jobdir/address")
+      _log "Ray address $RAY_ADDRESS (published by the head in $_ray_jobdir/address)"
+    fi
+    if [ -n "${RAY_ADDRESS:-}" ] && "$(dirname "$ALLCLUSTER_PYTHON")/ray" status --address="$RAY_ADDRESS" >/dev/null 2>&1; then
+      return 0
+    fi
+    jobs -rp | grep -qx "${_ray_steps[-1]}" || { echo "ray-cluster.sh: the Ray head on $node exited" >&2; return 1; }
+    sleep 0.5
+  done
+  echo "ray-cluster.sh: the Ray head on $node did not answer in 120 s" >&2
+  return 1
 }
 
 _ray_check_foreign_token_refused() {  # another user's job holds another token: it must not get in
@@ -120,10 +202,28 @@ _ray_check_foreign_token_refused() {  # another user's job holds another token: 
   _log "token check: a client with another token is refused"
 }
 
+# ---------------------------------------------------------------- the driver
 ray_cluster_run() {  # the driver: its exit code is the job's
+  if [ -n "$_ray_warned" ]; then
+    _log "not starting the driver: the time-limit warning already came"
+    return "$EX_TEMPFAIL"
+  fi
   _log "driver: $ALLCLUSTER_PYTHON $*"
-  local rc=0
-  ( cd "$ALLCLUSTER_HOME" && "$ALLCLUSTER_PYTHON" "$@" ) || rc=$?
-  _log "driver exited with $rc"
+  ( cd "$ALLCLUSTER_HOME" && exec "$ALLCLUSTER_PYTHON" "$@" ) &
+  _ray_driver_pid=$!
+  local rc
+  while :; do
+    rc=0; wait "$_ray_driver_pid" || rc=$?
+    # > 128 with the driver alive: a trapped signal interrupted `wait`; wait again
+    [ "$rc" -gt 128 ] && kill -0 "$_ray_driver_pid" 2>/dev/null || break
+  done
+  # bash keeps a reaped background job's status: this repeats it, or gives the real one when the
+  # driver exited between the interrupted wait and kill -0
+  rc=0; wait "$_ray_driver_pid" 2>/dev/null || rc=$?
+  case $rc in
+    0) _log "driver exited with 0" ;;
+    "$EX_TEMPFAIL") _log "driver exited with $rc: interrupted; rerunning the same command resumes" ;;
+    *) _log "driver exited with $rc" ;;
+  esac
   return $rc
 }

@@ -1,6 +1,9 @@
 # One Ray node inside a Slurm step (started by ray-cluster.sh; not run by hand).
 #   bash slurm/ray-node.sh head|worker NODE_ADDRESS
-# Reads what Slurm granted to this step on this node and hands exactly that to `ray start`.
+# Reads what Slurm granted to this step on this node and hands exactly that to `ray start`, on ports
+# that are free on this node right now, with Ray's temp dir inside a fresh private folder.
+# Needs RAY_JOB_DIR (the job's private folder, mode 700, on a filesystem every node sees): the head
+# writes the cluster address there (file `address`), workers read it from there.
 set -euo pipefail
 role=$1 node_ip=$2
 ray_bin=$(dirname "$ALLCLUSTER_PYTHON")/ray
@@ -13,20 +16,130 @@ mem=()
 if [ -n "${SLURM_MEM_PER_NODE:-}" ]; then
   mem=(--memory=$(( SLURM_MEM_PER_NODE * 1024 * 1024 * 7 / 10 )) --object-store-memory=$(( SLURM_MEM_PER_NODE * 1024 * 1024 * 2 / 10 )))
 fi
-tmp=${RAY_TMP_ROOT:-/tmp}/ray_${SLURM_JOB_ID}_$(hostname -s)
-trap 'rm -rf "$tmp"' EXIT
-b=$RAY_PORT_BASE
-ports=(--node-manager-port=$((b + 2)) --object-manager-port=$((b + 3)) --dashboard-agent-grpc-port=$((b + 4))
-       --dashboard-agent-listen-port=$((b + 5)) --metrics-export-port=$((b + 6)) --runtime-env-agent-port=$((b + 7))
-       --min-worker-port=$((b + 100)) --max-worker-port=$((b + 999)))
-echo "[ray-node $(date +%T)] $role on $(hostname -s) ($node_ip): $cpus CPUs, $gpus GPUs (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-none}), memory ${SLURM_MEM_PER_NODE:-unset} MB, temp $tmp"
+_log() { echo "[ray-node $(date +%T)] $*"; }
+
+# ---- private temp folder. `ray start --temp-dir=D` makes D world-writable (ray._common.utils
+# try_to_create_directory chmods it 0777), so D must not be the private folder itself: D is a
+# subfolder of a fresh mktemp -d folder (mode 700, ours), which nobody else can enter. Ray puts its
+# Unix sockets under D/session_<date>_<time>_<us>_<pid>/sockets/ and a socket path must fit in
+# sun_path (108 bytes with the NUL): a node-local tmp with a long path falls back to /tmp.
+tmp_base=${RAY_TMP_ROOT:-${TMPDIR:-/tmp}}
+longest_suffix=/ray-XXXXXXXX/r/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store
+if [ ! -d "$tmp_base" ] || [ $(( ${#tmp_base} + ${#longest_suffix} )) -gt 107 ]; then
+  _log "temp base $tmp_base is missing or too long for Ray's socket paths; using /tmp"
+  tmp_base=/tmp
+fi
+private=$(mktemp -d "$tmp_base/ray-XXXXXXXX")
+trap 'rm -rf "$private"' EXIT
+tmp=$private/r
+
+# ---- ports: every port this node's Ray listens on, picked now and checked free by binding it (a
+# listening socket on any address makes the wildcard bind fail). They come from RAY_PORT_RANGE
+# (default 20000-65535) minus the kernel's ephemeral range (outgoing connections take ports from
+# there) and minus Ray's fixed defaults (6379, 8265, 10001, 52365...: other users' plain `ray start`).
+# The worker ports are one contiguous block (--min/--max-worker-port) of RAY_WORKER_PORTS ports, all
+# free now; Ray's raylet also skips a port of its range that is in use when it starts a worker.
+# What is left is the short race between this check and Ray binding them.
+names=(gcs dashboard client node_manager object_manager agent_grpc agent_http metrics runtime_env)
+read -r "${names[@]}" worker_min worker_max < <("$ALLCLUSTER_PYTHON" - "${#names[@]}" "${RAY_WORKER_PORTS:-1000}" \
+    "${RAY_PORT_RANGE:-20000-65535}" <<'EOF' || true
+import random, socket, sys
+
+singles, block = int(sys.argv[1]), int(sys.argv[2])
+# Ray's fixed defaults (GCS, dashboard, client server, dashboard agent, object manager): left to other
+# users' plain `ray start`, even inside a custom RAY_PORT_RANGE
+RAY_DEFAULTS = {6379, 8265, 10001, 52365, 8076}
+lo, hi = (int(x) for x in sys.argv[3].split("-"))
+try:
+    eph_lo, eph_hi = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+except OSError:
+    eph_lo, eph_hi = 32768, 60999
+spans = [(a, b) for a, b in ((lo, min(hi, eph_lo - 1)), (max(lo, eph_hi + 1), hi)) if b - a + 1 >= block + singles]
+if not spans:
+    sys.exit(f"ray-node.sh: RAY_PORT_RANGE={sys.argv[3]} minus the ephemeral range {eph_lo}-{eph_hi} "
+             f"has no room for {block} worker ports + {singles} others")
+
+
+def free(port):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+rng = random.SystemRandom()
+for _ in range(200):
+    a, b = rng.choice(spans)
+    start = rng.randint(a, b - block + 1)
+    if not RAY_DEFAULTS & set(range(start, start + block)) and all(free(p) for p in range(start, start + block)):
+        break
+else:
+    sys.exit(f"ray-node.sh: no block of {block} free ports in {sys.argv[3]} after 200 tries")
+taken, picked = set(range(start, start + block)) | RAY_DEFAULTS, []
+tries = 0
+while len(picked) < singles and tries < 100 * singles:
+    tries += 1
+    p = rng.randint(*rng.choice(spans))
+    if p not in taken and free(p):
+        taken.add(p)
+        picked.append(p)
+if len(picked) < singles:
+    sys.exit(f"ray-node.sh: fewer than {singles} free ports in {sys.argv[3]}")
+print(*picked, start, start + block - 1)
+EOF
+)
+[ -n "$worker_max" ] || { echo "ray-node.sh: could not pick free ports on $(hostname -s)" >&2; exit 1; }
+ports=(--node-manager-port="$node_manager" --object-manager-port="$object_manager"
+       --dashboard-agent-grpc-port="$agent_grpc" --dashboard-agent-listen-port="$agent_http"
+       --metrics-export-port="$metrics" --runtime-env-agent-port="$runtime_env"
+       --min-worker-port="$worker_min" --max-worker-port="$worker_max")
+
+_log "$role on $(hostname -s) ($node_ip): $cpus CPUs, $gpus GPUs (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-none}), memory ${SLURM_MEM_PER_NODE:-unset} MB"
+_log "temp root $private ($(stat -c '%a %U' "$private")), Ray temp dir $tmp"
 args=(--block --node-ip-address="$node_ip" --num-cpus="$cpus" --num-gpus="$gpus" --temp-dir="$tmp"
       --disable-usage-stats "${mem[@]}" "${ports[@]}")
+start=()
 if [ "$role" = head ]; then
+  _log "ports: gcs $gcs, dashboard $dashboard, client server $client, node manager $node_manager, object manager $object_manager, agent $agent_grpc/$agent_http, metrics $metrics, runtime env $runtime_env, workers $worker_min-$worker_max"
+  # Publish the address (written whole, then renamed: a reader never sees half of it).
+  echo "$node_ip:$gcs" >"$RAY_JOB_DIR/address.tmp" && mv "$RAY_JOB_DIR/address.tmp" "$RAY_JOB_DIR/address"
   # The dashboard serves Ray's State API, which Ray Train needs to free the resources of a trial that
-  # Tune stops early; it listens on this node's address (token auth applies), on a port of the job's block.
-  "$ray_bin" start --head --port="$b" --include-dashboard=true --dashboard-host="$node_ip" \
-    --dashboard-port=$((b + 8)) "${args[@]}"
+  # Tune stops early; it listens on this node's address (token auth applies).
+  start=(--head --port="$gcs" --ray-client-server-port="$client" --include-dashboard=true
+         --dashboard-host="$node_ip" --dashboard-port="$dashboard")
 else
-  "$ray_bin" start --address="$RAY_ADDRESS" "${args[@]}"
+  _log "ports: node manager $node_manager, object manager $object_manager, agent $agent_grpc/$agent_http, metrics $metrics, runtime env $runtime_env, workers $worker_min-$worker_max"
+  start=(--address="$(cat "$RAY_JOB_DIR/address")")
 fi
+# In the background, so that on SIGTERM (ray-cluster.sh stopping the step, or Slurm ending the job)
+# this shell waits for Ray to stop before the EXIT trap removes its temp folder.
+"$ray_bin" start "${start[@]}" "${args[@]}" &
+ray_pid=$!
+stopping=""
+trap 'stopping=1; kill -TERM "$ray_pid" 2>/dev/null || true' TERM INT
+rc=0
+while :; do
+  rc=0; wait "$ray_pid" || rc=$?
+  [ "$rc" -gt 128 ] && kill -0 "$ray_pid" 2>/dev/null || break
+done
+if [ -z "$stopping" ]; then   # Ray ended by itself: show why before its logs go with the temp folder
+  _log "ray start exited with $rc on $(hostname -s); the end of its logs:"
+  for f in "$tmp"/session_latest/logs/{raylet.out,gcs_server.out,dashboard_agent.log,dashboard_agent.err,runtime_env_agent.log}; do
+    # glog's error/fatal lines (E/F + date), not the stack trace that follows a fatal one
+    [ -s "$f" ] || continue
+    { echo "--- $f"; grep -E '^\[?[0-9-]* ?[0-9:,.]* [EFC] |ERROR|^[EF][0-9]{4} |Check failed|Error' "$f" | tail -n 8 || true; }
+  done
+  # A worker node retries with fresh ports and temp folder: Ray's raylet gives its dashboard agent a
+  # fixed ~15 s to report its ports and exits otherwise (ray-project/ray#65983), which a loaded node
+  # or a slow shared filesystem (the agent's imports) can exceed; the head's cluster waits for the
+  # worker (RAY_JOIN_TIMEOUT_S). The head is not retried: the job's address is already published.
+  attempt=${RAY_NODE_ATTEMPT:-1}
+  if [ "$role" = worker ] && [ "$attempt" -lt "${RAY_START_TRIES:-3}" ]; then
+    _log "retrying ray start on $(hostname -s) (attempt $((attempt + 1)) of ${RAY_START_TRIES:-3})"
+    rm -rf "$private"
+    RAY_NODE_ATTEMPT=$((attempt + 1)) exec bash "$0" "$role" "$node_ip"
+  fi
+fi
+exit "$rc"

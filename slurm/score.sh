@@ -13,6 +13,12 @@
 #SBATCH --mem=32G
 #SBATCH --time=12:00:00
 #SBATCH --output=allcluster-score-%j.out
+#SBATCH --open-mode=append           # one log across requeues (each start prints "restart N of job J")
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+# Time limit / preemption: SIGUSR1 to the batch shell 300 s before the end (Slurm may send it up to
+# 60 s earlier): the driver writes the rows it has and exits 75, the job requeues itself and the
+# requeued run resumes (rows already written are kept). Override: sbatch --signal=B:USR1@600 ...
 set -euo pipefail
 if [ $# -lt 1 ]; then
   echo "usage: sbatch [sbatch options] slurm/score.sh --model MODEL_DIR --input PATH --out OUT_DIR [--set key=value ...]" >&2

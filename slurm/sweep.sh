@@ -14,6 +14,13 @@
 #SBATCH --mem=32G                    # per node; Ray gets 70% as task memory, 20% as object store
 #SBATCH --time=24:00:00
 #SBATCH --output=allcluster-sweep-%j.out
+#SBATCH --open-mode=append           # one log across requeues (each start prints "restart N of job J")
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@900
+# Time limit / preemption: SIGUSR1 to the batch shell 900 s before the end (Slurm may send it up to
+# 60 s earlier): running trials stop at their last epoch checkpoint, the tables are written, the
+# driver exits 75, the job requeues itself and the requeued run resumes every unfinished trial.
+# Give it more than one epoch of your largest trial: sbatch --signal=B:USR1@1800 ...
 # GPUs: add --gres=gpu:K (per node) on the command line; each node's Ray gets the GPUs Slurm granted.
 set -euo pipefail
 if [ $# -lt 1 ]; then

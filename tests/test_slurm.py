@@ -5,11 +5,14 @@ CI starts it (`.ci/run`); elsewhere start it with `sudo slurm/dev/local-cluster-
 """
 from __future__ import annotations
 
+import getpass
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -27,6 +30,50 @@ def _slurm_env() -> dict:
     if "SLURM_CONF" not in env and LOCAL_CONF.is_file():
         env["SLURM_CONF"] = str(LOCAL_CONF)
     return env
+
+
+def _submit(slurm: dict, options: list[str], script: list[str]) -> str:
+    """sbatch without --wait (a requeued job passes through PENDING again); returns the job id."""
+    done = subprocess.run(["sbatch", "--parsable", *options, *script], cwd=REPO, env=slurm["env"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().split(";")[0]
+
+
+def _job(slurm: dict, job: str) -> dict:
+    """`scontrol show job` as a dict (JobState, Restarts, ExitCode...); {} once Slurm forgot it."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=slurm["env"], capture_output=True,
+                         text=True).stdout
+    return dict(f.split("=", 1) for f in out.split() if "=" in f)
+
+
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+
+
+def _wait_final(slurm: dict, jobs: list[str], timeout_s: float, on_poll=None) -> dict:
+    """Poll until every job is in a final state (a requeued job is PENDING again, not final)."""
+    deadline, states = time.time() + timeout_s, {}
+    while time.time() < deadline:
+        states = {j: _job(slurm, j) for j in jobs}
+        if on_poll:
+            on_poll(states)
+        if all(s.get("JobState") in FINAL for s in states.values()):
+            return states
+        time.sleep(2)
+    subprocess.run(["scancel", *jobs], env=slurm["env"])
+    raise AssertionError(f"jobs {jobs} not finished in {timeout_s:.0f} s: {states}")
+
+
+def _assert_private_ray_state(log: str) -> None:
+    """Every Ray node ran in a fresh private temp root (mode 700, ours), removed at the end; the job's
+    private folder (token, address) was mode 700 too."""
+    user = getpass.getuser()
+    roots = re.findall(r"temp root (\S+) \((\d+) (\S+)\), Ray temp dir (\S+)", log)
+    assert roots, log[-3000:]
+    for root, mode, owner, ray_dir in roots:
+        assert (mode, owner) == ("700", user) and ray_dir.startswith(root + "/"), (root, mode, owner, ray_dir)
+        assert not Path(root).exists(), f"{root} left behind"
+    assert re.search(rf"private folder 700 {user} ", log) and "token -rw-------" in log
 
 
 @pytest.fixture(scope="module")
@@ -51,19 +98,34 @@ def slurm() -> dict:
     return {"env": env, "nodes": nodes}
 
 
-def test_sbatch_sweep_runs_the_ci_grid_across_two_nodes(slurm, real_manifest, tmp_path):
+def test_sbatch_sweep_requeued_mid_trial_finishes_every_trial_across_two_nodes(slurm, real_manifest, tmp_path):
+    """The CI grid on two nodes; once a trial has checkpointed its first epoch (of two), `scontrol
+    requeue` kills the job (SIGTERM everywhere) and puts it back in the queue: the restart resumes and
+    every planned trial finishes. Also checks the private Ray state of both starts."""
     nodes = min(2, len(slurm["nodes"]))
     experiment = tmp_path / "sweep"
-    log = tmp_path / "job-%j.out"
-    command = ["sbatch", "--wait", f"--nodes={nodes}", "--cpus-per-task=2", "--mem=4G", "--time=00:25:00",
-               f"--output={log}", "slurm/sweep.sh", "configs/sweep/ci_tiny.yaml",
-               "--set", f"train.data.manifest={real_manifest}", "--set", f"experiment_dir={experiment}"]
-    done = subprocess.run(command, cwd=REPO, env=slurm["env"], capture_output=True, text=True, timeout=1800)
-    logs = "\n".join(p.read_text(errors="replace") for p in tmp_path.glob("job-*.out"))
-    assert done.returncode == 0, f"sbatch rc {done.returncode}: {done.stderr}\n{logs[-6000:]}"
-    assert f"all {nodes} nodes joined" in logs, logs[-4000:]
-    assert "token auth on; token -rw-------" in logs
-    assert "token check: a client with another token is refused" in logs
+    log = tmp_path / "job.out"
+    job = _submit(slurm, [f"--nodes={nodes}", "--cpus-per-task=2", "--mem=4G", "--time=00:25:00", f"--output={log}"],
+                  ["slurm/sweep.sh", "configs/sweep/ci_tiny.yaml", "--set", f"train.data.manifest={real_manifest}",
+                   "--set", f"experiment_dir={experiment}"])
+    requeued = []
+
+    def requeue_mid_trial(states):
+        if not requeued and states[job].get("JobState") == "RUNNING" and any((experiment / "trials").rglob("checkpoint_*")):
+            done = subprocess.run(["scontrol", "requeue", job], env=slurm["env"], capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+            requeued.append(time.time())
+
+    final = _wait_final(slurm, [job], 1800, requeue_mid_trial)[job]
+    logs = log.read_text(errors="replace")
+    assert requeued, f"no trial checkpointed before the job ended: {final}\n{logs[-4000:]}"
+    assert final["JobState"] == "COMPLETED" and final["ExitCode"] == "0:0", f"{final}\n{logs[-6000:]}"
+    assert int(final["Restarts"]) >= 1
+    assert f"restart 0 of job {job}" in logs and f"restart 1 of job {job}" in logs, logs[-4000:]
+    assert "requeueing job" not in logs   # requeued from outside: the job must not requeue itself again
+    assert logs.count(f"all {nodes} nodes joined") >= 2, logs[-4000:]
+    assert logs.count("token check: a client with another token is refused") >= 2
+    _assert_private_ray_state(logs)
     trials = pd.read_parquet(experiment / "trials.parquet")
     assert len(trials) == 4 and trials["trial_id"].is_unique
     assert (trials["status"] == "finished").all(), trials[["trial_id", "status", "error"]].to_string()
@@ -74,7 +136,7 @@ def test_sbatch_sweep_runs_the_ci_grid_across_two_nodes(slurm, real_manifest, tm
     assert card["sweep"]["trial_id"] == ranked.iloc[0]["trial_id"]
     assert "4 trials: 4 finished" in logs
     if nodes == 2:
-        hosts = {line.split(" on ")[1].split()[0] for line in logs.splitlines() if "[ray-node" in line}
+        hosts = {line.split(" on ")[1].split()[0] for line in logs.splitlines() if "[ray-node" in line and " on n" in line}
         assert len(hosts) == 2, f"Ray nodes should run on two hosts, saw {hosts}"
     leftover = subprocess.run(["squeue", "-h"], env=slurm["env"], capture_output=True, text=True).stdout
     assert not leftover.strip(), f"jobs left in the queue: {leftover}"
@@ -87,24 +149,80 @@ def test_sweep_script_refuses_to_run_outside_a_job(tmp_path):
     assert done.returncode == 2 and "not inside a Slurm job" in done.stderr
 
 
-def test_sbatch_score_scores_a_file_list_on_the_two_node_ray_cluster(slurm, tiny_model_dir, real_data_dir, tmp_path):
-    nodes = min(2, len(slurm["nodes"]))
-    files = [p for c in sorted(real_data_dir.iterdir()) for p in sorted(c.glob("*.jpg"))[:6]]
-    listing = tmp_path / "files.txt"
-    listing.write_text("\n".join(map(str, files)) + "\n")
-    out, log = tmp_path / "scored", tmp_path / "job-%j.out"
-    command = ["sbatch", "--wait", f"--nodes={nodes}", "--cpus-per-task=2", "--mem=4G", "--time=00:15:00",
-               f"--output={log}", "slurm/score.sh", "--config", "configs/score/ci_tiny.yaml", "--model",
-               str(tiny_model_dir), "--input", str(listing), "--out", str(out)]
-    done = subprocess.run(command, cwd=REPO, env=slurm["env"], capture_output=True, text=True, timeout=900)
-    logs = "\n".join(p.read_text(errors="replace") for p in tmp_path.glob("job-*.out"))
-    assert done.returncode == 0, f"sbatch rc {done.returncode}: {done.stderr}\n{logs[-6000:]}"
-    assert f"all {nodes} nodes joined" in logs and "token auth on; token -rw-------" in logs
-    rows = pd.read_parquet(out / "rows")
-    assert sorted(rows["path"]) == sorted(map(str, files)) and (rows["status"] == "ok").all()
-    assert rows["heatmap_gradcam"].map(lambda rel: (out / rel).is_file()).all()
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["rows"] == len(files) and f"[score] {len(files)} rows: {len(files)} ok" in logs
+def _ray_up(log: Path) -> bool:
+    """The job's Ray cluster is up now (its current start joined all nodes and has not stopped)."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return text.count(" nodes joined") > text.count("stopping Ray (")
+
+
+def test_two_score_jobs_share_node_n1_and_one_finishes_through_time_limit_requeues(
+        slurm, tiny_model_dir, real_data_dir, tmp_path):
+    """Two scoring jobs with Ray heads on n1 at the same time (`-w`): both finish (every Ray port is
+    picked free at start, the client server's too). Job "slow" scores Score-CAM on every image; once it
+    has rows, its time limit is cut to end mid-archive: Slurm's --signal=B:USR1 warning makes the driver
+    write and exit 75, the job requeues itself and resumes, with exactly one row per file in the end.
+    Job "fast" spans n1 and n2: a two-node scoring run."""
+    if len(slurm["nodes"]) < 2 or "n1" not in slurm["nodes"]:
+        pytest.skip("needs the local cluster's nodes n1 and n2")
+    per_class = {c.name: sorted(c.glob("*.jpg")) for c in sorted(real_data_dir.iterdir())}
+    fast_files = [p for files in per_class.values() for p in files[:6]]
+    slow_files = [p for files in per_class.values() for p in files[10:40]]
+    lists = {}
+    for name, files in (("fast", fast_files), ("slow", slow_files)):
+        lists[name] = tmp_path / f"{name}.txt"
+        lists[name].write_text("\n".join(map(str, files)) + "\n")
+    out = {name: tmp_path / f"scored-{name}" for name in lists}
+    logs = {name: tmp_path / f"{name}.out" for name in lists}
+    common = ["--cpus-per-task=2", "--mem=3G"]
+    slow = _submit(slurm, ["-w", "n1", "--nodes=1", *common, "--time=15", "--signal=B:USR1@60", f"--output={logs['slow']}"],
+                   ["slurm/score.sh", "--config", "configs/score/ci_slow.yaml", "--model", str(tiny_model_dir),
+                    "--input", str(lists["slow"]), "--out", str(out["slow"])])
+    fast = _submit(slurm, ["-w", "n1,n2", "--nodes=2", *common, "--time=15", f"--output={logs['fast']}"],
+                   ["slurm/score.sh", "--config", "configs/score/ci_tiny.yaml", "--model", str(tiny_model_dir),
+                    "--input", str(lists["fast"]), "--out", str(out["fast"])])
+    seen = {"both_up": False, "cut": False, "restored": False}
+
+    def steer(states):
+        seen["both_up"] |= _ray_up(logs["slow"]) and _ray_up(logs["fast"])
+        state = states[slow]
+        if not seen["cut"] and state.get("JobState") == "RUNNING" and any((out["slow"] / "rows").glob("*.parquet")):
+            # rows are on disk, many files to go: the time limit now ends within ~2 minutes
+            used_min = int(state["RunTime"].split(":")[-2]) + 60 * int(state["RunTime"].split(":")[-3] or 0)
+            subprocess.run(["scontrol", "update", f"JobId={slow}", f"TimeLimit={used_min + 2}"], env=slurm["env"], check=True)
+            seen["cut"] = True
+        if seen["cut"] and not seen["restored"] and int(state.get("Restarts", 0)) >= 1:
+            subprocess.run(["scontrol", "update", f"JobId={slow}", "TimeLimit=15"], env=slurm["env"], check=True)
+            seen["restored"] = True
+
+    final = _wait_final(slurm, [slow, fast], 1500, steer)
+    text = {name: path.read_text(errors="replace") for name, path in logs.items()}
+    for job, name in ((slow, "slow"), (fast, "fast")):
+        assert final[job]["JobState"] == "COMPLETED", f"{name}: {final[job]}\n{text[name][-6000:]}"
+    assert seen["both_up"], "the two jobs' Ray clusters never ran at the same time"
+    heads = {name: re.search(r"head on n1 .*\n.*\n.*ports: gcs (\d+), dashboard (\d+), client server (\d+)", t)
+             for name, t in text.items()}
+    assert all(heads.values()) and heads["slow"].groups() != heads["fast"].groups()
+
+    # the slow job: the time limit's warning, a clean stop, a self-requeue, and a resume
+    assert seen["cut"] and int(final[slow]["Restarts"]) >= 1, final[slow]
+    log = text["slow"]
+    assert f"restart 0 of job {slow}" in log and f"restart 1 of job {slow}" in log, log[-4000:]
+    assert "SIGUSR1 (time limit or preemption ahead): asking the driver" in log
+    assert "driver exited with 75: interrupted" in log and f"requeueing job {slow} (scontrol requeue)" in log
+    rows = pd.read_parquet(out["slow"] / "rows")
+    assert rows["path"].is_unique and sorted(rows["path"]) == sorted(map(str, slow_files))
+    assert (rows["status"] == "ok").all() and rows["heatmap_scorecam"].notna().all()
+
+    # the fast job: two-node scoring
+    log = text["fast"]
+    assert "all 2 nodes joined" in log and "token auth on; token -rw-------" in log
+    rows = pd.read_parquet(out["fast"] / "rows")
+    assert sorted(rows["path"]) == sorted(map(str, fast_files)) and (rows["status"] == "ok").all()
+    assert rows["heatmap_gradcam"].map(lambda rel: (out["fast"] / rel).is_file()).all()
+    summary = json.loads((out["fast"] / "summary.json").read_text())
+    assert summary["rows"] == len(fast_files) and f"[score] {len(fast_files)} rows: {len(fast_files)} ok" in log
+    for t in text.values():
+        _assert_private_ray_state(t)
 
 
 def test_score_script_refuses_to_run_outside_a_job():

@@ -18,7 +18,8 @@
 # srun/sbatch inside jobs work even with --export=NONE.
 #
 # Tunables (environment):
-#   NODE_CPUS=N    CPUs advertised per node (default nproc: each node claims all cores, 2x oversubscribed)
+#   NODE_CPUS=N    CPUs advertised per node (default 2 x nproc: each node claims twice the machine's cores,
+#                  4x oversubscribed, so that two 2-CPU test jobs fit on one node at once: the port test)
 #   NODE_MEM_MB=M  RealMemory per node (default (MemTotal - 2 GiB) / 2)
 #   CGROUPS=1      enforce --mem / cores with cgroup v1 (proctrack/cgroup, task/cgroup,task/affinity)
 #   PIN_CPUS=1     with CGROUPS=1: split the cores between the nodes (CpuSpecList), n1 -> cpu 0, n2 -> cpu 1
@@ -31,7 +32,7 @@ BR=br-slurm
 BR_IP=$SUBNET.1
 NODES=(n1 n2)
 declare -A NODE_IP=([n1]=$SUBNET.11 [n2]=$SUBNET.12)
-NODE_CPUS=${NODE_CPUS:-$(nproc)}
+NODE_CPUS=${NODE_CPUS:-$(( 2 * $(nproc) ))}
 mem_total_mb=$(awk '/^MemTotal:/ {print int($2/1024)}' /proc/meminfo)
 NODE_MEM_MB=${NODE_MEM_MB:-$(( (mem_total_mb - 2048) / 2 ))}
 CTLD_PORT=${CTLD_PORT:-6827}
@@ -180,12 +181,22 @@ SlurmctldLogFile=$LOGD/slurmctld.log
 SlurmdSpoolDir=$SPOOL/%n
 SlurmdPidFile=$STATE/slurmd-%n.pid
 SlurmdLogFile=$LOGD/slurmd-%n.log
+# The nodes advertise more CPUs than the machine has (NODE_CPUS): trust this file, do not drain them
+SlurmdParameters=config_overrides
 $plugins
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MpiDefault=none
 MailProg=/bin/true
 SchedulerType=sched/backfill
+# Requeue (the Slurm tests requeue jobs): batch jobs are requeueable (JobRequeue=1, also Slurm's default).
+# A requeued job may start again only cred_expire seconds later (slurm.conf(5) AuthInfo; default 120 s)
+# and then waits for the next scheduling pass (sched_interval 60 s, bf_interval 30 s by default):
+# shortened so a requeue costs the tests ~25 s instead of ~2.5 min. Step credentials live as long, which
+# is plenty on one machine. Time limits and --signal warnings are checked every ~30 s whatever this says.
+JobRequeue=1
+AuthInfo=cred_expire=20
+SchedulerParameters=bf_interval=5,sched_interval=10
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 ReturnToService=2
