@@ -1,0 +1,29 @@
+#!/bin/bash
+# sbatch --array=0-7 [--gres=gpu:1 --cpus-per-task=C --mem=M ...] slurm/score-array.sh --model MODEL_DIR --input PATH --out OUT_DIR [--config CFG] [--set key=value ...]
+#
+# Overnight scoring as N independent one-node array tasks (busy GPU queues grant many one-GPU jobs long
+# before one multi-node allocation): task K runs `jobs/score.py --shard K/N`, the files whose path hash
+# falls in part K, into the SAME OUT_DIR as the other tasks (per-part locks; `allcluster report OUT_DIR`
+# reads all parts as one result). N is SLURM_ARRAY_TASK_MAX + 1, so submit --array=0-(N-1); to rerun one
+# task of an 8-part job alone: ALLCLUSTER_SHARDS=8 sbatch --array=3 slurm/score-array.sh ...
+# Each task starts its own single-node Ray (the bootstrap of slurm/score.sh) and requeues itself at its
+# time limit like slurm/score.sh; rerunning the whole array resumes every part.
+#SBATCH --job-name=allcluster-score-array
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=8
+#SBATCH --mem=32G
+#SBATCH --time=12:00:00
+#SBATCH --output=allcluster-score-%A_%a.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+set -euo pipefail
+if [ $# -lt 1 ] || [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then
+  echo "usage: sbatch --array=0-(N-1) [sbatch options] slurm/score-array.sh --model MODEL_DIR --input PATH --out OUT_DIR [--set key=value ...]" >&2
+  exit 2
+fi
+shards=${ALLCLUSTER_SHARDS:-$((SLURM_ARRAY_TASK_MAX + 1))}
+source "${ALLCLUSTER_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/ray-cluster.sh"
+ray_cluster_start
+ray_cluster_run jobs/score.py --shard "$SLURM_ARRAY_TASK_ID/$shards" "$@"
