@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import signal
 import time
 from pathlib import Path
 
@@ -326,25 +327,11 @@ def test_sigint_stops_the_sweep_with_exit_75_and_the_rerun_finishes_every_trial(
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
     first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 400
-        # A first epoch's checkpoint is registered (Ray Train resumes from what its snapshot lists;
-        # metrics.parquet is written just before that, and a signal in between loses that epoch).
-        while not list(exp.glob("trials/*/ray/checkpoint_manager_snapshot.json")):
-            assert first.poll() is None, first.stdout.read()[-3000:]
-            assert time.time() < deadline, "no epoch was reported within 400 s"
-            time.sleep(0.2)
-        signalled = time.time()
-        first.send_signal(signal.SIGINT)                                    # the driver only, as Slurm does
-        log, _ = first.communicate(timeout=180)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
+    log, stop_seconds = _signal_once_checkpointed(first, exp, signal.SIGINT, 180)   # the driver only, as Slurm does
     assert first.returncode == 75, log[-3000:]
     assert "SIGINT received: stopping" in log
     assert "interrupted by SIGINT:" in log and "rerun the same command to resume (exit 75)" in log
-    assert time.time() - signalled < 120
+    assert stop_seconds < 120
     assert not list(exp.glob("trials/*/stopped.json")), "a signal is not a scheduler stop"
     assert not list(exp.glob("trials/*/error.json")), "a signal is not an error"
     states = pd.read_parquet(exp / "trials.parquet")["status"]
@@ -415,18 +402,7 @@ def test_sigterm_ends_an_array_task_with_exit_75_and_its_rerun_resumes_the_trial
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
     first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 400
-        while not list(exp.glob("trials/*/ray/checkpoint_manager_snapshot.json")):   # epoch 1 checkpointed
-            assert first.poll() is None, first.stdout.read()[-3000:]
-            assert time.time() < deadline, "no epoch was reported within 400 s"
-            time.sleep(0.2)
-        first.send_signal(signal.SIGTERM)                   # what scancel and the time limit send
-        log, _ = first.communicate(timeout=120)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
+    log, _ = _signal_once_checkpointed(first, exp, signal.SIGTERM, 120)   # what scancel and the time limit send
     assert first.returncode == 75, log[-3000:]
     assert "interrupted by SIGTERM: trial 1 (" in log and "rerun the same command to resume (exit 75)" in log
     (trial_dir,) = exp.glob("trials/*")
@@ -438,3 +414,24 @@ def test_sigterm_ends_an_array_task_with_exit_75_and_its_rerun_resumes_the_trial
     assert second.returncode == 0, log[-3000:]
     assert "resuming after epoch 1" in log and "sgd-" in log and ": finished;" in log
     assert pd.read_parquet(trial_dir / "metrics.parquet")["epoch"].tolist() == [0, 1]
+
+
+def _signal_once_checkpointed(process, exp: Path, signum: int, timeout_s: float) -> tuple[str, float]:
+    """Send ``signum`` to the driver once a first epoch checkpoint is registered (Ray Train resumes
+    from what its snapshot lists; metrics.parquet is written just before that, and a signal in
+    between loses that epoch); returns the driver's output and its seconds from signal to exit.
+    SIGKILLs its group if it hangs."""
+    try:
+        deadline = time.time() + 400
+        while not list(exp.glob("trials/*/ray/checkpoint_manager_snapshot.json")):
+            assert process.poll() is None, process.stdout.read()[-3000:]
+            assert time.time() < deadline, "no epoch was reported within 400 s"
+            time.sleep(0.2)
+        signalled = time.time()
+        process.send_signal(signum)
+        log = process.communicate(timeout=timeout_s)[0]
+        return log, time.time() - signalled
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
