@@ -168,7 +168,8 @@ def test_a_sparse_4gb_file_is_too_large_without_being_read_and_memory_stays_smal
     kinds, read_ms, peak_kib = json.loads(done.stdout)
     print(f"\n[bounded memory] decode worker peak RSS with a 4 GiB sparse file in the batch: {peak_kib / 1024:.0f} MiB")
     assert kinds == ["too_large", ""] and read_ms[0] < 100, "refused from its size alone, not read"
-    assert peak_kib < 1024 * 1024, "reading the 4 GiB file would have pushed peak RSS past 4 GiB"
+    # About 1 GiB is the interpreter with torch and Ray imported; reading the file would add 4 GiB.
+    assert peak_kib < 2 * 1024 * 1024, "reading the 4 GiB file would have pushed peak RSS past 4 GiB"
 
 
 def test_a_tiff_declaring_too_many_pixels_is_refused_before_its_pixels_are_decoded(tmp_path, monkeypatch):
