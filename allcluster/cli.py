@@ -43,7 +43,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from allcluster.console import say
     from allcluster.sweep.driver import collect_only, config_changes, grid_cells, load_sweep, run_sweep, sweep_source
-    from allcluster.sweep.interrupt import EX_TEMPFAIL, SweepInterrupted
+    from allcluster.interrupt import EX_TEMPFAIL, Interrupted
     from allcluster.sweep.results import summary_text
 
     source = sweep_source(args.config, args.overrides)
@@ -63,7 +63,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             table, stopped_by = collect_only(sweep, trials, source, args.new_config), ""
         else:
             table, stopped_by = run_sweep(sweep, trials, args.retry_errored, args.address, source, args.new_config)
-    except SweepInterrupted as err:        # a second signal while the tables were being written
+    except Interrupted as err:        # a second signal while the tables were being written
         say(f"[sweep] interrupted by {err.signal_name}; rerun the same command to resume (exit {EX_TEMPFAIL})")
         return EX_TEMPFAIL
     exp = Path(sweep.experiment_dir).resolve()
@@ -81,7 +81,7 @@ def _sweep_array_task(args: argparse.Namespace, sweep, trials, source: str) -> i
     """``allcluster sweep --trial-index I``: 0 finished (or stopped), 1 errored, 75 interrupted."""
     from allcluster.console import say
     from allcluster.sweep.driver import run_array_task
-    from allcluster.sweep.interrupt import EX_TEMPFAIL
+    from allcluster.interrupt import EX_TEMPFAIL
 
     if args.new_config:
         raise ConfigError("--new-config cannot go with --trial-index (array tasks run at once): run "
@@ -115,7 +115,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         from allcluster.score.estimate import dry_run_text
         print(dry_run_text(cfg, args.retry_errors))
         return 0
-    from allcluster.score.ray_data import EXIT_INTERRUPTED, run_score
+    from allcluster.interrupt import EX_TEMPFAIL
+    from allcluster.score.ray_data import run_score
 
     from allcluster.score.inputs import Shard
 
@@ -123,7 +124,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     summary = run_score(cfg, args.address, args.retry_errors, shard)
     print(json.dumps(summary, indent=2))
     print(f"rows: {Path(cfg.out).resolve() / 'rows'} (Parquet); heatmaps: {Path(cfg.out).resolve() / 'heatmaps'}")
-    return EXIT_INTERRUPTED if summary.get("interrupted") else 0
+    return EX_TEMPFAIL if summary.get("interrupted") else 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

@@ -235,19 +235,19 @@ def test_a_trial_the_scheduler_stops_is_recorded_as_stopped_and_frees_its_resour
 def test_each_stop_signal_is_caught_deferred_while_graceful_and_handlers_are_restored():
     import signal
 
-    from allcluster.sweep.interrupt import STOP_REQUESTED, StopSignals, SweepInterrupted
+    from allcluster.interrupt import STOP_REQUESTED, StopSignals, Interrupted
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         with StopSignals() as stop:
-            with pytest.raises(SweepInterrupted, match=sig.name):      # before Tune: ends at once
+            with pytest.raises(Interrupted, match=sig.name):      # before Tune: ends at once
                 signal.raise_signal(sig)
         with StopSignals() as stop:
             assert not stop.requested
             stop.graceful()
             signal.raise_signal(sig)                                     # Tune running: only asks to stop
             assert stop.requested and STOP_REQUESTED.is_set() and stop.signal_name == sig.name
-            with pytest.raises(SweepInterrupted):                        # a second one: at once
+            with pytest.raises(Interrupted):                        # a second one: at once
                 signal.raise_signal(signal.SIGTERM)
     assert {s: signal.getsignal(s) for s in before} == before
 

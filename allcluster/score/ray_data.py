@@ -8,11 +8,8 @@ whatever the archive size. Heatmaps are written by the actors, rows by the drive
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from allcluster.console import say
+from allcluster.interrupt import Interrupted, StopSignals
 from allcluster.ray_utils import ensure_ray
 from allcluster.score import core
 from allcluster.score.config import ScoreConfig, row_settings
@@ -103,30 +101,7 @@ def build_dataset(cfg: ScoreConfig, card: dict, todo: Listing, ledger, run_id: s
                              plan.get("threads", 0)))
 
 
-class Interrupted(Exception):
-    """SIGTERM, SIGINT or SIGUSR1 (Slurm's time-limit warning) arrived: stop, keep what is written."""
-
-
-EXIT_INTERRUPTED = 75      # EX_TEMPFAIL: interrupted; rerunning the same command resumes
-
-
-def _raise_interrupted(signum, _frame):
-    raise Interrupted(signal.Signals(signum).name)
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """Turn SIGTERM/SIGINT/SIGUSR1 into :class:`Interrupted` in the main thread for the block."""
-    names = ("SIGTERM", "SIGINT", "SIGUSR1")
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = {name: signal.signal(getattr(signal, name), _raise_interrupted) for name in names}
-    try:
-        yield
-    finally:
-        for name, handler in before.items():
-            signal.signal(getattr(signal, name), handler)
+SCORE_STOPPING = "[score] {signal} received: stopping after the batch in hand; its rows are written"
 
 
 @dataclass
@@ -172,12 +147,13 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
         if todo.files.num_rows:
             ensure_ray(address)             # first: our signal handlers must be the ones in force
         try:
-            with stop_on_signals():
+            with StopSignals(SCORE_STOPPING) as stop:
+                stop.graceful()
                 writer.add(core.error_rows(schema, todo.errors, core.provenance(card, cfg, run_id, "")))
                 if todo.files.num_rows:
-                    stream_rows(cfg, card, todo, writer, run_id, out, shard)
-        except Interrupted as signal_name:
-            interrupted = str(signal_name)
+                    stream_rows(cfg, card, todo, writer, run_id, out, shard, stop)
+        except Interrupted as err:
+            interrupted = err.signal_name
         writer.flush()
         compact(out, shard)                 # retried transient errors: the new row replaces the old
         summary = summarize(out, time.monotonic() - start, len(todo))
@@ -193,8 +169,9 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
 
 
 def stream_rows(cfg: ScoreConfig, card: dict, todo: Listing, writer: ShardWriter, run_id: str, out: Path,
-                shard: Shard = Shard()) -> None:
-    """Run the pipeline and write its rows as they stream back (duplicates resolved at the end)."""
+                shard: Shard = Shard(), stop: StopSignals | None = None) -> None:
+    """Run the pipeline and write its rows as they stream back (duplicates resolved at the end); a
+    stop asked for by a signal ends it after the batch in hand (:class:`Interrupted`)."""
     import pyarrow as pa
     import ray
 
@@ -214,6 +191,8 @@ def stream_rows(cfg: ScoreConfig, card: dict, todo: Listing, writer: ShardWriter
             waiting.append(pending.select(writer.schema.names).cast(writer.schema))
         errors = int(np.sum(np.asarray(ready["status"].to_pylist()) == "error"))
         progress.update(table.num_rows, errors)
+        if stop is not None:
+            stop.raise_if_requested()
     writer.add(pa.Table.from_pylist([], schema=writer.schema))
     progress.update(len(todo.errors), len(todo.errors))
     progress.show(final=True)

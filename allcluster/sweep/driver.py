@@ -8,13 +8,16 @@ import pandas as pd
 
 from allcluster.config import ConfigError, load, write_resolved
 from allcluster.console import say
+from allcluster.interrupt import Interrupted, StopSignals
 from allcluster.sweep.config import SweepConfig
 from allcluster.sweep.experiment import (BASE_FILE, check_base, read_stored_base, resolved_base, store_base,
                                          supersede, varied_keys)
-from allcluster.sweep.interrupt import StopSignals, SweepInterrupted
 from allcluster.sweep.plan import Trial, plan_trials, trial_status, trials_to_run
 from allcluster.sweep.results import (epochs_table, export_best, pick_best, trials_table,
                                       write_parquet)
+
+SWEEP_STOPPING = ("[sweep] {signal} received: stopping; running trials keep their last epoch checkpoint, "
+                  "the tables are written")
 
 
 def sweep_source(path: str, overrides: list[str] = ()) -> str:
@@ -59,7 +62,7 @@ def run_sweep(sweep: SweepConfig, trials: list[Trial], retry_errored: bool = Fal
     """Run what is left of the sweep on the Ray cluster, then write its tables.
 
     Returns the trials table and the name of the stop signal that ended the run early ("" when none;
-    see :mod:`allcluster.sweep.interrupt`). A changed base config is refused before anything is
+    see :mod:`allcluster.interrupt`). A changed base config is refused before anything is
     written unless ``new_config`` (see :mod:`allcluster.sweep.experiment`).
     """
     from allcluster.train.ray_train import preflight
@@ -70,14 +73,14 @@ def run_sweep(sweep: SweepConfig, trials: list[Trial], retry_errored: bool = Fal
     to_run = trials if changes else trials_to_run(trials, retry_errored or sweep.retry_errored)
     for trial in {t.config.model.backbone: t for t in to_run}.values():
         preflight(trial.config)
-    with StopSignals() as stop:
+    with StopSignals(SWEEP_STOPPING) as stop:
         stop.graceful()                   # moving and writing files: a signal waits until they are done
         _start(exp, sweep, base, trials, changes, new_config)
         if to_run and not stop.requested:
             stop.graceful(False)          # starting Ray, building caches: a signal ends it at once
             try:
                 _run_on_ray(sweep, to_run, exp, address, stop)
-            except SweepInterrupted:
+            except Interrupted:
                 pass                      # no trial was running yet
         stop.graceful()
         table = collect(sweep, trials)
@@ -140,7 +143,7 @@ def run_array_task(sweep: SweepConfig, trials: list[Trial], index: int, retry_er
                 store_base(exp, base)
             say(f"[sweep] trial {index} of {len(trials)}: {trial.trial_id} in {trial.dir}")
             _run_array_on_ray(trial, address, stop)
-        except SweepInterrupted:
+        except Interrupted:
             pass
     return trial_status(trial.dir), stop.signal_name
 
@@ -155,7 +158,7 @@ def _run_array_on_ray(trial: Trial, address: str | None, stop: StopSignals) -> N
     stop.install()                        # ray.init replaced the SIGTERM handler
     try:
         run_array_trial(trial)
-    except SweepInterrupted:
+    except Interrupted:
         # End the trial's Train run now, not whenever the interpreter exits: its controller actor is
         # owned by this driver and dies with the connection (a local Ray stops altogether).
         ray.shutdown()

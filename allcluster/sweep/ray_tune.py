@@ -14,7 +14,7 @@ from allcluster.console import say
 from allcluster.data.cache import MUST_EXIST_ENV
 from allcluster.data.preprocess import Preprocess
 from allcluster.sweep.config import SweepConfig
-from allcluster.sweep.interrupt import StopSignals, call_in_thread
+from allcluster.interrupt import StopSignals, call_in_thread
 from allcluster.sweep.plan import Trial, mark_errored, mark_stopped
 from allcluster.train.config import TrainConfig
 
@@ -47,7 +47,7 @@ def tune_trial(config: dict) -> None:
 def run_array_trial(trial: Trial) -> None:
     """Array mode (``--trial-index``): one planned trial as a plain Ray Train run, no Tune (so no
     ASHA). Its outcome lands in its folder as in a Tune run (model/ or error.json). Called with the
-    stop signals armed: a signal raises ``SweepInterrupted`` here and the trial keeps its last
+    stop signals armed: a signal raises ``Interrupted`` here and the trial keeps its last
     epoch checkpoint."""
     import ray
 
@@ -204,7 +204,7 @@ def _stop_on_signal():
             return False
 
         def stop_all(self) -> bool:
-            from allcluster.sweep.interrupt import STOP_REQUESTED   # imported here: Tune pickles stoppers
+            from allcluster.interrupt import STOP_REQUESTED   # imported here: Tune pickles stoppers
 
             return STOP_REQUESTED.is_set()
     return StopOnSignal()
@@ -213,7 +213,7 @@ def _stop_on_signal():
 def run_tune(sweep: SweepConfig, to_run: list[Trial], experiment_dir: Path, stop: StopSignals) -> None:
     """Fit the given trials with Tune; outcomes are written into each trial's folder.
 
-    A stop signal (see :mod:`allcluster.sweep.interrupt`) ends the run early: running trials are
+    A stop signal (see :mod:`allcluster.interrupt`) ends the run early: running trials are
     stopped (their last epoch checkpoint stays), pending ones never start, Tune saves its state.
     """
     import ray

@@ -1,10 +1,16 @@
-"""Stop signals of a sweep driver: SIGINT, SIGTERM and SIGUSR1 end it gracefully with exit code 75.
+"""Stop signals of a driver (sweep or scoring): SIGINT, SIGTERM and SIGUSR1 end it gracefully, exit 75.
 
-The contract (``slurm/*.sh`` rely on it): on any of the three signals the sweep stops its running
-trials (each keeps the checkpoint of its last finished epoch, so at most the running epoch is lost),
-starts no new ones, writes its tables for what finished, prints one line saying so and exits 75
-(``EX_TEMPFAIL``): rerunning the same command resumes every unfinished trial. An array task
+The contract (``slurm/*.sh`` rely on it): on any of the three signals a driver stops at its next safe
+point, keeps what it has written, prints one line saying so and exits 75 (``EX_TEMPFAIL``): rerunning
+the same command resumes. A scoring run stops after the batch in hand (its rows are written). A
+sweep stops its running trials (each keeps the checkpoint of its last finished epoch, so at most the
+running epoch is lost), starts no new ones and writes its tables for what finished. An array task
 (``--trial-index``: one Ray Train run, no Tune) ends at once on the first signal, also with 75.
+
+The handler only sets a flag that the driver reads at its safe points: an exception raised from a
+handler lands in whatever the main thread runs, which may be Ray code that catches and logs it
+(seen: raised inside Ray Data's block pickling, the scoring run carried on). Only a second signal
+raises, as a ``BaseException``.
 
 Why a handler of our own: Ray Tune catches SIGINT and SIGUSR1 only while ``tune.run`` runs in the
 main thread (``ray.tune.tune._setup_signal_catching``) and never SIGTERM, and ``ray.init`` replaces
@@ -28,7 +34,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 STOP_REQUESTED = threading.Event()
 
 
-class SweepInterrupted(BaseException):
+class Interrupted(BaseException):
     """A stop signal arrived while nothing could be stopped gracefully (before Tune, a second signal,
     an array task). A ``BaseException``, like ``KeyboardInterrupt``: ``except Exception`` blocks (in
     Ray too) must not swallow it."""
@@ -39,15 +45,16 @@ class SweepInterrupted(BaseException):
 
 
 class StopSignals:
-    """Context manager owning SIGINT/SIGTERM/SIGUSR1 for one sweep run (main thread only).
+    """Context manager owning SIGINT/SIGTERM/SIGUSR1 for one driver run (main thread only).
 
-    Outside :meth:`graceful` the first signal raises :class:`SweepInterrupted` at once (used while
+    Outside :meth:`graceful` the first signal raises :class:`Interrupted` at once (used while
     Ray starts: nothing is running that could be saved); inside it the first signal only sets
     :data:`STOP_REQUESTED` and a second one raises. ``signal_name``: the first signal's name ("" if none).
     """
 
-    def __init__(self):
+    def __init__(self, on_first: str = ""):
         self.signal_name = ""
+        self._on_first = on_first       # printed (``{signal}`` filled in) when a graceful stop is asked for
         self._graceful = False
         self._previous: dict[int, object] = {}
 
@@ -76,6 +83,11 @@ class StopSignals:
     def requested(self) -> bool:
         return STOP_REQUESTED.is_set()
 
+    def raise_if_requested(self) -> None:
+        """At a safe point of a graceful run: end it now if a stop was asked for."""
+        if STOP_REQUESTED.is_set():
+            raise Interrupted(self.signal_name)
+
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
         first = not STOP_REQUESTED.is_set()
@@ -83,10 +95,9 @@ class StopSignals:
             self.signal_name = name
             STOP_REQUESTED.set()
         if first and self._graceful:
-            say(f"[sweep] {name} received: stopping; running trials keep their last epoch checkpoint, the "
-                "tables are written (send it again to stop at once)")
+            say(self._on_first.format(signal=name) + " (send it again to stop at once)")
             return
-        raise SweepInterrupted(self.signal_name)
+        raise Interrupted(self.signal_name)
 
 
 def call_in_thread(fn: Callable[[], Any]) -> Any:
@@ -95,7 +106,7 @@ def call_in_thread(fn: Callable[[], Any]) -> Any:
     Used for ``Tuner.fit`` and ``TorchTrainer.fit``: off the main thread neither installs its own
     SIGINT/SIGUSR1 handler (Tune's ``_setup_signal_catching``, Train's ``_register_sigint_handler``
     both check ``threading.main_thread()``). ``fn``'s exception, if any, is raised here; a
-    :class:`SweepInterrupted` from a handler leaves the (daemon) thread behind.
+    :class:`Interrupted` from a handler leaves the (daemon) thread behind.
     """
     box: dict = {}
 
