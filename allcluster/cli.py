@@ -9,9 +9,9 @@ from pathlib import Path
 from allcluster.config import ConfigError
 
 
-def _add_set(parser: argparse.ArgumentParser) -> None:
+def _add_set(parser: argparse.ArgumentParser, example: str = "optim.lr=1e-4") -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
+                        help=f"override a config key, e.g. --set {example} (repeatable)")
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -192,7 +192,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from allcluster import __version__
+
     parser = argparse.ArgumentParser(prog="allcluster", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"allcluster {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="synthetic 4-class demo: generate, index, train on a local Ray (CPU)")
@@ -238,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--collect", action="store_true",
                       help="write trials.parquet, epochs.parquet and best_model/ from the trial folders (after the "
                            "array tasks); runs no trial, needs no Ray")
-    _add_set(p)
+    _add_set(p, "train.fit.epochs=3")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("score", help="score and explain an image archive with Ray Data into Parquet + heatmaps")
@@ -253,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "determined by their content (transient errors are always retried)")
     p.add_argument("--shard", metavar="K/N", help="score only part K of N (by path hash) into the shared --out, "
                    "e.g. a Slurm array task: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT")
-    _add_set(p)
+    _add_set(p, "explain.budget.max_images=500")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("explain", help="one PNG panel per image: the image and each method's heatmap")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -25,6 +26,39 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file and the key path."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with two changes users expect from config files: ``1e-4`` is a number
+    (YAML 1.1, PyYAML's dialect, reads a float only with a dot: ``1.0e-4``) and a key given twice in
+    one mapping is an error naming the key and both lines (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{key_node.start_mark.name}: key {key!r} given twice (lines {seen[key]} "
+                                  f"and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def parse_yaml(text: str, name: str = "<string>") -> Any:
+    """YAML text as plain data, read the way config files are (see :class:`_ConfigLoader`)."""
+    loader = _ConfigLoader(text)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def bounds(ge: float | None = None, le: float | None = None, gt: float | None = None,
@@ -152,7 +186,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key.strip():
         raise ConfigError(f"--set {text!r}: empty key")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), parse_yaml(raw, f"--set {text}") if raw.strip() else ""
 
 
 def set_path(data: dict, keys: list[str], value: Any, what: str) -> None:
@@ -199,7 +233,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text(), str(path))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if data is None:

@@ -56,6 +56,34 @@ def test_set_overrides_apply_and_are_validated(tmp_path):
         load(TrainConfig, path, ["optim.lr"])
 
 
+def test_exponent_without_a_dot_is_a_number_in_files_and_overrides(tmp_path):
+    path = tmp_path / "lr.yaml"
+    path.write_text("optim:\n  lr: 3e-4\n  weight_decay: 1E-5\n")
+    cfg = load(TrainConfig, path)
+    assert cfg.optim.lr == pytest.approx(3e-4) and cfg.optim.weight_decay == pytest.approx(1e-5)
+    assert load(TrainConfig, path, ["optim.lr=1e-4"]).optim.lr == pytest.approx(1e-4)
+    assert load(TrainConfig, path, ["model.backbone=e5"]).model.backbone == "e5"   # still a string
+
+
+def test_a_key_given_twice_names_the_key_and_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("optim:\n  name: adam\n  lr: 0.001\nfit:\n  epochs: 2\noptim:\n  name: sgd\n")
+    with pytest.raises(ConfigError, match=rf"{path}: key 'optim' given twice \(lines 1 and 6\)"):
+        load(TrainConfig, path)
+    path.write_text("fit:\n  epochs: 2\n  batch_size: 8\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"key 'epochs' given twice \(lines 2 and 4\)"):
+        load(TrainConfig, path)
+
+
+def test_version_flag_prints_the_package_version(capsys):
+    from allcluster import __version__
+    from allcluster.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"allcluster {__version__}"
+
+
 def test_configs_are_frozen():
     cfg = TrainConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
