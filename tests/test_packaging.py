@@ -1,0 +1,58 @@
+"""Packaging: what the code imports is what pyproject.toml declares; torch is a range, pinned by constraints."""
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import re
+import sys
+import tomllib
+
+from conftest import REPO
+
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _name(requirement: str) -> str:
+    """PEP 503 normalised distribution name of a requirement string."""
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", requirement).group()).lower()
+
+
+def _imported_top_level_modules(folders=("allcluster", "jobs")) -> dict[str, str]:
+    """Every absolute import's top-level module -> one file importing it (lazy imports included)."""
+    found = {}
+    for folder in folders:
+        for path in sorted((REPO / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+                for name in names:
+                    found.setdefault(name.split(".")[0], str(path.relative_to(REPO)))
+    return found
+
+
+def test_every_imported_third_party_package_is_declared():
+    declared = {_name(r) for r in PYPROJECT["project"]["dependencies"]}
+    for extra in PYPROJECT["project"]["optional-dependencies"].values():
+        declared |= {_name(r) for r in extra}
+    distributions = importlib.metadata.packages_distributions()
+    missing = {}
+    for module, where in _imported_top_level_modules().items():
+        if module in sys.stdlib_module_names or module in ("allcluster", "jobs", "__future__"):
+            continue
+        provided_by = {_name(d) for d in distributions.get(module, [module])}
+        if not provided_by & declared:
+            missing[module] = (where, sorted(provided_by))
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
+def test_torch_is_a_tested_range_and_constraints_pin_the_tested_builds():
+    requirements = {_name(r): r for r in PYPROJECT["project"]["dependencies"]}
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+                if line.strip() and not line.startswith("#"))
+    for package in ("torch", "torchvision"):
+        assert "==" not in requirements[package] and "<" in requirements[package], requirements[package]
+        installed = importlib.metadata.version(package).split("+")[0]
+        assert pins[package] == installed, f"constraints.txt pins {package}=={pins[package]}, tested with {installed}"
+    readme = (REPO / "README.md").read_text()
+    assert "pip install -c constraints.txt" in readme
+    assert '"-c", str(CONSTRAINTS)' in (REPO / "allcluster" / "_bootstrap.py").read_text()
