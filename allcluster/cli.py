@@ -191,6 +191,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from allcluster.config_registry import check_config
+
+    for path in args.files:
+        try:
+            stage = check_config(path, args.stage, args.overrides)
+        except KeyError as err:
+            raise ConfigError(err.args[0]) from None
+        print(f"{path}: valid {stage} config")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from allcluster import __version__
 
@@ -280,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gallery-per-class", type=int, default=4, metavar="N",
                    help="most confident and most uncertain images per predicted class (default: %(default)s)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("check-config", help="validate config files as a run would (before you sbatch them)")
+    p.add_argument("files", nargs="+", metavar="CONFIG")
+    p.add_argument("--stage", choices=["train", "sweep", "score", "demo"],
+                   help="what the file configures (default: from its folder, configs/<stage>/)")
+    _add_set(p)
+    p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("models", help="list the backbone registry")
     p.set_defaults(func=cmd_models)

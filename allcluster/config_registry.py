@@ -1,6 +1,5 @@
-"""Which stage's config class reads a YAML under ``configs/`` (by folder), and its full validation.
-
-Used by ``allcluster check-config`` and by the test that validates every shipped config.
+"""Which stage's config class reads a YAML (by its folder ``configs/<stage>/`` or by name), and its
+full validation. Used by ``allcluster check-config`` and by the test that validates every shipped config.
 """
 from __future__ import annotations
 
@@ -36,10 +35,25 @@ STAGES: dict[str, Callable[[], tuple[type, Callable[[Any, Path], Any]]]] = {
 }
 
 
-def config_class_for(path: str | Path) -> tuple[type, Callable[[Any, Path], Any]]:
-    """(config class, validator) for a config file, from its folder name (``configs/<stage>/``)."""
+def stage_of(path: str | Path) -> str:
+    """The stage a config file configures, from where it lives (``configs/<stage>/x.yaml``, ``configs/demo.yaml``)."""
     path = Path(path)
     stage = path.stem if path.parent.name == "configs" else path.parent.name
     if stage not in STAGES:
-        raise KeyError(f"{path}: no stage reads configs/{stage}/; known: {', '.join(sorted(STAGES))}")
-    return STAGES[stage]()
+        raise KeyError(f"{path}: cannot tell the stage from its folder; pass --stage ({', '.join(sorted(STAGES))})")
+    return stage
+
+
+def config_class_for(path: str | Path, stage: str | None = None) -> tuple[type, Callable[[Any, Path], Any]]:
+    """(config class, validator) for a config file of ``stage`` (default: from its folder)."""
+    return STAGES[stage or stage_of(path)]()
+
+
+def check_config(path: str | Path, stage: str | None = None, overrides: list[str] = ()) -> str:
+    """Load and fully validate a config file as a run would; returns its stage. Raises ``ConfigError``."""
+    from allcluster.config import load
+
+    stage = stage or stage_of(path)
+    cls, validate = config_class_for(path, stage)
+    validate(load(cls, path, overrides), Path(path))
+    return stage

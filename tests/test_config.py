@@ -109,21 +109,28 @@ def _all_yaml_configs() -> list[Path]:
     return sorted((REPO / "configs").rglob("*.yaml"))
 
 
-def _config_class_for(path: Path):
-    """Each YAML under configs/ says which stage it configures by its folder (or the demo)."""
-    from allcluster.config_registry import config_class_for
-    return config_class_for(path)
-
-
 @pytest.mark.parametrize("path", _all_yaml_configs(), ids=lambda p: str(p.relative_to(REPO)))
 def test_every_config_file_loads_and_validates(path):
     text = path.read_text()
     assert text.startswith("# "), f"{path}: must open with a comment giving the exact command that runs it"
     assert "allcluster " in text.splitlines()[0] or "sbatch " in text.splitlines()[0], \
         f"{path}: the first line must be the command that runs it"
-    cls, validate = _config_class_for(path)
-    cfg = load(cls, path)
-    validate(cfg, path)
+    from allcluster.config_registry import check_config
+    assert check_config(path) in ("train", "sweep", "score", "demo")
+
+
+def test_check_config_validates_files_before_a_run_and_names_the_bad_key(tmp_path, capsys):
+    from allcluster.cli import main
+
+    shipped = REPO / "configs" / "score" / "ci_tiny.yaml"
+    assert main(["check-config", str(shipped)]) == 0
+    assert capsys.readouterr().out.strip() == f"{shipped}: valid score config"
+    mine = write_yaml(tmp_path / "mine.yaml", {"data": {"manifest": "m.parquet"}, "optim": {"name": "adam", "lr": 3e-4}})
+    assert main(["check-config", str(mine)]) == 2
+    assert "cannot tell the stage" in capsys.readouterr().err
+    assert main(["check-config", "--stage", "train", str(mine)]) == 0
+    assert main(["check-config", "--stage", "train", str(mine), "--set", "optim.name=lion"]) == 2
+    assert "optim.name: 'lion' is not allowed" in capsys.readouterr().err
 
 
 def test_configs_folder_is_not_empty():

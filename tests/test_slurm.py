@@ -230,3 +230,62 @@ def test_score_script_refuses_to_run_outside_a_job():
     done = subprocess.run(["bash", "slurm/score.sh", "--model", "m", "--input", "i", "--out", "o"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "not inside a Slurm job" in done.stderr
+
+
+def test_array_jobs_score_parts_into_one_out_and_sweep_trials_then_collect(
+        slurm, tiny_model_dir, real_data_dir, real_manifest, tmp_path):
+    """`slurm/score-array.sh` as a 2-task array: each task scores its --shard part into one shared OUT,
+    which then holds exactly one row per file and reads as one result in `allcluster report`.
+    `slurm/sweep-array.sh`: one task per planned trial (after the scoring array, to keep the 2-core
+    CI machine to two Ray clusters at once), then `--collect` chained with --dependency as the
+    README shows writes the tables and the best model."""
+    files = [p for c in sorted(real_data_dir.iterdir()) for p in sorted(c.glob("*.jpg"))[:4]]
+    listing = tmp_path / "files.txt"
+    listing.write_text("\n".join(map(str, files)) + "\n")
+    out, experiment = tmp_path / "scored", tmp_path / "sweep"
+    sweep_cfg = tmp_path / "sweep.yaml"      # the CI grid cut to two trials (one optimizer)
+    sweep_cfg.write_text((REPO / "configs/sweep/ci_tiny.yaml").read_text()
+                         .replace("optim.name: [adam, sgd]", "optim.name: [adam]"))
+    common = ["--cpus-per-task=2", "--mem=3G", "--time=15"]
+    score = _submit(slurm, ["--array=0-1", *common, f"--output={tmp_path}/score-%A_%a.out"],
+                    ["slurm/score-array.sh", "--config", "configs/score/ci_tiny.yaml", "--model", str(tiny_model_dir),
+                     "--input", str(listing), "--out", str(out)])
+    sweep = _submit(slurm, ["--array=0-1", f"--dependency=afterany:{score}", *common,
+                            f"--output={tmp_path}/sweep-%A_%a.out"],
+                    ["slurm/sweep-array.sh", str(sweep_cfg), "--set", f"train.data.manifest={real_manifest}",
+                     "--set", f"experiment_dir={experiment}"])
+    collect = _submit(slurm, [f"--dependency=afterany:{sweep}", "--cpus-per-task=1", "--mem=2G", "--time=10",
+                              f"--output={tmp_path}/collect.out",
+                              f"--wrap={REPO}/.venv/bin/allcluster sweep --config {sweep_cfg} --set "
+                              f"train.data.manifest={real_manifest} --set experiment_dir={experiment} --collect"], [])
+    tasks = [f"{score}_0", f"{score}_1", f"{sweep}_0", f"{sweep}_1", collect]
+    final = _wait_final(slurm, tasks, 1500)
+    logs = {path.name: path.read_text(errors="replace") for path in tmp_path.glob("*.out")}
+    for task in tasks:
+        assert final[task].get("JobState") == "COMPLETED", f"{task}: {final[task]}\n" + "\n".join(
+            f"== {name}\n{text[-3000:]}" for name, text in logs.items())
+
+    # scoring: two parts, one shared OUT, one row per file, one result
+    parts = [logs[f"score-{score}_{k}.out"] for k in (0, 1)]
+    for k, log in enumerate(parts):
+        assert f"--shard {k}/2" in log and "all 1 nodes joined" in log, log[-3000:]
+        _assert_private_ray_state(log)
+    per_part = [int(re.search(r"\[score\] (\d+) inputs, 0 already scored", log).group(1)) for log in parts]
+    assert sum(per_part) == len(files) and min(per_part) > 0, per_part
+    rows = pd.read_parquet(out / "rows")
+    assert rows["path"].is_unique and sorted(rows["path"]) == sorted(map(str, files))
+    assert (rows["status"] == "ok").all() and rows["run_id"].nunique() == 2
+    report = subprocess.run([str(REPO / ".venv/bin/allcluster"), "report", str(out), "--out", str(tmp_path / "report")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    counts = pd.read_csv(tmp_path / "report" / "tables" / "class_counts.csv")
+    assert int(counts["images"].sum()) == len(files), counts.to_string()
+
+    # sweep: one trial per task, then the tables from the trial folders
+    for i in (0, 1):
+        assert f"--trial-index {i}" in logs[f"sweep-{sweep}_{i}.out"]
+    trials = pd.read_parquet(experiment / "trials.parquet")
+    assert len(trials) == 2 and (trials["status"] == "finished").all(), trials.to_string()
+    assert sorted(trials["trial_index"]) == [0, 1]
+    assert (experiment / "best_model" / "model_card.json").is_file()
+    assert "2 trials: 2 finished" in logs["collect.out"], logs["collect.out"][-3000:]
