@@ -82,8 +82,8 @@ def _timed_steps(run, batches, steps: int) -> float:
     """Images/s of ``steps`` optimiser steps of ``run``'s model over ``batches`` (after 2 warm-up steps)."""
     import torch
 
-    from allcluster.augment import soft_cross_entropy
-    from allcluster.optim import build_optimizer
+    from allcluster.train.augment import soft_cross_entropy
+    from allcluster.train.optim import build_optimizer
 
     optimizer = build_optimizer(run.cfg.optim, run.model.parameters(), run.cfg.optim.lr)
     run.model.train()

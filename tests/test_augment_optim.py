@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from allcluster.augment import BatchMixer, ClassicAffine, image_transform, soft_cross_entropy
-from allcluster.optim import EarlyStopping, EpochScheduler, build_optimizer
+from allcluster.train.affine import ClassicAffine
+from allcluster.train.augment import BatchMixer, image_transform, soft_cross_entropy
+from allcluster.train.optim import EarlyStopping, EpochScheduler, build_optimizer
 from allcluster.train.config import AugmentConfig, ClassicAugConfig, OptimConfig, ScheduleConfig
 from allcluster.train.data import Split, balanced_class_weights, oversample_minority
 
@@ -134,3 +135,23 @@ def test_early_stopping_counts_epochs_without_val_f1_gain():
     assert not stopper.update(0.5) and not stopper.should_stop
     assert not stopper.update(float("nan")) and stopper.should_stop
     assert not EarlyStopping(patience=0, bad_epochs=99).should_stop
+
+
+def test_each_optimizer_gets_its_own_documented_rate_unless_one_is_given():
+    from allcluster.config import from_dict
+    from allcluster.train.config import TrainConfig, resolve
+    from allcluster.train.optim import OPTIMIZERS
+
+    def rates(optim: dict, **model) -> tuple[float, float]:
+        cfg = resolve(from_dict(TrainConfig, {"data": {"manifest": "m"}, "optim": optim,
+                                              "model": {"backbone": "allnet", **model}}))
+        return cfg.optim.lr, cfg.finetune.head_lr
+
+    for name, spec in OPTIMIZERS.items():
+        assert rates({"name": name}) == (spec.lr_fresh, spec.lr_fresh), "from scratch: the fresh-weights rate"
+        assert rates({"name": name}, weights="w.pt") == (spec.lr_finetune, spec.lr_fresh), "pretrained: fine-tune"
+    assert rates({"name": "sgd", "lr": 0.2}) == (0.2, OPTIMIZERS["sgd"].lr_fresh)
+    assert OPTIMIZERS["adadelta"].lr_fresh == 1.0 and OPTIMIZERS["sgd"].lr_fresh > OPTIMIZERS["adam"].lr_fresh
+    built = build_optimizer(from_dict(TrainConfig, {"optim": {"name": "rmsprop"}}).optim,
+                            [torch.nn.Parameter(torch.zeros(2))], 0.01)
+    assert isinstance(built, torch.optim.RMSprop) and built.param_groups[0]["lr"] == 0.01

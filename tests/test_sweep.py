@@ -67,6 +67,23 @@ def test_random_samples_are_seeded_and_inside_their_ranges():
     assert first != expand(_sweep({**data, "seed": 1}), "s")
 
 
+def test_a_grid_over_whole_sections_varies_coupled_keys_together():
+    sweep = _sweep({"train": {"data": {"manifest": "m"}, "optim": {"weight_decay": 0.001}},
+                    "grid": {"augment.name": ["mixup", "randaug"],
+                             "optim": [{"name": "sgd", "lr": 0.05, "momentum": 0.8}, {"name": "adadelta"}]}})
+    trials = plan_trials(sweep, "sweep.yaml")
+    assert len(trials) == 4
+    sgd = [t for t in trials if t.config.optim.name == "sgd"]
+    assert {(t.config.optim.lr, t.config.optim.momentum) for t in sgd} == {(0.05, 0.8)}
+    assert all(t.config.optim.weight_decay == 0.001 for t in trials), "keys the grid leaves alone keep the base"
+    adadelta = [t for t in trials if t.config.optim.name == "adadelta"]
+    assert {t.config.optim.lr for t in adadelta} == {1.0}, "no rate given: the optimiser's own default"
+    assert trials[0].params == {"augment.name": "mixup", "optim.name": "sgd", "optim.lr": 0.05, "optim.momentum": 0.8}
+    assert trials[0].trial_id.startswith("mixup-sgd-0.05-0.8-")
+    with pytest.raises(ConfigError, match=r"grid\.optim: an empty mapping"):
+        plan_trials(_sweep({"train": {"data": {"manifest": "m"}}, "grid": {"optim": [{}]}}), "s")
+
+
 def test_bad_grid_value_names_the_trial_and_the_key():
     sweep = _sweep({"train": {"data": {"manifest": "m"}}, "grid": {"optim.name": ["adam", "nadam"]}})
     with pytest.raises(ConfigError, match=r"optim\.name: 'nadam' is not allowed; allowed values: .*'adam'"):

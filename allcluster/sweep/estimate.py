@@ -15,7 +15,7 @@ import torch
 
 from allcluster.data.manifest import read_manifest
 from allcluster.models import build_model
-from allcluster.optim import build_optimizer
+from allcluster.train.optim import build_optimizer
 from allcluster.sweep.plan import Trial, trial_status
 from allcluster.train.config import TrainConfig, head_spec
 

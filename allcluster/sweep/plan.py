@@ -76,8 +76,20 @@ def _draw(spec: dict, key: str, rng: np.random.Generator, source: str) -> Any:
     return int(rng.integers(int(low), int(high)))      # randint: high excluded, as Tune's
 
 
+def flatten(key: str, value: Any) -> dict[str, Any]:
+    """A grid value that is a mapping sets several keys together: ``optim: {name: sgd, lr: 0.01}``
+    becomes ``{"optim.name": "sgd", "optim.lr": 0.01}`` (coupled keys, e.g. each optimiser with its
+    own rate); other keys of the section keep the base config's values."""
+    if not isinstance(value, dict):
+        return {key: value}
+    if not value:
+        raise ConfigError(f"grid.{key}: an empty mapping sets nothing")
+    return {k: v for sub, item in value.items() for k, v in flatten(f"{key}.{sub}", item).items()}
+
+
 def expand(sweep: SweepConfig, source: str) -> list[dict[str, Any]]:
-    """Every trial's varied values: the grid's product, times ``num_samples`` seeded draws."""
+    """Every trial's varied values (by dotted key): the grid's product, times ``num_samples`` seeded
+    draws; a mapping value sets several keys together (:func:`flatten`)."""
     for key, values in sweep.grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{source}: grid.{key}: expected a non-empty list of values")
@@ -88,7 +100,8 @@ def expand(sweep: SweepConfig, source: str) -> list[dict[str, Any]]:
     trials = []
     for cell in cells:
         for _ in range(draws):
-            trials.append({**cell, **{k: _draw(v, k, rng, source) for k, v in sweep.sample.items()}})
+            values = {**cell, **{k: _draw(v, k, rng, source) for k, v in sweep.sample.items()}}
+            trials.append({k: v for key, value in values.items() for k, v in flatten(key, value).items()})
     return trials
 
 

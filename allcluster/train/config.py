@@ -11,8 +11,8 @@ from typing import Literal, Optional
 
 from allcluster.config import ConfigError, bounds, replace
 
-AUGMENTATIONS = ("none", "classic", "randaug", "augmix", "mixup", "cutmix")
-OPTIMIZERS = ("adam", "sgd", "rmsprop", "adadelta", "adamax", "adamw")
+from allcluster.train.augment import AUGMENTATIONS, BATCH_MIXING
+from allcluster.train.optim import OPTIMIZERS, default_lr
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,13 @@ class ClassicAugConfig:
     fill_mode: Literal["nearest", "constant", "reflect"] = "nearest"
 
 
+AugmentationName = Literal[tuple(AUGMENTATIONS)]   # allowed values: the augmentation table's names
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """Training-split augmentation, selected by ``name``."""
-    name: Literal["none", "classic", "randaug", "augmix", "mixup", "cutmix"] = "none"
+    name: AugmentationName = "none"
     classic: ClassicAugConfig = ClassicAugConfig()
     randaug_num_ops: int = field(default=2, metadata=bounds(ge=1, le=10))
     randaug_magnitude: int = field(default=9, metadata=bounds(ge=0, le=30))
@@ -79,11 +82,16 @@ class ImbalanceConfig:
     class_weights: Literal["none", "balanced"] = "none"
 
 
+OptimizerName = Literal[tuple(OPTIMIZERS)]       # allowed values: the optimiser table's names
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     """Optimiser of the fine-tuning stage (stage 2); stage 1 uses the same one at ``finetune.head_lr``."""
-    name: Literal["adam", "sgd", "rmsprop", "adadelta", "adamax", "adamw"] = "adam"
-    lr: float = field(default=1e-5, metadata=bounds(gt=0))
+    name: OptimizerName = "adam"
+    # 0: the optimiser's own default (train/optim.py OPTIMIZERS): its fresh-weights rate when training
+    # from scratch, its fine-tuning rate when the model starts from pretrained weights
+    lr: float = field(default=0.0, metadata=bounds(ge=0))
     weight_decay: float = field(default=1e-4, metadata=bounds(ge=0))
     momentum: float = field(default=0.9, metadata=bounds(ge=0, lt=1))    # sgd, rmsprop
     nesterov: bool = False                                                # sgd
@@ -102,7 +110,7 @@ class ScheduleConfig:
 class FinetuneConfig:
     """Two-stage fine-tuning (paper 002): stage 1 trains the head only, stage 2 unfreezes blocks."""
     head_epochs: int = field(default=10, metadata=bounds(ge=0))   # stage 1 length; 0 skips it
-    head_lr: float = field(default=1e-3, metadata=bounds(gt=0))
+    head_lr: float = field(default=0.0, metadata=bounds(ge=0))     # 0: the optimiser's fresh-weights rate
     unfreeze_blocks: int = field(default=2, metadata=bounds(ge=-1))  # stage 2: last N blocks, -1 all
 
 
@@ -157,10 +165,13 @@ def resolve(cfg: TrainConfig, source: str = "config") -> TrainConfig:
                    dropout=spec.default_head.dropout if head.dropout is None else head.dropout,
                    hidden_dropout=spec.default_head.hidden_dropout if head.hidden_dropout is None
                    else head.hidden_dropout)
-    if cfg.augment.name in ("mixup", "cutmix") and cfg.fit.batch_size % 2:
+    pretrained = cfg.model.pretrained or bool(cfg.model.weights)
+    optim = replace(cfg.optim, lr=cfg.optim.lr or default_lr(cfg.optim.name, fresh=not pretrained))
+    finetune = replace(cfg.finetune, head_lr=cfg.finetune.head_lr or default_lr(cfg.optim.name, fresh=True))
+    if cfg.augment.name in BATCH_MIXING and cfg.fit.batch_size % 2:
         raise ConfigError(f"{source}: fit.batch_size: {cfg.fit.batch_size} must be even for {cfg.augment.name}")
     # Ray workers do not share the driver's working directory: every path leaves here absolute.
-    return replace(cfg, output_dir=absolute(cfg.output_dir),
+    return replace(cfg, output_dir=absolute(cfg.output_dir), optim=optim, finetune=finetune,
                    data=replace(cfg.data, image_size=cfg.data.image_size or spec.input_size,
                                 manifest=absolute(cfg.data.manifest),
                                 cache_dir=absolute(cfg.data.cache_dir) if cfg.data.cache_dir else ""),

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from allcluster.augment import ImageTransform
+from allcluster.train.augment import ImageTransform
 from allcluster.data.cache import ImageCache
 from allcluster.data.splits import splits_for_fold
 from allcluster.train.config import DataConfig

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from allcluster import metrics as M
-from allcluster.augment import BatchMixer, image_transform, minority_transform, soft_cross_entropy
+from allcluster.train.augment import BatchMixer, image_transform, minority_transform, soft_cross_entropy
 from allcluster.config import ConfigError, config_hash, to_dict
 from allcluster.console import say
 from allcluster.data.cache import ensure_cache
@@ -32,7 +32,7 @@ from allcluster.data.manifest import read_manifest
 from allcluster.data.preprocess import Normalize, Preprocess
 from allcluster.models import build_model, get_spec
 from allcluster.models.model_dir import save_model_dir
-from allcluster.optim import EarlyStopping, EpochScheduler, build_optimizer
+from allcluster.train.optim import EarlyStopping, EpochScheduler, build_optimizer
 from allcluster.train.config import TrainConfig, head_spec
 from allcluster.train.data import (CachedImages, Split, balanced_class_weights, eval_loader, load_splits,
                                    oversample_minority, train_loader)

@@ -1,0 +1,144 @@
+"""Optimisers (a name -> factory table with each one's learning-rate defaults), learning-rate
+schedules and early stopping on validation macro-F1.
+
+Kept free of a top-level torch import: ``train/config.py`` derives ``optim.name``'s allowed values and
+the learning-rate defaults from :data:`OPTIMIZERS`, and configs load without torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterable
+
+if TYPE_CHECKING:
+    import torch
+
+    from allcluster.train.config import OptimConfig, ScheduleConfig
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimiser: its factory and its learning-rate defaults.
+
+    ``lr_fresh`` is for weights that start random (a new head in stage 1, or every layer when training
+    from scratch), ``lr_finetune`` for pretrained weights being adapted (stage 2 after ImageNet
+    weights). One rate shared by every optimiser measures rate mismatch, not optimisers: Adam-family
+    and RMSprop steps are scale-free (~1e-3 from scratch), SGD's step is the gradient times the rate
+    (momentum 0.9 multiplies it by ~10), and Adadelta's rate is a multiplier near 1.0 by convention
+    (Zeiler 2012 has no rate at all).
+    """
+    build: Callable[["OptimConfig", list, float], "torch.optim.Optimizer"]
+    lr_fresh: float
+    lr_finetune: float
+    paper: str = ""
+
+
+def _adam(cfg, params, lr):
+    import torch
+    return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def _adamw(cfg, params, lr):
+    import torch
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def _adamax(cfg, params, lr):
+    import torch
+    return torch.optim.Adamax(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def _sgd(cfg, params, lr):
+    import torch
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                           weight_decay=cfg.weight_decay)
+
+
+def _rmsprop(cfg, params, lr):
+    import torch
+    return torch.optim.RMSprop(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _adadelta(cfg, params, lr):
+    import torch
+    return torch.optim.Adadelta(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+# Papers 001/002 compare Adam, SGD, RMSprop and Adadelta; Adamax and AdamW are extras.
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "adam": OptimizerSpec(_adam, lr_fresh=1e-3, lr_finetune=1e-4, paper="001, 002"),
+    "sgd": OptimizerSpec(_sgd, lr_fresh=1e-2, lr_finetune=1e-3, paper="001, 002"),
+    "rmsprop": OptimizerSpec(_rmsprop, lr_fresh=1e-3, lr_finetune=1e-4, paper="001, 002"),
+    "adadelta": OptimizerSpec(_adadelta, lr_fresh=1.0, lr_finetune=0.1, paper="001, 002"),
+    "adamax": OptimizerSpec(_adamax, lr_fresh=2e-3, lr_finetune=2e-4),
+    "adamw": OptimizerSpec(_adamw, lr_fresh=1e-3, lr_finetune=1e-4),
+}
+
+
+def build_optimizer(cfg: "OptimConfig", params: Iterable["torch.nn.Parameter"], lr: float) -> "torch.optim.Optimizer":
+    """The optimiser named by ``cfg.name`` over the trainable ``params`` at rate ``lr``."""
+    return OPTIMIZERS[cfg.name].build(cfg, [p for p in params if p.requires_grad], lr)
+
+
+def default_lr(name: str, fresh: bool) -> float:
+    """The documented default rate of optimiser ``name`` for fresh (random) or pretrained weights."""
+    spec = OPTIMIZERS[name]
+    return spec.lr_fresh if fresh else spec.lr_finetune
+
+
+class EpochScheduler:
+    """One interface for the three schedules: ``step(val_macro_f1)`` once per epoch."""
+
+    def __init__(self, cfg: "ScheduleConfig", optimizer: "torch.optim.Optimizer", epochs: int):
+        import torch
+
+        self.cfg = cfg
+        if cfg.name == "plateau":
+            self.inner = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max", factor=cfg.factor, patience=cfg.patience, min_lr=cfg.min_lr)
+        elif cfg.name == "cosine":
+            base = optimizer.param_groups[0]["lr"]
+            floor = min(cfg.min_lr / base, 1.0) if base > 0 else 0.0
+
+            def factor(epoch: int) -> float:
+                if epoch < cfg.warmup_epochs:
+                    return (epoch + 1) / (cfg.warmup_epochs + 1)
+                progress = (epoch - cfg.warmup_epochs) / max(1, epochs - cfg.warmup_epochs)
+                return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+            self.inner = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        else:
+            self.inner = None
+
+    def step(self, val_macro_f1: float) -> None:
+        import torch
+
+        if isinstance(self.inner, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.inner.step(0.0 if math.isnan(val_macro_f1) else val_macro_f1)
+        elif self.inner is not None:
+            self.inner.step()
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict() if self.inner is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.inner is not None and state:
+            self.inner.load_state_dict(state)
+
+
+class EarlyStopping:
+    """Stop when validation macro-F1 has not improved for ``patience`` epochs (0 disables)."""
+
+    def __init__(self, patience: int, best: float = -math.inf, bad_epochs: int = 0):
+        self.patience, self.best, self.bad_epochs = patience, best, bad_epochs
+
+    def update(self, score: float) -> bool:
+        """Record an epoch's score; True when it is a new best."""
+        if not math.isnan(score) and score > self.best:
+            self.best, self.bad_epochs = score, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_epochs >= self.patience
