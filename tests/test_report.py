@@ -60,6 +60,30 @@ def test_inputs_are_told_apart_by_their_files_and_columns(tmp_path):
         collect_inputs([tmp_path / "gone"])
 
 
+def test_explanation_quality_means_skip_rows_without_a_map_across_shards(tmp_path):
+    from allcluster.score.rows import row_schema
+
+    schema = row_schema(["A", "B"], ["gradcam", "lime"])
+    rows = tmp_path / "out" / "rows"
+    rows.mkdir(parents=True)
+    shards = [  # shard 1: two gradcam maps, one with LIME; shard 2: one gradcam map and an error row
+        {"path": ["a", "b"], "status": ["ok", "ok"], "heatmap_gradcam": ["h/a", "h/b"], "on_cell_gradcam": [0.9, 0.5],
+         "faith_drop_gradcam": [0.2, 0.4], "heatmap_lime": ["h/a2", None], "on_cell_lime": [0.3, None]},
+        {"path": ["c", "d"], "status": ["ok", "error"], "heatmap_gradcam": ["h/c", None], "on_cell_gradcam": [0.7, None],
+         "faith_drop_gradcam": [float("nan"), None]},
+    ]
+    for k, columns in enumerate(shards):
+        table = pa.table({name: columns.get(name, [None] * 2) for name in schema.names}, schema=schema)
+        pq.write_table(table, rows / f"part-{k}.parquet")
+    quality = tables.explanation_quality(tables.open_scoring(collect_inputs([tmp_path / "out"]).scorings))
+    got = quality.set_index("method")
+    assert list(quality["method"]) == ["gradcam", "lime"] and got.loc["gradcam", "maps"] == 3
+    assert got.loc["gradcam", "on_cell_mean"] == pytest.approx((0.9 + 0.5 + 0.7) / 3)
+    assert got.loc["gradcam", "faith_drop_mean"] == pytest.approx(0.3), "NaN and null are skipped, not zeros"
+    assert got.loc["lime", "maps"] == 1 and got.loc["lime", "on_cell_mean"] == pytest.approx(0.3)
+    assert np.isnan(got.loc["lime", "faith_kept_mean"])
+
+
 def test_markdown_and_html_tables_escape_their_cells():
     from allcluster.report import html
 
@@ -217,6 +241,9 @@ def test_counts_errors_and_rollups_equal_counts_over_the_rows(runs):
     errors = table(runs, "errors_by_type").set_index("error_type")["errors"].to_dict()
     assert errors == rows.loc[rows["status"] == "error", "error_type"].value_counts().to_dict()
     assert set(errors) == {"truncated", "unreadable"}
+    quality = table(runs, "explanation_quality").set_index("method").loc["gradcam"]
+    assert quality["maps"] == rows["heatmap_gradcam"].notna().sum()
+    assert quality["on_cell_mean"] == pytest.approx(rows["on_cell_gradcam"].mean(), abs=1e-4)
     for key in ("folder", "label"):
         rollup = table(runs, f"rollup_{key}").set_index(key)
         assert rollup["rows"].to_dict() == rows[key].value_counts().to_dict()

@@ -180,6 +180,11 @@ def test_scorer_rows_agree_with_a_direct_forward_and_gradcam(tiny_model_dir, rea
         assert stored.shape == (64, 64) and stored.dtype == np.uint8
         assert np.abs(stored.astype(int) - np.round(maps[i] * 255)).max() <= 1
     assert rows["faith_drop_gradcam"].notna().all() and rows["faith_kept_gradcam"].between(0, 1e3).all()
+    from allcluster.data.preprocess import cell_mask
+    from allcluster.xai.localisation import mass_inside
+    expected = mass_inside(maps, np.stack([cell_mask(image) for image in decoded["pixels"]]))
+    np.testing.assert_allclose(rows["on_cell_gradcam"], expected, atol=1e-3)     # the map's share on the cell
+    assert rows["on_cell_gradcam"].between(0, 1).all()
     assert (rows["cam_method"] == "gradcam").all() and (rows["cam_layer"] == loaded.card["cam_layer"]).all()
     assert (rows["model_sha256"] == loaded.card["weights_sha256"]).all() and (rows["run_id"] == "run-1").all()
 

@@ -176,3 +176,26 @@ def test_faithfulness_rewards_the_map_that_points_at_what_the_model_uses(real_da
     assert scores["drop"][0] > 0.5 > scores["drop"][1]
     assert scores["kept"][0] > scores["kept"][1]
     assert torch.allclose(scores["confidence"][0], scores["confidence"][1])
+
+
+def test_on_cell_score_is_near_one_for_a_map_on_the_cell_and_near_zero_off_it():
+    from allcluster.data.preprocess import cell_mask
+    from allcluster.xai.localisation import mass_inside
+
+    size, yy, xx = 96, *np.mgrid[0:96, 0:96]
+    image = np.full((size, size, 3), (232, 228, 236), np.uint8)          # bright, unsaturated slide
+    on_cell = (yy - 40) ** 2 + (xx - 56) ** 2 < 18 ** 2
+    image[on_cell] = (120, 40, 150)                                      # a stained (saturated) cell
+    image[(yy - 80) ** 2 + (xx - 12) ** 2 < 3 ** 2] = (200, 120, 160)   # a small stained speck
+    mask = cell_mask(image)
+    assert (mask == on_cell).mean() > 0.98, "the mask is the cell's filled region, not the speck"
+
+    def blob(cy, cx, r):
+        return np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r ** 2))
+    maps = np.stack([blob(40, 56, 6), blob(10, 10, 6), np.ones((size, size)), np.zeros((size, size))])
+    scores = mass_inside(maps, np.stack([mask] * 4))
+    assert scores[0] > 0.95 and scores[1] < 0.05
+    assert scores[2] == pytest.approx(mask.mean()), "an even map scores the cell's area share"
+    assert np.isnan(scores[3])
+    with pytest.raises(ValueError, match="differ in shape"):
+        mass_inside(maps, mask)

@@ -46,6 +46,32 @@ def foreground_mask(rgb: np.ndarray) -> np.ndarray:
     return mask
 
 
+def largest_region(rgb: np.ndarray, min_area_fraction: float = 0.01):
+    """The largest contour of :func:`foreground_mask` (the stained cell), or None when there is no
+    plausible one (no contour, or one smaller than ``min_area_fraction`` of the image)."""
+    import cv2
+
+    contours, _ = cv2.findContours(foreground_mask(rgb), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return None
+    largest = max(contours, key=cv2.contourArea)
+    height, width = rgb.shape[:2]
+    return largest if cv2.contourArea(largest) >= min_area_fraction * height * width else None
+
+
+def cell_mask(rgb: np.ndarray, min_area_fraction: float = 0.01) -> np.ndarray:
+    """Boolean (H, W) mask of the stained cell: the filled region the ROI crop boxes; the whole
+    foreground when there is no plausible largest region."""
+    import cv2
+
+    largest = largest_region(rgb, min_area_fraction)
+    if largest is None:
+        return foreground_mask(rgb) > 0
+    mask = np.zeros(rgb.shape[:2], np.uint8)
+    cv2.drawContours(mask, [largest], -1, 255, thickness=cv2.FILLED)
+    return mask > 0
+
+
 def roi_crop(rgb: np.ndarray, margin: float = 0.1, min_area_fraction: float = 0.01) -> np.ndarray:
     """Crop to the bounding box of the largest foreground contour (paper 002, Sec. 3.2), plus margin.
 
@@ -53,14 +79,10 @@ def roi_crop(rgb: np.ndarray, margin: float = 0.1, min_area_fraction: float = 0.
     """
     import cv2
 
-    mask = foreground_mask(rgb)
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    if not contours:
+    largest = largest_region(rgb, min_area_fraction)
+    if largest is None:
         return rgb
-    largest = max(contours, key=cv2.contourArea)
     height, width = rgb.shape[:2]
-    if cv2.contourArea(largest) < min_area_fraction * height * width:
-        return rgb
     x, y, w, h = cv2.boundingRect(largest)
     pad_x, pad_y = int(round(w * margin)), int(round(h * margin))
     x0, y0 = max(0, x - pad_x), max(0, y - pad_y)

@@ -189,6 +189,10 @@ def scoring_parts(report: Report, inputs: Inputs, data: tables.ScoreData, option
     overview = tables.overview(counts["predicted_class"], n_morning)
     parts = report.table("overview", overview, "Overview")
     parts += report.table("class_counts", tables.class_counts(counts["predicted_class"]), "Predicted classes (ok rows)")
+    quality = tables.explanation_quality(data)
+    if len(quality):
+        parts += report.table("explanation_quality", quality,
+                              "Explanations: share of each map on the stained cell, faithfulness")
     errors = tables.errors_by_type(counts["error_type"])
     parts += report.table("errors_by_type", errors, "Errors by type") if len(errors) else [
         html.heading("Errors by type"), html.paragraph("no error rows")]

@@ -187,6 +187,26 @@ def check_columns(data: ScoreData, columns: list[str], what: str) -> None:
                           + ", ".join(n for n in data.names if not n.startswith(("prob_", "cal_prob_"))))
 
 
+def explanation_quality(data: ScoreData) -> pd.DataFrame:
+    """Per explanation method: maps written and the means, over the rows that have them, of the map's
+    share on the cell (``on_cell_<m>``) and of its faithfulness (``faith_drop_<m>``, ``faith_kept_<m>``)."""
+    methods = [m for m in data.methods if method_columns(m)["heatmap"] in data.names]
+    stats = {"on_cell": "on_cell_mean", "drop": "faith_drop_mean", "kept": "faith_kept_mean"}
+    columns = [method_columns(m)[k] for m in methods for k in ("heatmap", *stats)]
+    sums = pd.Series(0.0, index=data.present(columns))
+    counts = sums.copy()
+    for df in scan(data, columns):
+        sums = sums.add(df.drop(columns=df.select_dtypes("object").columns).sum(), fill_value=0)
+        counts = counts.add(df.count(), fill_value=0)
+    rows = []
+    for m in methods:
+        c = method_columns(m)
+        row = {"method": m, "maps": int(counts.get(c["heatmap"], 0))}
+        row.update({name: sums[c[k]] / counts[c[k]] if counts.get(c[k], 0) else np.nan for k, name in stats.items()})
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["method", "maps", *stats.values()])
+
+
 def default_malignant(classes: list[str]) -> list[str]:
     """Every class except one called Benign/benign."""
     return [c for c in classes if c.lower() != "benign"]

@@ -16,9 +16,10 @@ import torch
 from allcluster.atomic import atomic_write_bytes
 from allcluster.data import decode as dec
 from allcluster.data.paths import clean_text, parent_text, to_fs
-from allcluster.data.preprocess import Normalize, Preprocess
+from allcluster.data.preprocess import Normalize, Preprocess, cell_mask
 from allcluster.score.config import BudgetConfig, ScoreConfig
 from allcluster.score.rows import class_columns, empty_columns, method_columns, row_schema
+from allcluster.xai.localisation import mass_inside
 from allcluster.xai.overlay import jet_overlay
 
 Claim = Callable[[list[str], list[str]], list[str]]   # (sha256s, paths) -> owner path per file ("" = you)
@@ -292,6 +293,7 @@ class Scorer:
     def store_explanations(self, cols, rows, explanations, x, probs, predicted, shas, pixels) -> None:
         """Heatmap files, raw maxima and faithfulness of each method's maps for ``rows``."""
         fraction = self.cfg.explain.faithfulness_fraction
+        cells = np.stack([cell_mask(image) for image in pixels]) if explanations else None
         for method, result in explanations.items():
             names = write_heatmaps(self.out_dir, shas, method, (result.maps * 255).round().byte().cpu().numpy(),
                                    pixels if self.cfg.explain.overlays else None)
@@ -299,8 +301,10 @@ class Scorer:
             raw_max = result.raw_max.float().cpu().numpy()
             if fraction > 0:
                 scores = faithfulness_scores(self.model, x, result.maps, predicted, fraction, probs)
+            on_cell = mass_inside(result.maps.float().cpu().numpy(), cells)
             for j, i in enumerate(rows):
                 cols[c["heatmap"]][i], cols[c["raw_max"]][i] = names[j], float(raw_max[j])
+                cols[c["on_cell"]][i] = float(on_cell[j])
                 if fraction > 0:
                     cols[c["drop"]][i], cols[c["kept"]][i] = float(scores[0][j]), float(scores[1][j])
                 cols["explained_by"][i] = ",".join(filter(None, [cols["explained_by"][i], method]))

@@ -2,7 +2,8 @@
 
 Class- and method-dependent columns are named from the model card and the config:
 ``prob_<class>`` / ``cal_prob_<class>`` per class, and ``heatmap_<m>``, ``raw_max_<m>``,
-``faith_drop_<m>``, ``faith_kept_<m>`` per explanation method ``m`` (``gradcam++`` -> ``gradcampp``).
+``faith_drop_<m>``, ``faith_kept_<m>``, ``on_cell_<m>`` (the share of the map's mass on the stained
+cell, :mod:`allcluster.xai.localisation`) per explanation method ``m`` (``gradcam++`` -> ``gradcampp``).
 Columns a row has no value for (an error row, a method not run on it) are null.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ PROVENANCE = [("model_sha256", pa.string()), ("model_run_id", pa.string()), ("co
 # copied from the row of its first copy.
 OWN_COLUMNS = ("path", "folder", "duplicate_of", "t_read_ms", "t_decode_ms", "t_model_ms", "t_explain_ms")
 FIXED_NAMES = {name for name, _ in IDENTITY + PREDICTION + EXPLANATION + TIMINGS + PROVENANCE}
-DERIVED_PREFIXES = ("prob_", "cal_prob_", "heatmap_", "raw_max_", "faith_drop_", "faith_kept_")
+DERIVED_PREFIXES = ("prob_", "cal_prob_", "heatmap_", "raw_max_", "faith_drop_", "faith_kept_", "on_cell_")
 
 
 def input_column_name(name: str) -> str:
@@ -51,7 +52,8 @@ def class_columns(classes: list[str]) -> tuple[list[str], list[str]]:
 
 def method_columns(method: str) -> dict[str, str]:
     m = slug(method)
-    return {"heatmap": f"heatmap_{m}", "raw_max": f"raw_max_{m}", "drop": f"faith_drop_{m}", "kept": f"faith_kept_{m}"}
+    return {"heatmap": f"heatmap_{m}", "raw_max": f"raw_max_{m}", "drop": f"faith_drop_{m}", "kept": f"faith_kept_{m}",
+            "on_cell": f"on_cell_{m}"}
 
 
 def row_schema(classes: list[str], methods: list[str], extra: list[str] = ()) -> pa.Schema:
@@ -62,7 +64,7 @@ def row_schema(classes: list[str], methods: list[str], extra: list[str] = ()) ->
     for method in methods:
         cols = method_columns(method)
         fields += [(cols["heatmap"], pa.string()), (cols["raw_max"], pa.float32()),
-                   (cols["drop"], pa.float32()), (cols["kept"], pa.float32())]
+                   (cols["drop"], pa.float32()), (cols["kept"], pa.float32()), (cols["on_cell"], pa.float32())]
     fields += TIMINGS + PROVENANCE
     seen = set()
     for name, _ in fields:
