@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="allcluster", description=__doc__)
     parser.add_argument("--version", action="version", version=f"allcluster {__version__}")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None,
+                        help="allcluster's progress lines on stderr (default: $ALLCLUSTER_LOG_LEVEL or info); "
+                             "warning keeps only problems")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="synthetic 4-class demo: generate, index, train on a local Ray (CPU)")
@@ -318,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.log_level:
+        from allcluster.console import set_level
+        set_level(args.log_level)
     from allcluster.models.weights import set_hub_offline
     set_hub_offline(not getattr(args, "hub_online", False))
     try:

@@ -1,10 +1,11 @@
 """Connecting to Ray: an existing cluster (Slurm bootstrap, ``RAY_ADDRESS``) or a local one."""
 from __future__ import annotations
 
+import logging
 import os
 
 # Settings the driver's environment hands to every Ray worker (caches and offline weight stores).
-PASSED_TO_WORKERS = ("ALLCLUSTER_CACHE_DIR", "HF_HOME", "HF_HUB_CACHE", "TORCH_HOME")
+PASSED_TO_WORKERS = ("ALLCLUSTER_CACHE_DIR", "ALLCLUSTER_LOG_LEVEL", "HF_HOME", "HF_HUB_CACHE", "TORCH_HOME")
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -24,12 +25,23 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     env_vars = {**worker_env(), "PYTHONWARNINGS": "ignore::DeprecationWarning"}
     env_vars.update({k: os.environ[k] for k in PASSED_TO_WORKERS if os.environ.get(k)})
     env = {"env_vars": env_vars}
+    quiet = _ray_log_level()
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, runtime_env=env, log_to_driver=True, logging_level=quiet)
     else:
         # The dashboard serves Ray's State API: without it Ray Train cannot free the placement group
         # of a trial that Tune (ASHA) stops, and that trial's CPUs/GPUs stay reserved.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, runtime_env=env, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=True, runtime_env=env, log_to_driver=True,
+                 logging_level=quiet)
+    logging.getLogger("ray.data").setLevel(quiet)     # "Dataset ... execution finished" and plan lines
+
+
+def _ray_log_level() -> int:
+    """Ray's own driver-side INFO lines (start-up banner, Ray Data's plans) only at ``--log-level debug``:
+    our progress lines already say what runs. Workers' output still reaches the driver."""
+    from allcluster.console import logger
+
+    return logging.INFO if logger.getEffectiveLevel() <= logging.DEBUG else logging.WARNING
 
 
 def wait_for_nodes(expected: int, timeout_s: float) -> list[dict]:

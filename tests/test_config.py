@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,21 @@ def test_demo_yaml_equals_the_embedded_demo_default():
     from allcluster.demo import DEMO_CONFIG
     assert yaml.safe_load((REPO / "configs" / "demo.yaml").read_text()) == DEMO_CONFIG
     assert to_dict(from_dict(TrainConfig, DEMO_CONFIG)) == to_dict(load(TrainConfig, REPO / "configs" / "demo.yaml"))
+
+
+def test_log_level_silences_progress_lines_and_reaches_ray_workers_through_the_environment(capsys, monkeypatch):
+    import logging
+
+    from allcluster.cli import main
+    from allcluster.console import LOG_LEVEL_ENV, logger, say
+    from allcluster.ray_utils import PASSED_TO_WORKERS
+
+    monkeypatch.setattr(logger, "level", logger.level)         # restored after the test
+    monkeypatch.delenv(LOG_LEVEL_ENV, raising=False)
+    say("a progress line")
+    assert capsys.readouterr().err == "a progress line\n", "plain lines, no prefix (Slurm logs)"
+    assert main(["--log-level", "warning", "check-config", str(REPO / "configs" / "demo.yaml")]) == 0
+    say("hidden at warning")
+    say("a problem", logging.WARNING)
+    assert capsys.readouterr().err == "a problem\n"
+    assert os.environ[LOG_LEVEL_ENV] == "warning" and LOG_LEVEL_ENV in PASSED_TO_WORKERS
