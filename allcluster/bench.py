@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from allcluster.device import pick_device
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ALL_DATA = REPO.parent / "shared" / "data" / "all_aria_2021" / "Original"
 
@@ -170,8 +172,6 @@ def bench_sweep(args: argparse.Namespace) -> dict:
     """Training img/s through the sweep's data path (cache -> loader -> augment) vs the bare step."""
     import itertools
 
-    import torch
-
     from allcluster.config import from_dict
     from allcluster.data.manifest import IndexConfig, run_index
     from allcluster.train.config import TrainConfig, resolve
@@ -182,7 +182,7 @@ def bench_sweep(args: argparse.Namespace) -> dict:
     if not data.is_dir():
         raise FileNotFoundError(f"{data}: real ALL images not found (set --data or $ALLCLUSTER_ALL_DATA)")
     run_index(from_dict(IndexConfig, {"source": str(data), "out": str(out / "manifest.parquet")}))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(pick_device())
     cfg = resolve(from_dict(TrainConfig, {
         "output_dir": str(out / "run"),
         "data": {"manifest": str(out / "manifest.parquet"), "image_size": args.image_size,
@@ -209,11 +209,9 @@ def bench_sweep(args: argparse.Namespace) -> dict:
 
 
 def _bench_model(backbone: str):
-    import torch
-
     from allcluster.models import build_model, get_spec
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     model = build_model(backbone, 4).to(device).eval()
     return model, get_spec(backbone).cam_layer, device
 

@@ -160,3 +160,17 @@ def test_log_level_silences_progress_lines_and_reaches_ray_workers_through_the_e
     say("a problem", logging.WARNING)
     assert capsys.readouterr().err == "a problem\n"
     assert os.environ[LOG_LEVEL_ENV] == "warning" and LOG_LEVEL_ENV in PASSED_TO_WORKERS
+
+
+def test_one_device_choice_refuses_cuda_where_there_is_none_naming_the_setting():
+    import torch
+
+    from allcluster.device import pick_device
+
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match=r"workers\.device: 'tpu': expected auto, cpu or cuda"):
+        pick_device("tpu", "workers.device")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"--device: 'cuda:1': CUDA is not available here .*--gres=gpu"):
+            pick_device("cuda:1", "--device")

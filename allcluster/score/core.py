@@ -15,6 +15,7 @@ import torch
 
 from allcluster.atomic import atomic_write_bytes
 from allcluster.data import decode as dec
+from allcluster.device import pick_device
 from allcluster.data.paths import clean_text, parent_text, to_fs
 from allcluster.data.preprocess import Normalize, Preprocess, cell_mask
 from allcluster.score.config import BudgetConfig, ScoreConfig
@@ -154,12 +155,6 @@ def write_heatmaps(out_dir: Path, shas: list[str], method: str, maps_u8: np.ndar
     return names
 
 
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def provenance(card: dict, cfg: ScoreConfig, run_id: str, device: str) -> dict[str, str]:
     """The provenance columns shared by every row of one run."""
     from allcluster.config import config_hash
@@ -211,7 +206,7 @@ class Scorer:
         from allcluster.models.model_dir import load_model_dir
 
         self.cfg, self.out_dir, self.reserve = cfg, Path(out_dir), reserve
-        self.device = pick_device(device or cfg.workers.device)
+        self.device = pick_device(device or cfg.workers.device, "workers.device")
         loaded = load_model_dir(cfg.model, self.device)
         self.model, self.card, self.temperature = loaded.model.requires_grad_(False), loaded.card, loaded.temperature
         self.classes = loaded.classes

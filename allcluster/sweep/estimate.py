@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from allcluster.data.manifest import read_manifest
+from allcluster.device import pick_device
 from allcluster.models import build_model
 from allcluster.train.optim import build_optimizer
 from allcluster.sweep.plan import Trial, trial_status
@@ -62,7 +63,7 @@ def _split_sizes(cfg: TrainConfig, counts: pd.Series) -> tuple[int, int]:
 
 def estimate_table(trials: list[Trial], probe: bool = True) -> pd.DataFrame:
     """One row per trial: state, varied values, and (with ``probe``) estimated hours."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     measured: dict[tuple, float] = {}
     counts = {m: _split_class_counts(m) for m in {t.config.data.manifest for t in trials}} if probe else {}
     rows = []

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from allcluster.device import pick_device
+
 DEFAULT_METHODS = ("gradcam", "gradcam++", "scorecam", "lime")
 CHUNK = 16                 # images per batched explain call (Score-CAM's masks grow with N x channels)
 AXIS_INCHES = 2.6          # each axis is square; the panel's width grows with the number of axes
@@ -54,19 +56,6 @@ def check_methods(methods: str | Iterable[str]) -> list[str]:
         what = f"unknown method(s) {', '.join(map(repr, unknown))}" if unknown else "no method given"
         raise ValueError(f"{what}; registered: {', '.join(sorted(EXPLAINERS))}")
     return names
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` is CUDA when available, else CPU; an unavailable CUDA is a clear ``ValueError``."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"--device {device!r}: expected auto, cpu or cuda") from err
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine (use auto or cpu)")
-    return resolved
 
 
 def panel_name(path: str | Path, digest: str) -> str:
@@ -204,7 +193,7 @@ def explain_images(model_dir: str | Path, images: Sequence[str | Path], out_dir:
     from allcluster.models.model_dir import load_model_dir
 
     methods = check_methods(methods)
-    torch_device = resolve_device(device)
+    torch_device = pick_device(device, "--device")
     loaded = load_model_dir(model_dir, torch_device)
     card = loaded.card
     preprocess = Preprocess(int(card["input_size"]), bool(card["roi_crop"]), float(card["roi_margin"]))
