@@ -14,6 +14,8 @@ import math
 import numpy as np
 
 NLL_EPS = 1e-12
+# What training records per split and epoch (<split>_<metric> columns) and a trial row per split.
+EVAL_METRICS = ("loss", "accuracy", "macro_f1", "auc", "macro_specificity", "ece")
 T_MIN, T_MAX = 0.05, 100.0
 
 # ---------------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ def test_sbatch_sweep_requeued_mid_trial_finishes_every_trial_across_two_nodes(s
     for column in ("val_accuracy", "test_accuracy", "val_macro_f1", "test_macro_f1", "test_auc"):
         assert trials[column].between(0, 1).all(), column
     card = json.loads((experiment / "best_model" / "model_card.json").read_text())
-    ranked = trials.sort_values(["val_macro_f1", "val_loss"], ascending=[False, True])  # ties: lower val loss
+    ranked = trials.sort_values(["val_macro_f1", "val_loss", "trial_id"], ascending=[False, True, True])  # ties: loss, id
     assert card["sweep"]["trial_id"] == ranked.iloc[0]["trial_id"]
     assert "4 trials: 4 finished" in logs
     if nodes == 2:

@@ -128,7 +128,7 @@ def test_sweep_runs_every_trial_and_exports_the_best_by_validation(ray_local, sy
     assert trials["config_hash"].str.len().eq(16).all() and (trials["ray_version"] != "").all()
     epochs = pd.read_parquet(exp / "epochs.parquet")
     assert len(epochs) == 8 and set(epochs["trial_id"]) == set(trials["trial_id"])
-    best = trials.sort_values(["val_macro_f1", "val_loss"], ascending=[False, True]).iloc[0]  # ties: lower loss
+    best = trials.sort_values(["val_macro_f1", "val_loss", "trial_id"], ascending=[False, True, True]).iloc[0]  # ties: loss, id
     card = json.loads((exp / "best_model" / "model_card.json").read_text())
     assert card["sweep"]["trial_id"] == best["trial_id"]
     assert card["sweep"]["val_macro_f1"] == pytest.approx(trials["val_macro_f1"].max())
@@ -457,3 +457,17 @@ def _signal_once_checkpointed(process, exp: Path, signum: int, timeout_s: float)
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def test_one_best_trial_rule_for_the_sweep_and_the_report():
+    from allcluster.report import tables
+    from allcluster.sweep import driver
+    from allcluster.sweep.schema import best_trial, ranked
+
+    trials = pd.DataFrame({"trial_id": ["c", "b", "a", "d"], "status": ["finished", "finished", "finished", "errored"],
+                           "val_macro_f1": [0.8, 0.9, 0.9, 1.0], "val_loss": [0.1, 0.5, 0.5, 0.0],
+                           "test_macro_f1": [0.99, 0.1, 0.2, 1.0]})
+    assert best_trial(trials)["trial_id"] == "a", "val macro-F1, then val loss, then id; never test, never unfinished"
+    assert ranked(trials)["trial_id"].tolist() == ["a", "b", "c"]
+    assert tables.ranked is ranked and driver.best_trial is best_trial
+    assert best_trial(trials[trials["status"] == "errored"]) is None

@@ -26,14 +26,12 @@ import pyarrow.parquet as pq
 from allcluster.config import ConfigError
 from allcluster.report.inputs import ScoreSource, SweepSource
 from allcluster.score.rows import class_columns, method_columns
+from allcluster.sweep.schema import CELL, CONFIG_COLUMNS, ranked
 
-RANK_BY, RANK_ASCENDING = ["val_macro_f1", "val_loss", "trial_id"], [False, True, True]
-CELL = ["backbone", "augmentation", "optimizer"]
 LEADERBOARD_COLUMNS = CELL + [
     "trials", "trial_id", "train_accuracy", "val_accuracy", "test_accuracy", "train_loss", "val_loss", "test_loss",
     "train_macro_f1", "val_macro_f1", "test_macro_f1", "test_auc", "test_macro_specificity", "test_ece",
     "test_ece_calibrated", "wall_seconds", "gpu_hours", "sweep"]
-CONFIG_COLUMNS = ["augmentation", "optimizer", "lr", "image_size", "head_epochs", "unfreeze_blocks", "batch_size"]
 # swept keys already shown under the names above
 SHOWN_KEYS = {"model.backbone", "augment.name", "optim.name", "optim.lr", "data.image_size", "finetune.head_epochs",
               "finetune.unfreeze_blocks", "fit.batch_size"}
@@ -66,12 +64,6 @@ def check_metric(trials: pd.DataFrame, metric: str) -> None:
     if metric not in metric_columns(trials):
         raise ConfigError(f"--metric {metric!r}: not a numeric column of trials.parquet; choose one of "
                           + ", ".join(metric_columns(trials)))
-
-
-def ranked(trials: pd.DataFrame) -> pd.DataFrame:
-    """Finished trials, best first (by validation only)."""
-    done = trials[trials["status"] == "finished"]
-    return done.sort_values(RANK_BY, ascending=RANK_ASCENDING, kind="mergesort")
 
 
 def best_per(trials: pd.DataFrame, keys: list[str]) -> pd.DataFrame:

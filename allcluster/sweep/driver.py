@@ -13,7 +13,8 @@ from allcluster.sweep.config import SweepConfig
 from allcluster.sweep.experiment import (BASE_FILE, check_base, read_stored_base, resolved_base, store_base,
                                          supersede, varied_keys)
 from allcluster.sweep.plan import Trial, plan_trials, trial_status, trials_to_run
-from allcluster.sweep.results import (epochs_table, export_best, pick_best, trials_table,
+from allcluster.sweep.schema import best_trial
+from allcluster.sweep.results import (epochs_table, export_best, trials_table,
                                       write_parquet)
 
 SWEEP_STOPPING = ("[sweep] {signal} received: stopping; running trials keep their last epoch checkpoint, "
@@ -47,7 +48,7 @@ def collect(sweep: SweepConfig, trials: list[Trial]) -> pd.DataFrame:
     table = trials_table(trials, sweep.name)
     write_parquet(table, exp / "trials.parquet")
     write_parquet(epochs_table(trials), exp / "epochs.parquet")
-    best = pick_best(table)
+    best = best_trial(table)
     if best is not None:
         target = export_best(best, exp)
         say(f"[sweep] best trial {best['trial_id']} (val macro-F1 {best['val_macro_f1']:.4f}) -> {target}")

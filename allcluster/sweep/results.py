@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 from allcluster.config import config_hash
 from allcluster.models.model_dir import versions
 from allcluster.sweep.plan import Trial, trial_status
+from allcluster.sweep.schema import METRIC_KEYS
 
-METRIC_KEYS = ("accuracy", "loss", "macro_f1", "auc", "macro_specificity", "ece")
 SUMMARY_COLUMNS = ["backbone", "augmentation", "optimizer", "status", "best_epoch", "train_accuracy", "train_macro_f1",
                    "val_accuracy", "test_accuracy", "train_loss", "val_loss", "test_loss", "val_macro_f1",
                    "test_macro_f1", "test_auc", "wall_seconds", "gpu_hours"]
@@ -114,14 +114,6 @@ def write_parquet(table: pd.DataFrame, path: Path) -> Path:
     pq.write_table(pa.Table.from_pandas(table, preserve_index=False), tmp)
     os.replace(tmp, path)
     return path
-
-
-def pick_best(table: pd.DataFrame) -> pd.Series | None:
-    """The finished trial with the highest validation macro-F1 (then lowest val loss); never test."""
-    done = table[table["status"] == "finished"]
-    if not len(done):
-        return None
-    return done.sort_values(["val_macro_f1", "val_loss"], ascending=[False, True]).iloc[0]
 
 
 def export_best(best: pd.Series, experiment_dir: Path) -> Path:

@@ -38,7 +38,6 @@ from allcluster.train.data import (CachedImages, Split, balanced_class_weights, 
                                    oversample_minority, train_loader)
 from allcluster.train.session import Session
 
-EVAL_METRICS = ("loss", "accuracy", "macro_f1", "auc", "macro_specificity", "ece")
 
 
 @dataclass(frozen=True)
@@ -296,7 +295,7 @@ class WorkerRun:
         start = time.perf_counter()
         row = {"epoch": epoch, "stage": stage.name, "lr": lr, **self.train_epoch(net, optimizer, epoch)}
         found, _ = self.evaluate(net, self.splits["val"], "val")
-        row.update({f"val_{k}": found[f"val_{k}"] for k in EVAL_METRICS})
+        row.update({f"val_{k}": found[f"val_{k}"] for k in M.EVAL_METRICS})
         row["epoch_seconds"] = time.perf_counter() - start
         self.log(f"[train] epoch {epoch + 1} ({stage.name}) loss {row['train_loss']:.4f} "
                  f"acc {row['train_accuracy']:.3f} | val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f} "
