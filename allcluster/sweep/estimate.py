@@ -78,9 +78,8 @@ def estimate_table(trials: list[Trial], probe: bool = True) -> pd.DataFrame:
             n_train, n_val = _split_sizes(cfg, counts[cfg.data.manifest])
             epochs = cfg.finetune.head_epochs + cfg.fit.epochs
             hours = epochs * (n_train / ips + n_val / (3 * ips)) / 3600
-            gpus = cfg.resources.num_workers * cfg.resources.gpus_per_worker if cfg.resources.use_gpu else 0.0
             row.update(probe_images_per_s=round(ips, 1), max_epochs=epochs, est_hours=round(hours, 3),
-                       est_gpu_hours=round(hours * gpus, 3))
+                       est_gpu_hours=round(hours * cfg.resources.gpus, 3))
         rows.append(row)
     table = pd.DataFrame(rows)
     table.attrs["device"] = torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"

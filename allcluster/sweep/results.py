@@ -55,7 +55,7 @@ def trial_row(trial: Trial) -> dict:
     cfg, history, card = trial.config, _history(trial), _card(trial)
     status = trial_status(trial.dir)
     res = cfg.resources
-    gpus = res.num_workers * res.gpus_per_worker if res.use_gpu else 0.0
+    gpus = res.gpus
     row = {"trial_id": trial.trial_id, "trial_index": trial.index, **trial.params,
            "backbone": cfg.model.backbone, "augmentation": cfg.augment.name, "optimizer": cfg.optim.name,
            "lr": cfg.optim.lr, "image_size": cfg.data.image_size, "head_epochs": cfg.finetune.head_epochs,
@@ -81,7 +81,7 @@ def trial_row(trial: Trial) -> dict:
     row["wall_seconds"] = wall
     row["images_per_s"] = float(history["train_images_per_s"].median()) if len(history) else np.nan
     row["gpu_hours"] = wall / 3600 * gpus
-    row["cpu_hours"] = wall / 3600 * res.num_workers * res.cpus_per_worker
+    row["cpu_hours"] = wall / 3600 * res.cpus
     row["model_dir"] = str(trial.dir / "model") if card else ""
     row["checkpoint_path"] = row["model_dir"] or _latest_checkpoint(trial)
     row["config_hash"] = config_hash(cfg)

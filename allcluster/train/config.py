@@ -131,6 +131,16 @@ class ResourcesConfig:
     cpus_per_worker: float = field(default=1.0, metadata=bounds(gt=0))
     gpus_per_worker: float = field(default=1.0, metadata=bounds(gt=0))  # fractions share a GPU
 
+    @property
+    def gpus(self) -> float:
+        """GPUs one run holds (0 on CPU): what GPU-hours are counted in."""
+        return self.num_workers * self.gpus_per_worker if self.use_gpu else 0.0
+
+    @property
+    def cpus(self) -> float:
+        """CPUs one run holds."""
+        return self.num_workers * self.cpus_per_worker
+
 
 @dataclass(frozen=True)
 class TrainConfig:
