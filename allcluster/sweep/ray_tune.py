@@ -66,9 +66,7 @@ def run_array_trial(trial: Trial) -> None:
 
 def trial_resources(cfg: TrainConfig) -> tuple[float, float]:
     """(CPUs, GPUs) one trial holds while it trains."""
-    res = cfg.resources
-    gpus = res.num_workers * res.gpus_per_worker if res.use_gpu else 0.0
-    return res.num_workers * res.cpus_per_worker + TRIAL_DRIVER_CPU, gpus
+    return cfg.resources.cpus + TRIAL_DRIVER_CPU, cfg.resources.gpus
 
 
 def concurrency(trials: list[Trial], cluster: dict, cap: int) -> int:

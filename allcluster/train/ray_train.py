@@ -80,12 +80,12 @@ def check_fits_cluster(cfg: TrainConfig) -> None:
 
     total = ray.cluster_resources()
     res = cfg.resources
-    need_cpu = res.num_workers * res.cpus_per_worker
+    need_cpu = res.cpus
     if need_cpu > total.get("CPU", 0) + 1e-9:
         raise ConfigError(f"resources: {res.num_workers} workers x {res.cpus_per_worker} CPUs = {need_cpu:g} CPUs, "
                          f"but the Ray cluster has {total.get('CPU', 0):g}; lower resources.num_workers "
                          "or resources.cpus_per_worker")
-    if res.use_gpu and res.num_workers * res.gpus_per_worker > total.get("GPU", 0) + 1e-9:
+    if res.gpus > total.get("GPU", 0) + 1e-9:
         raise ConfigError(f"resources: {res.num_workers} workers x {res.gpus_per_worker} GPUs requested, "
                          f"but the Ray cluster has {total.get('GPU', 0):g} GPUs; set resources.use_gpu: false "
                          "or fewer workers")
