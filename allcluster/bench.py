@@ -257,11 +257,11 @@ def bench_cam(args: argparse.Namespace) -> dict:
     from pytorch_grad_cam import GradCAM as TheirGradCAM
 
     from allcluster.models import resolve_module
-    from allcluster.xai import get_explainer
+    from allcluster.xai import make_explainer
 
     model, layer, device = _bench_model(args.backbone)
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    ours = get_explainer("gradcam")(model, layer)
+    ours = make_explainer("gradcam", model, layer)
     theirs = TheirGradCAM(model=model, target_layers=[resolve_module(model, layer)])
 
     def forward():
@@ -291,9 +291,9 @@ def bench_lime(args: argparse.Namespace) -> dict:
     from allcluster.data.decode import load
     from allcluster.data.preprocess import Normalize, resize
     from allcluster.models import get_spec
-    from allcluster.xai import get_explainer
+    from allcluster.xai import ExplainSettings, make_explainer
 
-    model, _, device = _bench_model(args.backbone)
+    model, layer, device = _bench_model(args.backbone)
     spec = get_spec(args.backbone)
     norm = Normalize(spec.mean, spec.std).to(device)
     path = sorted(Path(args.data).rglob("*.jpg"))[0]
@@ -305,8 +305,7 @@ def bench_lime(args: argparse.Namespace) -> dict:
             return torch.softmax(model(norm(x)), dim=1).cpu().numpy()
 
     image = norm(torch.as_tensor(rgb, device=device).permute(2, 0, 1)[None])
-    ours = get_explainer("lime")(model)
-    ours.num_samples = args.num_samples
+    ours = make_explainer("lime", model, layer, ExplainSettings(lime_samples=args.num_samples))
     start = time.perf_counter()
     ours.explain(image)
     ours_s = time.perf_counter() - start

@@ -7,7 +7,7 @@ import torch
 
 from allcluster.models import build_model, get_spec, resolve_module
 from allcluster.models.registry import HeadSpec
-from allcluster.xai import EXPLAINERS, get_explainer
+from allcluster.xai import EXPLAINERS, ExplainSettings, get_explainer
 
 
 def _model(backbone: str, hidden=(32,), seed: int = 0):
@@ -67,8 +67,7 @@ def test_integrated_gradients_attributions_sum_to_the_score_difference():
     # completeness (Sundararajan et al. 2017, Prop. 1): sum of attributions = F(x) - F(baseline)
     model, layer = _model("allnet")
     image = _images(1)[0]
-    ig = get_explainer("ig")(model, layer)
-    ig.steps = 128
+    ig = get_explainer("ig")(model, layer, ExplainSettings(ig_steps=128))
     attributions = ig.attributions(image, 2)
     with torch.no_grad():
         scores = model(torch.stack([image, torch.zeros_like(image)]))[:, 2]
@@ -121,8 +120,7 @@ def test_lime_and_the_lime_package_both_find_the_region_the_model_uses(real_data
         rgb, classify, labels=(1,), top_labels=None, num_samples=500, hide_color=None, random_seed=0)
     _, their_mask = reference.get_image_and_mask(1, positive_only=True, num_features=5, hide_rest=False)
 
-    ours = get_explainer("lime")(model)
-    ours.num_samples = 500
+    ours = get_explainer("lime")(model, "", ExplainSettings(lime_samples=500))
     image = torch.as_tensor(rgb, dtype=torch.float32).permute(2, 0, 1)
     result = ours.explain(image[None], torch.tensor([1]))
     segments, weights = ours.superpixels[0]
@@ -139,8 +137,8 @@ def test_lime_is_seeded_and_gives_the_three_views(real_data_dir):
 
     rgb = _real_image(real_data_dir, 128)
     image = torch.as_tensor(rgb, dtype=torch.float32).permute(2, 0, 1)[None]
-    first, second = get_explainer("lime")(TopLeftTexture()), get_explainer("lime")(TopLeftTexture())
-    first.num_samples = second.num_samples = 200
+    settings = ExplainSettings(lime_samples=200)
+    first, second = (get_explainer("lime")(TopLeftTexture(), "", settings) for _ in range(2))
     a, b = first.explain(image, torch.tensor([1])), second.explain(image, torch.tensor([1]))
     assert torch.equal(a.maps, b.maps)
     segments, weights = first.superpixels[0]
@@ -199,3 +197,19 @@ def test_on_cell_score_is_near_one_for_a_map_on_the_cell_and_near_zero_off_it():
     assert np.isnan(scores[3])
     with pytest.raises(ValueError, match="differ in shape"):
         mass_inside(maps, mask)
+
+
+def test_every_explainer_is_built_the_same_way_and_input_methods_need_no_layer():
+    from allcluster.xai import make_explainer
+
+    model, layer = _model("allnet")
+    settings = ExplainSettings(lime_samples=40, ig_steps=4)
+    for name, cls in EXPLAINERS.items():
+        explainer = make_explainer(name, model, layer, settings)
+        assert type(explainer) is cls and explainer.settings is settings
+        if not cls.uses_layer:
+            assert make_explainer(name, model, "no.such.layer", settings).layer == "input"
+    assert make_explainer("lime", model, layer, settings).num_samples == 40
+    assert make_explainer("ig", model, layer, settings).steps == 4
+    with pytest.raises(Exception, match="no.such.layer"):
+        make_explainer("gradcam", model, "no.such.layer")

@@ -182,15 +182,9 @@ def error_rows(schema: pa.Schema, errors: list[dict], constants: dict[str, str])
 
 def build_explainer(name: str, model: torch.nn.Module, layer: str, cfg: ScoreConfig):
     """An explainer from the registry, with the job's LIME / IG settings."""
-    from allcluster.xai import get_explainer
+    from allcluster.xai import ExplainSettings, make_explainer
 
-    cls = get_explainer(name)
-    explainer = cls(model) if name == "lime" else cls(model, layer)
-    if name == "lime":
-        explainer.num_samples = cfg.explain.lime_samples
-    if name == "ig":
-        explainer.steps = cfg.explain.ig_steps
-    return explainer
+    return make_explainer(name, model, layer, ExplainSettings(cfg.explain.lime_samples, cfg.explain.ig_steps))
 
 
 class Scorer:

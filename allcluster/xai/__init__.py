@@ -1,9 +1,10 @@
-"""Explainers by name: ``EXPLAINERS["gradcam"](model, layer).explain(images)``.
+"""Explainers by name: ``make_explainer("gradcam", model, layer).explain(images)``.
 
-Every method subclasses :class:`allcluster.xai.base.Explainer` and overrides one method.
+Every method subclasses :class:`allcluster.xai.base.Explainer`, overrides one method and has the
+same constructor ``(model, layer, settings)``.
 """
 from allcluster.xai.attribution import IntegratedGradients
-from allcluster.xai.base import Explainer, Explanation
+from allcluster.xai.base import ExplainSettings, Explainer, Explanation
 from allcluster.xai.cams import CAM, GradCAM, GradCAMPlusPlus, ScoreCAM
 from allcluster.xai.lime import Lime
 
@@ -18,4 +19,10 @@ def get_explainer(name: str) -> type[Explainer]:
     return EXPLAINERS[name]
 
 
-__all__ = ["EXPLAINERS", "Explainer", "Explanation", "get_explainer"]
+def make_explainer(name: str, model, layer: str, settings: ExplainSettings = ExplainSettings()) -> Explainer:
+    """The one way to build an explainer: registry name, model, its CAM layer (ignored by methods
+    that work on the input) and the settings."""
+    return get_explainer(name)(model, layer, settings)
+
+
+__all__ = ["EXPLAINERS", "ExplainSettings", "Explainer", "Explanation", "get_explainer", "make_explainer"]

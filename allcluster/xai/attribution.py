@@ -13,8 +13,12 @@ class IntegratedGradients(Explainer):
     ``steps`` path points are pushed through the model in batches."""
     name = "ig"
     expensive = True
-    steps = 32
+    uses_layer = False
     batch_size = 64
+
+    @property
+    def steps(self) -> int:
+        return self.settings.ig_steps
 
     def attributions(self, image: torch.Tensor, target: int) -> torch.Tensor:
         """Signed per-pixel, per-channel attributions (3, H, W) of one image for class ``target``."""

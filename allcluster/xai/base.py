@@ -40,17 +40,28 @@ def to_input_size(raw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return minmax(cam)
 
 
+@dataclass(frozen=True)
+class ExplainSettings:
+    """The knobs of the methods that have any (one object for every method's constructor)."""
+    lime_samples: int = 1000     # LIME: random superpixel on/off vectors per image
+    ig_steps: int = 32           # Integrated Gradients: path points
+
+
 class Explainer:
-    """Base of every method. Subclasses override exactly one method: ``channel_weights`` for the
-    class-activation-map family, or ``attribute`` for methods that work on the input."""
+    """Base of every method, one constructor for all: ``Cls(model, layer, settings)``. Subclasses
+    override exactly one method: ``channel_weights`` for the class-activation-map family, or
+    ``attribute`` for methods that work on the input (those set ``uses_layer = False`` and ignore
+    ``layer``)."""
     name = "base"
     expensive = False            # run on a budget (selected images only) when True
     needs_gradients = True       # CAM-family methods that only need a forward pass set False
+    uses_layer = True            # False: works on the input; no layer looked up
 
-    def __init__(self, model: torch.nn.Module, layer: str):
+    def __init__(self, model: torch.nn.Module, layer: str = "", settings: ExplainSettings = ExplainSettings()):
         self.model = model.eval()
-        self.layer = layer
-        self._module = resolve_module(model, layer)
+        self.settings = settings
+        self.layer = layer if self.uses_layer else "input"
+        self._module = resolve_module(model, layer) if self.uses_layer else None
         self._activations: torch.Tensor | None = None
 
     # ---- hooks ---------------------------------------------------------------------------------

@@ -35,23 +35,22 @@ class Lime(Explainer):
     segments and weights for the paper-002 views (see :func:`lime_views`)."""
     name = "lime"
     expensive = True
-    num_samples = 1000
+    uses_layer = False
     batch_size = 100
     kernel_width = 0.25
     seed = 0
+    superpixels: list[tuple[np.ndarray, np.ndarray]] = []    # per image of the last call (see lime_views)
 
-    def __init__(self, model: torch.nn.Module, layer: str = ""):
-        self.model = model.eval()
-        self.layer = layer or "input"
-        spec = get_spec(model.spec_name)
-        self.mean = torch.tensor(spec.mean).view(3, 1, 1)
-        self.std = torch.tensor(spec.std).view(3, 1, 1)
-        self.superpixels: list[tuple[np.ndarray, np.ndarray]] = []
+    @property
+    def num_samples(self) -> int:
+        return self.settings.lime_samples
 
     def segment_weights(self, image: torch.Tensor, target: int) -> tuple[np.ndarray, torch.Tensor]:
         """(segments (H, W), weight per segment) for one normalised image."""
+        spec = get_spec(self.model.spec_name)
+        mean, std = torch.tensor(spec.mean).view(3, 1, 1), torch.tensor(spec.std).view(3, 1, 1)
         device = image.device
-        rgb01 = (image.cpu() * self.std + self.mean).clamp(0, 1).permute(1, 2, 0).double().numpy()
+        rgb01 = (image.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).double().numpy()
         segments = quickshift_segments(rgb01, self.seed)
         seg = torch.as_tensor(segments, device=device, dtype=torch.long)
         n = int(seg.max()) + 1

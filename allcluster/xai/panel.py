@@ -77,17 +77,11 @@ def _load(path: str | Path, preprocess) -> _Item:
 
 
 def _explainers(model: torch.nn.Module, cam_layer: str, methods: Sequence[str], lime_samples: int) -> dict:
-    """One explainer instance per method (LIME takes no layer and gets ``lime_samples``)."""
-    from allcluster.xai import get_explainer
+    """One explainer instance per method."""
+    from allcluster.xai import ExplainSettings, make_explainer
 
-    made = {}
-    for name in methods:
-        if name == "lime":
-            made[name] = get_explainer(name)(model)
-            made[name].num_samples = int(lime_samples)
-        else:
-            made[name] = get_explainer(name)(model, cam_layer)
-    return made
+    settings = ExplainSettings(lime_samples=int(lime_samples))
+    return {name: make_explainer(name, model, cam_layer, settings) for name in methods}
 
 
 def _normalised_batch(items: Sequence[_Item], normalize: torch.nn.Module, device: torch.device) -> torch.Tensor:
