@@ -213,3 +213,15 @@ def test_every_explainer_is_built_the_same_way_and_input_methods_need_no_layer()
     assert make_explainer("ig", model, layer, settings).steps == 4
     with pytest.raises(Exception, match="no.such.layer"):
         make_explainer("gradcam", model, "no.such.layer")
+
+
+def test_the_readme_library_example_runs_as_written(tiny_model_dir, capsys):
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Explainers (library)"):]
+    code = section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python") + 9)]
+    assert '"runs/demo/train/model"' in code
+    exec(compile(code.replace('"runs/demo/train/model"', repr(str(tiny_model_dir))), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "torch.Size([2, 4])" in printed and "torch.Size([2, 64, 64])" in printed

@@ -11,6 +11,7 @@ _EXPORTS = {
     "REGISTRY": "registry", "BackboneSpec": "registry", "HeadSpec": "registry", "get_spec": "registry",
     "Classifier": "classifier", "Head": "classifier", "WeightsNotFoundError": "classifier",
     "build_model": "classifier", "check_weights_available": "classifier", "resolve_module": "classifier",
+    "LoadedModel": "model_dir", "load_model_dir": "model_dir", "save_model_dir": "model_dir",
 }
 __all__ = sorted(_EXPORTS)
 
