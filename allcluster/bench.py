@@ -72,8 +72,7 @@ def on_cell_mean(model_dir: Path, paths: list[str], method: str = "gradcam", bat
         card, values = scorer.card, []
         for start in range(0, len(paths), batch_size):
             batch = {"path": np.array(paths[start:start + batch_size], dtype=object)}
-            decoded = core.read_decode(batch, int(card["input_size"]), bool(card["roi_crop"]),
-                                       float(card["roi_margin"]), 50_000_000, lambda shas, _: [""] * len(shas))
+            decoded = core.read_decode(batch, card.input_size, card.roi_crop, card.roi_margin, 50_000_000, lambda shas, _: [""] * len(shas))
             values += scorer(decoded).column(method_columns(method)["on_cell"]).to_pylist()
     found = [v for v in values if v is not None and v == v]
     return float(np.mean(found)) if found else float("nan")
@@ -111,11 +110,11 @@ def bench_train(args: argparse.Namespace) -> dict:
         seed_start = time.time()
         cfg = _bench_train_config(args, out, seed)
         final = run_training(cfg)
-        card = final.get("model_card", {})
-        metrics = card.get("metrics", {})
+        card = final["model_card"]
+        metrics = card.metrics
         test = metrics.get("test", {})
         runs.append({
-            "seed": seed, "epochs_trained": card.get("epochs_trained"), "best_epoch": card.get("best_epoch"),
+            "seed": seed, "epochs_trained": card.epochs_trained, "best_epoch": card.best_epoch,
             "test_accuracy": test.get("accuracy"), "test_macro_f1": test.get("macro_f1"),
             "test_auc": test.get("auc"), "test_ece": test.get("ece"),
             "test_ece_calibrated": metrics.get("test_ece_calibrated"),
@@ -134,7 +133,7 @@ def bench_train(args: argparse.Namespace) -> dict:
                    "validation); gradcam_on_cell_mean: mean share of the Grad-CAM map's mass on the stained "
                    "cell over the test images.",
         "backbone": args.backbone, "pretrained": bool(args.pretrained), "image_size": args.image_size,
-        "split_sizes": card.get("split_sizes"), "duplicates": summary["duplicates"]["groups"],
+        "split_sizes": card.split_sizes, "duplicates": summary["duplicates"]["groups"],
         "seeds": seeds, "runs": runs,
         "summary": {key: _spread(runs, key) for key in ("test_accuracy", "test_macro_f1", "test_ece",
                                                         "test_ece_calibrated", "gradcam_on_cell_mean")},
@@ -327,14 +326,12 @@ def _bare_forward_rate(model_dir: Path, batch_size: int, repeat: int = 5) -> flo
     """Images/s of the model's bare forward pass (uint8 batch -> normalise -> logits), no files."""
     import torch
 
-    from allcluster.data.preprocess import Normalize
     from allcluster.models.model_dir import load_model_dir
-    from allcluster.score.core import pick_device
 
     device = pick_device("auto")
     loaded = load_model_dir(model_dir, device)
-    size = loaded.card["input_size"]
-    norm = Normalize(tuple(loaded.card["mean"]), tuple(loaded.card["std"])).to(device)
+    size = loaded.card.input_size
+    norm = loaded.card.normalize().to(device)
     batch = torch.randint(0, 256, (batch_size, size, size, 3), dtype=torch.uint8, device=device)
 
     def forward():

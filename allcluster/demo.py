@@ -57,14 +57,14 @@ def run_demo(out: Path, overrides: list[str] = ()) -> dict:
     cfg = demo_config(out, overrides)
 
     final = run_training(cfg)
-    card = final.get("model_card", {})
-    test = card.get("metrics", {}).get("test", {})
+    card = final["model_card"]
+    test = card.test_metrics
     print("\n[demo] test split (synthetic, evaluated once with the best-validation weights):")
     print(f"  accuracy {test.get('accuracy', float('nan')):.3f}  macro-F1 {test.get('macro_f1', float('nan')):.3f}  "
           f"AUC {test.get('auc', float('nan')):.3f}  ECE {test.get('ece', float('nan')):.3f} -> "
-          f"{card.get('metrics', {}).get('test_ece_calibrated', float('nan')):.3f} after temperature "
-          f"{card.get('temperature', float('nan')):.2f}")
-    print(f"  per class F1: " + ", ".join(f"{c} {m['f1']:.2f}" for c, m in test.get("per_class", {}).items()))
+          f"{card.metrics.get('test_ece_calibrated', float('nan')):.3f} after temperature "
+          f"{card.temperature:.2f}")
+    print("  per class F1: " + ", ".join(f"{c} {m['f1']:.2f}" for c, m in test.get("per_class", {}).items()))
     print(f"\n[demo] outputs under {out}:")
     for path, what in [("manifest.parquet", "manifest (one row per image, with splits)"),
                        ("train/config.yaml", "resolved training config"),

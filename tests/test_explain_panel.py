@@ -87,10 +87,10 @@ def test_confidence_is_the_temperature_calibrated_probability(tiny_model_dir, re
     loaded = load_model_dir(tiny_model_dir)
     card = loaded.card
     assert loaded.temperature == 1.5
-    prep = Preprocess(card["input_size"], card["roi_crop"], card["roi_margin"])
+    prep = Preprocess(card.input_size, card.roi_crop, card.roi_margin)
     batch = torch.from_numpy(np.stack([prep(load(p).array) for p in images])).permute(0, 3, 1, 2)
     with torch.no_grad():
-        logits = loaded.model(Normalize(card["mean"], card["std"])(batch))
+        logits = loaded.model(Normalize(tuple(card.mean), tuple(card.std))(batch))
     calibrated, raw = torch.softmax(logits / 1.5, 1), torch.softmax(logits, 1)
     for row, cal, unc in zip(results, calibrated, raw):
         assert row["predicted_class"] == CLASSES[int(cal.argmax())]

@@ -109,3 +109,28 @@ def test_pretrained_weights_absent_from_the_offline_cache_say_how_to_prestage(tm
 def test_unknown_backbone_lists_the_registry():
     with pytest.raises(KeyError, match="registered: .*allnet.*densenet121"):
         get_spec("resnet9000")
+
+
+def test_model_card_round_trips_and_bad_cards_name_the_file(tiny_model_dir, tmp_path):
+    import json
+
+    from allcluster.models.card import CARD_FILE, CardError, ModelCard
+
+    card = ModelCard.read(tiny_model_dir)
+    assert card.classes == ["Benign", "Early", "Pre", "Pro"] and card.input_size == 64 and card.temperature == 1.5
+    assert card.preprocess().size == 64 and card.head_spec().hidden == (32,)
+    copy = tmp_path / "copy"
+    card.replace(sweep={"trial_id": "t"}).write(copy)
+    assert ModelCard.read(copy) == card.replace(sweep={"trial_id": "t"})
+    data = json.loads((tiny_model_dir / CARD_FILE).read_text())
+    for broken, message in [({k: v for k, v in data.items() if k != "cam_layer"}, "missing cam_layer"),
+                            ({**data, "format_version": 99}, "newer than this allcluster reads"),
+                            ({**data, "mean": [0.5]}, "3-value mean/std")]:
+        (copy / CARD_FILE).write_text(json.dumps(broken))
+        with pytest.raises(CardError, match=message) as err:
+            ModelCard.read(copy)
+        assert str(copy / CARD_FILE) in str(err.value)
+    (copy / CARD_FILE).write_text(json.dumps({**data, "added_by_a_newer_minor_version": 1}))
+    assert ModelCard.read(copy).backbone == "allnet"
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        ModelCard.read(tmp_path)

@@ -163,7 +163,7 @@ def test_scorer_rows_agree_with_a_direct_forward_and_gradcam(tiny_model_dir, rea
     table = core.Scorer(cfg, str(tmp_path / "out"), "run-1", lambda n: n)(decoded)
     rows = table.to_pandas()
     loaded = load_model_dir(tiny_model_dir)
-    x = Normalize(tuple(loaded.card["mean"]), tuple(loaded.card["std"]))(
+    x = Normalize(tuple(loaded.card.mean), tuple(loaded.card.std))(
         torch.from_numpy(decoded["pixels"]).permute(0, 3, 1, 2))
     with torch.no_grad():
         logits = loaded.model(x)
@@ -174,7 +174,7 @@ def test_scorer_rows_agree_with_a_direct_forward_and_gradcam(tiny_model_dir, rea
     np.testing.assert_allclose(rows["confidence"], calibrated.max(1), atol=1e-5)
     assert rows["predicted_class"].tolist() == [loaded.classes[k] for k in calibrated.argmax(1)]
     assert (rows["uncertain"] == (rows["confidence"] < cfg.uncertain_below)).all()
-    maps = get_explainer("gradcam")(loaded.model, loaded.card["cam_layer"]).explain(x).maps.numpy()
+    maps = get_explainer("gradcam")(loaded.model, loaded.card.cam_layer).explain(x).maps.numpy()
     for i, rel in enumerate(rows["heatmap_gradcam"]):
         stored = np.asarray(Image.open(tmp_path / "out" / rel))
         assert stored.shape == (64, 64) and stored.dtype == np.uint8
@@ -185,8 +185,8 @@ def test_scorer_rows_agree_with_a_direct_forward_and_gradcam(tiny_model_dir, rea
     expected = mass_inside(maps, np.stack([cell_mask(image) for image in decoded["pixels"]]))
     np.testing.assert_allclose(rows["on_cell_gradcam"], expected, atol=1e-3)     # the map's share on the cell
     assert rows["on_cell_gradcam"].between(0, 1).all()
-    assert (rows["cam_method"] == "gradcam").all() and (rows["cam_layer"] == loaded.card["cam_layer"]).all()
-    assert (rows["model_sha256"] == loaded.card["weights_sha256"]).all() and (rows["run_id"] == "run-1").all()
+    assert (rows["cam_method"] == "gradcam").all() and (rows["cam_layer"] == loaded.card.cam_layer).all()
+    assert (rows["model_sha256"] == loaded.card.weights_sha256).all() and (rows["run_id"] == "run-1").all()
 
 
 def test_a_model_failure_becomes_error_rows_not_a_crash(tiny_model_dir, real_data_dir, tmp_path):

@@ -48,7 +48,7 @@ def test_training_run_exports_model_dir_metrics_and_resolved_config(ray_local, s
     assert resolved["model"]["head"]["hidden"] == [32] and resolved["data"]["image_size"] == 48
     assert yaml.safe_load((out / "model" / "config.yaml").read_text()) == resolved
     loaded = load_model_dir(out / "model")
-    assert loaded.card["backbone"] == "allnet"
+    assert loaded.card.backbone == "allnet" and loaded.card.to_dict() == card, "the typed card is the file"
     assert final["test_accuracy"] == pytest.approx(card["metrics"]["test"]["accuracy"])
 
 

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 import time
@@ -19,10 +18,9 @@ from pathlib import Path
 
 import torch
 
+from allcluster.models.card import ModelCard
 from allcluster.models.classifier import Classifier, build_model
 from allcluster.models.registry import HeadSpec, get_spec
-
-CARD_VERSION = 1
 
 
 def file_sha256(path: str | Path) -> str:
@@ -48,8 +46,9 @@ def versions() -> dict[str, str]:
     return found
 
 
-def save_model_dir(out: str | Path, model: Classifier, card: dict, config_yaml: str = "") -> Path:
-    """Write weights, card and config atomically (into a temp folder, then renamed)."""
+def save_model_dir(out: str | Path, model: Classifier, card: ModelCard, config_yaml: str = "") -> Path:
+    """Write weights, card and config atomically (into a temp folder, then renamed); the card gets
+    the weights' sha256, the versions, the time and where the backbone's weights came from."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -57,10 +56,9 @@ def save_model_dir(out: str | Path, model: Classifier, card: dict, config_yaml: 
     tmp.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, tmp / "weights.safetensors")
-    card = {"format_version": CARD_VERSION, "backbone_weights": getattr(model, "weights_source", None),
-            **card, "weights_sha256": file_sha256(tmp / "weights.safetensors"),
-            "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    (tmp / "model_card.json").write_text(json.dumps(card, indent=2, default=float))
+    card.replace(backbone_weights=card.backbone_weights or getattr(model, "weights_source", None),
+                 weights_sha256=file_sha256(tmp / "weights.safetensors"), versions=versions(),
+                 created=time.strftime("%Y-%m-%dT%H:%M:%S%z")).write(tmp)
     if config_yaml:
         (tmp / "config.yaml").write_text(config_yaml)
     if out.exists():
@@ -77,15 +75,15 @@ def save_model_dir(out: str | Path, model: Classifier, card: dict, config_yaml: 
 @dataclass
 class LoadedModel:
     model: Classifier
-    card: dict
+    card: ModelCard
 
     @property
     def classes(self) -> list[str]:
-        return self.card["classes"]
+        return self.card.classes
 
     @property
     def temperature(self) -> float:
-        return float(self.card.get("temperature", 1.0))
+        return float(self.card.temperature)
 
 
 def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
@@ -93,19 +91,14 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
     from safetensors.torch import load_file
 
     path = Path(path)
-    card_path = path / "model_card.json"
-    if not card_path.is_file():
-        raise FileNotFoundError(f"{path}: not a model directory (no model_card.json); "
-                                "train one with `allcluster train` or `allcluster sweep`")
-    card = json.loads(card_path.read_text())
+    card = ModelCard.read(path)
     weights = path / "weights.safetensors"
-    if card.get("weights_sha256") and file_sha256(weights) != card["weights_sha256"]:
+    if card.weights_sha256 and file_sha256(weights) != card.weights_sha256:
         raise ValueError(f"{weights}: sha256 does not match model_card.json (corrupt or replaced file)")
-    get_spec(card["backbone"])
-    head = HeadSpec(tuple(card["head"]["hidden"]), card["head"]["dropout"], card["head"]["hidden_dropout"])
-    model = build_model(card["backbone"], len(card["classes"]), head, pretrained=False)
+    get_spec(card.backbone)
+    model = build_model(card.backbone, len(card.classes), card.head_spec(), pretrained=False)
     model.load_state_dict(load_file(weights))
-    model.weights_source = card.get("backbone_weights") or model.weights_source
+    model.weights_source = card.backbone_weights or model.weights_source
     return LoadedModel(model.to(device).eval(), card)
 
 
@@ -119,10 +112,13 @@ def export_untrained(out: str | Path, backbone: str, classes: list[str], input_s
     head = head or spec.default_head
     torch.manual_seed(seed)
     model = build_model(backbone, len(classes), head, pretrained=False)
-    card = {"classes": list(classes), "backbone": backbone, "timm_name": spec.timm_name,
-            "input_size": input_size or spec.input_size, "mean": list(spec.mean), "std": list(spec.std),
-            "roi_crop": False, "roi_margin": 0.1, "cam_layer": spec.cam_layer,
-            "head": {"hidden": list(head.hidden), "dropout": head.dropout, "hidden_dropout": head.hidden_dropout},
-            "temperature": temperature, "run_id": f"untrained-{backbone}-seed{seed}", "config_hash": "untrained",
-            "untrained": True}
+    card = ModelCard(classes=list(classes), backbone=backbone, timm_name=spec.timm_name,
+                     input_size=input_size or spec.input_size, mean=list(spec.mean), std=list(spec.std),
+                     cam_layer=spec.cam_layer, head=head_dict(head), temperature=temperature,
+                     run_id=f"untrained-{backbone}-seed{seed}", config_hash="untrained", untrained=True)
     return save_model_dir(out, model, card)
+
+
+def head_dict(head: HeadSpec) -> dict:
+    """A ``HeadSpec`` as the card's ``head`` entry."""
+    return {"hidden": list(head.hidden), "dropout": head.dropout, "hidden_dropout": head.hidden_dropout}

@@ -11,13 +11,12 @@ Anything else is a :class:`ConfigError` naming the path.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from allcluster.config import ConfigError, read_yaml
+from allcluster.config import ConfigError
 
 TRIALS_COLUMNS = {"trial_id", "status", "val_macro_f1", "backbone"}
 EPOCHS_COLUMNS = {"trial_id", "epoch", "val_macro_f1"}
@@ -136,11 +135,12 @@ def collect_inputs(paths: list[str | Path]) -> Inputs:
 
 
 def roi_settings(root: Path) -> tuple[bool, float]:
-    """(roi_crop, roi_margin) of the model a scoring job used, from ``OUT/score.yaml`` and the model
-    card; (False, 0.1) when either is gone (e.g. the folder was copied off the cluster)."""
+    """(roi_crop, roi_margin) of the model a scoring job used, from ``OUT/model.json`` (the scoring
+    job records them); (False, 0.1) when it is gone or unreadable."""
+    from allcluster.models.card import ModelCard
+
     try:
-        model = Path(read_yaml(root / "score.yaml")["model"])
-        card = json.loads((model / "model_card.json").read_text())
-        return bool(card.get("roi_crop", False)), float(card.get("roi_margin", 0.1))
-    except (OSError, KeyError, TypeError, ValueError, ConfigError):
+        info = ModelCard.read_model_info(root)
+        return bool(info.get("roi_crop", False)), float(info.get("roi_margin", 0.1))
+    except (OSError, TypeError, ValueError):
         return False, 0.1

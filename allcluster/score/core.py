@@ -16,8 +16,9 @@ import torch
 from allcluster.atomic import atomic_write_bytes
 from allcluster.data import decode as dec
 from allcluster.device import pick_device
+from allcluster.models.card import ModelCard
 from allcluster.data.paths import clean_text, parent_text, to_fs
-from allcluster.data.preprocess import Normalize, Preprocess, cell_mask
+from allcluster.data.preprocess import Preprocess, cell_mask
 from allcluster.score.config import BudgetConfig, ScoreConfig
 from allcluster.score.rows import class_columns, empty_columns, method_columns, row_schema
 from allcluster.xai.localisation import mass_inside
@@ -155,13 +156,13 @@ def write_heatmaps(out_dir: Path, shas: list[str], method: str, maps_u8: np.ndar
     return names
 
 
-def provenance(card: dict, cfg: ScoreConfig, run_id: str, device: str) -> dict[str, str]:
+def provenance(card: ModelCard, cfg: ScoreConfig, run_id: str, device: str) -> dict[str, str]:
     """The provenance columns shared by every row of one run."""
     from allcluster.config import config_hash
     from allcluster.models.model_dir import versions
 
     v = versions()
-    return {"model_sha256": card.get("weights_sha256", ""), "model_run_id": card.get("run_id", ""),
+    return {"model_sha256": card.weights_sha256, "model_run_id": card.run_id,
             "config_hash": config_hash(cfg), "run_id": run_id, "device": device,
             "allcluster_version": v["allcluster"], "torch_version": v["torch"], "timm_version": v["timm"],
             "ray_version": v["ray"]}
@@ -204,9 +205,9 @@ class Scorer:
         loaded = load_model_dir(cfg.model, self.device)
         self.model, self.card, self.temperature = loaded.model.requires_grad_(False), loaded.card, loaded.temperature
         self.classes = loaded.classes
-        self.normalize = Normalize(tuple(self.card["mean"]), tuple(self.card["std"])).to(self.device)
-        self.every = {m: build_explainer(m, self.model, self.card["cam_layer"], cfg) for m in cfg.explain.methods}
-        self.budgeted = {m: build_explainer(m, self.model, self.card["cam_layer"], cfg)
+        self.normalize = self.card.normalize().to(self.device)
+        self.every = {m: build_explainer(m, self.model, self.card.cam_layer, cfg) for m in cfg.explain.methods}
+        self.budgeted = {m: build_explainer(m, self.model, self.card.cam_layer, cfg)
                          for m in cfg.explain.budget.methods}
         self.schema = row_schema(self.classes, list(self.every) + list(self.budgeted), list(extra))
         self.constants = provenance(self.card, cfg, run_id, str(self.device))

@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from allcluster.models.card import ModelCard
 from allcluster.score import core
 from allcluster.score.config import ScoreConfig
 from allcluster.score.output import budget_used
@@ -27,13 +28,12 @@ def _timed(fn, *args) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def measure(cfg: ScoreConfig, paths: list[str], card: dict) -> dict:
+def measure(cfg: ScoreConfig, paths: list[str], card: ModelCard) -> dict:
     """Per-image milliseconds of decode, of the every-image work and of the budgeted methods."""
     import numpy as np
 
     batch = {"path": np.array(paths, dtype=object)}
-    decode_s, decoded = _timed(core.read_decode, batch, int(card["input_size"]), bool(card["roi_crop"]),
-                               float(card["roi_margin"]), cfg.max_pixels, lambda shas, p: [""] * len(shas),
+    decode_s, decoded = _timed(core.read_decode, batch, card.input_size, card.roi_crop, card.roi_margin, cfg.max_pixels, lambda shas, p: [""] * len(shas),
                                cfg.max_bytes)
     with tempfile.TemporaryDirectory() as tmp:
         cheap_cfg = dataclasses.replace(cfg, explain=dataclasses.replace(
@@ -71,9 +71,9 @@ def estimate(cfg: ScoreConfig, retry_errors: bool = False) -> dict:
     """The dry run's numbers (see the module docstring)."""
     import torch
 
-    from allcluster.score.ray_data import actor_plan, plan_job, read_card
+    from allcluster.score.ray_data import actor_plan, plan_job
 
-    card = read_card(cfg.model)
+    card = ModelCard.read(cfg.model)
     out = Path(cfg.out).resolve()
     job = plan_job(cfg, out, retry_errors)
     todo = job.todo.files.column("path")

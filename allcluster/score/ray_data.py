@@ -18,6 +18,7 @@ import numpy as np
 
 from allcluster.console import say
 from allcluster.interrupt import Interrupted, StopSignals
+from allcluster.models.card import ModelCard
 from allcluster.ray_utils import ensure_ray
 from allcluster.score import core
 from allcluster.score.config import ScoreConfig, row_settings
@@ -27,14 +28,6 @@ from allcluster.score.output import (Progress, ShardWriter, budget_used, check_j
                                      compact, done_paths, lock_output, resolve_duplicates, split_duplicates,
                                      summarize, summary_text)
 from allcluster.score.rows import row_schema
-
-
-def read_card(model_dir: str) -> dict:
-    path = Path(model_dir) / "model_card.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{model_dir}: not a model directory (no model_card.json); "
-                                "export one with `allcluster train` or `allcluster sweep`")
-    return json.loads(path.read_text())
 
 
 def actor_plan(cfg: ScoreConfig, resources: dict) -> dict:
@@ -81,7 +74,7 @@ def write_todo(out: Path, todo: Listing, run_id: str) -> Path:
     return path
 
 
-def build_dataset(cfg: ScoreConfig, card: dict, todo: Listing, ledger, run_id: str, plan: dict):
+def build_dataset(cfg: ScoreConfig, card: ModelCard, todo: Listing, ledger, run_id: str, plan: dict):
     """The lazy Ray Dataset of result rows for the files in ``todo``."""
     import ray
 
@@ -90,8 +83,8 @@ def build_dataset(cfg: ScoreConfig, card: dict, todo: Listing, ledger, run_id: s
     blocks = max(1, min(math.ceil(todo.files.num_rows / cfg.batch_size), 4096))
     ds = ray.data.read_parquet(str(write_todo(Path(cfg.out).resolve(), todo, run_id))).repartition(blocks)
     ds = ds.map_batches(_read_decode, batch_size=cfg.batch_size, num_cpus=cfg.workers.decode_cpus,
-                        fn_kwargs={"ledger": ledger, "size": int(card["input_size"]), "roi_crop": bool(card["roi_crop"]),
-                                   "roi_margin": float(card["roi_margin"]), "max_pixels": cfg.max_pixels,
+                        fn_kwargs={"ledger": ledger, "size": card.input_size, "roi_crop": card.roi_crop,
+                                   "roi_margin": card.roi_margin, "max_pixels": cfg.max_pixels,
                                    "max_bytes": cfg.max_bytes})
     return ds.map_batches(
         ScoreActor, batch_size=cfg.batch_size, batch_format="numpy",
@@ -129,16 +122,17 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
     from allcluster.config import write_resolved
 
     out = Path(cfg.out).resolve()
-    card = read_card(cfg.model)
+    card = ModelCard.read(cfg.model)
     locks = lock_output(out, shard)         # before anything is written: a refused second run writes nothing
     try:
-        check_job_settings(out, {"model_sha256": card.get("weights_sha256", ""), **row_settings(cfg)})
+        check_job_settings(out, {"model_sha256": card.weights_sha256, **row_settings(cfg)})
+        card.write_model_info(out)
         write_resolved(cfg, out / "score.yaml", "allcluster score")
         run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{np.random.default_rng().integers(1 << 16):04x}"
         dropped = compact(out, shard)       # a run killed while replacing retried rows left two
         plan = plan_job(cfg, out, retry_errors, shard)
         todo = plan.todo
-        schema = row_schema(card["classes"], list(cfg.explain.methods) + list(cfg.explain.budget.methods),
+        schema = row_schema(card.classes, list(cfg.explain.methods) + list(cfg.explain.budget.methods),
                             todo.input_columns)
         writer = ShardWriter(out, schema, run_id, cfg.rows_per_shard, cfg.flush_seconds)
         say(f"[score] {plan.inputs} inputs, {plan.done} already scored in {out}, {len(todo)} to do (run {run_id})"
@@ -168,7 +162,7 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
             lock.release()
 
 
-def stream_rows(cfg: ScoreConfig, card: dict, todo: Listing, writer: ShardWriter, run_id: str, out: Path,
+def stream_rows(cfg: ScoreConfig, card: ModelCard, todo: Listing, writer: ShardWriter, run_id: str, out: Path,
                 shard: Shard = Shard(), stop: StopSignals | None = None) -> None:
     """Run the pipeline and write its rows as they stream back (duplicates resolved at the end); a
     stop asked for by a signal ends it after the batch in hand (:class:`Interrupted`)."""

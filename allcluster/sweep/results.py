@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from allcluster.config import config_hash
+from allcluster.models.card import CARD_FILE, ModelCard
 from allcluster.models.model_dir import versions
 from allcluster.sweep.plan import Trial, trial_status
 from allcluster.sweep.schema import METRIC_KEYS
@@ -30,9 +31,8 @@ def _history(trial: Trial) -> pd.DataFrame:
     return pq.read_table(path).to_pandas() if path.is_file() else pd.DataFrame()
 
 
-def _card(trial: Trial) -> dict:
-    path = trial.dir / "model" / "model_card.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _card(trial: Trial) -> ModelCard | None:
+    return ModelCard.read(trial.dir / "model") if (trial.dir / "model" / CARD_FILE).is_file() else None
 
 
 def _read_json(path: Path) -> dict:
@@ -68,11 +68,11 @@ def trial_row(trial: Trial) -> dict:
     row["train_accuracy"] = float(best["train_accuracy"]) if best is not None else np.nan
     row["train_loss"] = float(best["train_loss"]) if best is not None else np.nan
     row["train_macro_f1"] = float(best.get("train_macro_f1", np.nan)) if best is not None else np.nan
-    if card:
-        row.update(_split_metrics("val", card["metrics"]["val"]))
-        row.update(_split_metrics("test", card["metrics"]["test"]))
-        row["test_ece_calibrated"] = float(card["metrics"]["test_ece_calibrated"])
-        row["temperature"] = float(card["temperature"])
+    if card is not None:
+        row.update(_split_metrics("val", card.val_metrics))
+        row.update(_split_metrics("test", card.test_metrics))
+        row["test_ece_calibrated"] = float(card.metrics["test_ece_calibrated"])
+        row["temperature"] = float(card.temperature)
     else:
         row.update({f"val_{k}": float(best[f"val_{k}"]) if best is not None else np.nan for k in METRIC_KEYS})
         row.update({f"test_{k}": np.nan for k in METRIC_KEYS})
@@ -82,7 +82,7 @@ def trial_row(trial: Trial) -> dict:
     row["images_per_s"] = float(history["train_images_per_s"].median()) if len(history) else np.nan
     row["gpu_hours"] = wall / 3600 * gpus
     row["cpu_hours"] = wall / 3600 * res.cpus
-    row["model_dir"] = str(trial.dir / "model") if card else ""
+    row["model_dir"] = str(trial.dir / "model") if card is not None else ""
     row["checkpoint_path"] = row["model_dir"] or _latest_checkpoint(trial)
     row["config_hash"] = config_hash(cfg)
     row["run_id"] = _read_json(trial.dir / "run.json").get("run_id", "")
@@ -122,10 +122,8 @@ def export_best(best: pd.Series, experiment_dir: Path) -> Path:
     tmp = experiment_dir / f".best_model.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(best["model_dir"], tmp)
-    card = json.loads((tmp / "model_card.json").read_text())
-    card["sweep"] = {"trial_id": best["trial_id"], "chosen_by": "val_macro_f1",
-                     "val_macro_f1": float(best["val_macro_f1"])}
-    (tmp / "model_card.json").write_text(json.dumps(card, indent=2, default=float))
+    ModelCard.read(tmp).replace(sweep={"trial_id": best["trial_id"], "chosen_by": "val_macro_f1",
+                                       "val_macro_f1": float(best["val_macro_f1"])}).write(tmp)
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)

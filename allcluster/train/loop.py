@@ -31,7 +31,8 @@ from allcluster.data.cache import ensure_cache
 from allcluster.data.manifest import read_manifest
 from allcluster.data.preprocess import Normalize, Preprocess
 from allcluster.models import build_model, get_spec
-from allcluster.models.model_dir import save_model_dir
+from allcluster.models.card import ModelCard
+from allcluster.models.model_dir import head_dict, save_model_dir
 from allcluster.train.optim import EarlyStopping, EpochScheduler, build_optimizer
 from allcluster.train.config import TrainConfig, head_spec
 from allcluster.train.data import (CachedImages, Split, balanced_class_weights, eval_loader, load_splits,
@@ -351,20 +352,18 @@ class WorkerRun:
 
     def export(self, final: dict, state: TrainState) -> Path:
         cfg, spec = self.cfg, self.spec
-        card = {
-            "classes": self.classes, "backbone": cfg.model.backbone, "timm_name": spec.timm_name,
-            "input_size": cfg.data.image_size, "mean": list(spec.mean), "std": list(spec.std),
-            "roi_crop": cfg.data.roi_crop, "roi_margin": cfg.data.roi_margin, "cam_layer": spec.cam_layer,
-            "head": {"hidden": list(self.head_spec.hidden), "dropout": self.head_spec.dropout,
-                     "hidden_dropout": self.head_spec.hidden_dropout},
-            "temperature": final["temperature"], "best_epoch": state.best_epoch, "epochs_trained": state.epoch,
-            "metrics": {"val": final["val_metrics"], "test": final["test_metrics"],
-                        "val_ece_calibrated": final["val_ece_calibrated"],
-                        "test_ece_calibrated": final["test_ece_calibrated"]},
-            "split_sizes": {k: len(v) for k, v in self.splits.items()},
-            "manifest": str(Path(cfg.data.manifest).resolve()), "run_id": self.run_id,
-            "config_hash": config_hash(cfg), "config": to_dict(cfg),
-        }
+        card = ModelCard(
+            classes=list(self.classes), backbone=cfg.model.backbone, timm_name=spec.timm_name,
+            input_size=cfg.data.image_size, mean=list(spec.mean), std=list(spec.std),
+            roi_crop=cfg.data.roi_crop, roi_margin=cfg.data.roi_margin, cam_layer=spec.cam_layer,
+            head=head_dict(self.head_spec), temperature=final["temperature"], best_epoch=state.best_epoch,
+            epochs_trained=state.epoch,
+            metrics={"val": final["val_metrics"], "test": final["test_metrics"],
+                     "val_ece_calibrated": final["val_ece_calibrated"],
+                     "test_ece_calibrated": final["test_ece_calibrated"]},
+            split_sizes={k: len(v) for k, v in self.splits.items()},
+            manifest=str(Path(cfg.data.manifest).resolve()), run_id=self.run_id,
+            config_hash=config_hash(cfg), config=to_dict(cfg))
         header = f"# allcluster train, run {self.run_id}\n"
         return save_model_dir(self.out / "model", self.model, card,
                               header + yaml.safe_dump(to_dict(cfg), sort_keys=False))

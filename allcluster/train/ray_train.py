@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 
 from allcluster.config import ConfigError, from_dict, to_dict, write_resolved
+from allcluster.models.card import CARD_FILE, ModelCard
 from allcluster.models.weights import worker_env
 from allcluster.train.config import TrainConfig
 
@@ -114,8 +115,7 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     result = build_trainer(cfg, run_id).fit()
     if result.error:
         raise result.error
-    card_path = output_dir / "model" / "model_card.json"
     final = dict(result.metrics or {})
-    if card_path.is_file():
-        final["model_card"] = json.loads(card_path.read_text())
+    if (output_dir / "model" / CARD_FILE).is_file():
+        final["model_card"] = ModelCard.read(output_dir / "model")
     return final

@@ -157,7 +157,7 @@ def _explain_items(loaded, items: list[_Item], explainers: dict, normalize, devi
     """Explain the decoded items of one chunk and draw their panels; one result per item."""
     found = _explain_chunk(loaded.model, explainers, _normalised_batch(items, normalize, device),
                            loaded.temperature)
-    calibrated = "temperature" in loaded.card
+    calibrated = True                       # every card carries its fitted temperature (1.0: none fitted)
     results = []
     for index, item in enumerate(items):
         class_name, prob = loaded.classes[found["targets"][index]], found["probs"][index]
@@ -183,16 +183,15 @@ def explain_images(model_dir: str | Path, images: Sequence[str | Path], out_dir:
     (the calibrated probability softmax(logits / temperature) of that class; 0 on error).
     Unknown methods and an unavailable device raise ``ValueError`` before any work is done.
     """
-    from allcluster.data.preprocess import Normalize, Preprocess
     from allcluster.models.model_dir import load_model_dir
 
     methods = check_methods(methods)
     torch_device = pick_device(device, "--device")
     loaded = load_model_dir(model_dir, torch_device)
     card = loaded.card
-    preprocess = Preprocess(int(card["input_size"]), bool(card["roi_crop"]), float(card["roi_margin"]))
-    normalize = Normalize(tuple(card["mean"]), tuple(card["std"])).to(torch_device)
-    explainers = _explainers(loaded.model, card["cam_layer"], methods, lime_samples)
+    preprocess = card.preprocess()
+    normalize = card.normalize().to(torch_device)
+    explainers = _explainers(loaded.model, card.cam_layer, methods, lime_samples)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[int, dict] = {}
