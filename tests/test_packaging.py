@@ -56,3 +56,32 @@ def test_torch_is_a_tested_range_and_constraints_pin_the_tested_builds():
     readme = (REPO / "README.md").read_text()
     assert "pip install -c constraints.txt" in readme
     assert '"-c", str(CONSTRAINTS)' in (REPO / "allcluster" / "_bootstrap.py").read_text()
+
+
+def test_the_one_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    import pytest
+
+    from allcluster.atomic import atomic_write, atomic_write_text
+
+    target = atomic_write_text(tmp_path / "sub" / "table.json", "old")
+
+    def half_then_fail(tmp):
+        tmp.write_text("half of the new")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, half_then_fail)
+    assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["table.json"]
+
+
+def test_no_module_writes_a_file_by_hand_through_a_temporary_and_a_rename():
+    """Files are written atomically through allcluster/atomic.py only; whole folders (the model
+    directory, a cache build, an experiment moved aside) are swapped with os.replace where they are built."""
+    allowed = {"atomic.py": 1, "models/model_dir.py": 3, "data/cache.py": 1, "sweep/results.py": 1,
+               "sweep/experiment.py": 1}
+    found = {}
+    for path in (REPO / "allcluster").rglob("*.py"):
+        count = path.read_text().count("os.replace(")
+        if count:
+            found[str(path.relative_to(REPO / "allcluster"))] = count
+    assert found == allowed, found

@@ -5,7 +5,6 @@ file, returning its path.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from allcluster.atomic import atomic_write
 from allcluster import metrics
 from allcluster.report.tables import roc_curve
 
@@ -22,11 +22,7 @@ HEAT_ALPHA = 0.5
 
 def save(fig: Figure, path: Path) -> Path:
     """Write ``fig`` as PNG atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight"))
 
 
 def confusion_plot(cm: np.ndarray, classes: list[str], path: Path) -> Path:

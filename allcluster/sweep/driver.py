@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from allcluster.atomic import atomic_write_parquet
 from allcluster.config import ConfigError, load, write_resolved
 from allcluster.console import say
 from allcluster.interrupt import Interrupted, StopSignals
@@ -14,8 +15,7 @@ from allcluster.sweep.experiment import (BASE_FILE, check_base, read_stored_base
                                          supersede, varied_keys)
 from allcluster.sweep.plan import Trial, plan_trials, trial_status, trials_to_run
 from allcluster.sweep.schema import best_trial
-from allcluster.sweep.results import (epochs_table, export_best, trials_table,
-                                      write_parquet)
+from allcluster.sweep.results import epochs_table, export_best, trials_table
 
 SWEEP_STOPPING = ("[sweep] {signal} received: stopping; running trials keep their last epoch checkpoint, "
                   "the tables are written")
@@ -46,8 +46,8 @@ def collect(sweep: SweepConfig, trials: list[Trial]) -> pd.DataFrame:
     """Rebuild the experiment's tables from the trial folders and export the best model."""
     exp = Path(sweep.experiment_dir)
     table = trials_table(trials, sweep.name)
-    write_parquet(table, exp / "trials.parquet")
-    write_parquet(epochs_table(trials), exp / "epochs.parquet")
+    atomic_write_parquet(table, exp / "trials.parquet")
+    atomic_write_parquet(epochs_table(trials), exp / "epochs.parquet")
     best = best_trial(table)
     if best is not None:
         target = export_best(best, exp)

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from allcluster.atomic import atomic_write_text
 from allcluster.config import ConfigError, from_dict, read_yaml, to_dict
 from allcluster.sweep.config import SweepConfig
 from allcluster.sweep.plan import base_train_dict
@@ -72,14 +73,11 @@ def read_stored_base(experiment_dir: Path) -> dict[str, Any] | None:
 
 
 def store_base(experiment_dir: Path, base: dict[str, Any]) -> Path:
-    path = experiment_dir / BASE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".yaml.tmp-{os.getpid()}")      # array tasks may write it at once
-    tmp.write_text("# the resolved base training config this experiment was started with; a rerun whose\n"
-                   "# base differs is refused (allcluster sweep --new-config starts afresh)\n"
-                   + yaml.safe_dump(base, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    # array tasks may write it at once: each writes its own temporary file (pid) and renames it
+    return atomic_write_text(experiment_dir / BASE_FILE,
+                             "# the resolved base training config this experiment was started with; a rerun whose\n"
+                             "# base differs is refused (allcluster sweep --new-config starts afresh)\n"
+                             + yaml.safe_dump(base, sort_keys=True))
 
 
 def check_base(experiment_dir: Path, base: dict[str, Any], varied: set[str], source: str,
@@ -117,7 +115,7 @@ def supersede(experiment_dir: Path) -> Path:
 def _repoint_trials_table(path: Path, old: str, new: str) -> None:
     import pandas as pd
 
-    from allcluster.sweep.results import write_parquet
+    from allcluster.atomic import atomic_write_parquet
 
     if not path.is_file():
         return
@@ -126,4 +124,4 @@ def _repoint_trials_table(path: Path, old: str, new: str) -> None:
         if column in table:
             table[column] = [v.replace(old, new, 1) if isinstance(v, str) and v.startswith(old) else v
                              for v in table[column]]
-    write_parquet(table, path)
+    atomic_write_parquet(table, path)

@@ -11,7 +11,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import re
 import time
 import traceback
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from allcluster.atomic import atomic_write_text
 from allcluster.config import ConfigError, deep_merge, from_dict, read_yaml, set_path
 from allcluster.sweep.config import DISTRIBUTIONS, SweepConfig
 from allcluster.train.config import TrainConfig, resolve
@@ -156,10 +156,7 @@ def mark_stopped(trial_dir: Path, by: str, epoch: int | None = None) -> None:
     Only a scheduler's decision is recorded so: a trial left unfinished by a signal, ``scancel`` or
     a time limit stays "interrupted"/"pending" and the next run resumes it.
     """
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    tmp = trial_dir / f"stopped.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"by": by, "epoch": epoch, "time": time.time()}))
-    os.replace(tmp, trial_dir / "stopped.json")
+    atomic_write_text(trial_dir / "stopped.json", json.dumps({"by": by, "epoch": epoch, "time": time.time()}))
 
 
 def mark_errored(trial_dir: Path, err: BaseException) -> None:

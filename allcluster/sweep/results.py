@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from allcluster.config import config_hash
@@ -106,14 +105,6 @@ def epochs_table(trials: list[Trial]) -> pd.DataFrame:
         if len(history):
             parts.append(history.assign(trial_id=trial.trial_id))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"trial_id": pd.Series(dtype=str)})
-
-
-def write_parquet(table: pd.DataFrame, path: Path) -> Path:
-    """Atomic write (a reader never sees half a file)."""
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), tmp)
-    os.replace(tmp, path)
-    return path
 
 
 def export_best(best: pd.Series, experiment_dir: Path) -> Path:

@@ -8,7 +8,6 @@ evaluated once, after training, with the best-validation-macro-F1 weights.
 from __future__ import annotations
 
 import math
-import os
 import pickle
 import re
 import tempfile
@@ -19,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import yaml
 
+from allcluster.atomic import atomic_write_parquet
 from allcluster import metrics as M
 from allcluster.train.augment import BatchMixer, image_transform, minority_transform, soft_cross_entropy
 from allcluster.config import ConfigError, config_hash, to_dict
@@ -314,11 +313,8 @@ class WorkerRun:
             self.session.report(metrics, Path(tmp))
 
     def write_history(self, history: list[dict]) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
         rows = [{**r, "run_id": self.run_id, "config_hash": config_hash(self.cfg)} for r in history]
-        tmp = self.out / "metrics.parquet.tmp"
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-        os.replace(tmp, self.out / "metrics.parquet")
+        atomic_write_parquet(self.out / "metrics.parquet", pa.Table.from_pylist(rows))
 
     # ---- final evaluation and export ---------------------------------------------------------
     def finish(self, state: TrainState) -> dict:

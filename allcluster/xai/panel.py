@@ -13,7 +13,6 @@ error result naming it; the other files are still explained.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from allcluster.device import pick_device
+from allcluster.atomic import atomic_write
 
 DEFAULT_METHODS = ("gradcam", "gradcam++", "scorecam", "lime")
 CHUNK = 16                 # images per batched explain call (Score-CAM's masks grow with N x channels)
@@ -139,11 +139,7 @@ def draw_panel(out_path: str | Path, title: str, rgb: np.ndarray,
         ax.set_axis_off()
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=AXIS_INCHES / (AXIS_INCHES + TITLE_INCHES),
                         wspace=0.04)
-    out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + f".tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=DPI)
-    os.replace(tmp, out_path)
-    return out_path
+    return atomic_write(out_path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
 
 
 def _result(item: _Item, panel: str = "", class_name: str = "", confidence: float = 0.0, error: str = "") -> dict:
