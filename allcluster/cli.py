@@ -128,7 +128,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from allcluster.xai.panel import explain_images, format_results
+    from allcluster.explain.panel import explain_images, format_results
 
     try:
         results = explain_images(args.model, args.images, args.out, args.methods, args.device, args.lime_samples)
@@ -184,9 +184,9 @@ def cmd_weights_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from allcluster import bench
+    from allcluster.bench import run_benchmark
 
-    result = bench.BENCHMARKS[args.which](args)
+    result = run_benchmark(args)
     print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -21,7 +21,7 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
 
 
 def _real_data_dir() -> Path:
-    from allcluster.bench import all_data_dir
+    from allcluster.data.real import all_data_dir
     return all_data_dir()
 
 

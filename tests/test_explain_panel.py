@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from allcluster.xai import EXPLAINERS
-from allcluster.xai.panel import explain_images, format_results
+from allcluster.explain.panel import explain_images, format_results
 
 METHODS = ("gradcam", "gradcam++", "scorecam", "lime")
 CLASSES = ["Benign", "Early", "Pre", "Pro"]

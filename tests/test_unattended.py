@@ -158,11 +158,11 @@ def test_a_sparse_4gb_file_is_too_large_without_being_read_and_memory_stays_smal
     subprocess.run(["truncate", "-s", "4G", str(sparse)], check=True)
     image = real_images(real_data_dir, 1)[0]
     code = ("import sys, json, numpy as np; from pathlib import Path; "
-            "from allcluster.score.core import read_decode, Ledger; from allcluster.bench import _rss_kib; "
-            "Path('/proc/self/clear_refs').write_text('5'); base = _rss_kib('VmRSS'); "
+            "from allcluster.score.core import read_decode, Ledger; from allcluster.bench.score import rss_kib; "
+            "Path('/proc/self/clear_refs').write_text('5'); base = rss_kib('VmRSS'); "
             "o = read_decode({'path': np.array(sys.argv[1:], dtype=object)}, 64, False, 0.1, 50_000_000, "
             "Ledger(0).claim); "
-            "print(json.dumps([list(o['error_type']), [float(t) for t in o['t_read_ms']], base, _rss_kib('VmHWM')]))")
+            "print(json.dumps([list(o['error_type']), [float(t) for t in o['t_read_ms']], base, rss_kib('VmHWM')]))")
     done = subprocess.run([sys.executable, "-c", code, str(sparse), str(image)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -1,0 +1,68 @@
+"""``allcluster bench ...``: measured figures, printed as JSON (benchmarks, never timed tests).
+
+Each benchmark says what it ran on (``device``) and what every number means (``meaning``). One
+module per family: ``train`` (accuracy, training throughput), ``xai`` (explainers against their
+reference packages), ``score`` (scoring throughput, planning memory).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from allcluster.data.real import all_data_dir
+
+# name -> (module, function): modules load on use (the benchmarks import torch, Ray, lime...)
+BENCHMARKS = {"train": ("train", "bench_train"), "sweep": ("train", "bench_sweep"), "cam": ("xai", "bench_cam"),
+              "lime": ("xai", "bench_lime"), "score": ("score", "bench_score"), "plan": ("score", "bench_plan")}
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    """Run the benchmark ``args.which`` and return its JSON-able result."""
+    module, function = BENCHMARKS[args.which]
+    return getattr(importlib.import_module(f"allcluster.bench.{module}"), function)(args)
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="which", required=True)
+    p = sub.add_parser("train", help="a backbone on the real ALL images, CPU, per seed: test accuracy/F1, ECE, "
+                                     "Grad-CAM on the cell; JSON")
+    p.add_argument("--data", default=str(all_data_dir()))
+    p.add_argument("--out", default="runs/bench-train")
+    p.add_argument("--backbone", default="allnet")
+    p.add_argument("--pretrained", action="store_true", help="two-stage fine-tuning from the ImageNet weights")
+    p.add_argument("--head-epochs", type=int, default=3, help="stage 1 (head only) epochs with --pretrained")
+    p.add_argument("--epochs", type=int, default=40, help="stage 2 (or from-scratch) epochs, at most")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1,2 (mean and spread)")
+    p = sub.add_parser("sweep", help="training img/s through the sweep's data path vs the bare step; JSON")
+    p.add_argument("--data", default=str(all_data_dir()))
+    p.add_argument("--out", default="runs/bench-sweep")
+    p.add_argument("--backbone", default="allnet")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--augment", default="classic", help="none, classic, randaug, augmix, mixup, cutmix")
+    p.add_argument("--loader-workers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20)
+    p = sub.add_parser("cam", help="our Grad-CAM vs pytorch-grad-cam, same model and device; JSON")
+    p.add_argument("--backbone", default="densenet121")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--repeat", type=int, default=3)
+    p = sub.add_parser("lime", help="our batched LIME vs the lime package, same model and device; JSON")
+    p.add_argument("--data", default=str(all_data_dir()))
+    p.add_argument("--backbone", default="densenet121")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--num-samples", type=int, default=1000)
+    p = sub.add_parser("plan", help="driver memory per input row when listing and planning an archive-sized "
+                       "scoring job (synthetic manifest, files need not exist); JSON")
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--out", default="runs/bench-plan")
+    p = sub.add_parser("score", help="end-to-end scoring img/s (files -> Parquet + heatmaps) vs bare forward; JSON")
+    p.add_argument("--data", default=str(all_data_dir()))
+    p.add_argument("--out", default="runs/bench-score")
+    p.add_argument("--images", type=int, default=2048)
+    p.add_argument("--backbone", default="allnet")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--methods", default="gradcam", help="every-image explainers, comma-separated ('' for none)")
+    p.add_argument("--faithfulness", type=float, default=0.2, help="also time the job with faithfulness at this fraction (0: skip)")

@@ -1,0 +1,62 @@
+"""What every benchmark shares: the machine it ran on and fair timing of repeated calls."""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Callable
+
+from allcluster.device import pick_device
+
+
+def device_info() -> dict:
+    import torch
+
+    info = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def bench_model(backbone: str):
+    from allcluster.models import build_model, get_spec
+
+    device = pick_device()
+    model = build_model(backbone, 4).to(device).eval()
+    return model, get_spec(backbone).cam_layer, device
+
+
+def rate(fn, images: int, repeat: int, warmup: int = 2) -> float:
+    import torch
+
+    for _ in range(warmup):                                 # allocator and oneDNN/cuDNN kernel caches
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return images * repeat / (time.perf_counter() - start)
+
+
+def interleaved_rates(fns: dict[str, Callable[[], object]], images: int, repeat: int) -> dict[str, float]:
+    """Median images/s of each function, timed in alternating rounds after a warm-up of each, so a
+    slow phase of a shared or throttled machine does not land on one side only."""
+    import statistics
+
+    import torch
+
+    for fn in list(fns.values()) * 2:
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: images / statistics.median(seconds) for name, seconds in times.items()}
