@@ -20,6 +20,9 @@ from PIL import Image
 import imagezoo
 from allcluster.config import ConfigError, from_dict
 from allcluster.score import core
+from allcluster.score.budget import budget_reasons
+from allcluster.score.ledger import Ledger
+from allcluster.score.reading import read_decode
 from allcluster.score.config import ScoreConfig, check
 from allcluster.score.inputs import list_inputs
 from allcluster.score.output import check_job_settings
@@ -103,7 +106,7 @@ def test_rerun_into_the_same_out_with_other_row_settings_is_refused(tmp_path):
 
 
 def test_ledger_gives_each_content_one_owner_and_retries_keep_ownership():
-    ledger = core.Ledger(budget_cap=5, budget_used=2)
+    ledger = Ledger(budget_cap=5, budget_used=2)
     a, b = "aa" * 32, "bb" * 32
     assert ledger.claim([a, b, a], ["x", "y", "z"]) == ["", "", "x"]
     assert ledger.claim([a], ["x"]) == [""], "a retried task must still own its content"
@@ -117,12 +120,12 @@ def test_budget_rules_pick_low_confidence_named_classes_and_a_stable_sample():
     budget = BudgetConfig(methods=["lime"], low_confidence=0.5, classes=["Pro"], sample_fraction=0.1)
     conf = np.array([0.4, 0.9, 0.9] + [0.9] * 1997)
     names = ["Pre", "Pro", "Pre"] + ["Pre"] * 1997
-    reasons = core.budget_reasons(conf, names, shas, budget)
+    reasons = budget_reasons(conf, names, shas, budget)
     assert reasons[:2] == ["low_confidence", "class"]
     share = sum(r == "sample" for r in reasons[2:]) / 1998
     assert 0.08 < share < 0.12
-    assert reasons == core.budget_reasons(conf, names, shas, budget), "the sample must not change on rerun"
-    assert set(core.budget_reasons(conf, names, shas, BudgetConfig(methods=[]))) == {""}
+    assert reasons == budget_reasons(conf, names, shas, budget), "the sample must not change on rerun"
+    assert set(budget_reasons(conf, names, shas, BudgetConfig(methods=[]))) == {""}
 
 
 # ---- the pure stages ----------------------------------------------------------------------------------
@@ -132,8 +135,8 @@ def test_read_decode_turns_the_zoo_into_error_rows_and_skips_duplicate_decodes(t
     copy = tmp_path / "copy.jpg"
     shutil.copy(good["jpeg"], copy)
     paths = [str(p) for p in [*bad.values(), *good.values(), copy]]
-    ledger = core.Ledger(0)
-    out = core.read_decode({"path": np.array(paths, dtype=object)}, 32, False, 0.1, 10_000_000, ledger.claim)
+    ledger = Ledger(0)
+    out = read_decode({"path": np.array(paths, dtype=object)}, 32, False, 0.1, 10_000_000, ledger.claim)
     by_path = {p: i for i, p in enumerate(paths)}
     for name, path in bad.items():
         i = by_path[str(path)]
@@ -148,8 +151,8 @@ def test_read_decode_turns_the_zoo_into_error_rows_and_skips_duplicate_decodes(t
 
 
 def _decoded(paths: list[Path], size: int = 64) -> dict:
-    return core.read_decode({"path": np.array([str(p) for p in paths], dtype=object)}, size, False, 0.1,
-                            10_000_000, core.Ledger(0).claim)
+    return read_decode({"path": np.array([str(p) for p in paths], dtype=object)}, size, False, 0.1,
+                            10_000_000, Ledger(0).claim)
 
 
 def test_scorer_rows_agree_with_a_direct_forward_and_gradcam(tiny_model_dir, real_data_dir, tmp_path):
@@ -288,7 +291,7 @@ def test_a_file_without_read_permission_is_an_unreadable_error_row(tmp_path):
     locked = tmp_path / "locked.jpg"
     locked.write_bytes(imagezoo.jpeg_bytes())
     locked.chmod(0)
-    code = ("import sys, json, numpy as np; from allcluster.score.core import read_decode, Ledger; "
+    code = ("import sys, json, numpy as np; from allcluster.score.reading import read_decode; from allcluster.score.ledger import Ledger; "
             "o = read_decode({'path': np.array([sys.argv[1]], dtype=object)}, 32, False, 0.1, 10**7, Ledger(0).claim); "
             "print(json.dumps([o['status'][0], o['error_type'][0], o['error'][0]]))")
     command = [sys.executable, "-c", code, str(locked)]

@@ -21,7 +21,9 @@ import pytest
 from allcluster.config import ConfigError, from_dict
 from allcluster.data import decode as dec
 from allcluster.data.paths import table_path, to_fs, to_text
-from allcluster.score import core
+from allcluster.score import reading
+from allcluster.score.ledger import Ledger
+from allcluster.score.reading import read_decode
 from conftest import REPO, write_yaml
 
 CI_TINY = REPO / "configs" / "score" / "ci_tiny.yaml"
@@ -104,9 +106,9 @@ def test_any_exception_reading_decoding_or_preprocessing_one_file_becomes_its_er
             if FirstCallFails.calls == 1:
                 raise _Weird("cv2 error in the ROI crop")
             return super().__call__(array)
-    monkeypatch.setattr(core, "Preprocess", FirstCallFails)
-    out = core.read_decode({"path": np.array([table_path(p) for p in paths], dtype=object)}, 32, False, 0.1,
-                           10_000_000, core.Ledger(0).claim)
+    monkeypatch.setattr(reading, "Preprocess", FirstCallFails)
+    out = read_decode({"path": np.array([table_path(p) for p in paths], dtype=object)}, 32, False, 0.1,
+                           10_000_000, Ledger(0).claim)
     assert list(out["status"]) == ["error"] * 3 + ["ok"] * 3
     assert list(out["error_type"][:3]) == ["read_error", "decode_error", "decode_error"]
     for i, kind in enumerate(["error: bad header", "TypeError: EXIF orientation is None",
@@ -158,7 +160,7 @@ def test_a_sparse_4gb_file_is_too_large_without_being_read_and_memory_stays_smal
     subprocess.run(["truncate", "-s", "4G", str(sparse)], check=True)
     image = real_images(real_data_dir, 1)[0]
     code = ("import sys, json, numpy as np; from pathlib import Path; "
-            "from allcluster.score.core import read_decode, Ledger; from allcluster.bench.score import rss_kib; "
+            "from allcluster.score.reading import read_decode; from allcluster.score.ledger import Ledger; from allcluster.bench.score import rss_kib; "
             "Path('/proc/self/clear_refs').write_text('5'); base = rss_kib('VmRSS'); "
             "o = read_decode({'path': np.array(sys.argv[1:], dtype=object)}, 64, False, 0.1, 50_000_000, "
             "Ledger(0).claim); "

@@ -41,6 +41,7 @@ def on_cell_mean(model_dir: Path, paths: list[str], method: str = "gradcam", bat
 
     from allcluster.config import from_dict
     from allcluster.score import core
+    from allcluster.score.reading import read_decode
     from allcluster.score.config import ScoreConfig
     from allcluster.score.rows import method_columns
 
@@ -51,7 +52,7 @@ def on_cell_mean(model_dir: Path, paths: list[str], method: str = "gradcam", bat
         card, values = scorer.card, []
         for start in range(0, len(paths), batch_size):
             batch = {"path": np.array(paths[start:start + batch_size], dtype=object)}
-            decoded = core.read_decode(batch, card.input_size, card.roi_crop, card.roi_margin, 50_000_000, lambda shas, _: [""] * len(shas))
+            decoded = read_decode(batch, card.input_size, card.roi_crop, card.roi_margin, 50_000_000, lambda shas, _: [""] * len(shas))
             values += scorer(decoded).column(method_columns(method)["on_cell"]).to_pylist()
     found = [v for v in values if v is not None and v == v]
     return float(np.mean(found)) if found else float("nan")

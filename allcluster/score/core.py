@@ -1,184 +1,28 @@
-"""The pure core of scoring: read + decode a batch of files, then predict + explain it.
+"""Stage 2 of scoring (the model replicas): predict and explain decoded batches into result rows.
 
-No Ray here: :mod:`allcluster.score.ray_data` runs :func:`read_decode` as Ray Data tasks and
-:class:`Scorer` as an actor pool; tests and ``bench score`` can call both directly.
+No Ray here: :mod:`allcluster.score.ray_data` runs :func:`allcluster.score.reading.read_decode` as
+Ray Data tasks and :class:`Scorer` as an actor pool; tests and ``bench score`` call both directly.
+The rest of a scoring run lives beside it: ``ledger`` (job-wide bookkeeping), ``reading`` (stage 1),
+``budget`` (who gets the expensive methods), ``heatmaps`` (files), ``rows`` (schema, provenance).
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from allcluster.atomic import atomic_write_bytes
-from allcluster.data import decode as dec
+from allcluster.data.paths import clean_text
+from allcluster.data.preprocess import cell_mask
 from allcluster.device import pick_device
-from allcluster.models.card import ModelCard
-from allcluster.data.paths import clean_text, parent_text, to_fs
-from allcluster.data.preprocess import Preprocess, cell_mask
-from allcluster.score.config import BudgetConfig, ScoreConfig
-from allcluster.score.rows import class_columns, empty_columns, method_columns, row_schema
+from allcluster.score.budget import budget_reasons
+from allcluster.score.config import ScoreConfig
+from allcluster.score.heatmaps import write_heatmaps
+from allcluster.score.ledger import Reserve
+from allcluster.score.rows import class_columns, empty_columns, method_columns, provenance, row_schema
 from allcluster.xai.localisation import mass_inside
-from allcluster.xai.overlay import jet_overlay
-
-Claim = Callable[[list[str], list[str]], list[str]]   # (sha256s, paths) -> owner path per file ("" = you)
-Reserve = Callable[[int], int]                        # ask for n budgeted explanations -> granted
-
-
-class Ledger:
-    """Job-wide bookkeeping shared by every worker (a Ray actor in a job): which file computes each
-    distinct content (sha256), and how many budgeted explanations are left."""
-
-    def __init__(self, budget_cap: int, budget_used: int = 0):
-        self.owners: dict[bytes, str] = {}
-        self.budget_left = max(0, budget_cap - budget_used)
-
-    def claim(self, shas: list[str], paths: list[str]) -> list[str]:
-        owners = []
-        for sha, path in zip(shas, paths):
-            owner = self.owners.setdefault(bytes.fromhex(sha), path)
-            owners.append("" if owner == path else owner)
-        return owners
-
-    def reserve(self, n: int) -> int:
-        granted = min(n, self.budget_left)
-        self.budget_left -= granted
-        return granted
-
-
-# ---- stage 1: read + decode (CPU tasks) ------------------------------------------------------------
-def _fail(out: dict, i: int, err: dec.DecodeError) -> None:
-    out["status"][i], out["error_type"][i], out["error"][i] = "error", err.kind, clean_text(str(err))
-
-
-def read_decode(batch: dict[str, np.ndarray], size: int, roi_crop: bool, roi_margin: float, max_pixels: int,
-                claim: Claim, max_bytes: int = dec.DEFAULT_MAX_BYTES) -> dict[str, np.ndarray]:
-    """Read, hash and decode a batch of files into uint8 ``pixels`` (N, size, size, 3).
-
-    ``batch["path"]`` holds table paths (:mod:`allcluster.data.paths`). Every file keeps its row: any
-    failure while reading, hashing, decoding or preprocessing it gets ``status="error"``; a file whose
-    bytes another file of the job already has gets ``duplicate_of`` and is not decoded (it is filled
-    in at the end).
-    """
-    paths = [str(p) for p in batch["path"]]
-    n = len(paths)
-    out = {k: np.asarray(v) for k, v in batch.items()}
-    out.update(folder=np.array([parent_text(p) for p in paths], dtype=object),
-               sha256=np.full(n, "", dtype=object), size_bytes=np.full(n, -1, np.int64),
-               width=np.full(n, -1, np.int32), height=np.full(n, -1, np.int32),
-               status=np.full(n, "ok", dtype=object), error_type=np.full(n, "", dtype=object),
-               error=np.full(n, "", dtype=object), duplicate_of=np.full(n, "", dtype=object),
-               t_read_ms=np.zeros(n, np.float32), t_decode_ms=np.zeros(n, np.float32),
-               pixels=np.zeros((n, size, size, 3), np.uint8))
-    blobs: list[bytes | None] = []
-    for i, path in enumerate(paths):
-        start = time.perf_counter()
-        try:
-            data, out["sha256"][i] = dec.read_any(to_fs(path), max_bytes)
-            out["size_bytes"][i] = len(data)
-            blobs.append(data)
-        except dec.DecodeError as err:
-            blobs.append(None)
-            _fail(out, i, err)
-        out["t_read_ms"][i] = (time.perf_counter() - start) * 1e3
-    hashed = [i for i in range(n) if blobs[i] is not None]
-    owners = claim([out["sha256"][i] for i in hashed], [paths[i] for i in hashed]) if hashed else []
-    preprocess = Preprocess(size, roi_crop, roi_margin)
-    for i, owner in zip(hashed, owners):
-        if owner:
-            out["duplicate_of"][i] = owner
-            continue
-        start = time.perf_counter()
-        try:
-            decode_into(out, i, blobs[i], paths[i], preprocess, max_pixels)
-        except dec.DecodeError as err:
-            _fail(out, i, err)
-        blobs[i] = None                       # free the bytes as soon as they are decoded
-        out["t_decode_ms"][i] = (time.perf_counter() - start) * 1e3
-    return out
-
-
-def decode_into(out: dict, i: int, data: bytes, path: str, preprocess: Preprocess, max_pixels: int) -> None:
-    """Decode + preprocess one file into row ``i`` of ``out``; every failure is a :class:`DecodeError`."""
-    image = dec.decode_any(data, path, max_pixels=max_pixels, draft=preprocess.size)
-    try:
-        out["pixels"][i] = preprocess(image.array)
-    except Exception as err:      # noqa: BLE001 - an odd shape or a cv2 failure in the ROI crop
-        raise dec.unexpected("decode_error", path, err) from err
-    out["width"][i], out["height"][i] = image.width, image.height
-
-
-# ---- stage 2: predict + explain (actor) ------------------------------------------------------------
-def sha_fraction(sha: str) -> float:
-    """A uniform number in [0, 1) fixed by the content: the same images are sampled on every rerun."""
-    return int(sha[:12], 16) / float(1 << 48)
-
-
-def budget_reasons(confidence: np.ndarray, predicted: list[str], shas: list[str], budget: BudgetConfig) -> list[str]:
-    """Why each image gets the expensive methods ("" when it does not), first matching rule wins."""
-    if not budget.methods:
-        return [""] * len(shas)
-    reasons = []
-    for conf, cls, sha in zip(confidence, predicted, shas):
-        if conf < budget.low_confidence:
-            reasons.append("low_confidence")
-        elif cls in budget.classes:
-            reasons.append("class")
-        elif sha_fraction(sha) < budget.sample_fraction:
-            reasons.append("sample")
-        else:
-            reasons.append("")
-    return reasons
-
-
-def heatmap_relpath(sha: str, method: str, suffix: str = ".png") -> str:
-    """Deterministic name of one image's map: ``heatmaps/ab/abcdef....gradcam.png``."""
-    return f"heatmaps/{sha[:2]}/{sha}.{method_columns(method)['heatmap'][len('heatmap_'):]}{suffix}"
-
-
-def write_heatmaps(out_dir: Path, shas: list[str], method: str, maps_u8: np.ndarray,
-                   pixels: np.ndarray | None = None) -> list[str]:
-    """8-bit maps at the model's resolution (PNG), plus colour overlays (JPEG) when ``pixels`` given."""
-    import cv2
-
-    names = []
-    for i, sha in enumerate(shas):
-        rel = heatmap_relpath(sha, method)
-        atomic_write_bytes(out_dir / rel, cv2.imencode(".png", maps_u8[i])[1].tobytes())
-        if pixels is not None:
-            blend = jet_overlay(pixels[i], maps_u8[i])[..., ::-1]             # RGB -> cv2's BGR
-            atomic_write_bytes(out_dir / rel.replace("heatmaps/", "overlays/", 1).replace(".png", ".jpg"),
-                          cv2.imencode(".jpg", blend, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes())
-        names.append(rel)
-    return names
-
-
-def provenance(card: ModelCard, cfg: ScoreConfig, run_id: str, device: str) -> dict[str, str]:
-    """The provenance columns shared by every row of one run."""
-    from allcluster.config import config_hash
-    from allcluster.models.model_dir import versions
-
-    v = versions()
-    return {"model_sha256": card.weights_sha256, "model_run_id": card.run_id,
-            "config_hash": config_hash(cfg), "run_id": run_id, "device": device,
-            "allcluster_version": v["allcluster"], "torch_version": v["torch"], "timm_version": v["timm"],
-            "ray_version": v["ray"]}
-
-
-def error_rows(schema: pa.Schema, errors: list[dict], constants: dict[str, str]) -> pa.Table:
-    """Rows for files that failed before reading (listing: symlinks, non-files)."""
-    cols = empty_columns(schema, len(errors))
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    for i, err in enumerate(errors):
-        cols["path"][i], cols["folder"][i] = err["path"], parent_text(err["path"])
-        cols["status"][i], cols["error_type"][i], cols["error"][i] = "error", err["error_type"], err["error"]
-        cols["duplicate_of"][i] = ""
-    for key, value in {**constants, "scored_at": stamp}.items():
-        cols[key] = [value] * len(errors)
-    return pa.Table.from_pydict(cols, schema=schema)
 
 
 def build_explainer(name: str, model: torch.nn.Module, layer: str, cfg: ScoreConfig):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from allcluster.models.card import ModelCard
 from allcluster.score import core
+from allcluster.score.budget import budget_reasons
+from allcluster.score.reading import read_decode
 from allcluster.score.config import ScoreConfig
 from allcluster.score.output import budget_used
 
@@ -33,7 +35,7 @@ def measure(cfg: ScoreConfig, paths: list[str], card: ModelCard) -> dict:
     import numpy as np
 
     batch = {"path": np.array(paths, dtype=object)}
-    decode_s, decoded = _timed(core.read_decode, batch, card.input_size, card.roi_crop, card.roi_margin, cfg.max_pixels, lambda shas, p: [""] * len(shas),
+    decode_s, decoded = _timed(read_decode, batch, card.input_size, card.roi_crop, card.roi_margin, cfg.max_pixels, lambda shas, p: [""] * len(shas),
                                cfg.max_bytes)
     with tempfile.TemporaryDirectory() as tmp:
         cheap_cfg = dataclasses.replace(cfg, explain=dataclasses.replace(
@@ -43,7 +45,7 @@ def measure(cfg: ScoreConfig, paths: list[str], card: ModelCard) -> dict:
         cheap_s, table = _timed(scorer, decoded)
         rows = table.to_pylist()
         ok = [r for r in rows if r["status"] == "ok"]
-        reasons = core.budget_reasons(np.array([r["confidence"] for r in ok]), [r["predicted_class"] for r in ok],
+        reasons = budget_reasons(np.array([r["confidence"] for r in ok]), [r["predicted_class"] for r in ok],
                                       [r["sha256"] for r in ok], cfg.explain.budget)
         budget_ms = measure_budget(cfg, tmp, decoded, ok)
     return {"decode_ms": 1e3 * decode_s / len(paths), "every_image_ms": 1e3 * cheap_s / max(1, len(ok)),

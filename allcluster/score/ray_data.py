@@ -21,6 +21,9 @@ from allcluster.interrupt import Interrupted, StopSignals
 from allcluster.models.card import ModelCard
 from allcluster.ray_utils import ensure_ray
 from allcluster.score import core
+from allcluster.score.ledger import Ledger
+from allcluster.score.reading import read_decode
+from allcluster.score.rows import error_rows, provenance
 from allcluster.score.config import ScoreConfig, row_settings
 from allcluster.score.inputs import Listing, Shard, list_inputs
 from allcluster.atomic import atomic_write_text
@@ -58,7 +61,7 @@ class ScoreActor(core.Scorer):
 
 def _read_decode(batch, ledger, **kwargs):
     import ray
-    return core.read_decode(batch, claim=lambda shas, paths: ray.get(ledger.claim.remote(shas, paths)), **kwargs)
+    return read_decode(batch, claim=lambda shas, paths: ray.get(ledger.claim.remote(shas, paths)), **kwargs)
 
 
 def write_todo(out: Path, todo: Listing, run_id: str) -> Path:
@@ -143,7 +146,7 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
         try:
             with StopSignals(SCORE_STOPPING) as stop:
                 stop.graceful()
-                writer.add(core.error_rows(schema, todo.errors, core.provenance(card, cfg, run_id, "")))
+                writer.add(error_rows(schema, todo.errors, provenance(card, cfg, run_id, "")))
                 if todo.files.num_rows:
                     stream_rows(cfg, card, todo, writer, run_id, out, shard, stop)
         except Interrupted as err:
@@ -174,7 +177,7 @@ def stream_rows(cfg: ScoreConfig, card: ModelCard, todo: Listing, writer: ShardW
     say(f"[score] {plan['size']} model replica(s) on {plan['device']} "
         f"({plan['num_gpus']:g} GPU, {plan['num_cpus']:g} CPU each), batch {cfg.batch_size}")
     cap = math.ceil(cfg.explain.budget.max_images / shard.count)
-    ledger = ray.remote(core.Ledger).options(num_cpus=0).remote(cap, budget_used(out, shard))
+    ledger = ray.remote(Ledger).options(num_cpus=0).remote(cap, budget_used(out, shard))
     progress = Progress(len(todo), cfg.progress_seconds)
     waiting = []
     for table in build_dataset(cfg, card, todo, ledger, run_id, plan).iter_batches(batch_size=None,

@@ -9,8 +9,16 @@ Columns a row has no value for (an error row, a method not run on it) are null.
 from __future__ import annotations
 
 import re
+import time
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
+
+from allcluster.data.paths import parent_text
+
+if TYPE_CHECKING:
+    from allcluster.models.card import ModelCard
+    from allcluster.score.config import ScoreConfig
 
 IDENTITY = [("path", pa.string()), ("folder", pa.string()), ("sha256", pa.string()), ("size_bytes", pa.int64()),
             ("width", pa.int32()), ("height", pa.int32()), ("status", pa.string()), ("error_type", pa.string()),
@@ -78,3 +86,28 @@ def row_schema(classes: list[str], methods: list[str], extra: list[str] = ()) ->
 def empty_columns(schema: pa.Schema, n: int) -> dict[str, list]:
     """``n`` all-null rows as column lists, to be filled in place."""
     return {name: [None] * n for name in schema.names}
+
+
+def provenance(card: ModelCard, cfg: ScoreConfig, run_id: str, device: str) -> dict[str, str]:
+    """The provenance columns shared by every row of one run."""
+    from allcluster.config import config_hash
+    from allcluster.models.model_dir import versions
+
+    v = versions()
+    return {"model_sha256": card.weights_sha256, "model_run_id": card.run_id,
+            "config_hash": config_hash(cfg), "run_id": run_id, "device": device,
+            "allcluster_version": v["allcluster"], "torch_version": v["torch"], "timm_version": v["timm"],
+            "ray_version": v["ray"]}
+
+
+def error_rows(schema: pa.Schema, errors: list[dict], constants: dict[str, str]) -> pa.Table:
+    """Rows for files that failed before reading (listing: symlinks, non-files)."""
+    cols = empty_columns(schema, len(errors))
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    for i, err in enumerate(errors):
+        cols["path"][i], cols["folder"][i] = err["path"], parent_text(err["path"])
+        cols["status"][i], cols["error_type"][i], cols["error"][i] = "error", err["error_type"], err["error"]
+        cols["duplicate_of"][i] = ""
+    for key, value in {**constants, "scored_at": stamp}.items():
+        cols[key] = [value] * len(errors)
+    return pa.Table.from_pydict(cols, schema=schema)

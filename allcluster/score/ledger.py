@@ -1,0 +1,29 @@
+"""Job-wide bookkeeping of a scoring run: one owner per distinct file content, and the budget of
+expensive explanations. A Ray actor in a job (``score/ray_data.py``), a plain object in tests."""
+from __future__ import annotations
+
+from typing import Callable
+
+Claim = Callable[[list[str], list[str]], list[str]]   # (sha256s, paths) -> owner path per file ("" = you)
+Reserve = Callable[[int], int]                        # ask for n budgeted explanations -> granted
+
+
+class Ledger:
+    """Job-wide bookkeeping shared by every worker (a Ray actor in a job): which file computes each
+    distinct content (sha256), and how many budgeted explanations are left."""
+
+    def __init__(self, budget_cap: int, budget_used: int = 0):
+        self.owners: dict[bytes, str] = {}
+        self.budget_left = max(0, budget_cap - budget_used)
+
+    def claim(self, shas: list[str], paths: list[str]) -> list[str]:
+        owners = []
+        for sha, path in zip(shas, paths):
+            owner = self.owners.setdefault(bytes.fromhex(sha), path)
+            owners.append("" if owner == path else owner)
+        return owners
+
+    def reserve(self, n: int) -> int:
+        granted = min(n, self.budget_left)
+        self.budget_left -= granted
+        return granted
