@@ -85,3 +85,16 @@ def test_no_module_writes_a_file_by_hand_through_a_temporary_and_a_rename():
         if count:
             found[str(path.relative_to(REPO / "allcluster"))] = count
     assert found == allowed, found
+
+
+def test_xai_depends_only_on_models_and_train_tables_load_without_torch():
+    imported = {}
+    for path in (REPO / "allcluster" / "xai").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("allcluster"):
+                imported.setdefault(node.module.split(".")[1] if "." in node.module else "", set()).add(path.name)
+    assert set(imported) <= {"xai", "models"}, imported
+    import subprocess
+    done = subprocess.run([sys.executable, "-c", "import sys, allcluster.train.config, allcluster.config_registry; "
+                           "print('torch' in sys.modules)"], capture_output=True, text=True, cwd=REPO)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
