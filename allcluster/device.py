@@ -1,6 +1,8 @@
-"""The one device choice: ``auto`` (CUDA when this process sees a GPU, else CPU), ``cpu`` or ``cuda[:N]``."""
+"""The one device choice: ``auto`` (CUDA when this process sees a GPU, else CPU), ``cpu`` or ``cuda[:N]``,
+and the one precision choice that goes with it (training and scoring share both)."""
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 from allcluster.config import ConfigError
@@ -29,3 +31,19 @@ def pick_device(choice: "str | torch.device" = "auto", what: str = "device") -> 
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"{what}: {choice!r}: expected auto, cpu or cuda[:N]")
     return device
+
+
+def use_bf16(precision: str, device: "torch.device") -> bool:
+    """``bf16`` autocast for ``precision`` on ``device``: ``auto`` means bf16 on CUDA (tensor cores;
+    fp32 weights kept), fp32 on CPU; ``bf16`` / ``fp32`` force it either way (bf16 on CPU runs the GPU
+    path's code, slowly: what the tests do)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"precision: {precision!r}: expected auto, fp32 or bf16")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def autocast(device: "torch.device", bf16: bool):
+    """The autocast context for a model call (a no-op for fp32)."""
+    import torch
+
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()

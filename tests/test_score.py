@@ -192,6 +192,23 @@ def test_scorer_rows_agree_with_a_direct_forward_and_gradcam(tiny_model_dir, rea
     assert (rows["model_sha256"] == loaded.card.weights_sha256).all() and (rows["run_id"] == "run-1").all()
 
 
+def test_the_gpu_precision_path_bf16_autocast_runs_on_cpu_and_agrees_with_fp32(tiny_model_dir, real_data_dir, tmp_path):
+    paths = real_images(real_data_dir, 2)
+    decoded = _decoded(paths)
+    rows = {}
+    for precision in ("fp32", "bf16"):
+        cfg = score_config(tiny_model_dir, tmp_path, tmp_path / precision, workers={"precision": precision},
+                           explain={"budget": {"methods": []}})
+        scorer = core.Scorer(cfg, str(tmp_path / precision), "run", lambda n: n)
+        assert scorer.bf16 == (precision == "bf16")
+        rows[precision] = scorer(decoded).to_pandas()
+    fp32, bf16 = rows["fp32"], rows["bf16"]
+    assert (bf16["status"] == "ok").all() and bf16["heatmap_gradcam"].notna().all()
+    probs = [f"cal_prob_{c}" for c in ("Benign", "Early", "Pre", "Pro")]
+    np.testing.assert_allclose(bf16[probs].to_numpy(), fp32[probs].to_numpy(), atol=0.05)
+    assert bf16["on_cell_gradcam"].between(0, 1).all()
+
+
 def test_a_model_failure_becomes_error_rows_not_a_crash(tiny_model_dir, real_data_dir, tmp_path):
     cfg = score_config(tiny_model_dir, tmp_path, tmp_path / "out")
     scorer = core.Scorer(cfg, str(tmp_path / "out"), "run", lambda n: n)

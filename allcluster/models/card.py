@@ -40,6 +40,7 @@ class ModelCard:
     roi_crop: bool = False
     roi_margin: float = 0.1
     temperature: float = 1.0                     # calibration: softmax(logits / temperature)
+    logits_precision: str = "fp32"               # the model ran in this when the temperature was fitted
     best_epoch: int = -1
     epochs_trained: int = 0
     metrics: dict = field(default_factory=dict)  # val, test (classification_metrics), *_ece_calibrated

@@ -16,7 +16,7 @@ import torch
 
 from allcluster.data.paths import clean_text
 from allcluster.data.preprocess import cell_mask
-from allcluster.device import pick_device
+from allcluster.device import autocast, pick_device, use_bf16
 from allcluster.score.budget import budget_reasons
 from allcluster.score.config import ScoreConfig
 from allcluster.score.heatmaps import write_heatmaps
@@ -48,6 +48,9 @@ class Scorer:
         self.device = pick_device(device or cfg.workers.device, "workers.device")
         loaded = load_model_dir(cfg.model, self.device)
         self.model, self.card, self.temperature = loaded.model.requires_grad_(False), loaded.card, loaded.temperature
+        self.bf16 = use_bf16(cfg.workers.precision, self.device)
+        if self.device.type == "cuda":           # NHWC: the layout cuDNN's tensor-core kernels want
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.classes = loaded.classes
         self.normalize = self.card.normalize().to(self.device)
         self.every = {m: build_explainer(m, self.model, self.card.cam_layer, cfg) for m in cfg.explain.methods}
@@ -65,7 +68,8 @@ class Scorer:
         todo = [i for i in range(n) if cols["status"][i] == "ok" and not cols["duplicate_of"][i]]
         if todo:
             try:
-                self.fill(cols, todo, np.asarray(batch["pixels"])[todo])
+                with autocast(self.device, self.bf16):
+                    self.fill(cols, todo, np.asarray(batch["pixels"])[todo])
             except Exception as err:       # noqa: BLE001 - any model-side failure becomes error rows
                 for i in todo:
                     cols["status"][i], cols["error_type"][i] = "error", "model_error"
@@ -84,6 +88,8 @@ class Scorer:
         """Predict and explain the rows ``todo`` (their uint8 ``pixels``) into ``cols`` in place."""
         start = self._sync()
         x = self.normalize(torch.from_numpy(pixels).to(self.device, non_blocking=True).permute(0, 3, 1, 2))
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
         explanations, logits = self.first_pass(x)
         probs = torch.softmax(logits.float(), 1)
         calibrated = torch.softmax(logits.float() / self.temperature, 1)

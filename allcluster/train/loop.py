@@ -12,7 +12,6 @@ import pickle
 import re
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from allcluster.train.augment import BatchMixer, image_transform, minority_trans
 from allcluster.config import ConfigError, config_hash, to_dict
 from allcluster.console import say
 from allcluster.data.cache import ensure_cache
+from allcluster.device import autocast, use_bf16
 from allcluster.data.manifest import read_manifest
 from allcluster.data.preprocess import Normalize, Preprocess
 from allcluster.models import build_model, get_spec
@@ -131,8 +131,7 @@ class WorkerRun:
         self.out = Path(cfg.output_dir)
         self.device = session.device
         self.on_gpu = self.device.type == "cuda"
-        precision = cfg.fit.precision
-        self.bf16 = precision == "bf16" or (precision == "auto" and self.on_gpu)
+        self.bf16 = use_bf16(cfg.fit.precision, self.device)
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -172,9 +171,7 @@ class WorkerRun:
         self.mixer = BatchMixer(cfg.augment, len(self.classes), cfg.fit.label_smoothing)
 
     def autocast(self):
-        if not self.bf16:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return autocast(self.device, self.bf16)
 
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
         images = self.normalize(images.to(self.device, non_blocking=True))
@@ -352,7 +349,8 @@ class WorkerRun:
             classes=list(self.classes), backbone=cfg.model.backbone, timm_name=spec.timm_name,
             input_size=cfg.data.image_size, mean=list(spec.mean), std=list(spec.std),
             roi_crop=cfg.data.roi_crop, roi_margin=cfg.data.roi_margin, cam_layer=spec.cam_layer,
-            head=head_dict(self.head_spec), temperature=final["temperature"], best_epoch=state.best_epoch,
+            head=head_dict(self.head_spec), temperature=final["temperature"],
+            logits_precision="bf16" if self.bf16 else "fp32", best_epoch=state.best_epoch,
             epochs_trained=state.epoch,
             metrics={"val": final["val_metrics"], "test": final["test_metrics"],
                      "val_ece_calibrated": final["val_ece_calibrated"],
