@@ -503,3 +503,16 @@ def test_a_duplicate_takes_its_first_copys_results_but_keeps_its_own_input_colum
     assert (copy["path"], copy["ward"], copy["duplicate_of"]) == ("copy.jpg", "W2", "first.jpg")
     assert (copy["predicted_class"], copy["confidence"], copy["t_model_ms"]) == ("B", pytest.approx(0.9), None)
     assert (orphan["status"], orphan["error_type"]) == ("error", "duplicate_unresolved")
+
+
+def test_cpu_replicas_always_leave_a_decode_task_room_on_small_allocations():
+    from allcluster.score.ray_data import actor_plan
+
+    cfg = from_dict(ScoreConfig, {})
+    for cpus in (1, 2, 3, 4, 16):
+        plan = actor_plan(cfg, {"CPU": cpus})
+        assert plan["size"] * plan["num_cpus"] + cfg.workers.decode_cpus <= cpus + 1e-9, (cpus, plan)
+        assert plan["device"] == "cpu" and plan["threads"] >= 1
+    assert actor_plan(cfg, {"CPU": 16})["num_cpus"] == cfg.workers.cpus_per_actor, "room to spare: as configured"
+    gpu = actor_plan(cfg, {"CPU": 8, "GPU": 2})
+    assert gpu["device"] == "cuda" and gpu["size"] == 2 and gpu["num_gpus"] == 1

@@ -43,8 +43,11 @@ def actor_plan(cfg: ScoreConfig, resources: dict) -> dict:
         return {"size": size, "num_gpus": w.gpus_per_actor, "num_cpus": w.cpus_per_actor, "device": "cuda"}
     cpus = resources.get("CPU", 1)
     size = w.actors or max(1, int((cpus - w.decode_cpus) // w.cpus_per_actor) // 2)
-    return {"size": size, "num_gpus": 0, "num_cpus": w.cpus_per_actor, "device": "cpu",
-            "threads": w.torch_threads or max(1, math.ceil(w.cpus_per_actor), int(cpus // size))}
+    # The replicas hold their CPUs for the whole job: on a small allocation (1-2 CPUs) they must
+    # leave room for one read/decode task, or Ray Data waits forever for a CPU to read the file list.
+    per_actor = min(w.cpus_per_actor, max(0.01, (cpus - w.decode_cpus) / size))
+    return {"size": size, "num_gpus": 0, "num_cpus": per_actor, "device": "cpu",
+            "threads": w.torch_threads or max(1, math.ceil(per_actor), int(cpus // size))}
 
 
 class ScoreActor(core.Scorer):
@@ -84,7 +87,10 @@ def build_dataset(cfg: ScoreConfig, card: ModelCard, todo: Listing, ledger, run_
     # read_parquet yields the small file as one block; splitting the path table (a barrier on paths
     # only, never on images) lets results stream back about one batch at a time.
     blocks = max(1, min(math.ceil(todo.files.num_rows / cfg.batch_size), 4096))
-    ds = ray.data.read_parquet(str(write_todo(Path(cfg.out).resolve(), todo, run_id))).repartition(blocks)
+    # The to-do list is tiny: reading it takes a decode task's share of a CPU, not Ray Data's default
+    # whole CPU, which the model replicas may hold on a small node.
+    ds = ray.data.read_parquet(str(write_todo(Path(cfg.out).resolve(), todo, run_id)),
+                               num_cpus=cfg.workers.decode_cpus).repartition(blocks)
     ds = ds.map_batches(_read_decode, batch_size=cfg.batch_size, num_cpus=cfg.workers.decode_cpus,
                         fn_kwargs={"ledger": ledger, "size": card.input_size, "roi_crop": card.roi_crop,
                                    "roi_margin": card.roi_margin, "max_pixels": cfg.max_pixels,
