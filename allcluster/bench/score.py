@@ -123,7 +123,7 @@ def plan_probe(model: str, manifest: str, out: str) -> None:
     from allcluster.config import from_dict
     from allcluster.score.config import ScoreConfig
     from allcluster.score.output import compact
-    from allcluster.score.ray_data import plan_job, write_todo
+    from allcluster.score.ray_data import plan_job, todo_blocks
 
     import tempfile
 
@@ -132,16 +132,16 @@ def plan_probe(model: str, manifest: str, out: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:       # warm-up: page in the Arrow/Parquet code first
         pq.write_table(synthetic_manifest_table(100), Path(tmp) / "m.parquet")
         warm = from_dict(ScoreConfig, {"model": model, "input": str(Path(tmp) / "m.parquet"), "out": tmp}, "warm-up")
-        write_todo(Path(tmp), plan_job(warm, Path(tmp)).todo, "warm-up")
+        todo_blocks(plan_job(warm, Path(tmp)).todo, warm.batch_size)
     cfg = from_dict(ScoreConfig, {"model": model, "input": manifest, "out": out}, "bench plan")
     Path("/proc/self/clear_refs").write_text("5")
     base, start = rss_kib("VmRSS"), time.perf_counter()
     compact(Path(out))                  # what a run does first (a no-op here: no path has two rows)
     job = plan_job(cfg, Path(out))
-    write_todo(Path(out), job.todo, "bench")
+    blocks = todo_blocks(job.todo, cfg.batch_size)      # the pipeline's input slices (views of the list)
     seconds = time.perf_counter() - start
     peak = rss_kib("VmHWM")
-    print(json.dumps({"inputs": job.inputs, "already_scored": job.done, "to_do": len(job.todo),
+    print(json.dumps({"inputs": job.inputs, "already_scored": job.done, "to_do": len(job.todo), "blocks": len(blocks),
                       "seconds": round(seconds, 2), "baseline_mib": round(base / 1024, 1),
                       "peak_mib": round(peak / 1024, 1), "bytes_per_row": round((peak - base) * 1024 / max(1, job.inputs), 1)}))
 

@@ -4,7 +4,6 @@ Layout of ``OUT``::
 
     rows/part-<run>-<n>.parquet   result rows, one shard per flush (atomic: written, then renamed)
     heatmaps/ab/<sha256>.<method>.png   8-bit maps at the model resolution (overlays/ when asked)
-    state/todo-<run>.parquet      the files a run still has to do (read by Ray Data; removed at the end)
     score.yaml, job.json          the resolved config; the settings every rerun must keep
     summary.json                  counts per class, flagged, errors by type, throughput
     .lock                         held by the one run writing here (released by the OS when it dies)

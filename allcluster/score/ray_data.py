@@ -67,30 +67,22 @@ def _read_decode(batch, ledger, **kwargs):
     return read_decode(batch, claim=lambda shas, paths: ray.get(ledger.claim.remote(shas, paths)), **kwargs)
 
 
-def write_todo(out: Path, todo: Listing, run_id: str) -> Path:
-    """The files still to score as a Parquet file on the shared filesystem, which Ray Data reads:
-    the listing does not go through the driver's object store as Python objects."""
-    import pyarrow.parquet as pq
-
-    path = out / "state" / f"todo-{run_id}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with pq.ParquetWriter(path, todo.files.schema) as writer:     # in slices: no second copy of the list
-        for batch in todo.files.to_batches(max_chunksize=65_536):
-            writer.write_batch(batch)
-    return path
+def todo_blocks(todo: Listing, batch_size: int, max_blocks: int = 4096) -> list:
+    """The files still to score as Arrow slices (views, no copy) of about ``batch_size`` rows, at
+    most ``max_blocks`` of them: the Ray Dataset's input blocks."""
+    rows = todo.files.num_rows
+    size = max(batch_size, math.ceil(rows / max_blocks))
+    return [todo.files.slice(start, size) for start in range(0, rows, size)]
 
 
 def build_dataset(cfg: ScoreConfig, card: ModelCard, todo: Listing, ledger, run_id: str, plan: dict):
     """The lazy Ray Dataset of result rows for the files in ``todo``."""
     import ray
 
-    # read_parquet yields the small file as one block; splitting the path table (a barrier on paths
-    # only, never on images) lets results stream back about one batch at a time.
-    blocks = max(1, min(math.ceil(todo.files.num_rows / cfg.batch_size), 4096))
-    # The to-do list is tiny: reading it takes a decode task's share of a CPU, not Ray Data's default
-    # whole CPU, which the model replicas may hold on a small node.
-    ds = ray.data.read_parquet(str(write_todo(Path(cfg.out).resolve(), todo, run_id)),
-                               num_cpus=cfg.workers.decode_cpus).repartition(blocks)
+    # The to-do list goes in as Arrow slices of about one batch each (zero-copy views of the listing's
+    # table, put in the object store): no read task, so nothing waits for a whole free CPU that the
+    # model replicas may hold on a small node, and results stream back about one batch at a time.
+    ds = ray.data.from_arrow(todo_blocks(todo, cfg.batch_size))
     ds = ds.map_batches(_read_decode, batch_size=cfg.batch_size, num_cpus=cfg.workers.decode_cpus,
                         fn_kwargs={"ledger": ledger, "size": card.input_size, "roi_crop": card.roi_crop,
                                    "roi_margin": card.roi_margin, "max_pixels": cfg.max_pixels,
@@ -203,4 +195,3 @@ def stream_rows(cfg: ScoreConfig, card: ModelCard, todo: Listing, writer: ShardW
     if waiting:
         writer.add(resolve_duplicates(out, pa.concat_tables(waiting), todo.input_columns))
         writer.flush()
-    (out / "state" / f"todo-{run_id}.parquet").unlink(missing_ok=True)
