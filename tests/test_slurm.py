@@ -234,7 +234,7 @@ def test_score_script_refuses_to_run_outside_a_job():
 
 def test_array_jobs_score_parts_into_one_out_and_sweep_trials_then_collect(
         slurm, tiny_model_dir, real_data_dir, real_manifest, tmp_path):
-    """`slurm/score-array.sh` as a 2-task array: each task scores its --shard part into one shared OUT,
+    """`slurm/score-array.sh` as a 2-task array of one-CPU tasks: each scores its --shard part into one shared OUT,
     which then holds exactly one row per file and reads as one result in `allcluster report`.
     `slurm/sweep-array.sh`: one task per planned trial (after the scoring array, to keep the 2-core
     CI machine to two Ray clusters at once), then `--collect` chained with --dependency as the
@@ -247,7 +247,9 @@ def test_array_jobs_score_parts_into_one_out_and_sweep_trials_then_collect(
     sweep_cfg.write_text((REPO / "configs/sweep/ci_tiny.yaml").read_text()
                          .replace("optim.name: [adam, sgd]", "optim.name: [adam]"))
     common = ["--cpus-per-task=2", "--mem=3G", "--time=15"]
-    score = _submit(slurm, ["--array=0-1", *common, f"--output={tmp_path}/score-%A_%a.out"],
+    # one CPU per scoring task: the model replica must leave the input and decode tasks room (it did not)
+    score = _submit(slurm, ["--array=0-1", "--cpus-per-task=1", "--mem=3G", "--time=15",
+                            f"--output={tmp_path}/score-%A_%a.out"],
                     ["slurm/score-array.sh", "--config", "configs/score/ci_tiny.yaml", "--model", str(tiny_model_dir),
                      "--input", str(listing), "--out", str(out)])
     sweep = _submit(slurm, ["--array=0-1", f"--dependency=afterany:{score}", *common,
