@@ -10,8 +10,12 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from allcluster.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -102,7 +106,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 def tiny_train_config(manifest: Path, output_dir: Path, **sections) -> "TrainConfig":
     """A fast CPU training config for tests; ``sections`` override whole YAML sections."""
-    from allcluster.config import apply_overrides, from_dict
+    from allcluster.config import from_dict
     from allcluster.train.config import TrainConfig, resolve
 
     data = {
