@@ -471,3 +471,15 @@ def test_one_best_trial_rule_for_the_sweep_and_the_report():
     assert ranked(trials)["trial_id"].tolist() == ["a", "b", "c"]
     assert tables.ranked is ranked and driver.best_trial is best_trial
     assert best_trial(trials[trials["status"] == "errored"]) is None
+
+
+def test_trials_table_has_the_schema_columns_in_order_with_varied_keys_after_the_index(tmp_path):
+    from allcluster.sweep.results import trials_table
+    from allcluster.sweep.schema import TRIAL_COLUMNS
+
+    sweep = _sweep({"experiment_dir": str(tmp_path), "train": {"data": {"manifest": "m.parquet"}},
+                    "grid": {"augment.name": ["mixup"], "optim": [{"name": "sgd", "lr": 0.01}]}})
+    table = trials_table(plan_trials(sweep, "sweep.yaml"), "t")       # nothing ran: every trial pending
+    varied = ["augment.name", "optim.name", "optim.lr"]
+    assert list(table.columns) == TRIAL_COLUMNS[:2] + varied + TRIAL_COLUMNS[2:]
+    assert table.loc[0, "status"] == "pending" and table.loc[0, "optimizer"] == "sgd" and table.loc[0, "lr"] == 0.01

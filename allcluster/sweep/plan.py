@@ -25,7 +25,6 @@ from allcluster.config import ConfigError, deep_merge, from_dict, read_yaml, set
 from allcluster.sweep.config import DISTRIBUTIONS, SweepConfig
 from allcluster.train.config import TrainConfig, resolve
 
-STATUSES = ("finished", "stopped", "errored", "interrupted", "pending")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from allcluster.config import config_hash
 from allcluster.models.card import CARD_FILE, ModelCard
 from allcluster.models.model_dir import versions
 from allcluster.sweep.plan import Trial, trial_status
-from allcluster.sweep.schema import METRIC_KEYS
+from allcluster.sweep.schema import METRIC_KEYS, ordered
 
 SUMMARY_COLUMNS = ["backbone", "augmentation", "optimizer", "status", "best_epoch", "train_accuracy", "train_macro_f1",
                    "val_accuracy", "test_accuracy", "train_loss", "val_loss", "test_loss", "val_macro_f1",
@@ -89,13 +89,14 @@ def trial_row(trial: Trial) -> dict:
 
 
 def trials_table(trials: list[Trial], sweep_name: str) -> pd.DataFrame:
-    rows = [trial_row(t) for t in trials]
-    table = pd.DataFrame(rows)
+    """``trials.parquet``: one row per trial, the columns of :data:`allcluster.sweep.schema.TRIAL_COLUMNS`."""
+    table = pd.DataFrame([trial_row(t) for t in trials])
     found = versions()
     for name in ("allcluster", "torch", "timm", "ray"):
         table[f"{name}_version"] = found[name]
     table["sweep"] = sweep_name
-    return table
+    varied = list(dict.fromkeys(k for t in trials for k in t.params))
+    return ordered(table, varied) if len(table) else table
 
 
 def epochs_table(trials: list[Trial]) -> pd.DataFrame:

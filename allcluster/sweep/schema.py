@@ -11,6 +11,25 @@ SPLITS = ("train", "val", "test")
 METRIC_KEYS = EVAL_METRICS                  # <split>_<metric> columns (val_/test_ for every one)
 CELL = ["backbone", "augmentation", "optimizer"]          # one grid cell of the papers' tables
 CONFIG_COLUMNS = ["augmentation", "optimizer", "lr", "image_size", "head_epochs", "unfreeze_blocks", "batch_size"]
+# trials.parquet: these columns in this order, with one column per varied key (its dotted name, e.g.
+# ``optim.lr``) after ``trial_index`` (README "Sweeps" documents each)
+TRIAL_COLUMNS = [
+    "trial_id", "trial_index", "backbone", *CONFIG_COLUMNS, "num_workers", "gpus_per_trial",
+    "status", "error", "best_epoch", "epochs_trained", "train_accuracy", "train_loss", "train_macro_f1",
+    *(f"{split}_{m}" for split in ("val", "test") for m in METRIC_KEYS), "test_ece_calibrated", "temperature",
+    "wall_seconds", "images_per_s", "gpu_hours", "cpu_hours", "model_dir", "checkpoint_path", "config_hash",
+    "run_id", "allcluster_version", "torch_version", "timm_version", "ray_version", "sweep"]
+STATUSES = ("finished", "stopped", "errored", "interrupted", "pending")
+
+
+def ordered(table: pd.DataFrame, varied: list[str]) -> pd.DataFrame:
+    """``table`` with exactly the trial columns, in the documented order (varied keys after the index)."""
+    missing = [c for c in TRIAL_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"trial table lacks {', '.join(missing)}")
+    return table[TRIAL_COLUMNS[:2] + list(varied) + TRIAL_COLUMNS[2:]]
+
+
 # Best trial: highest validation macro-F1, then lowest validation loss, then trial_id (stable); test
 # metrics never choose.
 RANK_BY, RANK_ASCENDING = ["val_macro_f1", "val_loss", "trial_id"], [False, True, True]
