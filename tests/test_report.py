@@ -84,6 +84,51 @@ def test_explanation_quality_means_skip_rows_without_a_map_across_shards(tmp_pat
     assert np.isnan(got.loc["lime", "faith_kept_mean"])
 
 
+def _hand_trials() -> pd.DataFrame:
+    """Six trials in three cells, written by hand: ties, an errored trial, a test-best that is not val-best."""
+    return pd.DataFrame({
+        "trial_id": ["a1", "a2", "b1", "b2", "c1", "c2"], "backbone": ["r18"] * 4 + ["allnet"] * 2,
+        "augmentation": ["mixup", "mixup", "cutmix", "cutmix", "mixup", "mixup"],
+        "optimizer": ["adam"] * 6, "status": ["finished", "finished", "finished", "errored", "finished", "finished"],
+        "val_macro_f1": [0.80, 0.80, 0.70, 0.99, 0.60, 0.65], "val_loss": [0.5, 0.4, 0.3, 0.0, 0.9, 0.8],
+        "test_macro_f1": [0.95, 0.70, 0.72, 0.99, 0.55, 0.64], "gpu_hours": [1.0] * 6})
+
+
+def test_leaderboard_and_pivots_from_hand_written_trials():
+    trials = _hand_trials()
+    board = tables.leaderboard(trials)
+    assert board["trial_id"].tolist() == ["a2", "b1", "c2"], "best by val F1, ties by val loss; errored never"
+    assert board.set_index("trial_id").loc["a2", "trials"] == 2 and board.set_index("trial_id").loc["b1", "trials"] == 2
+    pivot = tables.pivot(trials, "augmentation", "test_macro_f1").set_index("backbone")
+    assert pivot.loc["r18", "mixup"] == 0.70 and pivot.loc["r18", "cutmix"] == 0.72
+    assert np.isnan(pivot.loc["allnet", "cutmix"]) and pivot.loc["allnet", "mixup"] == 0.64
+    best = tables.best_per_backbone(trials, "test_macro_f1").set_index("backbone")
+    assert best.loc["r18", "trial_id"] == "a2" and best.loc["allnet", "trial_id"] == "c2"
+
+
+def test_counts_from_hand_written_rows(tmp_path):
+    from allcluster.score.rows import row_schema
+
+    schema = row_schema(["Benign", "Pre"], ["gradcam"])
+    columns = {"path": ["a", "b", "c", "d", "e"], "folder": ["x", "x", "y", "y", None],
+               "status": ["ok", "ok", "ok", "error", "ok"], "error_type": ["", "", "", "truncated", ""],
+               "predicted_class": ["Pre", "Pre", "Benign", None, "Pre"], "uncertain": [True, False, False, None, False],
+               "confidence": [0.5, 0.9, 0.8, None, 0.7], "duplicate_of": ["", "", "", "", "b"]}
+    (tmp_path / "out" / "rows").mkdir(parents=True)
+    pq.write_table(pa.table({n: columns.get(n, [None] * 5) for n in schema.names}, schema=schema),
+                   tmp_path / "out" / "rows" / "part-0.parquet")
+    data = tables.open_scoring(collect_inputs([tmp_path / "out"]).scorings)
+    counts = tables.aggregate(data, ["predicted_class", "error_type", "folder"], ["Pre"])
+    classes = tables.class_counts(counts["predicted_class"]).set_index("predicted_class")
+    assert classes["images"].to_dict() == {"Benign": 1, "Pre": 3} and classes.loc["Pre", "uncertain"] == 1
+    assert classes.loc["Pre", "confidence_mean"] == pytest.approx((0.5 + 0.9 + 0.7) / 3)
+    assert tables.errors_by_type(counts["error_type"]).to_dict("records") == [{"error_type": "truncated", "errors": 1}]
+    folders = counts["folder"].set_index("folder")
+    assert folders["rows"].to_dict() == {"(none)": 1, "x": 2, "y": 2} and folders.loc["y", "errors"] == 1
+    overview = tables.overview(counts["predicted_class"], morning_rows=2).iloc[0]
+    assert (overview["rows"], overview["ok"], overview["errors"], overview["duplicates"]) == (5, 4, 1, 1)
+
+
 def test_markdown_and_html_tables_escape_their_cells():
     from allcluster.report import html
 
