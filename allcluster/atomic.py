@@ -43,6 +43,8 @@ def atomic_write_parquet(path: str | Path, table) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"atomic_write_parquet(path, table): path must come first, got {type(path).__name__}")
     if not isinstance(table, pa.Table):
         table = pa.Table.from_pandas(table, preserve_index=False)
     return atomic_write(path, lambda tmp: pq.write_table(table, tmp))

@@ -46,8 +46,8 @@ def collect(sweep: SweepConfig, trials: list[Trial]) -> pd.DataFrame:
     """Rebuild the experiment's tables from the trial folders and export the best model."""
     exp = Path(sweep.experiment_dir)
     table = trials_table(trials, sweep.name)
-    atomic_write_parquet(table, exp / "trials.parquet")
-    atomic_write_parquet(epochs_table(trials), exp / "epochs.parquet")
+    atomic_write_parquet(exp / "trials.parquet", table)
+    atomic_write_parquet(exp / "epochs.parquet", epochs_table(trials))
     best = best_trial(table)
     if best is not None:
         target = export_best(best, exp)

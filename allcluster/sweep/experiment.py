@@ -124,4 +124,4 @@ def _repoint_trials_table(path: Path, old: str, new: str) -> None:
         if column in table:
             table[column] = [v.replace(old, new, 1) if isinstance(v, str) and v.startswith(old) else v
                              for v in table[column]]
-    atomic_write_parquet(table, path)
+    atomic_write_parquet(path, table)
