@@ -67,6 +67,14 @@ _ray_node_addr() {  # the address Slurm uses for a node (NodeAddr), else its nam
 # Bash runs a trap only between commands, or when it interrupts `wait`: the driver therefore runs in
 # the background and the shell waits for it in a loop (ray_cluster_run).
 _ray_on_usr1() {
+  # A warning within a minute of the start means the time limit is shorter than the --signal
+  # offset (e.g. --time=15 with B:USR1@900): Slurm sends it at once, and stopping + requeueing would
+  # loop forever. Run on instead; at the time limit the driver still writes what it has (SIGTERM).
+  if [ "$SECONDS" -lt "${ALLCLUSTER_MIN_RUN_BEFORE_REQUEUE_S:-60}" ]; then
+    _log "SIGUSR1 only ${SECONDS} s after the start: the time limit is within the --signal warning time," \
+         "so a requeue would loop; ignoring it (raise --time or lower --signal=B:USR1@<seconds>)"
+    return
+  fi
   _ray_warned=1
   if [ -n "$_ray_driver_pid" ] && kill -0 "$_ray_driver_pid" 2>/dev/null; then
     _log "SIGUSR1 (time limit or preemption ahead): asking the driver (pid $_ray_driver_pid) to write what it has and stop"

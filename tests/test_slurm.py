@@ -285,7 +285,10 @@ def test_array_jobs_score_parts_into_one_out_and_sweep_trials_then_collect(
 
     # sweep: one trial per task, then the tables from the trial folders
     for i in (0, 1):
-        assert f"--trial-index {i}" in logs[f"sweep-{sweep}_{i}.out"]
+        log = logs[f"sweep-{sweep}_{i}.out"]
+        assert f"--trial-index {i}" in log
+        # --time=15 with sweep-array.sh's B:USR1@900: the warning comes at once and must not loop requeues
+        assert "the time limit is within the --signal warning time" in log and "requeueing job" not in log, log[-3000:]
     trials = pd.read_parquet(experiment / "trials.parquet")
     assert len(trials) == 2 and (trials["status"] == "finished").all(), trials.to_string()
     assert sorted(trials["trial_index"]) == [0, 1]
