@@ -152,7 +152,9 @@ def test_log_level_silences_progress_lines_and_reaches_ray_workers_through_the_e
     from allcluster.ray_utils import PASSED_TO_WORKERS
 
     monkeypatch.setattr(logger, "level", logger.level)         # restored after the test
-    monkeypatch.delenv(LOG_LEVEL_ENV, raising=False)
+    # setenv, not delenv: pytest restores only what it recorded, and delenv of an unset variable records
+    # nothing, so set_level's "warning" leaked into every later test's subprocesses and Slurm jobs
+    monkeypatch.setenv(LOG_LEVEL_ENV, "info")
     say("a progress line")
     assert capsys.readouterr().err == "a progress line\n", "plain lines, no prefix (Slurm logs)"
     assert main(["--log-level", "warning", "check-config", str(REPO / "configs" / "demo.yaml")]) == 0
@@ -160,6 +162,12 @@ def test_log_level_silences_progress_lines_and_reaches_ray_workers_through_the_e
     say("a problem", logging.WARNING)
     assert capsys.readouterr().err == "a problem\n"
     assert os.environ[LOG_LEVEL_ENV] == "warning" and LOG_LEVEL_ENV in PASSED_TO_WORKERS
+
+
+def test_the_log_level_of_one_test_does_not_leak_into_the_next():
+    from allcluster.console import LOG_LEVEL_ENV, logger
+
+    assert os.environ.get(LOG_LEVEL_ENV, "info") == "info" and logger.getEffectiveLevel() <= 20
 
 
 def test_one_device_choice_refuses_cuda_where_there_is_none_naming_the_setting():
