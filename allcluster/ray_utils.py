@@ -33,11 +33,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # of a trial that Tune (ASHA) stops, and that trial's CPUs/GPUs stay reserved.
         ray.init(num_cpus=num_cpus, include_dashboard=True, runtime_env=env, log_to_driver=True,
                  logging_level=quiet)
-    logging.getLogger("ray.data").setLevel(quiet)     # "Dataset ... execution finished" and plan lines
 
 
 def _ray_log_level() -> int:
-    """Ray's own driver-side INFO lines (start-up banner, Ray Data's plans) only at ``--log-level debug``:
+    """Ray's own driver-side INFO lines (the start-up banner) only at ``--log-level debug``:
     our progress lines already say what runs. Workers' output still reaches the driver."""
     from allcluster.console import logger
 
