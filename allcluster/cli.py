@@ -128,10 +128,15 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from allcluster.explain.panel import explain_images, format_results
+    from allcluster.explain.panel import explain_from_scores, explain_images, format_results
 
+    if bool(args.model) == bool(args.scores):
+        raise ConfigError("explain: give --model (run the explainers) or --scores OUT (show a scoring job's stored maps)")
     try:
-        results = explain_images(args.model, args.images, args.out, args.methods, args.device, args.lime_samples)
+        if args.scores:
+            results = explain_from_scores(args.scores, args.images, args.out)
+        else:
+            results = explain_images(args.model, args.images, args.out, args.methods, args.device, args.lime_samples)
     except ValueError as err:                      # unknown method, CUDA asked for but absent
         raise ConfigError(str(err)) from err
     print(format_results(results))
@@ -276,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="one PNG panel per image: the image and each method's heatmap")
     p.add_argument("images", nargs="+")
-    p.add_argument("--model", required=True, help="exported model directory")
+    p.add_argument("--model", help="exported model directory: run the explainers on the images")
+    p.add_argument("--scores", metavar="OUT", help="a scoring output: show the maps it stored for the images "
+                   "(found by content; no model runs)")
     p.add_argument("--out", default="explanations", help="folder for the panels (default: ./explanations)")
     p.add_argument("--methods", default="gradcam,gradcam++,scorecam,lime", help="comma-separated explainers")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

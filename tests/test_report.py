@@ -23,6 +23,7 @@ from allcluster.cli import main
 from allcluster.config import ConfigError
 from allcluster.report import ReportOptions, build_report, tables
 from allcluster.report.inputs import ScoreSource, SweepSource, collect_inputs
+from allcluster.score.heatmaps import load_heatmap
 from conftest import REPO, write_yaml
 
 CI_TINY_SCORE = REPO / "configs" / "score" / "ci_tiny.yaml"
@@ -308,7 +309,8 @@ def test_morning_list_is_exactly_the_flagged_rows_in_priority_order(runs):
     assert len(morning) == len(flagged) and sorted(morning["path"]) == sorted(flagged["path"])
     assert morning["priority"].tolist() == list(range(1, len(morning) + 1))
     check_priority_order(morning, rows.set_index("path"), MALIGNANT)
-    assert all(Path(p).is_file() for p in morning["heatmap"]), "heatmap links must point at the job's maps"
+    assert all(load_heatmap(p, sha, "gradcam").ndim == 2 for p, sha in zip(morning["heatmap"], morning["sha256"])), \
+        "heatmap links must point at the job's maps"
 
 
 def check_priority_order(morning: pd.DataFrame, rows: pd.DataFrame, malignant: list[str]) -> None:
@@ -405,7 +407,7 @@ def check_overlay(runs: dict, pick: pd.Series) -> None:
     """The overlay is the row's Grad-CAM map in jet at alpha 0.5 over the image resized to the map."""
     import matplotlib
 
-    heat = np.asarray(Image.open(pick["heatmap"]), dtype=np.float64) / 255
+    heat = load_heatmap(pick["heatmap"], pick["sha256"], "gradcam").astype(np.float64) / 255
     image = np.asarray(Image.open(pick["path"]).convert("RGB").resize(heat.shape[::-1], Image.BILINEAR), np.float64)
     expected = 0.5 * image + 0.5 * 255 * matplotlib.colormaps["jet"](heat)[..., :3]
     overlay = np.asarray(Image.open(runs["report"] / pick["image"]), dtype=np.float64)

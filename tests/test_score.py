@@ -3,6 +3,7 @@ broken files (rows, heatmaps, duplicates, budgets, resume after SIGKILL)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from allcluster.score.ledger import Ledger
 from allcluster.score.reading import read_decode
 from allcluster.score.config import ScoreConfig, check
 from allcluster.score.inputs import list_inputs
+from allcluster.score.heatmaps import load_heatmap
 from allcluster.score.output import check_job_settings
 from conftest import REPO, run_then_sigkill
 
@@ -155,16 +157,29 @@ def _decoded(paths: list[Path], size: int = 64) -> dict:
                             10_000_000, Ledger(0).claim)
 
 
-def test_scorer_rows_agree_with_a_direct_forward_and_gradcam(tiny_model_dir, real_data_dir, tmp_path):
+def scored_rows(cfg: ScoreConfig, decoded: dict, run_id: str = "run") -> pd.DataFrame:
+    """One batch through the Scorer and the job's shard writer (which packs the maps) into ``cfg.out``."""
+    from allcluster.score.output import ShardWriter
+
+    scorer = core.Scorer(cfg, cfg.out, run_id, lambda n: n)
+    methods = list(cfg.explain.methods) + list(cfg.explain.budget.methods)
+    writer = ShardWriter(Path(cfg.out), scorer.schema, run_id, 10_000, 3600,
+                         methods if cfg.explain.heatmaps == "packed" else [])
+    writer.add(scorer(decoded))
+    writer.flush()
+    return pd.read_parquet(writer.dir / f"part-{run_id}-00000.parquet")
+
+
+@pytest.mark.parametrize("store", ["packed", "files"])
+def test_scorer_rows_agree_with_a_direct_forward_and_gradcam(tiny_model_dir, real_data_dir, tmp_path, store):
     from allcluster.data.preprocess import Normalize
     from allcluster.models.model_dir import load_model_dir
     from allcluster.xai import get_explainer
 
     paths = real_images(real_data_dir, 2)
-    cfg = score_config(tiny_model_dir, tmp_path, tmp_path / "out", explain={"budget": {"methods": []}})
+    cfg = score_config(tiny_model_dir, tmp_path, tmp_path / "out", explain={"budget": {"methods": []}, "heatmaps": store})
     decoded = _decoded(paths)
-    table = core.Scorer(cfg, str(tmp_path / "out"), "run-1", lambda n: n)(decoded)
-    rows = table.to_pandas()
+    rows = scored_rows(cfg, decoded, "run-1")
     loaded = load_model_dir(tiny_model_dir)
     x = Normalize(tuple(loaded.card.mean), tuple(loaded.card.std))(
         torch.from_numpy(decoded["pixels"]).permute(0, 3, 1, 2))
@@ -178,8 +193,10 @@ def test_scorer_rows_agree_with_a_direct_forward_and_gradcam(tiny_model_dir, rea
     assert rows["predicted_class"].tolist() == [loaded.classes[k] for k in calibrated.argmax(1)]
     assert (rows["uncertain"] == (rows["confidence"] < cfg.uncertain_below)).all()
     maps = get_explainer("gradcam")(loaded.model, loaded.card.cam_layer).explain(x).maps.numpy()
-    for i, rel in enumerate(rows["heatmap_gradcam"]):
-        stored = np.asarray(Image.open(tmp_path / "out" / rel))
+    expected_name = "heatmaps/part-run-1-00000.parquet" if store == "packed" else None
+    for i, (rel, sha) in enumerate(zip(rows["heatmap_gradcam"], rows["sha256"])):
+        assert rel == (expected_name or f"heatmaps/{sha[:2]}/{sha}.gradcam.png")
+        stored = load_heatmap(tmp_path / "out" / rel, sha, "gradcam")
         assert stored.shape == (64, 64) and stored.dtype == np.uint8
         assert np.abs(stored.astype(int) - np.round(maps[i] * 255)).max() <= 1
     assert rows["faith_drop_gradcam"].notna().all() and rows["faith_kept_gradcam"].between(0, 1e3).all()
@@ -199,9 +216,8 @@ def test_the_gpu_precision_path_bf16_autocast_runs_on_cpu_and_agrees_with_fp32(t
     for precision in ("fp32", "bf16"):
         cfg = score_config(tiny_model_dir, tmp_path, tmp_path / precision, workers={"precision": precision},
                            explain={"budget": {"methods": []}})
-        scorer = core.Scorer(cfg, str(tmp_path / precision), "run", lambda n: n)
-        assert scorer.bf16 == (precision == "bf16")
-        rows[precision] = scorer(decoded).to_pandas()
+        assert core.Scorer(cfg, cfg.out, "run", lambda n: n).bf16 == (precision == "bf16")
+        rows[precision] = scored_rows(cfg, decoded)
     fp32, bf16 = rows["fp32"], rows["bf16"]
     assert (bf16["status"] == "ok").all() and bf16["heatmap_gradcam"].notna().all()
     probs = [f"cal_prob_{c}" for c in ("Benign", "Early", "Pre", "Pro")]
@@ -300,7 +316,7 @@ def test_corrupt_zoo_files_become_one_error_row_each_and_odd_valid_files_are_sco
     for name, path in [*dump["good"].items(), ("unicode and spaces", dump["odd"])]:   # CMYK, 16-bit, RGBA ...
         row = rows.loc[str(path)]
         assert row["status"] == "ok" and row["predicted_class"] in ("Benign", "Early", "Pre", "Pro"), name
-        assert (zoo_job["out"] / row["heatmap_gradcam"]).is_file(), name
+        assert load_heatmap(zoo_job["out"] / row["heatmap_gradcam"], row["sha256"], "gradcam").shape == (64, 64), name
 
 
 def test_a_file_without_read_permission_is_an_unreadable_error_row(tmp_path):
@@ -336,18 +352,25 @@ def test_byte_identical_files_are_computed_once_and_each_gets_its_row(zoo_job):
             assert row[column] == first[column], column
     computed = rows[(rows["status"] == "ok") & (rows["duplicate_of"] == "")]
     assert computed["sha256"].is_unique
-    maps = list((zoo_job["out"] / "heatmaps").rglob("*.gradcam.png"))
-    assert len(maps) == computed["sha256"].nunique()
+    maps = pq.read_table(zoo_job["out"] / "heatmaps", columns=["sha256", "method"]).to_pandas()
+    gradcam = maps.loc[maps["method"] == "gradcam", "sha256"]
+    assert gradcam.is_unique and set(gradcam) == set(computed["sha256"]), "each content's map stored once"
 
 
 @pytest.mark.ray
-def test_heatmaps_are_8bit_maps_named_by_content_and_inputs_are_never_written(zoo_job):
+def test_heatmaps_are_8bit_maps_packed_per_shard_and_inputs_are_never_written(zoo_job):
+    from allcluster.score.heatmaps import find_heatmap
+
     rows, out = zoo_job["rows"], zoo_job["out"]
     ok = rows[rows["status"] == "ok"]
+    shards = {p.name for p in (out / "rows").glob("*.parquet")}
+    packs = {p.name for p in (out / "heatmaps").iterdir()}
+    assert packs and packs <= shards, "one pack per row shard at most: files grow with shards, not images"
     for sha, rel in zip(ok["sha256"], ok["heatmap_gradcam"]):
-        assert rel == f"heatmaps/{sha[:2]}/{sha}.gradcam.png"
-        image = Image.open(out / rel)
+        assert rel.startswith("heatmaps/part-") and Path(rel).name in packs
+        image = Image.open(io.BytesIO(find_heatmap(out, sha, "gradcam")))
         assert image.mode == "L" and image.size == (64, 64)
+        assert np.array_equal(np.asarray(image), load_heatmap(out / rel, sha, "gradcam"))
     assert tree_fingerprint(zoo_job["root"]) == zoo_job["before"]
     assert not list(zoo_job["root"].rglob("*.png.tmp")) and not list(zoo_job["root"].rglob("heatmaps"))
 
@@ -467,12 +490,77 @@ def test_progress_updates_in_place_on_a_terminal_and_prints_lines_in_a_log(tty):
         assert "\r" not in stream.text and stream.text.count("\n") == 3
 
 
+def test_the_packed_store_writes_one_pack_per_shard_that_holds_every_map_once(tiny_model_dir, real_data_dir,
+                                                                              tmp_path):
+    from allcluster.score.heatmaps import find_heatmap
+
+    paths = real_images(real_data_dir, 3)
+    out = tmp_path / "out"
+    cfg = score_config(tiny_model_dir, tmp_path, out, explain={"overlays": True, "methods": ["gradcam", "gradcam++"],
+                                                              "budget": {"methods": []}})
+    first, second = scored_rows(cfg, _decoded(paths[:6]), "r1"), scored_rows(cfg, _decoded(paths[6:]), "r2")
+    assert sorted(p.name for p in out.rglob("*") if p.is_file() and p.parent.name == "heatmaps") == \
+        ["part-r1-00000.parquet", "part-r2-00000.parquet"], "one pack per row shard, no loose files"
+    assert not list(out.rglob("*.png")) and not list(out.rglob("*.jpg"))
+    pack = pq.read_table(out / "heatmaps" / "part-r1-00000.parquet").to_pandas()
+    assert sorted(zip(pack["sha256"], pack["method"])) == sorted((s, m) for s in first["sha256"] for m in ("gradcam", "gradcampp"))
+    assert pack["overlay_jpg"].notna().all() and list(pack["sha256"]) == sorted(pack["sha256"])
+    for row in pd.concat([first, second]).itertuples():
+        by_row = load_heatmap(out / row.heatmap_gradcampp, row.sha256, "gradcam++")
+        by_sha = find_heatmap(out, row.sha256, "gradcam++")
+        assert by_row.shape == (64, 64) and by_row.dtype == np.uint8
+        assert np.array_equal(by_row, np.asarray(Image.open(io.BytesIO(by_sha))))
+    with pytest.raises(FileNotFoundError, match="no gradcam map"):
+        find_heatmap(out, "0" * 64, "gradcam")
+    text = (REPO / "README.md").read_text()
+    recipe = text[text.index("```python", text.index("**Heatmaps at archive scale.**")) + len("```python"):]
+    scope = {"OUT": str(out), "IMAGE": str(first["path"].iloc[0])}
+    exec(recipe[:recipe.index("```")], scope)                  # the README's pandas recipe for one map
+    assert scope["png"] == find_heatmap(out, first["sha256"].iloc[0], "gradcam")
+
+
+def test_explain_shows_a_scoring_jobs_stored_maps_found_by_content(tiny_model_dir, real_data_dir, tmp_path, capsys):
+    from allcluster.cli import main
+    from allcluster.models.card import ModelCard
+
+    paths = real_images(real_data_dir, 1)
+    out = tmp_path / "out"
+    cfg = score_config(tiny_model_dir, tmp_path, out, explain={"budget": {"methods": []}})
+    scored_rows(cfg, _decoded(paths[:2]))
+    ModelCard.read(tiny_model_dir).write_model_info(out)
+    moved = tmp_path / "elsewhere" / "renamed.jpg"              # found by content, not by name
+    moved.parent.mkdir()
+    shutil.copy(paths[0], moved)
+    panels = tmp_path / "panels"
+    assert main(["explain", "--scores", str(out), str(moved), str(paths[3]), "--out", str(panels)]) == 1
+    printed = capsys.readouterr().out
+    assert "not_scored" in printed and str(paths[3]) in printed, "an image the job never scored is an error naming it"
+    panel, = panels.glob("renamed-*.explain.png")
+    assert Image.open(panel).size[0] > Image.open(panel).size[1] * 1.5, "the image and the stored map side by side"
+    assert main(["explain", str(moved)]) == 2 and "give --model" in capsys.readouterr().err
+
+
+def test_a_pack_that_cannot_be_written_turns_its_rows_into_transient_write_errors(tiny_model_dir, real_data_dir,
+                                                                                  tmp_path):
+    from allcluster.data.decode import TRANSIENT_ERRORS
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "heatmaps").write_text("a file where the heatmap folder goes")
+    cfg = score_config(tiny_model_dir, tmp_path, out, explain={"budget": {"methods": []}})
+    rows = scored_rows(cfg, _decoded(real_images(real_data_dir, 1)))
+    assert (rows["status"] == "error").all() and (rows["error_type"] == "write_error").all()
+    assert rows["heatmap_gradcam"].isna().all() and "write_error" in TRANSIENT_ERRORS
+    assert all(path in err and "heatmaps/part-run-00000.parquet" in err for path, err in zip(rows["path"], rows["error"]))
+
+
 def test_overlays_are_written_only_when_asked(tiny_model_dir, real_data_dir, tmp_path):
     paths = real_images(real_data_dir, 1)
     for overlays in (False, True):
         out = tmp_path / f"overlays-{overlays}"
-        cfg = score_config(tiny_model_dir, tmp_path, out, explain={"overlays": overlays, "budget": {"methods": []}})
-        rows = core.Scorer(cfg, str(out), "run", lambda n: n)(_decoded(paths)).to_pandas()
+        cfg = score_config(tiny_model_dir, tmp_path, out, explain={"overlays": overlays, "budget": {"methods": []},
+                                                                  "heatmaps": "files"})
+        rows = scored_rows(cfg, _decoded(paths))
         written = sorted(out.rglob("*.jpg"))
         if not overlays:
             assert not written and len(list(out.rglob("*.png"))) == len(paths)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from allcluster.score.heatmaps import load_heatmap
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -218,7 +219,7 @@ def test_two_score_jobs_share_node_n1_and_one_finishes_through_time_limit_requeu
     assert "all 2 nodes joined" in log and "token auth on; token -rw-------" in log
     rows = pd.read_parquet(out["fast"] / "rows")
     assert sorted(rows["path"]) == sorted(map(str, fast_files)) and (rows["status"] == "ok").all()
-    assert rows["heatmap_gradcam"].map(lambda rel: (out["fast"] / rel).is_file()).all()
+    assert all(load_heatmap(out["fast"] / r.heatmap_gradcam, r.sha256, "gradcam").size for r in rows.itertuples())
     summary = json.loads((out["fast"] / "summary.json").read_text())
     assert summary["rows"] == len(fast_files) and f"[score] {len(fast_files)} rows: {len(fast_files)} ok" in log
     for t in text.values():

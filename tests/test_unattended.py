@@ -22,6 +22,7 @@ from allcluster.config import ConfigError, from_dict
 from allcluster.data import decode as dec
 from allcluster.data.paths import table_path, to_fs, to_text
 from allcluster.score import reading
+from allcluster.score.heatmaps import find_heatmap
 from allcluster.score.ledger import Ledger
 from allcluster.score.reading import read_decode
 from conftest import REPO, write_yaml
@@ -283,7 +284,8 @@ def test_odd_file_names_get_rows_with_escaped_paths_and_reruns_know_them(odd_job
         row = rows.set_index("path").loc[table_path(os.path.join(dump, name))]
         assert row["status"] == "ok", name
         assert Path(to_fs(row.name)).is_file()
-        assert row["heatmap_gradcam"].startswith(f"heatmaps/{row['sha256'][:2]}/"), "never the raw name"
+        assert row["heatmap_gradcam"].startswith("heatmaps/part-"), "a pack named by run and shard, never the raw name"
+        assert find_heatmap(odd_job["out"], row["sha256"], "gradcam"), name
     assert "latin1-caf\\xe9.jpg" in {Path(p).name for p in rows["path"]}
     assert sorted((odd_job["out"] / "rows").glob("*.parquet")) == odd_job["shards"], "the rerun scored nothing"
     assert odd_job["summary"]["run_rows"] == 0
@@ -293,7 +295,7 @@ def test_odd_file_names_get_rows_with_escaped_paths_and_reruns_know_them(odd_job
 def test_the_output_folder_inside_the_input_is_never_scored(odd_job):
     rows = rows_of(odd_job["out"])
     assert not rows["path"].str.startswith(str(odd_job["out"])).any()
-    assert list((odd_job["out"]).rglob("*.png")), "heatmaps were written inside the input tree"
+    assert list((odd_job["out"] / "heatmaps").glob("part-*.parquet")), "heatmaps were written inside the input tree"
 
 
 @pytest.mark.ray
@@ -340,7 +342,7 @@ def test_transient_errors_are_scored_again_and_replace_their_rows(ray_local, tin
     assert main(score_args(tiny_model_dir, "lists/files.txt", out)) == 0
     first = rows_of(out).set_index("path")
     assert len(first) == len(images) + 3
-    assert (first.loc[[table_path(files / p.name) for p in images], "error_type"] == "model_error").all()
+    assert (first.loc[[table_path(files / p.name) for p in images], "error_type"] == "write_error").all()
     assert first.loc[table_path(copying), "error_type"] == "truncated"
     assert first.loc[table_path(later), "error_type"] == "unreadable"
     assert first.loc[table_path(files / "notes.jpg"), "error_type"] == "not_an_image"

@@ -2,7 +2,7 @@
 
 Each benchmark says what it ran on (``device``) and what every number means (``meaning``). One
 module per family: ``train`` (accuracy, training throughput), ``xai`` (explainers against their
-reference packages), ``score`` (scoring throughput, planning memory).
+reference packages), ``score`` (scoring throughput, planning memory), ``heatmaps`` (reading stored maps back).
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from allcluster.data.real import all_data_dir
 
 # name -> (module, function): modules load on use (the benchmarks import torch, Ray, lime...)
 BENCHMARKS = {"train": ("train", "bench_train"), "sweep": ("train", "bench_sweep"), "cam": ("xai", "bench_cam"),
-              "lime": ("xai", "bench_lime"), "score": ("score", "bench_score"), "plan": ("score", "bench_plan")}
+              "lime": ("xai", "bench_lime"), "score": ("score", "bench_score"), "plan": ("score", "bench_plan"),
+              "heatmaps": ("heatmaps", "bench_heatmaps")}
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -57,6 +58,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                        "scoring job (synthetic manifest, files need not exist); JSON")
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--out", default="runs/bench-plan")
+    p = sub.add_parser("heatmaps", help="ms to read one stored map back from a packed scoring output of "
+                       "--images images (synthetic rows and CAM-like maps, no model); JSON")
+    p.add_argument("--images", type=int, default=100_000)
+    p.add_argument("--rows-per-shard", type=int, default=5000)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--lookups", type=int, default=50)
+    p.add_argument("--out", default="runs/bench-heatmaps")
     p = sub.add_parser("score", help="end-to-end scoring img/s (files -> Parquet + heatmaps) vs bare forward; JSON")
     p.add_argument("--data", default=str(all_data_dir()))
     p.add_argument("--out", default="runs/bench-score")

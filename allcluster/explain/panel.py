@@ -6,6 +6,9 @@ paper-002 "positive only" view when LIME runs. Panels go only to ``out_dir``, na
 ``<stem>-<first 8 hex of the file's sha256>.explain.png`` (deterministic; equal stems from
 different folders do not collide unless the files are byte-identical, when the panels are too).
 
+With ``--scores OUT`` the panels show the maps a scoring job stored (:func:`explain_from_scores`)
+instead of running the model again.
+
 Images are explained in chunks of :data:`CHUNK` (one batched tensor per method and chunk), so memory
 stays bounded however many files one call names. A file that cannot be read or decoded becomes an
 error result naming it; the other files are still explained.
@@ -38,8 +41,13 @@ class _Item:
     """One input file: the preprocessed image (or why there is none) and its content digest."""
     path: Path
     rgb: np.ndarray | None = None       # uint8 (S, S, 3) as the model sees it, before normalisation
-    digest: str = ""                    # first 8 hex of the file's sha256
+    sha256: str = ""                    # the file's content digest (hex)
     error: str = ""
+
+    @property
+    def digest(self) -> str:
+        """The first 8 hex of the sha256, used in panel names."""
+        return self.sha256[:8]
 
 
 def check_methods(methods: str | Iterable[str]) -> list[str]:
@@ -73,7 +81,7 @@ def _load(path: str | Path, preprocess) -> _Item:
         rgb = preprocess(decode(data, str(path)).array)
     except DecodeError as err:
         return _Item(path, error=f"{err.kind}: {err}")
-    return _Item(path, rgb=np.ascontiguousarray(rgb), digest=hashlib.sha256(data).hexdigest()[:8])
+    return _Item(path, rgb=np.ascontiguousarray(rgb), sha256=hashlib.sha256(data).hexdigest())
 
 
 def _explainers(model: torch.nn.Module, cam_layer: str, methods: Sequence[str], lime_samples: int) -> dict:
@@ -200,6 +208,49 @@ def explain_images(model_dir: str | Path, images: Sequence[str | Path], out_dir:
             done = _explain_items(loaded, [item for _, item in good], explainers, normalize, torch_device, out_dir)
             results.update({index: row for (index, _), row in zip(good, done)})
     return [results[i] for i in range(len(paths))]
+
+
+def explain_from_scores(scores: str | Path, images: Sequence[str | Path], out_dir: str | Path) -> list[dict]:
+    """Panels of each image's *stored* maps in scoring output ``scores`` (no model runs): the image's
+    row is found by its content (sha256), its ``heatmap_<m>`` columns give the axes (packed or loose
+    maps alike) and its calibrated prediction the title. Same results as :func:`explain_images`; an
+    image the output holds no ok row for is an error naming it. ``ValueError`` if ``scores`` is not
+    a scoring output."""
+    import pyarrow.dataset as pads
+
+    from allcluster.data.preprocess import Preprocess
+    from allcluster.models.card import ModelCard
+    from allcluster.score.heatmaps import load_heatmap
+    from allcluster.score.rows import method_columns
+
+    scores, out_dir = Path(scores), Path(out_dir)
+    info = ModelCard.read_model_info(scores)
+    if not info or not any((scores / "rows").glob("*.parquet")):
+        raise ValueError(f"{scores}: not a scoring output (no model.json and rows/*.parquet)")
+    rows = pads.dataset(scores / "rows", format="parquet")
+    methods = [m for m in (rows.schema.metadata or {}).get(b"allcluster.methods", b"").decode().split(",") if m]
+    preprocess = Preprocess(info["input_size"], info["roi_crop"], info["roi_margin"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path in images:
+        item = _load(path, preprocess)
+        found = None if item.rgb is None else rows.to_table(
+            filter=(pads.field("sha256") == item.sha256) & (pads.field("status") == "ok")).slice(0, 1).to_pylist()
+        if item.rgb is None or not found:
+            results.append(_result(item, error=item.error or f"not_scored: {item.path}: {scores} holds no ok row "
+                                                              f"for this content (sha256 {item.sha256})"))
+            continue
+        row = found[0]
+        try:
+            axes = [(m, item.rgb, load_heatmap(scores / row[c], item.sha256, m) / 255.0)
+                    for m in methods if (c := method_columns(m)["heatmap"]) in row and row[c]]
+            title = prediction_title(item.path.name, row["predicted_class"], row["confidence"])
+            panel = draw_panel(out_dir / panel_name(item.path, item.digest), title, item.rgb, axes)
+        except OSError as err:
+            results.append(_result(item, error=f"map_unreadable: {item.path}: {err}"))
+            continue
+        results.append(_result(item, str(panel), row["predicted_class"], row["confidence"]))
+    return results
 
 
 def format_results(results: Sequence[dict]) -> str:

@@ -70,10 +70,16 @@ class Report:
         self.notes.append(text)
         return [html.note_html(text)]
 
-    def overlay(self, row, target: Path) -> str:
-        """An overlay image in the report folder (its relative path), or "" with a note if it cannot be made."""
+    def overlay(self, row, method: str, target: Path) -> str:
+        """An overlay of the row's ``method`` map in the report folder (its relative path), or "" with
+        a note if it cannot be made."""
+        from allcluster.score.heatmaps import load_heatmap
+
         try:
-            return self.rel(plots.overlay(row.path, row.heatmap, target, *self.rois.get(row.scoring_out, (False, 0.1))))
+            heat = load_heatmap(row.heatmap, row.sha256, method)
+            if heat is None:
+                raise ValueError(f"{row.heatmap}: not a PNG map")
+            return self.rel(plots.overlay(row.path, heat, target, *self.rois.get(row.scoring_out, (False, 0.1))))
         except (OSError, DecodeError, ValueError) as err:
             self.missing.append(f"{row.path}: {err}")
             return ""
@@ -126,7 +132,8 @@ def morning_parts(report: Report, data: tables.ScoreData, options: ReportOptions
                             "3 uncertain. All of them, with heatmap paths: morning_list.csv.")]
     shown = morning.slice(0, options.morning_rows).to_pandas()
     if len(shown):
-        shown.insert(2, "overlay", [report.overlay(row, report.out / "morning" / f"{row.priority:05d}.jpg")
+        method = data.heatmap_column[len("heatmap_"):]
+        shown.insert(2, "overlay", [report.overlay(row, method, report.out / "morning" / f"{row.priority:05d}.jpg")
                                     if row.heatmap else "" for row in shown.itertuples(index=False)])
         columns = ["priority", "reason", "overlay", "path", "predicted_class", "confidence", "malignant_probability",
                    "label", "patient"]
@@ -169,13 +176,14 @@ def gallery_parts(report: Report, data: tables.ScoreData, options: ReportOptions
     picks = tables.gallery_rows(data, options.gallery_per_class)
     if not len(picks):
         return [html.heading("Heatmap gallery")] + report.note("no ok rows with a heatmap: no gallery")
-    picks["image"] = [report.overlay(row, report.out / "gallery" / f"{i:03d}-{safe_name(row.predicted_class)}.jpg")
+    method = data.heatmap_column[len("heatmap_"):]
+    picks["image"] = [report.overlay(row, method,
+                                     report.out / "gallery" / f"{i:03d}-{safe_name(row.predicted_class)}.jpg")
                       for i, row in enumerate(picks.itertuples(index=False))]
     picks = picks[picks["image"] != ""]
     (report.out / "gallery").mkdir(exist_ok=True)
     picks.to_csv(report.out / "gallery" / "gallery.csv", index=False)
     report.files["gallery"] = "gallery/gallery.csv"
-    method = data.heatmap_column[len("heatmap_"):]
     return [html.heading(f"Heatmap gallery ({method}, {options.gallery_per_class} per class and kind)"),
             html.gallery_html(picks)]
 

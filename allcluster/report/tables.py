@@ -37,7 +37,7 @@ SHOWN_KEYS = {"model.backbone", "augment.name", "optim.name", "optim.lr", "data.
               "finetune.unfreeze_blocks", "fit.batch_size"}
 NONE = "(none)"
 BATCH_ROWS = 65_536
-GALLERY_COLUMNS = ["predicted_class", "kind", "confidence", "path", "heatmap", "scoring_out", "label"]
+GALLERY_COLUMNS = ["predicted_class", "kind", "confidence", "path", "heatmap", "sha256", "scoring_out", "label"]
 TIERS = {1: "malignant, uncertain", 2: "malignant", 3: "uncertain"}
 
 
@@ -303,18 +303,19 @@ def morning_list(data: ScoreData, malignant: list[str]) -> pa.Table:
 
     Priority: 1 malignant and uncertain, 2 malignant, 3 uncertain (benign); inside a tier the higher
     calibrated malignant probability first, then the lower confidence, then the path. ``heatmap`` is
-    the absolute path of the row's first every-image heatmap. Only the flagged rows' few columns are
-    held, as Arrow (about 250 bytes a row), for the sort.
+    the absolute path of the row's first every-image heatmap (a PNG, or the pack holding it under the
+    row's ``sha256``). Only the flagged rows' few columns are held, as Arrow (about 320 bytes a row),
+    for the sort.
     """
     _, calibrated = class_columns(data.classes)
     malignant_cols = data.present([c for name, c in zip(data.classes, calibrated) if name in malignant])
     heat = data.heatmap_column
     shown = data.present(["path", "predicted_class", "confidence", "uncertain", "label", "patient"])
     parts = [_priority_keys(t, malignant, malignant_cols).append_column("heatmap", _heatmap_paths(t, heat))
-             .select(["tier", "reason", *shown, "malignant_probability", "heatmap", "scoring_out"])
-             for t in batches(data, [*shown, *malignant_cols, heat], _flagged(malignant), with_root=True)]
+             .select(["tier", "reason", *shown, "malignant_probability", "heatmap", "sha256", "scoring_out"])
+             for t in batches(data, [*shown, *malignant_cols, heat, "sha256"], _flagged(malignant), with_root=True)]
     if not parts:
-        names = ["priority", "reason", *shown, "malignant_probability", "heatmap", "scoring_out"]
+        names = ["priority", "reason", *shown, "malignant_probability", "heatmap", "sha256", "scoring_out"]
         return pa.table({n: pa.array([], pa.string()) for n in names})
     table = pa.concat_tables(parts)
     order = pc.sort_indices(table, sort_keys=[("tier", "ascending"), ("malignant_probability", "descending"),
@@ -371,7 +372,8 @@ def gallery_rows(data: ScoreData, n: int) -> pd.DataFrame:
     where = ((pc.field("status") == "ok") & pc.field(heat).is_valid() & (pc.field(heat) != "")
              & (pc.field("duplicate_of") == ""))
     keep = None
-    for table in batches(data, ["path", "predicted_class", "confidence", "label", heat], where, with_root=True):
+    for table in batches(data, ["path", "sha256", "predicted_class", "confidence", "label", heat], where,
+                         with_root=True):
         table = table.append_column("heatmap", _heatmap_paths(table, heat)).drop_columns([heat])
         keep = _ends(table if keep is None else pa.concat_tables([keep, table]), n)
     if keep is None:

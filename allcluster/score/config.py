@@ -29,7 +29,10 @@ class ExplainConfig:
     faithfulness_fraction: float = field(default=0.2, metadata=bounds(ge=0, lt=1))  # 0: no score
     lime_samples: int = field(default=1000, metadata=bounds(ge=10))
     ig_steps: int = field(default=32, metadata=bounds(ge=2))
-    overlays: bool = False               # also write colour overlays (JPEG) next to the 8-bit maps
+    overlays: bool = False               # also store colour overlays (JPEG) beside the 8-bit maps
+    # packed: each row shard's maps in one Parquet pack heatmaps/part-*.parquet (files grow with shards,
+    # not images); files: one PNG per image and method, heatmaps/ab/<sha256>.<method>.png
+    heatmaps: Literal["packed", "files"] = "packed"
 
 
 @dataclass(frozen=True)

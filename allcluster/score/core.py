@@ -3,7 +3,7 @@
 No Ray here: :mod:`allcluster.score.ray_data` runs :func:`allcluster.score.reading.read_decode` as
 Ray Data tasks and :class:`Scorer` as an actor pool; tests and ``bench score`` call both directly.
 The rest of a scoring run lives beside it: ``ledger`` (job-wide bookkeeping), ``reading`` (stage 1),
-``budget`` (who gets the expensive methods), ``heatmaps`` (files), ``rows`` (schema, provenance).
+``budget`` (who gets the expensive methods), ``heatmaps`` (map stores), ``rows`` (schema, provenance).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from allcluster.data.preprocess import cell_mask
 from allcluster.device import autocast, pick_device, use_bf16
 from allcluster.score.budget import budget_reasons
 from allcluster.score.config import ScoreConfig
-from allcluster.score.heatmaps import write_heatmaps
+from allcluster.score.heatmaps import bytes_columns, encode_maps, write_heatmap_files
 from allcluster.score.ledger import Reserve
 from allcluster.score.rows import class_columns, empty_columns, method_columns, provenance, row_schema
 from allcluster.xai.localisation import mass_inside
@@ -57,11 +57,17 @@ class Scorer:
         self.budgeted = {m: build_explainer(m, self.model, self.card.cam_layer, cfg)
                          for m in cfg.explain.budget.methods}
         self.schema = row_schema(self.classes, list(self.every) + list(self.budgeted), list(extra))
+        self.packed = cfg.explain.heatmaps == "packed"     # maps travel to the driver's writer as bytes
+        self.batch_schema = self.schema
+        if self.packed:
+            for method in [*self.every, *self.budgeted]:
+                for name in bytes_columns(method):
+                    self.batch_schema = self.batch_schema.append(pa.field(name, pa.binary()))
         self.constants = provenance(self.card, cfg, run_id, str(self.device))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["path"])
-        cols = empty_columns(self.schema, n)
+        cols = empty_columns(self.batch_schema, n)
         for name in self.schema.names:
             if name in batch and name != "pixels":
                 cols[name] = [v.item() if isinstance(v, np.generic) else v for v in batch[name]]
@@ -74,10 +80,12 @@ class Scorer:
                 for i in todo:
                     cols["status"][i], cols["error_type"][i] = "error", "model_error"
                     cols["error"][i] = clean_text(f"{cols['path'][i]}: {type(err).__name__}: {err}")
+                    for name in self.batch_schema.names[len(self.schema.names):]:
+                        cols[name][i] = None             # no map of a failed batch reaches a pack
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         for key, value in {**self.constants, "scored_at": stamp}.items():
             cols[key] = [value] * n
-        return pa.Table.from_pydict(cols, schema=self.schema)
+        return pa.Table.from_pydict(cols, schema=self.batch_schema)
 
     def _sync(self) -> float:
         if self.device.type == "cuda":
@@ -131,23 +139,36 @@ class Scorer:
             cols["cam_method"][i], cols["cam_layer"][i] = first, layer
 
     def store_explanations(self, cols, rows, explanations, x, probs, predicted, shas, pixels) -> None:
-        """Heatmap files, raw maxima and faithfulness of each method's maps for ``rows``."""
+        """Heatmaps (files, or bytes for the writer's pack), raw maxima, share on the cell and
+        faithfulness of each method's maps for ``rows``."""
         fraction = self.cfg.explain.faithfulness_fraction
         cells = np.stack([cell_mask(image) for image in pixels]) if explanations else None
         for method, result in explanations.items():
-            names = write_heatmaps(self.out_dir, shas, method, (result.maps * 255).round().byte().cpu().numpy(),
-                                   pixels if self.cfg.explain.overlays else None)
+            self.store_maps(cols, rows, method, (result.maps * 255).round().byte().cpu().numpy(), shas, pixels)
             c = method_columns(method)
             raw_max = result.raw_max.float().cpu().numpy()
             if fraction > 0:
                 scores = faithfulness_scores(self.model, x, result.maps, predicted, fraction, probs)
             on_cell = mass_inside(result.maps.float().cpu().numpy(), cells)
             for j, i in enumerate(rows):
-                cols[c["heatmap"]][i], cols[c["raw_max"]][i] = names[j], float(raw_max[j])
+                cols[c["raw_max"]][i] = float(raw_max[j])
                 cols[c["on_cell"]][i] = float(on_cell[j])
                 if fraction > 0:
                     cols[c["drop"]][i], cols[c["kept"]][i] = float(scores[0][j]), float(scores[1][j])
                 cols["explained_by"][i] = ",".join(filter(None, [cols["explained_by"][i], method]))
+
+    def store_maps(self, cols, rows, method, maps_u8, shas, pixels) -> None:
+        """PNG-encode one method's maps: into the batch's byte columns (packed store; the writer sets
+        ``heatmap_<m>``) or as files named in ``heatmap_<m>`` (files store)."""
+        pngs, overlays = encode_maps(maps_u8, pixels if self.cfg.explain.overlays else None)
+        if self.packed:
+            png, jpg = bytes_columns(method)
+            for j, i in enumerate(rows):
+                cols[png][i], cols[jpg][i] = pngs[j], overlays[j] if overlays else None
+            return
+        names = write_heatmap_files(self.out_dir, shas, method, pngs, overlays)
+        for j, i in enumerate(rows):
+            cols[method_columns(method)["heatmap"]][i] = names[j]
 
     def run_budget(self, cols, todo, x, probs, predicted, confidence, shas, pixels) -> list[float]:
         """Expensive methods on the selected rows (within the job-wide cap); per-row extra ms."""

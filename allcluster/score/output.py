@@ -3,7 +3,8 @@
 Layout of ``OUT``::
 
     rows/part-<run>-<n>.parquet   result rows, one shard per flush (atomic: written, then renamed)
-    heatmaps/ab/<sha256>.<method>.png   8-bit maps at the model resolution (overlays/ when asked)
+    heatmaps/part-<run>-<n>.parquet   that shard's 8-bit maps (PNG bytes by sha256 and method), written
+                                  first; or heatmaps/ab/<sha256>.<method>.png (``explain.heatmaps: files``)
     score.yaml, job.json          the resolved config; the settings every rerun must keep
     summary.json                  counts per class, flagged, errors by type, throughput
     .lock                         held by the one run writing here (released by the OS when it dies)
@@ -29,8 +30,9 @@ from allcluster.atomic import atomic_write_parquet
 from allcluster.config import ConfigError
 from allcluster.data.decode import TRANSIENT_ERRORS
 from allcluster.locks import ExclusiveLock
+from allcluster.score.heatmaps import pack_of, point_rows_at_pack, write_pack
 from allcluster.score.inputs import Shard
-from allcluster.score.rows import OWN_COLUMNS
+from allcluster.score.rows import OWN_COLUMNS, method_columns
 
 BUDGET_REASONS = ["low_confidence", "class", "sample"]     # rows that got the expensive methods
 
@@ -132,20 +134,31 @@ def check_job_settings(out: Path, settings: dict) -> None:
 
 
 class ShardWriter:
-    """Buffers result rows and writes them as atomic Parquet shards."""
+    """Buffers result rows and writes them as atomic Parquet shards; with ``packed_methods``, the
+    maps the batches carry go into one pack per shard (:mod:`allcluster.score.heatmaps`), written
+    before the shard whose rows point at it."""
 
-    def __init__(self, out: Path, schema: pa.Schema, run_id: str, rows_per_shard: int, flush_seconds: float):
+    def __init__(self, out: Path, schema: pa.Schema, run_id: str, rows_per_shard: int, flush_seconds: float,
+                 packed_methods: list[str] = ()):
         self.dir = out / "rows"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.schema, self.run_id = schema, run_id
+        self.out, self.schema, self.run_id, self.methods = out, schema, run_id, list(packed_methods)
         self.rows_per_shard, self.flush_seconds = rows_per_shard, flush_seconds
         self.buffer: list[pa.Table] = []
+        self.maps: list[pa.Table] = []
         self.buffered = 0
         self.shards = 0
         self.last_flush = time.monotonic()
 
+    def name(self) -> str:
+        """The file name of the shard (and pack) being buffered."""
+        return f"part-{self.run_id}-{self.shards:05d}.parquet"
+
     def add(self, table: pa.Table) -> None:
         if table.num_rows:
+            if self.methods:
+                self.maps.append(pack_of(table, self.methods))
+                table = point_rows_at_pack(table, self.methods, f"heatmaps/{self.name()}")
             self.buffer.append(table.select(self.schema.names).cast(self.schema))
             self.buffered += table.num_rows
         if self.buffered >= self.rows_per_shard or time.monotonic() - self.last_flush >= self.flush_seconds:
@@ -155,9 +168,29 @@ class ShardWriter:
         self.last_flush = time.monotonic()
         if not self.buffered:
             return
-        replace_shard(self.dir / f"part-{self.run_id}-{self.shards:05d}.parquet", pa.concat_tables(self.buffer))
-        self.buffer, self.buffered = [], 0
+        rows = pa.concat_tables(self.buffer)
+        pack = pa.concat_tables(self.maps) if self.maps else None
+        if pack is not None and pack.num_rows:
+            try:
+                write_pack(self.out / "heatmaps" / self.name(), pack)
+            except OSError as err:            # disk full, quota, a broken folder: rows say so, reruns retry
+                rows = unwritten_maps(rows, f"heatmaps/{self.name()}", self.methods, err)
+        replace_shard(self.dir / self.name(), rows)
+        self.buffer, self.maps, self.buffered = [], [], 0
         self.shards += 1
+
+
+def unwritten_maps(rows: pa.Table, pack: str, methods: list[str], err: OSError) -> pa.Table:
+    """Rows whose maps were meant for ``pack``, which could not be written, as ``write_error`` rows
+    (a transient error: the next run scores them again); the other rows as they are."""
+    columns = [method_columns(m)["heatmap"] for m in methods]
+    out = rows.to_pylist()
+    for row in out:
+        if any(row.get(c) == pack for c in columns):
+            row.update({c: None for c in columns})
+            row.update(status="error", error_type="write_error",
+                       error=f"{row['path']}: heatmaps not written to {pack}: {type(err).__name__}: {err}")
+    return pa.Table.from_pylist(out, schema=rows.schema)
 
 
 def split_duplicates(table: pa.Table) -> tuple[pa.Table, pa.Table]:

@@ -4,7 +4,8 @@
     present) -> rows back to the driver, which writes Parquet shards and shows progress
 
 Memory is bounded by Ray Data's streaming backpressure: only a few batches of pixels are in flight,
-whatever the archive size. Heatmaps are written by the actors, rows by the driver.
+whatever the archive size. Rows (and, by default, their shard's heatmap pack) are written by the
+driver; with ``explain.heatmaps: files`` the actors write one PNG per map.
 """
 from __future__ import annotations
 
@@ -135,7 +136,8 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
         todo = plan.todo
         schema = row_schema(card.classes, list(cfg.explain.methods) + list(cfg.explain.budget.methods),
                             todo.input_columns)
-        writer = ShardWriter(out, schema, run_id, cfg.rows_per_shard, cfg.flush_seconds)
+        packed = list(cfg.explain.methods) + list(cfg.explain.budget.methods) if cfg.explain.heatmaps == "packed" else []
+        writer = ShardWriter(out, schema, run_id, cfg.rows_per_shard, cfg.flush_seconds, packed)
         say(f"[score] {plan.inputs} inputs, {plan.done} already scored in {out}, {len(todo)} to do (run {run_id})"
             + (f"; {dropped} superseded rows removed" if dropped else ""))
         start, interrupted = time.monotonic(), ""
