@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 LOG_LEVEL_ENV = "ALLCLUSTER_LOG_LEVEL"
 LEVELS = ("debug", "info", "warning", "error")
@@ -26,6 +27,20 @@ class _StderrLines(logging.Handler):
             sys.stderr.flush()
         except Exception:        # noqa: BLE001 - logging must never break the job
             self.handleError(record)
+
+
+_IMPORTED = time.monotonic()
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux ``/proc``: the interpreter's start and every
+    import count), else since allcluster was imported."""
+    try:
+        fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")          # field 22, starttime (ticks since boot)
+        return float(open("/proc/uptime").read().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED
 
 
 def set_level(name: str) -> None:

@@ -301,6 +301,7 @@ def test_every_entry_of_the_dump_gets_exactly_one_row_and_the_job_exits_0(zoo_jo
     assert summary["rows"] == len(entries) and summary["errors"] == int((rows["status"] == "error").sum())
     assert summary["per_class"] == rows.loc[rows["status"] == "ok", "predicted_class"].value_counts().to_dict()
     assert summary["errors_by_type"] == rows.loc[rows["status"] == "error", "error_type"].value_counts().to_dict()
+    assert summary["seconds_to_first_row"] > 0, "start-up is measured"
 
 
 @pytest.mark.ray

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from allcluster.console import say
+from allcluster.console import process_age_s, say
 from allcluster.interrupt import Interrupted, StopSignals
 from allcluster.models.card import ModelCard
 from allcluster.ray_utils import ensure_ray
@@ -140,7 +140,7 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
         writer = ShardWriter(out, schema, run_id, cfg.rows_per_shard, cfg.flush_seconds, packed)
         say(f"[score] {plan.inputs} inputs, {plan.done} already scored in {out}, {len(todo)} to do (run {run_id})"
             + (f"; {dropped} superseded rows removed" if dropped else ""))
-        start, interrupted = time.monotonic(), ""
+        start, interrupted, first_row = time.monotonic(), "", None
         if todo.files.num_rows:
             ensure_ray(address)             # first: our signal handlers must be the ones in force
         try:
@@ -148,12 +148,13 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
                 stop.graceful()
                 writer.add(error_rows(schema, todo.errors, provenance(card, cfg, run_id, "")))
                 if todo.files.num_rows:
-                    stream_rows(cfg, card, todo, writer, run_id, out, shard, stop)
+                    first_row = stream_rows(cfg, card, todo, writer, run_id, out, shard, stop)
         except Interrupted as err:
             interrupted = err.signal_name
         writer.flush()
         compact(out, shard)                 # retried transient errors: the new row replaces the old
         summary = summarize(out, time.monotonic() - start, len(todo))
+        summary["seconds_to_first_row"] = first_row
         if interrupted:
             summary["interrupted"] = interrupted
             say(f"[score] interrupted by {interrupted}: rows so far are written; rerun the same command to resume")
@@ -166,9 +167,10 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
 
 
 def stream_rows(cfg: ScoreConfig, card: ModelCard, todo: Listing, writer: ShardWriter, run_id: str, out: Path,
-                shard: Shard = Shard(), stop: StopSignals | None = None) -> None:
+                shard: Shard = Shard(), stop: StopSignals | None = None) -> float | None:
     """Run the pipeline and write its rows as they stream back (duplicates resolved at the end); a
-    stop asked for by a signal ends it after the batch in hand (:class:`Interrupted`)."""
+    stop asked for by a signal ends it after the batch in hand (:class:`Interrupted`). Returns the
+    seconds from the command's start (the process's) to the first scored batch."""
     import pyarrow as pa
     import ray
 
@@ -179,9 +181,10 @@ def stream_rows(cfg: ScoreConfig, card: ModelCard, todo: Listing, writer: ShardW
     cap = math.ceil(cfg.explain.budget.max_images / shard.count)
     ledger = ray.remote(Ledger).options(num_cpus=0).remote(cap, budget_used(out, shard))
     progress = Progress(len(todo), cfg.progress_seconds)
-    waiting = []
+    waiting, first_row = [], None
     for table in build_dataset(cfg, card, todo, ledger, run_id, plan).iter_batches(batch_size=None,
                                                                                      batch_format="pyarrow"):
+        first_row = first_row or round(process_age_s(), 1)
         ready, pending = split_duplicates(table)
         writer.add(ready)
         if pending.num_rows:
@@ -197,3 +200,4 @@ def stream_rows(cfg: ScoreConfig, card: ModelCard, todo: Listing, writer: ShardW
     if waiting:
         writer.add(resolve_duplicates(out, pa.concat_tables(waiting), todo.input_columns))
         writer.flush()
+    return first_row
