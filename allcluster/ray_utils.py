@@ -33,6 +33,19 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # of a trial that Tune (ASHA) stops, and that trial's CPUs/GPUs stay reserved.
         ray.init(num_cpus=num_cpus, include_dashboard=True, runtime_env=env, log_to_driver=True,
                  logging_level=quiet)
+    if quiet > logging.INFO:
+        quiet_ray_data_console()
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data's INFO lines ("Starting execution of Dataset", its execution plan) off the console;
+    they still go to the session's ``ray-data.log``. Ray Data configures its ``console`` handler
+    when ``ray.data`` is imported (in the driver only once), so this runs after that import."""
+    import ray.data  # noqa: F401  (configures the ray.data logger)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console":
+            handler.setLevel(logging.WARNING)
 
 
 def _ray_log_level() -> int:

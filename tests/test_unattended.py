@@ -397,6 +397,8 @@ def test_a_second_run_into_a_busy_output_is_refused_and_sigterm_stops_the_first_
             os.killpg(first.pid, signal.SIGKILL)
     assert first.returncode == 75, text[-3000:]
     assert "interrupted by SIGTERM" in text
+    assert "Starting execution of Dataset" not in text and "Execution plan of Dataset" not in text, \
+        "Ray Data's INFO lines stay in its log file unless --log-level debug"
     written = _rows_written(out)
     assert 0 < written < len(files)
     assert set(before) <= set(p.name for p in out.rglob("*")), "the refused run removed nothing"
