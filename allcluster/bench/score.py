@@ -69,7 +69,7 @@ def bench_score(args: argparse.Namespace) -> dict:
     cam = _timed_score(model_dir, inputs, out / "scored", args.batch_size, methods, 0.0)
     result = {"benchmark": "score",
               "meaning": "end_to_end_img_s: files listed, read, hashed, decoded, predicted and explained "
-                         "(methods, Grad-CAM from the prediction's own pass), heatmap PNGs and Parquet rows "
+                         "(methods, Grad-CAM from the prediction's own pass), heatmaps (packed) and Parquet rows "
                          "written, by the real Ray Data job (actor start and model load included, Ray start "
                          "not); bare_forward_img_s: the same model's forward pass alone, same device and "
                          "batch size; ratio = end_to_end / bare_forward (target >= 0.5 on a CPU machine). "
