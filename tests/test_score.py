@@ -594,6 +594,32 @@ def test_a_duplicate_takes_its_first_copys_results_but_keeps_its_own_input_colum
     assert (orphan["status"], orphan["error_type"]) == ("error", "duplicate_unresolved")
 
 
+def test_one_read_of_the_rows_gives_done_paths_budget_spent_and_the_rows_to_compact(tmp_path):
+    import pyarrow as pa
+
+    from allcluster.score.output import RowsState, compact
+
+    def shard(name, run, rows):
+        keys = ["path", "status", "error_type", "duplicate_of", "budget_reason"]
+        table = pa.table({k: [r[i] for r in rows] for i, k in enumerate(keys)}).append_column("run_id", pa.array([run] * len(rows)))
+        (tmp_path / "rows").mkdir(exist_ok=True)
+        pq.write_table(table, tmp_path / "rows" / name)
+
+    shard("part-r1-00000.parquet", "r1", [("a", "ok", None, "", "low_confidence"), ("b", "error", "unreadable", "", ""),
+                                          ("c", "error", "not_an_image", "", ""), ("d", "ok", None, "a", "low_confidence")])
+    shard("part-r2-00000.parquet", "r2", [("b", "ok", None, "", "sample")])
+    state = RowsState.read(tmp_path)
+    assert sorted(state.done_paths().to_pylist()) == ["a", "b", "c", "d"]
+    assert sorted(state.done_paths(retry_errors=True).to_pylist()) == ["a", "b", "d"]
+    assert state.budget_used() == 2, "a and the retried b; d is a duplicate of a"
+    assert state.superseded()[0].to_pylist() == ["b"]
+    assert compact(tmp_path, state=state) == 1
+    after = RowsState.read(tmp_path)
+    assert not len(after.superseded()[0]) and after.table.num_rows == 4
+    assert sorted(after.done_paths().to_pylist()) == ["a", "b", "c", "d"]
+    assert RowsState.read(tmp_path / "nothing-here").done_paths().to_pylist() == []
+
+
 def test_cpu_replicas_always_leave_a_decode_task_room_on_small_allocations():
     from allcluster.score.ray_data import actor_plan
 

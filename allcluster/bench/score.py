@@ -122,7 +122,7 @@ def plan_probe(model: str, manifest: str, out: str) -> None:
 
     from allcluster.config import from_dict
     from allcluster.score.config import ScoreConfig
-    from allcluster.score.output import compact
+    from allcluster.score.output import RowsState, compact
     from allcluster.score.ray_data import plan_job, todo_blocks
 
     import tempfile
@@ -136,8 +136,9 @@ def plan_probe(model: str, manifest: str, out: str) -> None:
     cfg = from_dict(ScoreConfig, {"model": model, "input": manifest, "out": out}, "bench plan")
     Path("/proc/self/clear_refs").write_text("5")
     base, start = rss_kib("VmRSS"), time.perf_counter()
-    compact(Path(out))                  # what a run does first (a no-op here: no path has two rows)
-    job = plan_job(cfg, Path(out))
+    state = RowsState.read(Path(out))   # what a run does first: one read of the rows already there,
+    compact(Path(out), state=state)     # compaction (a no-op here: no path has two rows)
+    job = plan_job(cfg, Path(out), state=state)
     blocks = todo_blocks(job.todo, cfg.batch_size)      # the pipeline's input slices (views of the list)
     seconds = time.perf_counter() - start
     peak = rss_kib("VmHWM")

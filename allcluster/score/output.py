@@ -45,40 +45,76 @@ def rows_dataset(out: Path) -> pads.Dataset | None:
     return pads.dataset(rows, format="parquet")
 
 
+# The bookkeeping columns a run reads once at its start (resume, compaction, budget spent); the
+# repetitive ones stay dictionary-encoded, so a resumed 10-million-row output costs about its paths.
+STATE_COLUMNS = ("path", "run_id", "status", "error_type", "duplicate_of", "budget_reason")
+STATE_DICTIONARY = ["run_id", "status", "error_type", "duplicate_of", "budget_reason"]
+
+
+class RowsState:
+    """The rows already in ``out``, as their bookkeeping columns (:data:`STATE_COLUMNS`), read once."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+
+    @classmethod
+    def read(cls, out: Path) -> "RowsState":
+        rows = out / "rows"
+        shards = sorted(p for p in rows.glob("*.parquet") if not p.name.startswith(".")) if rows.is_dir() else []
+        if not shards:
+            return cls(pa.table({c: pa.array([], pa.string()) for c in STATE_COLUMNS}))
+        fmt = pads.ParquetFileFormat(read_options=pads.ParquetReadOptions(dictionary_columns=STATE_DICTIONARY))
+        return cls(pads.dataset(shards, format=fmt).to_table(columns=list(STATE_COLUMNS)))
+
+    def text(self, name: str) -> pa.ChunkedArray:
+        """Column ``name`` as plain strings (dictionary-decoded)."""
+        return pc.cast(self.table.column(name), pa.string())
+
+    def done_paths(self, retry_errors: bool = False) -> pa.Array:
+        """Paths whose row is final, which a rerun skips: ``ok`` rows and errors that the file's
+        content determines (with ``retry_errors``, ``ok`` rows only). Transient errors are scored again."""
+        final = pc.equal(self.text("status"), "ok")
+        if not retry_errors:
+            transient = pc.is_in(self.text("error_type"), pa.array(sorted(TRANSIENT_ERRORS)))
+            final = pc.or_(final, pc.invert(pc.fill_null(transient, False)))
+        return pc.unique(self.table.column("path").filter(pc.fill_null(final, False)).combine_chunks())
+
+    def budget_used(self, shard: Shard = Shard()) -> int:
+        """Budgeted explanations already spent by earlier runs of ``shard`` (the cap spans reruns)."""
+        spent = pc.and_(pc.equal(self.text("duplicate_of"), ""),
+                        pc.is_in(self.text("budget_reason"), pa.array(BUDGET_REASONS)))
+        return sum(shard.holds(self.table.column("path").filter(pc.fill_null(spent, False)).to_pylist()))
+
+    def superseded(self, shard: Shard = Shard()) -> tuple[pa.Array, pa.Array]:
+        """(paths of ``shard`` with rows from several runs, their ``path + NUL + newest run_id`` keys)."""
+        keys = pa.table({"path": self.table.column("path"), "run_id": self.text("run_id")})
+        counts = keys.group_by("path").aggregate([("run_id", "max"), ("run_id", "count")])
+        repeated = counts.filter(pc.greater(counts["run_id_count"], 1))
+        repeated = repeated.filter(pa.array(shard.holds(repeated["path"].to_pylist()), pa.bool_()))
+        return repeated["path"], pc.binary_join_element_wise(repeated["path"], repeated["run_id_max"], "\x00")
+
+
 def done_paths(out: Path, retry_errors: bool = False) -> pa.Array:
-    """Paths whose row is final, which a rerun skips: ``ok`` rows and errors that the file's content
-    determines (with ``retry_errors``, ``ok`` rows only). Transient errors are scored again."""
-    data = rows_dataset(out)
-    if data is None:
-        return pa.array([], pa.string())
-    final = pc.field("status") == "ok"
-    if not retry_errors:
-        final = final | ~pc.field("error_type").isin(sorted(TRANSIENT_ERRORS))
-    return pc.unique(data.to_table(columns=["path"], filter=final).column("path").combine_chunks())
+    """:meth:`RowsState.done_paths` of ``out``."""
+    return RowsState.read(out).done_paths(retry_errors)
 
 
-def compact(out: Path, shard: Shard = Shard()) -> int:
+def compact(out: Path, shard: Shard = Shard(), state: RowsState | None = None) -> int:
     """Drop rows superseded by a newer run's row for the same path (a retried transient error, or a
     row a killed run wrote twice); shards are rewritten atomically. Only paths of ``shard`` are
-    touched, so array tasks sharing ``out`` never rewrite each other's rows. Returns the rows dropped."""
-    data = rows_dataset(out)
-    if data is None:
+    touched, so array tasks sharing ``out`` never rewrite each other's rows. ``state``: the rows'
+    bookkeeping if already read. Returns the rows dropped."""
+    paths, newest = (state if state is not None else RowsState.read(out)).superseded(shard)
+    if not len(paths):
         return 0
-    keys = data.to_table(columns=["path", "run_id"])
-    counts = keys.group_by("path").aggregate([("run_id", "max"), ("run_id", "count")])
-    repeated = counts.filter(pc.greater(counts["run_id_count"], 1))
-    repeated = repeated.filter(pa.array(shard.holds(repeated["path"].to_pylist()), pa.bool_()))
-    if not repeated.num_rows:
-        return 0
-    newest = pc.binary_join_element_wise(repeated["path"], repeated["run_id_max"], "\x00")
     dropped = 0
-    for fragment in data.get_fragments():
-        shard = pq.read_table(fragment.path)
-        key = pc.binary_join_element_wise(shard["path"], shard["run_id"], "\x00")
-        stale = pc.and_(pc.is_in(shard["path"], repeated["path"]), pc.invert(pc.is_in(key, newest)))
+    for fragment in rows_dataset(out).get_fragments():
+        table = pq.read_table(fragment.path)
+        key = pc.binary_join_element_wise(table["path"], table["run_id"], "\x00")
+        stale = pc.and_(pc.is_in(table["path"], paths), pc.invert(pc.is_in(key, newest)))
         if pc.any(stale).as_py():
-            keep = shard.filter(pc.invert(stale))
-            dropped += shard.num_rows - keep.num_rows
+            keep = table.filter(pc.invert(stale))
+            dropped += table.num_rows - keep.num_rows
             replace_shard(Path(fragment.path), keep)
     return dropped
 
@@ -92,13 +128,8 @@ def replace_shard(path: Path, table: pa.Table) -> None:
 
 
 def budget_used(out: Path, shard: Shard = Shard()) -> int:
-    """Budgeted explanations already spent by earlier runs of ``shard`` into ``out`` (the cap spans reruns)."""
-    data = rows_dataset(out)
-    if data is None:
-        return 0
-    spent = data.to_table(columns=["path"], filter=(pc.field("duplicate_of") == "")
-                          & pc.field("budget_reason").isin(BUDGET_REASONS))["path"].to_pylist()
-    return sum(shard.holds(spent))
+    """:meth:`RowsState.budget_used` of ``out``."""
+    return RowsState.read(out).budget_used(shard)
 
 
 def lock_output(out: Path, shard: Shard = Shard()) -> list[ExclusiveLock]:

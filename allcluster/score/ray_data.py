@@ -28,9 +28,8 @@ from allcluster.score.rows import error_rows, provenance
 from allcluster.score.config import ScoreConfig, row_settings
 from allcluster.score.inputs import Listing, Shard, list_inputs
 from allcluster.atomic import atomic_write_text
-from allcluster.score.output import (Progress, ShardWriter, budget_used, check_job_settings,
-                                     compact, done_paths, lock_output, resolve_duplicates, split_duplicates,
-                                     summarize, summary_text)
+from allcluster.score.output import (Progress, RowsState, ShardWriter, check_job_settings, compact,
+                                     lock_output, resolve_duplicates, split_duplicates, summarize, summary_text)
 from allcluster.score.rows import row_schema
 
 
@@ -107,12 +106,14 @@ class JobPlan:
     done: int
 
 
-def plan_job(cfg: ScoreConfig, out: Path, retry_errors: bool = False, shard: Shard = Shard()) -> JobPlan:
-    """List the inputs (of ``shard``) and drop those with a final row in ``out``. The job's own output
-    is never listed as input, even when ``out`` lies inside ``input``; the full listing is not kept."""
+def plan_job(cfg: ScoreConfig, out: Path, retry_errors: bool = False, shard: Shard = Shard(),
+             state: RowsState | None = None) -> JobPlan:
+    """List the inputs (of ``shard``) and drop those with a final row in ``out`` (``state``: its rows
+    already read). The job's own output is never listed as input, even when ``out`` lies inside
+    ``input``; the full listing is not kept."""
     listing = list_inputs(cfg.input, exclude=(out,)).part(shard)
     inputs = len(listing)
-    todo = listing.without(done_paths(out, retry_errors))
+    todo = listing.without((state or RowsState.read(out)).done_paths(retry_errors))
     return JobPlan(todo, inputs, inputs - len(todo))
 
 
@@ -131,8 +132,11 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
         card.write_model_info(out)
         write_resolved(cfg, out / "score.yaml", "allcluster score")
         run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{np.random.default_rng().integers(1 << 16):04x}"
-        dropped = compact(out, shard)       # a run killed while replacing retried rows left two
-        plan = plan_job(cfg, out, retry_errors, shard)
+        state = RowsState.read(out)         # the rows already here, read once for the whole start
+        dropped = compact(out, shard, state)  # a run killed while replacing retried rows left two
+        if dropped:
+            state = RowsState.read(out)
+        plan = plan_job(cfg, out, retry_errors, shard, state)
         todo = plan.todo
         schema = row_schema(card.classes, list(cfg.explain.methods) + list(cfg.explain.budget.methods),
                             todo.input_columns)
@@ -148,7 +152,8 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
                 stop.graceful()
                 writer.add(error_rows(schema, todo.errors, provenance(card, cfg, run_id, "")))
                 if todo.files.num_rows:
-                    first_row = stream_rows(cfg, card, todo, writer, run_id, out, shard, stop)
+                    first_row = stream_rows(cfg, card, todo, writer, run_id, out, shard, stop,
+                                            state.budget_used(shard))
         except Interrupted as err:
             interrupted = err.signal_name
         writer.flush()
@@ -167,10 +172,11 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
 
 
 def stream_rows(cfg: ScoreConfig, card: ModelCard, todo: Listing, writer: ShardWriter, run_id: str, out: Path,
-                shard: Shard = Shard(), stop: StopSignals | None = None) -> float | None:
+                shard: Shard = Shard(), stop: StopSignals | None = None, budget_spent: int = 0) -> float | None:
     """Run the pipeline and write its rows as they stream back (duplicates resolved at the end); a
     stop asked for by a signal ends it after the batch in hand (:class:`Interrupted`). Returns the
-    seconds from the command's start (the process's) to the first scored batch."""
+    seconds from the command's start (the process's) to the first scored batch. ``budget_spent``:
+    budgeted explanations earlier runs of ``shard`` already made (the cap spans reruns)."""
     import pyarrow as pa
     import ray
 
@@ -179,7 +185,7 @@ def stream_rows(cfg: ScoreConfig, card: ModelCard, todo: Listing, writer: ShardW
     say(f"[score] {plan['size']} model replica(s) on {plan['device']} "
         f"({plan['num_gpus']:g} GPU, {plan['num_cpus']:g} CPU each), batch {cfg.batch_size}")
     cap = math.ceil(cfg.explain.budget.max_images / shard.count)
-    ledger = ray.remote(Ledger).options(num_cpus=0).remote(cap, budget_used(out, shard))
+    ledger = ray.remote(Ledger).options(num_cpus=0).remote(cap, budget_spent)
     progress = Progress(len(todo), cfg.progress_seconds)
     waiting, first_row = [], None
     for table in build_dataset(cfg, card, todo, ledger, run_id, plan).iter_batches(batch_size=None,
