@@ -46,6 +46,8 @@ def quiet_ray_data_console() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if handler.get_name() == "console":
             handler.setLevel(logging.WARNING)
+            # we turn Ray Data's progress bars off for our own progress line: no hint about it
+            handler.addFilter(lambda record: not record.getMessage().startswith("Progress bars disabled"))
 
 
 def _ray_log_level() -> int:

@@ -94,6 +94,34 @@ ALL_CLASSES = ["Benign", "Early", "Pre", "Pro"]
 
 
 @pytest.fixture(scope="session")
+def real_sweep(ray_local, real_manifest, tmp_path_factory) -> dict:
+    """One real sweep shared by the sweep and report tests (a trial's cost is mostly Ray Train's start,
+    so CI runs it once): 2 backbones x 2 augmentations (optimizer drawn per trial), 3 epochs at 48 px
+    on a 64-per-class subset of the real images. ``printed``: what ``allcluster sweep`` printed."""
+    import contextlib
+    import io
+
+    from allcluster.cli import main
+
+    base = tmp_path_factory.mktemp("real-sweep")
+    experiment = base / "sweep"
+    train = {"data": {"manifest": str(real_manifest), "image_size": 48, "max_per_class": 64, "loader_workers": 0},
+             "model": {"backbone": "allnet", "head": {"hidden": [16], "dropout": 0.0, "hidden_dropout": 0.0}},
+             "finetune": {"head_epochs": 0, "unfreeze_blocks": -1},
+             "optim": {"lr": 0.003, "weight_decay": 0.0},
+             "fit": {"epochs": 3, "batch_size": 16, "early_stopping_patience": 0},
+             "resources": {"num_workers": 1, "cpus_per_worker": 0.9}}
+    config = write_yaml(base / "sweep.yaml", {
+        "name": "report-test", "experiment_dir": str(experiment), "train": train, "seed": 0,
+        "grid": {"model.backbone": ["allnet", "test_efficientnet"], "augment.name": ["none", "mixup"]},
+        "sample": {"optim.name": {"choice": ["adam", "adamw"]}}})
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["sweep", "--config", str(config)]) == 0
+    return {"experiment": experiment, "config": config, "printed": printed.getvalue()}
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """An exported, untrained ALL-Net model directory at 64 px with the ALL dataset's four classes
     (temperature 1.5, so raw and calibrated probabilities differ)."""
@@ -135,22 +163,31 @@ def clean_dir(tmp_path):
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-def run_then_sigkill(command: list[str], ready, timeout_s: float, what: str) -> None:
+def run_then_sigkill(command: list[str], ready, timeout_s: float, what: str) -> str:
     """Run a CLI command in its own session (with its own local Ray) and SIGKILL the whole process
-    group as soon as ``ready()`` holds; fails if the command exits first or ``what`` never happens."""
+    group as soon as ``ready()`` holds; fails if the command exits first or ``what`` never happens.
+    Returns what the command printed (kept in a file: a full pipe would stall the command)."""
     import signal
     import subprocess
+    import tempfile
     import time
 
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-    try:
-        deadline = time.time() + timeout_s
-        while not ready():
-            assert process.poll() is None, process.stdout.read()[-3000:]
-            assert time.time() < deadline, f"{what} did not happen within {timeout_s:g} s"
-            time.sleep(0.2)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    with tempfile.TemporaryFile("w+", errors="replace") as output:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                   text=True, start_new_session=True)
+
+        def printed() -> str:
+            output.flush()
+            output.seek(0)
+            return output.read()
+        try:
+            deadline = time.time() + timeout_s
+            while not ready():
+                assert process.poll() is None, printed()[-3000:]
+                assert time.time() < deadline, f"{what} did not happen within {timeout_s:g} s"
+                time.sleep(0.2)
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        return printed()

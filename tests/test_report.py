@@ -153,21 +153,6 @@ def test_roc_points_equal_scikit_learns():
 
 
 # ---- the real runs -----------------------------------------------------------------------------------------
-def sweep_config(path: Path, manifest: Path, experiment: Path) -> Path:
-    """ci_tiny's recipe: 2 backbones x 2 augmentations (optimizer drawn per trial), 3 epochs at 48 px on a
-    64-per-class subset (a trial's cost is mostly Ray Train's start; these epochs take seconds)."""
-    train = {"data": {"manifest": str(manifest), "image_size": 48, "max_per_class": 64, "loader_workers": 0},
-             "model": {"backbone": "allnet", "head": {"hidden": [16], "dropout": 0.0, "hidden_dropout": 0.0}},
-             "finetune": {"head_epochs": 0, "unfreeze_blocks": -1},
-             "optim": {"lr": 0.003, "weight_decay": 0.0},
-             "fit": {"epochs": 3, "batch_size": 16, "early_stopping_patience": 0},
-             "resources": {"num_workers": 1, "cpus_per_worker": 0.9}}
-    return write_yaml(path, {"name": "report-test", "experiment_dir": str(experiment), "train": train, "seed": 0,
-                             "grid": {"model.backbone": ["allnet", "test_efficientnet"],
-                                      "augment.name": ["none", "mixup"]},
-                             "sample": {"optim.name": {"choice": ["adam", "adamw"]}}})
-
-
 def scoring_manifest(real_manifest: Path, base: Path) -> Path:
     """Test-split images (PER_CLASS per class) plus a byte-identical copy, a truncated file and a
     missing one, with labels: the rows get duplicates, two error types and a label column."""
@@ -186,10 +171,9 @@ def scoring_manifest(real_manifest: Path, base: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(ray_local, real_manifest, tmp_path_factory) -> dict:
+def runs(ray_local, real_sweep, real_manifest, tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("report")
-    experiment, scored, report = base / "sweep", base / "scored", base / "report"
-    assert main(["sweep", "--config", str(sweep_config(base / "sweep.yaml", real_manifest, experiment))]) == 0
+    experiment, scored, report = real_sweep["experiment"], base / "scored", base / "report"
     assert main(["score", "--config", str(CI_TINY_SCORE), "--model", str(experiment / "best_model"),
                  "--input", str(scoring_manifest(real_manifest, base)), "--out", str(scored),
                  "--set", "explain.budget.max_images=2"]) == 0

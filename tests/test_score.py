@@ -28,7 +28,7 @@ from allcluster.score.config import ScoreConfig, check
 from allcluster.score.inputs import list_inputs
 from allcluster.score.heatmaps import load_heatmap
 from allcluster.score.output import check_job_settings
-from conftest import REPO, run_then_sigkill
+from conftest import REPO
 
 CI_TINY = REPO / "configs" / "score" / "ci_tiny.yaml"
 
@@ -433,31 +433,6 @@ def test_dry_run_lists_the_job_and_estimates_from_measured_costs(tiny_model_dir,
     assert numbers["decode_ms"] > 0 and numbers["every_image_ms"] > 0 and numbers["budget_ms"] > 0
     assert 0 < numbers["budget_selected"] <= 4 and numbers["estimated_total_s"] > 0
     assert not (tmp_path / "out").exists(), "a dry run writes nothing"
-
-
-@pytest.mark.slow
-def test_job_killed_half_way_resumes_and_ends_with_every_input_exactly_once(tiny_model_dir, real_data_dir, tmp_path):
-    files = real_images(real_data_dir, 20)
-    listing = tmp_path / "files.txt"
-    listing.write_text("\n".join(map(str, files)) + "\n")
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "allcluster.cli", "score", "--config", str(CI_TINY), "--model",
-               str(tiny_model_dir), "--input", str(listing), "--out", str(out), "--set", "explain.budget.methods=[]",
-               "--set", "explain.methods=[gradcam,scorecam]"]   # Score-CAM on every image: slow enough to stop
-    run_then_sigkill(command, lambda: _rows_written(out) >= len(files) // 2, 300, "half the rows written")
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
-    before = _rows_written(out)
-    assert len(files) // 2 <= before < len(files), "the kill should land part way"
-    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
-    assert f"{before} already scored" in second.stderr
-    rows = pd.read_parquet(out / "rows")
-    assert sorted(rows["path"]) == sorted(map(str, files)) and (rows["status"] == "ok").all()
-    assert rows["run_id"].nunique() == 2
-
-
-def _rows_written(out: Path) -> int:
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in (out / "rows").glob("*.parquet")) if out.is_dir() else 0
 
 
 class _Stream:

@@ -64,16 +64,6 @@ def test_two_ddp_workers_evaluate_every_validation_image_exactly_once(ray_local,
         assert sum(sum(r) for r in card["metrics"][split]["confusion"]) == expected
 
 
-def test_finished_run_is_not_retrained_when_rerun(ray_local, synthetic_manifest, tmp_path):
-    cfg = tiny_train_config(synthetic_manifest, tmp_path / "again", fit={"epochs": 1})
-    _fit(cfg)
-    weights = tmp_path / "again" / "model" / "weights.safetensors"
-    before = (file_sha256(weights), weights.stat().st_mtime_ns)
-    final = _fit(cfg)
-    assert (file_sha256(weights), weights.stat().st_mtime_ns) == before
-    assert final["run_complete"] is True
-
-
 def test_training_on_a_stratified_subset_of_the_real_all_images(ray_local, real_manifest, tmp_path):
     cfg = tiny_train_config(real_manifest, tmp_path / "real", data={"max_per_class": 24, "image_size": 64},
                             fit={"epochs": 2, "batch_size": 16})
@@ -116,7 +106,8 @@ def _wait_for_epochs(metrics: Path, n: int, proc: subprocess.Popen, timeout: flo
 
 
 @pytest.mark.slow
-def test_rerun_after_sigkill_resumes_from_the_latest_checkpoint(synthetic_manifest, tmp_path):
+def test_rerun_after_sigkill_resumes_from_the_latest_checkpoint_and_a_finished_run_is_not_retrained(
+        ray_local, synthetic_manifest, tmp_path):
     out = tmp_path / "killed"
     config = write_yaml(tmp_path / "cfg.yaml", {
         "output_dir": str(out),
@@ -143,6 +134,12 @@ def test_rerun_after_sigkill_resumes_from_the_latest_checkpoint(synthetic_manife
     history = pq.read_table(out / "metrics.parquet").to_pandas()
     assert history["epoch"].tolist() == list(range(6))
     assert (out / "model" / "model_card.json").is_file()
+
+    weights = out / "model" / "weights.safetensors"
+    before = (file_sha256(weights), weights.stat().st_mtime_ns)
+    assert main(["train", "--config", str(config)]) == 0          # finished: a rerun trains nothing
+    assert (file_sha256(weights), weights.stat().st_mtime_ns) == before
+    assert pq.read_table(out / "metrics.parquet")["epoch"].to_pylist() == list(range(6))
 
 
 def test_demo_generates_indexes_trains_and_reports_where_outputs_are(ray_local, tmp_path, capsys):

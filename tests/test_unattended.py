@@ -25,7 +25,7 @@ from allcluster.score import reading
 from allcluster.score.heatmaps import find_heatmap
 from allcluster.score.ledger import Ledger
 from allcluster.score.reading import read_decode
-from conftest import REPO, write_yaml
+from conftest import REPO, run_then_sigkill, write_yaml
 
 CI_TINY = REPO / "configs" / "score" / "ci_tiny.yaml"
 ODD_NAMES = [b"latin1-caf\xe9.jpg", b"new\nline.jpg", b"tab\there.jpg", b"-leading-dash.jpg", b"back\\slash.jpg"]
@@ -370,42 +370,54 @@ def test_transient_errors_are_scored_again_and_replace_their_rows(ray_local, tin
 # ---- one writer per output folder; a signal stops a run cleanly ----------------------------------------
 @pytest.mark.slow
 @pytest.mark.ray
-def test_a_second_run_into_a_busy_output_is_refused_and_sigterm_stops_the_first_cleanly(
+@pytest.mark.slow
+def test_a_job_killed_then_stopped_by_sigterm_resumes_to_exactly_one_row_per_file_and_a_busy_output_is_refused(
         ray_local, tiny_model_dir, real_data_dir, tmp_path, capsys):
+    """One archive, three runs (one Ray start each, shared so CI stays short): A is SIGKILLed part way (a
+    lost node); B resumes it, a second run into the busy OUT is refused while B holds the lock, then B is
+    stopped by SIGTERM (scancel, a time limit) with exit 75 and its rows written; C finishes the job."""
     from allcluster.cli import main
 
-    files = real_images(real_data_dir, 16)
+    files = real_images(real_data_dir, 10)               # 40 files, Score-CAM on each: slow enough to stop twice
     listing = tmp_path / "files.txt"
     listing.write_text("\n".join(map(str, files)) + "\n")
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "allcluster.cli", *score_args(tiny_model_dir, listing, out,
-               "--set", "explain.methods=[gradcam,scorecam]", "--set", "flush_seconds=1")]
+    args = score_args(tiny_model_dir, listing, out, "--set", "explain.methods=[gradcam,scorecam]",
+                      "--set", "flush_seconds=1")
+    command = [sys.executable, "-m", "allcluster.cli", *args]
+    run_then_sigkill(command, lambda: _rows_written(out) > 0, 300, "rows written")     # A: kill -9
+    killed_at = _rows_written(out)
+    assert 0 < killed_at < len(files), "the kill should land part way"
+
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
-    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True)
+    second = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)                          # B
     try:
-        _wait_for(lambda: f'"pid": {first.pid}' in _text(out / ".lock"), first, "the first run took the lock")
+        _wait_for(lambda: f'"pid": {second.pid}' in _text(out / ".lock"), second, "the resumed run took the lock")
         before = sorted(p.name for p in out.rglob("*"))
         assert main(score_args(tiny_model_dir, listing, out)) == 2
         refusal = capsys.readouterr().err
-        assert f"pid {first.pid}" in refusal and "in use by another run" in refusal, refusal
-        _wait_for(lambda: _rows_written(out) > 0, first, "the first run wrote rows")
-        first.send_signal(signal.SIGTERM)
-        text, _ = first.communicate(timeout=120)
+        assert f"pid {second.pid}" in refusal and "in use by another run" in refusal, refusal
+        _wait_for(lambda: _rows_written(out) > killed_at, second, "the resumed run wrote rows")
+        second.send_signal(signal.SIGTERM)
+        text, _ = second.communicate(timeout=120)
     finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-    assert first.returncode == 75, text[-3000:]
-    assert "interrupted by SIGTERM" in text
+        if second.poll() is None:
+            os.killpg(second.pid, signal.SIGKILL)
+    assert second.returncode == 75, text[-3000:]
+    assert f"{killed_at} already scored" in text and "interrupted by SIGTERM" in text, text[-3000:]
+    written = _rows_written(out)
+    assert killed_at < written < len(files)
+    assert f'"run_rows": {written - killed_at}' in text, "an interrupted run counts the rows it wrote"
     assert "Starting execution of Dataset" not in text and "Execution plan of Dataset" not in text, \
         "Ray Data's INFO lines stay in its log file unless --log-level debug"
-    written = _rows_written(out)
-    assert 0 < written < len(files)
+    assert "Progress bars disabled" not in text
     assert set(before) <= set(p.name for p in out.rglob("*")), "the refused run removed nothing"
-    assert main(score_args(tiny_model_dir, listing, out, "--set", "explain.methods=[gradcam,scorecam]")) == 0
+
+    assert main(args) == 0                                                                  # C
     rows = rows_of(out)
     assert sorted(rows["path"]) == sorted(map(str, files)) and (rows["status"] == "ok").all()
-    assert rows["run_id"].nunique() == 2, "one interrupted run and the one that finished it"
+    assert rows["run_id"].nunique() == 3, "the killed run, the stopped run and the one that finished"
 
 
 def _text(path: Path) -> str:

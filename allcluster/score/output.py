@@ -179,6 +179,7 @@ class ShardWriter:
         self.maps: list[pa.Table] = []
         self.buffered = 0
         self.shards = 0
+        self.written = 0                  # rows this writer has written (this run's rows)
         self.last_flush = time.monotonic()
 
     def name(self) -> str:
@@ -207,6 +208,7 @@ class ShardWriter:
             except OSError as err:            # disk full, quota, a broken folder: rows say so, reruns retry
                 rows = unwritten_maps(rows, f"heatmaps/{self.name()}", self.methods, err)
         replace_shard(self.dir / self.name(), rows)
+        self.written += rows.num_rows
         self.buffer, self.maps, self.buffered = [], [], 0
         self.shards += 1
 

@@ -158,7 +158,7 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
             interrupted = err.signal_name
         writer.flush()
         compact(out, shard)                 # retried transient errors: the new row replaces the old
-        summary = summarize(out, time.monotonic() - start, len(todo))
+        summary = summarize(out, time.monotonic() - start, writer.written)
         summary["seconds_to_first_row"] = first_row
         if interrupted:
             summary["interrupted"] = interrupted
