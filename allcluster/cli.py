@@ -281,13 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="one PNG panel per image: the image and each method's heatmap")
     p.add_argument("images", nargs="+")
-    p.add_argument("--model", help="exported model directory: run the explainers on the images")
-    p.add_argument("--scores", metavar="OUT", help="a scoring output: show the maps it stored for the images "
-                   "(found by content; no model runs)")
     p.add_argument("--out", default="explanations", help="folder for the panels (default: ./explanations)")
+    p.add_argument("--model", help="exported model directory: run the explainers on the images")
     p.add_argument("--methods", default="gradcam,gradcam++,scorecam,lime", help="comma-separated explainers")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--lime-samples", type=int, default=1000)
+    p.add_argument("--scores", metavar="OUT", help="instead of --model: a scoring output; show the maps it "
+                   "stored for the images (found by content; no model runs)")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("report", help="result tables, plots and a static HTML report from sweep and scoring Parquet")
