@@ -96,11 +96,20 @@ _ray_on_term() {  # $1 = TERM|INT
   fi
 }
 
+_ray_self() {  # this job for scancel/scontrol/squeue: an array task is ARRAYID_TASK, because a task
+  # whose own id equals the array's id (the last task, often) would address the whole array
+  if [ -n "${SLURM_ARRAY_JOB_ID:-}" ] && [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
+    echo "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+  else
+    echo "$SLURM_JOB_ID"
+  fi
+}
+
 _ray_requeue() {  # the warning came and the driver stopped unfinished: back to the queue
   trap '' TERM INT   # scontrol requeue makes Slurm SIGTERM this shell: finish logging first
   local out rc=0
   _log "requeueing job $SLURM_JOB_ID (scontrol requeue): its next start resumes the work"
-  out=$(scontrol requeue "$SLURM_JOB_ID" 2>&1) || rc=$?
+  out=$(scontrol requeue "$(_ray_self)" 2>&1) || rc=$?
   if [ "$rc" != 0 ]; then
     _log "scontrol requeue failed ($out): resubmit the same command to resume (sbatch --requeue may be needed)"
   fi
@@ -113,7 +122,7 @@ ray_cluster_stop() {  # the EXIT trap
     # SIGTERM to the steps' tasks only (scancel without --batch spares the batch shell): each
     # ray-node.sh stops its Ray and removes its temp folder. SIGTERM to srun itself would cancel the
     # step, which SIGKILLs the tasks before they can clean up.
-    scancel --signal=TERM "$SLURM_JOB_ID" 2>/dev/null || true
+    scancel --signal=TERM "$(_ray_self)" 2>/dev/null || true
     local i
     for i in $(seq 60); do
       jobs -rp | grep -qxF -f <(printf '%s\n' "${_ray_steps[@]}") || break
@@ -144,7 +153,7 @@ ray_cluster_start() {
   mapfile -t RAY_NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
   local head=${RAY_NODES[0]}
   _log "job $SLURM_JOB_ID: restart ${SLURM_RESTART_COUNT:-0} of job $SLURM_JOB_ID;" \
-       "time limit $(squeue -h -j "$SLURM_JOB_ID" -o %l 2>/dev/null || echo '?')"
+       "time limit $(squeue -h -j "$(_ray_self)" -o %l 2>/dev/null || echo '?')"
 
   # The job's private folder, afresh at every start (a requeued job keeps its id: drop what the
   # previous start left). mkdir without -p under umask 077: created by us, mode 700.

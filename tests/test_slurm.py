@@ -300,6 +300,8 @@ def test_array_jobs_score_parts_into_one_out_and_sweep_trials_then_collect(
         log = logs[f"sweep-{sweep}_{i}.out"]
         assert f"--trial-index {i}" in log
         assert "requeueing job" not in log and "SIGUSR1" not in log, log[-3000:]
+        # scancel/scontrol/squeue address this task (ARRAYID_TASK), never the whole array
+        assert re.search(r"time limit 20:00\n\[", log), log[:1500]
     trials = pd.read_parquet(experiment / "trials.parquet")
     assert len(trials) == 2 and (trials["status"] == "finished").all(), trials.to_string()
     assert sorted(trials["trial_index"]) == [0, 1]
