@@ -94,11 +94,6 @@ class RowsState:
         return repeated["path"], pc.binary_join_element_wise(repeated["path"], repeated["run_id_max"], "\x00")
 
 
-def done_paths(out: Path, retry_errors: bool = False) -> pa.Array:
-    """:meth:`RowsState.done_paths` of ``out``."""
-    return RowsState.read(out).done_paths(retry_errors)
-
-
 def compact(out: Path, shard: Shard = Shard(), state: RowsState | None = None) -> int:
     """Drop rows superseded by a newer run's row for the same path (a retried transient error, or a
     row a killed run wrote twice); shards are rewritten atomically. Only paths of ``shard`` are
