@@ -1,11 +1,28 @@
 """Connecting to Ray: an existing cluster (Slurm bootstrap, ``RAY_ADDRESS``) or a local one."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import sys
+import tempfile
 
 # Settings the driver's environment hands to every Ray worker (caches and offline weight stores).
 PASSED_TO_WORKERS = ("ALLCLUSTER_CACHE_DIR", "ALLCLUSTER_LOG_LEVEL", "HF_HOME", "HF_HUB_CACHE", "TORCH_HOME")
+
+# Ray's own bookkeeping actors: what they print (resource requests, worker-group start-up, their
+# retries and tracebacks when the machine is busy) is Ray's business, not the job's.
+RAY_INTERNAL_ACTORS = frozenset({"TrainController", "PlacementGroupCleaner", "AutoscalingCoordinator",
+                                 "_AutoscalingCoordinatorActor", "_StatsActor", "SplitCoordinator"})
+# Lines Ray's own code prints inside any worker: its C++ log format, e.g. "[2026-11-30 20:21:58,542 E
+# 2361 2419] core_worker.cc:2465: ..." (ray-project/ray#53727), and Ray Train's set-up notice.
+_RAY_OWN_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] \S+:\d+: "
+                           r"|^Setting up process group for: ")
+# Ray's driver-side notices on every start: token auth (which stays on: it keeps other users' jobs
+# out) and the C++ log's own line about RAY_BACKEND_LOG_LEVEL.
+_RAY_DRIVER_NOTICE = re.compile(r"Token authentication is enabled for this Ray cluster"
+                                r"|logging\.cc:\d+: Set ray log level from environment variable")
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -26,15 +43,77 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     env_vars.update({k: os.environ[k] for k in PASSED_TO_WORKERS if os.environ.get(k)})
     env = {"env_vars": env_vars}
     quiet = _ray_log_level()
-    if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True, logging_level=quiet)
-    else:
-        # The dashboard serves Ray's State API: without it Ray Train cannot free the placement group
-        # of a trial that Tune (ASHA) stops, and that trial's CPUs/GPUs stay reserved.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, runtime_env=env, log_to_driver=True,
-                 logging_level=quiet)
+    with _ray_driver_notices_dropped(quiet > logging.INFO):
+        if address:
+            ray.init(address=address, runtime_env=env, log_to_driver=True, logging_level=quiet)
+        else:
+            # The dashboard serves Ray's State API: without it Ray Train cannot free the placement group
+            # of a trial that Tune (ASHA) stops, and that trial's CPUs/GPUs stay reserved.
+            ray.init(num_cpus=num_cpus, include_dashboard=True, runtime_env=env, log_to_driver=True,
+                     logging_level=quiet)
+        if quiet > logging.INFO:
+            quiet_worker_output()
     if quiet > logging.INFO:
         quiet_ray_data_console()
+
+
+@contextlib.contextmanager
+def _ray_driver_notices_dropped(quiet: bool):
+    """Around ``ray.init`` when ``quiet``: the driver's C++ core worker logs only fatal lines (Ray Data's
+    actor pools make it print an ``E ... core_worker.cc`` line on every start, ray-project/ray#53727),
+    and Ray's start-up notices are dropped. Both write to file descriptor 2 below Python, so it goes to
+    a temporary file during the start and every other line of it is written back after. A user's own
+    ``RAY_BACKEND_LOG_LEVEL`` wins. A local Ray's node inherits the level (its session log folder then
+    holds fatal lines only); a Slurm job's nodes are started by ``slurm/ray-cluster.sh`` with Ray's
+    default."""
+    if not quiet:
+        yield
+        return
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    sys.stderr.flush()
+    screen = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(screen, 2)
+            os.close(screen)
+            held.seek(0)
+            for line in held.read().decode(errors="replace").splitlines(keepends=True):
+                if not _RAY_DRIVER_NOTICE.search(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+def job_lines(batch: dict) -> list[str]:
+    """The lines of one batch of forwarded worker output (Ray's log-monitor record: ``lines``,
+    ``actor_name``, ...) that come from the job's own code, not from Ray's bookkeeping."""
+    if batch.get("actor_name") in RAY_INTERNAL_ACTORS:
+        return []
+    return [line for line in batch.get("lines", []) if not _RAY_OWN_LINE.match(line)]
+
+
+def quiet_worker_output() -> None:
+    """Workers' output still reaches the driver (our progress lines, tracebacks of our code), less
+    what ``job_lines`` leaves out. Wraps the printer ``ray.init(log_to_driver=True)`` registers with
+    Ray's stdout/stderr dispatcher, under the same name (``ray.shutdown`` removes it by that name);
+    if a Ray version names it otherwise, its output stays as it is."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    printers = [handler for name, handler in dispatcher.handlers if name == "ray_print_logs"]
+    if len(printers) != 1:
+        return
+    print_batch = printers[0]
+
+    def print_job_lines(batch: dict) -> None:
+        lines = job_lines(batch)
+        if lines:
+            print_batch({**batch, "lines": lines})
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", print_job_lines)
 
 
 def quiet_ray_data_console() -> None:

@@ -96,7 +96,8 @@ ALL_CLASSES = ["Benign", "Early", "Pre", "Pro"]
 @pytest.fixture(scope="session")
 def real_sweep(ray_local, real_manifest, tmp_path_factory) -> dict:
     """One real sweep shared by the sweep and report tests (a trial's cost is mostly Ray Train's start,
-    so CI runs it once): 2 backbones x 2 augmentations (optimizer drawn per trial), 3 epochs at 48 px
+    so CI runs it once, on two trials side by side): 2 backbones (augmentation and optimizer drawn per
+    trial), 3 epochs at 48 px
     on a 64-per-class subset of the real images. ``printed``: what ``allcluster sweep`` printed."""
     import contextlib
     import io
@@ -113,8 +114,8 @@ def real_sweep(ray_local, real_manifest, tmp_path_factory) -> dict:
              "resources": {"num_workers": 1, "cpus_per_worker": 0.9}}
     config = write_yaml(base / "sweep.yaml", {
         "name": "report-test", "experiment_dir": str(experiment), "train": train, "seed": 0,
-        "grid": {"model.backbone": ["allnet", "test_efficientnet"], "augment.name": ["none", "mixup"]},
-        "sample": {"optim.name": {"choice": ["adam", "adamw"]}}})
+        "grid": {"model.backbone": ["allnet", "test_efficientnet"]},
+        "sample": {"augment.name": {"choice": ["none", "mixup"]}, "optim.name": {"choice": ["adam", "adamw"]}}})
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert main(["sweep", "--config", str(config)]) == 0

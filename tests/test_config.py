@@ -164,6 +164,21 @@ def test_log_level_silences_progress_lines_and_reaches_ray_workers_through_the_e
     assert os.environ[LOG_LEVEL_ENV] == "warning" and LOG_LEVEL_ENV in PASSED_TO_WORKERS
 
 
+def test_ray_bookkeeping_lines_are_dropped_and_the_jobs_own_worker_lines_kept():
+    from allcluster.ray_utils import job_lines
+
+    controller = {"actor_name": "TrainController", "lines": ["Requesting resources: {'CPU': 1.0} * 1",
+                                                             "Traceback (most recent call last):"]}
+    assert job_lines(controller) == []
+    worker = {"actor_name": "RayTrainWorker", "lines": [
+        "Setting up process group for: env:// [rank=0, world_size=1]",
+        "[2026-11-30 20:21:58,542 E 2361 2419] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' ...",
+        "[train] epoch 1 (finetune) loss 1.3898 acc 0.227",
+        "Traceback (most recent call last):", "ValueError: [2026-11-30 12:00:00,1 E 1 2] x.cc:1: in a message"]}
+    assert job_lines(worker) == worker["lines"][2:]
+    assert job_lines({"task_name": "_read_decode", "lines": ["[score] a line"]}) == ["[score] a line"]
+
+
 def test_the_log_level_of_one_test_does_not_leak_into_the_next():
     from allcluster.console import LOG_LEVEL_ENV, logger
 

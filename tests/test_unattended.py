@@ -412,6 +412,7 @@ def test_a_job_killed_then_stopped_by_sigterm_resumes_to_exactly_one_row_per_fil
     assert "Starting execution of Dataset" not in text and "Execution plan of Dataset" not in text, \
         "Ray Data's INFO lines stay in its log file unless --log-level debug"
     assert "Progress bars disabled" not in text
+    assert "core_worker.cc" not in text and "Token authentication" not in text, "Ray's own notices stay off the screen"
     assert set(before) <= set(p.name for p in out.rglob("*")), "the refused run removed nothing"
 
     assert main(args) == 0                                                                  # C

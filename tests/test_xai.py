@@ -225,3 +225,21 @@ def test_the_readme_library_example_runs_as_written(tiny_model_dir, capsys):
     exec(compile(code.replace('"runs/demo/train/model"', repr(str(tiny_model_dir))), "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "torch.Size([2, 4])" in printed and "torch.Size([2, 64, 64])" in printed
+
+
+def test_bench_reference_loops_predict_every_file_and_the_grad_cam_loop_writes_one_png_each(
+        tiny_model_dir, real_data_dir, tmp_path):
+    """`allcluster bench score`'s references (the loops it compares the job with) do the work they claim."""
+    from PIL import Image
+
+    from allcluster.bench.reference import run
+    from allcluster.bench.score import _last_json
+
+    files = [str(p) for p in sorted(next(real_data_dir.iterdir()).glob("*.jpg"))[:5]]
+    listing = tmp_path / "files.txt"
+    listing.write_text("\n".join(files) + "\n")
+    assert run("bare", str(tiny_model_dir), str(listing))["images"] == 5
+    assert run("gradcam", str(tiny_model_dir), str(listing), str(tmp_path / "maps"))["images"] == 5
+    maps = sorted((tmp_path / "maps").glob("*.png"))
+    assert len(maps) == 5 and all(Image.open(m).size == (64, 64) for m in maps)
+    assert _last_json('[score --dry-run] a line {x}\n{\n  "estimated_total_s": 12.5\n}') == {"estimated_total_s": 12.5}

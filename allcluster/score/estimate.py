@@ -3,7 +3,10 @@
 A probe of up to ``PROBE`` of the job's own files is read, decoded, predicted and explained on this
 machine (heatmaps go to a temporary folder); the per-image costs are scaled to the files still to
 do, the expected share selected for the expensive methods (as the probe's), the job-wide cap, and
-the model replicas the pipeline would start here.
+the model replicas the pipeline would start here. On a CPU node the decode tasks and the model
+replicas share the cores, so their times add up (the decode's CPU seconds spread over the cores);
+on GPUs they overlap. Start-up (interpreter, Ray, actor start, model load, up to the first row) is
+taken from the last run into the same OUT (its ``summary.json``), else ``STARTUP_S``.
 """
 from __future__ import annotations
 
@@ -21,6 +24,9 @@ from allcluster.score.config import ScoreConfig
 from allcluster.score.output import budget_used
 
 PROBE = 16
+# Seconds from command to first row when OUT has no earlier run to tell: `allcluster score` of an
+# ALL-Net model on the 2-core CI machine (summary.json's seconds_to_first_row, 2026-11-30: 25-35 s).
+STARTUP_S = 30.0
 
 
 def _timed(fn, *args) -> tuple[float, object]:
@@ -86,13 +92,35 @@ def estimate(cfg: ScoreConfig, retry_errors: bool = False) -> dict:
     plan = actor_plan(cfg, local)
     cap_left = max(0, cfg.explain.budget.max_images - budget_used(out))
     selected = min(cap_left, round(costs["selected_share"] * len(todo)))
-    model_s = (len(todo) * costs["every_image_ms"] + selected * costs["budget_ms"]) / 1e3 / plan["size"]
-    decode_s = len(todo) * costs["decode_ms"] / 1e3 / max(1.0, (local["CPU"] - plan["size"] * plan["num_cpus"])
-                                                          / cfg.workers.decode_cpus)
+    startup_s, startup_from = earlier_startup(out)
     result.update(costs, replicas=plan["size"], budget_selected=selected, budget_cap_left=cap_left,
-                  estimated_model_s=round(model_s, 1), estimated_decode_s=round(decode_s, 1),
-                  estimated_total_s=round(max(model_s, decode_s), 1))
+                  startup_from=startup_from,
+                  **job_seconds(len(todo), selected, costs, plan, local["CPU"], cfg.workers.decode_cpus, startup_s))
     return result
+
+
+def earlier_startup(out: Path) -> tuple[float, str]:
+    """Seconds to the first row of the last run into ``out`` (its summary.json), else ``STARTUP_S``."""
+    try:
+        return float(json.loads((out / "summary.json").read_text())["seconds_to_first_row"]), "summary.json"
+    except (OSError, ValueError, KeyError, TypeError):
+        return STARTUP_S, "default"
+
+
+def job_seconds(to_do: int, selected: int, costs: dict, plan: dict, cpus: float, decode_cpus: float,
+                startup_s: float) -> dict:
+    """The estimate's arithmetic: model time over the replicas, decode time, start-up, and the total
+    (see the module docstring for why CPU times add and GPU times overlap)."""
+    model_s = (to_do * costs["every_image_ms"] + selected * costs["budget_ms"]) / 1e3 / plan["size"]
+    decode_cpu_s = to_do * costs["decode_ms"] / 1e3
+    if plan["device"] == "cpu":
+        decode_s = decode_cpu_s / max(1.0, cpus)
+        busy_s = model_s + decode_s
+    else:
+        decode_s = decode_cpu_s / max(1.0, (cpus - plan["size"] * plan["num_cpus"]) / decode_cpus)
+        busy_s = max(model_s, decode_s)
+    return {"estimated_startup_s": round(startup_s, 1), "estimated_model_s": round(model_s, 1),
+            "estimated_decode_s": round(decode_s, 1), "estimated_total_s": round(startup_s + busy_s, 1)}
 
 
 def dry_run_text(cfg: ScoreConfig, retry_errors: bool = False) -> str:
@@ -107,6 +135,7 @@ def dry_run_text(cfg: ScoreConfig, retry_errors: bool = False) -> str:
                      f"{numbers['every_image_ms']:.1f} ms, budgeted methods {numbers['budget_ms']:.1f} ms per image; "
                      f"{numbers['budget_selected']} images selected for the budget")
         lines.append(f"[score --dry-run] estimate with {numbers['replicas']} model replica(s) like this machine's: "
-                     f"{numbers['estimated_total_s']:.0f} s ({hours:.2f} h); with more nodes it scales down "
-                     "with the replica count")
+                     f"{numbers['estimated_total_s']:.0f} s ({hours:.2f} h), of which start-up "
+                     f"{numbers['estimated_startup_s']:.0f} s ({numbers['startup_from']}); with more nodes the "
+                     "rest scales down with the replica count")
     return "\n".join(lines) + "\n" + json.dumps(numbers, indent=2)
