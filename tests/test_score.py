@@ -105,6 +105,10 @@ def test_rerun_into_the_same_out_with_other_row_settings_is_refused(tmp_path):
     check_job_settings(tmp_path, {"model_sha256": "a", "explain.methods": ["gradcam"]})
     with pytest.raises(ConfigError, match=r"explain.methods: \['gradcam'\] -> \['gradcam\+\+'\]"):
         check_job_settings(tmp_path, {"model_sha256": "a", "explain.methods": ["gradcam++"]})
+    # a key added since: an older job.json implied its old value (every image's map got a faithfulness score)
+    check_job_settings(tmp_path, {"model_sha256": "a", "explain.methods": ["gradcam"], "explain.faithfulness_sample": 1.0})
+    with pytest.raises(ConfigError, match=r"explain.faithfulness_sample: 1.0 -> 0.05"):
+        check_job_settings(tmp_path, {"model_sha256": "a", "explain.methods": ["gradcam"], "explain.faithfulness_sample": 0.05})
 
 
 def test_ledger_gives_each_content_one_owner_and_retries_keep_ownership():
@@ -233,6 +237,28 @@ def test_a_model_failure_becomes_error_rows_not_a_crash(tiny_model_dir, real_dat
     rows = scorer(decoded).to_pandas()
     assert (rows["status"] == "error").all() and (rows["error_type"] == "model_error").all()
     assert all(path in err for path, err in zip(rows["path"], rows["error"]))
+
+
+def test_faithfulness_is_scored_on_uncertain_images_and_a_content_fixed_sample():
+    from allcluster.score.budget import sha_fraction
+
+    shas = [f"{k:x}" * 64 for k in range(16)]
+    confidence = np.array([0.3, 0.9] * 8)
+    cfg = from_dict(ScoreConfig, {"uncertain_below": 0.6, "explain": {"faithfulness_sample": 0.5}}, "t")
+    chosen = core.faithfulness_rows(confidence, [s[:64] for s in shas], cfg)
+    assert chosen == [j for j in range(16) if confidence[j] < 0.6 or sha_fraction(shas[j][:64]) < 0.5]
+    assert set(range(0, 16, 2)) <= set(chosen) and len(chosen) < 16, "every uncertain one, not every one"
+    everyone = from_dict(ScoreConfig, {"explain": {"faithfulness_sample": 1.0}}, "t")
+    assert core.faithfulness_rows(confidence, [s[:64] for s in shas], everyone) == list(range(16))
+
+
+def test_rows_outside_the_faithfulness_selection_keep_their_maps_without_a_score(tiny_model_dir, real_data_dir, tmp_path):
+    paths = real_images(real_data_dir, 1)
+    cfg = score_config(tiny_model_dir, tmp_path, tmp_path / "out", uncertain_below=0.0,
+                       explain={"budget": {"methods": []}, "faithfulness_sample": 0.0})
+    rows = scored_rows(cfg, _decoded(paths))
+    assert (rows["status"] == "ok").all() and rows["heatmap_gradcam"].notna().all()
+    assert rows["on_cell_gradcam"].notna().all() and rows["faith_drop_gradcam"].isna().all()
 
 
 def test_faithfulness_with_known_probabilities_equals_the_full_computation():

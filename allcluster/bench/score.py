@@ -101,7 +101,7 @@ def bench_score(args: argparse.Namespace) -> dict:
                        "resize + forward in batches of 32, nothing written; pytorch_grad_cam_loop: that plus "
                        "pytorch-grad-cam GradCAM and one PNG file per image; default: `allcluster score` with "
                        "the default config (Grad-CAM on every image, packed heatmaps, Parquet rows, faithfulness "
-                       "on its sampled share); predictions_only: explain.methods=[] and no faithfulness. Ratios "
+                       "on the uncertain images and a 5% sample); predictions_only: explain.methods=[] and no faithfulness. Ratios "
                        "are speeds relative to the reference (its seconds / ours: above 1 = faster). "
                        "dry_run_error: |--dry-run estimate - default's wall| / default's wall. where_time_goes: "
                        "the default job's own summary (seconds to its first row from process start, its "

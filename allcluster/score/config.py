@@ -27,6 +27,9 @@ class ExplainConfig:
     methods: list[str] = field(default_factory=lambda: ["gradcam"])
     budget: BudgetConfig = BudgetConfig()
     faithfulness_fraction: float = field(default=0.2, metadata=bounds(ge=0, lt=1))  # 0: no score
+    # which images' maps get the faithfulness score (two more forward passes each): every uncertain
+    # image and this share of the rest, fixed by content hash as the budget's sample; 1.0: every image
+    faithfulness_sample: float = field(default=0.05, metadata=bounds(ge=0, le=1))
     lime_samples: int = field(default=1000, metadata=bounds(ge=10))
     ig_steps: int = field(default=32, metadata=bounds(ge=2))
     overlays: bool = False               # also store colour overlays (JPEG) beside the 8-bit maps
@@ -84,8 +87,13 @@ def check(cfg: ScoreConfig, source: str, require_paths: bool = True) -> ScoreCon
     return cfg
 
 
+# Row-shaping keys added since the first release, with the value an older job.json implied.
+IMPLIED_BEFORE = {"explain.faithfulness_sample": 1.0}
+
+
 def row_settings(cfg: ScoreConfig) -> dict:
     """The keys that shape result rows: a rerun into the same ``out`` must keep them."""
     return {"explain.methods": list(cfg.explain.methods), "explain.budget.methods": list(cfg.explain.budget.methods),
             "explain.faithfulness_fraction": cfg.explain.faithfulness_fraction,
+            "explain.faithfulness_sample": cfg.explain.faithfulness_sample,
             "uncertain_below": cfg.uncertain_below}

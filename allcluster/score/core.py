@@ -17,7 +17,7 @@ import torch
 from allcluster.data.paths import clean_text
 from allcluster.data.preprocess import cell_mask
 from allcluster.device import autocast, pick_device, use_bf16
-from allcluster.score.budget import budget_reasons
+from allcluster.score.budget import budget_reasons, sha_fraction
 from allcluster.score.config import ScoreConfig
 from allcluster.score.heatmaps import bytes_columns, encode_maps, write_heatmap_files
 from allcluster.score.ledger import Reserve
@@ -106,7 +106,8 @@ class Scorer:
         for method, explainer in list(self.every.items())[1:]:
             explanations[method] = explainer.explain(x, predicted)
         shas = [cols["sha256"][i] for i in todo]
-        self.store_explanations(cols, todo, explanations, x, probs, predicted, shas, pixels)
+        faithful = faithfulness_rows(confidence.cpu().numpy(), shas, self.cfg)
+        self.store_explanations(cols, todo, explanations, x, probs, predicted, shas, pixels, faithful)
         every_done = self._sync()
         budget_ms = self.run_budget(cols, todo, x, probs, predicted, confidence, shas, pixels)
         self.store_prediction(cols, todo, probs, calibrated, confidence, predicted)
@@ -138,24 +139,28 @@ class Scorer:
                 cols[raw_cols[k]][i], cols[cal_cols[k]][i] = float(probs[j, k]), float(calibrated[j, k])
             cols["cam_method"][i], cols["cam_layer"][i] = first, layer
 
-    def store_explanations(self, cols, rows, explanations, x, probs, predicted, shas, pixels) -> None:
+    def store_explanations(self, cols, rows, explanations, x, probs, predicted, shas, pixels,
+                           faithful: list[int] | None = None) -> None:
         """Heatmaps (files, or bytes for the writer's pack), raw maxima, share on the cell and
-        faithfulness of each method's maps for ``rows``."""
+        faithfulness of each method's maps for ``rows`` (faithfulness on the positions ``faithful``
+        of them; None: all)."""
         fraction = self.cfg.explain.faithfulness_fraction
+        faithful = list(range(len(rows))) if faithful is None else faithful
         cells = np.stack([cell_mask(image) for image in pixels]) if explanations else None
         for method, result in explanations.items():
             self.store_maps(cols, rows, method, (result.maps * 255).round().byte().cpu().numpy(), shas, pixels)
             c = method_columns(method)
             raw_max = result.raw_max.float().cpu().numpy()
-            if fraction > 0:
-                scores = faithfulness_scores(self.model, x, result.maps, predicted, fraction, probs)
             on_cell = mass_inside(result.maps.float().cpu().numpy(), cells)
             for j, i in enumerate(rows):
                 cols[c["raw_max"]][i] = float(raw_max[j])
                 cols[c["on_cell"]][i] = float(on_cell[j])
-                if fraction > 0:
-                    cols[c["drop"]][i], cols[c["kept"]][i] = float(scores[0][j]), float(scores[1][j])
                 cols["explained_by"][i] = ",".join(filter(None, [cols["explained_by"][i], method]))
+            if faithful and fraction > 0:
+                at = torch.tensor(faithful, device=x.device)
+                drop, kept = faithfulness_scores(self.model, x[at], result.maps[at], predicted[at], fraction, probs[at])
+                for k, j in enumerate(faithful):
+                    cols[c["drop"]][rows[j]], cols[c["kept"]][rows[j]] = float(drop[k]), float(kept[k])
 
     def store_maps(self, cols, rows, method, maps_u8, shas, pixels) -> None:
         """PNG-encode one method's maps: into the batch's byte columns (packed store; the writer sets
@@ -194,6 +199,14 @@ class Scorer:
         for j in chosen:
             extra[j] = per_image
         return extra
+
+
+def faithfulness_rows(confidence: np.ndarray, shas: list[str], cfg: ScoreConfig) -> list[int]:
+    """Positions whose every-image maps get the faithfulness score: the uncertain images and the
+    ``explain.faithfulness_sample`` share of the rest (fixed by content, so reruns pick the same)."""
+    sample = cfg.explain.faithfulness_sample
+    return [j for j, (conf, sha) in enumerate(zip(confidence, shas))
+            if conf < cfg.uncertain_below or sha_fraction(sha) < sample]
 
 
 def faithfulness_scores(model, x, maps, targets, fraction, probs) -> tuple[np.ndarray, np.ndarray]:

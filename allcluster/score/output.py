@@ -30,6 +30,7 @@ from allcluster.atomic import atomic_write_parquet
 from allcluster.config import ConfigError
 from allcluster.data.decode import TRANSIENT_ERRORS
 from allcluster.locks import ExclusiveLock
+from allcluster.score.config import IMPLIED_BEFORE
 from allcluster.score.heatmaps import pack_of, point_rows_at_pack, write_pack
 from allcluster.score.inputs import Shard
 from allcluster.score.rows import OWN_COLUMNS, method_columns
@@ -149,6 +150,7 @@ def check_job_settings(out: Path, settings: dict) -> None:
     path = out / "job.json"
     if path.is_file():
         before = json.loads(path.read_text())
+        before.update({k: v for k, v in IMPLIED_BEFORE.items() if k in settings and k not in before})
         changed = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
         if changed:
             detail = "; ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
