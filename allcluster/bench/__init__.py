@@ -2,7 +2,8 @@
 
 Each benchmark says what it ran on (``device``) and what every number means (``meaning``). One
 module per family: ``train`` (accuracy, training throughput), ``xai`` (explainers against their
-reference packages), ``score`` (scoring throughput, planning memory), ``heatmaps`` (reading stored maps back).
+reference packages), ``score`` (scoring throughput, planning memory), ``heatmaps`` (reading stored maps back),
+``gpu`` (the one-command GPU acceptance over the others).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from allcluster.data.real import all_data_dir
 # name -> (module, function): modules load on use (the benchmarks import torch, Ray, lime...)
 BENCHMARKS = {"train": ("train", "bench_train"), "sweep": ("train", "bench_sweep"), "cam": ("xai", "bench_cam"),
               "lime": ("xai", "bench_lime"), "score": ("score", "bench_score"), "plan": ("score", "bench_plan"),
-              "heatmaps": ("heatmaps", "bench_heatmaps")}
+              "heatmaps": ("heatmaps", "bench_heatmaps"), "gpu": ("gpu", "bench_gpu")}
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -73,4 +74,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="", help="an exported model folder (default: an untrained --backbone export)")
     p.add_argument("--backbone", default="allnet")
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=32, help="batch of the in-process bare-forward figure")
+    p.add_argument("--batch-size", type=int, default=32, help="batch of the in-process ceilings")
+    p = sub.add_parser("gpu", help="the one-command GPU acceptance: gpu tests, bench score/cam/lime/sweep on "
+                       "generated images, every ratio beside its target; JSON (jobs/gpu_acceptance.sh)")
+    p.add_argument("--out", default="runs/bench-gpu")
+    p.add_argument("--images", type=int, default=2000, help="generated images for bench score")
+    p.add_argument("--backbone", default="densenet121")
+    p.add_argument("--quick", action="store_true", help="every part tiny: checks the command runs (CPU)")

@@ -30,6 +30,52 @@ def _bare_forward_rate(model_dir: Path, batch_size: int, repeat: int = 5) -> flo
     return rate(forward, batch_size, repeat)
 
 
+def _decode_files(paths: list[str], size: int) -> int:
+    """Worker of the decode ceiling: read, hash and decode ``paths`` as the job does; files done."""
+    import numpy as np
+
+    from allcluster.score.reading import read_decode
+
+    read_decode({"path": np.array(paths, dtype=object)}, size, False, 0.1, 50_000_000, lambda shas, p: [""] * len(shas))
+    return len(paths)
+
+
+def decode_ceiling(files: list[Path], size: int, batch: int = 32) -> float:
+    """Files/s of the job's read + hash + decode with every core busy (a process per core), no model."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    chunks = [[str(p) for p in files[i:i + batch]] for i in range(0, len(files), batch)]
+    with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
+        list(pool.map(_decode_files, chunks[:1], [size]))                 # start-up and imports: not timed
+        start = time.perf_counter()
+        done = sum(pool.map(_decode_files, chunks, [size] * len(chunks)))
+    return done / (time.perf_counter() - start)
+
+
+def cam_ceiling(model_dir: Path, batch_size: int, repeat: int = 5) -> float:
+    """Images/s of prediction + Grad-CAM on a batch in device memory, precision as scoring uses it
+    (bf16 autocast and channels-last on CUDA): the model side's ceiling."""
+    import torch
+
+    from allcluster.device import autocast, use_bf16
+    from allcluster.models.model_dir import load_model_dir
+    from allcluster.xai import make_explainer
+
+    device = pick_device("auto")
+    loaded = load_model_dir(model_dir, device)
+    size = loaded.card.input_size
+    x = loaded.card.normalize().to(device)(
+        torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device))
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    explainer = make_explainer("gradcam", loaded.model, loaded.card.cam_layer)
+
+    def explain():
+        with autocast(device, use_bf16("auto", device)):
+            explainer.explain(x)
+    return rate(explain, batch_size, repeat)
+
+
 def _timed_command(name: str, command: list[str], env: dict) -> dict:
     """Wall seconds of one whole command in a fresh process (start-up, imports, model load included)."""
     import subprocess
@@ -105,7 +151,9 @@ def bench_score(args: argparse.Namespace) -> dict:
                        "are speeds relative to the reference (its seconds / ours: above 1 = faster). "
                        "dry_run_error: |--dry-run estimate - default's wall| / default's wall. where_time_goes: "
                        "the default job's own summary (seconds to its first row from process start, its "
-                       "run's img/s) and the dry run's per-image costs.",
+                       "run's img/s) and the dry run's per-image costs. Ceilings: bare_forward_img_s (forward "
+                       "alone), cam_ceiling_img_s (prediction + Grad-CAM, scoring's precision) on a batch in "
+                       "device memory, decode_ceiling_img_s (read + hash + decode, a process per core).",
             "images": images, "model": str(model_dir), "wall_seconds": wall,
             "img_s": {name: round(images / seconds, 2) for name, seconds in wall.items()},
             "ratios": {k: round(v, 3) for k, v in ratios.items()}, "targets": TARGETS,
@@ -116,6 +164,8 @@ def bench_score(args: argparse.Namespace) -> dict:
                                 "run_images_per_s": summary.get("run_images_per_s"),
                                 **{k: estimate.get(k) for k in ("decode_ms", "every_image_ms", "budget_ms")}},
             "bare_forward_img_s": round(_bare_forward_rate(model_dir, args.batch_size), 2),
+            "cam_ceiling_img_s": round(cam_ceiling(model_dir, args.batch_size), 2),
+            "decode_ceiling_img_s": round(decode_ceiling(files[:512], args.image_size), 2),
             "device": device_info()}
 
 
