@@ -113,6 +113,11 @@ else
   _log "ports: node manager $node_manager, object manager $object_manager, agent $agent_grpc/$agent_http, metrics $metrics, runtime env $runtime_env, workers $worker_min-$worker_max"
   start=(--address="$(cat "$RAY_JOB_DIR/address")")
 fi
+# Ray's processes and workers inherit this: Ray code that looks its cluster up without an address
+# (Ray Train's PlacementGroupCleaner, through the State API) otherwise scans the node's processes and
+# fails with "Found multiple active Ray instances" when another Ray runs there (another user's job).
+export RAY_ADDRESS
+RAY_ADDRESS=$(cat "$RAY_JOB_DIR/address")
 # In the background, so that on SIGTERM (ray-cluster.sh stopping the step, or Slurm ending the job)
 # this shell waits for Ray to stop before the EXIT trap removes its temp folder.
 "$ray_bin" start "${start[@]}" "${args[@]}" &

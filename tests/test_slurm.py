@@ -108,7 +108,7 @@ def two_trial_grid(path: Path) -> Path:
     return path
 
 
-def test_sbatch_sweep_requeued_mid_trial_finishes_every_trial_across_two_nodes(slurm, real_manifest, tmp_path):
+def test_sbatch_sweep_requeued_mid_trial_finishes_every_trial_across_two_nodes(slurm, ray_local, real_manifest, tmp_path):
     """The CI grid (two trials) on two nodes; once a trial has checkpointed its first epoch (of two), `scontrol
     requeue` kills the job (SIGTERM everywhere) and puts it back in the queue: the restart resumes and
     every planned trial finishes. Also checks the private Ray state of both starts."""
@@ -116,7 +116,9 @@ def test_sbatch_sweep_requeued_mid_trial_finishes_every_trial_across_two_nodes(s
     experiment = tmp_path / "sweep"
     log = tmp_path / "job.out"
     config = two_trial_grid(tmp_path / "sweep.yaml")
-    job = _submit(slurm, [f"--nodes={nodes}", "--cpus-per-task=2", "--mem=4G", "--time=00:25:00", f"--output={log}"],
+    # --log-level debug (through the environment): Ray's own worker output reaches the log unfiltered
+    job = _submit(slurm, [f"--nodes={nodes}", "--cpus-per-task=2", "--mem=4G", "--time=00:25:00", f"--output={log}",
+                          "--export=ALL,ALLCLUSTER_LOG_LEVEL=debug"],
                   ["slurm/sweep.sh", str(config), "--set", f"train.data.manifest={real_manifest}",
                    "--set", f"experiment_dir={experiment}"])
     requeued = []
@@ -137,6 +139,10 @@ def test_sbatch_sweep_requeued_mid_trial_finishes_every_trial_across_two_nodes(s
     assert logs.count(f"all {nodes} nodes joined") >= 2, logs[-4000:]
     assert logs.count("token check: a client with another token is refused") >= 2
     _assert_private_ray_state(logs)
+    # this test's own local Ray (ray_local) runs on the same machine: Ray Train's helpers must still
+    # find the job's cluster (RAY_ADDRESS, exported by ray-node.sh), not stop at two candidates
+    assert "(PlacementGroupCleaner" in logs or "(TrainController" in logs, "debug level shows Ray's worker output"
+    assert "Found multiple active Ray instances" not in logs, logs[-4000:]
     trials = pd.read_parquet(experiment / "trials.parquet")
     assert len(trials) == 2 and trials["trial_id"].is_unique
     assert (trials["status"] == "finished").all(), trials[["trial_id", "status", "error"]].to_string()
