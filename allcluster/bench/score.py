@@ -76,6 +76,16 @@ def cam_ceiling(model_dir: Path, batch_size: int, repeat: int = 5) -> float:
     return rate(explain, batch_size, repeat)
 
 
+def _stage_ms(out: Path) -> dict:
+    """Mean milliseconds per computed image of the rows' own timings: read + decode, model, explain
+    (every-image methods, faithfulness and the budgeted ones)."""
+    import pandas as pd
+
+    rows = pd.read_parquet(out / "rows", columns=["t_decode_ms", "t_model_ms", "t_explain_ms", "duplicate_of"])
+    rows = rows[rows["duplicate_of"] == ""]
+    return {name.removeprefix("t_"): round(float(rows[name].mean()), 2) for name in ("t_decode_ms", "t_model_ms", "t_explain_ms")}
+
+
 def _timed_command(name: str, command: list[str], env: dict) -> dict:
     """Wall seconds of one whole command in a fresh process (start-up, imports, model load included)."""
     import subprocess
@@ -135,6 +145,7 @@ def bench_score(args: argparse.Namespace) -> dict:
     runs = {name: _timed_command(name, command, env) for name, command in commands.items()}
     images = len(files)
     summary = json.loads((out / "scored-default" / "summary.json").read_text())
+    stages = _stage_ms(out / "scored-default")
     estimate = _last_json(dry["stdout"])
     wall = {name: run["seconds"] for name, run in runs.items()}
     ratios = {"default_vs_bare": wall["bare_loop"] / wall["default"],
@@ -151,7 +162,8 @@ def bench_score(args: argparse.Namespace) -> dict:
                        "are speeds relative to the reference (its seconds / ours: above 1 = faster). "
                        "dry_run_error: |--dry-run estimate - default's wall| / default's wall. where_time_goes: "
                        "the default job's own summary (seconds to its first row from process start, its "
-                       "run's img/s) and the dry run's per-image costs. Ceilings: bare_forward_img_s (forward "
+                       "run's seconds and img/s), its rows' mean per-image timings (rows_ms: decode, model, "
+                       "explain; they overlap in the pipeline) and the dry run's per-image costs. Ceilings: bare_forward_img_s (forward "
                        "alone), cam_ceiling_img_s (prediction + Grad-CAM, scoring's precision) on a batch in "
                        "device memory, decode_ceiling_img_s (read + hash + decode, a process per core).",
             "images": images, "model": str(model_dir), "wall_seconds": wall,
@@ -161,7 +173,8 @@ def bench_score(args: argparse.Namespace) -> dict:
             "dry_run": {k: estimate.get(k) for k in ("estimated_total_s", "estimated_startup_s", "estimated_model_s",
                                                      "estimated_decode_s", "replicas")},
             "where_time_goes": {"seconds_to_first_row": summary.get("seconds_to_first_row"),
-                                "run_images_per_s": summary.get("run_images_per_s"),
+                                "run_seconds": summary.get("run_seconds"),
+                                "run_images_per_s": summary.get("run_images_per_s"), "rows_ms": stages,
                                 **{k: estimate.get(k) for k in ("decode_ms", "every_image_ms", "budget_ms")}},
             "bare_forward_img_s": round(_bare_forward_rate(model_dir, args.batch_size), 2),
             "cam_ceiling_img_s": round(cam_ceiling(model_dir, args.batch_size), 2),
