@@ -333,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         set_level(args.log_level)
     from allcluster.models.weights import set_hub_offline
     set_hub_offline(not getattr(args, "hub_online", False))
+    from allcluster.device import use_fast_allocator
+    use_fast_allocator()                    # before torch first allocates (dry runs, explain, benches)
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as err:     # user errors: one clear line, no traceback

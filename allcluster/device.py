@@ -3,12 +3,32 @@ and the one precision choice that goes with it (training and scoring share both)
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import TYPE_CHECKING
 
 from allcluster.config import ConfigError
 
 if TYPE_CHECKING:
     import torch
+
+
+# PyTorch's CPU allocator backs every tensor of 2 MB or more with transparent huge pages when this
+# is set (c10/core/alloc_cpu.cpp). A CNN's activation maps are hundreds of MB per batch and are
+# freed and allocated again every batch; with 4 KB pages the kernel's page faulting was a third of
+# scoring's CPU time (ALL-Net 224 px, batch 32, 2-core CPU: 33 -> 21.5 ms per image). A value the
+# user set wins. Only the allocation's alignment and an madvise change: results are identical.
+TORCH_ALLOCATOR_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
+
+
+def allocator_env() -> dict[str, str]:
+    """:data:`TORCH_ALLOCATOR_ENV` with the user's own values (for Ray workers' environment)."""
+    return {key: os.environ.get(key, value) for key, value in TORCH_ALLOCATOR_ENV.items()}
+
+
+def use_fast_allocator() -> None:
+    """Set :data:`TORCH_ALLOCATOR_ENV` in this process (before torch first allocates) unless set."""
+    for key, value in TORCH_ALLOCATOR_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def pick_device(choice: "str | torch.device" = "auto", what: str = "device") -> "torch.device":

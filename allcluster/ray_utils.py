@@ -36,11 +36,13 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    from allcluster.device import allocator_env
     from allcluster.models.weights import worker_env
 
     # Workers never go online, whatever the driver's environment says (stated here, not inherited).
     env_vars = {**worker_env(), "PYTHONWARNINGS": "ignore::DeprecationWarning"}
     env_vars.update({k: os.environ[k] for k in PASSED_TO_WORKERS if os.environ.get(k)})
+    env_vars.update(allocator_env())
     env = {"env_vars": env_vars}
     quiet = _ray_log_level()
     with _ray_driver_notices_dropped(quiet > logging.INFO):
@@ -49,8 +51,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         else:
             # The dashboard serves Ray's State API: without it Ray Train cannot free the placement group
             # of a trial that Tune (ASHA) stops, and that trial's CPUs/GPUs stay reserved.
-            ray.init(num_cpus=num_cpus, include_dashboard=True, runtime_env=env, log_to_driver=True,
-                     logging_level=quiet)
+            # A local Ray's processes inherit this environment: set it here rather than as a runtime
+            # env, so that Ray's pre-started workers (one per CPU) can serve the job instead of new
+            # ones starting beside them while the model replicas load.
+            os.environ.update(env_vars)
+            ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True, logging_level=quiet)
         if quiet > logging.INFO:
             quiet_worker_output()
     if quiet > logging.INFO:

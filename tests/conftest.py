@@ -22,6 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Ray Train: fail fast instead of waiting for resources that never come.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+# As the CLI does: huge pages for torch's large CPU tensors (set before torch first allocates).
+from allcluster.device import use_fast_allocator  # noqa: E402 - light: no torch import
+
+use_fast_allocator()
 
 
 def _real_data_dir() -> Path:
@@ -55,10 +59,12 @@ def ray_local(cache_root):
     """A real local Ray with 2 CPUs, shared by the whole session."""
     import ray
 
+    from allcluster.device import allocator_env
+
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=True, log_to_driver=True,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "ALLCLUSTER_CACHE_DIR": str(cache_root),
-                                           "PYTHONWARNINGS": "ignore::DeprecationWarning"}})
+                                           "PYTHONWARNINGS": "ignore::DeprecationWarning", **allocator_env()}})
     yield ray
     ray.shutdown()
 

@@ -164,6 +164,34 @@ def test_log_level_silences_progress_lines_and_reaches_ray_workers_through_the_e
     assert os.environ[LOG_LEVEL_ENV] == "warning" and LOG_LEVEL_ENV in PASSED_TO_WORKERS
 
 
+def test_ray_workers_get_offline_hub_and_huge_page_allocation_and_a_users_own_value_wins(monkeypatch):
+    # Joining a cluster: a runtime env carries the settings; a local Ray: this process's environment.
+    import logging
+
+    import ray
+
+    from allcluster import ray_utils
+    from allcluster.ray_utils import ensure_ray
+
+    started = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: started.update(kwargs))
+    monkeypatch.setattr(ray_utils, "_ray_log_level", lambda: logging.INFO)   # nothing quietened around a fake init
+    ensure_ray("ray://nowhere:1")
+    assert started["runtime_env"]["env_vars"]["THP_MEM_ALLOC_ENABLE"] == "1"
+    assert started["runtime_env"]["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    ensure_ray("ray://nowhere:1")
+    assert started["runtime_env"]["env_vars"]["THP_MEM_ALLOC_ENABLE"] == "0"
+    # A local Ray inherits the driver's environment (so its pre-started workers serve the job).
+    for key in ("HF_HUB_OFFLINE", "PYTHONWARNINGS", "THP_MEM_ALLOC_ENABLE", "RAY_ADDRESS"):
+        monkeypatch.delenv(key, raising=False)           # restored after the test
+    started.clear()
+    ensure_ray(None)
+    assert "runtime_env" not in started and "address" not in started
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1" and os.environ["HF_HUB_OFFLINE"] == "1"
+
+
 def test_ray_bookkeeping_lines_are_dropped_and_the_jobs_own_worker_lines_kept():
     from allcluster.ray_utils import job_lines
 

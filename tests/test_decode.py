@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from allcluster.data import decode as dec
-from allcluster.data.preprocess import Normalize, Preprocess, roi_crop
+from allcluster.data.normalize import Normalize
+from allcluster.data.preprocess import Preprocess, roi_crop
 from imagezoo import EXPECTED_ERROR, bad_files, good_files, rgb_array
 
 

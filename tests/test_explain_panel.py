@@ -78,7 +78,8 @@ def test_panel_overlays_a_heatmap_on_the_image(tiny_model_dir, real_data_dir, tm
 
 def test_confidence_is_the_temperature_calibrated_probability(tiny_model_dir, real_data_dir, tmp_path):
     from allcluster.data.decode import load
-    from allcluster.data.preprocess import Normalize, Preprocess
+    from allcluster.data.normalize import Normalize
+    from allcluster.data.preprocess import Preprocess
     from allcluster.models.model_dir import load_model_dir
 
     images = [_first_jpeg(real_data_dir, label) for label in CLASSES]

@@ -134,3 +134,37 @@ def test_model_card_round_trips_and_bad_cards_name_the_file(tiny_model_dir, tmp_
     assert ModelCard.read(copy).backbone == "allnet"
     with pytest.raises(FileNotFoundError, match="not a model directory"):
         ModelCard.read(tmp_path)
+
+
+def _fresh_python(code: str) -> str:
+    """Run ``code`` in a new interpreter (nothing imported yet); its stdout."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_an_allnet_model_loads_without_importing_timm_and_the_registry_still_lists_every_backbone(tiny_model_dir):
+    # A scoring replica of an ALL-Net model must not pay timm's import (torchvision, torch._dynamo).
+    out = _fresh_python(
+        "import sys, torch\n"
+        "from allcluster.models.model_dir import load_model_dir\n"
+        f"load_model_dir({str(tiny_model_dir)!r}, torch.device('cpu'))\n"
+        "print('timm' in sys.modules)\n"
+        "from allcluster.models.registry import REGISTRY, get_spec\n"
+        "print('resnet18' in REGISTRY, len(REGISTRY), get_spec('efficientnet_lite0').input_size, 'timm' in sys.modules)\n")
+    assert out.split() == ["False", "True", str(len(REGISTRY)), "224", "True"]
+    assert len(REGISTRY) > 20 and "allnet" in REGISTRY
+
+
+def test_provenance_versions_are_the_packages_own_without_importing_them():
+    import timm
+
+    from allcluster.models.card import versions
+
+    found = versions()
+    assert found["torch"] == torch.__version__ and found["timm"] == timm.__version__
+    assert _fresh_python("import sys\nfrom allcluster.models.card import versions\nversions()\n"
+                         "print('torch' in sys.modules, 'timm' in sys.modules)").split() == ["False", "False"]

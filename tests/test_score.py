@@ -176,7 +176,7 @@ def scored_rows(cfg: ScoreConfig, decoded: dict, run_id: str = "run") -> pd.Data
 
 @pytest.mark.parametrize("store", ["packed", "files"])
 def test_scorer_rows_agree_with_a_direct_forward_and_gradcam(tiny_model_dir, real_data_dir, tmp_path, store):
-    from allcluster.data.preprocess import Normalize
+    from allcluster.data.normalize import Normalize
     from allcluster.models.model_dir import load_model_dir
     from allcluster.xai import get_explainer
 
@@ -655,3 +655,17 @@ def test_cpu_replicas_always_leave_a_decode_task_room_on_small_allocations():
     assert actor_plan(cfg, {"CPU": 16})["num_cpus"] == cfg.workers.cpus_per_actor, "room to spare: as configured"
     gpu = actor_plan(cfg, {"CPU": 8, "GPU": 2})
     assert gpu["device"] == "cuda" and gpu["size"] == 2 and gpu["num_gpus"] == 1
+
+
+def test_the_scoring_driver_and_its_decode_tasks_never_import_torch():
+    # The driver lists, writes and shows progress; the decode tasks read and decode. Importing torch
+    # (and timm) there cost the command's start-up about 7 s on a 2-core node before Ray even began.
+    code = ("import sys\n"
+            "import allcluster.cli, allcluster.score.ray_data, allcluster.score.reading, allcluster.score.output\n"
+            "from allcluster.score.config import ScoreConfig, check\n"
+            "check(ScoreConfig(model='m', input='i', out='o'), 'test')\n"
+            "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

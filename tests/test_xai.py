@@ -205,6 +205,7 @@ def test_every_explainer_is_built_the_same_way_and_input_methods_need_no_layer()
     model, layer = _model("allnet")
     settings = ExplainSettings(lime_samples=40, ig_steps=4)
     for name, cls in EXPLAINERS.items():
+        assert cls.name == name                   # the registry's key is the class's own name
         explainer = make_explainer(name, model, layer, settings)
         assert type(explainer) is cls and explainer.settings is settings
         if not cls.uses_layer:

@@ -46,7 +46,8 @@ def bench_lime(args: argparse.Namespace) -> dict:
     from lime import lime_image
 
     from allcluster.data.decode import load
-    from allcluster.data.preprocess import Normalize, resize
+    from allcluster.data.normalize import Normalize
+    from allcluster.data.preprocess import resize
     from allcluster.models import get_spec
     from allcluster.xai import ExplainSettings, make_explainer
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 
 
@@ -88,18 +87,3 @@ def roi_crop(rgb: np.ndarray, margin: float = 0.1, min_area_fraction: float = 0.
     x0, y0 = max(0, x - pad_x), max(0, y - pad_y)
     x1, y1 = min(width, x + w + pad_x), min(height, y + h + pad_y)
     return np.ascontiguousarray(rgb[y0:y1, x0:x1])
-
-
-class Normalize(torch.nn.Module):
-    """uint8 NCHW (or NHWC-strided) batch -> float, scaled to 0..1 and standardised; runs on device.
-
-    Keeping the batch uint8 until it reaches the device quarters host-to-device traffic.
-    """
-
-    def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float]):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("inv_std", 1.0 / (torch.tensor(std).view(1, 3, 1, 1) * 255.0), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.mean) * self.inv_std

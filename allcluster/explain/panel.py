@@ -55,14 +55,14 @@ def check_methods(methods: str | Iterable[str]) -> list[str]:
 
     Raises ``ValueError`` listing the registered explainers for an unknown or empty selection.
     """
-    from allcluster.xai import EXPLAINERS
+    from allcluster.xai import METHOD_NAMES
 
     names = methods.split(",") if isinstance(methods, str) else list(methods)
     names = list(dict.fromkeys(n.strip() for n in names if n.strip()))
-    unknown = [n for n in names if n not in EXPLAINERS]
+    unknown = [n for n in names if n not in METHOD_NAMES]
     if unknown or not names:
         what = f"unknown method(s) {', '.join(map(repr, unknown))}" if unknown else "no method given"
-        raise ValueError(f"{what}; registered: {', '.join(sorted(EXPLAINERS))}")
+        raise ValueError(f"{what}; registered: {', '.join(sorted(METHOD_NAMES))}")
     return names
 
 

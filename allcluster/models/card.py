@@ -127,7 +127,7 @@ class ModelCard:
 
     def normalize(self):
         """The on-device normalisation of uint8 batches (the backbone's mean and std)."""
-        from allcluster.data.preprocess import Normalize
+        from allcluster.data.normalize import Normalize
 
         return Normalize(tuple(self.mean), tuple(self.std))
 
@@ -138,3 +138,33 @@ class ModelCard:
     @property
     def val_metrics(self) -> dict:
         return self.metrics.get("val", {})
+
+
+def versions() -> dict[str, str]:
+    """Versions of everything that shapes a result (provenance for every output), read without
+    importing torch or timm (the scoring driver never imports them): torch's full version, local
+    build label included (``2.14.1+cu130``), comes from its ``version.py`` as ``torch.__version__`` does."""
+    import platform
+
+    import allcluster
+
+    return {"allcluster": allcluster.__version__, "torch": _package_version("torch"),
+            "timm": _package_version("timm"), "python": platform.python_version(), "ray": _package_version("ray")}
+
+
+def _package_version(name: str) -> str:
+    """``name.__version__`` as the package's own ``version.py`` states it; else its distribution's
+    version; "" when it is not installed."""
+    import importlib.metadata
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        return ""
+    version_py = Path(spec.origin).with_name("version.py")
+    if version_py.is_file():
+        found = re.search(r"^__version__\s*(?::\s*str)?\s*=\s*['\"]([^'\"]+)['\"]", version_py.read_text(), re.M)
+        if found:
+            return found.group(1)
+    return importlib.metadata.version(name)

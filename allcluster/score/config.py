@@ -72,16 +72,16 @@ class ScoreConfig:
 def check(cfg: ScoreConfig, source: str, require_paths: bool = True) -> ScoreConfig:
     """Checks that span keys: required paths, method names, no method twice. Shipped YAMLs leave
     the paths to the command line (``require_paths=False`` validates them)."""
-    from allcluster.xai import EXPLAINERS
+    from allcluster.xai import METHOD_NAMES
 
     for key in ("model", "input", "out"):
         if require_paths and not getattr(cfg, key):
             raise ConfigError(f"{source}: {key} is required (--{key} on the command line, or `{key}:` in the YAML)")
     methods = list(cfg.explain.methods) + list(cfg.explain.budget.methods)
     for i, name in enumerate(methods):
-        if name not in EXPLAINERS:
+        if name not in METHOD_NAMES:
             key = "explain.methods" if i < len(cfg.explain.methods) else "explain.budget.methods"
-            raise ConfigError(f"{source}: {key}: unknown method {name!r}; registered: {', '.join(sorted(EXPLAINERS))}")
+            raise ConfigError(f"{source}: {key}: unknown method {name!r}; registered: {', '.join(sorted(METHOD_NAMES))}")
     if len(set(methods)) != len(methods):
         raise ConfigError(f"{source}: explain.methods and explain.budget.methods name a method twice: {methods}")
     return cfg

@@ -91,7 +91,7 @@ def empty_columns(schema: pa.Schema, n: int) -> dict[str, list]:
 def provenance(card: ModelCard, cfg: ScoreConfig, run_id: str, device: str) -> dict[str, str]:
     """The provenance columns shared by every row of one run."""
     from allcluster.config import config_hash
-    from allcluster.models.model_dir import versions
+    from allcluster.models.card import versions
 
     v = versions()
     return {"model_sha256": card.weights_sha256, "model_run_id": card.run_id,

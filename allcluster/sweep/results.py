@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from allcluster.config import config_hash
 from allcluster.models.card import CARD_FILE, ModelCard
-from allcluster.models.model_dir import versions
+from allcluster.models.card import versions
 from allcluster.sweep.plan import Trial, trial_status
 from allcluster.sweep.schema import METRIC_KEYS, ordered
 

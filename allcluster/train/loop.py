@@ -28,7 +28,8 @@ from allcluster.console import say
 from allcluster.data.cache import ensure_cache
 from allcluster.device import autocast, use_bf16
 from allcluster.data.manifest import read_manifest
-from allcluster.data.preprocess import Normalize, Preprocess
+from allcluster.data.normalize import Normalize
+from allcluster.data.preprocess import Preprocess
 from allcluster.models import build_model, get_spec
 from allcluster.models.card import ModelCard
 from allcluster.models.model_dir import head_dict, save_model_dir

@@ -24,7 +24,10 @@ def faithfulness(model: torch.nn.Module, images: torch.Tensor, maps: torch.Tenso
     parts = [torch.where(top, 0.0, images), torch.where(top, images, 0.0)]
     if probs is None:
         parts.insert(0, images)
-    out = torch.softmax(model(torch.cat(parts)).float(), dim=1)
+    batch = torch.cat(parts)
+    if images.is_contiguous(memory_format=torch.channels_last):      # keep the caller's (faster) layout
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    out = torch.softmax(model(batch).float(), dim=1)
     if probs is not None:
         out = torch.cat([probs.float(), out])
     p = out.gather(1, targets.repeat(3)[:, None])[:, 0].view(3, n)
