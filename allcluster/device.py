@@ -67,3 +67,14 @@ def autocast(device: "torch.device", bf16: bool):
     import torch
 
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def channels_last(x: "torch.nn.Module | torch.Tensor"):
+    """A model or a 4-D batch in NHWC layout: cuDNN's tensor-core kernels and oneDNN's CPU kernels
+    want it (ALL-Net's forward 40% faster on a 2-core CPU). Scoring, training on GPUs and the
+    benches' ceilings all go through here."""
+    import torch
+
+    if isinstance(x, torch.nn.Module):
+        return x.to(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=torch.channels_last)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from allcluster.bench.common import rate, device_info
 from allcluster.data.real import REPO
-from allcluster.device import TORCH_ALLOCATOR_ENV, pick_device
+from allcluster.device import TORCH_ALLOCATOR_ENV, channels_last, pick_device
 
 
 def _bare_forward_rate(model_dir: Path, batch_size: int, repeat: int = 5) -> float:
@@ -23,11 +23,11 @@ def _bare_forward_rate(model_dir: Path, batch_size: int, repeat: int = 5) -> flo
     size = loaded.card.input_size
     norm = loaded.card.normalize().to(device)
     batch = torch.randint(0, 256, (batch_size, size, size, 3), dtype=torch.uint8, device=device)
-    model = loaded.model.to(memory_format=torch.channels_last)       # as scoring runs it
+    model = channels_last(loaded.model)                               # as scoring runs it
 
     def forward():
         with torch.inference_mode():
-            model(norm(batch.permute(0, 3, 1, 2)).contiguous(memory_format=torch.channels_last)).cpu()
+            model(channels_last(norm(batch.permute(0, 3, 1, 2)))).cpu()
     return rate(forward, batch_size, repeat)
 
 
@@ -67,8 +67,8 @@ def cam_ceiling(model_dir: Path, batch_size: int, repeat: int = 5) -> float:
     size = loaded.card.input_size
     x = loaded.card.normalize().to(device)(
         torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device))
-    x = x.contiguous(memory_format=torch.channels_last)
-    explainer = make_explainer("gradcam", loaded.model.to(memory_format=torch.channels_last), loaded.card.cam_layer)
+    x = channels_last(x)
+    explainer = make_explainer("gradcam", channels_last(loaded.model), loaded.card.cam_layer)
 
     def explain():
         with autocast(device, use_bf16("auto", device)):

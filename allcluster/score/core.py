@@ -16,7 +16,7 @@ import torch
 
 from allcluster.data.paths import clean_text
 from allcluster.data.preprocess import cell_mask
-from allcluster.device import autocast, pick_device, use_bf16
+from allcluster.device import autocast, channels_last, pick_device, use_bf16
 from allcluster.score.budget import budget_reasons, sha_fraction
 from allcluster.score.config import ScoreConfig
 from allcluster.score.heatmaps import bytes_columns, encode_maps, write_heatmap_files
@@ -51,7 +51,7 @@ class Scorer:
         self.bf16 = use_bf16(cfg.workers.precision, self.device)
         # NHWC on every device: the layout cuDNN's tensor-core kernels want, and oneDNN's on CPU (ALL-Net's
         # forward 40% faster, EfficientNet-Lite0's 50%, DenseNet-121's 15% on this project's 2-core CPU).
-        self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = channels_last(self.model)
         self.classes = loaded.classes
         self.normalize = self.card.normalize().to(self.device)
         self.every = {m: build_explainer(m, self.model, self.card.cam_layer, cfg) for m in cfg.explain.methods}
@@ -97,7 +97,7 @@ class Scorer:
         """Predict and explain the rows ``todo`` (their uint8 ``pixels``) into ``cols`` in place."""
         start = self._sync()
         x = self.normalize(torch.from_numpy(pixels).to(self.device, non_blocking=True).permute(0, 3, 1, 2))
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = channels_last(x)
         explanations, logits = self.first_pass(x)
         probs = torch.softmax(logits.float(), 1)
         calibrated = torch.softmax(logits.float() / self.temperature, 1)

@@ -26,7 +26,7 @@ from allcluster.train.augment import BatchMixer, image_transform, minority_trans
 from allcluster.config import ConfigError, config_hash, to_dict
 from allcluster.console import say
 from allcluster.data.cache import ensure_cache
-from allcluster.device import autocast, use_bf16
+from allcluster.device import autocast, channels_last, use_bf16
 from allcluster.data.manifest import read_manifest
 from allcluster.data.normalize import Normalize
 from allcluster.data.preprocess import Preprocess
@@ -151,7 +151,7 @@ class WorkerRun:
         self.model = build_model(cfg.model.backbone, len(self.classes), self.head_spec,
                                  cfg.model.pretrained, cfg.model.weights).to(self.device)
         if self.on_gpu:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = channels_last(self.model)
         self.spec = spec
         self.normalize = Normalize(spec.mean, spec.std).to(self.device)
         self._build_train_data()
@@ -176,7 +176,7 @@ class WorkerRun:
 
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
         images = self.normalize(images.to(self.device, non_blocking=True))
-        return images.contiguous(memory_format=torch.channels_last) if self.on_gpu else images
+        return channels_last(images) if self.on_gpu else images
 
     # ---- one epoch ---------------------------------------------------------------------------
     def train_epoch(self, net: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> dict:
