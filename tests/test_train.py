@@ -236,9 +236,11 @@ def test_training_state_is_saved_as_tensors_and_plain_types_and_loads_back(tmp_p
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_each_paper_optimizer_learns_at_its_own_default_rate_on_real_images(real_manifest, tmp_path):
-    """ALL-Net from scratch on 60 real images per class and split, 48 px, 10 epochs, no Ray: with
+    """ALL-Net from scratch on 60 real images per class and split, 48 px, 20 epochs, no Ray: with
     one shared rate only Adam learned; with each optimiser's own default all four beat chance
-    (uniform guessing: macro-F1 ~0.25, accuracy 0.25; the constant-class prediction: macro-F1 0.10)."""
+    (uniform guessing: macro-F1 ~0.25, accuracy 0.25; the constant-class prediction: macro-F1 0.10).
+    Measured over seeds 0-2 the weakest, SGD, scores val macro-F1 0.38-0.45 (10 epochs left SGD and
+    Adadelta near 0.3 and RMSprop at its old 3e-4 on the constant class for 2 seeds of 3)."""
     from allcluster.train.loop import WorkerRun
     from allcluster.train.optim import OPTIMIZERS
     from allcluster.train.session import LocalSession
@@ -248,7 +250,7 @@ def test_each_paper_optimizer_learns_at_its_own_default_rate_on_real_images(real
         cfg = tiny_train_config(real_manifest, tmp_path / name,
                                 data={"image_size": 48, "max_per_class": 60, "cache_dir": str(tmp_path / "cache")},
                                 optim={"name": name, "lr": 0.0, "weight_decay": 0.0}, schedule={"name": "constant"},
-                                fit={"epochs": 10, "label_smoothing": 0.0})
+                                fit={"epochs": 20, "label_smoothing": 0.0})
         assert cfg.optim.lr == OPTIMIZERS[name].lr_fresh
         final = WorkerRun(cfg, LocalSession(tmp_path / name / "checkpoints")).run()
         scores[name] = (round(final["val_macro_f1"], 3), round(final["test_accuracy"], 3))

@@ -150,8 +150,7 @@ class WorkerRun:
         self.head_spec = head_spec(cfg)
         self.model = build_model(cfg.model.backbone, len(self.classes), self.head_spec,
                                  cfg.model.pretrained, cfg.model.weights).to(self.device)
-        if self.on_gpu:
-            self.model = channels_last(self.model)
+        self.model = channels_last(self.model)
         self.spec = spec
         self.normalize = Normalize(spec.mean, spec.std).to(self.device)
         self._build_train_data()
@@ -176,7 +175,7 @@ class WorkerRun:
 
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
         images = self.normalize(images.to(self.device, non_blocking=True))
-        return channels_last(images) if self.on_gpu else images
+        return channels_last(images)
 
     # ---- one epoch ---------------------------------------------------------------------------
     def train_epoch(self, net: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> dict:
