@@ -222,6 +222,36 @@ def deep_merge(base: dict, top: dict) -> dict:
     return merged
 
 
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"fit": {"epochs": 2}}`` -> ``{"fit.epochs": 2}`` (lists and tuples stay values, as lists)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.loads(json.dumps(value))   # tuples -> lists, as YAML reads them
+    return flat
+
+
+def config_diff(stored: dict[str, Any], current: dict[str, Any], skip: typing.Iterable[str] = (),
+                prefix: str = "") -> list[str]:
+    """``"KEY: OLD -> NEW"`` for every dotted key whose value differs, sorted; keys under a prefix in
+    ``skip`` (``"resources"`` skips ``resources.cpus_per_worker``) are left out."""
+    skip = tuple(skip)
+
+    def skipped(key: str) -> bool:
+        return any(key == s or key.startswith(s + ".") for s in skip)
+
+    missing = object()
+    lines = []
+    for key in sorted(set(stored) | set(current)):
+        old, new = stored.get(key, missing), current.get(key, missing)
+        if old != new and not skipped(key):
+            shown = ["(absent)" if v is missing else json.dumps(v) for v in (old, new)]
+            lines.append(f"{prefix}{key}: {shown[0]} -> {shown[1]}")
+    return lines
+
+
 def from_dict(cls: type[T], data: dict | None, source: str = "<dict>") -> T:
     """Validate plain data into the config dataclass ``cls``."""
     return _Builder(source).build(cls, data or {})

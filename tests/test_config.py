@@ -225,3 +225,46 @@ def test_one_device_choice_refuses_cuda_where_there_is_none_naming_the_setting()
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"--device: 'cuda:1': CUDA is not available here .*--gres=gpu"):
             pick_device("cuda:1", "--device")
+
+
+def _bench_args(command: str):
+    import argparse
+
+    from allcluster.bench import add_bench_arguments
+
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    return parser.parse_args(command.split())
+
+
+def test_bench_train_overrides_reach_the_recipe_and_a_bad_key_is_named(tmp_path):
+    from allcluster.bench.train import _bench_train_config
+
+    cfg = _bench_train_config(_bench_args("train --set data.roi_crop=true --set schedule.name=cosine"), tmp_path, 1)
+    assert cfg.data.roi_crop and cfg.schedule.name == "cosine" and cfg.fit.seed == 1
+    assert cfg.output_dir == str(tmp_path / "seed1")
+    with pytest.raises(ConfigError, match=r"schedule.*nme"):
+        _bench_train_config(_bench_args("train --set schedule.nme=cosine"), tmp_path, 0)
+
+
+# The README's benchmark commands and the train configs that claim to be their recipe.
+BENCHED_RECIPES = {
+    "configs/train/efficientnet_lite0_all.yaml":
+        "train --backbone efficientnet_lite0 --pretrained --image-size 224 --head-epochs 3 --epochs 10",
+}
+
+
+@pytest.mark.parametrize("config", sorted(BENCHED_RECIPES))
+def test_the_benchmarked_recipe_is_the_shipped_train_config(config, tmp_path):
+    from allcluster.bench.train import _bench_train_config
+
+    command = BENCHED_RECIPES[config]
+    assert f"allcluster bench {command}" in (REPO / "README.md").read_text()
+
+    def recipe(cfg: TrainConfig) -> dict:
+        data = to_dict(cfg)
+        del data["name"], data["output_dir"], data["data"]["manifest"]
+        return data
+
+    benched = recipe(_bench_train_config(_bench_args(command), tmp_path, seed=0))
+    assert benched == recipe(resolve(load(TrainConfig, REPO / config)))

@@ -144,6 +144,30 @@ def test_rerun_after_sigkill_resumes_from_the_latest_checkpoint_and_a_finished_r
     assert (file_sha256(weights), weights.stat().st_mtime_ns) == before
     assert pq.read_table(out / "metrics.parquet")["epoch"].to_pylist() == list(range(6))
 
+    written = (out / "config.yaml").read_bytes()         # another recipe into the same folder: refused
+    assert main(["train", "--config", str(config), "--set", "fit.epochs=8"]) == 2
+    assert (out / "config.yaml").read_bytes() == written
+    assert (file_sha256(weights), weights.stat().st_mtime_ns) == before
+
+
+def test_a_run_folder_is_not_resumed_under_a_config_that_trains_something_else(synthetic_manifest, tmp_path):
+    from dataclasses import replace
+
+    from allcluster.config import ConfigError, write_resolved
+    from allcluster.train.ray_train import check_resumable
+
+    out = tmp_path / "run"
+    cfg = tiny_train_config(synthetic_manifest, out)
+    write_resolved(cfg, out / "config.yaml")
+    check_resumable(replace(cfg, fit=replace(cfg.fit, epochs=3)))      # no checkpoint yet: a fresh start
+    (out / "ray" / "checkpoint_2026-12-01_10-44-22.415744").mkdir(parents=True)
+    check_resumable(cfg)
+    check_resumable(replace(cfg, name="renamed", resources=replace(cfg.resources, cpus_per_worker=2.0),
+                            data=replace(cfg.data, loader_workers=2)))    # a requeue on another node shape
+    changed = replace(cfg, fit=replace(cfg.fit, epochs=3), optim=replace(cfg.optim, lr=0.01))
+    with pytest.raises(ConfigError, match=r"fit\.epochs: 2 -> 3; optim\.lr: 0\.003 -> 0\.01.*another output_dir"):
+        check_resumable(changed)
+
 
 def test_demo_generates_indexes_trains_and_reports_where_outputs_are(ray_local, tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--set", "fit.epochs=2"]) == 0

@@ -13,12 +13,13 @@ from allcluster.device import pick_device
 
 def _bench_train_config(args: argparse.Namespace, out: Path, seed: int):
     """The benchmarked recipe: from scratch (one stage, Adam 1e-3, classic augmentation) or, with
-    ``--pretrained``, the papers' two-stage fine-tuning from the ImageNet weights."""
-    from allcluster.config import from_dict
+    ``--pretrained``, the papers' two-stage fine-tuning from the ImageNet weights; ``--set KEY=VALUE``
+    overrides laid over it (validated as ``allcluster train --set`` is)."""
+    from allcluster.config import load
     from allcluster.train.config import TrainConfig, resolve
 
     pretrained = bool(args.pretrained)
-    return resolve(from_dict(TrainConfig, {
+    return resolve(load(TrainConfig, overrides=getattr(args, "overrides", None) or (), base={
         "name": f"bench-train-{args.backbone}-seed{seed}", "output_dir": str(out / f"seed{seed}"),
         "data": {"manifest": str(out / "manifest.parquet"), "image_size": args.image_size, "loader_workers": 0},
         "model": {"backbone": args.backbone, "pretrained": pretrained},
@@ -29,7 +30,7 @@ def _bench_train_config(args: argparse.Namespace, out: Path, seed: int):
                      else {"head_epochs": 0, "unfreeze_blocks": -1}),
         "fit": {"epochs": args.epochs, "batch_size": 32, "early_stopping_patience": 10, "seed": seed},
         "resources": {"num_workers": 1, "cpus_per_worker": float(os.cpu_count() or 1)},
-    }, "bench train"))
+    }), "bench train")
 
 
 def on_cell_mean(model_dir: Path, paths: list[str], method: str = "gradcam", batch_size: int = 32) -> float:
@@ -113,7 +114,7 @@ def bench_train(args: argparse.Namespace) -> dict:
                    "validation); gradcam_on_cell_mean: mean share of the Grad-CAM map's mass on the stained "
                    "cell over the test images.",
         "backbone": args.backbone, "pretrained": bool(args.pretrained), "image_size": args.image_size,
-        "split_sizes": card.split_sizes, "duplicates": summary["duplicates"]["groups"],
+        "overrides": list(getattr(args, "overrides", None) or []), "split_sizes": card.split_sizes, "duplicates": summary["duplicates"]["groups"],
         "seeds": seeds, "runs": runs,
         "summary": {key: _spread(runs, key) for key in ("test_accuracy", "test_macro_f1", "test_ece",
                                                         "test_ece_calibrated", "gradcam_on_cell_mean")},

@@ -9,7 +9,6 @@ naming the keys, unless ``--new-config``: the old outputs then move to
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import yaml
 
 from allcluster.atomic import atomic_write_text
-from allcluster.config import ConfigError, from_dict, read_yaml, to_dict
+from allcluster.config import ConfigError, config_diff, flatten, from_dict, read_yaml, to_dict
 from allcluster.sweep.config import SweepConfig
 from allcluster.sweep.plan import base_train_dict
 from allcluster.train.config import TrainConfig
@@ -27,17 +26,6 @@ BASE_FILE = "base_config.yaml"
 PER_TRIAL_KEYS = ("name", "output_dir")          # set for each trial by the planner
 # What a sweep writes into its experiment folder (and --new-config moves aside); tune-*/ as well.
 OUTPUTS = ("trials", "trials.parquet", "epochs.parquet", "best_model", "sweep.yaml", BASE_FILE)
-
-
-def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"fit": {"epochs": 2}}`` -> ``{"fit.epochs": 2}`` (lists and tuples stay values, as lists)."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = json.loads(json.dumps(value))   # tuples -> lists, as YAML reads them
-    return flat
 
 
 def resolved_base(sweep: SweepConfig, source: str) -> dict[str, Any]:
@@ -53,17 +41,7 @@ def varied_keys(sweep: SweepConfig) -> set[str]:
 def base_diff(stored: dict[str, Any], current: dict[str, Any], varied: set[str] = frozenset()) -> list[str]:
     """``"train.KEY: OLD -> NEW"`` for every key whose value differs, sorted; keys the grid or the
     samples set (``varied``) are skipped: every trial overrides them."""
-    def overridden(key: str) -> bool:
-        return any(key == v or key.startswith(v + ".") for v in varied)
-
-    missing = object()
-    lines = []
-    for key in sorted(set(stored) | set(current)):
-        old, new = stored.get(key, missing), current.get(key, missing)
-        if old != new and not overridden(key):
-            shown = ["(absent)" if v is missing else json.dumps(v) for v in (old, new)]
-            lines.append(f"train.{key}: {shown[0]} -> {shown[1]}")
-    return lines
+    return config_diff(stored, current, skip=varied, prefix="train.")
 
 
 def read_stored_base(experiment_dir: Path) -> dict[str, Any] | None:

@@ -5,7 +5,7 @@ import json
 import uuid
 from pathlib import Path
 
-from allcluster.config import ConfigError, from_dict, to_dict, write_resolved
+from allcluster.config import ConfigError, config_diff, flatten, from_dict, read_yaml, to_dict, write_resolved
 from allcluster.models.card import CARD_FILE, ModelCard
 from allcluster.models.weights import worker_env
 from allcluster.train.config import TrainConfig
@@ -102,11 +102,36 @@ def preflight(cfg: TrainConfig) -> None:
     check_weights_available(get_spec(cfg.model.backbone), cfg.model.pretrained, cfg.model.weights)
 
 
+# Keys a rerun may change and still continue the run folder's checkpoints: where and how fast it
+# runs (a requeued Slurm job may land on a node of another shape), not what it trains.
+RESUME_FREE_KEYS = ("name", "output_dir", "resources", "data.cache_dir", "data.loader_workers")
+
+
+def check_resumable(cfg: TrainConfig) -> None:
+    """Refuse to continue a run folder's checkpoints under a config that trains something else.
+
+    Ray Train resumes from ``<output_dir>/ray`` whatever the new config says, so a rerun with another
+    ``fit.epochs`` or ``optim.lr`` would silently mix two trainings in one model. Reads only.
+    """
+    output_dir = Path(cfg.output_dir)
+    written = output_dir / "config.yaml"
+    if not written.is_file() or not any((output_dir / "ray").glob("checkpoint_*")):
+        return
+    stored = to_dict(from_dict(TrainConfig, read_yaml(written), str(written)))
+    diffs = config_diff(flatten(stored), flatten(to_dict(cfg)), skip=RESUME_FREE_KEYS)
+    if diffs:
+        raise ConfigError(
+            f"{output_dir} holds checkpoints of a run started with another config ({written}): "
+            f"{'; '.join(diffs)}. Refusing to continue it under a changed config: rerun with the original "
+            "config, or set another output_dir (or delete this one) to train afresh")
+
+
 def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     """Fit one run on the connected Ray cluster; returns the final metrics (from the model card)."""
     from allcluster.ray_utils import ensure_ray
 
     preflight(cfg)
+    check_resumable(cfg)
     ensure_ray(address)
     check_fits_cluster(cfg)
     output_dir = Path(cfg.output_dir)
