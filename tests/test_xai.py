@@ -199,6 +199,19 @@ def test_on_cell_score_is_near_one_for_a_map_on_the_cell_and_near_zero_off_it():
         mass_inside(maps, mask)
 
 
+def test_bench_on_cell_figure_comes_with_its_chance_level(tiny_model_dir, real_data_dir):
+    from PIL import Image
+
+    from allcluster.bench.train import on_cell_mean
+    from allcluster.data.preprocess import cell_mask, resize
+
+    paths = sorted(str(p) for p in real_data_dir.glob("*/*.jpg"))[::400][:6]
+    on_cell, area = on_cell_mean(tiny_model_dir, paths, batch_size=4)
+    expected_area = np.mean([cell_mask(resize(np.array(Image.open(p).convert("RGB")), 64)).mean() for p in paths])
+    assert area == pytest.approx(expected_area, abs=1e-3) and 0 < area < 0.5
+    assert 0 <= on_cell <= 1
+
+
 def test_every_explainer_is_built_the_same_way_and_input_methods_need_no_layer():
     from allcluster.xai import make_explainer
 

@@ -33,14 +33,16 @@ def _bench_train_config(args: argparse.Namespace, out: Path, seed: int):
     }), "bench train")
 
 
-def on_cell_mean(model_dir: Path, paths: list[str], method: str = "gradcam", batch_size: int = 32) -> float:
+def on_cell_mean(model_dir: Path, paths: list[str], method: str = "gradcam", batch_size: int = 32) -> tuple[float, float]:
     """Mean share of ``method``'s maps on the stained cell over ``paths``, through the scoring code
-    (same preprocessing, same maps, the row column ``on_cell_<method>``)."""
+    (same preprocessing, same maps, the row column ``on_cell_<method>``), and the mean share of the
+    image the cell mask covers: what a map spread evenly would score, the figure's chance level."""
     import tempfile
 
     import numpy as np
 
     from allcluster.config import from_dict
+    from allcluster.data.preprocess import cell_mask
     from allcluster.score import core
     from allcluster.score.reading import read_decode
     from allcluster.score.config import ScoreConfig
@@ -50,13 +52,14 @@ def on_cell_mean(model_dir: Path, paths: list[str], method: str = "gradcam", bat
         cfg = from_dict(ScoreConfig, {"model": str(model_dir), "input": "-", "out": out,
                                       "explain": {"methods": [method], "faithfulness_fraction": 0}})
         scorer = core.Scorer(cfg, out, "bench", lambda n: 0, device="cpu")
-        card, values = scorer.card, []
+        card, values, areas = scorer.card, [], []
         for start in range(0, len(paths), batch_size):
             batch = {"path": np.array(paths[start:start + batch_size], dtype=object)}
             decoded = read_decode(batch, card.input_size, card.roi_crop, card.roi_margin, 50_000_000, lambda shas, _: [""] * len(shas))
             values += scorer(decoded).column(method_columns(method)["on_cell"]).to_pylist()
+            areas += [float(cell_mask(image).mean()) for image in decoded["pixels"]]
     found = [v for v in values if v is not None and v == v]
-    return float(np.mean(found)) if found else float("nan")
+    return (float(np.mean(found)) if found else float("nan")), float(np.mean(areas))
 
 
 def _spread(runs: list[dict], key: str) -> dict:
@@ -93,6 +96,7 @@ def bench_train(args: argparse.Namespace) -> dict:
         final = run_training(cfg)
         card = final["model_card"]
         metrics = card.metrics
+        on_cell, cell_area = on_cell_mean(Path(cfg.output_dir) / "model", test_paths)
         test = metrics.get("test", {})
         runs.append({
             "seed": seed, "epochs_trained": card.epochs_trained, "best_epoch": card.best_epoch,
@@ -101,7 +105,7 @@ def bench_train(args: argparse.Namespace) -> dict:
             "test_ece_calibrated": metrics.get("test_ece_calibrated"),
             "test_f1_per_class": {k: v["f1"] for k, v in test.get("per_class", {}).items()},
             "val_macro_f1": metrics.get("val", {}).get("macro_f1"),
-            "gradcam_on_cell_mean": on_cell_mean(Path(cfg.output_dir) / "model", test_paths),
+            "gradcam_on_cell_mean": on_cell, "cell_area_share_mean": cell_area,
             "train_images_per_s": final.get("train_images_per_s"),
             "wall_seconds": round(time.time() - seed_start, 1), "model_dir": str(Path(cfg.output_dir) / "model"),
         })
@@ -112,12 +116,14 @@ def bench_train(args: argparse.Namespace) -> dict:
                    "kept inside one split, stratified 80/10/10; the test split evaluated once per seed with the "
                    "best-validation-macro-F1 weights; ECE before and after temperature scaling (fitted on "
                    "validation); gradcam_on_cell_mean: mean share of the Grad-CAM map's mass on the stained "
-                   "cell over the test images.",
+                   "cell over the test images; cell_area_share_mean: the share of the image the cell mask covers (what "
+                   "an evenly spread map would score).",
         "backbone": args.backbone, "pretrained": bool(args.pretrained), "image_size": args.image_size,
         "overrides": list(getattr(args, "overrides", None) or []), "split_sizes": card.split_sizes, "duplicates": summary["duplicates"]["groups"],
         "seeds": seeds, "runs": runs,
         "summary": {key: _spread(runs, key) for key in ("test_accuracy", "test_macro_f1", "test_ece",
-                                                        "test_ece_calibrated", "gradcam_on_cell_mean")},
+                                                        "test_ece_calibrated", "gradcam_on_cell_mean",
+                                                        "cell_area_share_mean")},
         "wall_seconds": round(time.time() - start, 1), "device": device_info(),
     }
 
