@@ -257,14 +257,13 @@ BENCHED_RECIPES = {
 @pytest.mark.parametrize("config", sorted(BENCHED_RECIPES))
 def test_the_benchmarked_recipe_is_the_shipped_train_config(config, tmp_path):
     from allcluster.bench.train import _bench_train_config
+    from allcluster.config import config_diff, flatten
+    from allcluster.train.ray_train import RESUME_FREE_KEYS
 
     command = BENCHED_RECIPES[config]
     assert f"allcluster bench {command}" in (REPO / "README.md").read_text()
 
-    def recipe(cfg: TrainConfig) -> dict:
-        data = to_dict(cfg)
-        del data["name"], data["output_dir"], data["data"]["manifest"]
-        return data
-
-    benched = recipe(_bench_train_config(_bench_args(command), tmp_path, seed=0))
-    assert benched == recipe(resolve(load(TrainConfig, REPO / config)))
+    benched = flatten(to_dict(_bench_train_config(_bench_args(command), tmp_path, seed=0)))
+    shipped = flatten(to_dict(resolve(load(TrainConfig, REPO / config))))
+    # what is trained must agree; where it runs and how fast need not
+    assert config_diff(shipped, benched, skip=(*RESUME_FREE_KEYS, "data.manifest")) == []
