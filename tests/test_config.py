@@ -249,6 +249,8 @@ def test_bench_train_overrides_reach_the_recipe_and_a_bad_key_is_named(tmp_path)
 
 # The README's benchmark commands and the train configs that claim to be their recipe.
 BENCHED_RECIPES = {
+    "configs/train/allnet_all.yaml":
+        "train --image-size 224 --epochs 24 --set schedule.name=cosine --set schedule.warmup_epochs=2",
     "configs/train/efficientnet_lite0_all.yaml":
         "train --backbone efficientnet_lite0 --pretrained --image-size 224 --head-epochs 3 --epochs 10",
 }
