@@ -36,6 +36,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=40, help="stage 2 (or from-scratch) epochs, at most")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1,2 (mean and spread)")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the 80/10/10 split, the same for every training seed (the README's figures: 0)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the benchmarked recipe, e.g. --set data.roi_crop=true (repeatable)")
     p = sub.add_parser("sweep", help="training img/s through the sweep's data path vs the bare step; JSON")

@@ -86,7 +86,7 @@ def bench_train(args: argparse.Namespace) -> dict:
     start = time.time()
     seeds = [int(s) for s in str(args.seeds).split(",")]
     _, summary = run_index(from_dict(IndexConfig, {"source": str(data), "out": str(out / "manifest.parquet"),
-                                                   "seed": seeds[0]}))
+                                                   "seed": args.split_seed}))
     manifest = pd.read_parquet(out / "manifest.parquet")
     test_paths = manifest.loc[manifest["split"] == "test", "path"].tolist()
     runs = []
@@ -120,7 +120,7 @@ def bench_train(args: argparse.Namespace) -> dict:
                    "an evenly spread map would score).",
         "backbone": args.backbone, "pretrained": bool(args.pretrained), "image_size": args.image_size,
         "overrides": list(getattr(args, "overrides", None) or []), "split_sizes": card.split_sizes, "duplicates": summary["duplicates"]["groups"],
-        "seeds": seeds, "runs": runs,
+        "split_seed": args.split_seed, "seeds": seeds, "runs": runs,
         "summary": {key: _spread(runs, key) for key in ("test_accuracy", "test_macro_f1", "test_ece",
                                                         "test_ece_calibrated", "gradcam_on_cell_mean",
                                                         "cell_area_share_mean")},
