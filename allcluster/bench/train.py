@@ -119,7 +119,8 @@ def bench_train(args: argparse.Namespace) -> dict:
                    "cell over the test images; cell_area_share_mean: the share of the image the cell mask covers (what "
                    "an evenly spread map would score).",
         "backbone": args.backbone, "pretrained": bool(args.pretrained), "image_size": args.image_size,
-        "overrides": list(getattr(args, "overrides", None) or []), "split_sizes": card.split_sizes, "duplicates": summary["duplicates"]["groups"],
+        "overrides": list(getattr(args, "overrides", None) or []),
+        "split_sizes": card.split_sizes, "duplicates": summary["duplicates"]["groups"],
         "split_seed": args.split_seed, "seeds": seeds, "runs": runs,
         "summary": {key: _spread(runs, key) for key in ("test_accuracy", "test_macro_f1", "test_ece",
                                                         "test_ece_calibrated", "gradcam_on_cell_mean",
