@@ -11,6 +11,9 @@ from allcluster.models.weights import worker_env
 from allcluster.train.config import TrainConfig
 
 
+RAY_RUN_FOLDER = "ray"          # <output_dir>/ray: Ray Train's run folder, its checkpoints inside
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     _quiet_per_report_logs()
@@ -68,7 +71,7 @@ def build_trainer(cfg: TrainConfig, run_id: str, callbacks: list | None = None, 
         train_loop_config={"train": to_dict(cfg), "run_id": run_id},
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
-            name="ray", storage_path=str(storage),
+            name=RAY_RUN_FOLDER, storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=0),
             callbacks=callbacks or [],
@@ -115,7 +118,7 @@ def check_resumable(cfg: TrainConfig) -> None:
     """
     output_dir = Path(cfg.output_dir)
     written = output_dir / "config.yaml"
-    if not written.is_file() or not any((output_dir / "ray").glob("checkpoint_*")):
+    if not written.is_file() or not any((output_dir / RAY_RUN_FOLDER).glob("checkpoint_*")):
         return
     stored = to_dict(from_dict(TrainConfig, read_yaml(written), str(written)))
     diffs = config_diff(flatten(stored), flatten(to_dict(cfg)), skip=RESUME_FREE_KEYS)
