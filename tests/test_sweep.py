@@ -191,35 +191,36 @@ def test_a_trial_the_scheduler_stops_is_recorded_as_stopped_and_frees_its_resour
         ray_local, synthetic_manifest, tmp_path, monkeypatch):
     # ASHA's choice depends on the metrics; here a scheduler with ASHA's interface stops one known trial
     # after its first epoch, so Tune's real stop path (killing a running Ray Train trial) is exercised.
+    # The stopped trial is given 40 epochs: a result reaches the driver seconds after the worker reports
+    # it, and a 3-epoch trial on synthetic images can finish inside that delay (CI of stop 20).
     from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
     import allcluster.sweep.ray_tune as ray_tune
 
-    class SlowLearnerRule(FIFOScheduler):
+    class LongTrialRule(FIFOScheduler):
         def on_trial_result(self, tune_controller, trial, result):
-            slow = trial.config["trial"]["train"]["optim"]["lr"] < 1e-6
-            return TrialScheduler.STOP if slow and "epoch" in result else TrialScheduler.CONTINUE
+            long = trial.config["trial"]["train"]["fit"]["epochs"] == 40
+            return TrialScheduler.STOP if long and "epoch" in result else TrialScheduler.CONTINUE
 
-    class StopSlowLearner(ray_tune.RecordsStops, SlowLearnerRule):
-        stopped_by = "slow-learner-rule"
+    class StopLongTrial(ray_tune.RecordsStops, LongTrialRule):
+        stopped_by = "long-trial-rule"
 
-    monkeypatch.setattr(ray_tune, "build_scheduler", lambda sweep, trials: StopSlowLearner())
+    monkeypatch.setattr(ray_tune, "build_scheduler", lambda sweep, trials: StopLongTrial())
     config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, tmp_path / "exp",
-                        train={**TRAIN, "fit": {**TRAIN["fit"], "epochs": 3},
-                               "data": {**TRAIN["data"], "manifest": str(synthetic_manifest)}},
-                        grid={"optim.lr": [0.003, 1e-7]}, asha={"enabled": True})
+                        train={**TRAIN, "data": {**TRAIN["data"], "manifest": str(synthetic_manifest)}},
+                        grid={"fit.epochs": [3, 40]}, asha={"enabled": True})
     assert main(["sweep", "--config", str(config)]) == 0
-    trials = pd.read_parquet(tmp_path / "exp" / "trials.parquet").set_index("optim.lr")
-    assert trials.loc[0.003, "status"] == "finished"
-    assert trials.loc[1e-7, "status"] == "stopped"
-    assert trials.loc[1e-7, "epochs_trained"] < 3 and trials.loc[1e-7, "model_dir"] == ""
-    marker = tmp_path / "exp" / "trials" / trials.loc[1e-7, "trial_id"] / "stopped.json"
-    assert json.loads(marker.read_text())["by"] == "slow-learner-rule", "the scheduler that stopped it is named"
-    assert not (tmp_path / "exp" / "trials" / trials.loc[0.003, "trial_id"] / "stopped.json").exists()
+    trials = pd.read_parquet(tmp_path / "exp" / "trials.parquet").set_index("fit.epochs")
+    assert trials.loc[3, "status"] == "finished"
+    assert trials.loc[40, "status"] == "stopped"
+    assert trials.loc[40, "epochs_trained"] < 40 and trials.loc[40, "model_dir"] == ""
+    marker = tmp_path / "exp" / "trials" / trials.loc[40, "trial_id"] / "stopped.json"
+    assert json.loads(marker.read_text())["by"] == "long-trial-rule", "the scheduler that stopped it is named"
+    assert not (tmp_path / "exp" / "trials" / trials.loc[3, "trial_id"] / "stopped.json").exists()
     assert _cpus_free_soon(ray_local, 2.0) == pytest.approx(2.0), "the stopped trial's CPUs must be freed"
     assert main(["sweep", "--config", str(config)]) == 0          # a stopped trial is not rerun
-    again = pd.read_parquet(tmp_path / "exp" / "trials.parquet").set_index("optim.lr")
-    assert again.loc[1e-7, "status"] == "stopped" and again.loc[1e-7, "epochs_trained"] < 3
+    again = pd.read_parquet(tmp_path / "exp" / "trials.parquet").set_index("fit.epochs")
+    assert again.loc[40, "status"] == "stopped" and again.loc[40, "epochs_trained"] < 40
 
 
 # ---- stop signals and config changes --------------------------------------------------------------
