@@ -73,7 +73,9 @@ _ray_on_usr1() {
   if [ "$SECONDS" -lt "${ALLCLUSTER_MIN_RUN_BEFORE_REQUEUE_S:-60}" ]; then
     _log "SIGUSR1 only ${SECONDS} s after the start: the time limit is within the --signal warning time," \
          "so a requeue would loop; ignoring it (raise --time or lower --signal=B:USR1@<seconds>)"
-    return
+    # 0, not a bare return: in a trap handler that gives the status of the command the signal
+    # interrupted (`wait`: 138), and under set -e the shell would exit with it
+    return 0
   fi
   _ray_warned=1
   if [ -n "$_ray_driver_pid" ] && kill -0 "$_ray_driver_pid" 2>/dev/null; then
