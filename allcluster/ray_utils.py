@@ -25,11 +25,12 @@ _RAY_DRIVER_NOTICE = re.compile(r"Token authentication is enabled for this Ray c
                                 r"|logging\.cc:\d+: Set ray log level from environment variable")
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True) -> None:
     """Connect once per process.
 
     ``address`` (or ``$RAY_ADDRESS``, which ``slurm/ray-cluster.sh`` exports) joins a running
-    cluster; otherwise a local single-node Ray starts with this machine's CPUs (and GPUs).
+    cluster; otherwise a local single-node Ray starts with this machine's CPUs (and GPUs), with
+    its dashboard unless ``dashboard`` is False (a job that runs no Ray Train: scoring).
     """
     import ray
 
@@ -50,12 +51,13 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             ray.init(address=address, runtime_env=env, log_to_driver=True, logging_level=quiet)
         else:
             # The dashboard serves Ray's State API: without it Ray Train cannot free the placement group
-            # of a trial that Tune (ASHA) stops, and that trial's CPUs/GPUs stay reserved.
+            # of a trial that Tune (ASHA) stops, and that trial's CPUs/GPUs stay reserved. Ray Data
+            # does not use it; its start costs a scoring job about a second of a small node's CPU.
             # A local Ray's processes inherit this environment: set it here rather than as a runtime
             # env, so that Ray's pre-started workers (one per CPU) can serve the job instead of new
             # ones starting beside them while the model replicas load.
             os.environ.update(env_vars)
-            ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True, logging_level=quiet)
+            ray.init(num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=True, logging_level=quiet)
         if quiet > logging.INFO:
             quiet_worker_output()
     if quiet > logging.INFO:

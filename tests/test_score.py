@@ -450,6 +450,7 @@ def test_rerunning_a_finished_job_scores_only_its_transient_errors_again(zoo_job
 
 def test_dry_run_lists_the_job_and_estimates_from_measured_costs(tiny_model_dir, real_data_dir, tmp_path, capsys):
     from allcluster.cli import main
+    from allcluster.score.estimate import STARTUP_PER_COLD_START
 
     assert main(["score", "--config", str(CI_TINY), "--model", str(tiny_model_dir), "--input", str(real_data_dir),
                  "--out", str(tmp_path / "out"), "--dry-run"]) == 0
@@ -458,30 +459,36 @@ def test_dry_run_lists_the_job_and_estimates_from_measured_costs(tiny_model_dir,
     assert numbers["to_do"] == numbers["inputs"] == len(list(real_data_dir.rglob("*.jpg")))
     assert numbers["decode_ms"] > 0 and numbers["every_image_ms"] > 0 and numbers["budget_ms"] > 0
     assert 0 < numbers["budget_selected"] <= 4 and numbers["estimated_total_s"] > 0
-    assert numbers["startup_from"] == "default" and "of which start-up" in text
+    assert numbers["startup_from"] == "probe" and "of which start-up" in text
+    assert numbers["estimated_startup_s"] > STARTUP_PER_COLD_START * numbers["cold_start_s"] > 0
     assert not (tmp_path / "out").exists(), "a dry run writes nothing"
 
 
 def test_dry_run_arithmetic_adds_cpu_times_overlaps_gpu_times_and_counts_start_up():
-    from allcluster.score.estimate import job_seconds
+    from allcluster.score.estimate import CPU_SHARED_SLOWDOWN, job_seconds
 
     costs = {"every_image_ms": 40.0, "budget_ms": 1000.0, "decode_ms": 10.0}
     cpu = job_seconds(1000, 10, costs, {"device": "cpu", "size": 1, "num_cpus": 1.0}, 2, 0.25, 30.0)
-    # model 1000 x 40 ms + 10 x 1 s = 50 s; decode 10 s of CPU over 2 cores = 5 s; + 30 s start-up
-    assert cpu == {"estimated_startup_s": 30.0, "estimated_model_s": 50.0, "estimated_decode_s": 5.0,
-                   "estimated_total_s": 85.0}
+    # model 1000 x 40 ms + 10 x 1 s = 50 s, slowed on shared cores; decode 10 s of CPU over 2 cores
+    # = 5 s; + 30 s start-up
+    model_s = 50.0 * CPU_SHARED_SLOWDOWN
+    assert cpu == {"estimated_startup_s": 30.0, "estimated_model_s": round(model_s, 1), "estimated_decode_s": 5.0,
+                   "estimated_total_s": round(30.0 + model_s + 5.0, 1)}
     gpu = job_seconds(1000, 10, costs, {"device": "cuda", "size": 2, "num_cpus": 1.0}, 10, 0.5, 30.0)
     # two replicas: 25 s of model time; decode on (10 - 2) / 0.5 = 16 parallel tasks: 0.6 s; overlapping
     assert gpu == {"estimated_startup_s": 30.0, "estimated_model_s": 25.0, "estimated_decode_s": 0.6,
                    "estimated_total_s": 55.0}
 
 
-def test_a_dry_run_takes_start_up_from_the_last_run_into_the_same_out(tmp_path):
-    from allcluster.score.estimate import STARTUP_S, earlier_startup
+def test_a_dry_run_takes_start_up_from_the_last_run_into_the_same_out_else_from_its_probe(tmp_path):
+    from allcluster.score.estimate import STARTUP_PER_COLD_START, earlier_startup, fresh_startup_s
 
-    assert earlier_startup(tmp_path) == (STARTUP_S, "default")
+    # a fresh OUT: the driver's own 0.5 s, then Ray, Ray Data and the replica in probe cold starts
+    fresh = fresh_startup_s(0.5, 2.0)
+    assert fresh == pytest.approx(0.5 + 2.0 * STARTUP_PER_COLD_START)
+    assert earlier_startup(tmp_path, fresh) == (fresh, "probe")
     (tmp_path / "summary.json").write_text(json.dumps({"rows": 3, "seconds_to_first_row": 41.5}))
-    assert earlier_startup(tmp_path) == (41.5, "summary.json")
+    assert earlier_startup(tmp_path, fresh) == (41.5, "summary.json")
 
 
 class _Stream:

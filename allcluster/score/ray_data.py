@@ -153,7 +153,7 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
             + (f"; {dropped} superseded rows removed" if dropped else ""))
         start, interrupted, first_row = time.monotonic(), "", None
         if todo.files.num_rows:
-            ensure_ray(address)             # first: our signal handlers must be the ones in force
+            ensure_ray(address, dashboard=False)   # first: our signal handlers must be the ones in force
         try:
             with StopSignals(SCORE_STOPPING) as stop:
                 stop.graceful()
