@@ -16,7 +16,6 @@ import os
 import tempfile
 import time
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from allcluster.console import process_age_s
