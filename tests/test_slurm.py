@@ -185,7 +185,7 @@ def test_two_score_jobs_share_node_n1_and_one_finishes_through_time_limit_requeu
         pytest.skip("needs the local cluster's nodes n1 and n2")
     per_class = {c.name: sorted(c.glob("*.jpg")) for c in sorted(real_data_dir.iterdir())}
     fast_files = [p for files in per_class.values() for p in files[:6]]
-    slow_files = [p for files in per_class.values() for p in files[10:28]]    # 72, 1-2 s each (ci_slow.yaml)
+    slow_files = [p for files in per_class.values() for p in files[10:37]]    # 108, 0.5-2 s each (ci_slow.yaml)
     lists = {}
     for name, files in (("fast", fast_files), ("slow", slow_files)):
         lists[name] = tmp_path / f"{name}.txt"
@@ -194,7 +194,7 @@ def test_two_score_jobs_share_node_n1_and_one_finishes_through_time_limit_requeu
     logs = {name: tmp_path / f"{name}.out" for name in lists}
     common = ["--cpus-per-task=2", "--mem=3G"]
     # the first-minute guard would ignore a warning that a fast start brings within 60 s: 20 s here
-    slow = _submit(slurm, ["-w", "n1", "--nodes=1", *common, "--time=15", "--signal=B:USR1@60",
+    slow = _submit(slurm, ["-w", "n1", "--nodes=1", *common, "--time=15", "--signal=B:USR1@110",
                            "--export=ALL,ALLCLUSTER_MIN_RUN_BEFORE_REQUEUE_S=20", f"--output={logs['slow']}"],
                    ["slurm/score.sh", "--config", "configs/score/ci_slow.yaml", "--model", str(tiny_model_dir),
                     "--input", str(lists["slow"]), "--out", str(out["slow"])])
@@ -211,7 +211,9 @@ def test_two_score_jobs_share_node_n1_and_one_finishes_through_time_limit_requeu
             seen["early_warning"] = True
         state = states[slow]
         if not seen["cut"] and state.get("JobState") == "RUNNING" and any((out["slow"] / "rows").glob("*.parquet")):
-            # rows are on disk, many files to go: the time limit now ends within ~2 minutes
+            # rows are on disk, many files to go. Limits are whole minutes: the new one ends 60-120 s
+            # from now, and its warning (110 s before the end) is due at once, so Slurm sends it at
+            # its next time-limit check (every 30 s): the job must outlast ~30 s, not ~2.5 minutes
             used_min = int(state["RunTime"].split(":")[-2]) + 60 * int(state["RunTime"].split(":")[-3] or 0)
             subprocess.run(["scontrol", "update", f"JobId={slow}", f"TimeLimit={used_min + 2}"], env=slurm["env"], check=True)
             seen["cut"] = True
