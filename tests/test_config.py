@@ -247,6 +247,17 @@ def test_bench_train_overrides_reach_the_recipe_and_a_bad_key_is_named(tmp_path)
         _bench_train_config(_bench_args("train --set schedule.nme=cosine"), tmp_path, 0)
 
 
+def test_bench_score_rounds_count_each_pipelines_median():
+    from allcluster.bench.score import median_of
+
+    assert _bench_args("score").repeat == 1 and _bench_args("score --repeat 3").repeat == 3
+    rounds = [{"bare_loop": 30.0, "default": 48.0}, {"bare_loop": 27.5, "default": 61.0},
+              {"bare_loop": 32.5, "default": 47.0}]
+    assert median_of(rounds, "bare_loop") == 30.0 and median_of(rounds, "default") == 48.0
+    assert median_of(rounds[:2], "default") == 48.0       # even count: the lower middle
+    assert median_of(rounds[:1], "bare_loop") == 30.0
+
+
 # The README's benchmark commands and the train configs that claim to be their recipe.
 BENCHED_RECIPES = {
     "configs/train/allnet_all.yaml":

@@ -79,6 +79,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="allnet")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32, help="batch of the in-process ceilings")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of the timed commands, interleaved; each "
+                   "pipeline's median counts (shared VMs: one round can be 10-15%% off)")
     p = sub.add_parser("gpu", help="the one-command GPU acceptance: gpu tests, bench score/cam/lime/sweep on "
                        "generated images, every ratio beside its target; JSON (jobs/gpu_acceptance.sh)")
     p.add_argument("--out", default="runs/bench-gpu")
