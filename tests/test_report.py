@@ -177,6 +177,7 @@ def runs(ray_local, real_sweep, real_manifest, tmp_path_factory) -> dict:
     assert main(["score", "--config", str(CI_TINY_SCORE), "--model", str(experiment / "best_model"),
                  "--input", str(scoring_manifest(real_manifest, base)), "--out", str(scored),
                  "--set", "explain.budget.max_images=2"]) == 0
+    assert ray_local.is_initialized()      # a score command leaves only a Ray it connected to itself
     assert main(["report", str(experiment), str(scored), "--out", str(report), "--group-by", "folder",
                  "--group-by", "label", "--gallery-per-class", str(GALLERY)]) == 0
     return {"base": base, "experiment": experiment, "scored": scored, "report": report,

@@ -20,7 +20,7 @@ import numpy as np
 from allcluster.console import process_age_s, say
 from allcluster.interrupt import Interrupted, StopSignals
 from allcluster.models.card import ModelCard
-from allcluster.ray_utils import ensure_ray
+from allcluster.ray_utils import ensure_ray, leave_ray
 from allcluster.score.ledger import Ledger
 from allcluster.score.reading import read_decode
 from allcluster.score.rows import error_rows, provenance
@@ -151,9 +151,9 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
         writer = ShardWriter(out, schema, run_id, cfg.rows_per_shard, cfg.flush_seconds, packed)
         say(f"[score] {plan.inputs} inputs, {plan.done} already scored in {out}, {len(todo)} to do (run {run_id})"
             + (f"; {dropped} superseded rows removed" if dropped else ""))
-        start, interrupted, first_row = time.monotonic(), "", None
-        if todo.files.num_rows:
-            ensure_ray(address, dashboard=False)   # first: our signal handlers must be the ones in force
+        start, interrupted, first_row, connected = time.monotonic(), "", None, False
+        if todo.files.num_rows:   # first: our signal handlers must be the ones in force
+            connected = ensure_ray(address, dashboard=False)
         try:
             with StopSignals(SCORE_STOPPING) as stop:
                 stop.graceful()
@@ -172,6 +172,8 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
             say(f"[score] interrupted by {interrupted}: rows so far are written; rerun the same command to resume")
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         say(summary_text(summary))
+        if connected:
+            leave_ray()
         return summary
     finally:
         for lock in reversed(locks):
