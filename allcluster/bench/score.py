@@ -158,9 +158,21 @@ def bench_score(args: argparse.Namespace) -> dict:
     }
     commands["bare_loop_huge_pages"] = commands["bare_loop"]
     dry = _timed_command("dry run", [*score, "--out", str(out / "scored-default"), "--dry-run"], env)
-    rounds = [{name: _timed_command(name, command, env if name in ("default", "predictions_only", "bare_loop_huge_pages")
-                                    else plain)["seconds"] for name, command in commands.items()}
-              for _ in range(max(1, getattr(args, "repeat", 1)))]
+    outputs = [out / "scored-default", out / "scored-predictions", out / "reference-gradcam"]
+
+    def timed_round() -> dict:
+        for folder in outputs:          # every round scores all files afresh (a finished OUT has nothing to do)
+            shutil.rmtree(folder, ignore_errors=True)
+        seconds = {name: _timed_command(name, command, env if name in ("default", "predictions_only",
+                                                                       "bare_loop_huge_pages") else plain)["seconds"]
+                   for name, command in commands.items()}
+        for folder in outputs[:2]:
+            scored = json.loads((folder / "summary.json").read_text())["run_rows"]
+            if scored != len(files):
+                raise RuntimeError(f"bench score: {folder} scored {scored} of {len(files)} files in this round")
+        return seconds
+
+    rounds = [timed_round() for _ in range(max(1, getattr(args, "repeat", 1)))]
     images = len(files)
     summary = json.loads((out / "scored-default" / "summary.json").read_text())
     stages = _stage_ms(out / "scored-default")
