@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from allcluster.train.affine import ClassicAffine
 from allcluster.train.augment import BatchMixer, image_transform, soft_cross_entropy
-from allcluster.train.optim import EarlyStopping, EpochScheduler, build_optimizer
+from allcluster.train.optim import EarlyStopping, EpochScheduler, WeightAverage, build_optimizer
 from allcluster.train.config import AugmentConfig, ClassicAugConfig, OptimConfig, ScheduleConfig
 from allcluster.train.data import Split, balanced_class_weights, oversample_minority
 
@@ -135,6 +135,33 @@ def test_early_stopping_counts_epochs_without_val_f1_gain():
     assert not stopper.update(0.5) and not stopper.should_stop
     assert not stopper.update(float("nan")) and stopper.should_stop
     assert not EarlyStopping(patience=0, bad_epochs=99).should_stop
+
+
+def test_weight_average_ramps_its_decay_to_the_cap_and_resumes_where_it_stopped():
+    model = torch.nn.Linear(1, 1, bias=False)
+    average = WeightAverage(model, decay=0.9)
+    expected = None
+    for step in range(1, 41):
+        value = float(step % 3)                       # weights that keep moving
+        with torch.no_grad():
+            model.weight.fill_(value)
+        average.update(model)
+        ramp = 0.0 if step == 1 else 1 - step ** -0.75  # timm counts the first update as step 0
+        decay = min(0.9, ramp)
+        expected = value if expected is None else decay * expected + (1 - decay) * value
+        assert math.isclose(average.module.weight.item(), expected, rel_tol=1e-5), step
+    assert 1 - 40 ** -0.75 > 0.9, "the last steps ran at the cap"
+
+    state = average.state_dict()
+    resumed = WeightAverage(torch.nn.Linear(1, 1, bias=False), decay=0.9)
+    resumed.load_state_dict(state)
+    assert resumed.steps == average.steps == 40
+    with torch.no_grad():
+        model.weight.fill_(5.0)
+    for each in (average, resumed):
+        each.update(model)
+    assert resumed.module.weight.item() == average.module.weight.item()
+    assert math.isclose(average.module.weight.item(), 0.9 * expected + 0.1 * 5.0, rel_tol=1e-5)
 
 
 def test_each_optimizer_gets_its_own_documented_rate_unless_one_is_given():

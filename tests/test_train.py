@@ -197,6 +197,30 @@ def test_bf16_autocast_path_trains_and_exports_on_cpu(synthetic_manifest, tmp_pa
     assert (tmp_path / "bf16" / "model" / "model_card.json").is_file()
 
 
+def test_weight_average_is_what_validation_picks_and_export_writes_and_a_resume_keeps_it(synthetic_manifest, tmp_path):
+    import shutil
+
+    from allcluster.train.loop import TrainState, WorkerRun
+    from allcluster.train.session import LocalSession
+
+    fit = {"epochs": 2, "ema_decay": 0.99}
+    root = tmp_path / "ema" / "checkpoints"
+    WorkerRun(tiny_train_config(synthetic_manifest, tmp_path / "ema", fit=fit), LocalSession(root)).run()
+    epochs = [TrainState.load(root / f"checkpoint_00000{i}") for i in (1, 2)]
+    steps = epochs[0].weight_average["steps"]
+    assert steps > 0 and epochs[1].weight_average["steps"] == 2 * steps
+    best = epochs[epochs[1].best_epoch]
+    exported = load_model_dir(tmp_path / "ema" / "model").model.state_dict()
+    assert all(torch.equal(exported[k], best.weight_average["weights"][k]) for k in exported)
+    assert not all(torch.equal(exported[k], best.model[k]) for k in exported), "the raw weights were exported"
+
+    # interrupted after epoch 1: the resumed run goes on averaging from the saved average and count
+    resumed = tmp_path / "resumed"
+    shutil.copytree(root / "checkpoint_000001", resumed / "checkpoints" / "checkpoint_000001")
+    WorkerRun(tiny_train_config(synthetic_manifest, resumed, fit=fit), LocalSession(resumed / "checkpoints")).run()
+    assert TrainState.load(resumed / "checkpoints" / "checkpoint_000002").weight_average["steps"] == 2 * steps
+
+
 class _OpensAFile:
     """Unpickling this runs ``open(path, "w")``: what a planted checkpoint could do on resume."""
 

@@ -121,6 +121,9 @@ class FitConfig:
     label_smoothing: float = field(default=0.1, metadata=bounds(ge=0, lt=1))
     early_stopping_patience: int = field(default=10, metadata=bounds(ge=0))  # 0 disables
     precision: Literal["auto", "fp32", "bf16"] = "auto"              # auto: bf16 on GPU, fp32 on CPU
+    # > 0: validate, pick and export an exponential moving average of the weights (per step; the
+    # decay ramps up to this cap, see train.optim.WeightAverage); 0: the raw weights
+    ema_decay: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
     seed: int = 0
 
 

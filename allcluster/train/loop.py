@@ -33,7 +33,7 @@ from allcluster.data.preprocess import Preprocess
 from allcluster.models import build_model, get_spec
 from allcluster.models.card import ModelCard
 from allcluster.models.model_dir import head_dict, save_model_dir
-from allcluster.train.optim import EarlyStopping, EpochScheduler, build_optimizer
+from allcluster.train.optim import EarlyStopping, EpochScheduler, WeightAverage, build_optimizer
 from allcluster.train.config import TrainConfig, head_spec
 from allcluster.train.data import (CachedImages, Split, balanced_class_weights, eval_loader, load_splits,
                                    oversample_minority, train_loader)
@@ -72,6 +72,7 @@ class TrainState:
     optimizer: dict | None = None
     scheduler: dict | None = None
     best_model: dict | None = None
+    weight_average: dict | None = None   # WeightAverage.state_dict() when fit.ema_decay > 0
     history: list[dict] = field(default_factory=list)
     final: dict | None = None     # set once the best model is exported (the run is finished)
 
@@ -151,6 +152,7 @@ class WorkerRun:
         self.model = build_model(cfg.model.backbone, len(self.classes), self.head_spec,
                                  cfg.model.pretrained, cfg.model.weights).to(self.device)
         self.model = channels_last(self.model)
+        self.average = WeightAverage(self.model, cfg.fit.ema_decay) if cfg.fit.ema_decay > 0 else None
         self.spec = spec
         self.normalize = Normalize(spec.mean, spec.std).to(self.device)
         self._build_train_data()
@@ -195,6 +197,8 @@ class WorkerRun:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if self.average is not None:
+                self.average.update(self.model)
             loss_sum += float(loss.detach()) * len(labels)
             confusion += torch.bincount(targets.argmax(1) * n + logits.argmax(1), minlength=n * n)
             seen += len(labels)
@@ -226,6 +230,10 @@ class WorkerRun:
         result[order] = logits
         return result
 
+    def evaluated(self, net: torch.nn.Module) -> torch.nn.Module:
+        """What validation, model selection and export see: the weight average when there is one."""
+        return self.average.module if self.average is not None else net
+
     def evaluate(self, net: torch.nn.Module, split: Split, prefix: str, temperature: float = 1.0) -> tuple[dict, np.ndarray]:
         logits = self.predict(net, split)
         found = M.classification_metrics(split.labels, M.softmax(logits, temperature), self.classes)
@@ -244,6 +252,8 @@ class WorkerRun:
         if resume:
             self.log(f"[train] resuming after epoch {state.epoch} from {resume}")
             self.model.load_state_dict(state.model)
+            if self.average is not None and state.weight_average is not None:
+                self.average.load_state_dict(state.weight_average)
         for index, stage in enumerate(plan_stages(self.cfg)):
             if index < state.stage_index:
                 continue
@@ -270,7 +280,7 @@ class WorkerRun:
             row = self.epoch_row(net, optimizer, stage, state.epoch)
             if stopper.update(row["val_macro_f1"]):
                 state.best_score, state.best_epoch = stopper.best, state.epoch
-                state.best_model = _cpu_state(self.model)
+                state.best_model = _cpu_state(self.evaluated(self.model))
             scheduler.step(row["val_macro_f1"])
             stopped = stopper.should_stop
             done = stopped or stage_epoch + 1 == stage.epochs
@@ -280,6 +290,7 @@ class WorkerRun:
             row.update(best_val_macro_f1=state.best_score, best_epoch=state.best_epoch)
             state.history.append(row)
             state.model, state.optimizer, state.scheduler = _cpu_state(self.model), optimizer.state_dict(), scheduler.state_dict()
+            state.weight_average = self.average.state_dict() if self.average is not None else None
             self.checkpoint(state, row)
             if stopped:
                 self.log(f"[train] early stopping: no val macro-F1 gain for {stopper.patience} epochs")
@@ -291,7 +302,7 @@ class WorkerRun:
         lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
         row = {"epoch": epoch, "stage": stage.name, "lr": lr, **self.train_epoch(net, optimizer, epoch)}
-        found, _ = self.evaluate(net, self.splits["val"], "val")
+        found, _ = self.evaluate(self.evaluated(net), self.splits["val"], "val")
         row.update({f"val_{k}": found[f"val_{k}"] for k in M.EVAL_METRICS})
         row["epoch_seconds"] = time.perf_counter() - start
         self.log(f"[train] epoch {epoch + 1} ({stage.name}) loss {row['train_loss']:.4f} "
@@ -318,6 +329,8 @@ class WorkerRun:
         """Best weights -> temperature on val -> the single test evaluation -> model directory."""
         if state.best_model is not None:
             self.model.load_state_dict(state.best_model)
+        elif self.average is not None:
+            self.model.load_state_dict(self.average.module.state_dict())
         net = self.model
         val_logits = self.predict(net, self.splits["val"])
         temperature = M.fit_temperature(val_logits, self.splits["val"].labels)

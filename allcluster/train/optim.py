@@ -1,5 +1,5 @@
 """Optimisers (a name -> factory table with each one's learning-rate defaults), learning-rate
-schedules and early stopping on validation macro-F1.
+schedules, a moving average of the weights and early stopping on validation macro-F1.
 
 Kept free of a top-level torch import: ``train/config.py`` derives ``optim.name``'s allowed values and
 the learning-rate defaults from :data:`OPTIMIZERS`, and configs load without torch.
@@ -146,3 +146,36 @@ class EarlyStopping:
     @property
     def should_stop(self) -> bool:
         return self.patience > 0 and self.bad_epochs >= self.patience
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (parameters and buffers), updated after
+    every optimiser step: timm's ``ModelEmaV3`` plus the step count a resumed run needs.
+
+    The decay ramps up as ``1 - (1 + step) ** -0.75`` (timm's warm-up; its docstring recommends power
+    3/4 for runs of under ~10k steps) and is capped at ``decay``, so the average does not remember the
+    random initial weights for long: 0.993 after 800 steps, 0.9975 after 3,000.
+    """
+
+    def __init__(self, model: "torch.nn.Module", decay: float):
+        from timm.utils import ModelEmaV3
+
+        self.average = ModelEmaV3(model, decay=decay, use_warmup=True, warmup_power=0.75)
+        self.steps = 0
+
+    @property
+    def module(self) -> "torch.nn.Module":
+        """The averaged model (in eval mode), to validate, test and export."""
+        return self.average.module
+
+    def update(self, model: "torch.nn.Module") -> None:
+        self.steps += 1
+        self.average.update(model, step=self.steps)
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps,
+                "weights": {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        self.module.load_state_dict(state["weights"])

@@ -40,7 +40,9 @@ class LocalSession:
         self.reports.append(dict(metrics))
         if checkpoint_dir is not None:
             import shutil
-            target = self.root / f"checkpoint_{len(self.reports):06d}"
+            # numbered after the ones already there: a resumed run must not collide with its own past
+            number = len(list(self.root.glob("checkpoint_*"))) + 1
+            target = self.root / f"checkpoint_{number:06d}"
             shutil.copytree(checkpoint_dir, target)
 
     def wrap(self, model: nn.Module) -> nn.Module:
