@@ -48,7 +48,8 @@ def bench_gpu(args: argparse.Namespace) -> dict:
     ns = argparse.Namespace
     parts = {"gpu_tests": _gpu_tests()}
     parts["score"] = bench_score(ns(data=str(images), out=str(out / "score"), images=4 * per_class, model="",
-                                    backbone=args.backbone, image_size=224, batch_size=8 if args.quick else 64))
+                                    backbone=args.backbone, image_size=224, batch_size=8 if args.quick else 64,
+                                    repeat=1))
     parts["cam"] = bench_cam(ns(backbone=args.backbone, image_size=224, batch_size=4 if args.quick else 32,
                                 repeat=1 if args.quick else 5))
     parts["lime"] = bench_lime(ns(data=str(images), backbone=args.backbone, image_size=224,

@@ -172,7 +172,7 @@ def bench_score(args: argparse.Namespace) -> dict:
                 raise RuntimeError(f"bench score: {folder} scored {scored} of {len(files)} files in this round")
         return seconds
 
-    rounds = [timed_round() for _ in range(max(1, getattr(args, "repeat", 1)))]
+    rounds = [timed_round() for _ in range(max(1, args.repeat))]
     images = len(files)
     summary = json.loads((out / "scored-default" / "summary.json").read_text())
     stages = _stage_ms(out / "scored-default")

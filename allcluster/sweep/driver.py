@@ -150,10 +150,8 @@ def run_array_task(sweep: SweepConfig, trials: list[Trial], index: int, retry_er
 
 
 def _run_array_on_ray(trial: Trial, address: str | None, stop: StopSignals) -> None:
-    from allcluster.ray_utils import ensure_ray
+    from allcluster.ray_utils import ensure_ray, leave_ray
     from allcluster.sweep.ray_tune import run_array_trial
-
-    import ray
 
     ensure_ray(address)
     stop.install()                        # ray.init replaced the SIGTERM handler
@@ -162,7 +160,7 @@ def _run_array_on_ray(trial: Trial, address: str | None, stop: StopSignals) -> N
     except Interrupted:
         # End the trial's Train run now, not whenever the interpreter exits: its controller actor is
         # owned by this driver and dies with the connection (a local Ray stops altogether).
-        ray.shutdown()
+        leave_ray()
         raise
 
 
