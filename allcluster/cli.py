@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:                        # the command line, not a library or test call
+        from allcluster.device import restart_on_preferred_malloc
+        restart_on_preferred_malloc()       # tcmalloc for this process too (dry-run probe, explain, benches)
     args = build_parser().parse_args(argv)
     if args.log_level:
         from allcluster.console import set_level
@@ -334,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     from allcluster.models.weights import set_hub_offline
     set_hub_offline(not getattr(args, "hub_online", False))
     from allcluster.device import use_fast_allocator
-    use_fast_allocator()                    # before torch first allocates (dry runs, explain, benches)
     try:
+        use_fast_allocator()                # before torch first allocates (dry runs, explain, benches)
         return args.func(args)
     except (ConfigError, FileNotFoundError) as err:     # user errors: one clear line, no traceback
         print(f"allcluster {args.command}: error: {err}", file=sys.stderr)

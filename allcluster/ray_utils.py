@@ -57,7 +57,13 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
             # env, so that Ray's pre-started workers (one per CPU) can serve the job instead of new
             # ones starting beside them while the model replicas load.
             os.environ.update(env_vars)
-            ray.init(num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=True, logging_level=quiet)
+            try:
+                ray.init(num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=True, logging_level=quiet)
+            finally:
+                # Ray's processes, started above, keep the malloc preload; this process's later
+                # children (Chromium for the report, sbatch) should not get it.
+                if "LD_PRELOAD" in env_vars:
+                    del os.environ["LD_PRELOAD"]
         if quiet > logging.INFO:
             quiet_worker_output()
     if quiet > logging.INFO:

@@ -120,6 +120,7 @@ def test_cosine_schedule_warms_up_then_decays():
     sched = EpochScheduler(ScheduleConfig(name="cosine", warmup_epochs=2), opt, epochs=10)
     lrs = [opt.param_groups[0]["lr"]]
     for _ in range(10):
+        opt.step()  # an epoch's updates come first (PyTorch warns about a schedule stepped alone)
         sched.step(0.0)
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs[0] < lrs[1] < lrs[2] == 1.0 and lrs[-1] < 0.05

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -173,7 +174,11 @@ def test_ray_workers_get_offline_hub_and_huge_page_allocation_and_a_users_own_va
     from allcluster import ray_utils
     from allcluster.ray_utils import ensure_ray
 
+    from allcluster import device
+
     started = {}
+    monkeypatch.setattr(device, "_find_library", lambda name: None)      # a node without tcmalloc
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: started.update(kwargs))
     monkeypatch.setattr(ray_utils, "_ray_log_level", lambda: logging.INFO)   # nothing quietened around a fake init
@@ -190,6 +195,85 @@ def test_ray_workers_get_offline_hub_and_huge_page_allocation_and_a_users_own_va
     ensure_ray(None)
     assert "runtime_env" not in started and "address" not in started
     assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1" and os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_workers_preload_tcmalloc_unless_the_user_chose_a_malloc(monkeypatch, tmp_path):
+    import logging
+
+    import ray
+
+    from allcluster import device, ray_utils
+    from allcluster.device import MALLOC_ENV, allocator_env, malloc_preload
+
+    for key in ("LD_PRELOAD", MALLOC_ENV):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    monkeypatch.setattr(device, "_find_library", lambda name: f"lib{name}.so.4" if name == "tcmalloc" else None)
+    assert allocator_env() == {"LD_PRELOAD": "libtcmalloc.so.4"}, "the second name is tried; no huge pages with it"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    assert allocator_env() == {"LD_PRELOAD": "libtcmalloc.so.4", "THP_MEM_ALLOC_ENABLE": "1"}, "the user's value"
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
+    monkeypatch.setattr(device, "_find_library", lambda name: None)
+    assert allocator_env() == {"THP_MEM_ALLOC_ENABLE": "1"}, "no tcmalloc on this node: glibc's malloc, huge pages"
+    library = tmp_path / "libmymalloc.so"
+    library.write_bytes(b"")
+    monkeypatch.setenv(MALLOC_ENV, str(library))
+    assert malloc_preload() == {"LD_PRELOAD": str(library)}
+    monkeypatch.setenv(MALLOC_ENV, str(tmp_path / "missing.so"))
+    with pytest.raises(ConfigError, match=f"{MALLOC_ENV}.*missing.so"):
+        malloc_preload()
+    monkeypatch.setenv(MALLOC_ENV, "system")
+    monkeypatch.setattr(device, "_find_library", lambda name: f"lib{name}.so.4")
+    assert malloc_preload() == {}
+    monkeypatch.delenv(MALLOC_ENV)
+    monkeypatch.setenv("LD_PRELOAD", "/opt/libjemalloc.so.2")
+    assert "LD_PRELOAD" not in allocator_env(), "a preload the user set is theirs"
+    # A local Ray's processes start with the preload; the driver's own later children do not get it.
+    monkeypatch.delenv("LD_PRELOAD")
+    during = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: during.update(preload=os.environ.get("LD_PRELOAD")))
+    monkeypatch.setattr(ray_utils, "_ray_log_level", lambda: logging.INFO)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray_utils.ensure_ray(None)
+    assert during["preload"] == "libtcmalloc_minimal.so.4" and "LD_PRELOAD" not in os.environ
+
+
+def test_a_command_and_its_rays_workers_run_on_tcmalloc_and_what_it_starts_does_not(tmp_path):
+    # The command restarts itself in place (same PID) with the preload, then drops it from its
+    # environment; a local Ray started afterwards gets it back for its own processes.
+    import json
+    import subprocess
+    import sys
+
+    from allcluster.device import malloc_preload
+
+    if "LD_PRELOAD" in os.environ or not malloc_preload():
+        reason = "TCMALLOC ABSENT (or LD_PRELOAD set): install Debian's libtcmalloc-minimal4 (.ci/run does)"
+        warnings.warn(reason)
+        pytest.skip(reason)
+    probe = """
+import json, os, subprocess, sys
+print("started", os.getpid(), file=sys.stderr, flush=True)
+from allcluster.device import restart_on_preferred_malloc
+restart_on_preferred_malloc()
+import ray
+from allcluster.ray_utils import ensure_ray, leave_ray
+ensure_ray(num_cpus=1, dashboard=False)
+mapped = lambda: any("tcmalloc" in line for line in open("/proc/self/maps"))
+child = subprocess.run(["grep", "-c", "tcmalloc", "/proc/self/maps"], capture_output=True, text=True).stdout
+print(json.dumps({"worker": ray.get(ray.remote(mapped).remote()), "command": mapped(), "child": int(child),
+                  "environment": os.environ.get("LD_PRELOAD")}))
+leave_ray()
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
+                          env={**env, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    starts = [line for line in done.stderr.splitlines() if line.startswith("started ")]
+    assert len(starts) == 2 and starts[0] == starts[1], f"one restart, in place: {starts}"
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"worker": True, "command": True, "child": 0,
+                                                                "environment": None}
 
 
 def test_ray_bookkeeping_lines_are_dropped_and_the_jobs_own_worker_lines_kept():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from allcluster.bench.common import rate, device_info
 from allcluster.data.real import REPO
-from allcluster.device import TORCH_ALLOCATOR_ENV, channels_last, pick_device
+from allcluster.device import TORCH_ALLOCATOR_ENV, allocator_env, channels_last, pick_device
 
 
 def _bare_forward_rate(model_dir: Path, batch_size: int, repeat: int = 5) -> float:
@@ -143,9 +143,11 @@ def bench_score(args: argparse.Namespace) -> dict:
     inputs.write_text("\n".join(map(str, files)) + "\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
     # The user's loops run with PyTorch's defaults, as a script of theirs would; `allcluster score`
-    # sets its own (huge pages for large CPU tensors). bare_loop_huge_pages is the bare loop with
-    # that setting too, to show how much of the difference it is.
+    # sets its own (huge pages for large CPU tensors, tcmalloc for its Ray workers where the node has
+    # it). bare_loop_allcluster_allocator is the bare loop with those settings too, to show how much
+    # of the difference they are.
     plain = {k: v for k, v in env.items() if k not in TORCH_ALLOCATOR_ENV}
+    tuned = {**env, **allocator_env()}
     cli = [sys.executable, "-m", "allcluster.cli"]
     score = [*cli, "score", "--model", str(model_dir), "--input", str(inputs)]
     commands = {
@@ -156,15 +158,15 @@ def bench_score(args: argparse.Namespace) -> dict:
         "predictions_only": [*score, "--out", str(out / "scored-predictions"), "--set", "explain.methods=[]",
                              "--set", "explain.faithfulness_fraction=0"],
     }
-    commands["bare_loop_huge_pages"] = commands["bare_loop"]
+    commands["bare_loop_allcluster_allocator"] = commands["bare_loop"]
     dry = _timed_command("dry run", [*score, "--out", str(out / "scored-default"), "--dry-run"], env)
     outputs = [out / "scored-default", out / "scored-predictions", out / "reference-gradcam"]
 
     def timed_round() -> dict:
         for folder in outputs:          # every round scores all files afresh (a finished OUT has nothing to do)
             shutil.rmtree(folder, ignore_errors=True)
-        seconds = {name: _timed_command(name, command, env if name in ("default", "predictions_only",
-                                                                       "bare_loop_huge_pages") else plain)["seconds"]
+        own = {"default": env, "predictions_only": env, "bare_loop_allcluster_allocator": tuned}
+        seconds = {name: _timed_command(name, command, own.get(name, plain))["seconds"]
                    for name, command in commands.items()}
         for folder in outputs[:2]:
             scored = json.loads((folder / "summary.json").read_text())["run_rows"]
@@ -181,7 +183,7 @@ def bench_score(args: argparse.Namespace) -> dict:
     ratios = {"default_vs_bare": wall["bare_loop"] / wall["default"],
               "default_vs_pytorch_grad_cam_loop": wall["pytorch_grad_cam_loop"] / wall["default"],
               "predictions_only_vs_bare": wall["bare_loop"] / wall["predictions_only"],
-              "default_vs_bare_huge_pages": wall["bare_loop_huge_pages"] / wall["default"],
+              "default_vs_bare_allcluster_allocator": wall["bare_loop_allcluster_allocator"] / wall["default"],
               "dry_run_error": abs(estimate["estimated_total_s"] - wall["default"]) / wall["default"]}
     return {"benchmark": "score",
             "meaning": "Whole-command wall clock (a fresh process each: interpreter start, imports, Ray start, "
@@ -189,8 +191,8 @@ def bench_score(args: argparse.Namespace) -> dict:
                        "run in N interleaved rounds and each figure is the pipeline's median "
                        "(wall_seconds_rounds: every round). bare_loop: PIL decode + "
                        "resize + forward in batches of 32, nothing written, PyTorch's default allocator as a "
-                       "user's script has it (bare_loop_huge_pages: the same with THP_MEM_ALLOC_ENABLE=1, which "
-                       "allcluster sets); pytorch_grad_cam_loop: that plus "
+                       "user's script has it (bare_loop_allcluster_allocator: the same with the allocator settings "
+                       "allcluster gives its workers: THP_MEM_ALLOC_ENABLE=1 and tcmalloc where found); pytorch_grad_cam_loop: that plus "
                        "pytorch-grad-cam GradCAM and one PNG file per image; default: `allcluster score` with "
                        "the default config (Grad-CAM on every image, packed heatmaps, Parquet rows, faithfulness "
                        "on the uncertain images and a 5% sample; uncertain_share: the share flagged); predictions_only: explain.methods=[] and no faithfulness. Ratios "

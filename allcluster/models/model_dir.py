@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from allcluster.device import cpu_state_dict
 from allcluster.models.card import ModelCard, versions
 from allcluster.models.classifier import Classifier, build_model
 from allcluster.models.registry import HeadSpec, get_spec
@@ -38,8 +39,7 @@ def save_model_dir(out: str | Path, model: Classifier, card: ModelCard, config_y
     out = Path(out)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, tmp / "weights.safetensors")
+    save_file(cpu_state_dict(model), tmp / "weights.safetensors")
     card.replace(backbone_weights=card.backbone_weights or getattr(model, "weights_source", None),
                  weights_sha256=file_sha256(tmp / "weights.safetensors"), versions=versions(),
                  created=time.strftime("%Y-%m-%dT%H:%M:%S%z")).write(tmp)

@@ -26,7 +26,7 @@ from allcluster.train.augment import BatchMixer, image_transform, minority_trans
 from allcluster.config import ConfigError, config_hash, to_dict
 from allcluster.console import say
 from allcluster.data.cache import ensure_cache
-from allcluster.device import autocast, channels_last, use_bf16
+from allcluster.device import autocast, channels_last, cpu_state_dict, use_bf16
 from allcluster.data.manifest import read_manifest
 from allcluster.data.normalize import Normalize
 from allcluster.data.preprocess import Preprocess
@@ -117,10 +117,6 @@ def plain_state(value, where: str):
         return items if isinstance(value, list) else tuple(items)
     raise TypeError(f"{where}: a {type(value).__name__} cannot go into a training checkpoint (tensors and "
                     "plain types only: checkpoints load with torch.load(weights_only=True))")
-
-
-def _cpu_state(module: torch.nn.Module) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
 class WorkerRun:
@@ -280,7 +276,7 @@ class WorkerRun:
             row = self.epoch_row(net, optimizer, stage, state.epoch)
             if stopper.update(row["val_macro_f1"]):
                 state.best_score, state.best_epoch = stopper.best, state.epoch
-                state.best_model = _cpu_state(self.evaluated(self.model))
+                state.best_model = cpu_state_dict(self.evaluated(self.model))
             scheduler.step(row["val_macro_f1"])
             stopped = stopper.should_stop
             done = stopped or stage_epoch + 1 == stage.epochs
@@ -289,7 +285,7 @@ class WorkerRun:
             state.bad_epochs = stopper.bad_epochs
             row.update(best_val_macro_f1=state.best_score, best_epoch=state.best_epoch)
             state.history.append(row)
-            state.model, state.optimizer, state.scheduler = _cpu_state(self.model), optimizer.state_dict(), scheduler.state_dict()
+            state.model, state.optimizer, state.scheduler = cpu_state_dict(self.model), optimizer.state_dict(), scheduler.state_dict()
             state.weight_average = self.average.state_dict() if self.average is not None else None
             self.checkpoint(state, row)
             if stopped:

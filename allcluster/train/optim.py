@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable
 
+from allcluster.device import cpu_state_dict
+
 if TYPE_CHECKING:
     import torch
 
@@ -174,7 +176,7 @@ class WeightAverage:
 
     def state_dict(self) -> dict:
         return {"steps": self.steps,
-                "weights": {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}}
+                "weights": cpu_state_dict(self.module)}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps = int(state["steps"])
