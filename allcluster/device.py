@@ -72,7 +72,7 @@ def restart_on_preferred_malloc() -> None:
     try:
         preload = malloc_preload()
     except ConfigError:
-        return                      # a bad $ALLCLUSTER_MALLOC is reported where Ray starts, as a user error
+        return                      # reported by main() as a user error (use_fast_allocator raises it)
     if preload:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -82,22 +82,22 @@ def restart_on_preferred_malloc() -> None:
 def allocator_env() -> dict[str, str]:
     """The allocator settings for Ray workers' environment: :func:`malloc_preload` where it preloads
     tcmalloc, else :data:`TORCH_ALLOCATOR_ENV`; the user's own values of those keys always."""
-    return {**_torch_allocator_settings(), **malloc_preload()}
+    preload = malloc_preload()
+    return {**_torch_allocator_settings(preload), **preload}
 
 
 def use_fast_allocator() -> None:
     """Set :data:`TORCH_ALLOCATOR_ENV` in this process (before torch first allocates) unless set, or
     where its workers run on tcmalloc (this command restarted on it: :func:`restart_on_preferred_malloc`)."""
-    os.environ.update(_torch_allocator_settings())
+    os.environ.update(_torch_allocator_settings(malloc_preload()))
 
 
-def _torch_allocator_settings() -> dict[str, str]:
+def _torch_allocator_settings(preload: dict[str, str]) -> dict[str, str]:
     # Huge pages only without tcmalloc: tcmalloc keeps its pages, so huge pages add nothing in steady
     # state (ALL-Net training 78-86 img/s either way, inference the same) and cost their first touch,
     # about 1.7 s on a model's first batch (2-core EPYC, 2026-12-02).
-    defaults = {} if malloc_preload() else TORCH_ALLOCATOR_ENV
-    return {key: os.environ.get(key, defaults.get(key)) for key in TORCH_ALLOCATOR_ENV
-            if key in os.environ or key in defaults}
+    defaults = {} if preload else TORCH_ALLOCATOR_ENV
+    return {**defaults, **{key: os.environ[key] for key in TORCH_ALLOCATOR_ENV if key in os.environ}}
 
 
 def pick_device(choice: "str | torch.device" = "auto", what: str = "device") -> "torch.device":

@@ -143,9 +143,9 @@ def bench_score(args: argparse.Namespace) -> dict:
     inputs.write_text("\n".join(map(str, files)) + "\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
     # The user's loops run with PyTorch's defaults, as a script of theirs would; `allcluster score`
-    # sets its own (huge pages for large CPU tensors, tcmalloc for its Ray workers where the node has
-    # it). bare_loop_allcluster_allocator is the bare loop with those settings too, to show how much
-    # of the difference they are.
+    # sets its own (tcmalloc where the node has it, else huge pages for large CPU tensors).
+    # bare_loop_allcluster_allocator is the bare loop with those settings too, to show how much of
+    # the difference they are.
     plain = {k: v for k, v in env.items() if k not in TORCH_ALLOCATOR_ENV}
     tuned = {**env, **allocator_env()}
     cli = [sys.executable, "-m", "allcluster.cli"]
@@ -192,7 +192,7 @@ def bench_score(args: argparse.Namespace) -> dict:
                        "(wall_seconds_rounds: every round). bare_loop: PIL decode + "
                        "resize + forward in batches of 32, nothing written, PyTorch's default allocator as a "
                        "user's script has it (bare_loop_allcluster_allocator: the same with the allocator settings "
-                       "allcluster gives its workers: THP_MEM_ALLOC_ENABLE=1 and tcmalloc where found); pytorch_grad_cam_loop: that plus "
+                       "allcluster gives its workers: tcmalloc where found, else THP_MEM_ALLOC_ENABLE=1); pytorch_grad_cam_loop: that plus "
                        "pytorch-grad-cam GradCAM and one PNG file per image; default: `allcluster score` with "
                        "the default config (Grad-CAM on every image, packed heatmaps, Parquet rows, faithfulness "
                        "on the uncertain images and a 5% sample; uncertain_share: the share flagged); predictions_only: explain.methods=[] and no faithfulness. Ratios "
