@@ -44,6 +44,19 @@ def test_classic_nearest_fill_leaves_no_black_border():
     assert any(int(ClassicAffine(constant)(bright).min()) == 0 for _ in range(10))
 
 
+@pytest.mark.parametrize("fill_mode", ["nearest", "constant", "reflect"])
+def test_whole_pixel_shifts_skip_resampling_and_give_the_affines_pixels(fill_mode, monkeypatch):
+    image = torch.randint(0, 256, (3, 37, 52), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    shifts_only = ClassicAffine(ClassicAugConfig(rotation=0, shear=0, zoom=0, width_shift=0.5,
+                                                 height_shift=0.5, fill_mode=fill_mode))
+    for dx, dy in [(0, 0), (1, -1), (-26, 18), (25, -18), (-3, 0), (0, 7)]:
+        params = {"angle": 0.0, "translate": [dx, dy], "scale": 1.0, "shear": [0.0, 0.0]}
+        assert torch.equal(shifts_only.shift(image, dx, dy), shifts_only.resample(image, params)), (dx, dy)
+    monkeypatch.setattr(ClassicAffine, "resample", lambda *a: pytest.fail("resampled a whole-pixel shift"))
+    torch.manual_seed(0)
+    assert any(not torch.equal(shifts_only(image), image) for _ in range(5))
+
+
 @pytest.mark.parametrize("name", ["mixup", "cutmix"])
 def test_mixing_returns_soft_targets_that_sum_to_one(name):
     torch.manual_seed(0)
