@@ -10,6 +10,9 @@ from torchvision.transforms import v2
 
 from allcluster.train.config import ClassicAugConfig
 
+# Keras fill_mode -> torchvision padding mode for the pixels a transform brings in
+PADDING_MODE = {"nearest": "edge", "reflect": "reflect", "constant": "constant"}
+
 
 class ClassicAffine(nn.Module):
     """Random flips, rotation, shifts, shear and zoom, filling new pixels like Keras ``fill_mode``.
@@ -60,8 +63,8 @@ class ClassicAffine(nn.Module):
         """A whole-pixel shift as padding plus a crop: the pixels the bilinear affine gives for it,
         without its resampling grid (15% of an ALL-Net 224 px training epoch on 2 cores)."""
         height, width = img.shape[-2:]
-        mode = {"nearest": "edge", "reflect": "reflect", "constant": "constant"}[self.cfg.fill_mode]
-        padded = v2.functional.pad(img, [abs(dx), abs(dy), abs(dx), abs(dy)], fill=0, padding_mode=mode)
+        padded = v2.functional.pad(img, [abs(dx), abs(dy), abs(dx), abs(dy)], fill=0,
+                                   padding_mode=PADDING_MODE[self.cfg.fill_mode])
         top, left = abs(dy) - dy, abs(dx) - dx
         return padded[..., top:top + height, left:left + width]
 
@@ -72,7 +75,7 @@ class ClassicAffine(nn.Module):
         if self.cfg.fill_mode == "constant":
             return affine(img)
         pad = self.reach(params, height, width)
-        mode = "edge" if self.cfg.fill_mode == "nearest" else "reflect"
+        mode = PADDING_MODE[self.cfg.fill_mode]
         if mode == "reflect":
             pad = min(pad, min(height, width) - 1)
         padded = v2.functional.pad(img, [pad, pad, pad, pad], padding_mode=mode)
