@@ -345,7 +345,7 @@ def test_bench_score_rounds_count_each_pipelines_median():
 # The README's benchmark commands and the train configs that claim to be their recipe.
 BENCHED_RECIPES = {
     "configs/train/allnet_all.yaml":
-        ("train --image-size 224 --epochs 50 --set schedule.name=cosine --set schedule.warmup_epochs=2 "
+        ("train --image-size 224 --epochs 60 --set schedule.name=cosine --set schedule.warmup_epochs=2 "
          "--set fit.precision=bf16 --set augment.classic.rotation=0 --set augment.classic.shear=0 "
          "--set augment.classic.zoom=0 --set augment.classic.vflip=true --set fit.early_stopping_patience=0"),
     "configs/train/efficientnet_lite0_all.yaml":
