@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 import warnings
 from pathlib import Path
 
@@ -99,6 +100,21 @@ def test_resolve_fills_backbone_defaults_and_writes_them(tmp_path):
     written = write_resolved(cfg, tmp_path / "config.yaml")
     reloaded = from_dict(TrainConfig, yaml.safe_load(written.read_text()))
     assert reloaded == cfg and config_hash(reloaded) == config_hash(cfg)
+
+
+def test_unset_early_stopping_is_off_under_cosine_and_10_otherwise_and_a_set_value_wins():
+    from allcluster.train.config import ScheduleConfig
+    from allcluster.train.optim import DEFAULT_PATIENCE
+
+    def patience(schedule: str, **fit) -> int:
+        data = {"data": {"manifest": "m.parquet"}, "schedule": {"name": schedule}, "fit": fit}
+        return resolve(from_dict(TrainConfig, data)).fit.early_stopping_patience
+
+    assert set(DEFAULT_PATIENCE) == set(typing.get_args(typing.get_type_hints(ScheduleConfig)["name"]))
+    assert patience("plateau") == patience("constant") == 10 and patience("cosine") == 0
+    assert patience("cosine", early_stopping_patience=5) == 5 and patience("plateau", early_stopping_patience=0) == 0
+    with pytest.raises(ConfigError, match=r"fit\.early_stopping_patience"):
+        from_dict(TrainConfig, {"fit": {"early_stopping_patience": -1}})
 
 
 def test_resolve_rejects_unregistered_backbone():

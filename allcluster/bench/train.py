@@ -28,7 +28,7 @@ def _bench_train_config(args: argparse.Namespace, out: Path, seed: int):
         "schedule": {"name": "plateau", "factor": 0.1, "patience": 3},
         "finetune": ({"head_epochs": args.head_epochs, "unfreeze_blocks": 2} if pretrained
                      else {"head_epochs": 0, "unfreeze_blocks": -1}),
-        "fit": {"epochs": args.epochs, "batch_size": 32, "early_stopping_patience": 10, "seed": seed},
+        "fit": {"epochs": args.epochs, "batch_size": 32, "seed": seed},   # early stopping: the default
         "resources": {"num_workers": 1, "cpus_per_worker": float(os.cpu_count() or 1)},
     }), "bench train")
 

@@ -1,8 +1,9 @@
 """``TrainConfig``: every key of a training YAML (``allcluster train --config CFG``).
 
 Defaults follow paper 002's recipe (two-stage fine-tuning, label smoothing 0.1, early stopping
-patience 10, ReduceLROnPlateau factor 0.1). ``resolve`` fills what depends on the backbone
-(input size, normalisation, head) so the written config says exactly what ran.
+patience 10, ReduceLROnPlateau factor 0.1; under a cosine schedule early stopping is off unless
+set). ``resolve`` fills what depends on the backbone (input size, normalisation, head) and on the
+schedule (early stopping) so the written config says exactly what ran.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Literal, Optional
 from allcluster.config import ConfigError, bounds, replace
 
 from allcluster.train.augment import AUGMENTATIONS, BATCH_MIXING
-from allcluster.train.optim import OPTIMIZERS, default_lr
+from allcluster.train.optim import OPTIMIZERS, default_lr, default_patience
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,9 @@ class FitConfig:
     epochs: int = field(default=100, metadata=bounds(ge=1))         # stage 2 maximum
     batch_size: int = field(default=32, metadata=bounds(ge=2))      # per worker
     label_smoothing: float = field(default=0.1, metadata=bounds(ge=0, lt=1))
-    early_stopping_patience: int = field(default=10, metadata=bounds(ge=0))  # 0 disables
+    # epochs without a val macro-F1 gain; 0 disables; null: 10, or 0 under a cosine schedule
+    # (train.optim.default_patience)
+    early_stopping_patience: Optional[int] = field(default=None, metadata=bounds(ge=0))
     precision: Literal["auto", "fp32", "bf16"] = "auto"              # auto: bf16 on GPU, fp32 on CPU
     # > 0: validate, pick and export an exponential moving average of the weights (per step; the
     # decay ramps up to this cap, see train.optim.WeightAverage); 0: the raw weights
@@ -181,10 +184,13 @@ def resolve(cfg: TrainConfig, source: str = "config") -> TrainConfig:
     pretrained = cfg.model.pretrained or bool(cfg.model.weights)
     optim = replace(cfg.optim, lr=cfg.optim.lr or default_lr(cfg.optim.name, fresh=not pretrained))
     finetune = replace(cfg.finetune, head_lr=cfg.finetune.head_lr or default_lr(cfg.optim.name, fresh=True))
+    fit = cfg.fit
+    if fit.early_stopping_patience is None:
+        fit = replace(fit, early_stopping_patience=default_patience(cfg.schedule.name))
     if cfg.augment.name in BATCH_MIXING and cfg.fit.batch_size % 2:
         raise ConfigError(f"{source}: fit.batch_size: {cfg.fit.batch_size} must be even for {cfg.augment.name}")
     # Ray workers do not share the driver's working directory: every path leaves here absolute.
-    return replace(cfg, output_dir=absolute(cfg.output_dir), optim=optim, finetune=finetune,
+    return replace(cfg, output_dir=absolute(cfg.output_dir), optim=optim, finetune=finetune, fit=fit,
                    data=replace(cfg.data, image_size=cfg.data.image_size or spec.input_size,
                                 manifest=absolute(cfg.data.manifest),
                                 cache_dir=absolute(cfg.data.cache_dir) if cfg.data.cache_dir else ""),

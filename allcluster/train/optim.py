@@ -131,6 +131,19 @@ class EpochScheduler:
             self.inner.load_state_dict(state)
 
 
+# Paper 002's patience, for schedules that lower the rate when validation stalls (plateau) or never
+# (constant). A cosine schedule's length is set in advance and its best epochs lie in its low-rate
+# tail, which patience cuts off: ALL-Net from scratch, 60 cosine epochs, best epochs 36-57 over three
+# seeds; patience 10 stopped seed 0 at epoch 32 (test accuracy 0.936, against 0.979 run to the end).
+DEFAULT_PATIENCE = {"plateau": 10, "constant": 10, "cosine": 0}
+
+
+def default_patience(schedule: str) -> int:
+    """Early stopping's patience when ``fit.early_stopping_patience`` is left unset (null): 10 epochs,
+    or 0 (off) under a cosine schedule."""
+    return DEFAULT_PATIENCE[schedule]
+
+
 class EarlyStopping:
     """Stop when validation macro-F1 has not improved for ``patience`` epochs (0 disables)."""
 
