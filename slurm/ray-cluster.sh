@@ -19,8 +19,8 @@
 #   (the devices in the step's CUDA_VISIBLE_DEVICES) and memory (SLURM_MEM_PER_NODE); it logs them.
 # - Time limits and preemption: the batch shell traps SIGUSR1 (sbatch --signal=B:USR1@SECONDS, which
 #   Slurm sends to the batch shell only), forwards it to the driver and waits for it; the driver
-#   writes what it has and exits 75 ("interrupted; rerun resumes"); the shell then stops Ray and runs
-#   `scontrol requeue $SLURM_JOB_ID`. The requeued job runs this script again from the top (restart
+#   writes what it has and exits 75 ("interrupted; rerun resumes"); the shell then runs
+#   `scontrol requeue $SLURM_JOB_ID` and stops Ray (ignoring SIGTERM meanwhile). The requeued job runs this script again from the top (restart
 #   N in the log, SLURM_RESTART_COUNT) and the driver resumes. SIGTERM (scancel, `scontrol requeue`
 #   from outside, the time limit itself) reaches every process of the job, the driver included:
 #   the shell only waits for the driver and does not requeue (Slurm requeues by itself when it
@@ -108,7 +108,6 @@ _ray_self() {  # this job for scancel/scontrol/squeue: an array task is ARRAYID_
 }
 
 _ray_requeue() {  # the warning came and the driver stopped unfinished: back to the queue
-  trap '' TERM INT   # scontrol requeue makes Slurm SIGTERM this shell: finish logging first
   local out rc=0
   _log "requeueing job $SLURM_JOB_ID (scontrol requeue): its next start resumes the work"
   out=$(scontrol requeue "$(_ray_self)" 2>&1) || rc=$?
@@ -119,6 +118,18 @@ _ray_requeue() {  # the warning came and the driver stopped unfinished: back to 
 
 ray_cluster_stop() {  # the EXIT trap
   local rc=$?
+  # Stopping already. A SIGTERM now (the time limit's, when the driver was slow to stop after the
+  # warning; or Slurm's own after `scontrol requeue`) must not end this trap half way: _ray_on_term
+  # would exit 143 with Ray's steps, the private folder and the requeue left undone.
+  trap '' TERM INT
+  # After the warning any unfinished end requeues (75 as promised, or killed before its handler was
+  # in place, or failing while it stopped): the time limit ends this run anyway and the rerun resumes.
+  # Without the warning nothing requeues: a failure is reported, not retried. Requeued first, so that
+  # Slurm's SIGKILL (KillWait after the time limit's SIGTERM) cannot fall between the stop and the
+  # requeue; the requeued job starts again only once every process of this one has ended.
+  if [ -n "$_ray_warned" ] && [ "$rc" != 0 ]; then
+    _ray_requeue
+  fi
   if [ "${#_ray_steps[@]}" -gt 0 ]; then
     _log "stopping Ray (${#_ray_steps[@]} srun steps)"
     # SIGTERM to the steps' tasks only (scancel without --batch spares the batch shell): each
@@ -136,12 +147,6 @@ ray_cluster_stop() {  # the EXIT trap
   fi
   [ -n "$_ray_jobdir" ] && rm -rf "$_ray_jobdir"
   _ray_jobdir=""
-  # After the warning any unfinished end requeues (75 as promised, or killed before its handler was
-  # in place, or failing while it stopped): the time limit ends this run anyway and the rerun resumes.
-  # Without the warning nothing requeues: a failure is reported, not retried.
-  if [ -n "$_ray_warned" ] && [ "$rc" != 0 ]; then
-    _ray_requeue
-  fi
   return 0
 }
 
@@ -227,8 +232,13 @@ ray_cluster_run() {  # the driver: its exit code is the job's
     _log "not starting the driver: the time-limit warning already came"
     return "$EX_TEMPFAIL"
   fi
-  _log "driver: $ALLCLUSTER_PYTHON $*"
-  ( cd "$ALLCLUSTER_HOME" && exec "$ALLCLUSTER_PYTHON" "$@" ) &
+  # The driver script is the installation's; the user's relative paths (--config, --input, --out)
+  # mean what they meant where the job was submitted: the batch shell's working directory (sbatch's
+  # submit directory, or its --chdir), also when ALLCLUSTER_HOME points elsewhere.
+  local driver=$1; shift
+  [[ $driver = /* ]] || driver=$ALLCLUSTER_HOME/$driver
+  _log "driver: $ALLCLUSTER_PYTHON $driver $* (in $PWD)"
+  "$ALLCLUSTER_PYTHON" "$driver" "$@" &
   _ray_driver_pid=$!
   local rc
   while :; do

@@ -23,7 +23,16 @@ if [ $# -lt 1 ] || [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then
   echo "usage: sbatch --array=0-(N-1) [sbatch options] slurm/score-array.sh --model MODEL_DIR --input PATH --out OUT_DIR [--set key=value ...]" >&2
   exit 2
 fi
-shards=${ALLCLUSTER_SHARDS:-$((SLURM_ARRAY_TASK_MAX + 1))}
+# Without ALLCLUSTER_SHARDS the array itself must be 0..N-1: --array=1-8 would make N 9 and leave
+# part 0's files without rows; --array=3 alone would run part 3 of 4 beside an 8-part job's tasks.
+if [ -n "${ALLCLUSTER_SHARDS:-}" ]; then
+  shards=$ALLCLUSTER_SHARDS
+elif [ "${SLURM_ARRAY_TASK_MIN:-0}" != 0 ] || [ "${SLURM_ARRAY_TASK_COUNT:-$((SLURM_ARRAY_TASK_MAX + 1))}" != "$((SLURM_ARRAY_TASK_MAX + 1))" ]; then
+  echo "score-array.sh: this array's tasks are ${SLURM_ARRAY_TASK_MIN:-?}..${SLURM_ARRAY_TASK_MAX} (${SLURM_ARRAY_TASK_COUNT:-?} of them): submit --array=0-(N-1) for an N-part job, or name N to run some of its parts: ALLCLUSTER_SHARDS=N sbatch --array=K[,K...] slurm/score-array.sh ..." >&2
+  exit 2
+else
+  shards=$((SLURM_ARRAY_TASK_MAX + 1))
+fi
 source "${ALLCLUSTER_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/ray-cluster.sh"
 ray_cluster_start
 ray_cluster_run jobs/score.py --shard "$SLURM_ARRAY_TASK_ID/$shards" "$@"

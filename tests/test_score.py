@@ -90,6 +90,16 @@ def test_manifest_and_text_inputs_keep_their_paths_and_manifest_columns(tmp_path
         list_inputs(tmp_path / "missing-folder")
 
 
+def test_a_file_listed_twice_is_listed_once_with_its_first_entrys_columns(tmp_path):
+    text = tmp_path / "list.txt"
+    text.write_text(f"a.jpg\n./a.jpg\n{tmp_path}/a.jpg\nsub/../b.jpg\nb.jpg\n")
+    assert list_inputs(text).paths == [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")]
+    manifest = tmp_path / "m.parquet"
+    pd.DataFrame({"path": ["b.jpg", "a.jpg", "./b.jpg", "a.jpg"], "ward": ["W1", "W2", "W3", "W4"]}).to_parquet(manifest)
+    listing = list_inputs(manifest)
+    assert listing.paths == [str(tmp_path / "b.jpg"), str(tmp_path / "a.jpg")] and listing.extra == {"ward": ["W1", "W2"]}
+
+
 # ---- config and bookkeeping ---------------------------------------------------------------------------
 def test_unknown_method_and_missing_paths_are_config_errors(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"explain.budget.methods: unknown method 'shap'.*gradcam"):
@@ -109,6 +119,30 @@ def test_rerun_into_the_same_out_with_other_row_settings_is_refused(tmp_path):
     check_job_settings(tmp_path, {"model_sha256": "a", "explain.methods": ["gradcam"], "explain.faithfulness_sample": 1.0})
     with pytest.raises(ConfigError, match=r"explain.faithfulness_sample: 1.0 -> 0.05"):
         check_job_settings(tmp_path, {"model_sha256": "a", "explain.methods": ["gradcam"], "explain.faithfulness_sample": 0.05})
+
+
+def test_a_refused_input_leaves_no_output_and_locks_in_no_settings(tiny_model_dir, tmp_path):
+    from allcluster.score.ray_data import run_score
+
+    no_paths, garbage = tmp_path / "no-paths.parquet", tmp_path / "garbage.parquet"
+    pd.DataFrame({"file": ["a.jpg"]}).to_parquet(no_paths)
+    garbage.write_bytes(b"not parquet")
+    out = tmp_path / "out"
+    for source, message in [(tmp_path / "typo", "typo: input not found"),
+                            (no_paths, "no-paths.parquet: a manifest to score needs a 'path' column"),
+                            (garbage, "garbage.parquet: cannot read this manifest as Parquet")]:
+        with pytest.raises(ConfigError, match=message):
+            run_score(score_config(tiny_model_dir, source, out))
+        assert not out.exists(), f"{source.name}: refused after writing {sorted(os.listdir(out))}"
+
+
+def test_array_tasks_starting_in_the_same_second_get_different_run_ids():
+    from allcluster.score.inputs import Shard
+    from allcluster.score.output import new_run_id
+
+    ids = [new_run_id(Shard(index, 8)) for index in range(8) for _ in range(50)]
+    assert len(set(ids)) == len(ids)
+    assert [run_id.split("-")[2] for run_id in ids[::50]] == [f"{k:04d}" for k in range(8)]
 
 
 def test_ledger_gives_each_content_one_owner_and_retries_keep_ownership():

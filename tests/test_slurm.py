@@ -33,9 +33,10 @@ def _slurm_env() -> dict:
     return env
 
 
-def _submit(slurm: dict, options: list[str], script: list[str]) -> str:
-    """sbatch without --wait (a requeued job passes through PENDING again); returns the job id."""
-    done = subprocess.run(["sbatch", "--parsable", *options, *script], cwd=REPO, env=slurm["env"],
+def _submit(slurm: dict, options: list[str], script: list[str], cwd: Path = REPO, env: dict | None = None) -> str:
+    """sbatch without --wait (a requeued job passes through PENDING again) from ``cwd``, with ``env``
+    added to the Slurm environment; returns the job id."""
+    done = subprocess.run(["sbatch", "--parsable", *options, *script], cwd=cwd, env={**slurm["env"], **(env or {})},
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().split(";")[0]
@@ -266,7 +267,9 @@ def test_array_jobs_score_parts_into_one_out(slurm, tiny_model_dir, real_data_di
     which then holds exactly one row per file and reads as one result in `allcluster report`. Each task's
     Ray addresses that task alone (`ARRAYID_TASK`), never the whole array. (`slurm/sweep-array.sh` is the
     same bootstrap around `jobs/sweep.py --trial-index $SLURM_ARRAY_TASK_ID`; array trials and `--collect`
-    are tested in tests/test_sweep.py without Slurm, to keep CI short.)"""
+    are tested in tests/test_sweep.py without Slurm, to keep CI short.) Submitted from a project folder
+    outside the repository (`ALLCLUSTER_HOME` names it), with relative --input and --out: they are the
+    project folder's."""
     files = [p for c in sorted(real_data_dir.iterdir()) for p in sorted(c.glob("*.jpg"))[:4]]
     listing = tmp_path / "files.txt"
     listing.write_text("\n".join(map(str, files)) + "\n")
@@ -276,8 +279,9 @@ def test_array_jobs_score_parts_into_one_out(slurm, tiny_model_dir, real_data_di
     # the warning at once; this Slurm (22.05) delivers it to the batch step's children too)
     score = _submit(slurm, ["--array=0-1", "--cpus-per-task=1", "--mem=3G", "--time=20",
                             f"--output={tmp_path}/score-%A_%a.out"],
-                    ["slurm/score-array.sh", "--config", "configs/score/ci_tiny.yaml", "--model", str(tiny_model_dir),
-                     "--input", str(listing), "--out", str(out)])
+                    [str(REPO / "slurm/score-array.sh"), "--config", str(REPO / "configs/score/ci_tiny.yaml"),
+                     "--model", str(tiny_model_dir), "--input", listing.name, "--out", out.name],
+                    cwd=tmp_path, env={"ALLCLUSTER_HOME": str(REPO)})
     tasks = [f"{score}_0", f"{score}_1"]
     final = _wait_final(slurm, tasks, 1200)
     logs = {path.name: path.read_text(errors="replace") for path in tmp_path.glob("*.out")}
@@ -310,3 +314,50 @@ def test_array_scripts_refuse_to_run_outside_an_array_task():
                    ["slurm/score-array.sh", "--model", "m", "--input", "i", "--out", "o"]):
         done = subprocess.run(["bash", *script], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and "usage: sbatch --array=" in done.stderr, (script, done.stderr)
+
+
+def test_score_array_refuses_an_array_that_is_not_0_to_n_minus_1_unless_n_is_given(tmp_path):
+    """`--array=1-8` would make N 9 (part 0 never runs); `--array=0-14:2` leaves odd parts out. The
+    script reads N before any Ray or output exists (Slurm's array variables set as sbatch sets them)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    script = ["bash", "slurm/score-array.sh", "--model", "m", "--input", "i", "--out", str(tmp_path / "o")]
+    for first, last, count in ((1, 8, 8), (0, 14, 8)):
+        array = {"SLURM_ARRAY_TASK_ID": str(first), "SLURM_ARRAY_TASK_MIN": str(first),
+                 "SLURM_ARRAY_TASK_MAX": str(last), "SLURM_ARRAY_TASK_COUNT": str(count)}
+        done = subprocess.run(script, cwd=REPO, env={**env, **array}, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "submit --array=0-(N-1)" in done.stderr, (array, done.stderr)
+        assert f"tasks are {first}..{last} ({count} of them)" in done.stderr and not (tmp_path / "o").exists()
+    # N named: the script goes on to start Ray, which needs a real job (refused there, not here)
+    named = subprocess.run(script, cwd=REPO, env={**env, **array, "ALLCLUSTER_SHARDS": "8"}, capture_output=True,
+                           text=True, timeout=60)
+    assert "submit --array=0-(N-1)" not in named.stderr and "not inside a Slurm job" in named.stderr, named.stderr
+
+
+def test_a_sigterm_while_ray_stops_after_the_warning_neither_skips_the_requeue_nor_the_cleanup(tmp_path):
+    """The time limit's SIGTERM can reach the batch shell while its EXIT trap stops Ray (a driver slow to
+    stop after the warning): the job must still requeue, and Ray's steps and the private folder must
+    still be seen to. Real signals and a real slow step; Slurm's commands are stubs that log their calls."""
+    stubs, calls, jobdir = tmp_path / "bin", tmp_path / "calls.log", tmp_path / "jobdir"
+    stubs.mkdir()
+    jobdir.mkdir()
+    for tool in ("scontrol", "scancel"):
+        (stubs / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "{calls}"\n')
+        (stubs / tool).chmod(0o755)
+    shell = (f'source slurm/ray-cluster.sh; trap ray_cluster_stop EXIT; trap "_ray_on_term TERM" TERM\n'
+             f'_ray_warned=1; _ray_jobdir={jobdir}\n'
+             'bash -c \'trap "" TERM; sleep 3\' & _ray_steps=($!)   # a Ray step slow to stop\n'
+             'exit 75                                                # the driver: interrupted\n')
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+           "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
+    batch = subprocess.Popen(["bash", "-c", shell], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in batch.stdout:
+        lines.append(line)
+        if "stopping Ray (1 srun steps)" in line:
+            batch.send_signal(15)       # SIGTERM, while the trap waits for the step
+            break
+    lines += batch.stdout.readlines()
+    assert batch.wait(timeout=60) == 75, "".join(lines)
+    assert "scontrol requeue 4242" in calls.read_text() and "scancel --signal=TERM 4242" in calls.read_text()
+    assert not jobdir.exists(), "".join(lines)

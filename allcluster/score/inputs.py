@@ -6,10 +6,12 @@ still accounts for every entry it saw), and symlinked folders are never descende
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import stat
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -43,6 +45,16 @@ class Listing:
 
     def __len__(self) -> int:
         return self.files.num_rows + len(self.errors)
+
+    def first_of_each_path(self) -> "Listing":
+        """The entries in order, each path once (its first entry): a list or manifest may name one
+        file twice, also as ``a.jpg`` and ``./a.jpg``, and every file gets exactly one row."""
+        paths = self.files.column("path")
+        if pc.count_distinct(paths).as_py() == len(paths):
+            return self
+        numbered = pa.table({"path": paths, "row": pa.array(range(len(paths)), pa.int64())})
+        first = numbered.group_by("path", use_threads=False).aggregate([("row", "min")])["row_min"]
+        return Listing(self.files.take(pc.take(first, pc.sort_indices(first))), self.errors)
 
     def part(self, shard: Shard) -> "Listing":
         """The entries that belong to ``shard``."""
@@ -177,14 +189,12 @@ def list_manifest(path: Path) -> Listing:
 
     parquet = pq.ParquetFile(path)
     names = parquet.schema_arrow.names
-    if "path" not in names:
-        raise ConfigError(f"{path}: a manifest to score needs a 'path' column; found {', '.join(names)}")
     # One column at a time: an archive-sized manifest is never held twice (as read and as text).
     columns = {"path": normalised_column(parquet.read(columns=["path"]).column(0), Path(path).resolve().parent)}
     for name in names:
         if name != "path":
             columns[input_column_name(name)] = pc.fill_null(parquet.read(columns=[name]).column(0).cast(pa.string()), "")
-    return Listing(pa.table(columns))
+    return Listing(pa.table(columns)).first_of_each_path()
 
 
 def list_text(path: Path) -> Listing:
@@ -196,17 +206,34 @@ def list_text(path: Path) -> Listing:
         line = os.fsdecode(raw.rstrip(b"\r"))
         if line.strip() and not line.lstrip().startswith("#"):
             paths.append(table_path(line, base))
-    return Listing(pa.table({"path": pa.array(paths, pa.string())}))
+    return Listing(pa.table({"path": pa.array(paths, pa.string())})).first_of_each_path()
+
+
+def check_input(source: str | Path, exclude: tuple[str | Path, ...] = ()) -> Callable[[], Listing]:
+    """What lists ``source`` (see :func:`list_inputs`), after the checks that need no listing: it
+    exists, and a manifest is a Parquet file with a ``path`` column; a :class:`ConfigError` naming
+    the file otherwise."""
+    source = Path(source)
+    if source.is_dir():
+        return functools.partial(list_tree, source, exclude)
+    if source.is_file() and source.suffix.lower() == ".parquet":
+        try:
+            names = pq.read_schema(source).names
+        except (OSError, pa.ArrowException) as err:
+            raise ConfigError(f"{source}: cannot read this manifest as Parquet ({err})") from None
+        if "path" not in names:
+            raise ConfigError(f"{source}: a manifest to score needs a 'path' column; found {', '.join(names)}")
+        return functools.partial(list_manifest, source)
+    if source.is_file():
+        try:
+            source.open("rb").close()
+        except OSError as err:
+            raise ConfigError(f"{source}: cannot read this list of paths ({err.strerror or err})") from None
+        return functools.partial(list_text, source)
+    raise ConfigError(f"{source}: input not found (expected a folder, a manifest .parquet or a text file of paths)")
 
 
 def list_inputs(source: str | Path, exclude: tuple[str | Path, ...] = ()) -> Listing:
     """The files a scoring job covers, from any of the three input kinds (``exclude``: folders never
     listed inside a folder input, i.e. the job's own output)."""
-    source = Path(source)
-    if source.is_dir():
-        return list_tree(source, exclude)
-    if source.is_file() and source.suffix.lower() == ".parquet":
-        return list_manifest(source)
-    if source.is_file():
-        return list_text(source)
-    raise ConfigError(f"{source}: input not found (expected a folder, a manifest .parquet or a text file of paths)")
+    return check_input(source, exclude)()

@@ -161,6 +161,15 @@ def check_job_settings(out: Path, settings: dict) -> None:
         path.write_text(json.dumps(settings, indent=2))
 
 
+def new_run_id(shard: Shard = Shard()) -> str:
+    """This run's id: its local start time (so that the newest run's row sorts last, what
+    :func:`compact` keeps), then the shard, then 32 random bits. Array tasks write into the same
+    ``rows/`` and often start in the same second: the shard keeps their file names apart."""
+    import secrets
+
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{shard.index:04d}-{secrets.token_hex(4)}"
+
+
 class ShardWriter:
     """Buffers result rows and writes them as atomic Parquet shards; with ``packed_methods``, the
     maps the batches carry go into one pack per shard (:mod:`allcluster.score.heatmaps`), written

@@ -25,10 +25,10 @@ from allcluster.score.ledger import Ledger
 from allcluster.score.reading import read_decode
 from allcluster.score.rows import error_rows, provenance
 from allcluster.score.config import ScoreConfig, row_settings
-from allcluster.score.inputs import Listing, Shard, list_inputs
+from allcluster.score.inputs import Listing, Shard, check_input, list_inputs
 from allcluster.atomic import atomic_write_text
 from allcluster.score.output import (Progress, RowsState, ShardWriter, check_job_settings, compact,
-                                     lock_output, resolve_duplicates, split_duplicates, summarize, summary_text)
+                                     lock_output, new_run_id, resolve_duplicates, split_duplicates, summarize, summary_text)
 from allcluster.score.rows import row_schema
 
 
@@ -133,12 +133,13 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
 
     out = Path(cfg.out).resolve()
     card = ModelCard.read(cfg.model)
+    check_input(cfg.input)                  # a missing input or a manifest without paths: refused before out exists
     locks = lock_output(out, shard)         # before anything is written: a refused second run writes nothing
     try:
         check_job_settings(out, {"model_sha256": card.weights_sha256, **row_settings(cfg)})
         card.write_model_info(out)
         write_resolved(cfg, out / "score.yaml", "allcluster score")
-        run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{np.random.default_rng().integers(1 << 16):04x}"
+        run_id = new_run_id(shard)
         state = RowsState.read(out)         # the rows already here, read once for the whole start
         dropped = compact(out, shard, state)  # a run killed while replacing retried rows left two
         if dropped:
