@@ -182,6 +182,12 @@ def test_asha_stops_or_finishes_every_trial_and_releases_its_resources(ray_local
     for trial_id in stopped["trial_id"]:
         assert json.loads((tmp_path / "exp" / "trials" / trial_id / "stopped.json").read_text())["by"] == "asha"
     assert (stopped["epochs_trained"] >= 1).all()
+    # ASHA's milestones count the epochs a trial has trained (across restarts), which its reports carry
+    from allcluster.train.session import EPOCHS_DONE
+
+    results = [json.loads(line) for path in (tmp_path / "exp").glob("tune-*/*/result.json")
+               for line in path.read_text().splitlines()]
+    assert results and all(r[EPOCHS_DONE] >= 1 for r in results)
     # a stopped trial's Ray Train workers and placement group must not stay reserved
     assert _cpus_free_soon(ray_local, 2.0) == pytest.approx(2.0)
 

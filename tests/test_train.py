@@ -198,14 +198,17 @@ def test_bf16_autocast_path_trains_and_exports_on_cpu(synthetic_manifest, tmp_pa
 
 
 def test_weight_average_is_what_validation_picks_and_export_writes_and_a_resume_keeps_it(synthetic_manifest, tmp_path):
+    """Also: every report counts the epochs trained across the restart (what ASHA's rungs count in)."""
     import shutil
 
     from allcluster.train.loop import TrainState, WorkerRun
-    from allcluster.train.session import LocalSession
+    from allcluster.train.session import EPOCHS_DONE, LocalSession
 
     fit = {"epochs": 2, "ema_decay": 0.99}
     root = tmp_path / "ema" / "checkpoints"
-    WorkerRun(tiny_train_config(synthetic_manifest, tmp_path / "ema", fit=fit), LocalSession(root)).run()
+    first = LocalSession(root)
+    WorkerRun(tiny_train_config(synthetic_manifest, tmp_path / "ema", fit=fit), first).run()
+    assert [r[EPOCHS_DONE] for r in first.reports] == [1, 2, 2], "two epochs, then the final report"
     epochs = [TrainState.load(root / f"checkpoint_00000{i}") for i in (1, 2)]
     steps = epochs[0].weight_average["steps"]
     assert steps > 0 and epochs[1].weight_average["steps"] == 2 * steps
@@ -217,8 +220,11 @@ def test_weight_average_is_what_validation_picks_and_export_writes_and_a_resume_
     # interrupted after epoch 1: the resumed run goes on averaging from the saved average and count
     resumed = tmp_path / "resumed"
     shutil.copytree(root / "checkpoint_000001", resumed / "checkpoints" / "checkpoint_000001")
-    WorkerRun(tiny_train_config(synthetic_manifest, resumed, fit=fit), LocalSession(resumed / "checkpoints")).run()
+    second = LocalSession(resumed / "checkpoints")
+    WorkerRun(tiny_train_config(synthetic_manifest, resumed, fit=fit), second).run()
     assert TrainState.load(resumed / "checkpoints" / "checkpoint_000002").weight_average["steps"] == 2 * steps
+    assert [r[EPOCHS_DONE] for r in second.reports] == [2, 2], "the resumed run's first report is its epoch 2"
+    assert "epoch" in second.reports[0] and EPOCHS_DONE not in pq.read_schema(resumed / "metrics.parquet").names
 
 
 class _OpensAFile:

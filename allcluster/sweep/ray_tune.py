@@ -185,9 +185,11 @@ def _asha_class():
 
 def build_scheduler(sweep: SweepConfig, trials: list[Trial]):
     """ASHA on validation macro-F1 per epoch when ``asha.enabled``; else Tune's default (FIFO)."""
+    from allcluster.train.session import EPOCHS_DONE
+
     if not sweep.asha.enabled:
         return None
-    return _asha_class()(time_attr="training_iteration", grace_period=sweep.asha.grace_period,
+    return _asha_class()(time_attr=EPOCHS_DONE, grace_period=sweep.asha.grace_period,
                          reduction_factor=sweep.asha.reduction_factor,
                          max_t=max(_max_epochs(t.config) for t in trials))
 

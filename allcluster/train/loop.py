@@ -37,7 +37,7 @@ from allcluster.train.optim import EarlyStopping, EpochScheduler, WeightAverage,
 from allcluster.train.config import TrainConfig, head_spec
 from allcluster.train.data import (CachedImages, Split, balanced_class_weights, eval_loader, load_splits,
                                    oversample_minority, train_loader)
-from allcluster.train.session import Session
+from allcluster.train.session import EPOCHS_DONE, Session
 
 
 
@@ -307,7 +307,8 @@ class WorkerRun:
         return row
 
     def checkpoint(self, state: TrainState, metrics: dict) -> None:
-        """Report metrics; rank 0 attaches the full state as this epoch's checkpoint."""
+        """Report metrics (and :data:`EPOCHS_DONE`); rank 0 attaches the full state as this epoch's checkpoint."""
+        metrics = {**metrics, EPOCHS_DONE: state.epoch}
         if not self.is_main:
             self.session.report(metrics)
             return

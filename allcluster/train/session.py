@@ -12,6 +12,13 @@ import torch
 from torch import nn
 
 
+# Every report of a run carries the epochs it has trained so far, counted across restarts: a run
+# resumed after epoch N reports N + 1 first. Tune's ASHA counts its milestones in it; Tune's own
+# training_iteration restarts at 1 when a requeued sweep resumes a trial from its checkpoint, which
+# would put a 10-epoch trial on the rungs of 1-epoch ones (and stop fresh trials against it).
+EPOCHS_DONE = "epochs_done"
+
+
 class Session(Protocol):
     rank: int
     world_size: int
