@@ -190,6 +190,40 @@ def test_read_decode_turns_the_zoo_into_error_rows_and_skips_duplicate_decodes(t
     assert out["pixels"].shape == (len(paths), 32, 32, 3) and out["pixels"].dtype == np.uint8
 
 
+def test_read_decode_holds_a_bounded_number_of_file_bytes_and_gives_the_same_rows(tmp_path, monkeypatch):
+    """Large files (exports just under max_bytes) are read ahead only up to READ_AHEAD_BYTES before
+    they are decoded: here one 4 MB file at a time instead of the whole batch's 32 MB."""
+    import tracemalloc
+
+    from allcluster.score import reading
+
+    paths = []
+    for seed in range(8):      # a real JPEG, then padding after its end marker, which decoders skip
+        paths.append(tmp_path / f"big-{seed}.jpg")
+        paths[-1].write_bytes(imagezoo.jpeg_bytes(seed) + bytes(4 * 2**20))
+    shutil.copy(paths[0], tmp_path / "copy.jpg")
+    paths.append(tmp_path / "copy.jpg")
+    batch = {"path": np.array([str(p) for p in paths], dtype=object)}
+
+    def decoded(read_ahead: int) -> tuple[dict, int, int]:
+        monkeypatch.setattr(reading, "READ_AHEAD_BYTES", read_ahead)
+        claims = []
+        ledger = Ledger(0)
+        tracemalloc.start()
+        out = read_decode(batch, 32, False, 0.1, 10_000_000, lambda shas, p: claims.append(p) or ledger.claim(shas, p))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return out, peak, len(claims)
+
+    whole, whole_peak, whole_claims = decoded(2**40)
+    bounded, bounded_peak, bounded_claims = decoded(1)
+    assert (whole_claims, bounded_claims) == (1, len(paths))
+    assert (whole["status"] == "ok").all() and whole["duplicate_of"][-1] == str(paths[0])
+    for key in ("status", "sha256", "size_bytes", "duplicate_of", "pixels"):
+        assert np.array_equal(whole[key], bounded[key]), key
+    assert whole_peak > 32 * 2**20 and bounded_peak < 12 * 2**20, (whole_peak, bounded_peak)
+
+
 def _decoded(paths: list[Path], size: int = 64) -> dict:
     return read_decode({"path": np.array([str(p) for p in paths], dtype=object)}, size, False, 0.1,
                             10_000_000, Ledger(0).claim)

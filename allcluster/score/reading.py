@@ -23,7 +23,8 @@ def read_decode(batch: dict[str, np.ndarray], size: int, roi_crop: bool, roi_mar
     ``batch["path"]`` holds table paths (:mod:`allcluster.data.paths`). Every file keeps its row: any
     failure while reading, hashing, decoding or preprocessing it gets ``status="error"``; a file whose
     bytes another file of the job already has gets ``duplicate_of`` and is not decoded (it is filled
-    in at the end).
+    in at the end). Files are read ahead of their decoding by at most :data:`READ_AHEAD_BYTES` (and
+    one file), so a batch of large files never sits in memory whole.
     """
     paths = [str(p) for p in batch["path"]]
     n = len(paths)
@@ -35,32 +36,54 @@ def read_decode(batch: dict[str, np.ndarray], size: int, roi_crop: bool, roi_mar
                error=np.full(n, "", dtype=object), duplicate_of=np.full(n, "", dtype=object),
                t_read_ms=np.zeros(n, np.float32), t_decode_ms=np.zeros(n, np.float32),
                pixels=np.zeros((n, size, size, 3), np.uint8))
-    blobs: list[bytes | None] = []
-    for i, path in enumerate(paths):
+    preprocess = Preprocess(size, roi_crop, roi_margin)
+    first = 0
+    while first < n:                          # read ahead at most READ_AHEAD_BYTES, then decode those
+        blobs, first = _read_ahead(out, paths, first, max_bytes)
+        _decode_read(out, paths, blobs, claim, preprocess, max_pixels)
+    return out
+
+
+# The bytes one task holds between reading files and decoding them. A batch of 32 files just under
+# max_bytes (512 MiB: large TIFF exports) would otherwise hold 16 GiB before the first decode; with
+# blood-smear JPEGs and PNGs (0.1-5 MB) a whole batch is read at once, as before.
+READ_AHEAD_BYTES = 256 * 2**20
+
+
+def _read_ahead(out: dict, paths: list[str], first: int, max_bytes: int) -> tuple[dict[int, bytes], int]:
+    """Read and hash files from ``first`` until READ_AHEAD_BYTES are held (at least one file):
+    ``({row: bytes}, the next row to read)``; a file that cannot be read gets its error here."""
+    blobs, held, i = {}, 0, first
+    while i < len(paths) and (held < READ_AHEAD_BYTES or i == first):
         start = time.perf_counter()
         try:
-            data, out["sha256"][i] = dec.read_any(to_fs(path), max_bytes)
+            data, out["sha256"][i] = dec.read_any(to_fs(paths[i]), max_bytes)
             out["size_bytes"][i] = len(data)
-            blobs.append(data)
+            blobs[i], held = data, held + len(data)
         except dec.DecodeError as err:
-            blobs.append(None)
             _fail(out, i, err)
         out["t_read_ms"][i] = (time.perf_counter() - start) * 1e3
-    hashed = [i for i in range(n) if blobs[i] is not None]
+        i += 1
+    return blobs, i
+
+
+def _decode_read(out: dict, paths: list[str], blobs: dict[int, bytes], claim: Claim, preprocess: Preprocess,
+                 max_pixels: int) -> None:
+    """Decode the files read (``blobs``, emptied as it goes) whose bytes no other file of the job owns."""
+    hashed = list(blobs)
     owners = claim([out["sha256"][i] for i in hashed], [paths[i] for i in hashed]) if hashed else []
-    preprocess = Preprocess(size, roi_crop, roi_margin)
     for i, owner in zip(hashed, owners):
+        data = blobs.pop(i)                   # free the bytes as soon as they are decoded
         if owner:
             out["duplicate_of"][i] = owner
             continue
         start = time.perf_counter()
         try:
-            decode_into(out, i, blobs[i], paths[i], preprocess, max_pixels)
+            decode_into(out, i, data, paths[i], preprocess, max_pixels)
         except dec.DecodeError as err:
             _fail(out, i, err)
-        blobs[i] = None                       # free the bytes as soon as they are decoded
+        del data
         out["t_decode_ms"][i] = (time.perf_counter() - start) * 1e3
-    return out
 
 
 def decode_into(out: dict, i: int, data: bytes, path: str, preprocess: Preprocess, max_pixels: int) -> None:
