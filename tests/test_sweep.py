@@ -56,6 +56,30 @@ def test_grid_expands_to_every_combination_with_stable_ids(tmp_path):
     assert trials[0].config.data.image_size == 224       # filled from the registry per trial
 
 
+def test_a_worker_larger_than_every_node_is_refused_though_the_cluster_total_fits(tmp_path):
+    from allcluster.sweep.ray_tune import concurrency
+
+    sweep = _sweep({"experiment_dir": str(tmp_path), "train": {"data": {"manifest": "m.parquet"}},
+                    "grid": {"resources.cpus_per_worker": [4, 8]}})
+    trials = plan_trials(sweep, "sweep.yaml")
+    two_nodes = [{"CPU": 4.0}, {"CPU": 4.0}]
+    total = {"CPU": 8.0}
+    assert concurrency(trials[:1], total, 0, two_nodes) == 1
+    with pytest.raises(ConfigError, match=rf"trial {trials[1].trial_id}: train.resources: one worker needs 8 CPUs "
+                                          r"on one node, but no node has that \(nodes: 4 CPUs, 4 CPUs\)"):
+        concurrency(trials, total, 0, two_nodes)
+    assert concurrency(trials, {"CPU": 9.0}, 0, [{"CPU": 9.0}]) == 1, "one 9-CPU node fits both, one at a time"
+
+    gpu = _sweep({"experiment_dir": str(tmp_path), "train": {"data": {"manifest": "m.parquet"},
+                                                             "resources": {"use_gpu": True}},
+                  "grid": {"resources.gpus_per_worker": [2, 3]}})
+    gpu_trials = plan_trials(gpu, "sweep.yaml")
+    nodes = [{"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 1.0}]
+    assert concurrency(gpu_trials[:1], {"CPU": 16.0, "GPU": 3.0}, 0, nodes) == 1
+    with pytest.raises(ConfigError, match=r"needs 1 CPUs and 3 GPUs on one node.*gpus_per_worker"):
+        concurrency(gpu_trials, {"CPU": 16.0, "GPU": 3.0}, 0, nodes)
+
+
 def test_random_samples_are_seeded_and_inside_their_ranges():
     data = {"train": {"data": {"manifest": "m"}}, "grid": {"optim.name": ["adam", "sgd"]}, "num_samples": 5,
             "sample": {"optim.lr": {"loguniform": [1e-4, 1e-2]}, "fit.batch_size": {"choice": [16, 32]},

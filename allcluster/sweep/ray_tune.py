@@ -51,7 +51,9 @@ def run_array_trial(trial: Trial) -> None:
     epoch checkpoint."""
     import ray
 
-    concurrency([trial], ray.cluster_resources(), 1)      # refuses a trial the cluster cannot fit
+    from allcluster.train.ray_train import node_resources
+
+    concurrency([trial], ray.cluster_resources(), 1, node_resources())    # refuses a trial the cluster cannot fit
     (trial.dir / "error.json").unlink(missing_ok=True)
     prebuild_caches([trial])
     trainer = trial_trainer(trial.trial_id, to_dict(trial.config))
@@ -69,8 +71,17 @@ def trial_resources(cfg: TrainConfig) -> tuple[float, float]:
     return cfg.resources.cpus + TRIAL_DRIVER_CPU, cfg.resources.gpus
 
 
-def concurrency(trials: list[Trial], cluster: dict, cap: int) -> int:
-    """How many trials run at once: what the cluster fits (so one config fills 1 GPU or 32)."""
+def concurrency(trials: list[Trial], cluster: dict, cap: int, nodes: list[dict] = ()) -> int:
+    """How many trials run at once: what the cluster fits (so one config fills 1 GPU or 32). A trial
+    that can never run (see :func:`allcluster.train.ray_train.check_fits`; ``nodes``: each node's
+    resources) is refused, naming the trial."""
+    from allcluster.train.ray_train import check_fits
+
+    for trial in trials:
+        try:
+            check_fits(trial.config.resources, cluster, list(nodes))
+        except ConfigError as err:
+            raise ConfigError(f"trial {trial.trial_id}: train.{err}") from None
     cpus = max(trial_resources(t.config)[0] for t in trials)
     gpus = max(trial_resources(t.config)[1] for t in trials)
     have_cpu, have_gpu = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
@@ -221,7 +232,9 @@ def run_tune(sweep: SweepConfig, to_run: list[Trial], experiment_dir: Path, stop
 
     for trial in to_run:
         (trial.dir / "error.json").unlink(missing_ok=True)      # a retried trial starts clean
-    limit = concurrency(to_run, ray.cluster_resources(), sweep.max_concurrent)
+    from allcluster.train.ray_train import node_resources
+
+    limit = concurrency(to_run, ray.cluster_resources(), sweep.max_concurrent, node_resources())
     say(f"[sweep] {len(to_run)} trials to run, {limit} at a time")
     prebuild_caches(to_run)
     scheduler = build_scheduler(sweep, to_run)

@@ -82,17 +82,37 @@ def check_fits_cluster(cfg: TrainConfig) -> None:
     """Refuse a request the cluster can never satisfy (Ray Train would otherwise wait forever)."""
     import ray
 
-    total = ray.cluster_resources()
-    res = cfg.resources
-    need_cpu = res.cpus
-    if need_cpu > total.get("CPU", 0) + 1e-9:
-        raise ConfigError(f"resources: {res.num_workers} workers x {res.cpus_per_worker} CPUs = {need_cpu:g} CPUs, "
-                         f"but the Ray cluster has {total.get('CPU', 0):g}; lower resources.num_workers "
-                         "or resources.cpus_per_worker")
+    check_fits(cfg.resources, ray.cluster_resources(), node_resources())
+
+
+def node_resources() -> list[dict[str, float]]:
+    """The resources of each live node of the connected Ray cluster."""
+    import ray
+
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
+def check_fits(res, total: dict[str, float], nodes: list[dict[str, float]]) -> None:
+    """Raise a :class:`ConfigError` when ``res`` (``resources``) can never run on this cluster: its
+    workers together need more than ``total``, or one worker more than any one node has. A worker's
+    CPUs and GPUs are one placement-group bundle, which Ray places on a single node: 8 CPUs per worker
+    on two 4-CPU nodes fit the total yet never start (Ray Train waits for them until the time limit)."""
+    if res.cpus > total.get("CPU", 0) + 1e-9:
+        raise ConfigError(f"resources: {res.num_workers} workers x {res.cpus_per_worker:g} CPUs = {res.cpus:g} CPUs, "
+                          f"but the Ray cluster has {total.get('CPU', 0):g}; lower resources.num_workers "
+                          "or resources.cpus_per_worker")
     if res.gpus > total.get("GPU", 0) + 1e-9:
-        raise ConfigError(f"resources: {res.num_workers} workers x {res.gpus_per_worker} GPUs requested, "
-                         f"but the Ray cluster has {total.get('GPU', 0):g} GPUs; set resources.use_gpu: false "
-                         "or fewer workers")
+        raise ConfigError(f"resources: {res.num_workers} workers x {res.gpus_per_worker:g} GPUs requested, "
+                          f"but the Ray cluster has {total.get('GPU', 0):g} GPUs; set resources.use_gpu: false "
+                          "or fewer workers")
+    gpus = res.gpus_per_worker if res.use_gpu else 0.0
+    if nodes and not any(node.get("CPU", 0) + 1e-9 >= res.cpus_per_worker and node.get("GPU", 0) + 1e-9 >= gpus
+                         for node in nodes):
+        sizes = ", ".join(sorted(f"{n.get('CPU', 0):g} CPUs" + (f" + {n.get('GPU', 0):g} GPUs" if gpus else "")
+                                 for n in nodes))
+        raise ConfigError(f"resources: one worker needs {res.cpus_per_worker:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else "")
+                          + f" on one node, but no node has that (nodes: {sizes}); lower resources.cpus_per_worker"
+                          + (" or gpus_per_worker" if gpus else "") + " and raise resources.num_workers instead")
 
 
 def preflight(cfg: TrainConfig) -> None:
