@@ -705,16 +705,20 @@ def test_one_read_of_the_rows_gives_done_paths_budget_spent_and_the_rows_to_comp
         pq.write_table(table, tmp_path / "rows" / name)
 
     shard("part-r1-00000.parquet", "r1", [("a", "ok", None, "", "low_confidence"), ("b", "error", "unreadable", "", ""),
-                                          ("c", "error", "not_an_image", "", ""), ("d", "ok", None, "a", "low_confidence")])
+                                          ("c", "error", "not_an_image", "", ""), ("d", "ok", None, "a", "low_confidence"),
+                                          ("locked", "error", "unlistable", "", "")])
     shard("part-r2-00000.parquet", "r2", [("b", "ok", None, "", "sample")])
     state = RowsState.read(tmp_path)
     assert sorted(state.done_paths().to_pylist()) == ["a", "b", "c", "d"]
     assert sorted(state.done_paths(retry_errors=True).to_pylist()) == ["a", "b", "d"]
     assert state.budget_used() == 2, "a and the retried b; d is a duplicate of a"
     assert state.superseded()[0].to_pylist() == ["b"]
-    assert compact(tmp_path, state=state) == 1
+    # a folder this run's listing still could not list keeps its row; one it listed loses it
+    assert state.relisted(["locked"]).to_pylist() == [] and state.relisted([]).to_pylist() == ["locked"]
+    assert compact(tmp_path, state=state, relisted=state.relisted([])) == 2
     after = RowsState.read(tmp_path)
     assert not len(after.superseded()[0]) and after.table.num_rows == 4
+    assert "locked" not in after.table.column("path").to_pylist()
     assert sorted(after.done_paths().to_pylist()) == ["a", "b", "c", "d"]
     assert RowsState.read(tmp_path / "nothing-here").done_paths().to_pylist() == []
 

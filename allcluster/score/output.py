@@ -95,19 +95,31 @@ class RowsState:
         return repeated["path"], pc.binary_join_element_wise(repeated["path"], repeated["run_id_max"], "\x00")
 
 
-def compact(out: Path, shard: Shard = Shard(), state: RowsState | None = None) -> int:
+    def relisted(self, still_unlistable: list[str], shard: Shard = Shard()) -> pa.Array:
+        """Folders of ``shard`` with an ``unlistable`` row that are not in ``still_unlistable`` (this
+        run's listing errors of that type): this run listed them, and their files' rows replace it."""
+        rows = pc.equal(self.text("error_type"), "unlistable")
+        folders = pc.unique(self.table.column("path").filter(pc.fill_null(rows, False)).combine_chunks())
+        folders = folders.filter(pc.invert(pc.is_in(folders, pa.array(still_unlistable, pa.string()))))
+        return folders.filter(pa.array(shard.holds(folders.to_pylist()), pa.bool_()))
+
+
+def compact(out: Path, shard: Shard = Shard(), state: RowsState | None = None, relisted: pa.Array | None = None) -> int:
     """Drop rows superseded by a newer run's row for the same path (a retried transient error, or a
-    row a killed run wrote twice); shards are rewritten atomically. Only paths of ``shard`` are
-    touched, so array tasks sharing ``out`` never rewrite each other's rows. ``state``: the rows'
-    bookkeeping if already read. Returns the rows dropped."""
+    row a killed run wrote twice), and the rows of ``relisted`` folders (:meth:`RowsState.relisted`);
+    shards are rewritten atomically. Only paths of ``shard`` are touched, so array tasks sharing
+    ``out`` never rewrite each other's rows. ``state``: the rows' bookkeeping if already read.
+    Returns the rows dropped."""
     paths, newest = (state if state is not None else RowsState.read(out)).superseded(shard)
-    if not len(paths):
+    relisted = relisted if relisted is not None else pa.array([], pa.string())
+    if not len(paths) and not len(relisted):
         return 0
     dropped = 0
     for fragment in rows_dataset(out).get_fragments():
         table = pq.read_table(fragment.path)
         key = pc.binary_join_element_wise(table["path"], table["run_id"], "\x00")
         stale = pc.and_(pc.is_in(table["path"], paths), pc.invert(pc.is_in(key, newest)))
+        stale = pc.or_(stale, pc.is_in(table["path"], relisted))
         if pc.any(stale).as_py():
             keep = table.filter(pc.invert(stale))
             dropped += table.num_rows - keep.num_rows

@@ -165,7 +165,9 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
         except Interrupted as err:
             interrupted = err.signal_name
         writer.flush()
-        compact(out, shard)                 # retried transient errors: the new row replaces the old
+        # retried transient errors: the new row replaces the old; a folder listed this time: its files' rows
+        compact(out, shard, relisted=state.relisted(
+            [e["path"] for e in todo.errors if e["error_type"] == "unlistable"], shard))
         summary = summarize(out, time.monotonic() - start, writer.written)
         summary["seconds_to_first_row"] = first_row
         if interrupted:
