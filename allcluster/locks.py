@@ -8,6 +8,7 @@ followed to a file of the planter's choosing.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -92,3 +93,33 @@ class ExclusiveLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def lock_folder(folder: str | Path, what: str, part: str = "", part_what: str = "") -> list[ExclusiveLock]:
+    """Make ``folder`` and hold its locks for this run (one writer per output); a second run into it is
+    refused naming the holder. A whole run holds ``folder/.lock`` exclusively. A ``part`` (a Slurm
+    array task's shard or trial) holds it shared, so parts run side by side and a whole run is refused
+    while any runs, plus ``folder/.lock-<part>`` exclusively, so the same part cannot run twice
+    (``part_what`` names it in the refusal)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not part:
+        return [ExclusiveLock(folder / ".lock", what).acquire()]
+    locks = [ExclusiveLock(folder / ".lock", what, shared=True).acquire()]
+    try:
+        locks.append(ExclusiveLock(folder / f".lock-{part}", part_what or f"{part} of {what}").acquire())
+    except ConfigError:
+        locks[0].release()
+        raise
+    return locks
+
+
+@contextlib.contextmanager
+def holding(folder: str | Path, what: str, part: str = "", part_what: str = ""):
+    """:func:`lock_folder` for the length of a ``with`` block."""
+    locks = lock_folder(folder, what, part, part_what)
+    try:
+        yield
+    finally:
+        for lock in reversed(locks):
+            lock.release()

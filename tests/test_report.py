@@ -130,6 +130,58 @@ def test_counts_from_hand_written_rows(tmp_path):
     assert (overview["rows"], overview["ok"], overview["errors"], overview["duplicates"]) == (5, 4, 1, 1)
 
 
+def test_a_retried_files_old_row_is_not_counted_until_compaction_and_other_jobs_rows_stay(tmp_path):
+    def write(out: Path, run: str, rows: list[tuple]) -> None:
+        keys = ["path", "status", "error_type", "predicted_class", "confidence"]
+        table = pa.table({k: [r[i] for r in rows] for i, k in enumerate(keys)}).append_column("run_id", pa.array([run] * len(rows)))
+        (out / "rows").mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, out / "rows" / f"part-{run}.parquet")
+
+    write(tmp_path / "job", "r1", [("a", "ok", "", "Pre", 0.9), ("b", "error", "unreadable", None, None)])
+    write(tmp_path / "job", "r2", [("b", "ok", "", "Pre", 0.8)])       # the retry, killed before it compacted
+    write(tmp_path / "other", "r0", [("b", "error", "unreadable", None, None)])   # another job's row for b
+    data = tables.open_scoring(collect_inputs([tmp_path / "job", tmp_path / "other"]).scorings)
+    counts = tables.aggregate(data, ["predicted_class", "error_type"], ["Pre"])
+    overview = tables.overview(counts["predicted_class"], morning_rows=0).iloc[0]
+    assert (overview["rows"], overview["ok"], overview["errors"]) == (3, 2, 1)
+    assert tables.errors_by_type(counts["error_type"]).to_dict("records") == [{"error_type": "unreadable", "errors": 1}]
+
+
+def test_rows_with_only_the_four_required_columns_report_and_a_rerun_leaves_no_stale_file(tmp_path):
+    out = tmp_path / "mine" / "rows"
+    out.mkdir(parents=True)
+    pq.write_table(pa.table({"path": ["a.jpg", "b.jpg"], "status": ["ok", "ok"], "predicted_class": ["Pre", "Benign"],
+                             "confidence": [0.9, 0.6]}), out / "part-0.parquet")
+    report = tmp_path / "r"
+    (report / "morning").mkdir(parents=True)
+    for name in ("report.json", "morning_list.csv", "index.html"):     # an earlier report's files
+        (report / name).write_text("old")
+    result = build_report([out.parent], report, ReportOptions(group_by=[]))   # no classes known: none malignant
+    assert result["scoring"]["rows"] == 2 and result["scoring"]["uncertain"] == 0
+    assert (report / "morning_list.csv").read_text() != "old" and not len(pd.read_csv(report / "morning_list.csv"))
+    (report / "morning_list.csv").write_text("old")
+    from allcluster.report.build import prepare_out
+
+    prepare_out(report)
+    assert not (report / "morning_list.csv").exists() and (report / "report.json").is_file()
+
+
+def test_an_overlay_opens_an_odd_file_name_from_its_table_path(tmp_path):
+    import os
+
+    from allcluster.data.paths import to_text
+    from allcluster.report import plots
+
+    image = np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)
+    for name in (b"caf\xe9.jpg", b"back\\slash.jpg"):        # Latin-1 bytes; a backslash
+        path = os.path.join(os.fsencode(tmp_path), name)
+        Image.fromarray(image).save(path.decode("utf-8", "surrogateescape"), format="JPEG")
+        row_path = to_text(os.fsdecode(path))
+        assert row_path != os.fsdecode(path), "the table form differs from the file-system name"
+        out = plots.overlay(row_path, np.full((32, 32), 128, np.uint8), tmp_path / f"{len(name)}.jpg")
+        assert Image.open(out).size == (32, 32)
+
+
 def test_markdown_and_html_tables_escape_their_cells():
     from allcluster.report import html
 

@@ -80,6 +80,45 @@ def test_a_worker_larger_than_every_node_is_refused_though_the_cluster_total_fit
         concurrency(gpu_trials, {"CPU": 16.0, "GPU": 3.0}, 0, nodes)
 
 
+def test_a_second_writer_of_a_run_folder_or_an_experiment_is_refused_naming_the_holder(synthetic_manifest, tmp_path,
+                                                                                       capsys):
+    """One writer per output: `allcluster train` holds its run folder, a Tune sweep its experiment, an
+    array task the experiment shared plus its own trial, `--collect` the experiment (so not while
+    tasks run). Here this test process is the other writer; every refusal comes before Ray or writes."""
+    from allcluster.locks import lock_folder
+
+    def refused(args: list[str], what: str, holder: str = f"pid {os.getpid()}") -> None:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert what in err and "in use by another run" in err and holder in err, err
+
+    def released(locks) -> None:
+        for lock in locks:
+            lock.release()
+
+    run = tmp_path / "run"
+    train = write_yaml(tmp_path / "train.yaml", {**TRAIN, "output_dir": str(run),
+                                                 "data": {**TRAIN["data"], "manifest": str(synthetic_manifest)}})
+    held = lock_folder(run, "another training run")
+    refused(["train", "--config", str(train)], f"training run folder {run}")
+    assert [p.name for p in run.iterdir()] == [".lock"], "nothing written"
+    released(held)
+
+    exp = tmp_path / "exp"
+    config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, exp)
+    from allcluster.config import read_yaml
+
+    trials = plan_trials(_sweep(read_yaml(config)), str(config))
+    held = lock_folder(exp, "another sweep")
+    refused(["sweep", "--config", str(config)], f"sweep experiment {exp}")
+    released(held)
+    task = lock_folder(exp, "an array task", f"trial-{trials[0].trial_id}")
+    refused(["sweep", "--config", str(config), "--collect"], f"sweep experiment {exp}", f"Slurm array tasks: see {exp}/.lock-*")
+    refused(["sweep", "--config", str(config), "--trial-index", "0"], f"trial 0 ({trials[0].trial_id}) of {exp}")
+    released(task)
+    assert sorted(p.name for p in exp.iterdir()) == [".lock", f".lock-trial-{trials[0].trial_id}"], "nothing written"
+
+
 def test_random_samples_are_seeded_and_inside_their_ranges():
     data = {"train": {"data": {"manifest": "m"}}, "grid": {"optim.name": ["adam", "sgd"]}, "num_samples": 5,
             "sample": {"optim.lr": {"loguniform": [1e-4, 1e-2]}, "fit.batch_size": {"choice": [16, 32]},

@@ -213,15 +213,19 @@ def scoring_parts(report: Report, inputs: Inputs, data: tables.ScoreData, option
 
 
 # ---- the whole report -------------------------------------------------------------------------------------
-GENERATED = ("tables", "plots", "gallery", "morning")
+GENERATED = ("tables", "plots", "gallery", "morning")       # folders
+GENERATED_FILES = ("morning_list.csv", "index.html")   # report.json stays: it marks the folder as a report
 
 
 def prepare_out(out: Path) -> None:
-    """Create ``out``; an earlier report there is replaced, any other non-empty folder is refused."""
+    """Create ``out``; an earlier report there is replaced (none of its files stays to be taken for
+    this one's), any other non-empty folder is refused."""
     if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file():
         raise ConfigError(f"{out}: exists, is not empty and holds no earlier report; choose a new --out")
     for name in GENERATED:
         shutil.rmtree(out / name, ignore_errors=True)
+    for name in GENERATED_FILES:
+        (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
 

@@ -127,15 +127,16 @@ def f1_bars(f1: dict[str, float], path: Path) -> Path:
 
 def overlay(image_path: str, heat: np.ndarray, out_path: Path, roi_crop: bool = False,
             roi_margin: float = 0.1) -> Path:
-    """The heatmap (uint8 at the model's input size) in jet at alpha 0.5 over the image, which is
-    preprocessed as the model saw it (same ROI crop, resized to the heatmap's size); JPEG."""
+    """The heatmap (uint8 at the model's input size) in jet at alpha 0.5 over the image (its table
+    path, :mod:`allcluster.data.paths`), which is preprocessed as the model saw it (same ROI crop, resized to the heatmap's size); JPEG."""
     from PIL import Image
 
     from allcluster.data import decode
+    from allcluster.data.paths import to_fs
     from allcluster.data.preprocess import Preprocess
     from allcluster.xai.overlay import jet_overlay
 
-    rgb = Preprocess(heat.shape[0], roi_crop, roi_margin)(decode.load(image_path).array)
+    rgb = Preprocess(heat.shape[0], roi_crop, roi_margin)(decode.load(to_fs(image_path)).array)
     if rgb.shape[:2] != heat.shape:
         rgb = np.asarray(Image.fromarray(rgb).resize(heat.shape[::-1], Image.BILINEAR))
     out_path.parent.mkdir(parents=True, exist_ok=True)

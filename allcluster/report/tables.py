@@ -108,6 +108,7 @@ class ScoreData:
     roots: dict[str, Path]          # shard file -> its job's OUT folder (heatmap paths are relative to it)
     classes: list[str]
     methods: list[str]
+    superseded: pa.Array | None = None     # keys of rows a newer run replaced: skipped (see _superseded)
 
     @property
     def names(self) -> list[str]:
@@ -133,31 +134,68 @@ def _listed(schemas: list[pa.Schema], key: bytes) -> list[str]:
     return list(seen)
 
 
+# Columns the report reads that a rows table written by other tools may lack: read as nulls (not
+# uncertain, not a duplicate), so that every table is built or none (the earlier report stays whole).
+OPTIONAL_ROW_COLUMNS = (pa.field("uncertain", pa.bool_()), pa.field("duplicate_of", pa.string()),
+                        pa.field("error_type", pa.string()))
+
+
 def open_scoring(sources: list[ScoreSource]) -> ScoreData:
-    """A dataset over every shard of every scoring input (only Parquet footers are read here)."""
+    """A dataset over every shard of every scoring input. Read here: the Parquet footers, each job's
+    ``run_id`` column and, for a job several runs wrote, its ``path`` column (see :func:`_superseded`)."""
     files = [f for s in sources for f in s.files]
     schemas = [pq.read_schema(f) for f in files]
+    has_run_id = {str(f): "run_id" in schema.names for f, schema in zip(files, schemas)}
     schema = pa.unify_schemas(schemas, promote_options="permissive")
+    for column in OPTIONAL_ROW_COLUMNS:
+        if column.name not in schema.names:
+            schema = schema.append(column)
     dataset = pads.dataset([str(f) for f in files], schema=schema, format="parquet")
     roots = {str(f): s.root for s in sources for f in s.files}
     classes = _listed(schemas, b"allcluster.classes")
     if not classes:   # rows written by hand: prob_<class> columns name the classes
         classes = [n[len("prob_"):] for n in schema.names if n.startswith("prob_")]
-    return ScoreData(dataset, roots, classes, _listed(schemas, b"allcluster.methods"))
+    stale = [_superseded(s.files) for s in sources if all(has_run_id[str(f)] for f in s.files)]
+    stale = [keys for keys in stale if keys is not None]
+    return ScoreData(dataset, roots, classes, _listed(schemas, b"allcluster.methods"),
+                     pa.concat_arrays(stale) if stale else None)
+
+
+def _superseded(files: list[Path]) -> pa.Array | None:
+    """The keys (:func:`~allcluster.score.output.row_keys`) of one job's rows that a newer run's row
+    replaced, or None. A run killed before its final compaction (or one still running) leaves a
+    retried file's old row beside its new one until the next run compacts; a report counts the
+    newer only, as ``summary.json`` will. Run ids are unique, so keys never match another job's rows."""
+    from allcluster.score.output import RowsState, row_keys, superseded_rows
+
+    fmt = pads.ParquetFileFormat(read_options=pads.ParquetReadOptions(dictionary_columns=["run_id"]))
+    rows = pads.dataset([str(f) for f in files], format=fmt)
+    runs = rows.to_table(columns=["run_id"])["run_id"]
+    if len({run for chunk in runs.chunks for run in chunk.dictionary.to_pylist()}) < 2:
+        return None
+    keys = rows.to_table(columns=["path", "run_id"])
+    stale = superseded_rows(keys, *RowsState(keys).superseded())
+    return row_keys(keys).filter(stale).combine_chunks() if pc.any(stale).as_py() else None
 
 
 def batches(data: ScoreData, columns: list[str], where: pc.Expression | None = None,
             with_root: bool = False) -> Iterator[pa.Table]:
     """The rows in record batches (one batch read ahead at a time), as Arrow tables; ``scoring_out``
     (the job's OUT folder, when asked) is added from the shard each row comes from."""
-    wanted = data.present(columns) + (["__filename"] if with_root else [])
+    from allcluster.score.output import row_keys
+
+    shown = data.present(columns)
+    keys = [c for c in ("path", "run_id") if data.superseded and c not in shown]
+    wanted = shown + keys + (["__filename"] if with_root else [])
     scanner = data.dataset.scanner(columns=wanted, filter=where, batch_size=BATCH_ROWS, batch_readahead=1,
                                    fragment_readahead=1)
     files = pa.array(list(data.roots), pa.string())
     roots = pa.array([str(r) for r in data.roots.values()], pa.string())
     for batch in scanner.to_batches():
-        if batch.num_rows:
-            table = pa.Table.from_batches([batch])
+        table = pa.Table.from_batches([batch])
+        if data.superseded:
+            table = table.filter(pc.invert(pc.is_in(row_keys(table), data.superseded))).drop_columns(keys)
+        if table.num_rows:
             if with_root:
                 shard = table.column("__filename")
                 table = table.drop_columns(["__filename"]).append_column(
@@ -273,7 +311,7 @@ def overview(per_class: pd.DataFrame, morning_rows: int) -> pd.DataFrame:
 # ---- the morning list ---------------------------------------------------------------------------------
 def _flagged(malignant: list[str]) -> pc.Expression:
     return (pc.field("status") == "ok") & ((pc.field("uncertain") == True)  # noqa: E712 (an Arrow expression)
-                                           | pc.field("predicted_class").isin(malignant))
+                                           | pc.field("predicted_class").isin(pa.array(malignant, pa.string())))
 
 
 def _priority_keys(table: pa.Table, malignant: list[str], malignant_cols: list[str]) -> pa.Table:
@@ -370,7 +408,7 @@ def gallery_rows(data: ScoreData, n: int) -> pd.DataFrame:
     if not heat or n <= 0:
         return pd.DataFrame(columns=GALLERY_COLUMNS)
     where = ((pc.field("status") == "ok") & pc.field(heat).is_valid() & (pc.field(heat) != "")
-             & (pc.field("duplicate_of") == ""))
+             & (pc.field("duplicate_of").is_null() | (pc.field("duplicate_of") == "")))
     keep = None
     for table in batches(data, ["path", "sha256", "predicted_class", "confidence", "label", heat], where,
                          with_root=True):

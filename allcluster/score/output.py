@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from allcluster.atomic import atomic_write_parquet
 from allcluster.config import ConfigError
 from allcluster.data.decode import TRANSIENT_ERRORS
-from allcluster.locks import ExclusiveLock
+from allcluster.locks import ExclusiveLock, lock_folder
 from allcluster.score.config import IMPLIED_BEFORE
 from allcluster.score.heatmaps import pack_of, point_rows_at_pack, write_pack
 from allcluster.score.inputs import Shard
@@ -104,6 +104,17 @@ class RowsState:
         return folders.filter(pa.array(shard.holds(folders.to_pylist()), pa.bool_()))
 
 
+def row_keys(table: pa.Table) -> pa.ChunkedArray:
+    """``path + NUL + run_id`` of each row: one row of one run."""
+    return pc.binary_join_element_wise(table["path"], pc.cast(table["run_id"], pa.string()), "\x00")
+
+
+def superseded_rows(table: pa.Table, paths: pa.Array, newest: pa.Array) -> pa.Array:
+    """Which rows of ``table`` (with ``path`` and ``run_id``) a newer run's row replaces, given
+    :meth:`RowsState.superseded`'s ``(paths, newest)``: what :func:`compact` drops and reports skip."""
+    return pc.and_(pc.is_in(table["path"], paths), pc.invert(pc.is_in(row_keys(table), newest)))
+
+
 def compact(out: Path, shard: Shard = Shard(), state: RowsState | None = None, relisted: pa.Array | None = None) -> int:
     """Drop rows superseded by a newer run's row for the same path (a retried transient error, or a
     row a killed run wrote twice), and the rows of ``relisted`` folders (:meth:`RowsState.relisted`);
@@ -117,9 +128,7 @@ def compact(out: Path, shard: Shard = Shard(), state: RowsState | None = None, r
     dropped = 0
     for fragment in rows_dataset(out).get_fragments():
         table = pq.read_table(fragment.path)
-        key = pc.binary_join_element_wise(table["path"], table["run_id"], "\x00")
-        stale = pc.and_(pc.is_in(table["path"], paths), pc.invert(pc.is_in(key, newest)))
-        stale = pc.or_(stale, pc.is_in(table["path"], relisted))
+        stale = pc.or_(superseded_rows(table, paths, newest), pc.is_in(table["path"], relisted))
         if pc.any(stale).as_py():
             keep = table.filter(pc.invert(stale))
             dropped += table.num_rows - keep.num_rows
@@ -141,20 +150,10 @@ def budget_used(out: Path, shard: Shard = Shard()) -> int:
 
 
 def lock_output(out: Path, shard: Shard = Shard()) -> list[ExclusiveLock]:
-    """Make ``out`` and hold its locks for this run; a second run into it is refused naming the holder.
-
-    A whole job holds ``.lock`` exclusively; array tasks hold it shared (so they run side by side, and
-    a whole job is refused while any runs) plus their own ``.lock-K-of-N`` exclusively."""
-    out.mkdir(parents=True, exist_ok=True)
-    if shard.whole:
-        return [ExclusiveLock(out / ".lock", f"output folder {out}").acquire()]
-    locks = [ExclusiveLock(out / ".lock", f"output folder {out}", shared=True).acquire()]
-    try:
-        locks.append(ExclusiveLock(out / f".lock-{shard.name}", f"shard {shard.index}/{shard.count} of {out}").acquire())
-    except ConfigError:
-        locks[0].release()
-        raise
-    return locks
+    """Make ``out`` and hold its locks for this run (:func:`allcluster.locks.lock_folder`): a whole job
+    exclusively, array tasks side by side with ``.lock-K-of-N`` each."""
+    return lock_folder(out, f"output folder {out}", "" if shard.whole else shard.name,
+                       f"shard {shard.index}/{shard.count} of {out}")
 
 
 def check_job_settings(out: Path, settings: dict) -> None:

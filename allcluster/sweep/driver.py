@@ -10,6 +10,7 @@ from allcluster.atomic import atomic_write_parquet
 from allcluster.config import ConfigError, load, write_resolved
 from allcluster.console import say
 from allcluster.interrupt import Interrupted, StopSignals
+from allcluster.locks import holding
 from allcluster.sweep.config import SweepConfig
 from allcluster.sweep.experiment import (BASE_FILE, check_base, read_stored_base, resolved_base, store_base,
                                          supersede, varied_keys)
@@ -74,7 +75,7 @@ def run_sweep(sweep: SweepConfig, trials: list[Trial], retry_errored: bool = Fal
     to_run = trials if changes else trials_to_run(trials, retry_errored or sweep.retry_errored)
     for trial in {t.config.model.backbone: t for t in to_run}.values():
         preflight(trial.config)
-    with StopSignals(SWEEP_STOPPING) as stop:
+    with holding(exp, f"sweep experiment {exp}"), StopSignals(SWEEP_STOPPING) as stop:
         stop.graceful()                   # moving and writing files: a signal waits until they are done
         _start(exp, sweep, base, trials, changes, new_config)
         if to_run and not stop.requested:
@@ -138,7 +139,8 @@ def run_array_task(sweep: SweepConfig, trials: list[Trial], index: int, retry_er
     preflight(trial.config)
     if sweep.asha.enabled:
         say("[sweep] array mode runs every trial to its end: asha is a Tune-only feature, ignored here")
-    with StopSignals() as stop:           # never graceful: a signal ends the task at once
+    held = holding(exp, f"sweep experiment {exp}", f"trial-{trial.trial_id}", f"trial {index} ({trial.trial_id}) of {exp}")
+    with held, StopSignals() as stop:     # never graceful: a signal ends the task at once
         try:
             if read_stored_base(exp) is None:
                 store_base(exp, base)
@@ -171,5 +173,6 @@ def collect_only(sweep: SweepConfig, trials: list[Trial], source: str = "sweep c
     exp = Path(sweep.experiment_dir)
     base = resolved_base(sweep, source)
     changes = check_base(exp, base, varied_keys(sweep), source, new_config)
-    _start(exp, sweep, base, trials, changes, new_config)
-    return collect(sweep, trials)
+    with holding(exp, f"sweep experiment {exp}"):         # refused while array tasks still run
+        _start(exp, sweep, base, trials, changes, new_config)
+        return collect(sweep, trials)

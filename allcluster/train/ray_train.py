@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 
 from allcluster.config import ConfigError, config_diff, flatten, from_dict, read_yaml, to_dict, write_resolved
+from allcluster.locks import holding
 from allcluster.models.card import CARD_FILE, ModelCard
 from allcluster.models.weights import worker_env
 from allcluster.train.config import TrainConfig
@@ -154,13 +155,14 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     from allcluster.ray_utils import ensure_ray
 
     preflight(cfg)
-    check_resumable(cfg)
-    ensure_ray(address)
-    check_fits_cluster(cfg)
     output_dir = Path(cfg.output_dir)
-    run_id = run_id_for(output_dir)
-    write_resolved(cfg, output_dir / "config.yaml", f"allcluster train, run {run_id}")
-    result = build_trainer(cfg, run_id).fit()
+    with holding(output_dir, f"training run folder {output_dir}"):     # one writer per run folder
+        check_resumable(cfg)
+        ensure_ray(address)
+        check_fits_cluster(cfg)
+        run_id = run_id_for(output_dir)
+        write_resolved(cfg, output_dir / "config.yaml", f"allcluster train, run {run_id}")
+        result = build_trainer(cfg, run_id).fit()
     if result.error:
         raise result.error
     final = dict(result.metrics or {})
