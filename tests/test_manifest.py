@@ -46,6 +46,31 @@ def test_corrupt_files_become_error_rows_and_the_command_exits_0(tmp_path):
     assert (df.loc[df["status"] == "error", "split"] == "").all()
 
 
+def test_a_symlinked_class_folder_is_an_error_row_not_a_vanished_class(tmp_path):
+    root = make_tree(tmp_path / "images", 4)
+    elsewhere = make_tree(tmp_path / "elsewhere", 4)
+    shutil.rmtree(root / "Pre")
+    (root / "Pre").symlink_to(elsewhere / "Pre", target_is_directory=True)
+    df, summary = index(root, tmp_path / "m.parquet")
+    linked = df[df["path"] == str(root / "Pre")]
+    assert len(linked) == 1 and linked.iloc[0]["status"] == "error" and linked.iloc[0]["error_type"] == "symlinked_folder"
+    assert "symlinked folder not descended into" in linked.iloc[0]["error"] and len(df) == 3 * 4 + 1
+    assert summary["errors"]["by_type"] == {"symlinked_folder": 1} and "Pre" not in summary["classes"], summary
+
+
+def test_an_out_that_cannot_take_the_manifest_is_refused_before_any_file_is_read(tmp_path, monkeypatch):
+    import allcluster.data.manifest as manifest
+
+    root = make_tree(tmp_path / "images", 1)
+    monkeypatch.setattr(manifest, "build_manifest", lambda cfg: pytest.fail("files were read first"))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for out, message in ((tmp_path / "folder", "is a folder; name the manifest file"),
+                         (tmp_path / "afile" / "m.parquet", "afile is a file, not a folder")):
+        with pytest.raises(ConfigError, match=message):
+            index(root, out)
+
+
 def test_manifest_has_the_documented_columns_and_real_sizes(tmp_path):
     df, _ = index(make_tree(tmp_path / "images", 4), tmp_path / "m.parquet")
     for column in ("path", "sha256", "label", "patient", "split", "width", "height", "status", "error"):

@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from allcluster.atomic import atomic_write_parquet
+from allcluster.atomic import atomic_write_parquet, atomic_write_text
 from allcluster.config import ConfigError, bounds, write_resolved
 from allcluster.data import decode as dec
 from allcluster.data.paths import absolute, clean_text, normalised_column, table_path, to_fs, to_text
@@ -77,7 +77,8 @@ def _is_hidden(name: str) -> bool:
 
 def list_folder(root: Path) -> list[SourceFile]:
     """``<root>/<class>/**/<file>``: the first folder level is the label; symlinked folders are not
-    followed (they may loop or leave the tree); files at the top level get no label; a folder that
+    followed (they may loop or leave the tree) and each is one error row (``symlinked_folder``: a
+    linked class folder must not vanish unseen); files at the top level get no label; a folder that
     cannot be listed is one error row (``unlistable``)."""
     root = Path(absolute(root))
     files = []
@@ -89,6 +90,11 @@ def list_folder(root: Path) -> list[SourceFile]:
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        for name in [d for d in dirnames if (Path(dirpath) / d).is_symlink()]:
+            dirnames.remove(name)
+            linked = Path(dirpath) / name
+            files.append(SourceFile(table_path(linked), "", problem=("symlinked_folder", to_text(
+                f"{linked}: symlinked folder not descended into (link its files, or index its target)"))))
         rel = Path(dirpath).relative_to(root)
         label = to_text(rel.parts[0]) if rel.parts else ""
         files += [SourceFile(table_path(Path(dirpath) / f), label) for f in sorted(filenames) if not _is_hidden(f)]
@@ -273,11 +279,23 @@ def manifest_fingerprint(df: pd.DataFrame, columns: Iterable[str] = ("path", "sh
     return digest.hexdigest()[:16]
 
 
+def check_manifest_target(out: str | Path) -> None:
+    """Refuse an ``--out`` that cannot take the manifest before any file is read (an archive's
+    hashing and decoding would otherwise be lost at the end): a folder, or a path below a file."""
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a folder; name the manifest file to write, e.g. {out / 'manifest.parquet'}")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file, not a folder")
+
+
 def run_index(cfg: IndexConfig) -> tuple[pd.DataFrame, dict]:
     """Build, write and summarise a manifest; writes ``<out>.summary.json`` and ``<out>.config.yaml``."""
+    check_manifest_target(cfg.out)
     df = build_manifest(cfg)
     out = write_manifest(df, cfg.out)
     summary = summarize(df)
-    out.with_name(out.stem + ".summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out.with_name(out.stem + ".summary.json"), json.dumps(summary, indent=2))
     write_resolved(cfg, out.with_name(out.stem + ".config.yaml"), "allcluster index")
     return df, summary
