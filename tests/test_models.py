@@ -19,7 +19,7 @@ def test_every_registry_entry_builds_and_its_cam_layer_resolves(name):
     model = build_model(name, num_classes=4, pretrained=False).eval()
     layer = resolve_module(model, spec.cam_layer)
     seen = {}
-    layer.register_forward_hook(lambda module, inputs, output: seen.setdefault("map", output))
+    hook = layer.register_forward_hook(lambda module, inputs, output: seen.setdefault("map", output))
     size = SMALL_INPUT.get(name, 64)
     with torch.no_grad():
         logits = model(torch.randn(1, 3, size, size))
@@ -29,6 +29,12 @@ def test_every_registry_entry_builds_and_its_cam_layer_resolves(name):
     assert cam_map.ndim == 4, f"{spec.cam_layer} must output a spatial map"
     # The CAM layer feeds the head: same channels as the features the head pools.
     assert cam_map.shape[1] == features.shape[1] == model.backbone.num_features
+    # Every trainable parameter gets a gradient: one that forward never uses (a timm head layer the
+    # classifier skips) would make DDP fail on its second step and count as an unfrozen "block".
+    hook.remove()                 # it returns the first map, which would stand in for later outputs
+    model.train().set_trainable(-1)
+    model(torch.randn(2, 3, size, size)).sum().backward()
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
 
 
 def test_allnet_matches_the_keras_summary_of_paper_000():

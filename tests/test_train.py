@@ -197,6 +197,18 @@ def test_bf16_autocast_path_trains_and_exports_on_cpu(synthetic_manifest, tmp_pa
     assert (tmp_path / "bf16" / "model" / "model_card.json").is_file()
 
 
+def test_a_split_smaller_than_the_worker_count_is_refused_naming_it(synthetic_manifest, tmp_path):
+    from allcluster.config import ConfigError
+    from allcluster.train.loop import WorkerRun
+    from allcluster.train.session import LocalSession
+
+    session = LocalSession(tmp_path / "small" / "checkpoints")
+    session.world_size = 1000                      # more DDP workers than validation images
+    with pytest.raises(ConfigError, match=r"the val split has \d+ image\(s\), the test split has \d+ image\(s\) "
+                                          r"for 1000 workers.*lower resources.num_workers"):
+        WorkerRun(tiny_train_config(synthetic_manifest, tmp_path / "small", fit={"epochs": 1}), session).run()
+
+
 def test_weight_average_is_what_validation_picks_and_export_writes_and_a_resume_keeps_it(synthetic_manifest, tmp_path):
     """Also: every report counts the epochs trained across the restart (what ASHA's rungs count in)."""
     import shutil

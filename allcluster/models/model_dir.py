@@ -79,9 +79,12 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
     weights = path / "weights.safetensors"
     if card.weights_sha256 and file_sha256(weights) != card.weights_sha256:
         raise ValueError(f"{weights}: sha256 does not match model_card.json (corrupt or replaced file)")
-    get_spec(card.backbone)
+    spec = get_spec(card.backbone)
     model = build_model(card.backbone, len(card.classes), card.head_spec(), pretrained=False)
-    model.load_state_dict(load_file(weights))
+    # A model exported before one of its backbone's unused modules was dropped from the registry
+    # entry (drop_modules) still holds that module's weights, which nothing reads.
+    unused = tuple(f"backbone.{name}." for name in spec.drop_modules)
+    model.load_state_dict({k: v for k, v in load_file(weights).items() if not k.startswith(unused)})
     model.weights_source = card.backbone_weights or model.weights_source
     return LoadedModel(model.to(device).eval(), card)
 

@@ -157,7 +157,9 @@ def _register_timm_backbones() -> None:
     register_timm("densenet169", "features.norm5", ("001",))
     register_timm("densenet201", "features.norm5", ("000", "001"))
     register_timm("mobilenetv2_100", "bn2", ("001", "002"))
-    register_timm("mobilenetv3_large_100", "blocks.6", ("000", "001"))
+    # conv_head belongs to timm's forward_head, which the classifier replaces: never used, so its
+    # weights would get no gradient (DDP fails on the second step) and count as an unfrozen block.
+    register_timm("mobilenetv3_large_100", "blocks.6", ("000", "001"), drop_modules=("conv_head",))
     register_timm("efficientnet_b0", "bn2", ("001", "003"))
     register_timm("efficientnet_b3", "bn2", ("003",))
     # timm's efficientnet_b7 has no released weights; tf_efficientnet_b7 is the Keras-ported B7 (paper 003).

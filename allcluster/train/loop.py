@@ -143,6 +143,13 @@ class WorkerRun:
         if not len(self.splits["train"]) or not len(self.splits["val"]):
             raise ConfigError(f"{cfg.data.manifest}: the train and val splits must not be empty "
                              f"(sizes: { {k: len(v) for k, v in self.splits.items()} })")
+        # Every DDP worker evaluates its share of val and test through the DDP model, whose forward
+        # is a collective (buffer sync): a worker with no image would leave the others waiting.
+        small = {k: len(v) for k, v in self.splits.items() if k != "train" and 0 < len(v) < self.session.world_size}
+        if small:
+            raise ConfigError(f"{cfg.data.manifest}: {', '.join(f'the {k} split has {n} image(s)' for k, n in small.items())}"
+                              f" for {self.session.world_size} workers, which each evaluate a part of it; "
+                              "lower resources.num_workers or use a larger split")
         spec = get_spec(cfg.model.backbone)
         self.head_spec = head_spec(cfg)
         self.model = build_model(cfg.model.backbone, len(self.classes), self.head_spec,
