@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pandas as pd
 
-from allcluster.data.cache import ensure_cache
+from allcluster.data.cache import ImageCache, ensure_cache
 from allcluster.data.decode import load
 from allcluster.data.manifest import read_manifest
 from allcluster.data.preprocess import Preprocess
@@ -44,14 +44,22 @@ def test_another_input_size_gets_its_own_cache(synthetic_manifest, tmp_path):
     assert small.path != large.path and small.path.is_dir() and large.path.is_dir()
 
 
-def test_changed_manifest_invalidates_and_replaces_the_old_cache(synthetic_manifest, tmp_path):
+def test_changed_manifest_invalidates_and_replaces_the_old_cache_once_no_job_uses_it(synthetic_manifest, tmp_path):
     manifest = read_manifest(synthetic_manifest)
     old = ensure_cache(manifest, Preprocess(size=24), tmp_path, str(synthetic_manifest), log=_quiet)
     fewer = manifest.iloc[: len(manifest) // 2]
+    # a job still training on the old cache (here: this process holds it) when the manifest file is
+    # re-indexed and another job builds the new one: the old one stays readable under it
     new = ensure_cache(fewer, Preprocess(size=24), tmp_path, str(synthetic_manifest), log=_quiet)
-    assert new.path != old.path
-    assert not old.path.exists(), "the stale cache of the same manifest file should be removed"
-    assert len(new.rows) == fewer["sha256"].nunique()
+    assert new.path != old.path and len(new.rows) == fewer["sha256"].nunique()
+    reopened = ImageCache.open(old.path)
+    assert np.array_equal(reopened.images[0], old.images[0])
+    old.close()
+    newest = ensure_cache(manifest.iloc[:3], Preprocess(size=24), tmp_path, str(synthetic_manifest), log=_quiet)
+    assert not old.path.exists(), "the stale cache of the same manifest file is removed once unused"
+    assert new.path.exists(), "the second one is still in use"
+    new.close()
+    newest.close()
 
 
 def test_duplicate_files_are_decoded_once(synthetic_manifest, tmp_path):

@@ -21,7 +21,7 @@ import shutil
 import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ from allcluster.config import ConfigError
 from allcluster.console import say
 from allcluster.data import decode as dec
 from allcluster.data.paths import clean_text, to_fs
-from allcluster.locks import open_lock_file
+from allcluster.locks import ExclusiveLock, open_lock_file
 from allcluster.data.preprocess import Preprocess
 
 CACHE_VERSION = 2     # 2: index.parquet records error_type (transient failures are retried)
@@ -59,11 +59,20 @@ def cache_key(sha256s: list[str], preprocess: Preprocess) -> str:
 
 @dataclass
 class ImageCache:
-    """A built cache: ``images[row(sha256)]`` is the preprocessed uint8 (S, S, 3) image."""
+    """A built cache: ``images[row(sha256)]`` is the preprocessed uint8 (S, S, 3) image. One that
+    :func:`ensure_cache` returned is marked in use (``in_use``) until :meth:`close` or the process
+    ends, so that a newer build from the same manifest file does not delete it under a running job."""
     path: Path
     images: np.ndarray
     rows: dict[str, int]
     valid: np.ndarray
+    in_use: ExclusiveLock | None = field(default=None, repr=False, compare=False)
+
+    def close(self) -> None:
+        """No longer in use by this process (the OS also ends the mark when the process exits)."""
+        if self.in_use is not None:
+            self.in_use.release()
+            self.in_use = None
 
     @classmethod
     def open(cls, path: Path) -> "ImageCache":
@@ -181,9 +190,18 @@ def ensure_cache(manifest: pd.DataFrame, preprocess: Preprocess, root: str | Pat
             _build_new(root, key, unique, preprocess, manifest_path, max_pixels, workers, log)
         elif not os.environ.get(MUST_EXIST_ENV):
             _retry_transient(final, unique, preprocess, max_pixels, workers, log)
+        in_use = _in_use_lock(root, key).acquire()      # marked before another build may look
     finally:
         os.close(lock)
-    return ImageCache.open(final)
+    cache = ImageCache.open(final)
+    cache.in_use = in_use
+    return cache
+
+
+def _in_use_lock(root: Path, key: str) -> ExclusiveLock:
+    """Shared by every process using cache ``key``; :func:`_remove_stale` deletes only a cache it can
+    take exclusively."""
+    return ExclusiveLock(root / f"{key}.use", f"decoded-image cache {root / key}", shared=True)
 
 
 def _build_new(root: Path, key: str, unique: pd.DataFrame, preprocess: Preprocess, manifest_path: str,
@@ -219,4 +237,20 @@ def _remove_stale(root: Path, key: str, meta: dict) -> None:
         except (OSError, ValueError):
             continue
         if other_meta.get("manifest") == meta["manifest"] and other_meta.get("preprocess") == meta["preprocess"]:
-            shutil.rmtree(other, ignore_errors=True)
+            _remove_if_unused(root, other.name)
+
+
+def _remove_if_unused(root: Path, key: str) -> None:
+    """Delete cache ``key`` unless a process uses it (or is building or opening it): a running job
+    whose manifest file was re-indexed keeps reading its own cache; a later build removes it."""
+    locks = [ExclusiveLock(root / f"{key}.lock", "cache build"), ExclusiveLock(root / f"{key}.use", "cache use")]
+    held = []
+    try:
+        for lock in locks:
+            held.append(lock.acquire())
+        shutil.rmtree(root / key, ignore_errors=True)
+    except ConfigError:
+        pass                                # in use: left for a later build to remove
+    finally:
+        for lock in held:
+            lock.release()

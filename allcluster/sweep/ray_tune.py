@@ -105,7 +105,7 @@ def _build_node_caches(manifest: str, keys: list[tuple[int, bool, float, str]]) 
     frame = read_manifest(manifest)
     for size, roi, margin, root in keys:
         ensure_cache(frame, Preprocess(size=size, roi_crop=roi, roi_margin=margin), root or None,
-                     manifest_path=manifest, log=lambda m: say(f"[sweep] {socket.gethostname()}: {m}"))
+                     manifest_path=manifest, log=lambda m: say(f"[sweep] {socket.gethostname()}: {m}")).close()
     return socket.gethostname()
 
 
