@@ -197,6 +197,30 @@ def test_bf16_autocast_path_trains_and_exports_on_cpu(synthetic_manifest, tmp_pa
     assert (tmp_path / "bf16" / "model" / "model_card.json").is_file()
 
 
+def test_a_run_is_not_resumed_on_a_manifest_re_indexed_under_it(synthetic_manifest, tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    from allcluster.config import ConfigError
+    from allcluster.train.loop import WorkerRun
+    from allcluster.train.session import LocalSession
+
+    manifest = tmp_path / "manifest.parquet"
+    shutil.copy(synthetic_manifest, manifest)
+    root = tmp_path / "run" / "checkpoints"
+    WorkerRun(tiny_train_config(manifest, tmp_path / "run", fit={"epochs": 2}), LocalSession(root)).run()
+    for late in sorted(root.glob("checkpoint_*"))[1:]:          # killed after epoch 1
+        shutil.rmtree(late)
+    frame = pd.read_parquet(manifest)
+    frame.iloc[:-1].to_parquet(manifest)                           # re-indexed: one image fewer
+    with pytest.raises(ConfigError, match=r"manifest.parquet: its content changed since the checkpoints"):
+        WorkerRun(tiny_train_config(manifest, tmp_path / "run", fit={"epochs": 2}), LocalSession(root)).run()
+    frame.to_parquet(manifest)                                     # restored: the run resumes
+    final = WorkerRun(tiny_train_config(manifest, tmp_path / "run", fit={"epochs": 2}), LocalSession(root)).run()
+    assert final["best_epoch"] in (0, 1) and len(pd.read_parquet(tmp_path / "run" / "metrics.parquet")) == 2
+
+
 def test_a_split_smaller_than_the_worker_count_is_refused_naming_it(synthetic_manifest, tmp_path):
     from allcluster.config import ConfigError
     from allcluster.train.loop import WorkerRun

@@ -27,7 +27,7 @@ from allcluster.config import ConfigError, config_hash, to_dict
 from allcluster.console import say
 from allcluster.data.cache import ensure_cache
 from allcluster.device import autocast, channels_last, cpu_state_dict, use_bf16
-from allcluster.data.manifest import read_manifest
+from allcluster.data.manifest import manifest_fingerprint, read_manifest
 from allcluster.data.normalize import Normalize
 from allcluster.data.preprocess import Preprocess
 from allcluster.models import build_model, get_spec
@@ -75,6 +75,7 @@ class TrainState:
     weight_average: dict | None = None   # WeightAverage.state_dict() when fit.ema_decay > 0
     history: list[dict] = field(default_factory=list)
     final: dict | None = None     # set once the best model is exported (the run is finished)
+    data_fingerprint: str = ""    # the manifest's content it trains on (empty in older checkpoints)
 
     def save(self, directory: Path) -> None:
         """Write ``state.pt`` holding tensors and plain Python types only (what ``load`` accepts)."""
@@ -136,6 +137,7 @@ class WorkerRun:
         cfg = self.cfg
         torch.manual_seed(cfg.fit.seed + self.session.rank)
         manifest = read_manifest(cfg.data.manifest)
+        self.data_fingerprint = manifest_fingerprint(manifest)
         self.preprocess = Preprocess(cfg.data.image_size, cfg.data.roi_crop, cfg.data.roi_margin)
         self.cache = ensure_cache(manifest, self.preprocess, cfg.data.cache_dir or None,
                                   manifest_path=cfg.data.manifest, log=self.log)
@@ -253,16 +255,27 @@ class WorkerRun:
             self.session.report(state.final)
             return state.final
         if resume:
+            self.check_same_data(state)
             self.log(f"[train] resuming after epoch {state.epoch} from {resume}")
             self.model.load_state_dict(state.model)
             if self.average is not None and state.weight_average is not None:
                 self.average.load_state_dict(state.weight_average)
+        state.data_fingerprint = self.data_fingerprint
         for index, stage in enumerate(plan_stages(self.cfg)):
             if index < state.stage_index:
                 continue
             if self.run_stage(stage, index, state):
                 break
         return self.finish(state)
+
+    def check_same_data(self, state: TrainState) -> None:
+        """A run resumes only on the manifest content its checkpoints were trained on: a manifest
+        re-indexed at the same path would change the images, splits or classes under the run (the
+        config, which names only the path, is checked by ``check_resumable``)."""
+        if state.data_fingerprint and state.data_fingerprint != self.data_fingerprint:
+            raise ConfigError(f"{self.cfg.data.manifest}: its content changed since the checkpoints in "
+                              f"{self.out} were written (re-indexed?); resuming would go on training on other "
+                              "images or splits. Restore that manifest, or set another output_dir to train afresh")
 
     def run_stage(self, stage: Stage, index: int, state: TrainState) -> bool:
         """Train one stage from the state's position; True when early stopping ended the run."""
