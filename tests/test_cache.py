@@ -95,3 +95,16 @@ def test_undecodable_rows_are_marked_invalid_not_fatal(synthetic_manifest, tmp_p
     row = cache.row(manifest.loc[0, "sha256"])
     assert not cache.valid[row]
     assert cache.valid.sum() == len(cache.valid) - 1
+
+
+def test_a_build_killed_half_way_leaves_no_full_size_folder_behind(synthetic_manifest, tmp_path):
+    import shutil
+
+    manifest = read_manifest(synthetic_manifest)
+    cache = ensure_cache(manifest, Preprocess(size=24), tmp_path, str(synthetic_manifest), log=_quiet)
+    cache.close()
+    leftover = tmp_path / f"{cache.path.name}.tmp-4194303"        # a builder SIGKILLed mid-way
+    shutil.copytree(cache.path, leftover)
+    shutil.rmtree(cache.path)
+    ensure_cache(manifest, Preprocess(size=24), tmp_path, str(synthetic_manifest), log=_quiet).close()
+    assert not leftover.exists() and (cache.path / "meta.json").is_file()

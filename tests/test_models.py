@@ -174,3 +174,16 @@ def test_provenance_versions_are_the_packages_own_without_importing_them():
     assert found["torch"] == torch.__version__ and found["timm"] == timm.__version__
     assert _fresh_python("import sys\nfrom allcluster.models.card import versions\nversions()\n"
                          "print('torch' in sys.modules, 'timm' in sys.modules)").split() == ["False", "False"]
+
+
+def test_an_export_killed_between_its_renames_leaves_nothing_behind_once_rerun(tmp_path):
+    from allcluster.models.model_dir import export_untrained, load_model_dir
+
+    out = tmp_path / "run" / "model"
+    export_untrained(out, "allnet", ["A", "B"], input_size=64)
+    for leftover in ("model.tmp-4194303", "model.old-4194303"):       # SIGKILL between the renames
+        (out.parent / leftover).mkdir()
+        (out.parent / leftover / "weights.safetensors").write_bytes(bytes(1024))
+    export_untrained(out, "allnet", ["A", "B"], input_size=64)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model"]
+    assert load_model_dir(out).card.classes == ["A", "B"]

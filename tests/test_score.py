@@ -619,6 +619,14 @@ def test_the_packed_store_writes_one_pack_per_shard_that_holds_every_map_once(ti
     assert scope["png"] == find_heatmap(out, first["sha256"].iloc[0], "gradcam")
 
 
+def test_a_stored_map_that_is_not_a_png_is_an_oserror_naming_it(tmp_path):
+    broken = tmp_path / "ab" / "ab12.gradcam.png"
+    broken.parent.mkdir()
+    broken.write_bytes(b"\x89PNG but cut short")
+    with pytest.raises(OSError, match=r"ab12.gradcam.png: the gradcam map of sha256 ab12 is not a readable PNG"):
+        load_heatmap(broken, "ab12", "gradcam")
+
+
 def test_explain_shows_a_scoring_jobs_stored_maps_found_by_content(tiny_model_dir, real_data_dir, tmp_path, capsys):
     from allcluster.cli import main
     from allcluster.models.card import ModelCard

@@ -212,8 +212,11 @@ def _build_new(root: Path, key: str, unique: pd.DataFrame, preprocess: Preproces
                            "says it must have been built before this run (sweep trials never decode)")
     start = time.time()
     log(f"[cache] decoding {len(unique)} distinct images at {preprocess.size}px into {final}")
+    # Under this key's build lock no other builder of it runs (on any node sharing the root): a
+    # folder of an earlier builder killed half way (SIGKILL, preemption) is a full-size leftover.
+    for leftover in root.glob(f"{key}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp = root / f"{key}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     _build(tmp, unique, preprocess, max_pixels, workers)
     meta = {"manifest": str(Path(manifest_path).resolve()) if manifest_path else "",

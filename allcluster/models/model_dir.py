@@ -36,7 +36,12 @@ def save_model_dir(out: str | Path, model: Classifier, card: ModelCard, config_y
     the weights' sha256, the versions, the time and where the backbone's weights came from."""
     from safetensors.torch import save_file
 
+    import shutil
+
     out = Path(out)
+    # The run folder has one writer (its lock): folders an export killed half way left are leftovers.
+    for leftover in [*out.parent.glob(f"{out.name}.tmp-*"), *out.parent.glob(f"{out.name}.old-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(cpu_state_dict(model), tmp / "weights.safetensors")
@@ -49,7 +54,6 @@ def save_model_dir(out: str | Path, model: Classifier, card: ModelCard, config_y
         old = out.with_name(out.name + f".old-{os.getpid()}")
         os.replace(out, old)
         os.replace(tmp, out)
-        import shutil
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)

@@ -142,11 +142,15 @@ def heatmap_png(ref: str | Path, sha256: str, method: str) -> bytes:
 
 
 def load_heatmap(ref: str | Path, sha256: str, method: str) -> np.ndarray:
-    """One map as a uint8 array (H, W) from a row's ``heatmap_<m>`` value made absolute."""
+    """One map as a uint8 array (H, W) from a row's ``heatmap_<m>`` value made absolute; an
+    ``OSError`` naming it when it is missing or not a readable PNG."""
     import cv2
 
     data = np.frombuffer(heatmap_png(ref, sha256, method), np.uint8)
-    return cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
+    heat = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
+    if heat is None:
+        raise OSError(f"{ref}: the {method} map of sha256 {sha256} is not a readable PNG")
+    return heat
 
 
 def find_heatmap(out: str | Path, sha256: str, method: str) -> bytes:
