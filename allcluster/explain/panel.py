@@ -220,8 +220,6 @@ def explain_from_scores(scores: str | Path, images: Sequence[str | Path], out_di
 
     from allcluster.data.preprocess import Preprocess
     from allcluster.models.card import ModelCard
-    from allcluster.score.heatmaps import load_heatmap
-    from allcluster.score.rows import method_columns
 
     scores, out_dir = Path(scores), Path(out_dir)
     info = ModelCard.read_model_info(scores)
@@ -232,25 +230,35 @@ def explain_from_scores(scores: str | Path, images: Sequence[str | Path], out_di
     preprocess = Preprocess(info["input_size"], info["roi_crop"], info["roi_margin"])
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    for path in images:
-        item = _load(path, preprocess)
-        found = None if item.rgb is None else rows.to_table(
-            filter=(pads.field("sha256") == item.sha256) & (pads.field("status") == "ok")).slice(0, 1).to_pylist()
-        if item.rgb is None or not found:
-            results.append(_result(item, error=item.error or f"not_scored: {item.path}: {scores} holds no ok row "
-                                                              f"for this content (sha256 {item.sha256})"))
-            continue
-        row = found[0]
-        try:
-            axes = [(m, item.rgb, load_heatmap(scores / row[c], item.sha256, m) / 255.0)
-                    for m in methods if (c := method_columns(m)["heatmap"]) in row and row[c]]
-            title = prediction_title(item.path.name, row["predicted_class"], row["confidence"])
-            panel = draw_panel(out_dir / panel_name(item.path, item.digest), title, item.rgb, axes)
-        except OSError as err:
-            results.append(_result(item, error=f"map_unreadable: {item.path}: {err}"))
-            continue
-        results.append(_result(item, str(panel), row["predicted_class"], row["confidence"]))
+    images = list(images)
+    for start in range(0, len(images), LOOKUP_CHUNK):     # one scan of the rows per chunk of images
+        items = [_load(path, preprocess) for path in images[start:start + LOOKUP_CHUNK]]
+        wanted = [item.sha256 for item in items if item.rgb is not None]
+        found = {} if not wanted else {row["sha256"]: row for row in reversed(rows.to_table(
+            filter=pads.field("sha256").isin(wanted) & (pads.field("status") == "ok")).to_pylist())}
+        results += [_stored_panel(item, found.get(item.sha256), scores, methods, out_dir) for item in items]
     return results
+
+
+LOOKUP_CHUNK = 64       # images whose rows one scan of a (possibly million-row) output looks up
+
+
+def _stored_panel(item: "_Item", row: dict | None, scores: Path, methods: list[str], out_dir: Path) -> dict:
+    """One image's result from its ok row in ``scores`` (None: not scored)."""
+    from allcluster.score.heatmaps import load_heatmap
+    from allcluster.score.rows import method_columns
+
+    if item.rgb is None or row is None:
+        return _result(item, error=item.error or f"not_scored: {item.path}: {scores} holds no ok row "
+                                                 f"for this content (sha256 {item.sha256})")
+    try:
+        axes = [(m, item.rgb, load_heatmap(scores / row[c], item.sha256, m) / 255.0)
+                for m in methods if (c := method_columns(m)["heatmap"]) in row and row[c]]
+        title = prediction_title(item.path.name, row["predicted_class"], row["confidence"])
+        panel = draw_panel(out_dir / panel_name(item.path, item.digest), title, item.rgb, axes)
+    except OSError as err:
+        return _result(item, error=f"map_unreadable: {item.path}: {err}")
+    return _result(item, str(panel), row["predicted_class"], row["confidence"])
 
 
 def format_results(results: Sequence[dict]) -> str:
