@@ -135,7 +135,7 @@ def _listed(schemas: list[pa.Schema], key: bytes) -> list[str]:
 
 
 # Columns the report reads that a rows table written by other tools may lack: read as nulls (not
-# uncertain, not a duplicate), so that every table is built or none (the earlier report stays whole).
+# uncertain, not a duplicate, no error type), so that such a table reports instead of failing half way.
 OPTIONAL_ROW_COLUMNS = (pa.field("uncertain", pa.bool_()), pa.field("duplicate_of", pa.string()),
                         pa.field("error_type", pa.string()))
 
