@@ -21,13 +21,17 @@ none); the handler sets :data:`STOP_REQUESTED`, which a Tune ``Stopper`` turns i
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from typing import Any, Callable
 
+from allcluster.atomic import atomic_write_text
 from allcluster.console import say
 
 EX_TEMPFAIL = 75
+# Set by slurm/ray-cluster.sh to a file in the job's private folder: see report_progress.
+PROGRESS_FILE_ENV = "ALLCLUSTER_PROGRESS_FILE"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 # Module level on purpose: Tune (cloud)pickles its Stopper and callbacks into the experiment state, and
 # an Event cannot be pickled; by reference to this module every copy sees the same flag.
@@ -98,6 +102,20 @@ class StopSignals:
             say(self._on_first.format(signal=name) + " (send it again to stop at once)")
             return
         raise Interrupted(self.signal_name)
+
+
+def report_progress(units: int, what: str) -> None:
+    """Record how much work this run completed (``units`` of ``what``: rows written, epochs recorded)
+    in the file named by ``$ALLCLUSTER_PROGRESS_FILE``, when set.
+
+    The Slurm job script reads it when the time-limit warning stopped the driver: a job requeues
+    itself only while its starts make progress, so one that cannot finish a unit of work before the
+    warning (an epoch longer than the time limit) stops after a few starts instead of looping
+    (``slurm/ray-cluster.sh``). Written as ``"<units> <what>"``, one line.
+    """
+    path = os.environ.get(PROGRESS_FILE_ENV)
+    if path:
+        atomic_write_text(path, f"{int(units)} {what}\n")
 
 
 def call_in_thread(fn: Callable[[], Any]) -> Any:

@@ -25,6 +25,11 @@
 #   from outside, the time limit itself) reaches every process of the job, the driver included:
 #   the shell only waits for the driver and does not requeue (Slurm requeues by itself when it
 #   preempts with PreemptMode=REQUEUE or when asked to).
+# - No requeue loop: the driver records the work each start completed ($ALLCLUSTER_PROGRESS_FILE:
+#   rows written, epochs recorded; allcluster/interrupt.py report_progress). After
+#   ALLCLUSTER_MAX_STALLED_STARTS (3) warned starts in a row with none (an epoch, or Ray's start,
+#   longer than the time before the warning) the job stops requeueing and says why: it would
+#   otherwise return to the queue forever, spending the allocation on nothing.
 # - Nothing needs the network beyond the job's nodes; nothing is downloaded.
 # - Ray is stopped by signalling this job's own srun steps, never `ray stop` (which kills every Ray
 #   process on a node, other jobs' included).
@@ -33,6 +38,7 @@ export ALLCLUSTER_HOME=${ALLCLUSTER_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
 export ALLCLUSTER_PYTHON=${ALLCLUSTER_PYTHON:-$ALLCLUSTER_HOME/.venv/bin/python}
 RAY_JOIN_TIMEOUT_S=${RAY_JOIN_TIMEOUT_S:-300}
 EX_TEMPFAIL=75               # the drivers' "interrupted; rerunning the same command resumes"
+ALLCLUSTER_MAX_STALLED_STARTS=${ALLCLUSTER_MAX_STALLED_STARTS:-3}
 _ray_steps=()
 _ray_jobdir=""
 _ray_warned=""               # the time-limit/preemption warning (SIGUSR1) arrived
@@ -116,6 +122,39 @@ _ray_requeue() {  # the warning came and the driver stopped unfinished: back to 
   fi
 }
 
+_ray_stalls_file() {  # beside the private folder, which every start recreates
+  echo "$HOME/.ray-slurm/$SLURM_JOB_ID.stalls"
+}
+
+_ray_made_progress() {  # this start's driver recorded work done: "<units> <what>", units > 0
+  local units what
+  read -r units what <"$_ray_jobdir/progress" 2>/dev/null || true
+  if [[ ${units:-} =~ ^[0-9]+$ ]] && [ "$units" -gt 0 ]; then
+    _log "this start's progress: $units $what"
+    return 0
+  fi
+  return 1
+}
+
+_ray_keeps_requeueing() {  # false once ALLCLUSTER_MAX_STALLED_STARTS warned starts in a row did no work
+  local file stalls
+  file=$(_ray_stalls_file)
+  if [ -n "$_ray_jobdir" ] && _ray_made_progress; then
+    rm -f "$file"
+    return 0
+  fi
+  stalls=$(( $(cat "$file" 2>/dev/null || echo 0) + 1 ))
+  if [ "$stalls" -ge "$ALLCLUSTER_MAX_STALLED_STARTS" ]; then
+    _log "no progress in $stalls starts in a row (each stopped by the time-limit warning before it" \
+         "completed a unit of work: an epoch, a batch of rows): not requeueing, so the job does not loop." \
+         "Raise --time or lower --signal=B:USR1@<seconds>, then resubmit the same command: it resumes"
+    rm -f "$file"
+    return 1
+  fi
+  echo "$stalls" >"$file"
+  _log "no progress this start ($stalls of $ALLCLUSTER_MAX_STALLED_STARTS in a row before the job stops requeueing)"
+}
+
 ray_cluster_stop() {  # the EXIT trap
   local rc=$?
   # Stopping already. A SIGTERM now (the time limit's, when the driver was slow to stop after the
@@ -127,8 +166,10 @@ ray_cluster_stop() {  # the EXIT trap
   # Without the warning nothing requeues: a failure is reported, not retried. Requeued first, so that
   # Slurm's SIGKILL (KillWait after the time limit's SIGTERM) cannot fall between the stop and the
   # requeue; the requeued job starts again only once every process of this one has ended.
-  if [ -n "$_ray_warned" ] && [ "$rc" != 0 ]; then
+  if [ -n "$_ray_warned" ] && [ "$rc" != 0 ] && _ray_keeps_requeueing; then
     _ray_requeue
+  else
+    rm -f "$(_ray_stalls_file)"            # the job ends here: no count is left for a later job
   fi
   if [ "${#_ray_steps[@]}" -gt 0 ]; then
     _log "stopping Ray (${#_ray_steps[@]} srun steps)"
@@ -169,7 +210,7 @@ ray_cluster_start() {
   rm -rf "$_ray_jobdir"
   ( umask 077; mkdir "$_ray_jobdir"
     "$ALLCLUSTER_PYTHON" -c 'import secrets; print(secrets.token_hex(32))' >"$_ray_jobdir/token" ) || return 1
-  export RAY_JOB_DIR=$_ray_jobdir
+  export RAY_JOB_DIR=$_ray_jobdir ALLCLUSTER_PROGRESS_FILE=$_ray_jobdir/progress
   export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$_ray_jobdir/token
   export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
   export PYTHONPATH=$ALLCLUSTER_HOME${PYTHONPATH:+:$PYTHONPATH}

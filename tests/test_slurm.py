@@ -237,6 +237,7 @@ def test_two_score_jobs_share_node_n1_and_one_finishes_through_time_limit_requeu
     assert f"restart 0 of job {slow}" in log and f"restart 1 of job {slow}" in log, log[-4000:]
     assert "SIGUSR1 (time limit or preemption ahead): asking the driver" in log
     assert "driver exited with 75: interrupted" in log and f"requeueing job {slow} (scontrol requeue)" in log
+    assert re.search(r"this start's progress: [1-9]\d* rows", log), "the driver's rows reach the requeue decision"
     rows = pd.read_parquet(out["slow"] / "rows")
     assert rows["path"].is_unique and sorted(rows["path"]) == sorted(map(str, slow_files))
     assert (rows["status"] == "ok").all() and rows["heatmap_scorecam"].notna().all() and rows["heatmap_lime"].notna().all()
@@ -333,22 +334,70 @@ def test_score_array_refuses_an_array_that_is_not_0_to_n_minus_1_unless_n_is_giv
     assert "submit --array=0-(N-1)" not in named.stderr and "not inside a Slurm job" in named.stderr, named.stderr
 
 
+def _stubbed_slurm(tmp_path: Path) -> tuple[dict, Path]:
+    """An environment for ray-cluster.sh's functions outside Slurm: job 4242, HOME in tmp_path, and
+    `scontrol`/`scancel` stubs that log their calls to the returned file."""
+    stubs, calls = tmp_path / "bin", tmp_path / "calls.log"
+    stubs.mkdir()
+    for tool in ("scontrol", "scancel"):
+        (stubs / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "{calls}"\n')
+        (stubs / tool).chmod(0o755)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+           "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "HOME": str(tmp_path)}
+    return env, calls
+
+
+def test_a_job_whose_warned_starts_make_no_progress_stops_requeueing_after_three_in_a_row(tmp_path):
+    """Each start ends at the time-limit warning (75). Its driver's progress file says what it completed:
+    a start with work resets the count; a start with none (no file, or 0) counts; the third such start
+    in a row ends the job (no `scontrol requeue`) saying why, and leaves no count behind."""
+    env, calls = _stubbed_slurm(tmp_path)
+    jobdir, stalls = tmp_path / ".ray-slurm" / "4242", tmp_path / ".ray-slurm" / "4242.stalls"
+
+    def start(progress: str | None, rc: int = 75) -> str:
+        write = f'echo "{progress}" > "$_ray_jobdir/progress"' if progress is not None else ":"
+        shell = (f'source slurm/ray-cluster.sh; trap ray_cluster_stop EXIT\n'
+                 f'_ray_warned=1; _ray_jobdir={jobdir}; mkdir -p "$_ray_jobdir"; {write}\nexit {rc}\n')
+        calls.unlink(missing_ok=True)
+        done = subprocess.run(["bash", "-c", shell], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == rc and not jobdir.exists(), done.stdout + done.stderr
+        return done.stdout + ("REQUEUED" if "scontrol requeue 4242" in _text(calls) else "")
+
+    assert "this start's progress: 12 rows" in start("12 rows") and "REQUEUED" in start("12 rows")
+    assert not stalls.exists()
+    for count, progress in ((1, None), (2, "0 epochs or trial endings")):
+        log = start(progress)
+        assert "REQUEUED" in log and f"no progress this start ({count} of 3 in a row" in log, log
+        assert stalls.read_text().strip() == str(count)
+    log = start("3 epochs or trial endings")                # progress: the count starts again
+    assert "REQUEUED" in log and not stalls.exists()
+    for _ in range(2):
+        assert "REQUEUED" in start(None)
+    log = start("garbage")
+    assert "REQUEUED" not in log and "no progress in 3 starts in a row" in log and "not requeueing" in log, log
+    assert not stalls.exists()
+    start(None)                                             # a later job with this id starts counting afresh
+    assert stalls.read_text().strip() == "1"
+    start(None, rc=0)                                       # the job ended: no count is left behind
+    assert not stalls.exists()
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
+
+
 def test_a_sigterm_while_ray_stops_after_the_warning_neither_skips_the_requeue_nor_the_cleanup(tmp_path):
     """The time limit's SIGTERM can reach the batch shell while its EXIT trap stops Ray (a driver slow to
     stop after the warning): the job must still requeue, and Ray's steps and the private folder must
     still be seen to. Real signals and a real slow step; Slurm's commands are stubs that log their calls."""
-    stubs, calls, jobdir = tmp_path / "bin", tmp_path / "calls.log", tmp_path / "jobdir"
-    stubs.mkdir()
+    env, calls = _stubbed_slurm(tmp_path)
+    jobdir = tmp_path / "jobdir"
     jobdir.mkdir()
-    for tool in ("scontrol", "scancel"):
-        (stubs / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "{calls}"\n')
-        (stubs / tool).chmod(0o755)
+    (jobdir / "progress").write_text("3 rows\n")
     shell = (f'source slurm/ray-cluster.sh; trap ray_cluster_stop EXIT; trap "_ray_on_term TERM" TERM\n'
              f'_ray_warned=1; _ray_jobdir={jobdir}\n'
              'bash -c \'trap "" TERM; sleep 3\' & _ray_steps=($!)   # a Ray step slow to stop\n'
              'exit 75                                                # the driver: interrupted\n')
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
-           "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
     batch = subprocess.Popen(["bash", "-c", shell], cwd=REPO, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     lines = []

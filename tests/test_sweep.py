@@ -313,6 +313,63 @@ def test_each_stop_signal_is_caught_deferred_while_graceful_and_handlers_are_res
     assert {s: signal.getsignal(s) for s in before} == before
 
 
+def test_work_done_counts_recorded_epochs_and_finished_or_stopped_trials_and_progress_goes_to_the_named_file(
+        tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from allcluster.interrupt import PROGRESS_FILE_ENV, report_progress
+    from allcluster.sweep.results import work_done
+
+    sweep = _sweep({"experiment_dir": str(tmp_path / "exp"), "train": {"data": {"manifest": "m.parquet"}},
+                    "grid": {"optim.name": ["adam", "sgd", "rmsprop"]}})
+    running, stopped, pending = plan_trials(sweep, "sweep.yaml")
+    assert work_done([running, stopped, pending]) == 0
+    for trial, epochs in ((running, 3), (stopped, 2)):
+        trial.dir.mkdir(parents=True)
+        pq.write_table(pa.table({"epoch": list(range(epochs))}), trial.dir / "metrics.parquet")
+    (stopped.dir / "stopped.json").write_text("{}")
+    assert work_done([running, stopped, pending]) == 3 + 2 + 1      # a trial that ended counts once more
+    pending.dir.mkdir(parents=True)
+    (pending.dir / "error.json").write_text("{}")
+    assert work_done([pending]) == 0                                 # an error is no progress
+
+    report_progress(5, "rows")                     # no file named (not under Slurm): nothing written
+    assert not list(tmp_path.glob("progress*"))
+    monkeypatch.setenv(PROGRESS_FILE_ENV, str(tmp_path / "progress"))
+    report_progress(0, "epochs or trial endings")
+    assert (tmp_path / "progress").read_text() == "0 epochs or trial endings\n"
+
+
+def test_trial_errors_of_a_run_a_signal_stopped_are_left_to_resume_and_a_finished_trial_stays_finished(
+        tmp_path, capsys):
+    """Slurm's SIGTERM (requeue, preemption, scancel) stops the Ray node under a running trial before the
+    driver stops that trial: Tune reports ActorDiedError. Such an error must not make the trial errored
+    (never rerun); without a signal, an error is recorded. A trial that exported its model is finished."""
+    from types import SimpleNamespace
+
+    from ray.exceptions import ActorDiedError
+
+    from allcluster.sweep.plan import trial_status
+    from allcluster.sweep.ray_tune import record_errors
+
+    sweep = _sweep({"experiment_dir": str(tmp_path / "exp"), "train": {"data": {"manifest": "m.parquet"}},
+                    "grid": {"optim.name": ["adam", "sgd"]}})
+    running, exported = plan_trials(sweep, "sweep.yaml")
+    (exported.dir / "model").mkdir(parents=True)
+    (exported.dir / "model" / "model_card.json").write_text("{}")
+    died = ActorDiedError()            # what Tune hands back for a trial actor whose node went down
+    grid = [SimpleNamespace(config={"trial": {"trial_id": t.trial_id}}, error=died) for t in (running, exported)]
+    trials = {t.trial_id: t for t in (running, exported)}
+
+    record_errors(grid, trials, stopped_by="SIGTERM")
+    assert trial_status(running.dir) == "pending" and trial_status(exported.dir) == "finished"
+    assert f"{running.trial_id} ended with ActorDiedError while SIGTERM stopped the run" in capsys.readouterr().err
+    record_errors(grid, trials)
+    assert trial_status(running.dir) == "errored" and trial_status(exported.dir) == "finished"
+    assert not (exported.dir / "error.json").exists()
+
+
 def test_base_config_diff_names_changed_keys_and_skips_the_varied_ones(tmp_path):
     from allcluster.sweep.experiment import base_diff, resolved_base, varied_keys
 
@@ -394,11 +451,14 @@ def test_a_sweep_stopped_by_sigint_then_killed_resumes_and_runs_each_trial_once(
                         train={**TRAIN, "fit": {**TRAIN["fit"], "epochs": EPOCHS_TO_INTERRUPT},
                                "data": {**TRAIN["data"], "manifest": str(synthetic_manifest)}})
     command = [sys.executable, "jobs/sweep.py", "--config", str(config)]   # the Slurm job's driver
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
+    progress = tmp_path / "progress"        # what slurm/ray-cluster.sh reads to tell progress from a loop
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO), "ALLCLUSTER_PROGRESS_FILE": str(progress)}
     first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True)
     log, stop_seconds = _signal_once_checkpointed(first, exp, signal.SIGINT, 180)   # the driver only, as Slurm does
     assert first.returncode == 75, log[-3000:]
+    epochs = len(pd.read_parquet(exp / "epochs.parquet")) + len(list(exp.glob("trials/*/model/model_card.json")))
+    assert progress.read_text() == f"{epochs} epochs or trial endings\n" and epochs > 0
     assert "SIGINT received: stopping" in log
     assert "interrupted by SIGINT:" in log and "rerun the same command to resume (exit 75)" in log
     assert stop_seconds < 120
@@ -451,14 +511,17 @@ def test_array_tasks_run_one_trial_each_a_sigterm_rerun_resumes_and_collect_writ
                                "data": {**TRAIN["data"], "manifest": str(synthetic_manifest)}},
                         asha={"enabled": True, "grace_period": 1})
     command = [sys.executable, "jobs/sweep.py", "--config", str(config), "--trial-index", "1"]
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
+    progress = tmp_path / "progress"
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO), "ALLCLUSTER_PROGRESS_FILE": str(progress)}
     first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True)
     log, _ = _signal_once_checkpointed(first, exp, signal.SIGTERM, 120)
     assert first.returncode == 75, log[-3000:]
+    (trial_dir,) = exp.glob("trials/*")
+    epochs = len(pd.read_parquet(trial_dir / "metrics.parquet"))
+    assert progress.read_text() == f"{epochs} epochs or trial endings\n" and epochs > 0
     assert "interrupted by SIGTERM: trial 1 (" in log and "rerun the same command to resume (exit 75)" in log
     assert "asha is a Tune-only feature, ignored here" in log
-    (trial_dir,) = exp.glob("trials/*")
     assert trial_dir.name.startswith("sgd-") and not (trial_dir / "model").exists()
     assert not (trial_dir / "stopped.json").exists() and not (trial_dir / "error.json").exists()
 

@@ -389,7 +389,8 @@ def test_a_job_killed_then_stopped_by_sigterm_resumes_to_exactly_one_row_per_fil
     killed_at = _rows_written(out)
     assert 0 < killed_at < len(files), "the kill should land part way"
 
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
+    progress = tmp_path / "progress"        # what slurm/ray-cluster.sh reads to tell progress from a loop
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO), "ALLCLUSTER_PROGRESS_FILE": str(progress)}
     second = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, start_new_session=True)                          # B
     try:
@@ -409,6 +410,7 @@ def test_a_job_killed_then_stopped_by_sigterm_resumes_to_exactly_one_row_per_fil
     written = _rows_written(out)
     assert killed_at < written < len(files)
     assert f'"run_rows": {written - killed_at}' in text, "an interrupted run counts the rows it wrote"
+    assert progress.read_text() == f"{written - killed_at} rows\n"
     assert "Starting execution of Dataset" not in text and "Execution plan of Dataset" not in text, \
         "Ray Data's INFO lines stay in its log file unless --log-level debug"
     assert "Progress bars disabled" not in text

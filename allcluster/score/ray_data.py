@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from allcluster.console import process_age_s, say
-from allcluster.interrupt import Interrupted, StopSignals
+from allcluster.interrupt import Interrupted, StopSignals, report_progress
 from allcluster.models.card import ModelCard
 from allcluster.ray_utils import ensure_ray, leave_ray
 from allcluster.score.ledger import Ledger
@@ -168,6 +168,7 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
         # retried transient errors: the new row replaces the old; a folder listed this time: its files' rows
         compact(out, shard, relisted=state.relisted(
             [e["path"] for e in todo.errors if e["error_type"] == "unlistable"], shard))
+        report_progress(writer.written, "rows")
         summary = summarize(out, time.monotonic() - start, writer.written)
         summary["seconds_to_first_row"] = first_row
         if interrupted:

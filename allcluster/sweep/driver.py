@@ -9,14 +9,14 @@ import pandas as pd
 from allcluster.atomic import atomic_write_parquet
 from allcluster.config import ConfigError, load, write_resolved
 from allcluster.console import say
-from allcluster.interrupt import Interrupted, StopSignals
+from allcluster.interrupt import Interrupted, StopSignals, report_progress
 from allcluster.locks import holding
 from allcluster.sweep.config import SweepConfig
 from allcluster.sweep.experiment import (BASE_FILE, check_base, read_stored_base, resolved_base, store_base,
                                          supersede, varied_keys)
 from allcluster.sweep.plan import Trial, plan_trials, trial_status, trials_to_run
 from allcluster.sweep.schema import best_trial
-from allcluster.sweep.results import epochs_table, export_best, trials_table
+from allcluster.sweep.results import epochs_table, export_best, trials_table, work_done
 
 SWEEP_STOPPING = ("[sweep] {signal} received: stopping; running trials keep their last epoch checkpoint, "
                   "the tables are written")
@@ -78,6 +78,7 @@ def run_sweep(sweep: SweepConfig, trials: list[Trial], retry_errored: bool = Fal
     with holding(exp, f"sweep experiment {exp}"), StopSignals(SWEEP_STOPPING) as stop:
         stop.graceful()                   # moving and writing files: a signal waits until they are done
         _start(exp, sweep, base, trials, changes, new_config)
+        before = work_done(to_run)
         if to_run and not stop.requested:
             stop.graceful(False)          # starting Ray, building caches: a signal ends it at once
             try:
@@ -85,6 +86,7 @@ def run_sweep(sweep: SweepConfig, trials: list[Trial], retry_errored: bool = Fal
             except Interrupted:
                 pass                      # no trial was running yet
         stop.graceful()
+        report_progress(work_done(to_run) - before, "epochs or trial endings")
         table = collect(sweep, trials)
     return table, stop.signal_name
 
@@ -145,7 +147,11 @@ def run_array_task(sweep: SweepConfig, trials: list[Trial], index: int, retry_er
             if read_stored_base(exp) is None:
                 store_base(exp, base)
             say(f"[sweep] trial {index} of {len(trials)}: {trial.trial_id} in {trial.dir}")
-            _run_array_on_ray(trial, address, stop)
+            before = work_done([trial])
+            try:
+                _run_array_on_ray(trial, address, stop)
+            finally:
+                report_progress(work_done([trial]) - before, "epochs or trial endings")
         except Interrupted:
             pass
     return trial_status(trial.dir), stop.signal_name

@@ -14,8 +14,8 @@ from allcluster.console import say
 from allcluster.data.cache import MUST_EXIST_ENV
 from allcluster.data.preprocess import Preprocess
 from allcluster.sweep.config import SweepConfig
-from allcluster.interrupt import StopSignals, call_in_thread
-from allcluster.sweep.plan import Trial, mark_errored, mark_stopped
+from allcluster.interrupt import STOP_REQUESTED, StopSignals, call_in_thread
+from allcluster.sweep.plan import Trial, mark_errored, mark_stopped, trial_status
 from allcluster.train.config import TrainConfig
 
 # The Tune trial actor only waits on its TorchTrainer, whose workers hold the real resources.
@@ -59,11 +59,11 @@ def run_array_trial(trial: Trial) -> None:
     trainer = trial_trainer(trial.trial_id, to_dict(trial.config))
     try:
         result = call_in_thread(trainer.fit)
-    except Exception as err:                  # Train V2 raises a failed run (TrainingFailedError)
-        mark_errored(trial.dir, err)
-        return
-    if result.error:
-        mark_errored(trial.dir, result.error)
+        err = result.error
+    except Exception as raised:               # Train V2 raises a failed run (TrainingFailedError)
+        err = raised
+    if err:
+        record_error(trial, err, "a stop signal" if STOP_REQUESTED.is_set() else "")
 
 
 def trial_resources(cfg: TrainConfig) -> tuple[float, float]:
@@ -161,13 +161,31 @@ def progress_callback(total: int):
     return Progress()
 
 
-def record_errors(result_grid, trials: dict[str, Trial]) -> None:
+def record_errors(result_grid, trials: dict[str, Trial], stopped_by: str = "") -> None:
     """Write ``error.json`` for every trial that raised. Trials a scheduler stopped were marked when
-    it decided (:class:`RecordsStops`); trials a stop signal cut short are left to be resumed."""
+    it decided (:class:`RecordsStops`); trials a stop signal cut short are left to be resumed.
+
+    In a run a stop signal ended (``stopped_by``), errors are not final: Slurm's SIGTERM at
+    ``scontrol requeue``, preemption or ``scancel`` reaches every node of the job, and the Ray node
+    it stops takes the trial actors on it down with it (``ActorDiedError``: "its node was terminated")
+    before the driver has stopped those trials. Recorded, such a trial would never resume; left
+    unmarked, the rerun tries it again (and records a real error then). A trial whose model is
+    exported is finished whatever its last report met.
+    """
     for result in result_grid:
-        trial = trials[result.config["trial"]["trial_id"]]
         if result.error is not None:
-            mark_errored(trial.dir, result.error)
+            record_error(trials[result.config["trial"]["trial_id"]], result.error, stopped_by)
+
+
+def record_error(trial: Trial, err: BaseException, stopped_by: str = "") -> None:
+    """One trial's error, by the rule of :func:`record_errors`."""
+    if trial_status(trial.dir) == "finished":
+        return
+    if stopped_by:
+        say(f"[sweep] {trial.trial_id} ended with {type(err).__name__} while {stopped_by} stopped "
+            "the run: not recorded as errored, the rerun resumes it")
+    else:
+        mark_errored(trial.dir, err)
 
 
 class RecordsStops:
@@ -251,7 +269,8 @@ def run_tune(sweep: SweepConfig, to_run: list[Trial], experiment_dir: Path, stop
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                                   callbacks=[progress_callback(len(to_run))], verbose=0))
     stop.graceful()
-    record_errors(call_in_thread(tuner.fit), {t.trial_id: t for t in to_run})
+    grid = call_in_thread(tuner.fit)
+    record_errors(grid, {t.trial_id: t for t in to_run}, stop.signal_name)
 
 
 def _max_epochs(cfg: TrainConfig) -> int:

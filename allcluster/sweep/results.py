@@ -30,6 +30,18 @@ def _history(trial: Trial) -> pd.DataFrame:
     return pq.read_table(path).to_pandas() if path.is_file() else pd.DataFrame()
 
 
+def work_done(trials: list[Trial]) -> int:
+    """Epochs recorded in the trials' folders plus one per trial that finished or was stopped (ended
+    for good; an error is no progress, and ``--retry-errored`` undoes it): its growth over a run is
+    the run's progress (:func:`allcluster.interrupt.report_progress`)."""
+    total = 0
+    for trial in trials:
+        path = trial.dir / "metrics.parquet"
+        ended = trial_status(trial.dir) in ("finished", "stopped")
+        total += (pq.read_metadata(path).num_rows if path.is_file() else 0) + ended
+    return total
+
+
 def _card(trial: Trial) -> ModelCard | None:
     return ModelCard.read(trial.dir / "model") if (trial.dir / "model" / CARD_FILE).is_file() else None
 
