@@ -57,6 +57,10 @@ _ray_check_env() {
          "root, or set ALLCLUSTER_HOME / ALLCLUSTER_PYTHON." >&2
     return 2
   fi
+  if ! [[ $ALLCLUSTER_MAX_STALLED_STARTS =~ ^[1-9][0-9]*$ ]]; then
+    echo "ray-cluster.sh: ALLCLUSTER_MAX_STALLED_STARTS=$ALLCLUSTER_MAX_STALLED_STARTS is not a whole number >= 1" >&2
+    return 2
+  fi
   if [ ! -f "$ALLCLUSTER_HOME/allcluster/__init__.py" ]; then
     echo "ray-cluster.sh: $ALLCLUSTER_HOME is not the allcluster repository (submit from its root or set ALLCLUSTER_HOME)" >&2
     return 2
@@ -127,8 +131,8 @@ _ray_stalls_file() {  # beside the private folder, which every start recreates
 }
 
 _ray_made_progress() {  # this start's driver recorded work done: "<units> <what>", units > 0
-  local units what
-  read -r units what <"$_ray_jobdir/progress" 2>/dev/null || true
+  local units="" what=""
+  { read -r units what <"$_ray_jobdir/progress"; } 2>/dev/null || true   # none: the driver never got to write it
   if [[ ${units:-} =~ ^[0-9]+$ ]] && [ "$units" -gt 0 ]; then
     _log "this start's progress: $units $what"
     return 0
@@ -143,7 +147,9 @@ _ray_keeps_requeueing() {  # false once ALLCLUSTER_MAX_STALLED_STARTS warned sta
     rm -f "$file"
     return 0
   fi
-  stalls=$(( $(cat "$file" 2>/dev/null || echo 0) + 1 ))
+  stalls=$(cat "$file" 2>/dev/null || true)
+  [[ $stalls =~ ^[0-9]+$ ]] || stalls=0
+  stalls=$((stalls + 1))
   if [ "$stalls" -ge "$ALLCLUSTER_MAX_STALLED_STARTS" ]; then
     _log "no progress in $stalls starts in a row (each stopped by the time-limit warning before it" \
          "completed a unit of work: an epoch, a batch of rows): not requeueing, so the job does not loop." \

@@ -701,6 +701,28 @@ def test_a_duplicate_takes_its_first_copys_results_but_keeps_its_own_input_colum
     assert (orphan["status"], orphan["error_type"]) == ("error", "duplicate_unresolved")
 
 
+def test_the_writer_counts_final_rows_apart_so_a_start_that_only_rewrites_transient_errors_made_no_progress(
+        tmp_path):
+    """A folder that stays unlistable (a file that stays unreadable) gets its error row again at every
+    start: the Slurm script must not take that for progress (slurm/ray-cluster.sh stops a requeue loop)."""
+    import pyarrow as pa
+
+    from allcluster.score.output import ShardWriter
+    from allcluster.score.rows import empty_columns, row_schema
+
+    schema = row_schema(["A", "B"], ["gradcam"], [])
+    cols = empty_columns(schema, 4)
+    cols.update(path=["locked/", "busy.jpg", "notes.txt", "cell.jpg"], status=["error", "error", "error", "ok"],
+                error_type=["unlistable", "unreadable", "not_an_image", None], duplicate_of=[""] * 4)
+    writer = ShardWriter(tmp_path, schema, "run", rows_per_shard=100, flush_seconds=60)
+    writer.add(pa.Table.from_pydict(cols, schema=schema).slice(0, 2))
+    writer.flush()
+    assert (writer.written, writer.final) == (2, 0)
+    writer.add(pa.Table.from_pydict(cols, schema=schema).slice(2))
+    writer.flush()
+    assert (writer.written, writer.final) == (4, 2)
+
+
 def test_one_read_of_the_rows_gives_done_paths_budget_spent_and_the_rows_to_compact(tmp_path):
     import pyarrow as pa
 

@@ -237,7 +237,7 @@ def test_two_score_jobs_share_node_n1_and_one_finishes_through_time_limit_requeu
     assert f"restart 0 of job {slow}" in log and f"restart 1 of job {slow}" in log, log[-4000:]
     assert "SIGUSR1 (time limit or preemption ahead): asking the driver" in log
     assert "driver exited with 75: interrupted" in log and f"requeueing job {slow} (scontrol requeue)" in log
-    assert re.search(r"this start's progress: [1-9]\d* rows", log), "the driver's rows reach the requeue decision"
+    assert re.search(r"this start's progress: [1-9]\d* final rows", log), "the driver's rows reach the requeue decision"
     rows = pd.read_parquet(out["slow"] / "rows")
     assert rows["path"].is_unique and sorted(rows["path"]) == sorted(map(str, slow_files))
     assert (rows["status"] == "ok").all() and rows["heatmap_scorecam"].notna().all() and rows["heatmap_lime"].notna().all()
@@ -356,11 +356,12 @@ def test_a_job_whose_warned_starts_make_no_progress_stops_requeueing_after_three
 
     def start(progress: str | None, rc: int = 75) -> str:
         write = f'echo "{progress}" > "$_ray_jobdir/progress"' if progress is not None else ":"
-        shell = (f'source slurm/ray-cluster.sh; trap ray_cluster_stop EXIT\n'
+        shell = (f'set -euo pipefail; source slurm/ray-cluster.sh; trap ray_cluster_stop EXIT\n'   # as slurm/*.sh
                  f'_ray_warned=1; _ray_jobdir={jobdir}; mkdir -p "$_ray_jobdir"; {write}\nexit {rc}\n')
         calls.unlink(missing_ok=True)
         done = subprocess.run(["bash", "-c", shell], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == rc and not jobdir.exists(), done.stdout + done.stderr
+        assert not done.stderr, done.stderr                    # no "No such file" for a missing progress file
         return done.stdout + ("REQUEUED" if "scontrol requeue 4242" in _text(calls) else "")
 
     assert "this start's progress: 12 rows" in start("12 rows") and "REQUEUED" in start("12 rows")
@@ -371,8 +372,10 @@ def test_a_job_whose_warned_starts_make_no_progress_stops_requeueing_after_three
         assert stalls.read_text().strip() == str(count)
     log = start("3 epochs or trial endings")                # progress: the count starts again
     assert "REQUEUED" in log and not stalls.exists()
-    for _ in range(2):
-        assert "REQUEUED" in start(None)
+    assert "REQUEUED" in start(None)
+    stalls.write_text("x")                                  # unreadable count: taken as none
+    assert "REQUEUED" in start(None) and stalls.read_text().strip() == "1"
+    assert "REQUEUED" in start(None)
     log = start("garbage")
     assert "REQUEUED" not in log and "no progress in 3 starts in a row" in log and "not requeueing" in log, log
     assert not stalls.exists()

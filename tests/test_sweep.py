@@ -353,20 +353,23 @@ def test_trial_errors_of_a_run_a_signal_stopped_are_left_to_resume_and_a_finishe
     from allcluster.sweep.plan import trial_status
     from allcluster.sweep.ray_tune import record_errors
 
+    from ray.train import WorkerGroupError
+
     sweep = _sweep({"experiment_dir": str(tmp_path / "exp"), "train": {"data": {"manifest": "m.parquet"}},
-                    "grid": {"optim.name": ["adam", "sgd"]}})
-    running, exported = plan_trials(sweep, "sweep.yaml")
+                    "grid": {"optim.name": ["adam", "sgd", "rmsprop", "adadelta"]}})
+    running, worker_lost, buggy, exported = trials = plan_trials(sweep, "sweep.yaml")
     (exported.dir / "model").mkdir(parents=True)
     (exported.dir / "model" / "model_card.json").write_text("{}")
     died = ActorDiedError()            # what Tune hands back for a trial actor whose node went down
-    grid = [SimpleNamespace(config={"trial": {"trial_id": t.trial_id}}, error=died) for t in (running, exported)]
-    trials = {t.trial_id: t for t in (running, exported)}
+    errors = [died, WorkerGroupError("a worker died", {0: died}), ValueError("the trial's own bug"), died]
+    grid = [SimpleNamespace(config={"trial": {"trial_id": t.trial_id}}, error=e) for t, e in zip(trials, errors)]
+    by_id = {t.trial_id: t for t in trials}
 
-    record_errors(grid, trials, stopped_by="SIGTERM")
-    assert trial_status(running.dir) == "pending" and trial_status(exported.dir) == "finished"
+    record_errors(grid, by_id, stopped_by="SIGTERM")
+    assert [trial_status(t.dir) for t in trials] == ["pending", "pending", "errored", "finished"]
     assert f"{running.trial_id} ended with ActorDiedError while SIGTERM stopped the run" in capsys.readouterr().err
-    record_errors(grid, trials)
-    assert trial_status(running.dir) == "errored" and trial_status(exported.dir) == "finished"
+    record_errors(grid, by_id)                                   # no signal: every error is the trial's
+    assert [trial_status(t.dir) for t in trials] == ["errored", "errored", "errored", "finished"]
     assert not (exported.dir / "error.json").exists()
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -410,7 +412,7 @@ def test_a_job_killed_then_stopped_by_sigterm_resumes_to_exactly_one_row_per_fil
     written = _rows_written(out)
     assert killed_at < written < len(files)
     assert f'"run_rows": {written - killed_at}' in text, "an interrupted run counts the rows it wrote"
-    assert progress.read_text() == f"{written - killed_at} rows\n"
+    assert progress.read_text() == f"{written - killed_at} final rows\n"
     assert "Starting execution of Dataset" not in text and "Execution plan of Dataset" not in text, \
         "Ray Data's INFO lines stay in its log file unless --log-level debug"
     assert "Progress bars disabled" not in text
@@ -486,3 +488,48 @@ def test_array_tasks_share_one_output_and_report_like_one_whole_job(ray_local, t
     for table in ("class_counts", "errors_by_type"):
         assert (pd.read_csv(shared / "report" / "tables" / f"{table}.csv")
                 .equals(pd.read_csv(whole / "report" / "tables" / f"{table}.csv"))), table
+
+
+# ---- archive scale: more path text than one Arrow string array holds ---------------------------------
+def _paths_past_2_gib(chunks: int = 4, per_chunk: int = 560_000) -> pa.ChunkedArray:
+    """Distinct ~1 KB paths, 2.25 GB in all (a 24-million-image archive's paths at ~90 bytes each)."""
+    folder = pa.scalar("/archive/" + "d" * 990 + "/")
+    return pa.chunked_array([
+        pc.binary_join_element_wise(folder, pc.cast(pa.array(np.arange(k * per_chunk, (k + 1) * per_chunk)), pa.string()), "")
+        for k in range(chunks)])
+
+
+def _dictionary(value: str | None, n: int) -> pa.DictionaryArray:
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value], pa.string()))
+
+
+@pytest.mark.slow
+def test_a_listing_and_an_output_past_2_gib_of_paths_dedupe_resume_and_compact_without_offset_overflow():
+    """One Arrow ``string`` array holds at most 2 GiB of text: gathering every path into one (a hash
+    table's keys, a concatenation) failed with "offset overflow" once an archive's paths passed it,
+    at the listing's dedupe, the resume's done set and the start's compaction check; grouping by
+    the paths aborted the process. About 50 s and 12 GB of memory."""
+    from allcluster.score.inputs import Listing
+    from allcluster.score.output import STATE_COLUMNS, RowsState
+
+    paths = _paths_past_2_gib()
+    n, retried = len(paths), paths.chunk(0).slice(0, 1)        # a second run's row for the first path
+    assert paths.nbytes > 2**31
+    rows = {"path": pa.chunked_array(paths.chunks + [retried])}
+    for column, value in (("status", "ok"), ("error_type", None), ("duplicate_of", ""), ("budget_reason", "")):
+        rows[column] = pa.chunked_array([_dictionary(value, n), _dictionary(value, 1)])
+    rows["run_id"] = pa.chunked_array([_dictionary("20261202-010000-0000-aaaaaaaa", n),
+                                       _dictionary("20261202-020000-0000-bbbbbbbb", 1)])
+    state = RowsState(pa.table({c: rows.pop(c) for c in STATE_COLUMNS}))
+    repeated, newest = state.superseded()
+    assert repeated.to_pylist() == retried.to_pylist()
+    assert newest.to_pylist() == [retried[0].as_py() + "\x0020261202-020000-0000-bbbbbbbb"]
+    done = state.done_paths()
+    assert len(done) == n
+    del state
+
+    listing = Listing(pa.table({"path": pa.chunked_array(paths.chunks + [retried])}))
+    del paths
+    listing = listing.first_of_each_path()                      # the repeated first path: one entry
+    assert len(listing) == n
+    assert len(listing.without(done)) == 0                       # every file already has its row

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -49,12 +50,15 @@ class Listing:
     def first_of_each_path(self) -> "Listing":
         """The entries in order, each path once (its first entry): a list or manifest may name one
         file twice, also as ``a.jpg`` and ``./a.jpg``, and every file gets exactly one row."""
-        paths = self.files.column("path")
+        paths = large_text(self.files.column("path"))
         if pc.count_distinct(paths).as_py() == len(paths):
             return self
-        numbered = pa.table({"path": paths, "row": pa.array(range(len(paths)), pa.int64())})
-        first = numbered.group_by("path", use_threads=False).aggregate([("row", "min")])["row_min"]
-        return Listing(self.files.take(pc.take(first, pc.sort_indices(first))), self.errors)
+        _, codes = path_codes(paths)
+        numbered = pa.table({"code": codes, "row": pa.array(np.arange(len(paths), dtype=np.int64))})
+        first = numbered.group_by("code", use_threads=False).aggregate([("row", "min")])["row_min"]
+        keep = np.zeros(len(paths), dtype=bool)
+        keep[first.to_numpy()] = True        # a mask, not take(): filter keeps the chunks (take joins them)
+        return Listing(self.files.filter(pa.array(keep)), self.errors)
 
     def part(self, shard: Shard) -> "Listing":
         """The entries that belong to ``shard``."""
@@ -72,6 +76,25 @@ class Listing:
         error_paths = pa.array([e["path"] for e in self.errors], pa.string())
         error_keep = pc.invert(pc.is_in(error_paths, value_set=done)).to_pylist()
         return Listing(self.files.filter(keep), [e for e, k in zip(self.errors, error_keep) if k])
+
+
+def large_text(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """``column`` as text that one array can hold whole, for what gathers every path into one (a
+    hash table's keys, a concatenation): tens of millions of paths pass 2 GiB of text, which one
+    ``string`` array cannot hold (ArrowCapacityError / "offset overflow"); such a column gets 64-bit
+    offsets (``large_string``). A smaller one is returned as it is (the cast would copy it)."""
+    if column.nbytes < 2**31 - 1:
+        return column
+    return pc.cast(column, pa.large_string())
+
+
+def path_codes(column: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.ChunkedArray | pa.Array]:
+    """(each distinct path once, in order of first entry; each entry's index into it): what to group
+    paths by. Arrow's ``group_by`` on the path text itself aborts the process (``std::length_error``)
+    once the keys pass 2 GiB, even as ``large_string``; on these integer codes it does not."""
+    paths = large_text(column)
+    distinct = pc.unique(paths)
+    return distinct, pc.index_in(paths, value_set=distinct)
 
 
 @dataclass(frozen=True)

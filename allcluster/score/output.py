@@ -32,7 +32,7 @@ from allcluster.data.decode import TRANSIENT_ERRORS
 from allcluster.locks import ExclusiveLock, lock_folder
 from allcluster.score.config import IMPLIED_BEFORE
 from allcluster.score.heatmaps import pack_of, point_rows_at_pack, write_pack
-from allcluster.score.inputs import Shard
+from allcluster.score.inputs import Shard, large_text, path_codes
 from allcluster.score.rows import OWN_COLUMNS, method_columns
 
 BUDGET_REASONS = ["low_confidence", "class", "sample"]     # rows that got the expensive methods
@@ -50,6 +50,17 @@ def rows_dataset(out: Path) -> pads.Dataset | None:
 # repetitive ones stay dictionary-encoded, so a resumed 10-million-row output costs about its paths.
 STATE_COLUMNS = ("path", "run_id", "status", "error_type", "duplicate_of", "budget_reason")
 STATE_DICTIONARY = ["run_id", "status", "error_type", "duplicate_of", "budget_reason"]
+
+
+def final_rows(status: pa.ChunkedArray | pa.Array, error_type: pa.ChunkedArray | pa.Array,
+               retry_errors: bool = False) -> pa.ChunkedArray | pa.Array:
+    """Which rows are final (a rerun skips their paths): ``ok`` rows and errors that the file's
+    content determines (with ``retry_errors``, ``ok`` rows only). Transient errors are scored again."""
+    final = pc.equal(status, "ok")
+    if not retry_errors:
+        transient = pc.is_in(error_type, pa.array(sorted(TRANSIENT_ERRORS)))
+        final = pc.or_(final, pc.invert(pc.fill_null(transient, False)))
+    return pc.fill_null(final, False)
 
 
 class RowsState:
@@ -74,11 +85,8 @@ class RowsState:
     def done_paths(self, retry_errors: bool = False) -> pa.Array:
         """Paths whose row is final, which a rerun skips: ``ok`` rows and errors that the file's
         content determines (with ``retry_errors``, ``ok`` rows only). Transient errors are scored again."""
-        final = pc.equal(self.text("status"), "ok")
-        if not retry_errors:
-            transient = pc.is_in(self.text("error_type"), pa.array(sorted(TRANSIENT_ERRORS)))
-            final = pc.or_(final, pc.invert(pc.fill_null(transient, False)))
-        return pc.unique(self.table.column("path").filter(pc.fill_null(final, False)).combine_chunks())
+        final = final_rows(self.text("status"), self.text("error_type"), retry_errors)
+        return pc.unique(large_text(self.table.column("path").filter(final)))
 
     def budget_used(self, shard: Shard = Shard()) -> int:
         """Budgeted explanations already spent by earlier runs of ``shard`` (the cap spans reruns)."""
@@ -88,25 +96,32 @@ class RowsState:
 
     def superseded(self, shard: Shard = Shard()) -> tuple[pa.Array, pa.Array]:
         """(paths of ``shard`` with rows from several runs, their ``path + NUL + newest run_id`` keys)."""
-        keys = pa.table({"path": self.table.column("path"), "run_id": self.text("run_id")})
-        counts = keys.group_by("path").aggregate([("run_id", "max"), ("run_id", "count")])
+        paths = large_text(self.table.column("path"))
+        if pc.count_distinct(paths).as_py() == len(paths):          # the usual case: one row per path
+            return pa.array([], pa.large_string()), pa.array([], pa.large_string())
+        distinct, codes = path_codes(paths)
+        counts = pa.table({"code": codes, "run_id": self.text("run_id")}).group_by("code").aggregate(
+            [("run_id", "max"), ("run_id", "count")])
         repeated = counts.filter(pc.greater(counts["run_id_count"], 1))
+        repeated = pa.table({"path": distinct.take(repeated["code"]), "run_id": repeated["run_id_max"]})
         repeated = repeated.filter(pa.array(shard.holds(repeated["path"].to_pylist()), pa.bool_()))
-        return repeated["path"], pc.binary_join_element_wise(repeated["path"], repeated["run_id_max"], "\x00")
+        return repeated["path"], row_keys(repeated)
 
 
     def relisted(self, still_unlistable: list[str], shard: Shard = Shard()) -> pa.Array:
         """Folders of ``shard`` with an ``unlistable`` row that are not in ``still_unlistable`` (this
         run's listing errors of that type): this run listed them, and their files' rows replace it."""
         rows = pc.equal(self.text("error_type"), "unlistable")
-        folders = pc.unique(self.table.column("path").filter(pc.fill_null(rows, False)).combine_chunks())
+        folders = pc.unique(large_text(self.table.column("path").filter(pc.fill_null(rows, False))))
         folders = folders.filter(pc.invert(pc.is_in(folders, pa.array(still_unlistable, pa.string()))))
         return folders.filter(pa.array(shard.holds(folders.to_pylist()), pa.bool_()))
 
 
 def row_keys(table: pa.Table) -> pa.ChunkedArray:
     """``path + NUL + run_id`` of each row: one row of one run."""
-    return pc.binary_join_element_wise(table["path"], pc.cast(table["run_id"], pa.string()), "\x00")
+    text = pa.large_string()              # a whole job's keys can pass 2 GiB (see large_text)
+    return pc.binary_join_element_wise(pc.cast(table["path"], text), pc.cast(table["run_id"], text),
+                                       pa.scalar("\x00", text))
 
 
 def superseded_rows(table: pa.Table, paths: pa.Array, newest: pa.Array) -> pa.Array:
@@ -197,6 +212,7 @@ class ShardWriter:
         self.buffered = 0
         self.shards = 0
         self.written = 0                  # rows this writer has written (this run's rows)
+        self.final = 0                    # of which final (:func:`final_rows`): this run's progress
         self.last_flush = time.monotonic()
 
     def name(self) -> str:
@@ -226,6 +242,7 @@ class ShardWriter:
                 rows = unwritten_maps(rows, f"heatmaps/{self.name()}", self.methods, err)
         replace_shard(self.dir / self.name(), rows)
         self.written += rows.num_rows
+        self.final += pc.sum(final_rows(rows["status"], rows["error_type"])).as_py() or 0
         self.buffer, self.maps, self.buffered = [], [], 0
         self.shards += 1
 

@@ -165,10 +165,12 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
         except Interrupted as err:
             interrupted = err.signal_name
         writer.flush()
+        # final rows only: a folder that stays unlistable, or a file that stays unreadable, gets its
+        # error row again at every start, which is no progress (a requeue loop would go unnoticed)
+        report_progress(writer.final, "final rows")
         # retried transient errors: the new row replaces the old; a folder listed this time: its files' rows
         compact(out, shard, relisted=state.relisted(
             [e["path"] for e in todo.errors if e["error_type"] == "unlistable"], shard))
-        report_progress(writer.written, "rows")
         summary = summarize(out, time.monotonic() - start, writer.written)
         summary["seconds_to_first_row"] = first_row
         if interrupted:

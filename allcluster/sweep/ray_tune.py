@@ -165,12 +165,12 @@ def record_errors(result_grid, trials: dict[str, Trial], stopped_by: str = "") -
     """Write ``error.json`` for every trial that raised. Trials a scheduler stopped were marked when
     it decided (:class:`RecordsStops`); trials a stop signal cut short are left to be resumed.
 
-    In a run a stop signal ended (``stopped_by``), errors are not final: Slurm's SIGTERM at
-    ``scontrol requeue``, preemption or ``scancel`` reaches every node of the job, and the Ray node
-    it stops takes the trial actors on it down with it (``ActorDiedError``: "its node was terminated")
-    before the driver has stopped those trials. Recorded, such a trial would never resume; left
-    unmarked, the rerun tries it again (and records a real error then). A trial whose model is
-    exported is finished whatever its last report met.
+    In a run a stop signal ended (``stopped_by``), a trial whose Ray processes died is not errored:
+    Slurm's SIGTERM at ``scontrol requeue``, preemption or ``scancel`` reaches every node of the job,
+    and the Ray node it stops takes the trial actors on it down with it (``ActorDiedError``: "its
+    node was terminated") before the driver has stopped those trials. Recorded, such a trial would
+    never resume; left unmarked, the rerun resumes it. Its own exceptions are recorded as always. A
+    trial whose model is exported is finished whatever its last report met.
     """
     for result in result_grid:
         if result.error is not None:
@@ -181,11 +181,30 @@ def record_error(trial: Trial, err: BaseException, stopped_by: str = "") -> None
     """One trial's error, by the rule of :func:`record_errors`."""
     if trial_status(trial.dir) == "finished":
         return
-    if stopped_by:
+    if stopped_by and ray_processes_died(err):
         say(f"[sweep] {trial.trial_id} ended with {type(err).__name__} while {stopped_by} stopped "
             "the run: not recorded as errored, the rerun resumes it")
     else:
         mark_errored(trial.dir, err)
+
+
+def ray_processes_died(err: BaseException) -> bool:
+    """Whether ``err`` says a Ray process (actor, worker, raylet, node) died rather than the trial's
+    code raised; looks inside Ray Train's and Ray's wrappers (``WorkerGroupError``, ``RayTaskError``)."""
+    from ray import exceptions as rx
+
+    died = (rx.RayActorError, rx.NodeDiedError, rx.WorkerCrashedError, rx.RaySystemError, rx.LocalRayletDiedError)
+    todo, seen = [err], set()
+    while todo:
+        found = todo.pop()
+        if found is None or id(found) in seen:
+            continue
+        seen.add(id(found))
+        if isinstance(found, died) and not getattr(found, "actor_init_failed", False):
+            return True
+        todo += [found.__cause__, getattr(found, "cause", None), getattr(found, "controller_failure", None),
+                 *(getattr(found, "worker_failures", None) or {}).values()]
+    return False
 
 
 class RecordsStops:
