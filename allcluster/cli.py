@@ -327,9 +327,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from allcluster.interrupt import Interrupted, interrupted_cause, interrupted_exit, stop_at_once
+
     if argv is None:                        # the command line, not a library or test call
+        stop_at_once()
         from allcluster.device import restart_on_preferred_malloc
         restart_on_preferred_malloc()       # tcmalloc for this process too (dry-run probe, explain, benches)
+    try:
+        return _run(argv)
+    except Interrupted as err:              # outside a run's graceful stop (see allcluster.interrupt)
+        return interrupted_exit(err)
+    except Exception as err:                # the same, come out of Ray's compiled code as a SystemError
+        if interrupted_cause(err) is None:
+            raise
+        return interrupted_exit(interrupted_cause(err))
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.log_level:
         from allcluster.console import set_level

@@ -104,6 +104,53 @@ class StopSignals:
         raise Interrupted(self.signal_name)
 
 
+def stop_at_once() -> None:
+    """From a driver's first line until :class:`StopSignals` takes over (and again after it): the
+    first SIGINT/SIGTERM/SIGUSR1 raises :class:`Interrupted`, which the command line turns into exit
+    75. Python's own actions would end the process with 130, 143 or 138 instead: seen when the
+    time-limit warning came while the driver was still importing torch (``slurm/ray-cluster.sh``
+    forwards it as soon as the driver runs)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _interrupt)
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def interrupted_cause(err: BaseException) -> Interrupted | None:
+    """The :class:`Interrupted` behind ``err``, if any. A handler's exception raised while the main
+    thread is inside Ray's compiled code (``ray.get``: ``_raylet.check_signals``) comes out as
+    ``SystemError: ... returned a result with an exception set``, the Interrupted as its context."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, Interrupted):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def interrupted_exit(err: Interrupted) -> int:
+    """Say that a stop signal ended the command outside a graceful stop; the exit code (75)."""
+    say(f"allcluster: interrupted by {err.signal_name} outside a graceful stop; what was written is kept: "
+        f"rerun the same command to resume (exit {EX_TEMPFAIL})")
+    return EX_TEMPFAIL
+
+
+def run_driver(command: str, argv: list[str]) -> int:
+    """A Slurm job's driver (``jobs/*.py``): ``allcluster COMMAND ARGV...`` with the stop signals
+    ending it with 75 from the first line on (:func:`stop_at_once`), imports included."""
+    stop_at_once()
+    try:
+        from allcluster.cli import main
+
+        return main([command, *argv])
+    except Interrupted as err:                  # while importing
+        return interrupted_exit(err)
+
+
 def report_progress(units: int, what: str) -> None:
     """Record how much work this run completed (``units`` of ``what``: rows written, epochs recorded)
     in the file named by ``$ALLCLUSTER_PROGRESS_FILE``, when set.

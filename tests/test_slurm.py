@@ -160,6 +160,38 @@ def test_sbatch_sweep_requeued_mid_trial_finishes_every_trial_across_two_nodes(s
     assert not leftover.strip(), f"jobs left in the queue: {leftover}"
 
 
+def test_a_sweep_warned_before_its_first_epoch_at_every_start_stops_requeueing_itself(slurm, real_manifest, tmp_path):
+    """The requeue-loop guard on the real cluster: each start of a sweep gets the time-limit warning
+    (SIGUSR1 to the batch shell, what --signal=B:USR1 sends) before any epoch ends, as when an epoch
+    outlasts the time limit. With ALLCLUSTER_MAX_STALLED_STARTS=2 the job requeues itself once, then
+    ends (exit 75) instead of returning to the queue forever, and leaves no count behind."""
+    experiment, log = tmp_path / "sweep", tmp_path / "job.out"
+    config = two_trial_grid(tmp_path / "sweep.yaml")
+    # --time 30 minutes: Slurm's own warning (sweep.sh's B:USR1@900) stays 15 minutes away
+    job = _submit(slurm, ["--nodes=1", "--cpus-per-task=2", "--mem=3G", "--time=30", f"--output={log}",
+                          "--export=ALL,ALLCLUSTER_MIN_RUN_BEFORE_REQUEUE_S=0,ALLCLUSTER_MAX_STALLED_STARTS=2"],
+                  ["slurm/sweep.sh", str(config), "--set", f"train.data.manifest={real_manifest}",
+                   "--set", f"experiment_dir={experiment}"])
+    warned = set()
+
+    def warn_each_start(states):   # once this start's driver runs (its first line: it holds its handlers)
+        starts = log.read_text(errors="replace").count("trials (2 grid cells) in") if log.exists() else 0
+        if starts and starts not in warned and states[job].get("JobState") == "RUNNING":
+            subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm["env"], check=True)
+            warned.add(starts)
+
+    final = _wait_final(slurm, [job], 900, warn_each_start)[job]
+    text = log.read_text(errors="replace")
+    assert not list(experiment.glob("trials/*/metrics.parquet")), "an epoch ended: the starts were not stalled"
+    assert final["JobState"] == "FAILED" and final["ExitCode"] == "75:0", f"{final}\n{text[-4000:]}"
+    assert int(final["Restarts"]) == 1 and text.count(f"requeueing job {job}") == 1, text[-4000:]
+    assert text.count("driver exited with 75: interrupted") == 2
+    assert "no progress this start (1 of 2 in a row" in text
+    assert "no progress in 2 starts in a row" in text and "not requeueing" in text, text[-3000:]
+    assert not (Path.home() / ".ray-slurm" / f"{job}.stalls").exists()
+    _assert_private_ray_state(text)
+
+
 def test_sweep_script_refuses_to_run_outside_a_job(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     done = subprocess.run(["bash", "slurm/sweep.sh", "configs/sweep/ci_tiny.yaml"], cwd=REPO, env=env,

@@ -425,6 +425,65 @@ def test_a_job_killed_then_stopped_by_sigterm_resumes_to_exactly_one_row_per_fil
     assert rows["run_id"].nunique() == 3, "the killed run, the stopped run and the one that finished"
 
 
+def _catches(pid: int, signum: int) -> bool:
+    """The process has a handler of its own for ``signum`` (``SigCgt`` in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+@pytest.mark.parametrize("driver", ["jobs/score.py", "jobs/sweep.py"])
+def test_a_warning_while_the_driver_still_starts_ends_it_with_75_not_killed(driver, tmp_path):
+    """Slurm's time-limit warning (SIGUSR1, forwarded by slurm/ray-cluster.sh as soon as the driver
+    runs) can come while Python still imports: the driver must end with the contract's 75, not die
+    of the signal (138). Sent as soon as the driver has a handler, long before any run starts."""
+    args = ["--model", str(tmp_path), "--input", str(tmp_path), "--out", str(tmp_path / "out")] \
+        if driver.endswith("score.py") else ["--config", str(tmp_path / "sweep.yaml")]
+    process = subprocess.Popen([sys.executable, driver, *args], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while not _catches(process.pid, signal.SIGUSR1) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGUSR1)
+    text, _ = process.communicate(timeout=60)
+    assert process.returncode == 75, text[-2000:]
+    assert "interrupted by SIGUSR1 outside a graceful stop" in text and "rerun the same command" in text, text
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.ray
+def test_a_stop_signal_inside_ray_get_still_ends_the_command_with_75(ray_local, monkeypatch):
+    """Raised by a handler while the main thread waits in ``ray.get`` (Ray's compiled code), the
+    Interrupted comes out as a SystemError (seen: a Slurm warning during the sweep's cache build,
+    exit 1 with a traceback); the command line still sees the stop and exits 75."""
+    import threading
+
+    from allcluster import cli
+    from allcluster.interrupt import STOP_SIGNALS, interrupted_cause, stop_at_once
+
+    @ray_local.remote
+    def slow() -> int:
+        time.sleep(5)
+        return 1
+
+    def waits_in_ray_get(args) -> int:
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        return ray_local.get(slow.remote())
+
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    stop_at_once()
+    try:
+        with pytest.raises(BaseException) as raised:
+            waits_in_ray_get(None)
+        assert interrupted_cause(raised.value) is not None, repr(raised.value)
+        monkeypatch.setattr(cli, "cmd_report", waits_in_ray_get)
+        assert cli.main(["report", "nowhere", "--out", "nowhere"]) == 75
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _text(path: Path) -> str:
     return path.read_text() if path.is_file() else ""
 
