@@ -338,9 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as err:              # outside a run's graceful stop (see allcluster.interrupt)
         return interrupted_exit(err)
     except Exception as err:                # the same, come out of Ray's compiled code as a SystemError
-        if interrupted_cause(err) is None:
+        cause = interrupted_cause(err)
+        if cause is None:
             raise
-        return interrupted_exit(interrupted_cause(err))
+        return interrupted_exit(cause)
 
 
 def _run(argv: list[str] | None) -> int:

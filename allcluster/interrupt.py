@@ -119,17 +119,26 @@ def _interrupt(signum: int, frame) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
 
+def behind(err: BaseException):
+    """``err`` and every exception behind it: Python's ``__cause__``/``__context__`` and Ray's
+    wrappers (``RayTaskError.cause``, Ray Train's ``ControllerError.controller_failure`` and
+    ``WorkerGroupError.worker_failures``), each once."""
+    todo, seen = [err], set()
+    while todo:
+        found = todo.pop()
+        if found is None or id(found) in seen:
+            continue
+        seen.add(id(found))
+        yield found
+        todo += [found.__cause__, found.__context__, getattr(found, "cause", None),
+                 getattr(found, "controller_failure", None), *(getattr(found, "worker_failures", None) or {}).values()]
+
+
 def interrupted_cause(err: BaseException) -> Interrupted | None:
     """The :class:`Interrupted` behind ``err``, if any. A handler's exception raised while the main
     thread is inside Ray's compiled code (``ray.get``: ``_raylet.check_signals``) comes out as
     ``SystemError: ... returned a result with an exception set``, the Interrupted as its context."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, Interrupted):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
+    return next((found for found in behind(err) if isinstance(found, Interrupted)), None)
 
 
 def interrupted_exit(err: Interrupted) -> int:

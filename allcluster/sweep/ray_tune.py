@@ -14,7 +14,7 @@ from allcluster.console import say
 from allcluster.data.cache import MUST_EXIST_ENV
 from allcluster.data.preprocess import Preprocess
 from allcluster.sweep.config import SweepConfig
-from allcluster.interrupt import STOP_REQUESTED, StopSignals, call_in_thread
+from allcluster.interrupt import STOP_REQUESTED, StopSignals, behind, call_in_thread
 from allcluster.sweep.plan import Trial, mark_errored, mark_stopped, trial_status
 from allcluster.train.config import TrainConfig
 
@@ -190,21 +190,11 @@ def record_error(trial: Trial, err: BaseException, stopped_by: str = "") -> None
 
 def ray_processes_died(err: BaseException) -> bool:
     """Whether ``err`` says a Ray process (actor, worker, raylet, node) died rather than the trial's
-    code raised; looks inside Ray Train's and Ray's wrappers (``WorkerGroupError``, ``RayTaskError``)."""
+    code raised; looks inside Ray Train's and Ray's wrappers (:func:`allcluster.interrupt.behind`)."""
     from ray import exceptions as rx
 
     died = (rx.RayActorError, rx.NodeDiedError, rx.WorkerCrashedError, rx.RaySystemError, rx.LocalRayletDiedError)
-    todo, seen = [err], set()
-    while todo:
-        found = todo.pop()
-        if found is None or id(found) in seen:
-            continue
-        seen.add(id(found))
-        if isinstance(found, died) and not getattr(found, "actor_init_failed", False):
-            return True
-        todo += [found.__cause__, getattr(found, "cause", None), getattr(found, "controller_failure", None),
-                 *(getattr(found, "worker_failures", None) or {}).values()]
-    return False
+    return any(isinstance(found, died) and not getattr(found, "actor_init_failed", False) for found in behind(err))
 
 
 class RecordsStops:
