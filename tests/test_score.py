@@ -723,6 +723,71 @@ def test_the_writer_counts_final_rows_apart_so_a_start_that_only_rewrites_transi
     assert (writer.written, writer.final) == (4, 2)
 
 
+def _journal_rows(schema, paths: list[str]) -> "pa.Table":
+    import pyarrow as pa
+
+    from allcluster.score.rows import empty_columns
+
+    cols = empty_columns(schema, len(paths))
+    cols.update(path=paths, sha256=[hashlib.sha256(p.encode()).hexdigest() for p in paths], status=["ok"] * len(paths),
+                duplicate_of=[""] * len(paths))
+    table = pa.Table.from_pydict(cols, schema=schema)
+    pngs = pa.array([b"\x89PNG map of " + p.encode() for p in paths], pa.binary())
+    return table.append_column("_png_gradcam", pngs)
+
+
+def test_rows_a_killed_driver_held_in_memory_are_recovered_from_its_journal_once(tmp_path):
+    """The writer journals every batch it buffers; a driver that dies before its shard (SIGKILL, or Ray
+    ending it when its raylet stops) leaves the journal, and the next run writes it as that shard,
+    with its maps, under the dead run's id. A torn last batch is left out; a shard that was written
+    is not written twice; an array task recovers only its own part's journal."""
+    import pyarrow as pa
+
+    from allcluster.score.heatmaps import heatmap_png
+    from allcluster.score.inputs import Shard
+    from allcluster.score.output import RowsState, ShardWriter, recover_journals
+    from allcluster.score.rows import row_schema
+
+    schema = row_schema(["A", "B"], ["gradcam"], [])
+    writer = ShardWriter(tmp_path, schema, "run-1", rows_per_shard=100, flush_seconds=3600,
+                         packed_methods=["gradcam"])
+    writer.add(_journal_rows(schema, ["a.jpg", "b.jpg"]))
+    writer.flush()                                                  # shard 0 written, its journal removed
+    assert not list(tmp_path.glob("rows/.journal-*/*"))
+    writer.add(_journal_rows(schema, ["c.jpg", "d.jpg"]))
+    writer.add(_journal_rows(schema, ["e.jpg"]))
+    journal = tmp_path / "rows" / ".journal-0-of-1" / "part-run-1-00001.parquet.rows.arrows"
+    assert journal.is_file() and not (tmp_path / "rows" / "part-run-1-00001.parquet").exists()
+    with open(journal, "r+b") as f:                              # killed while appending the last batch
+        f.truncate(journal.stat().st_size - 40)
+    part = ShardWriter(tmp_path, schema, "run-2", 100, 3600, ["gradcam"], Shard(1, 2))
+    part.add(_journal_rows(schema, ["f.jpg"]))                      # an array task's, killed too
+    del writer, part                                                # nothing flushes: the process died
+
+    assert recover_journals(tmp_path, Shard(0, 2), ["gradcam"]) == {}, "another part's journal is not ours"
+    assert recover_journals(tmp_path, Shard(), ["gradcam"]) == {"part-run-1-00001.parquet": 2,
+                                                               "part-run-2-00000.parquet": 1}
+    state = RowsState.read(tmp_path)
+    assert sorted(state.done_paths().to_pylist()) == ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "f.jpg"]
+    rows = pd.read_parquet(tmp_path / "rows").set_index("path")
+    assert rows.loc["c.jpg", "heatmap_gradcam"] == "heatmaps/part-run-1-00001.parquet", "the shard it was journaled for"
+    assert heatmap_png(tmp_path / rows.loc["d.jpg", "heatmap_gradcam"], rows.loc["d.jpg", "sha256"],
+                       "gradcam") == b"\x89PNG map of d.jpg"
+    assert not list((tmp_path / "rows").glob(".journal-*")), "recovered journals are removed"
+    assert recover_journals(tmp_path, Shard(), ["gradcam"]) == {}
+
+    again = ShardWriter(tmp_path, schema, "run-3", 100, 3600, ["gradcam"])
+    again.add(_journal_rows(schema, ["g.jpg"]))
+    again.flush()                                     # killed after its shard, before the journal went:
+    again.journal = None                              # the shard stands, and is not written a second time
+    (tmp_path / "rows" / ".journal-0-of-1").mkdir()
+    stale = tmp_path / "rows" / ".journal-0-of-1" / "part-run-3-00000.parquet.rows.arrows"
+    with pa.OSFile(str(stale), "wb") as sink, pa.ipc.new_stream(sink, schema) as stream:
+        stream.write_table(pq.read_table(tmp_path / "rows" / "part-run-3-00000.parquet"))
+    assert recover_journals(tmp_path, Shard(), ["gradcam"]) == {}
+    assert pd.read_parquet(tmp_path / "rows")["path"].tolist().count("g.jpg") == 1 and not stale.exists()
+
+
 def test_one_read_of_the_rows_gives_done_paths_budget_spent_and_the_rows_to_compact(tmp_path):
     import pyarrow as pa
 

@@ -288,6 +288,41 @@ def test_two_score_jobs_share_node_n1_and_one_finishes_through_time_limit_requeu
         _assert_private_ray_state(t)
 
 
+def test_a_scoring_job_requeued_from_outside_keeps_every_row_it_had_scored(slurm, tiny_model_dir, real_data_dir,
+                                                                            tmp_path):
+    """`scontrol requeue` (as preemption or an admin's requeue) sends SIGTERM to every process of the job
+    at once: the head's raylet stops with the driver, and Ray's core worker then ends the driver before
+    it can write the rows it holds (no shard yet: flush_seconds is an hour here). The requeued start
+    recovers them from the driver's journal: it starts with at least every row the first start had
+    shown as scored, and the job ends with exactly one row per file."""
+    files = [p for c in sorted(real_data_dir.iterdir()) for p in sorted(c.glob("*.jpg"))[:10]]   # 40, 1-2 s each
+    listing = tmp_path / "files.txt"
+    listing.write_text("\n".join(map(str, files)) + "\n")
+    out, log = tmp_path / "scored", tmp_path / "job.out"
+    job = _submit(slurm, ["-w", slurm["nodes"][0], "--nodes=1", "--cpus-per-task=2", "--mem=3G", "--time=20",
+                          f"--output={log}"],
+                  ["slurm/score.sh", "--config", "configs/score/ci_slow.yaml", "--model", str(tiny_model_dir),
+                   "--input", str(listing), "--out", str(out), "--set", "flush_seconds=3600",
+                   "--set", "rows_per_shard=100000", "--set", "progress_seconds=1"])
+    shown = []
+
+    def requeue_once_rows_are_scored(states):
+        scored = re.findall(r"\[score\] (\d+)/40 ", log.read_text(errors="replace") if log.exists() else "")
+        if not shown and states[job].get("JobState") == "RUNNING" and scored and 0 < int(scored[-1]) < 32:
+            shown.append(int(scored[-1]))
+            subprocess.run(["scontrol", "requeue", job], env=slurm["env"], check=True)
+
+    final = _wait_final(slurm, [job], 900, requeue_once_rows_are_scored)[job]
+    text = log.read_text(errors="replace")
+    assert shown, f"the job never showed rows part way: {final}\n{text[-4000:]}"
+    assert final["JobState"] == "COMPLETED" and int(final["Restarts"]) == 1, f"{final}\n{text[-6000:]}"
+    kept = int(re.findall(r"\[score\] 40 inputs, (\d+) already scored", text)[1])
+    assert kept >= shown[0], f"{shown[0]} rows shown before the requeue, {kept} kept:\n{text[-6000:]}"
+    rows = pd.read_parquet(out / "rows")
+    assert rows["path"].is_unique and sorted(rows["path"]) == sorted(map(str, files)) and (rows["status"] == "ok").all()
+    assert rows["run_id"].nunique() == 2 and not list((out / "rows").glob(".journal-*"))
+
+
 def test_score_script_refuses_to_run_outside_a_job():
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     done = subprocess.run(["bash", "slurm/score.sh", "--model", "m", "--input", "i", "--out", "o"], cwd=REPO,

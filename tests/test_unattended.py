@@ -376,9 +376,12 @@ def test_transient_errors_are_scored_again_and_replace_their_rows(ray_local, tin
 def test_a_job_killed_then_stopped_by_sigterm_resumes_to_exactly_one_row_per_file_and_a_busy_output_is_refused(
         ray_local, tiny_model_dir, real_data_dir, tmp_path, capsys):
     """One archive, three runs (one Ray start each, shared so CI stays short): A is SIGKILLed part way (a
-    lost node); B resumes it, a second run into the busy OUT is refused while B holds the lock, then B is
-    stopped by SIGTERM (scancel, a time limit) with exit 75 and its rows written; C finishes the job."""
+    lost node, or a driver that Ray ends when its raylet stops) before it wrote any shard: B recovers the
+    rows A held in memory from A's journal and resumes after them; a second run into the busy OUT is
+    refused while B holds the lock, then B is stopped by SIGTERM (scancel, a time limit) with exit 75
+    and its rows written; C finishes the job."""
     from allcluster.cli import main
+    from allcluster.score.heatmaps import load_heatmap
 
     files = real_images(real_data_dir, 10)               # 40 files, Score-CAM on each: slow enough to stop twice
     listing = tmp_path / "files.txt"
@@ -387,8 +390,10 @@ def test_a_job_killed_then_stopped_by_sigterm_resumes_to_exactly_one_row_per_fil
     args = score_args(tiny_model_dir, listing, out, "--set", "explain.methods=[gradcam,scorecam]",
                       "--set", "flush_seconds=1")
     command = [sys.executable, "-m", "allcluster.cli", *args]
-    run_then_sigkill(command, lambda: _rows_written(out) > 0, 300, "rows written")     # A: kill -9
-    killed_at = _rows_written(out)
+    no_shard_yet = ["--set", "flush_seconds=3600", "--set", "rows_per_shard=1000"]
+    run_then_sigkill([*command, *no_shard_yet], lambda: _journaled_rows(out) > 0, 300, "rows journaled")  # A: kill -9
+    assert _rows_written(out) == 0, "A never reached a shard: its rows are in the journal alone"
+    killed_at = _journaled_rows(out)
     assert 0 < killed_at < len(files), "the kill should land part way"
 
     progress = tmp_path / "progress"        # what slurm/ray-cluster.sh reads to tell progress from a loop
@@ -408,7 +413,13 @@ def test_a_job_killed_then_stopped_by_sigterm_resumes_to_exactly_one_row_per_fil
         if second.poll() is None:
             os.killpg(second.pid, signal.SIGKILL)
     assert second.returncode == 75, text[-3000:]
+    assert f"{killed_at} rows a killed run had not written yet recovered from its journal" in text, text[-3000:]
     assert f"{killed_at} already scored" in text and "interrupted by SIGTERM" in text, text[-3000:]
+    recovered = rows_of(out).groupby("run_id").size().sort_index()
+    assert recovered.iloc[0] == killed_at, "A's rows keep A's run"
+    assert not list((out / "rows").glob(".journal-*")), "a recovered or flushed journal is removed"
+    for row in rows_of(out).itertuples():
+        assert load_heatmap(out / row.heatmap_scorecam, row.sha256, "scorecam").size, row.path
     written = _rows_written(out)
     assert killed_at < written < len(files)
     assert f'"run_rows": {written - killed_at}' in text, "an interrupted run counts the rows it wrote"
@@ -494,6 +505,14 @@ def _wait_for(condition, process: subprocess.Popen, what: str, timeout_s: float 
         assert process.poll() is None, process.stdout.read()[-3000:]
         assert time.time() < deadline, f"{what}: not within {timeout_s:g} s"
         time.sleep(0.2)
+
+
+def _journaled_rows(out: Path) -> int:
+    """Rows that the runs writing into ``out`` hold in memory, as their journals show them."""
+    from allcluster.score.journal import read_journal
+
+    streams = (out / "rows").glob(".journal-*/*.rows.arrows")
+    return sum(t.num_rows for t in map(read_journal, streams) if t is not None)
 
 
 def _rows_written(out: Path) -> int:

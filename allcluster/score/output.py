@@ -3,6 +3,7 @@
 Layout of ``OUT``::
 
     rows/part-<run>-<n>.parquet   result rows, one shard per flush (atomic: written, then renamed)
+    rows/.journal-<K>-of-<N>/     the rows a run holds until its next shard (:mod:`allcluster.score.journal`)
     heatmaps/part-<run>-<n>.parquet   that shard's 8-bit maps (PNG bytes by sha256 and method), written
                                   first; or heatmaps/ab/<sha256>.<method>.png (``explain.heatmaps: files``)
     score.yaml, job.json          the resolved config; the settings every rerun must keep
@@ -17,6 +18,7 @@ run's row for the same path supersedes.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -28,11 +30,13 @@ import pyarrow.parquet as pq
 
 from allcluster.atomic import atomic_write_parquet
 from allcluster.config import ConfigError
+from allcluster.console import say
 from allcluster.data.decode import TRANSIENT_ERRORS
 from allcluster.locks import ExclusiveLock, lock_folder
 from allcluster.score.config import IMPLIED_BEFORE
 from allcluster.score.heatmaps import pack_of, point_rows_at_pack, write_pack
 from allcluster.score.inputs import Shard, large_text, path_codes
+from allcluster.score.journal import Journal, journal_folder, journaled_shards, read_journal
 from allcluster.score.rows import OWN_COLUMNS, method_columns
 
 BUDGET_REASONS = ["low_confidence", "class", "sample"]     # rows that got the expensive methods
@@ -199,13 +203,17 @@ def new_run_id(shard: Shard = Shard()) -> str:
 class ShardWriter:
     """Buffers result rows and writes them as atomic Parquet shards; with ``packed_methods``, the
     maps the batches carry go into one pack per shard (:mod:`allcluster.score.heatmaps`), written
-    before the shard whose rows point at it."""
+    before the shard whose rows point at it. What it buffers is journaled too
+    (:mod:`allcluster.score.journal`): a driver killed before its next shard loses none of it."""
 
     def __init__(self, out: Path, schema: pa.Schema, run_id: str, rows_per_shard: int, flush_seconds: float,
-                 packed_methods: list[str] = ()):
+                 packed_methods: list[str] = (), shard: Shard = Shard()):
         self.dir = out / "rows"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.out, self.schema, self.run_id, self.methods = out, schema, run_id, list(packed_methods)
+        self.journal_dir = journal_folder(self.dir, shard.name)
+        self.journal: Journal | None = None
+        self.journaling = True
         self.rows_per_shard, self.flush_seconds = rows_per_shard, flush_seconds
         self.buffer: list[pa.Table] = []
         self.maps: list[pa.Table] = []
@@ -221,30 +229,79 @@ class ShardWriter:
 
     def add(self, table: pa.Table) -> None:
         if table.num_rows:
+            maps = None
             if self.methods:
-                self.maps.append(pack_of(table, self.methods))
+                maps = pack_of(table, self.methods)
+                self.maps.append(maps)
                 table = point_rows_at_pack(table, self.methods, f"heatmaps/{self.name()}")
-            self.buffer.append(table.select(self.schema.names).cast(self.schema))
+            rows = table.select(self.schema.names).cast(self.schema)
+            self.buffer.append(rows)
             self.buffered += table.num_rows
+            self.journal_batch(rows, maps)
         if self.buffered >= self.rows_per_shard or time.monotonic() - self.last_flush >= self.flush_seconds:
             self.flush()
+
+    def journal_batch(self, rows: pa.Table, maps: pa.Table | None) -> None:
+        """Append the batch to this shard's journal; a journal that cannot be written (disk full, a
+        quota) is given up with one line: the rows stay in memory and reach the shard as before."""
+        if not self.journaling:
+            return
+        try:
+            self.journal = self.journal or Journal(self.journal_dir, self.name())
+            self.journal.append(rows, maps)
+        except OSError as err:
+            self.journaling = False
+            say(f"[score] warning: journal {self.journal_dir} not written ({type(err).__name__}: {err}); "
+                f"rows held for the next shard are lost if this run is killed", logging.WARNING)
 
     def flush(self) -> None:
         self.last_flush = time.monotonic()
         if not self.buffered:
             return
-        rows = pa.concat_tables(self.buffer)
-        pack = pa.concat_tables(self.maps) if self.maps else None
-        if pack is not None and pack.num_rows:
-            try:
-                write_pack(self.out / "heatmaps" / self.name(), pack)
-            except OSError as err:            # disk full, quota, a broken folder: rows say so, reruns retry
-                rows = unwritten_maps(rows, f"heatmaps/{self.name()}", self.methods, err)
-        replace_shard(self.dir / self.name(), rows)
+        rows = write_shard(self.out, self.name(), pa.concat_tables(self.buffer),
+                           pa.concat_tables(self.maps) if self.maps else None, self.methods)
+        if self.journal is not None:
+            self.journal.discard()
+            self.journal = None
         self.written += rows.num_rows
         self.final += pc.sum(final_rows(rows["status"], rows["error_type"])).as_py() or 0
         self.buffer, self.maps, self.buffered = [], [], 0
         self.shards += 1
+
+
+def write_shard(out: Path, name: str, rows: pa.Table, pack: pa.Table | None, methods: list[str]) -> pa.Table:
+    """Write one shard ``rows/<name>`` atomically, its maps' pack ``heatmaps/<name>`` first; returns the
+    rows as written (those whose pack could not be written become ``write_error`` rows)."""
+    if pack is not None and pack.num_rows:
+        try:
+            write_pack(out / "heatmaps" / name, pack)
+        except OSError as err:            # disk full, quota, a broken folder: rows say so, reruns retry
+            rows = unwritten_maps(rows, f"heatmaps/{name}", methods, err)
+    replace_shard(out / "rows" / name, rows)
+    return rows
+
+
+def recover_journals(out: Path, shard: Shard = Shard(), packed_methods: list[str] = ()) -> dict[str, int]:
+    """Write the rows a killed run held in memory (:mod:`allcluster.score.journal`) as the shards it
+    would have written, under its own run id (``packed_methods`` as the job's, which
+    :func:`check_job_settings` keeps); returns rows recovered per shard file. A whole job
+    recovers every journal (its exclusive lock says no array task runs); an array task only its own.
+    A shard already written (a run killed between its shard and the journal's removal) is not
+    written again. Call with the output's lock held, before reading the rows' state."""
+    rows_dir = out / "rows"
+    folders = (sorted(rows_dir.glob(".journal-*")) if shard.whole else [journal_folder(rows_dir, shard.name)])
+    recovered = {}
+    for folder in (f for f in folders if f.is_dir()):
+        for name, rows_stream, maps_stream in journaled_shards(folder):
+            rows = read_journal(rows_stream)
+            if not (rows_dir / name).exists() and rows is not None and rows.num_rows:
+                pack = read_journal(maps_stream)
+                recovered[name] = write_shard(out, name, rows, pack, list(packed_methods)).num_rows
+            rows_stream.unlink()
+        for leftover in folder.iterdir():     # maps of a batch whose rows were never appended
+            leftover.unlink()
+        folder.rmdir()
+    return recovered
 
 
 def unwritten_maps(rows: pa.Table, pack: str, methods: list[str], err: OSError) -> pa.Table:

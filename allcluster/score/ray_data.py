@@ -27,8 +27,9 @@ from allcluster.score.rows import error_rows, provenance
 from allcluster.score.config import ScoreConfig, row_settings
 from allcluster.score.inputs import Listing, Shard, check_input, list_inputs
 from allcluster.atomic import atomic_write_text
-from allcluster.score.output import (Progress, RowsState, ShardWriter, check_job_settings, compact,
-                                     lock_output, new_run_id, resolve_duplicates, split_duplicates, summarize, summary_text)
+from allcluster.score.output import (Progress, RowsState, ShardWriter, check_job_settings, compact, lock_output,
+                                     new_run_id, recover_journals, resolve_duplicates, split_duplicates, summarize,
+                                     summary_text)
 from allcluster.score.rows import row_schema
 
 
@@ -140,16 +141,20 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
         card.write_model_info(out)
         write_resolved(cfg, out / "score.yaml", "allcluster score")
         run_id = new_run_id(shard)
+        methods = list(cfg.explain.methods) + list(cfg.explain.budget.methods)
+        packed = methods if cfg.explain.heatmaps == "packed" else []
+        recovered = recover_journals(out, shard, packed)  # rows a killed run held in memory
+        if recovered:
+            say(f"[score] {sum(recovered.values())} rows a killed run had not written yet recovered from "
+                f"its journal into {', '.join(sorted(recovered))}")
         state = RowsState.read(out)         # the rows already here, read once for the whole start
         dropped = compact(out, shard, state)  # a run killed while replacing retried rows left two
         if dropped:
             state = RowsState.read(out)
         plan = plan_job(cfg, out, retry_errors, shard, state)
         todo = plan.todo
-        schema = row_schema(card.classes, list(cfg.explain.methods) + list(cfg.explain.budget.methods),
-                            todo.input_columns)
-        packed = list(cfg.explain.methods) + list(cfg.explain.budget.methods) if cfg.explain.heatmaps == "packed" else []
-        writer = ShardWriter(out, schema, run_id, cfg.rows_per_shard, cfg.flush_seconds, packed)
+        schema = row_schema(card.classes, methods, todo.input_columns)
+        writer = ShardWriter(out, schema, run_id, cfg.rows_per_shard, cfg.flush_seconds, packed, shard)
         say(f"[score] {plan.inputs} inputs, {plan.done} already scored in {out}, {len(todo)} to do (run {run_id})"
             + (f"; {dropped} superseded rows removed" if dropped else ""))
         start, interrupted, first_row, connected = time.monotonic(), "", None, False
