@@ -818,6 +818,39 @@ def test_one_read_of_the_rows_gives_done_paths_budget_spent_and_the_rows_to_comp
     assert RowsState.read(tmp_path / "nothing-here").done_paths().to_pylist() == []
 
 
+def test_a_run_started_after_the_clock_went_back_still_sorts_after_the_runs_before_it(tmp_path):
+    """Compaction keeps each path's row of the newest run by run id, whose time is local: when daylight
+    saving time ends (an hour repeats), or a requeue lands on a node whose clock lags, a rerun's id
+    must still sort after the run it follows, or the older row (a transient error) would win."""
+    import time as clock
+
+    import pyarrow as pa
+
+    from allcluster.score.output import RowsState, compact, new_run_id
+
+    ahead = clock.strftime("%Y%m%d-%H%M%S", clock.localtime(clock.time() + 1800))   # 01:50 of the first pass
+    earlier = f"{ahead}-0000-0badc0de"
+    (tmp_path / "rows").mkdir()
+    rows = pa.table({"path": ["x.jpg", "y.jpg"], "status": ["error", "ok"], "error_type": ["unreadable", None],
+                     "duplicate_of": ["", ""], "budget_reason": ["", ""], "run_id": [earlier] * 2})
+    pq.write_table(rows, tmp_path / "rows" / f"part-{earlier}-00000.parquet")
+    state = RowsState.read(tmp_path)
+    assert state.newest_run() == earlier and RowsState.read(tmp_path / "none").newest_run() == ""
+
+    rerun = new_run_id(after=state.newest_run())          # 01:20 of the second pass, by the clock
+    assert rerun > earlier and rerun.startswith(clock.strftime("%Y%m%d-%H%M%S", clock.localtime(
+        clock.mktime(clock.strptime(ahead, "%Y%m%d-%H%M%S")) + 1)))
+    before = clock.strftime("%Y%m%d-%H%M%S")
+    assert before <= new_run_id(after="20000101-000000-0000-00000000")[:15] <= clock.strftime("%Y%m%d-%H%M%S"), \
+        "a clock that did not go back keeps its own time"
+    retried = rows.slice(0, 1).set_column(1, "status", pa.array(["ok"])).set_column(
+        2, "error_type", pa.array([None], pa.string())).set_column(5, "run_id", pa.array([rerun]))
+    pq.write_table(retried, tmp_path / "rows" / f"part-{rerun}-00000.parquet")
+    assert compact(tmp_path) == 1
+    kept = pq.read_table(tmp_path / "rows").to_pandas().set_index("path")
+    assert kept.loc["x.jpg", "status"] == "ok" and kept.loc["x.jpg", "run_id"] == rerun, "the rerun's row wins"
+
+
 def test_cpu_replicas_always_leave_a_decode_task_room_on_small_allocations():
     from allcluster.score.ray_data import actor_plan
 

@@ -112,6 +112,13 @@ class RowsState:
         return repeated["path"], row_keys(repeated)
 
 
+    def newest_run(self) -> str:
+        """The newest run id among the rows ("" when there are none)."""
+        column = self.table.column("run_id")
+        runs = pa.chunked_array([c.dictionary for c in column.chunks], pa.string()) \
+            if pa.types.is_dictionary(column.type) else column
+        return pc.max(runs).as_py() or ""
+
     def relisted(self, still_unlistable: list[str], shard: Shard = Shard()) -> pa.Array:
         """Folders of ``shard`` with an ``unlistable`` row that are not in ``still_unlistable`` (this
         run's listing errors of that type): this run listed them, and their files' rows replace it."""
@@ -191,13 +198,26 @@ def check_job_settings(out: Path, settings: dict) -> None:
         path.write_text(json.dumps(settings, indent=2))
 
 
-def new_run_id(shard: Shard = Shard()) -> str:
+RUN_TIME_FORMAT = "%Y%m%d-%H%M%S"
+
+
+def new_run_id(shard: Shard = Shard(), after: str = "") -> str:
     """This run's id: its local start time (so that the newest run's row sorts last, what
     :func:`compact` keeps), then the shard, then 32 random bits. Array tasks write into the same
-    ``rows/`` and often start in the same second: the shard keeps their file names apart."""
+    ``rows/`` and often start in the same second: the shard keeps their file names apart.
+
+    ``after``: the newest run id already in the output. A clock that went back since (the hour
+    repeated when daylight saving time ends, a requeue onto a node whose clock lags) would make
+    this run's rows sort before that run's, and compaction would keep the older row; the id's time
+    is then one second after that run's instead."""
+    import datetime
     import secrets
 
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{shard.index:04d}-{secrets.token_hex(4)}"
+    stamp = time.strftime(RUN_TIME_FORMAT)
+    if after and stamp <= after[:len(stamp)]:
+        later = datetime.datetime.strptime(after[:len(stamp)], RUN_TIME_FORMAT) + datetime.timedelta(seconds=1)
+        stamp = later.strftime(RUN_TIME_FORMAT)
+    return f"{stamp}-{shard.index:04d}-{secrets.token_hex(4)}"
 
 
 class ShardWriter:

@@ -140,7 +140,6 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
         check_job_settings(out, {"model_sha256": card.weights_sha256, **row_settings(cfg)})
         card.write_model_info(out)
         write_resolved(cfg, out / "score.yaml", "allcluster score")
-        run_id = new_run_id(shard)
         methods = list(cfg.explain.methods) + list(cfg.explain.budget.methods)
         packed = methods if cfg.explain.heatmaps == "packed" else []
         recovered = recover_journals(out, shard, packed)  # rows a killed run held in memory
@@ -148,6 +147,7 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
             say(f"[score] {sum(recovered.values())} rows a killed run had not written yet recovered from "
                 f"its journal into {', '.join(sorted(recovered))}")
         state = RowsState.read(out)         # the rows already here, read once for the whole start
+        run_id = new_run_id(shard, after=state.newest_run())
         dropped = compact(out, shard, state)  # a run killed while replacing retried rows left two
         if dropped:
             state = RowsState.read(out)
