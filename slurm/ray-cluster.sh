@@ -299,7 +299,13 @@ ray_cluster_run() {  # the driver: its exit code is the job's
   case $rc in
     0) _log "driver exited with 0" ;;
     "$EX_TEMPFAIL") _log "driver exited with $rc: interrupted; rerunning the same command resumes" ;;
-    *) _log "driver exited with $rc" ;;
+    *) if [ -n "$_ray_stopping" ]; then
+         # Slurm's SIGTERM reached this node's Ray too; when the raylet stops first, Ray's core worker
+         # ends the driver (exit 1, "connection to the plasma store is failed"), not the driver itself
+         _log "driver exited with $rc after the SIGTERM: Ray stopped under it; what it had not written is recovered (scoring: its journal) or redone (sweep: from each trial's last checkpoint) by the next start"
+       else
+         _log "driver exited with $rc"
+       fi ;;
   esac
   return $rc
 }

@@ -764,9 +764,8 @@ def test_rows_a_killed_driver_held_in_memory_are_recovered_from_its_journal_once
     part.add(_journal_rows(schema, ["f.jpg"]))                      # an array task's, killed too
     del writer, part                                                # nothing flushes: the process died
 
-    assert recover_journals(tmp_path, Shard(0, 2), ["gradcam"]) == {}, "another part's journal is not ours"
-    assert recover_journals(tmp_path, Shard(), ["gradcam"]) == {"part-run-1-00001.parquet": 2,
-                                                               "part-run-2-00000.parquet": 1}
+    assert recover_journals(tmp_path, Shard(0, 2)) == {}, "another part's journal is not ours"
+    assert recover_journals(tmp_path, Shard()) == {"part-run-1-00001.parquet": 2, "part-run-2-00000.parquet": 1}
     state = RowsState.read(tmp_path)
     assert sorted(state.done_paths().to_pylist()) == ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "f.jpg"]
     rows = pd.read_parquet(tmp_path / "rows").set_index("path")
@@ -774,7 +773,7 @@ def test_rows_a_killed_driver_held_in_memory_are_recovered_from_its_journal_once
     assert heatmap_png(tmp_path / rows.loc["d.jpg", "heatmap_gradcam"], rows.loc["d.jpg", "sha256"],
                        "gradcam") == b"\x89PNG map of d.jpg"
     assert not list((tmp_path / "rows").glob(".journal-*")), "recovered journals are removed"
-    assert recover_journals(tmp_path, Shard(), ["gradcam"]) == {}
+    assert recover_journals(tmp_path, Shard()) == {}
 
     again = ShardWriter(tmp_path, schema, "run-3", 100, 3600, ["gradcam"])
     again.add(_journal_rows(schema, ["g.jpg"]))
@@ -784,8 +783,32 @@ def test_rows_a_killed_driver_held_in_memory_are_recovered_from_its_journal_once
     stale = tmp_path / "rows" / ".journal-0-of-1" / "part-run-3-00000.parquet.rows.arrows"
     with pa.OSFile(str(stale), "wb") as sink, pa.ipc.new_stream(sink, schema) as stream:
         stream.write_table(pq.read_table(tmp_path / "rows" / "part-run-3-00000.parquet"))
-    assert recover_journals(tmp_path, Shard(), ["gradcam"]) == {}
+    assert recover_journals(tmp_path, Shard()) == {}
     assert pd.read_parquet(tmp_path / "rows")["path"].tolist().count("g.jpg") == 1 and not stale.exists()
+
+    torn = ShardWriter(tmp_path, schema, "run-4", 100, 3600, ["gradcam"])
+    torn.add(_journal_rows(schema, ["h.jpg", "i.jpg"]))
+    maps = tmp_path / "rows" / ".journal-0-of-1" / "part-run-4-00000.parquet.maps.arrows"
+    maps.write_bytes(maps.read_bytes()[:-200])      # its maps' stream torn (never flushed to the disk)
+    assert recover_journals(tmp_path, Shard()) == {"part-run-4-00000.parquet": 2}
+    lost = pd.read_parquet(tmp_path / "rows").set_index("path").loc[["h.jpg", "i.jpg"]]
+    assert (lost["error_type"] == "write_error").all() and lost["heatmap_gradcam"].isna().all(), \
+        "a row whose map the journal lost is scored again, never left pointing at nothing"
+
+
+def test_a_journal_that_cannot_be_written_is_given_up_and_the_rows_still_reach_their_shard(tmp_path):
+    from allcluster.score.output import ShardWriter
+    from allcluster.score.rows import row_schema
+
+    schema = row_schema(["A", "B"], ["gradcam"], [])
+    writer = ShardWriter(tmp_path, schema, "run-1", 100, 3600, ["gradcam"])
+    (tmp_path / "not-a-folder").write_text("")
+    writer.journal_dir = tmp_path / "not-a-folder" / ".journal-0-of-1"       # mkdir fails: NotADirectoryError
+    writer.add(_journal_rows(schema, ["a.jpg"]))
+    writer.add(_journal_rows(schema, ["b.jpg"]))
+    writer.flush()
+    assert not writer.journaling and writer.written == 2
+    assert sorted(pd.read_parquet(tmp_path / "rows")["path"]) == ["a.jpg", "b.jpg"]
 
 
 def test_one_read_of_the_rows_gives_done_paths_budget_spent_and_the_rows_to_compact(tmp_path):

@@ -20,6 +20,7 @@ readers skip the folder.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -57,32 +58,31 @@ class Journal:
         self._streams[suffix][1].write_table(table)
 
     def discard(self) -> None:
-        """Close and remove the streams (their rows are in the shard now), and the folder if empty."""
-        for suffix, (sink, writer) in self._streams.items():
-            writer.close()
-            sink.close()
-            self.path(suffix).unlink(missing_ok=True)
-        self._streams = {}
-        try:
+        """Close and remove the streams (their rows are in the shard now), and the folder if empty.
+        Never raises: a stream that cannot be closed or removed (the error that made the writer give
+        the journal up) is left, and the next run finds its shard written and removes it."""
+        streams, self._streams = self._streams, {}
+        for suffix, (sink, writer) in streams.items():
+            for step in (writer.close, sink.close, self.path(suffix).unlink):
+                with contextlib.suppress(OSError, pa.ArrowException):
+                    step()
+        with contextlib.suppress(OSError):
             self.folder.rmdir()             # a finished output keeps no empty journal folder
-        except OSError:
-            pass
 
 
 def read_journal(path: Path) -> pa.Table | None:
     """Every whole batch of one stream (a torn tail, from a process killed while appending, is left
-    out); None when the file is missing or not even its schema was written."""
+    out); None when the file is missing or not even its schema was written. Read into memory, so
+    no handle stays open on a file about to be removed (NFS would keep it as ``.nfs*``)."""
     try:
-        reader = pa.ipc.open_stream(pa.memory_map(str(path)))
-    except (OSError, pa.ArrowInvalid):
+        reader = pa.ipc.open_stream(pa.py_buffer(path.read_bytes()))
+    except (FileNotFoundError, pa.ArrowInvalid):
         return None
     batches = []
     while True:
         try:
             batches.append(reader.read_next_batch())
-        except StopIteration:
-            break
-        except (OSError, pa.ArrowInvalid):
+        except (StopIteration, OSError, pa.ArrowInvalid):     # the end, or a torn last message
             break
     return pa.Table.from_batches(batches, schema=reader.schema)
 

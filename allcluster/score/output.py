@@ -17,6 +17,7 @@ run's row for the same path supersedes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -37,7 +38,7 @@ from allcluster.score.config import IMPLIED_BEFORE
 from allcluster.score.heatmaps import pack_of, point_rows_at_pack, write_pack
 from allcluster.score.inputs import Shard, large_text, path_codes
 from allcluster.score.journal import Journal, journal_folder, journaled_shards, read_journal
-from allcluster.score.rows import OWN_COLUMNS, method_columns
+from allcluster.score.rows import OWN_COLUMNS, method_columns, methods_of, slug
 
 BUDGET_REASONS = ["low_confidence", "class", "sample"]     # rows that got the expensive methods
 
@@ -271,8 +272,14 @@ class ShardWriter:
             self.journal.append(rows, maps)
         except OSError as err:
             self.journaling = False
+            self.drop_journal()
             say(f"[score] warning: journal {self.journal_dir} not written ({type(err).__name__}: {err}); "
                 f"rows held for the next shard are lost if this run is killed", logging.WARNING)
+
+    def drop_journal(self) -> None:
+        journal, self.journal = self.journal, None
+        if journal is not None:
+            journal.discard()
 
     def flush(self) -> None:
         self.last_flush = time.monotonic()
@@ -280,9 +287,7 @@ class ShardWriter:
             return
         rows = write_shard(self.out, self.name(), pa.concat_tables(self.buffer),
                            pa.concat_tables(self.maps) if self.maps else None, self.methods)
-        if self.journal is not None:
-            self.journal.discard()
-            self.journal = None
+        self.drop_journal()
         self.written += rows.num_rows
         self.final += pc.sum(final_rows(rows["status"], rows["error_type"])).as_py() or 0
         self.buffer, self.maps, self.buffered = [], [], 0
@@ -301,37 +306,56 @@ def write_shard(out: Path, name: str, rows: pa.Table, pack: pa.Table | None, met
     return rows
 
 
-def recover_journals(out: Path, shard: Shard = Shard(), packed_methods: list[str] = ()) -> dict[str, int]:
+def recover_journals(out: Path, shard: Shard = Shard()) -> dict[str, int]:
     """Write the rows a killed run held in memory (:mod:`allcluster.score.journal`) as the shards it
-    would have written, under its own run id (``packed_methods`` as the job's, which
-    :func:`check_job_settings` keeps); returns rows recovered per shard file. A whole job
+    would have written, under its own run id; returns rows recovered per shard file. A whole job
     recovers every journal (its exclusive lock says no array task runs); an array task only its own.
     A shard already written (a run killed between its shard and the journal's removal) is not
-    written again. Call with the output's lock held, before reading the rows' state."""
+    written again. A journal that cannot be read or removed is left with one line (its rows are
+    scored again). Call with the output's lock held, before reading the rows' state."""
     rows_dir = out / "rows"
-    folders = (sorted(rows_dir.glob(".journal-*")) if shard.whole else [journal_folder(rows_dir, shard.name)])
+    folders = sorted(rows_dir.glob(".journal-*")) if shard.whole else [journal_folder(rows_dir, shard.name)]
     recovered = {}
     for folder in (f for f in folders if f.is_dir()):
-        for name, rows_stream, maps_stream in journaled_shards(folder):
-            rows = read_journal(rows_stream)
-            if not (rows_dir / name).exists() and rows is not None and rows.num_rows:
-                pack = read_journal(maps_stream)
-                recovered[name] = write_shard(out, name, rows, pack, list(packed_methods)).num_rows
-            rows_stream.unlink()
-        for leftover in folder.iterdir():     # maps of a batch whose rows were never appended
+        try:
+            recovered.update(recover_folder(out, folder))
+        except OSError as err:
+            say(f"[score] warning: journal {folder} not recovered ({type(err).__name__}: {err}); "
+                "the files whose rows it holds are scored again", logging.WARNING)
+    return recovered
+
+
+def recover_folder(out: Path, folder: Path) -> dict[str, int]:
+    """:func:`recover_journals` for one journal folder."""
+    recovered = {}
+    for name, rows_stream, maps_stream in journaled_shards(folder):
+        rows = read_journal(rows_stream)
+        if not (out / "rows" / name).exists() and rows is not None and rows.num_rows:
+            pack, methods = read_journal(maps_stream), methods_of(rows.schema)
+            held = set(zip(pack["sha256"].to_pylist(), pack["method"].to_pylist())) if pack is not None else set()
+            # a map the journal lost (a torn maps stream) makes its row a transient error: scored again
+            rows = unwritten_maps(rows, f"heatmaps/{name}", methods, FileNotFoundError("not in the run's journal"),
+                                  held)
+            recovered[name] = write_shard(out, name, rows, pack, methods).num_rows
+        rows_stream.unlink()
+    for leftover in folder.iterdir():         # maps of a batch whose rows were never appended
+        if not leftover.name.startswith(".nfs"):   # NFS's stand-in for a file some process still has open
             leftover.unlink()
+    with contextlib.suppress(OSError):
         folder.rmdir()
     return recovered
 
 
-def unwritten_maps(rows: pa.Table, pack: str, methods: list[str], err: OSError) -> pa.Table:
+def unwritten_maps(rows: pa.Table, pack: str, methods: list[str], err: OSError,
+                   held: set[tuple[str, str]] | None = None) -> pa.Table:
     """Rows whose maps were meant for ``pack``, which could not be written, as ``write_error`` rows
-    (a transient error: the next run scores them again); the other rows as they are."""
-    columns = [method_columns(m)["heatmap"] for m in methods]
+    (a transient error: the next run scores them again); the other rows as they are. With ``held``
+    (the pack's ``(sha256, method)`` keys), only the rows whose maps it lacks."""
     out = rows.to_pylist()
     for row in out:
-        if any(row.get(c) == pack for c in columns):
-            row.update({c: None for c in columns})
+        named = [m for m in methods if row.get(method_columns(m)["heatmap"]) == pack]
+        if named and (held is None or any((row["sha256"], slug(m)) not in held for m in named)):
+            row.update({method_columns(m)["heatmap"]: None for m in methods})
             row.update(status="error", error_type="write_error",
                        error=f"{row['path']}: heatmaps not written to {pack}: {type(err).__name__}: {err}")
     return pa.Table.from_pylist(out, schema=rows.schema)

@@ -142,7 +142,7 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
         write_resolved(cfg, out / "score.yaml", "allcluster score")
         methods = list(cfg.explain.methods) + list(cfg.explain.budget.methods)
         packed = methods if cfg.explain.heatmaps == "packed" else []
-        recovered = recover_journals(out, shard, packed)  # rows a killed run held in memory
+        recovered = recover_journals(out, shard)   # rows a killed run held in memory
         if recovered:
             say(f"[score] {sum(recovered.values())} rows a killed run had not written yet recovered from "
                 f"its journal into {', '.join(sorted(recovered))}")

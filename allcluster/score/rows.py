@@ -83,6 +83,12 @@ def row_schema(classes: list[str], methods: list[str], extra: list[str] = ()) ->
                                        "allcluster.methods": ",".join(methods)})
 
 
+def methods_of(schema: pa.Schema) -> list[str]:
+    """The explanation methods a shard's schema was made for (:func:`row_schema`'s metadata)."""
+    listed = (schema.metadata or {}).get(b"allcluster.methods", b"").decode()
+    return [m for m in listed.split(",") if m]
+
+
 def empty_columns(schema: pa.Schema, n: int) -> dict[str, list]:
     """``n`` all-null rows as column lists, to be filled in place."""
     return {name: [None] * n for name in schema.names}
