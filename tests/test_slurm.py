@@ -316,8 +316,6 @@ def test_a_scoring_job_requeued_from_outside_keeps_every_row_it_had_scored(slurm
     text = log.read_text(errors="replace")
     assert shown, f"the job never showed rows part way: {final}\n{text[-4000:]}"
     assert final["JobState"] == "COMPLETED" and int(final["Restarts"]) == 1, f"{final}\n{text[-6000:]}"
-    # the driver either stopped by itself (75) or, the usual case, Ray ended it as its raylet stopped
-    assert re.search(r"driver exited with (75: interrupted|1 after the SIGTERM: Ray stopped under it)", text), text[-4000:]
     kept = int(re.findall(r"\[score\] 40 inputs, (\d+) already scored", text)[1])
     assert kept >= shown[0], f"{shown[0]} rows shown before the requeue, {kept} kept:\n{text[-6000:]}"
     rows = pd.read_parquet(out / "rows")
