@@ -69,6 +69,9 @@ def test_a_worker_larger_than_every_node_is_refused_though_the_cluster_total_fit
                                           r"on one node, but no node has that \(nodes: 4 CPUs, 4 CPUs\)"):
         concurrency(trials, total, 0, two_nodes)
     assert concurrency(trials, {"CPU": 9.0}, 0, [{"CPU": 9.0}]) == 1, "one 9-CPU node fits both, one at a time"
+    with pytest.raises(ConfigError, match=r"one trial needs 8\.01 CPUs \(8 for its workers, 0\.01 for the Tune "
+                                          r"actor that drives them\).*e\.g\. 0\.9 of a whole CPU"):
+        concurrency(trials, {"CPU": 8.0}, 0, [{"CPU": 8.0}])          # its workers fit, its driver does not
 
     gpu = _sweep({"experiment_dir": str(tmp_path), "train": {"data": {"manifest": "m.parquet"},
                                                              "resources": {"use_gpu": True}},

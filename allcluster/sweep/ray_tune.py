@@ -86,9 +86,10 @@ def concurrency(trials: list[Trial], cluster: dict, cap: int, nodes: list[dict] 
     gpus = max(trial_resources(t.config)[1] for t in trials)
     have_cpu, have_gpu = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     if cpus > have_cpu + 1e-9 or gpus > have_gpu + 1e-9:
-        raise ConfigError(f"train.resources: one trial needs {cpus:g} CPUs and {gpus:g} GPUs, but the Ray "
-                          f"cluster has {have_cpu:g} CPUs and {have_gpu:g} GPUs; lower resources.num_workers, "
-                          "cpus_per_worker or gpus_per_worker")
+        raise ConfigError(f"train.resources: one trial needs {cpus:g} CPUs ({cpus - TRIAL_DRIVER_CPU:g} for its "
+                          f"workers, {TRIAL_DRIVER_CPU:g} for the Tune actor that drives them) and {gpus:g} GPUs, but "
+                          f"the Ray cluster has {have_cpu:g} CPUs and {have_gpu:g} GPUs; lower "
+                          "resources.num_workers, cpus_per_worker (e.g. 0.9 of a whole CPU) or gpus_per_worker")
     fits = math.floor(have_cpu / cpus + 1e-9)
     if gpus:
         fits = min(fits, math.floor(have_gpu / gpus + 1e-9))
