@@ -66,6 +66,13 @@ def _wait_final(slurm: dict, jobs: list[str], timeout_s: float, on_poll=None) ->
     raise AssertionError(f"jobs {jobs} not finished in {timeout_s:.0f} s: {states}")
 
 
+def _start_requeued_now(slurm: dict, job: str, state: dict) -> None:
+    """A requeued job waits PENDING (Reason=BeginTime) about a minute before Slurm starts it again;
+    the tests need not wait for that (`StartTime` is what `scontrol update` calls the begin time)."""
+    if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm["env"], capture_output=True)
+
+
 def _assert_private_ray_state(log: str) -> None:
     """Every Ray node ran in a fresh private temp root (mode 700, ours), removed at the end; the job's
     private folder (token, address) was mode 700 too."""
@@ -129,6 +136,8 @@ def test_sbatch_sweep_requeued_mid_trial_finishes_every_trial_across_two_nodes(s
             done = subprocess.run(["scontrol", "requeue", job], env=slurm["env"], capture_output=True, text=True)
             assert done.returncode == 0, done.stderr
             requeued.append(time.time())
+        elif requeued:
+            _start_requeued_now(slurm, job, states[job])
 
     final = _wait_final(slurm, [job], 1800, requeue_mid_trial)[job]
     logs = log.read_text(errors="replace")
@@ -179,6 +188,7 @@ def test_a_sweep_warned_before_its_first_epoch_at_every_start_stops_requeueing_i
         if starts and starts not in warned and states[job].get("JobState") == "RUNNING":
             subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm["env"], check=True)
             warned.add(starts)
+        _start_requeued_now(slurm, job, states[job])
 
     final = _wait_final(slurm, [job], 900, warn_each_start)[job]
     text = log.read_text(errors="replace")
@@ -253,6 +263,7 @@ def test_two_score_jobs_share_node_n1_and_one_finishes_through_time_limit_requeu
         if seen["cut"] and not seen["restored"] and int(state.get("Restarts", 0)) >= 1:
             subprocess.run(["scontrol", "update", f"JobId={slow}", "TimeLimit=15"], env=slurm["env"], check=True)
             seen["restored"] = True
+        _start_requeued_now(slurm, slow, state)
 
     final = _wait_final(slurm, [slow, fast], 1500, steer)
     text = {name: path.read_text(errors="replace") for name, path in logs.items()}
@@ -311,6 +322,8 @@ def test_a_scoring_job_requeued_from_outside_keeps_every_row_it_had_scored(slurm
         if not shown and states[job].get("JobState") == "RUNNING" and scored and 0 < int(scored[-1]) < 32:
             shown.append(int(scored[-1]))
             subprocess.run(["scontrol", "requeue", job], env=slurm["env"], check=True)
+        elif shown:
+            _start_requeued_now(slurm, job, states[job])
 
     final = _wait_final(slurm, [job], 900, requeue_once_rows_are_scored)[job]
     text = log.read_text(errors="replace")
