@@ -42,7 +42,7 @@ ALLCLUSTER_MAX_STALLED_STARTS=${ALLCLUSTER_MAX_STALLED_STARTS:-3}
 _ray_steps=()
 _ray_jobdir=""
 _ray_warned=""               # the time-limit/preemption warning (SIGUSR1) arrived
-_ray_stopping=""             # SIGTERM/SIGINT arrived
+_ray_stopping=""             # TERM or INT once that signal arrived
 _ray_driver_pid=""
 
 _log() { echo "[ray-cluster $(date +%T)] $*"; }
@@ -97,7 +97,7 @@ _ray_on_usr1() {
 }
 
 _ray_on_term() {  # $1 = TERM|INT
-  _ray_stopping=1
+  _ray_stopping=$1
   if [ -n "$_ray_driver_pid" ] && kill -0 "$_ray_driver_pid" 2>/dev/null; then
     # Slurm signals every process of the job (scancel, time limit, `scontrol requeue`): the driver
     # has its own SIGTERM; sending a second would cut its graceful stop short.
@@ -302,7 +302,7 @@ ray_cluster_run() {  # the driver: its exit code is the job's
     *) if [ -n "$_ray_stopping" ]; then
          # Slurm's SIGTERM reached this node's Ray too; when the raylet stops first, Ray's core worker
          # ends the driver (exit 1, "connection to the plasma store is failed"), not the driver itself
-         _log "driver exited with $rc after the SIGTERM: Ray stopped under it; what it had not written is recovered (scoring: its journal) or redone (sweep: from each trial's last checkpoint) by the next start"
+         _log "driver exited with $rc after SIG$_ray_stopping: when Slurm signals the whole job, this node's Ray stops under the driver and Ray ends it; a rerun (a requeued job's next start) recovers what it had not written (scoring: its journal) or redoes it (sweep: from each trial's last checkpoint)"
        else
          _log "driver exited with $rc"
        fi ;;

@@ -215,9 +215,12 @@ def new_run_id(shard: Shard = Shard(), after: str = "") -> str:
     import secrets
 
     stamp = time.strftime(RUN_TIME_FORMAT)
-    if after and stamp <= after[:len(stamp)]:
-        later = datetime.datetime.strptime(after[:len(stamp)], RUN_TIME_FORMAT) + datetime.timedelta(seconds=1)
-        stamp = later.strftime(RUN_TIME_FORMAT)
+    try:
+        newest = datetime.datetime.strptime(after[:len(stamp)], RUN_TIME_FORMAT)
+    except ValueError:                  # none, or rows written by other tools: the clock's time
+        newest = None
+    if newest is not None and stamp <= after[:len(stamp)]:
+        stamp = (newest + datetime.timedelta(seconds=1)).strftime(RUN_TIME_FORMAT)
     return f"{stamp}-{shard.index:04d}-{secrets.token_hex(4)}"
 
 
