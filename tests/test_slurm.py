@@ -329,6 +329,10 @@ def test_a_scoring_job_requeued_from_outside_keeps_every_row_it_had_scored(slurm
     text = log.read_text(errors="replace")
     assert shown, f"the job never showed rows part way: {final}\n{text[-4000:]}"
     assert final["JobState"] == "COMPLETED" and int(final["Restarts"]) == 1, f"{final}\n{text[-6000:]}"
+    first_exit, last_exit = re.findall(r"driver exited with (\d+.*)", text)   # slurm/ray-cluster.sh's line per start
+    # the driver's own handler (75) or Ray under it, in which case the line names Slurm's signal
+    assert first_exit.startswith("75: interrupted") or re.match(r"\d+ after SIGTERM: ", first_exit), first_exit
+    assert last_exit == "0", f"{last_exit}\n{text[-4000:]}"
     kept = int(re.findall(r"\[score\] 40 inputs, (\d+) already scored", text)[1])
     assert kept >= shown[0], f"{shown[0]} rows shown before the requeue, {kept} kept:\n{text[-6000:]}"
     rows = pd.read_parquet(out / "rows")

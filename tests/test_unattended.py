@@ -581,6 +581,22 @@ def _dictionary(value: str | None, n: int) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value], pa.string()))
 
 
+def test_a_path_named_twice_is_found_in_any_chunk_and_at_any_window_edge(monkeypatch):
+    """The listing's and the output's dedupe check compares sorted neighbours a window at a time
+    (a hash set of an archive's paths cost the planning driver ~200 MiB per million): a repeat must be
+    found wherever its two entries fall, in one chunk or two, inside a window or across its edge."""
+    from allcluster.score import inputs
+
+    monkeypatch.setattr(inputs, "_DISTINCT_WINDOW", 3)       # windows of 3 pairs: sorted pairs 2-3, 5-6 straddle
+    unique = [f"/archive/ward-{i % 4}/cell-{i:03d}.jpg" for i in range(20)]
+    assert inputs.all_distinct(pa.chunked_array([unique[:7], unique[7:]]))
+    assert inputs.all_distinct(pa.array([], pa.string())) and inputs.all_distinct(pa.array(unique[:1]))
+    ordered = sorted(unique)
+    for twice in (ordered[0], ordered[2], ordered[3], ordered[-1]):
+        assert not inputs.all_distinct(pa.chunked_array([unique[:7], unique[7:] + [twice]])), twice
+        assert not inputs.all_distinct(pa.array([twice] + unique)), twice
+
+
 @pytest.mark.slow
 def test_a_listing_and_an_output_past_2_gib_of_paths_dedupe_resume_and_compact_without_offset_overflow():
     """One Arrow ``string`` array holds at most 2 GiB of text: gathering every path into one (a hash

@@ -220,13 +220,14 @@ def explain_from_scores(scores: str | Path, images: Sequence[str | Path], out_di
 
     from allcluster.data.preprocess import Preprocess
     from allcluster.models.card import ModelCard
+    from allcluster.score.rows import methods_of
 
     scores, out_dir = Path(scores), Path(out_dir)
     info = ModelCard.read_model_info(scores)
     if not info or not any((scores / "rows").glob("*.parquet")):
         raise ValueError(f"{scores}: not a scoring output (no model.json and rows/*.parquet)")
     rows = pads.dataset(scores / "rows", format="parquet")
-    methods = [m for m in (rows.schema.metadata or {}).get(b"allcluster.methods", b"").decode().split(",") if m]
+    methods = methods_of(rows.schema)
     preprocess = Preprocess(info["input_size"], info["roi_crop"], info["roi_margin"])
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from allcluster.config import ConfigError
 from allcluster.report.inputs import ScoreSource, SweepSource
-from allcluster.score.rows import class_columns, method_columns
+from allcluster.score.rows import class_columns, classes_of, method_columns, methods_of
 from allcluster.sweep.schema import CELL, CONFIG_COLUMNS, ranked
 
 LEADERBOARD_COLUMNS = CELL + [
@@ -124,13 +124,12 @@ class ScoreData:
         return found[0] if found else ""
 
 
-def _listed(schemas: list[pa.Schema], key: bytes) -> list[str]:
-    """The union, in first-seen order, of a comma-separated schema metadata entry."""
+def _listed(schemas: list[pa.Schema], of: Callable[[pa.Schema], list[str]]) -> list[str]:
+    """The union, in first-seen order, of what ``of`` reads from each schema's metadata."""
     seen: dict[str, None] = {}
     for schema in schemas:
-        for name in ((schema.metadata or {}).get(key, b"").decode().split(",")):
-            if name:
-                seen.setdefault(name)
+        for name in of(schema):
+            seen.setdefault(name)
     return list(seen)
 
 
@@ -152,12 +151,12 @@ def open_scoring(sources: list[ScoreSource]) -> ScoreData:
             schema = schema.append(column)
     dataset = pads.dataset([str(f) for f in files], schema=schema, format="parquet")
     roots = {str(f): s.root for s in sources for f in s.files}
-    classes = _listed(schemas, b"allcluster.classes")
+    classes = _listed(schemas, classes_of)
     if not classes:   # rows written by hand: prob_<class> columns name the classes
         classes = [n[len("prob_"):] for n in schema.names if n.startswith("prob_")]
     stale = [_superseded(s.files) for s in sources if all(has_run_id[str(f)] for f in s.files)]
     stale = [keys for keys in stale if keys is not None]
-    return ScoreData(dataset, roots, classes, _listed(schemas, b"allcluster.methods"),
+    return ScoreData(dataset, roots, classes, _listed(schemas, methods_of),
                      pa.concat_arrays(stale) if stale else None)
 
 

@@ -50,9 +50,9 @@ class Listing:
     def first_of_each_path(self) -> "Listing":
         """The entries in order, each path once (its first entry): a list or manifest may name one
         file twice, also as ``a.jpg`` and ``./a.jpg``, and every file gets exactly one row."""
-        paths = large_text(self.files.column("path"))
-        if pc.count_distinct(paths).as_py() == len(paths):
+        if all_distinct(self.files.column("path")):
             return self
+        paths = large_text(self.files.column("path"))
         _, codes = path_codes(paths)
         numbered = pa.table({"code": codes, "row": pa.array(np.arange(len(paths), dtype=np.int64))})
         first = numbered.group_by("code", use_threads=False).aggregate([("row", "min")])["row_min"]
@@ -86,6 +86,25 @@ def large_text(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array
     if column.nbytes < 2**31 - 1:
         return column
     return pc.cast(column, pa.large_string())
+
+
+def all_distinct(column: pa.ChunkedArray | pa.Array) -> bool:
+    """Whether no value of ``column`` (paths) appears twice, decided by comparing neighbours in sorted
+    order a window at a time rather than by a hash table: a hash set of a million paths (``count_distinct``)
+    costs about three times their text, the sort's index array and one window copy far less
+    (``allcluster bench plan``, 2026-12-03)."""
+    values = large_text(column)
+    if isinstance(values, pa.ChunkedArray):     # take() on several chunks joins them once per call
+        values = values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
+    order = pc.sort_indices(values)
+    for start in range(0, max(0, len(values) - 1), _DISTINCT_WINDOW):
+        window = values.take(order.slice(start, _DISTINCT_WINDOW + 1))
+        if pc.any(pc.equal(window.slice(1), window.slice(0, len(window) - 1))).as_py():
+            return False
+    return True
+
+
+_DISTINCT_WINDOW = 1 << 16
 
 
 def path_codes(column: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.ChunkedArray | pa.Array]:

@@ -36,7 +36,7 @@ from allcluster.data.decode import TRANSIENT_ERRORS
 from allcluster.locks import ExclusiveLock, lock_folder
 from allcluster.score.config import IMPLIED_BEFORE
 from allcluster.score.heatmaps import pack_of, point_rows_at_pack, write_pack
-from allcluster.score.inputs import Shard, large_text, path_codes
+from allcluster.score.inputs import Shard, all_distinct, large_text, path_codes
 from allcluster.score.journal import Journal, journal_folder, journaled_shards, read_journal
 from allcluster.score.rows import OWN_COLUMNS, method_columns, methods_of, slug
 
@@ -91,7 +91,9 @@ class RowsState:
         """Paths whose row is final, which a rerun skips: ``ok`` rows and errors that the file's
         content determines (with ``retry_errors``, ``ok`` rows only). Transient errors are scored again."""
         final = final_rows(self.text("status"), self.text("error_type"), retry_errors)
-        return pc.unique(large_text(self.table.column("path").filter(final)))
+        paths = self.table.column("path")
+        done = large_text(paths if pc.all(final).as_py() else paths.filter(final))   # all final: no copy
+        return done if all_distinct(done) else pc.unique(done)
 
     def budget_used(self, shard: Shard = Shard()) -> int:
         """Budgeted explanations already spent by earlier runs of ``shard`` (the cap spans reruns)."""
@@ -101,9 +103,9 @@ class RowsState:
 
     def superseded(self, shard: Shard = Shard()) -> tuple[pa.Array, pa.Array]:
         """(paths of ``shard`` with rows from several runs, their ``path + NUL + newest run_id`` keys)."""
-        paths = large_text(self.table.column("path"))
-        if pc.count_distinct(paths).as_py() == len(paths):          # the usual case: one row per path
+        if all_distinct(self.table.column("path")):          # the usual case: one row per path
             return pa.array([], pa.large_string()), pa.array([], pa.large_string())
+        paths = large_text(self.table.column("path"))
         distinct, codes = path_codes(paths)
         counts = pa.table({"code": codes, "run_id": self.text("run_id")}).group_by("code").aggregate(
             [("run_id", "max"), ("run_id", "count")])
@@ -111,7 +113,6 @@ class RowsState:
         repeated = pa.table({"path": distinct.take(repeated["code"]), "run_id": repeated["run_id_max"]})
         repeated = repeated.filter(pa.array(shard.holds(repeated["path"].to_pylist()), pa.bool_()))
         return repeated["path"], row_keys(repeated)
-
 
     def newest_run(self) -> str:
         """The newest run id among the rows ("" when there are none)."""

@@ -79,14 +79,25 @@ def row_schema(classes: list[str], methods: list[str], extra: list[str] = ()) ->
         if name in seen:
             raise ValueError(f"result column {name!r} would appear twice (class or method names collide)")
         seen.add(name)
-    return pa.schema(fields, metadata={"allcluster.classes": ",".join(classes),
-                                       "allcluster.methods": ",".join(methods)})
+    return pa.schema(fields, metadata={CLASSES_KEY: ",".join(classes), METHODS_KEY: ",".join(methods)})
+
+
+CLASSES_KEY, METHODS_KEY = "allcluster.classes", "allcluster.methods"   # the rows schema's metadata
 
 
 def methods_of(schema: pa.Schema) -> list[str]:
     """The explanation methods a shard's schema was made for (:func:`row_schema`'s metadata)."""
-    listed = (schema.metadata or {}).get(b"allcluster.methods", b"").decode()
-    return [m for m in listed.split(",") if m]
+    return _metadata_list(schema, METHODS_KEY)
+
+
+def classes_of(schema: pa.Schema) -> list[str]:
+    """The model's classes a shard's schema was made for (:func:`row_schema`'s metadata)."""
+    return _metadata_list(schema, CLASSES_KEY)
+
+
+def _metadata_list(schema: pa.Schema, key: str) -> list[str]:
+    listed = (schema.metadata or {}).get(key.encode(), b"").decode()
+    return [name for name in listed.split(",") if name]
 
 
 def empty_columns(schema: pa.Schema, n: int) -> dict[str, list]:
