@@ -45,6 +45,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from allcluster.sweep.driver import collect_only, config_changes, grid_cells, load_sweep, run_sweep, sweep_source
     from allcluster.interrupt import EX_TEMPFAIL, Interrupted
     from allcluster.sweep.results import summary_text
+    from allcluster.sweep.schema import UNFINISHED
 
     source = sweep_source(args.config, args.overrides)
     sweep, trials = load_sweep(args.config, args.overrides)
@@ -69,9 +70,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     exp = Path(sweep.experiment_dir).resolve()
     print(summary_text(table))
     print(f"tables: {exp / 'trials.parquet'}, {exp / 'epochs.parquet'}; best model: {exp / 'best_model'}")
-    if stopped_by:
-        left = int(table["status"].isin(["interrupted", "pending"]).sum())
-        say(f"[sweep] interrupted by {stopped_by}: {left} of {len(table)} trials unfinished; "
+    left = int(table["status"].isin(UNFINISHED).sum())
+    if left and (stopped_by or not args.collect):    # no signal: trials whose Ray processes died
+        why = f"interrupted by {stopped_by}" if stopped_by else "trials lost their Ray processes (see above)"
+        say(f"[sweep] {why}: {left} of {len(table)} trials unfinished; "
             f"rerun the same command to resume (exit {EX_TEMPFAIL})")
         return EX_TEMPFAIL
     return 0 if (table["status"] == "finished").any() or not len(table) else 1
@@ -82,14 +84,16 @@ def _sweep_array_task(args: argparse.Namespace, sweep, trials, source: str) -> i
     from allcluster.console import say
     from allcluster.sweep.driver import run_array_task
     from allcluster.interrupt import EX_TEMPFAIL
+    from allcluster.sweep.schema import UNFINISHED
 
     if args.new_config:
         raise ConfigError("--new-config cannot go with --trial-index (array tasks run at once): run "
                           f"`allcluster sweep --config {args.config} --collect --new-config` first")
     status, stopped_by = run_array_task(sweep, trials, args.trial_index, args.retry_errored, args.address, source)
     trial = trials[args.trial_index]
-    if stopped_by:
-        say(f"[sweep] interrupted by {stopped_by}: trial {args.trial_index} ({trial.trial_id}) is {status}; "
+    if stopped_by or status in UNFINISHED:         # no signal: the trial's Ray processes died
+        why = f"interrupted by {stopped_by}" if stopped_by else "its Ray processes died"
+        say(f"[sweep] {why}: trial {args.trial_index} ({trial.trial_id}) is {status}; "
             f"rerun the same command to resume (exit {EX_TEMPFAIL})")
         return EX_TEMPFAIL
     print(f"trial {args.trial_index} ({trial.trial_id}): {status}; folder {trial.dir}")

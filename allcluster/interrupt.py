@@ -121,8 +121,9 @@ def _interrupt(signum: int, frame) -> None:
 
 def behind(err: BaseException):
     """``err`` and every exception behind it: Python's ``__cause__``/``__context__`` and Ray's
-    wrappers (``RayTaskError.cause``, Ray Train's ``ControllerError.controller_failure`` and
-    ``WorkerGroupError.worker_failures``), each once."""
+    wrappers (``RayTaskError.cause``, Ray Train's ``ControllerError.controller_failure``,
+    ``WorkerGroupError.worker_failures`` and ``WorkerHealthCheckFailedError.health_check_failure``,
+    which is how a Train worker's death reaches the trial), each once."""
     todo, seen = [err], set()
     while todo:
         found = todo.pop()
@@ -131,7 +132,8 @@ def behind(err: BaseException):
         seen.add(id(found))
         yield found
         todo += [found.__cause__, found.__context__, getattr(found, "cause", None),
-                 getattr(found, "controller_failure", None), *(getattr(found, "worker_failures", None) or {}).values()]
+                 getattr(found, "controller_failure", None), getattr(found, "health_check_failure", None),
+                 *(getattr(found, "worker_failures", None) or {}).values()]
 
 
 def interrupted_cause(err: BaseException) -> Interrupted | None:

@@ -344,11 +344,13 @@ def test_work_done_counts_recorded_epochs_and_finished_or_stopped_trials_and_pro
     assert (tmp_path / "progress").read_text() == "0 epochs or trial endings\n"
 
 
-def test_trial_errors_of_a_run_a_signal_stopped_are_left_to_resume_and_a_finished_trial_stays_finished(
+def test_trials_whose_ray_processes_died_resume_twice_their_own_errors_never_and_finished_stays_finished(
         tmp_path, capsys):
     """Slurm's SIGTERM (requeue, preemption, scancel) stops the Ray node under a running trial before the
     driver stops that trial: Tune reports ActorDiedError. Such an error must not make the trial errored
-    (never rerun); without a signal, an error is recorded. A trial that exported its model is finished."""
+    (never rerun). Nor, twice, with no signal: a node lost (Ray sees it in seconds, Slurm minutes later)
+    or a worker killed for memory. A third such run, and a trial's own exception at once, are recorded.
+    A trial that exported its model is finished."""
     from types import SimpleNamespace
 
     from ray.exceptions import ActorDiedError
@@ -357,6 +359,7 @@ def test_trial_errors_of_a_run_a_signal_stopped_are_left_to_resume_and_a_finishe
     from allcluster.sweep.ray_tune import record_errors
 
     from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 
     sweep = _sweep({"experiment_dir": str(tmp_path / "exp"), "train": {"data": {"manifest": "m.parquet"}},
                     "grid": {"optim.name": ["adam", "sgd", "rmsprop", "adadelta"]}})
@@ -364,15 +367,26 @@ def test_trial_errors_of_a_run_a_signal_stopped_are_left_to_resume_and_a_finishe
     (exported.dir / "model").mkdir(parents=True)
     (exported.dir / "model" / "model_card.json").write_text("{}")
     died = ActorDiedError()            # what Tune hands back for a trial actor whose node went down
-    errors = [died, WorkerGroupError("a worker died", {0: died}), ValueError("the trial's own bug"), died]
+    # a Train worker's death, as Ray Train 2.60 reports it (seen with a real SIGKILL, test below)
+    worker_died = WorkerGroupError("a worker died", {0: WorkerHealthCheckFailedError("health check failed", died)})
+    errors = [died, worker_died, ValueError("the trial's own bug"), died]
     grid = [SimpleNamespace(config={"trial": {"trial_id": t.trial_id}}, error=e) for t, e in zip(trials, errors)]
     by_id = {t.trial_id: t for t in trials}
 
     record_errors(grid, by_id, stopped_by="SIGTERM")
     assert [trial_status(t.dir) for t in trials] == ["pending", "pending", "errored", "finished"]
     assert f"{running.trial_id} ended with ActorDiedError while SIGTERM stopped the run" in capsys.readouterr().err
-    record_errors(grid, by_id)                                   # no signal: every error is the trial's
+    assert not (running.dir / "lost.json").exists(), "a signal's casualties are not counted as lost"
+    for run in (1, 2):                                           # no signal: lost, resumed by the rerun
+        record_errors(grid, by_id)
+        assert [trial_status(t.dir) for t in trials] == ["pending", "pending", "errored", "finished"]
+        err = capsys.readouterr().err
+        assert f"{worker_lost.trial_id}: its Ray processes died (WorkerGroupError) with no stop signal" in err
+        assert f"the rerun resumes it ({run} of 2 such runs allowed)" in err
+    record_errors(grid, by_id)                                   # a third time: errored, saying why
     assert [trial_status(t.dir) for t in trials] == ["errored", "errored", "errored", "finished"]
+    assert json.loads((running.dir / "error.json").read_text())["error"].startswith(
+        "its Ray processes died in 3 runs: ray.exceptions.ActorDiedError")
     assert not (exported.dir / "error.json").exists()
 
 
@@ -491,6 +505,64 @@ def test_a_sweep_stopped_by_sigint_then_killed_resumes_and_runs_each_trial_once(
         assert weights.stat().st_mtime_ns == stamp, f"{trial_id} finished before the kill and was rerun"
     epochs = pd.read_parquet(exp / "epochs.parquet")
     assert sorted(epochs.groupby("trial_id")["epoch"].apply(list).tolist()) == [list(range(EPOCHS_TO_INTERRUPT))] * 3
+
+
+@pytest.mark.slow
+def test_a_trial_whose_train_worker_is_killed_with_no_signal_is_resumed_by_the_rerun_not_errored(
+        synthetic_manifest, tmp_path):
+    """A real fault with no signal to the driver: the trial's Ray Train worker is SIGKILLed (as the
+    kernel's OOM killer does, or as a lost node takes it). The run ends with exit 75, the trial counted
+    in lost.json but not errored; the rerun resumes it from its checkpoint and finishes it."""
+    import uuid
+
+    exp, marker = tmp_path / "exp", f"ALLCLUSTER_TEST_RUN={uuid.uuid4().hex}"
+    config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, exp, grid={"optim.name": ["adam"]},
+                        train={**TRAIN, "fit": {**TRAIN["fit"], "epochs": EPOCHS_TO_INTERRUPT},
+                               "data": {**TRAIN["data"], "manifest": str(synthetic_manifest)}})
+    command = [sys.executable, "jobs/sweep.py", "--config", str(config)]
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO), marker.split("=")[0]: marker.split("=")[1]}
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while not list(exp.glob("trials/*/ray/checkpoint_manager_snapshot.json")):
+            assert first.poll() is None and time.time() < deadline, "no epoch checkpoint within 400 s"
+            time.sleep(0.2)
+        workers = _train_workers(marker)
+        assert len(workers) == 1, f"expected the trial's one Ray Train worker, found {workers}"
+        os.kill(workers[0], signal.SIGKILL)
+        log = first.communicate(timeout=300)[0]
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    (trial_dir,) = exp.glob("trials/*")
+    assert first.returncode == 75, log[-4000:]
+    assert f"{trial_dir.name}: its Ray processes died (" in log and "(1 of 2 such runs allowed)" in log, log[-4000:]
+    assert "trials lost their Ray processes (see above): 1 of 1 trials unfinished" in log
+    assert not (trial_dir / "error.json").exists() and json.loads((trial_dir / "lost.json").read_text())["runs"] == 1
+    assert pd.read_parquet(exp / "trials.parquet")["status"].tolist() == ["interrupted"]
+
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-3000:]
+    assert "resuming after epoch" in log
+    assert pd.read_parquet(exp / "trials.parquet")["status"].tolist() == ["finished"]
+    assert pd.read_parquet(exp / "epochs.parquet")["epoch"].tolist() == list(range(EPOCHS_TO_INTERRUPT))
+
+
+def _train_workers(marker: str) -> list[int]:
+    """PIDs of Ray Train worker processes whose environment holds ``marker`` (``NAME=value``): the
+    ones of the Ray a test's driver started, not any other Ray on the machine."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc.name.isdigit() and b"RayTrainWorker" in (proc / "cmdline").read_bytes()
+                    and marker.encode() + b"\0" in (proc / "environ").read_bytes()):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 # ---- array mode: one trial per task, then --collect ----------------------------------------------

@@ -23,6 +23,7 @@ import numpy as np
 from allcluster.atomic import atomic_write_text
 from allcluster.config import ConfigError, deep_merge, from_dict, read_yaml, set_path
 from allcluster.sweep.config import DISTRIBUTIONS, SweepConfig
+from allcluster.sweep.schema import UNFINISHED
 from allcluster.train.config import TrainConfig, resolve
 
 
@@ -158,14 +159,34 @@ def mark_stopped(trial_dir: Path, by: str, epoch: int | None = None) -> None:
     atomic_write_text(trial_dir / "stopped.json", json.dumps({"by": by, "epoch": epoch, "time": time.time()}))
 
 
-def mark_errored(trial_dir: Path, err: BaseException) -> None:
+def mark_errored(trial_dir: Path, err: BaseException, note: str = "") -> None:
     """Record a trial's exception in ``error.json`` (rerun only with ``--retry-errored``)."""
-    text = "".join(traceback.format_exception_only(type(err), err)).strip()
+    text = note + "".join(traceback.format_exception_only(type(err), err)).strip()
     trial_dir.mkdir(parents=True, exist_ok=True)
     (trial_dir / "error.json").write_text(json.dumps({"error": text[-4000:], "time": time.time()}))
 
 
+# Runs in which a trial's Ray processes may die with no stop signal before it counts as errored: a
+# node lost, or a worker the kernel's OOM killer ended, says nothing about the trial's config, and the
+# rerun resumes it from its last checkpoint; a trial that kills its processes every time ends errored.
+LOST_RUNS_ALLOWED = 2
+
+
+def mark_lost(trial_dir: Path, err: BaseException) -> int:
+    """Count a run in which this trial's Ray processes died with no stop signal (``lost.json``);
+    returns how many such runs it has had. The trial keeps its state (interrupted or pending)."""
+    path = trial_dir / "lost.json"
+    try:
+        runs = int(json.loads(path.read_text())["runs"]) + 1
+    except (OSError, ValueError, KeyError, TypeError):
+        runs = 1
+    text = "".join(traceback.format_exception_only(type(err), err)).strip()
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"runs": runs, "error": text[-4000:], "time": time.time()}))
+    return runs
+
+
 def trials_to_run(trials: list[Trial], retry_errored: bool) -> list[Trial]:
     """Pending and interrupted trials (and errored ones when asked); finished/stopped never rerun."""
-    wanted = {"pending", "interrupted"} | ({"errored"} if retry_errored else set())
+    wanted = set(UNFINISHED) | ({"errored"} if retry_errored else set())
     return [t for t in trials if trial_status(t.dir) in wanted]

@@ -15,7 +15,7 @@ from allcluster.data.cache import MUST_EXIST_ENV
 from allcluster.data.preprocess import Preprocess
 from allcluster.sweep.config import SweepConfig
 from allcluster.interrupt import STOP_REQUESTED, StopSignals, behind, call_in_thread
-from allcluster.sweep.plan import Trial, mark_errored, mark_stopped, trial_status
+from allcluster.sweep.plan import LOST_RUNS_ALLOWED, Trial, mark_errored, mark_lost, mark_stopped, trial_status
 from allcluster.train.config import TrainConfig
 
 # The Tune trial actor only waits on its TorchTrainer, whose workers hold the real resources.
@@ -166,12 +166,15 @@ def record_errors(result_grid, trials: dict[str, Trial], stopped_by: str = "") -
     """Write ``error.json`` for every trial that raised. Trials a scheduler stopped were marked when
     it decided (:class:`RecordsStops`); trials a stop signal cut short are left to be resumed.
 
-    In a run a stop signal ended (``stopped_by``), a trial whose Ray processes died is not errored:
+    A trial whose Ray processes died is not errored in a run a stop signal ended (``stopped_by``):
     Slurm's SIGTERM at ``scontrol requeue``, preemption or ``scancel`` reaches every node of the job,
     and the Ray node it stops takes the trial actors on it down with it (``ActorDiedError``: "its
     node was terminated") before the driver has stopped those trials. Recorded, such a trial would
-    never resume; left unmarked, the rerun resumes it. Its own exceptions are recorded as always. A
-    trial whose model is exported is finished whatever its last report met.
+    never resume; left unmarked, the rerun resumes it. With no signal (a node lost: Ray notices in
+    seconds, Slurm only after SlurmdTimeout, then requeues the job; or a worker the kernel's OOM
+    killer ended) it is not errored either for its first ``LOST_RUNS_ALLOWED`` such runs
+    (``lost.json`` counts them). Its own exceptions are recorded as always. A trial whose model is
+    exported is finished whatever its last report met.
     """
     for result in result_grid:
         if result.error is not None:
@@ -182,11 +185,25 @@ def record_error(trial: Trial, err: BaseException, stopped_by: str = "") -> None
     """One trial's error, by the rule of :func:`record_errors`."""
     if trial_status(trial.dir) == "finished":
         return
-    if stopped_by and ray_processes_died(err):
+    died = ray_processes_died(err)
+    if died and stopped_by:
         say(f"[sweep] {trial.trial_id} ended with {type(err).__name__} while {stopped_by} stopped "
             "the run: not recorded as errored, the rerun resumes it")
+    elif died and (runs := mark_lost(trial.dir, err)) <= LOST_RUNS_ALLOWED:
+        say(f"[sweep] {trial.trial_id}: its Ray processes died ({type(err).__name__}) with no stop signal "
+            f"(a node lost, or a worker killed for memory): not recorded as errored, the rerun resumes it "
+            f"({runs} of {LOST_RUNS_ALLOWED} such runs allowed)")
     else:
-        mark_errored(trial.dir, err)
+        mark_errored(trial.dir, err, f"its Ray processes died in {runs} runs: " if died else "")
+
+
+def _worker_unresponsive() -> type:
+    """Ray Train's error for a worker that stopped answering its health checks (a node cut off)."""
+    try:
+        from ray.train.v2._internal.exceptions import WorkerHealthCheckTimeoutError
+    except ImportError:                       # an internal module: absent in another Ray, never matched
+        return type("NoSuchError", (Exception,), {})
+    return WorkerHealthCheckTimeoutError
 
 
 def ray_processes_died(err: BaseException) -> bool:
@@ -194,7 +211,8 @@ def ray_processes_died(err: BaseException) -> bool:
     code raised; looks inside Ray Train's and Ray's wrappers (:func:`allcluster.interrupt.behind`)."""
     from ray import exceptions as rx
 
-    died = (rx.RayActorError, rx.NodeDiedError, rx.WorkerCrashedError, rx.RaySystemError, rx.LocalRayletDiedError)
+    died = (rx.RayActorError, rx.NodeDiedError, rx.WorkerCrashedError, rx.RaySystemError, rx.LocalRayletDiedError,
+            _worker_unresponsive())
     return any(isinstance(found, died) and not getattr(found, "actor_init_failed", False) for found in behind(err))
 
 

@@ -20,6 +20,7 @@ TRIAL_COLUMNS = [
     "wall_seconds", "images_per_s", "gpu_hours", "cpu_hours", "model_dir", "checkpoint_path", "config_hash",
     "run_id", "allcluster_version", "torch_version", "timm_version", "ray_version", "sweep"]
 STATUSES = ("finished", "stopped", "errored", "interrupted", "pending")
+UNFINISHED = ("interrupted", "pending")        # what a rerun resumes or starts
 
 
 def ordered(table: pd.DataFrame, varied: list[str]) -> pd.DataFrame:
