@@ -246,6 +246,23 @@ def rss_kib(field: str) -> int:
     return 0
 
 
+def write_scored_rows(manifest: "pa.Table", out: Path, per_shard: int = 5000) -> None:
+    """``ok`` rows for every file of ``manifest`` in ``out/rows`` (shards of ``per_shard``), as a
+    resumed job finds them (the other columns null: planning reads only the bookkeeping ones)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from allcluster.score.rows import row_schema
+
+    schema = row_schema(["Benign", "Early", "Pre", "Pro"], ["gradcam"])
+    rows = pa.table({name: (manifest["path"] if name == "path" else pa.nulls(manifest.num_rows, schema.field(name).type))
+                     for name in schema.names}, schema=schema)
+    rows = rows.set_column(schema.names.index("status"), "status", pa.array(["ok"] * manifest.num_rows))
+    (out / "rows").mkdir(parents=True, exist_ok=True)
+    for i, start in enumerate(range(0, manifest.num_rows, per_shard)):
+        pq.write_table(rows.slice(start, per_shard), out / "rows" / f"part-bench-{i:05d}.parquet")
+
+
 def plan_probe(model: str, manifest: str, out: str) -> None:
     """Run in a fresh process by ``bench plan``: list and plan a job, print the driver's memory (JSON).
 
@@ -263,8 +280,10 @@ def plan_probe(model: str, manifest: str, out: str) -> None:
 
     import pyarrow.parquet as pq
 
-    with tempfile.TemporaryDirectory() as tmp:       # warm-up: page in the Arrow/Parquet code first
-        pq.write_table(synthetic_manifest_table(100), Path(tmp) / "m.parquet")
+    with tempfile.TemporaryDirectory() as tmp:       # warm-up: page in the Arrow/Parquet code first,
+        table = synthetic_manifest_table(100)        # a resumed plan's (reading rows) included
+        pq.write_table(table, Path(tmp) / "m.parquet")
+        write_scored_rows(table.slice(0, 50), Path(tmp))
         warm = from_dict(ScoreConfig, {"model": model, "input": str(Path(tmp) / "m.parquet"), "out": tmp}, "warm-up")
         todo_blocks(plan_job(warm, Path(tmp)).todo, warm.batch_size)
     cfg = from_dict(ScoreConfig, {"model": model, "input": manifest, "out": out}, "bench plan")
@@ -288,12 +307,10 @@ def bench_plan(args: argparse.Namespace) -> dict:
     import subprocess
     import sys
 
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from allcluster.models.model_dir import export_untrained
     from allcluster.models.registry import HeadSpec
-    from allcluster.score.rows import row_schema
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -304,15 +321,8 @@ def bench_plan(args: argparse.Namespace) -> dict:
     manifest = out / "manifest.parquet"
     pq.write_table(table, manifest)
     resumed = out / "resumed"
-    half = table.slice(0, args.rows // 2)
-    schema = row_schema(["Benign", "Early", "Pre", "Pro"], ["gradcam"])
-    rows = pa.table({name: (half["path"] if name == "path" else pa.nulls(half.num_rows, schema.field(name).type))
-                     for name in schema.names}, schema=schema)
-    rows = rows.set_column(schema.names.index("status"), "status", pa.array(["ok"] * half.num_rows))
-    (resumed / "rows").mkdir(parents=True, exist_ok=True)
-    for i, start in enumerate(range(0, half.num_rows, 5000)):
-        pq.write_table(rows.slice(start, 5000), resumed / "rows" / f"part-bench-{i:05d}.parquet")
-    del table, half, rows
+    write_scored_rows(table.slice(0, args.rows // 2), resumed)
+    del table
     results = {}
     for name, target in (("fresh", out / "fresh"), ("resumed", resumed)):
         code = f"from allcluster.bench.score import plan_probe; plan_probe({str(model)!r}, {str(manifest)!r}, {str(target)!r})"
