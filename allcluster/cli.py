@@ -71,7 +71,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(summary_text(table))
     print(f"tables: {exp / 'trials.parquet'}, {exp / 'epochs.parquet'}; best model: {exp / 'best_model'}")
     left = int(table["status"].isin(UNFINISHED).sum())
-    if left and (stopped_by or not args.collect):    # no signal: trials whose Ray processes died
+    if stopped_by or (left and not args.collect):    # no signal: trials whose Ray processes died
         why = f"interrupted by {stopped_by}" if stopped_by else "trials lost their Ray processes (see above)"
         say(f"[sweep] {why}: {left} of {len(table)} trials unfinished; "
             f"rerun the same command to resume (exit {EX_TEMPFAIL})")

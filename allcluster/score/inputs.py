@@ -68,7 +68,7 @@ class Listing:
         errors = [e for e, k in zip(self.errors, shard.holds([e["path"] for e in self.errors])) if k]
         return Listing(self.files.filter(keep), errors)
 
-    def without(self, done: pa.Array) -> "Listing":
+    def without(self, done: pa.Array | pa.ChunkedArray) -> "Listing":
         """The entries whose path is not in ``done`` (vectorised: a hash set in Arrow, not in Python)."""
         if not len(done):
             return self
@@ -89,10 +89,11 @@ def large_text(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array
 
 
 def all_distinct(column: pa.ChunkedArray | pa.Array) -> bool:
-    """Whether no value of ``column`` (paths) appears twice, decided by comparing neighbours in sorted
-    order a window at a time rather than by a hash table: a hash set of a million paths (``count_distinct``)
-    costs about three times their text, the sort's index array and one window copy far less
-    (``allcluster bench plan``, 2026-12-03)."""
+    """Whether no value of ``column`` (paths; no nulls: every caller's path column is filled) appears
+    twice, decided by comparing neighbours in sorted order a window at a time rather than by a hash
+    table: a hash set of a million paths (``count_distinct``) costs about three times their text;
+    this, the sort's index array, one window and, for a column of several chunks, one joined copy
+    of the text (``allcluster bench plan``, 2026-12-03)."""
     values = large_text(column)
     if isinstance(values, pa.ChunkedArray):     # take() on several chunks joins them once per call
         values = values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)

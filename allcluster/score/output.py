@@ -87,7 +87,7 @@ class RowsState:
         """Column ``name`` as plain strings (dictionary-decoded)."""
         return pc.cast(self.table.column(name), pa.string())
 
-    def done_paths(self, retry_errors: bool = False) -> pa.Array:
+    def done_paths(self, retry_errors: bool = False) -> pa.Array | pa.ChunkedArray:
         """Paths whose row is final, which a rerun skips: ``ok`` rows and errors that the file's
         content determines (with ``retry_errors``, ``ok`` rows only). Transient errors are scored again."""
         final = final_rows(self.text("status"), self.text("error_type"), retry_errors)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from allcluster.atomic import atomic_write_text
 from allcluster.config import ConfigError, deep_merge, from_dict, read_yaml, set_path
@@ -161,29 +162,46 @@ def mark_stopped(trial_dir: Path, by: str, epoch: int | None = None) -> None:
 
 def mark_errored(trial_dir: Path, err: BaseException, note: str = "") -> None:
     """Record a trial's exception in ``error.json`` (rerun only with ``--retry-errored``)."""
-    text = note + "".join(traceback.format_exception_only(type(err), err)).strip()
+    text = "".join(traceback.format_exception_only(type(err), err)).strip()
     trial_dir.mkdir(parents=True, exist_ok=True)
-    (trial_dir / "error.json").write_text(json.dumps({"error": text[-4000:], "time": time.time()}))
+    (trial_dir / "error.json").write_text(json.dumps({"error": note + text[-4000:], "time": time.time()}))
 
 
-# Runs in which a trial's Ray processes may die with no stop signal before it counts as errored: a
-# node lost, or a worker the kernel's OOM killer ended, says nothing about the trial's config, and the
-# rerun resumes it from its last checkpoint; a trial that kills its processes every time ends errored.
+# Runs in a row, each with no new epoch, in which a trial's Ray processes may die with no stop signal
+# before it counts as errored: a node lost, or a worker the kernel's OOM killer ended, says nothing
+# about the trial's config, and the rerun resumes it from its last checkpoint; a trial that kills its
+# processes every time, before it records an epoch, ends errored.
 LOST_RUNS_ALLOWED = 2
+
+
+def epochs_recorded(trial_dir: Path) -> int:
+    """Epochs in the trial's ``metrics.parquet`` (read from its footer)."""
+    path = trial_dir / "metrics.parquet"
+    return pq.read_metadata(path).num_rows if path.is_file() else 0
 
 
 def mark_lost(trial_dir: Path, err: BaseException) -> int:
     """Count a run in which this trial's Ray processes died with no stop signal (``lost.json``);
-    returns how many such runs it has had. The trial keeps its state (interrupted or pending)."""
-    path = trial_dir / "lost.json"
+    returns how many such runs it has had in a row without a new epoch (an epoch recorded since
+    the last one starts the count again). The trial keeps its state (interrupted or pending)."""
+    path, epochs = trial_dir / "lost.json", epochs_recorded(trial_dir)
     try:
-        runs = int(json.loads(path.read_text())["runs"]) + 1
+        last = json.loads(path.read_text())
+        runs = int(last["runs"]) + 1 if int(last["epochs"]) == epochs else 1
     except (OSError, ValueError, KeyError, TypeError):
         runs = 1
     text = "".join(traceback.format_exception_only(type(err), err)).strip()
     trial_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"runs": runs, "error": text[-4000:], "time": time.time()}))
+    atomic_write_text(path, json.dumps({"runs": runs, "epochs": epochs, "error": text[-4000:], "time": time.time()}))
     return runs
+
+
+def clear_error(trial_dir: Path) -> None:
+    """A retried errored trial starts clean: its ``error.json`` goes, and with it the count of runs
+    its Ray processes died in (``lost.json``), if that is what made it errored."""
+    if (trial_dir / "error.json").is_file():
+        (trial_dir / "lost.json").unlink(missing_ok=True)
+        (trial_dir / "error.json").unlink(missing_ok=True)
 
 
 def trials_to_run(trials: list[Trial], retry_errored: bool) -> list[Trial]:

@@ -15,7 +15,8 @@ from allcluster.data.cache import MUST_EXIST_ENV
 from allcluster.data.preprocess import Preprocess
 from allcluster.sweep.config import SweepConfig
 from allcluster.interrupt import STOP_REQUESTED, StopSignals, behind, call_in_thread
-from allcluster.sweep.plan import LOST_RUNS_ALLOWED, Trial, mark_errored, mark_lost, mark_stopped, trial_status
+from allcluster.sweep.plan import (LOST_RUNS_ALLOWED, Trial, clear_error, mark_errored, mark_lost, mark_stopped,
+                                   trial_status)
 from allcluster.train.config import TrainConfig
 
 # The Tune trial actor only waits on its TorchTrainer, whose workers hold the real resources.
@@ -54,7 +55,7 @@ def run_array_trial(trial: Trial) -> None:
     from allcluster.train.ray_train import node_resources
 
     concurrency([trial], ray.cluster_resources(), 1, node_resources())    # refuses a trial the cluster cannot fit
-    (trial.dir / "error.json").unlink(missing_ok=True)
+    clear_error(trial.dir)
     prebuild_caches([trial])
     trainer = trial_trainer(trial.trial_id, to_dict(trial.config))
     try:
@@ -172,8 +173,8 @@ def record_errors(result_grid, trials: dict[str, Trial], stopped_by: str = "") -
     node was terminated") before the driver has stopped those trials. Recorded, such a trial would
     never resume; left unmarked, the rerun resumes it. With no signal (a node lost: Ray notices in
     seconds, Slurm only after SlurmdTimeout, then requeues the job; or a worker the kernel's OOM
-    killer ended) it is not errored either for its first ``LOST_RUNS_ALLOWED`` such runs
-    (``lost.json`` counts them). Its own exceptions are recorded as always. A trial whose model is
+    killer ended) it is not errored either for ``LOST_RUNS_ALLOWED`` such runs in a row without a
+    new epoch (``lost.json`` counts them). Its own exceptions are recorded as always. A trial whose model is
     exported is finished whatever its last report met.
     """
     for result in result_grid:
@@ -192,9 +193,9 @@ def record_error(trial: Trial, err: BaseException, stopped_by: str = "") -> None
     elif died and (runs := mark_lost(trial.dir, err)) <= LOST_RUNS_ALLOWED:
         say(f"[sweep] {trial.trial_id}: its Ray processes died ({type(err).__name__}) with no stop signal "
             f"(a node lost, or a worker killed for memory): not recorded as errored, the rerun resumes it "
-            f"({runs} of {LOST_RUNS_ALLOWED} such runs allowed)")
+            f"({runs} of {LOST_RUNS_ALLOWED} such runs in a row allowed)")
     else:
-        mark_errored(trial.dir, err, f"its Ray processes died in {runs} runs: " if died else "")
+        mark_errored(trial.dir, err, f"its Ray processes died in {runs} runs in a row: " if died else "")
 
 
 def _worker_unresponsive() -> type:
@@ -277,7 +278,7 @@ def run_tune(sweep: SweepConfig, to_run: list[Trial], experiment_dir: Path, stop
     from ray import tune
 
     for trial in to_run:
-        (trial.dir / "error.json").unlink(missing_ok=True)      # a retried trial starts clean
+        clear_error(trial.dir)                                   # a retried trial starts clean
     from allcluster.train.ray_train import node_resources
 
     limit = concurrency(to_run, ray.cluster_resources(), sweep.max_concurrent, node_resources())

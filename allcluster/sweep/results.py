@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from allcluster.config import config_hash
 from allcluster.models.card import CARD_FILE, ModelCard
 from allcluster.models.card import versions
-from allcluster.sweep.plan import Trial, trial_status
+from allcluster.sweep.plan import Trial, epochs_recorded, trial_status
 from allcluster.sweep.schema import METRIC_KEYS, ordered
 
 SUMMARY_COLUMNS = ["backbone", "augmentation", "optimizer", "status", "best_epoch", "train_accuracy", "train_macro_f1",
@@ -36,9 +36,7 @@ def work_done(trials: list[Trial]) -> int:
     the run's progress (:func:`allcluster.interrupt.report_progress`)."""
     total = 0
     for trial in trials:
-        path = trial.dir / "metrics.parquet"
-        ended = trial_status(trial.dir) in ("finished", "stopped")
-        total += (pq.read_metadata(path).num_rows if path.is_file() else 0) + ended
+        total += epochs_recorded(trial.dir) + (trial_status(trial.dir) in ("finished", "stopped"))
     return total
 
 
