@@ -45,7 +45,7 @@ class WorkersConfig:
     gpus_per_actor: float = field(default=1.0, metadata=bounds(gt=0, le=8))
     cpus_per_actor: float = field(default=1.0, metadata=bounds(gt=0))
     decode_cpus: float = field(default=0.5, metadata=bounds(gt=0))   # per read+decode task
-    torch_threads: int = field(default=0, metadata=bounds(ge=0))      # per CPU actor; 0: ceil(cpus_per_actor)
+    torch_threads: int = field(default=0, metadata=bounds(ge=0))      # per CPU actor; 0: its share of the node's CPUs
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # auto: bf16 autocast (and channels-last) on CUDA, fp32 on CPU, as training; the card's temperature
     # is applied to the fp32 cast of the logits (training fits it the same way, see logits_precision)
