@@ -18,6 +18,7 @@ run's row for the same path supersedes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import sys
@@ -83,6 +84,11 @@ class RowsState:
         fmt = pads.ParquetFileFormat(read_options=pads.ParquetReadOptions(dictionary_columns=STATE_DICTIONARY))
         return cls(pads.dataset(shards, format=fmt).to_table(columns=list(STATE_COLUMNS)))
 
+    @functools.cached_property
+    def one_row_per_path(self) -> bool:
+        """No path has two rows (checked once: a start asks it for compaction and for the done set)."""
+        return all_distinct(self.table.column("path"))
+
     def text(self, name: str) -> pa.ChunkedArray:
         """Column ``name`` as plain strings (dictionary-decoded)."""
         return pc.cast(self.table.column(name), pa.string())
@@ -93,7 +99,7 @@ class RowsState:
         final = final_rows(self.text("status"), self.text("error_type"), retry_errors)
         paths = self.table.column("path")
         done = large_text(paths if pc.all(final).as_py() else paths.filter(final))   # all final: no copy
-        return done if all_distinct(done) else pc.unique(done)
+        return done if self.one_row_per_path or all_distinct(done) else pc.unique(done)
 
     def budget_used(self, shard: Shard = Shard()) -> int:
         """Budgeted explanations already spent by earlier runs of ``shard`` (the cap spans reruns)."""
@@ -103,7 +109,7 @@ class RowsState:
 
     def superseded(self, shard: Shard = Shard()) -> tuple[pa.Array, pa.Array]:
         """(paths of ``shard`` with rows from several runs, their ``path + NUL + newest run_id`` keys)."""
-        if all_distinct(self.table.column("path")):          # the usual case: one row per path
+        if self.one_row_per_path:                            # the usual case
             return pa.array([], pa.large_string()), pa.array([], pa.large_string())
         paths = large_text(self.table.column("path"))
         distinct, codes = path_codes(paths)
