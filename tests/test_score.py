@@ -745,7 +745,7 @@ def test_rows_a_killed_driver_held_in_memory_are_recovered_from_its_journal_once
 
     from allcluster.score.heatmaps import heatmap_png
     from allcluster.score.inputs import Shard
-    from allcluster.score.output import RowsState, ShardWriter, recover_journals
+    from allcluster.score.output import RowsState, ShardWriter, recover_journals, with_journaled_rows
     from allcluster.score.rows import row_schema
 
     schema = row_schema(["A", "B"], ["gradcam"], [])
@@ -764,6 +764,9 @@ def test_rows_a_killed_driver_held_in_memory_are_recovered_from_its_journal_once
     part.add(_journal_rows(schema, ["f.jpg"]))                      # an array task's, killed too
     del writer, part                                                # nothing flushes: the process died
 
+    # --dry-run counts the journaled rows as done, as the run will once it has recovered them; writes nothing
+    planned = with_journaled_rows(tmp_path, RowsState.read(tmp_path)).done_paths().to_pylist()
+    assert sorted(planned) == ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "f.jpg"] and journal.is_file()
     assert recover_journals(tmp_path, Shard(0, 2)) == {}, "another part's journal is not ours"
     assert recover_journals(tmp_path, Shard(1, 2)) == {"part-run-2-00000.parquet": 1}, "its own, and only that"
     assert recover_journals(tmp_path, Shard()) == {"part-run-1-00001.parquet": 2}

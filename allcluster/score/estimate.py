@@ -23,7 +23,7 @@ from allcluster.models.card import ModelCard
 from allcluster.score.budget import budget_reasons
 from allcluster.score.reading import read_decode
 from allcluster.score.config import ScoreConfig
-from allcluster.score.output import budget_used
+from allcluster.score.output import RowsState, budget_used, with_journaled_rows
 
 if TYPE_CHECKING:
     from allcluster.score.core import Scorer
@@ -98,7 +98,8 @@ def estimate(cfg: ScoreConfig, retry_errors: bool = False) -> dict:
 
     card = ModelCard.read(cfg.model)
     out = Path(cfg.out).resolve()
-    job = plan_job(cfg, out, retry_errors)
+    # as the run will: after recovering what a killed run's journal holds (read here, not written)
+    job = plan_job(cfg, out, retry_errors, state=with_journaled_rows(out, RowsState.read(out)))
     driver_s = process_age_s()                 # the job's driver gets this far before it starts Ray
     todo = job.todo.files.column("path")
     result = {"inputs": job.inputs, "listing_errors": len(job.todo.errors), "already_scored": job.done,

@@ -316,6 +316,19 @@ def write_shard(out: Path, name: str, rows: pa.Table, pack: pa.Table | None, met
     return rows
 
 
+def with_journaled_rows(out: Path, state: RowsState) -> RowsState:
+    """``state`` plus the rows every journal in ``out`` holds: what the next run finds once it has
+    recovered them (:func:`recover_journals`), read without writing anything (``--dry-run``)."""
+    rows_dir = out / "rows"
+    held = [read_journal(stream) for folder in sorted(rows_dir.glob(".journal-*")) if folder.is_dir()
+            for _, stream, _ in journaled_shards(folder)]
+    held = [t.select(list(STATE_COLUMNS)) for t in held if t is not None and t.num_rows]
+    if not held:
+        return state
+    plain = pa.schema([(name, pa.string()) for name in STATE_COLUMNS])
+    return RowsState(pa.concat_tables([state.table.cast(plain), *(t.cast(plain) for t in held)]))
+
+
 def recover_journals(out: Path, shard: Shard = Shard()) -> dict[str, int]:
     """Write the rows a killed run held in memory (:mod:`allcluster.score.journal`) as the shards it
     would have written, under its own run id; returns rows recovered per shard file. A whole job
