@@ -319,14 +319,20 @@ def write_shard(out: Path, name: str, rows: pa.Table, pack: pa.Table | None, met
 def with_journaled_rows(out: Path, state: RowsState) -> RowsState:
     """``state`` plus the rows every journal in ``out`` holds: what the next run finds once it has
     recovered them (:func:`recover_journals`), read without writing anything (``--dry-run``)."""
-    rows_dir = out / "rows"
-    held = [read_journal(stream) for folder in sorted(rows_dir.glob(".journal-*")) if folder.is_dir()
-            for _, stream, _ in journaled_shards(folder)]
+    held = [read_journal(stream) for folder in journal_folders(out) for _, stream, _ in journaled_shards(folder)]
     held = [t.select(list(STATE_COLUMNS)) for t in held if t is not None and t.num_rows]
     if not held:
         return state
     plain = pa.schema([(name, pa.string()) for name in STATE_COLUMNS])
     return RowsState(pa.concat_tables([state.table.cast(plain), *(t.cast(plain) for t in held)]))
+
+
+def journal_folders(out: Path, shard: Shard = Shard()) -> list[Path]:
+    """The journal folders in ``out`` that ``shard`` may recover: every one for a whole job (its
+    exclusive lock says no array task runs), an array task only its own."""
+    rows_dir = out / "rows"
+    folders = sorted(rows_dir.glob(".journal-*")) if shard.whole else [journal_folder(rows_dir, shard.name)]
+    return [folder for folder in folders if folder.is_dir()]
 
 
 def recover_journals(out: Path, shard: Shard = Shard()) -> dict[str, int]:
@@ -336,10 +342,8 @@ def recover_journals(out: Path, shard: Shard = Shard()) -> dict[str, int]:
     A shard already written (a run killed between its shard and the journal's removal) is not
     written again. A journal that cannot be read or removed is left with one line (its rows are
     scored again). Call with the output's lock held, before reading the rows' state."""
-    rows_dir = out / "rows"
-    folders = sorted(rows_dir.glob(".journal-*")) if shard.whole else [journal_folder(rows_dir, shard.name)]
     recovered = {}
-    for folder in (f for f in folders if f.is_dir()):
+    for folder in journal_folders(out, shard):
         try:
             recovered.update(recover_folder(out, folder))
         except OSError as err:

@@ -162,9 +162,13 @@ def mark_stopped(trial_dir: Path, by: str, epoch: int | None = None) -> None:
 
 def mark_errored(trial_dir: Path, err: BaseException, note: str = "") -> None:
     """Record a trial's exception in ``error.json`` (rerun only with ``--retry-errored``)."""
-    text = "".join(traceback.format_exception_only(type(err), err)).strip()
     trial_dir.mkdir(parents=True, exist_ok=True)
-    (trial_dir / "error.json").write_text(json.dumps({"error": note + text[-4000:], "time": time.time()}))
+    (trial_dir / "error.json").write_text(json.dumps({"error": note + _exception_text(err), "time": time.time()}))
+
+
+def _exception_text(err: BaseException) -> str:
+    """The exception's type and message, as a traceback's last line (at most 4,000 characters)."""
+    return "".join(traceback.format_exception_only(type(err), err)).strip()[-4000:]
 
 
 # Runs in a row, each with no new epoch, in which a trial's Ray processes may die with no stop signal
@@ -190,9 +194,9 @@ def mark_lost(trial_dir: Path, err: BaseException) -> int:
         runs = int(last["runs"]) + 1 if int(last["epochs"]) == epochs else 1
     except (OSError, ValueError, KeyError, TypeError):
         runs = 1
-    text = "".join(traceback.format_exception_only(type(err), err)).strip()
     trial_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"runs": runs, "epochs": epochs, "error": text[-4000:], "time": time.time()}))
+    atomic_write_text(path, json.dumps({"runs": runs, "epochs": epochs, "error": _exception_text(err),
+                                        "time": time.time()}))
     return runs
 
 
