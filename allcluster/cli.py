@@ -18,10 +18,11 @@ def cmd_index(args: argparse.Namespace) -> int:
     from allcluster.data.manifest import IndexConfig, format_summary, run_index
     from allcluster.config import from_dict
 
+    limits = {"max_pixels": args.max_pixels, "min_side": args.min_side}     # unset: IndexConfig's defaults
     cfg = from_dict(IndexConfig, {
         "source": args.source, "out": args.out, "ratios": args.ratios, "folds": args.folds, "seed": args.seed,
-        "patient_regex": args.patient_regex, "max_pixels": args.max_pixels, "workers": args.workers},
-        "allcluster index")
+        "patient_regex": args.patient_regex, "workers": args.workers,
+        **{key: value for key, value in limits.items() if value is not None}}, "allcluster index")
     _, summary = run_index(cfg)
     print(format_summary(summary))
     print(f"manifest: {Path(cfg.out).resolve()}")
@@ -64,7 +65,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             table, stopped_by = collect_only(sweep, trials, source, args.new_config), ""
         else:
             table, stopped_by = run_sweep(sweep, trials, args.retry_errored, args.address, source, args.new_config)
-    except Interrupted as err:        # a second signal while the tables were being written
+    except Interrupted as err:        # a second signal before Ray started, or one during --collect
         say(f"[sweep] interrupted by {err.signal_name}; rerun the same command to resume (exit {EX_TEMPFAIL})")
         return EX_TEMPFAIL
     exp = Path(sweep.experiment_dir).resolve()
@@ -153,7 +154,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     options = from_dict(ReportOptions, {
         "metric": args.metric, "group_by": args.group_by or ["folder"], "malignant": args.malignant,
-        "gallery_per_class": args.gallery_per_class}, "allcluster report")
+        "gallery_per_class": args.gallery_per_class, "curves": args.curves, "morning_rows": args.morning_rows},
+        "allcluster report")
     result = build_report(args.inputs, args.out, options)
     counts = {k: v for k, v in result.get("scoring", {}).items() if k != "confusion"}
     print(json.dumps({"trials": result["trials"], "scoring": counts, "notes": result["notes"]}, indent=2))
@@ -234,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=0, help="k-fold: test held out, rest in K grouped folds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--patient-regex", default="", help="patient id from the file name (first group)")
-    p.add_argument("--max-pixels", type=int, default=50_000_000, help="refuse larger images (bombs)")
+    p.add_argument("--max-pixels", type=int, help="refuse larger images, decompression bombs (default: 50000000)")
+    p.add_argument("--min-side", type=int, help="refuse images with a smaller side, in pixels (default: 8)")
     p.add_argument("--workers", type=int, default=0, help="decode threads (0: all cores)")
     p.set_defaults(func=cmd_index)
 
@@ -305,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class counted as malignant for the morning list (repeatable; default: all but Benign)")
     p.add_argument("--gallery-per-class", type=int, default=4, metavar="N",
                    help="most confident and most uncertain images per predicted class (default: %(default)s)")
+    p.add_argument("--curves", type=int, default=3, metavar="N",
+                   help="training curves of the best N trials (default: %(default)s)")
+    p.add_argument("--morning-rows", type=int, default=50, metavar="N",
+                   help="morning-list rows shown in the HTML; morning_list.csv has every row (default: %(default)s)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("check-config", help="validate config files as a run would (before you sbatch them)")
@@ -331,21 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from allcluster.interrupt import Interrupted, interrupted_cause, interrupted_exit, stop_at_once
+    from allcluster.interrupt import InterruptionCaught, interrupted_exit, stop_at_once
 
     if argv is None:                        # the command line, not a library or test call
         stop_at_once()
         from allcluster.device import restart_on_preferred_malloc
         restart_on_preferred_malloc()       # tcmalloc for this process too (dry-run probe, explain, benches)
-    try:
+    with InterruptionCaught() as caught:    # outside a run's graceful stop (see allcluster.interrupt)
         return _run(argv)
-    except Interrupted as err:              # outside a run's graceful stop (see allcluster.interrupt)
-        return interrupted_exit(err)
-    except Exception as err:                # the same, come out of Ray's compiled code as a SystemError
-        cause = interrupted_cause(err)
-        if cause is None:
-            raise
-        return interrupted_exit(cause)
+    return interrupted_exit(caught.signal_name)
 
 
 def _run(argv: list[str] | None) -> int:

@@ -59,7 +59,7 @@ class StopSignals:
     def __init__(self, on_first: str = ""):
         self.signal_name = ""
         self._on_first = on_first       # printed (``{signal}`` filled in) when a graceful stop is asked for
-        self._graceful = False
+        self._graceful = self._held = False
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -83,6 +83,13 @@ class StopSignals:
         """While on, the first signal only asks to stop (Tune's ``Stopper`` reads it) instead of raising."""
         self._graceful = on
 
+    def hold(self) -> None:
+        """From now on no signal raises, not even a second one: the run is writing what it has (the
+        sweep's tables, the scoring rows and summary), which must not be cut short. Wanted because
+        ``slurm/ray-cluster.sh`` sends the second SIGTERM itself once the job's Ray stops under the
+        driver, as the driver leaves Ray's wait."""
+        self._held = True
+
     @property
     def requested(self) -> bool:
         return STOP_REQUESTED.is_set()
@@ -100,6 +107,8 @@ class StopSignals:
             STOP_REQUESTED.set()
         if first and self._graceful:
             say(self._on_first.format(signal=name) + " (send it again to stop at once)")
+            return
+        if self._held:
             return
         raise Interrupted(self.signal_name)
 
@@ -143,9 +152,28 @@ def interrupted_cause(err: BaseException) -> Interrupted | None:
     return next((found for found in behind(err) if isinstance(found, Interrupted)), None)
 
 
-def interrupted_exit(err: Interrupted) -> int:
+class InterruptionCaught:
+    """``with InterruptionCaught() as caught:`` ends the block quietly when a stop signal's
+    :class:`Interrupted` ends it, in whatever wrapper it comes out (from inside Ray's compiled code:
+    a ``SystemError``, see :func:`interrupted_cause`); ``caught.signal_name`` names the signal ("" if
+    none). Any other exception passes through."""
+
+    def __init__(self):
+        self.signal_name = ""
+
+    def __enter__(self) -> "InterruptionCaught":
+        return self
+
+    def __exit__(self, kind, err, traceback) -> bool:
+        cause = interrupted_cause(err) if isinstance(err, (Interrupted, Exception)) else None
+        if cause is not None:
+            self.signal_name = cause.signal_name
+        return cause is not None
+
+
+def interrupted_exit(signal_name: str) -> int:
     """Say that a stop signal ended the command outside a graceful stop; the exit code (75)."""
-    say(f"allcluster: interrupted by {err.signal_name} outside a graceful stop; what was written is kept: "
+    say(f"allcluster: interrupted by {signal_name} outside a graceful stop; what was written is kept: "
         f"rerun the same command to resume (exit {EX_TEMPFAIL})")
     return EX_TEMPFAIL
 
@@ -159,7 +187,7 @@ def run_driver(command: str, argv: list[str]) -> int:
 
         return main([command, *argv])
     except Interrupted as err:                  # while importing
-        return interrupted_exit(err)
+        return interrupted_exit(err.signal_name)
 
 
 def report_progress(units: int, what: str) -> None:
@@ -176,26 +204,41 @@ def report_progress(units: int, what: str) -> None:
         atomic_write_text(path, f"{int(units)} {what}\n")
 
 
+# One event per call_in_thread call, set when its function returns or raises (see left_running).
+_CALLS_ENDED: list[threading.Event] = []
+
+
+def left_running() -> bool:
+    """A :func:`call_in_thread` function that a signal's :class:`Interrupted` left behind is still
+    running (inside Ray). Told by the function's own end, not ``Thread.is_alive``: a join cut short by
+    a handler's exception marks the thread stopped while it runs on (CPython 3.11, bpo-45274)."""
+    return not all(ended.is_set() for ended in _CALLS_ENDED)
+
+
 def call_in_thread(fn: Callable[[], Any]) -> Any:
     """``fn()`` in a worker thread while the main thread waits, free to run the signal handlers.
 
     Used for ``Tuner.fit`` and ``TorchTrainer.fit``: off the main thread neither installs its own
     SIGINT/SIGUSR1 handler (Tune's ``_setup_signal_catching``, Train's ``_register_sigint_handler``
     both check ``threading.main_thread()``). ``fn``'s exception, if any, is raised here; a
-    :class:`Interrupted` from a handler leaves the (daemon) thread behind.
+    :class:`Interrupted` from a handler leaves the (daemon) thread behind (:func:`left_running`).
     """
     box: dict = {}
+    ended = threading.Event()
+    _CALLS_ENDED[:] = [e for e in _CALLS_ENDED if not e.is_set()] + [ended]
 
     def target():
         try:
             box["result"] = fn()
         except BaseException as err:      # noqa: BLE001 - handed to the main thread
             box["error"] = err
+        finally:
+            ended.set()
 
     thread = threading.Thread(target=target, name="allcluster-fit", daemon=True)
     thread.start()
-    while thread.is_alive():
-        thread.join(0.5)
+    while not ended.wait(0.5):
+        pass
     if "error" in box:
         raise box["error"]
     return box["result"]

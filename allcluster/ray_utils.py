@@ -5,8 +5,11 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
+from typing import Iterator
 
 # Settings the driver's environment hands to every Ray worker (caches and offline weight stores).
 PASSED_TO_WORKERS = ("ALLCLUSTER_CACHE_DIR", "ALLCLUSTER_LOG_LEVEL", "HF_HOME", "HF_HUB_CACHE", "TORCH_HOME")
@@ -46,7 +49,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
     env_vars.update(allocator_env())
     env = {"env_vars": env_vars}
     quiet = _ray_log_level()
-    with _ray_driver_notices_dropped(quiet > logging.INFO):
+    with _ray_driver_notices_dropped(quiet > logging.INFO), _ray_start_guarded():
         if address:
             ray.init(address=address, runtime_env=env, log_to_driver=True, logging_level=quiet)
         else:
@@ -69,6 +72,51 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
     if quiet > logging.INFO:
         quiet_ray_data_console()
     return True
+
+
+@contextlib.contextmanager
+def ray_connected(address: str | None = None) -> Iterator[None]:
+    """:func:`ensure_ray` for one block: a connection the block made is closed when it ends, however
+    it ends, by an explicit ``ray.shutdown`` while the interpreter is whole. Left to Ray's exit hook,
+    the shutdown runs during interpreter finalization, beside whatever threads a stop signal left
+    running (``call_in_thread`` leaves Tune's); one CI run saw a sweep driver, warned while starting,
+    print its exit line and then die there with a segmentation fault (exit 139, not 75)."""
+    from allcluster.interrupt import left_running
+
+    connected = ensure_ray(address)
+    try:
+        yield
+    finally:
+        # not under a thread still inside Ray (a second signal leaves Tune's fit running): the exit
+        # hook then, as before
+        if connected and not left_running():
+            leave_ray()
+
+
+@contextlib.contextmanager
+def _ray_start_guarded():
+    """Around ``ray.init``, which replaces the SIGTERM handler with its own ``sys.exit(15)``
+    (``ray._private.worker.init``): the driver's handler is put back at once, and a SIGTERM that came
+    while Ray started (Ray's handler ran: ``SystemExit(15)``) is the driver's :class:`Interrupted`,
+    so the command still ends with 75. A start that fails or is interrupted part way leaves a
+    half-made connection: it is taken down now rather than in Ray's exit hook (see
+    :func:`ray_connected`)."""
+    import ray
+
+    from allcluster.interrupt import Interrupted
+
+    ours = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    except BaseException as err:
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        if isinstance(err, SystemExit) and err.code == signal.SIGTERM and callable(ours):
+            raise Interrupted("SIGTERM") from None
+        raise
+    finally:
+        if callable(ours):
+            signal.signal(signal.SIGTERM, ours)
 
 
 def leave_ray() -> None:

@@ -23,8 +23,9 @@
 #   `scontrol requeue $SLURM_JOB_ID` and stops Ray (ignoring SIGTERM meanwhile). The requeued job runs this script again from the top (restart
 #   N in the log, SLURM_RESTART_COUNT) and the driver resumes. SIGTERM (scancel, `scontrol requeue`
 #   from outside, the time limit itself) reaches every process of the job, the driver included:
-#   the shell only waits for the driver and does not requeue (Slurm requeues by itself when it
-#   preempts with PreemptMode=REQUEUE or when asked to).
+#   the shell waits for the driver (sending it a second SIGTERM, "stop at once", if the head's Ray
+#   stops under it first) and does not requeue (Slurm requeues by itself when it preempts with
+#   PreemptMode=REQUEUE or when asked to).
 # - No requeue loop: the driver records the work each start completed ($ALLCLUSTER_PROGRESS_FILE:
 #   rows written, epochs recorded; allcluster/interrupt.py report_progress). After
 #   ALLCLUSTER_MAX_STALLED_STARTS (3) warned starts in a row with none (an epoch, or Ray's start,
@@ -43,6 +44,7 @@ _ray_steps=()
 _ray_jobdir=""
 _ray_warned=""               # the time-limit/preemption warning (SIGUSR1) arrived
 _ray_stopping=""             # TERM or INT once that signal arrived
+_ray_told_twice=""           # the driver got a second SIGTERM from this shell (its Ray had stopped)
 _ray_driver_pid=""
 
 _log() { echo "[ray-cluster $(date +%T)] $*"; }
@@ -106,6 +108,21 @@ _ray_on_term() {  # $1 = TERM|INT
     _log "SIG$1 before the driver started: stopping"
     exit 143
   fi
+}
+
+_ray_head_running() {  # the srun step of the Ray head (the first one) has not ended
+  [ "${#_ray_steps[@]}" -gt 0 ] && jobs -rp | grep -qx "${_ray_steps[0]}"
+}
+
+_ray_stop_driver_at_once() {
+  # Slurm's SIGTERM reached the head's Ray too and it stopped: the batch the driver waits for can
+  # no longer come, and Ray's core worker does not always end the driver (seen: still waiting at
+  # Slurm's KillWait, whose SIGKILL also takes this shell: no line, no clean-up). A second signal
+  # stops the driver at once; what it had not written is in its journal (scoring) or redone from the
+  # last checkpoint (sweep).
+  _ray_told_twice=1
+  _log "SIG$_ray_stopping: this job's Ray head stopped under the driver: asking it (pid $_ray_driver_pid) to stop at once"
+  kill -TERM "$_ray_driver_pid" 2>/dev/null || true
 }
 
 _ray_self() {  # this job for scancel/scontrol/squeue: an array task is ARRAYID_TASK, because a task
@@ -289,6 +306,14 @@ ray_cluster_run() {  # the driver: its exit code is the job's
   _ray_driver_pid=$!
   local rc
   while :; do
+    if [ -n "$_ray_stopping" ] && [ -z "$_ray_told_twice" ]; then
+      if _ray_head_running; then   # wake when either ends (or a trap runs)
+        rc=0; wait -n "$_ray_driver_pid" "${_ray_steps[0]}" || rc=$?
+        kill -0 "$_ray_driver_pid" 2>/dev/null || break
+        _ray_head_running && continue
+      fi
+      _ray_stop_driver_at_once
+    fi
     rc=0; wait "$_ray_driver_pid" || rc=$?
     # > 128 with the driver alive: a trapped signal interrupted `wait`; wait again
     [ "$rc" -gt 128 ] && kill -0 "$_ray_driver_pid" 2>/dev/null || break

@@ -154,6 +154,24 @@ def test_bad_index_options_are_clear_errors():
         from_dict(IndexConfig, {"source": "x", "patient_regex": "("})
 
 
+def test_index_size_limits_from_the_command_line_make_error_rows_and_are_recorded(tmp_path):
+    """--min-side and --max-pixels (images here are 40x40): outside the limits a file is a row with
+    status=error; the limits are written with the manifest's resolved options."""
+    from allcluster.cli import main
+
+    root = make_tree(tmp_path / "images", per_class=3)
+    assert main(["index", str(root), "--out", str(tmp_path / "small.parquet"), "--min-side", "41"]) == 0
+    assert main(["index", str(root), "--out", str(tmp_path / "large.parquet"), "--max-pixels", "1599"]) == 0
+    assert main(["index", str(root), "--out", str(tmp_path / "fits.parquet"), "--min-side", "40",
+                 "--max-pixels", "1600"]) == 0
+    for name, error_type in (("small", "too_small"), ("large", "too_large"), ("fits", "")):
+        rows = read_manifest(tmp_path / f"{name}.parquet")
+        assert len(rows) == 12 and set(rows["error_type"]) == {error_type}, name
+    assert "min_side: 41" in (tmp_path / "small.config.yaml").read_text()
+    assert main(["index", str(root), "--out", str(tmp_path / "bad.parquet"), "--min-side", "0"]) == 2
+    assert not (tmp_path / "bad.parquet").exists()
+
+
 def test_real_data_duplicates_never_straddle_splits(real_manifest):
     df = read_manifest(real_manifest)
     summary = json.loads(real_manifest.with_name("manifest.summary.json").read_text())

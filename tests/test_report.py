@@ -29,6 +29,7 @@ from conftest import REPO, write_yaml
 CI_TINY_SCORE = REPO / "configs" / "score" / "ci_tiny.yaml"
 PER_CLASS = 6            # scored test-split images per class
 GALLERY = 2              # --gallery-per-class
+MORNING_ROWS = 3         # --morning-rows
 CLASSES = ["Benign", "Early", "Pre", "Pro"]
 MALIGNANT = ["Early", "Pre", "Pro"]         # the default: every class but Benign
 
@@ -231,7 +232,8 @@ def runs(ray_local, real_sweep, real_manifest, tmp_path_factory) -> dict:
                  "--set", "explain.budget.max_images=2"]) == 0
     assert ray_local.is_initialized()      # a score command leaves only a Ray it connected to itself
     assert main(["report", str(experiment), str(scored), "--out", str(report), "--group-by", "folder",
-                 "--group-by", "label", "--gallery-per-class", str(GALLERY)]) == 0
+                 "--group-by", "label", "--gallery-per-class", str(GALLERY), "--curves", "1",
+                 "--morning-rows", str(MORNING_ROWS)]) == 0
     return {"base": base, "experiment": experiment, "scored": scored, "report": report,
             "trials": pd.read_parquet(experiment / "trials.parquet"), "rows": pd.read_parquet(scored / "rows"),
             "result": json.loads((report / "report.json").read_text())}
@@ -625,7 +627,9 @@ def test_index_html_renders_offline_in_headless_chromium(chromium, runs, tmp_pat
     dom = DomSummary.of(run_chromium(binary, tmp_path / "p1", "--dump-dom", (report / "index.html").as_uri()).stdout)
     assert dom.tables["leaderboard"] == len(table(runs, "leaderboard"))
     assert dom.tables["class-counts"] == len(table(runs, "class_counts"))
-    assert dom.tables["morning-list-top"] == min(50, len(pd.read_csv(report / "morning_list.csv")))
+    assert len(pd.read_csv(report / "morning_list.csv")) > MORNING_ROWS, "the CSV keeps every flagged row"
+    assert dom.tables["morning-list-top"] == MORNING_ROWS
+    assert "Training curves of the best 1 trials" in page        # --curves 1
     assert sorted(dom.images) == sorted(source.images)
     gallery = pd.read_csv(report / "gallery" / "gallery.csv")
     assert set(gallery["image"]) <= set(dom.images) and {"plots/confusion.png", "plots/roc.png"} <= set(dom.images)

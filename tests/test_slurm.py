@@ -330,10 +330,11 @@ def test_a_scoring_job_requeued_from_outside_keeps_every_row_it_had_scored(slurm
     assert shown, f"the job never showed rows part way: {final}\n{text[-4000:]}"
     assert final["JobState"] == "COMPLETED" and int(final["Restarts"]) == 1, f"{final}\n{text[-6000:]}"
     first, second = re.split(r"restart 1 of job", text)               # slurm/ray-cluster.sh's lines per start
-    # the first driver ends by its own handler (75), or by Ray under it (the line names Slurm's signal),
-    # or outlives Slurm's KillWait, whose SIGKILL takes the batch shell too (no line)
-    for line in re.findall(r"driver exited with (\d+.*)", first):
-        assert line.startswith("75: interrupted") or re.match(r"\d+ after SIGTERM: ", line), line
+    # the first driver ends by its own handler (75: the batch shell's second SIGTERM once the head's Ray
+    # stopped), or by Ray under it (the line names Slurm's signal); never outlives Slurm's KillWait
+    # (whose SIGKILL would take the batch shell too: no line)
+    ends = re.findall(r"driver exited with (\d+.*)", first)
+    assert len(ends) == 1 and (ends[0].startswith("75: interrupted") or re.match(r"\d+ after SIGTERM: ", ends[0])), first[-4000:]
     assert re.findall(r"driver exited with (\d+.*)", second) == ["0"], second[-4000:]
     kept = int(re.findall(r"\[score\] 40 inputs, (\d+) already scored", text)[1])
     assert kept >= shown[0], f"{shown[0]} rows shown before the requeue, {kept} kept:\n{text[-6000:]}"

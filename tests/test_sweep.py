@@ -313,7 +313,58 @@ def test_each_stop_signal_is_caught_deferred_while_graceful_and_handlers_are_res
             assert stop.requested and STOP_REQUESTED.is_set() and stop.signal_name == sig.name
             with pytest.raises(Interrupted):                        # a second one: at once
                 signal.raise_signal(signal.SIGTERM)
+        with StopSignals() as stop:
+            stop.hold()                                                  # writing the tables
+            signal.raise_signal(sig)
+            signal.raise_signal(signal.SIGTERM)                          # nothing raises
+            assert stop.requested and stop.signal_name == sig.name
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_the_fit_thread_a_signal_leaves_running_is_known_until_it_ends():
+    """A second signal ends the driver's wait on ``Tuner.fit`` but not the fit's thread, which is
+    still inside Ray: ``left_running`` tells ``ray_connected`` not to shut Ray down under it."""
+    import threading
+
+    from allcluster.interrupt import Interrupted, StopSignals, call_in_thread, left_running
+
+    release = threading.Event()
+    with StopSignals():
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        with pytest.raises(Interrupted):
+            call_in_thread(lambda: release.wait(30))
+    assert left_running()
+    release.set()
+    deadline = time.time() + 10
+    while left_running() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not left_running()
+
+
+def test_a_sigterm_while_ray_starts_is_the_drivers_interrupted_and_its_handler_is_put_back():
+    """``ray.init`` replaces the SIGTERM handler with ``sys.exit(15)``: a SIGTERM during Ray's start
+    becomes the driver's Interrupted (exit 75, not 15), and the driver's handler is in force after."""
+    import sys
+
+    from allcluster.interrupt import Interrupted, StopSignals
+    from allcluster.ray_utils import _ray_start_guarded
+
+    def like_ray_init():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))      # what ray.init does
+        signal.raise_signal(signal.SIGTERM)
+
+    with StopSignals() as stop:
+        ours = signal.getsignal(signal.SIGTERM)
+        with pytest.raises(Interrupted, match="SIGTERM"):
+            with _ray_start_guarded():
+                like_ray_init()
+        assert signal.getsignal(signal.SIGTERM) == ours
+        with _ray_start_guarded():                                       # a start that succeeds
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+        assert signal.getsignal(signal.SIGTERM) == ours
+        stop.graceful()
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested
 
 
 def test_work_done_counts_recorded_epochs_and_finished_or_stopped_trials_and_progress_goes_to_the_named_file(
@@ -577,6 +628,35 @@ def test_a_run_that_leaves_trials_unfinished_without_a_signal_exits_75_but_colle
         monkeypatch.setattr(driver, "run_array_task", lambda *args, status=status, **kwargs: (status, ""))
         assert main(["sweep", "--config", str(config), "--trial-index", "1"]) == code, status
     assert "its Ray processes died: trial 1 (" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_a_signal_while_the_sweep_waits_on_ray_before_any_trial_still_writes_the_tables_and_exits_75(
+        ray_local, synthetic_manifest, tmp_path, monkeypatch, capsys):
+    """A time-limit warning while the driver waits in ``ray.get`` for the nodes' image caches: the
+    handler's Interrupted comes out of Ray's compiled code as a SystemError (seen on this machine
+    when a sweep is warned about a second after it starts). The sweep still ends its own way: trials
+    table written, all pending, its "interrupted" line, exit 75."""
+    import threading
+
+    from allcluster.sweep import ray_tune
+
+    @ray_local.remote
+    def slow_cache_build() -> str:
+        time.sleep(5)
+        return "node"
+
+    def prebuild_caches(trials) -> None:
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        ray_local.get(slow_cache_build.remote())
+
+    monkeypatch.setattr(ray_tune, "prebuild_caches", prebuild_caches)
+    config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, tmp_path / "exp", grid={"optim.name": ["adam", "sgd"]})
+    assert main(["sweep", "--config", str(config)]) == 75
+    err = capsys.readouterr().err
+    assert "[sweep] interrupted by SIGUSR1: 2 of 2 trials unfinished" in err, err[-2000:]
+    assert "outside a graceful stop" not in err
+    assert set(pd.read_parquet(tmp_path / "exp" / "trials.parquet")["status"]) == {"pending"}
 
 
 def _train_workers(marker: str) -> list[int]:

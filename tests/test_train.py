@@ -350,3 +350,46 @@ def test_each_paper_optimizer_learns_at_its_own_default_rate_on_real_images(real
         final = WorkerRun(cfg, LocalSession(tmp_path / name / "checkpoints")).run()
         scores[name] = (round(final["val_macro_f1"], 3), round(final["test_accuracy"], 3))
     assert all(f1 > 0.3 and accuracy > 0.35 for f1, accuracy in scores.values()), scores
+
+
+def test_a_checkpoint_staging_folder_left_by_a_killed_worker_is_removed_by_the_next_one(tmp_path, monkeypatch):
+    """A worker SIGKILLed while it stages a checkpoint (the OOM killer, Slurm's KillWait) leaves its
+    folder in the node's temp space; the next staging folder on the node removes it once it is over
+    an hour old, and leaves alone the folders of live processes, of other hosts (a shared $TMPDIR)
+    and of other kinds."""
+    import socket
+
+    import tempfile
+
+    from allcluster.train.session import scratch_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stage = ("import sys, time, tempfile; tempfile.tempdir = sys.argv[1]\n"
+             "from allcluster.train.session import scratch_dir\n"
+             "with scratch_dir('ckpt') as d:\n"
+             "    (d / 'state.pt').write_bytes(b'x' * 1000); print(d, flush=True); time.sleep(600)\n")
+    workers = [subprocess.Popen([sys.executable, "-c", stage, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    killed, alive = (Path(w.stdout.readline().strip()) for w in workers)
+    try:
+        workers[0].send_signal(signal.SIGKILL)
+        workers[0].wait(30)
+        assert (killed / "state.pt").is_file(), "a SIGKILLed process cannot clean up"
+        with scratch_dir("ckpt"):
+            assert killed.is_dir(), "under an hour old: perhaps a process in another PID namespace"
+        elsewhere = tmp_path / f"allcluster-ckpt-{socket.gethostname()}x-{workers[0].pid}-abc"
+        other_kind = tmp_path / f"allcluster-resume-{socket.gethostname()}-{workers[0].pid}-abc"
+        for folder in (elsewhere, other_kind):
+            folder.mkdir()
+        an_hour_ago = time.time() - 3601
+        for folder in (killed, alive, elsewhere, other_kind):
+            os.utime(folder, (an_hour_ago, an_hour_ago))
+        with scratch_dir("ckpt") as mine:
+            assert mine.is_dir() and mine.name.startswith(f"allcluster-ckpt-{socket.gethostname()}-{os.getpid()}-")
+            assert not killed.exists(), "the killed worker's staging folder is still there"
+            assert (alive / "state.pt").is_file() and elsewhere.is_dir() and other_kind.is_dir()
+        assert not mine.exists()
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait(30)

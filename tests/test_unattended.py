@@ -424,6 +424,7 @@ def test_a_job_killed_then_stopped_by_sigterm_resumes_to_exactly_one_row_per_fil
     written = _rows_written(out)
     assert killed_at < written < len(files)
     assert f'"run_rows": {written - killed_at}' in text, "an interrupted run counts the rows it wrote"
+    assert json.loads((out / "summary.json").read_text())["seconds_to_first_row"] > 0, "kept when a signal ends the run"
     assert progress.read_text() == f"{written - killed_at} final rows\n"
     assert "Starting execution of Dataset" not in text and "Execution plan of Dataset" not in text, \
         "Ray Data's INFO lines stay in its log file unless --log-level debug"

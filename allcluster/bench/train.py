@@ -77,6 +77,7 @@ def bench_train(args: argparse.Namespace) -> dict:
 
     from allcluster.config import from_dict
     from allcluster.data.manifest import IndexConfig, run_index
+    from allcluster.ray_utils import ensure_ray
     from allcluster.train.ray_train import run_training
 
     data = Path(args.data)
@@ -90,6 +91,7 @@ def bench_train(args: argparse.Namespace) -> dict:
     manifest = pd.read_parquet(out / "manifest.parquet")
     test_paths = manifest.loc[manifest["split"] == "test", "path"].tolist()
     runs = []
+    ensure_ray()                     # one Ray for every seed (run_training leaves only a Ray it started)
     for seed in seeds:
         seed_start = time.time()
         cfg = _bench_train_config(args, out, seed)

@@ -23,7 +23,7 @@ from allcluster.models.card import ModelCard
 from allcluster.score.budget import budget_reasons
 from allcluster.score.reading import read_decode
 from allcluster.score.config import ScoreConfig
-from allcluster.score.output import RowsState, budget_used, with_journaled_rows
+from allcluster.score.output import RowsState, with_journaled_rows
 
 if TYPE_CHECKING:
     from allcluster.score.core import Scorer
@@ -99,7 +99,8 @@ def estimate(cfg: ScoreConfig, retry_errors: bool = False) -> dict:
     card = ModelCard.read(cfg.model)
     out = Path(cfg.out).resolve()
     # as the run will: after recovering what a killed run's journal holds (read here, not written)
-    job = plan_job(cfg, out, retry_errors, state=with_journaled_rows(out, RowsState.read(out)))
+    state = with_journaled_rows(out, RowsState.read(out))
+    job = plan_job(cfg, out, retry_errors, state=state)
     driver_s = process_age_s()                 # the job's driver gets this far before it starts Ray
     todo = job.todo.files.column("path")
     result = {"inputs": job.inputs, "listing_errors": len(job.todo.errors), "already_scored": job.done,
@@ -112,7 +113,7 @@ def estimate(cfg: ScoreConfig, retry_errors: bool = False) -> dict:
 
     local = {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
     plan = actor_plan(cfg, local)
-    cap_left = max(0, cfg.explain.budget.max_images - budget_used(out))
+    cap_left = max(0, cfg.explain.budget.max_images - state.budget_used())
     selected = min(cap_left, round(costs["selected_share"] * len(todo)))
     startup_s, startup_from = earlier_startup(out, fresh_startup_s(driver_s, costs["cold_start_s"]))
     result.update(costs, replicas=plan["size"], budget_selected=selected, budget_cap_left=cap_left,

@@ -178,11 +178,6 @@ def replace_shard(path: Path, table: pa.Table) -> None:
     atomic_write_parquet(path, table)
 
 
-def budget_used(out: Path, shard: Shard = Shard()) -> int:
-    """:meth:`RowsState.budget_used` of ``out``."""
-    return RowsState.read(out).budget_used(shard)
-
-
 def lock_output(out: Path, shard: Shard = Shard()) -> list[ExclusiveLock]:
     """Make ``out`` and hold its locks for this run (:func:`allcluster.locks.lock_folder`): a whole job
     exclusively, array tasks side by side with ``.lock-K-of-N`` each."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from allcluster.console import process_age_s, say
-from allcluster.interrupt import Interrupted, StopSignals, report_progress
+from allcluster.interrupt import InterruptionCaught, StopSignals, report_progress
 from allcluster.models.card import ModelCard
 from allcluster.ray_utils import ensure_ray, leave_ray
 from allcluster.score.ledger import Ledger
@@ -157,32 +157,25 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
         writer = ShardWriter(out, schema, run_id, cfg.rows_per_shard, cfg.flush_seconds, packed, shard)
         say(f"[score] {plan.inputs} inputs, {plan.done} already scored in {out}, {len(todo)} to do (run {run_id})"
             + (f"; {dropped} superseded rows removed" if dropped else ""))
-        start, interrupted, first_row, connected = time.monotonic(), "", None, False
+        start, connected = time.monotonic(), False
+        times = {"seconds_to_first_row": None}      # set by stream_rows, kept when a signal ends it
         if todo.files.num_rows:   # first: our signal handlers must be the ones in force
             connected = ensure_ray(address, dashboard=False)
-        try:
-            with StopSignals(SCORE_STOPPING) as stop:
-                stop.graceful()
+        with StopSignals(SCORE_STOPPING) as stop:
+            stop.graceful()
+            with InterruptionCaught() as caught:
                 writer.add(error_rows(schema, todo.errors, provenance(card, cfg, run_id, "")))
                 if todo.files.num_rows:
-                    first_row = stream_rows(cfg, card, todo, writer, run_id, out, shard, stop,
-                                            state.budget_used(shard))
-        except Interrupted as err:
-            interrupted = err.signal_name
-        writer.flush()
-        # final rows only: a folder that stays unlistable, or a file that stays unreadable, gets its
-        # error row again at every start, which is no progress (a requeue loop would go unnoticed)
-        report_progress(writer.final, "final rows")
-        # retried transient errors: the new row replaces the old; a folder listed this time: its files' rows
-        compact(out, shard, relisted=state.relisted(
-            [e["path"] for e in todo.errors if e["error_type"] == "unlistable"], shard))
-        summary = summarize(out, time.monotonic() - start, writer.written)
-        summary["seconds_to_first_row"] = first_row
-        if interrupted:
-            summary["interrupted"] = interrupted
-            say(f"[score] interrupted by {interrupted}: rows so far are written; rerun the same command to resume")
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-        say(summary_text(summary))
+                    stream_rows(cfg, card, todo, writer, run_id, out, shard, stop, state.budget_used(shard), times)
+            stop.hold()                   # writing what it has: no signal cuts it short
+            summary = _finish(out, shard, state, todo, writer, time.monotonic() - start)
+            summary.update(times)
+            if caught.signal_name:
+                summary["interrupted"] = caught.signal_name
+                say(f"[score] interrupted by {caught.signal_name}: rows so far are written; rerun the same "
+                    "command to resume")
+            atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+            say(summary_text(summary))
         if connected:
             leave_ray()
         return summary
@@ -191,12 +184,26 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
             lock.release()
 
 
+def _finish(out: Path, shard: Shard, state: RowsState, todo: Listing, writer: ShardWriter, seconds: float) -> dict:
+    """Write the rows in hand, tidy the output; the run's summary."""
+    writer.flush()
+    # final rows only: a folder that stays unlistable, or a file that stays unreadable, gets its
+    # error row again at every start, which is no progress (a requeue loop would go unnoticed)
+    report_progress(writer.final, "final rows")
+    # retried transient errors: the new row replaces the old; a folder listed this time: its files' rows
+    compact(out, shard, relisted=state.relisted(
+        [e["path"] for e in todo.errors if e["error_type"] == "unlistable"], shard))
+    return summarize(out, seconds, writer.written)
+
+
 def stream_rows(cfg: ScoreConfig, card: ModelCard, todo: Listing, writer: ShardWriter, run_id: str, out: Path,
-                shard: Shard = Shard(), stop: StopSignals | None = None, budget_spent: int = 0) -> float | None:
+                shard: Shard = Shard(), stop: StopSignals | None = None, budget_spent: int = 0,
+                times: dict | None = None) -> None:
     """Run the pipeline and write its rows as they stream back (duplicates resolved at the end); a
-    stop asked for by a signal ends it after the batch in hand (:class:`Interrupted`). Returns the
-    seconds from the command's start (the process's) to the first scored batch. ``budget_spent``:
-    budgeted explanations earlier runs of ``shard`` already made (the cap spans reruns)."""
+    stop asked for by a signal ends it after the batch in hand (:class:`Interrupted`). Sets
+    ``times["seconds_to_first_row"]``: from the command's start (the process's) to the first scored
+    batch, also when a signal ends the run later. ``budget_spent``: budgeted explanations earlier
+    runs of ``shard`` already made (the cap spans reruns)."""
     import pyarrow as pa
     import ray
 
@@ -207,10 +214,10 @@ def stream_rows(cfg: ScoreConfig, card: ModelCard, todo: Listing, writer: ShardW
     cap = math.ceil(cfg.explain.budget.max_images / shard.count)
     ledger = ray.remote(Ledger).options(num_cpus=0).remote(cap, budget_spent)
     progress = Progress(len(todo), cfg.progress_seconds)
-    waiting, first_row = [], None
+    waiting, times = [], {} if times is None else times
     for table in build_dataset(cfg, card, todo, ledger, run_id, plan).iter_batches(batch_size=None,
                                                                                      batch_format="pyarrow"):
-        first_row = first_row or round(process_age_s(), 1)
+        times["seconds_to_first_row"] = times.get("seconds_to_first_row") or round(process_age_s(), 1)
         ready, pending = split_duplicates(table)
         writer.add(ready)
         if pending.num_rows:
@@ -226,4 +233,3 @@ def stream_rows(cfg: ScoreConfig, card: ModelCard, todo: Listing, writer: ShardW
     if waiting:
         writer.add(resolve_duplicates(out, pa.concat_tables(waiting), todo.input_columns))
         writer.flush()
-    return first_row

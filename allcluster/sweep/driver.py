@@ -9,7 +9,7 @@ import pandas as pd
 from allcluster.atomic import atomic_write_parquet
 from allcluster.config import ConfigError, load, write_resolved
 from allcluster.console import say
-from allcluster.interrupt import Interrupted, StopSignals, report_progress
+from allcluster.interrupt import InterruptionCaught, StopSignals, report_progress
 from allcluster.locks import holding
 from allcluster.sweep.config import SweepConfig
 from allcluster.sweep.experiment import (BASE_FILE, check_base, read_stored_base, resolved_base, store_base,
@@ -81,11 +81,9 @@ def run_sweep(sweep: SweepConfig, trials: list[Trial], retry_errored: bool = Fal
         before = work_done(to_run)
         if to_run and not stop.requested:
             stop.graceful(False)          # starting Ray, building caches: a signal ends it at once
-            try:
+            with InterruptionCaught():    # no trial was running yet, or a second signal
                 _run_on_ray(sweep, to_run, exp, address, stop)
-            except Interrupted:
-                pass                      # no trial was running yet
-        stop.graceful()
+        stop.hold()                       # writing the tables: no signal cuts them short
         report_progress(work_done(to_run) - before, "epochs or trial endings")
         table = collect(sweep, trials)
     return table, stop.signal_name
@@ -112,12 +110,12 @@ def _start(exp: Path, sweep: SweepConfig, base: dict, trials: list[Trial], chang
 
 def _run_on_ray(sweep: SweepConfig, to_run: list[Trial], exp: Path, address: str | None,
                 stop: StopSignals) -> None:
-    from allcluster.ray_utils import ensure_ray
+    from allcluster.ray_utils import ray_connected
     from allcluster.sweep.ray_tune import run_tune
 
-    ensure_ray(address)
-    stop.install()                        # ray.init replaced the SIGTERM handler
-    run_tune(sweep, to_run, exp, stop)
+    with ray_connected(address):
+        stop.install()                    # ray.init replaced the SIGTERM handler
+        run_tune(sweep, to_run, exp, stop)
 
 
 def run_array_task(sweep: SweepConfig, trials: list[Trial], index: int, retry_errored: bool = False,
@@ -142,34 +140,30 @@ def run_array_task(sweep: SweepConfig, trials: list[Trial], index: int, retry_er
     if sweep.asha.enabled:
         say("[sweep] array mode runs every trial to its end: asha is a Tune-only feature, ignored here")
     held = holding(exp, f"sweep experiment {exp}", f"trial-{trial.trial_id}", f"trial {index} ({trial.trial_id}) of {exp}")
-    with held, StopSignals() as stop:     # never graceful: a signal ends the task at once
+    with held, StopSignals() as stop, InterruptionCaught():     # never graceful: a signal ends the task at once
+        if read_stored_base(exp) is None:
+            store_base(exp, base)
+        say(f"[sweep] trial {index} of {len(trials)}: {trial.trial_id} in {trial.dir}")
+        before = work_done([trial])
         try:
-            if read_stored_base(exp) is None:
-                store_base(exp, base)
-            say(f"[sweep] trial {index} of {len(trials)}: {trial.trial_id} in {trial.dir}")
-            before = work_done([trial])
-            try:
-                _run_array_on_ray(trial, address, stop)
-            finally:
-                report_progress(work_done([trial]) - before, "epochs or trial endings")
-        except Interrupted:
-            pass
+            _run_array_on_ray(trial, address, stop)
+        finally:
+            report_progress(work_done([trial]) - before, "epochs or trial endings")
     return trial_status(trial.dir), stop.signal_name
 
 
 def _run_array_on_ray(trial: Trial, address: str | None, stop: StopSignals) -> None:
-    from allcluster.ray_utils import ensure_ray, leave_ray
+    from allcluster.ray_utils import leave_ray, ray_connected
     from allcluster.sweep.ray_tune import run_array_trial
 
-    ensure_ray(address)
-    stop.install()                        # ray.init replaced the SIGTERM handler
-    try:
-        run_array_trial(trial)
-    except Interrupted:
-        # End the trial's Train run now, not whenever the interpreter exits: its controller actor is
-        # owned by this driver and dies with the connection (a local Ray stops altogether).
-        leave_ray()
-        raise
+    with ray_connected(address):
+        stop.install()                    # ray.init replaced the SIGTERM handler
+        with InterruptionCaught() as caught:
+            run_array_trial(trial)
+        if caught.signal_name:
+            # End the trial's Train run now, also on a Ray this process did not start: its controller
+            # actor is owned by this driver and dies with the connection (a local Ray stops altogether).
+            leave_ray()
 
 
 def collect_only(sweep: SweepConfig, trials: list[Trial], source: str = "sweep config",

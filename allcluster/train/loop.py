@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import pickle
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from allcluster.train.optim import EarlyStopping, EpochScheduler, WeightAverage,
 from allcluster.train.config import TrainConfig, head_spec
 from allcluster.train.data import (CachedImages, Split, balanced_class_weights, eval_loader, load_splits,
                                    oversample_minority, train_loader)
-from allcluster.train.session import EPOCHS_DONE, Session
+from allcluster.train.session import EPOCHS_DONE, Session, scratch_dir
 
 
 
@@ -248,8 +247,8 @@ class WorkerRun:
     # ---- the run -----------------------------------------------------------------------------
     def run(self) -> dict:
         self.setup()
-        resume = self.session.latest_checkpoint()
-        state = TrainState.load(resume) if resume else TrainState()
+        with self.session.latest_checkpoint() as resume:
+            state = TrainState.load(resume) if resume else TrainState()
         if state.final is not None:
             self.log(f"[train] {self.out}: already finished; nothing to do")
             self.session.report(state.final)
@@ -333,9 +332,9 @@ class WorkerRun:
             self.session.report(metrics)
             return
         self.write_history(state.history)
-        with tempfile.TemporaryDirectory(prefix="allcluster-ckpt-") as tmp:
-            state.save(Path(tmp))
-            self.session.report(metrics, Path(tmp))
+        with scratch_dir("ckpt") as staged:     # Ray Train copies it into the trial's storage
+            state.save(staged)
+            self.session.report(metrics, staged)
 
     def write_history(self, history: list[dict]) -> None:
         rows = [{**r, "run_id": self.run_id, "config_hash": config_hash(self.cfg)} for r in history]

@@ -152,17 +152,17 @@ def check_resumable(cfg: TrainConfig) -> None:
 
 def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     """Fit one run on the connected Ray cluster; returns the final metrics (from the model card)."""
-    from allcluster.ray_utils import ensure_ray
+    from allcluster.ray_utils import ray_connected
 
     preflight(cfg)
     output_dir = Path(cfg.output_dir)
     with holding(output_dir, f"training run folder {output_dir}"):     # one writer per run folder
         check_resumable(cfg)
-        ensure_ray(address)
-        check_fits_cluster(cfg)
-        run_id = run_id_for(output_dir)
-        write_resolved(cfg, output_dir / "config.yaml", f"allcluster train, run {run_id}")
-        result = build_trainer(cfg, run_id).fit()
+        with ray_connected(address):
+            check_fits_cluster(cfg)
+            run_id = run_id_for(output_dir)
+            write_resolved(cfg, output_dir / "config.yaml", f"allcluster train, run {run_id}")
+            result = build_trainer(cfg, run_id).fit()
     if result.error:
         raise result.error
     final = dict(result.metrics or {})

@@ -4,9 +4,16 @@ The loop in :mod:`allcluster.train.loop` only talks to this interface, so it sta
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import shutil
+import socket
+import stat
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -19,12 +26,58 @@ from torch import nn
 EPOCHS_DONE = "epochs_done"
 
 
+@contextlib.contextmanager
+def scratch_dir(kind: str) -> Iterator[Path]:
+    """A fresh folder in this node's temp space (``$TMPDIR``), removed when the block ends.
+
+    A process killed inside the block (the OOM killer, Slurm's SIGKILL after KillWait, a lost Ray
+    worker) cannot remove its folder, and a node's ``/tmp`` is not always cleaned between jobs: a
+    checkpoint staged there is the whole training state, hundreds of MB for a large backbone. So the
+    name carries the host and the process id, and every new one of the same kind first removes this
+    user's folders on this host whose process is gone and that are over an hour old (the host part
+    keeps a ``$TMPDIR`` on a shared file system safe: another node's folders are never touched; the
+    age, a process in another PID namespace on the same host, which looks gone from here)."""
+    host, prefix = socket.gethostname(), f"allcluster-{kind}-"
+    _remove_orphans(Path(tempfile.gettempdir()), prefix, host)
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}{host}-{os.getpid()}-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+ORPHAN_AGE_S = 3600
+
+
+def _remove_orphans(folder: Path, prefix: str, host: str) -> None:
+    owner = re.compile(re.escape(f"{prefix}{host}-") + r"(\d+)-[^-]+$")
+    for found in folder.glob(f"{prefix}*"):
+        match = owner.match(found.name)
+        with contextlib.suppress(OSError):
+            info = found.lstat()
+            if (match and stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+                    and time.time() - info.st_mtime > ORPHAN_AGE_S and not _alive(int(match.group(1)))):
+                shutil.rmtree(found, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:             # another user's process has that id now
+        return True
+    return True
+
+
 class Session(Protocol):
     rank: int
     world_size: int
     device: torch.device
 
-    def latest_checkpoint(self) -> Path | None: ...
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
+        """The folder of the run's latest checkpoint while the block runs (None: no checkpoint yet)."""
+        ...
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None: ...
     def wrap(self, model: nn.Module) -> nn.Module: ...
     def all_gather(self, obj: Any) -> list: ...
@@ -39,9 +92,10 @@ class LocalSession:
         self.root = Path(checkpoint_root)
         self.reports: list[dict] = []
 
-    def latest_checkpoint(self) -> Path | None:
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
         found = sorted(self.root.glob("checkpoint_*"))
-        return found[-1] if found else None
+        yield found[-1] if found else None
 
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
         self.reports.append(dict(metrics))
@@ -71,14 +125,15 @@ class RaySession:
         self.device = ray.train.torch.get_device()
         self._train = ray.train
 
-    def latest_checkpoint(self) -> Path | None:
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
         checkpoint = self._train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        if checkpoint.filesystem.type_name == "local" and Path(checkpoint.path).is_dir():
-            return Path(checkpoint.path)      # read in place: errors name the real file, no temp copy
-        local = Path(tempfile.mkdtemp(prefix="allcluster-resume-"))
-        return Path(checkpoint.to_directory(str(local)))
+        if checkpoint is None or (checkpoint.filesystem.type_name == "local" and Path(checkpoint.path).is_dir()):
+            # read in place: errors name the real file, no temp copy
+            yield Path(checkpoint.path) if checkpoint is not None else None
+            return
+        with scratch_dir("resume") as local:
+            yield Path(checkpoint.to_directory(str(local)))
 
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
