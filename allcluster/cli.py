@@ -338,12 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from allcluster.interrupt import InterruptionCaught, interrupted_exit, stop_at_once
+    from allcluster.interrupt import InterruptionCaught, end_of_process, interrupted_exit, stop_at_once
 
     if argv is None:                        # the command line, not a library or test call
         stop_at_once()
         from allcluster.device import restart_on_preferred_malloc
         restart_on_preferred_malloc()       # tcmalloc for this process too (dry-run probe, explain, benches)
+        return end_of_process(main(sys.argv[1:]))
     with InterruptionCaught() as caught:    # outside a run's graceful stop (see allcluster.interrupt)
         return _run(argv)
     return interrupted_exit(caught.signal_name)

@@ -21,8 +21,10 @@ none); the handler sets :data:`STOP_REQUESTED`, which a Tune ``Stopper`` turns i
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import sys
 import threading
 from typing import Any, Callable
 
@@ -185,9 +187,26 @@ def run_driver(command: str, argv: list[str]) -> int:
     try:
         from allcluster.cli import main
 
-        return main([command, *argv])
+        return end_of_process(main([command, *argv]))
     except Interrupted as err:                  # while importing
         return interrupted_exit(err.signal_name)
+
+
+def end_of_process(code: int) -> int:
+    """The command line's last step: ``code``, or, for a run a signal ended (75) in a process that
+    used Ray, the end of the process at once (``os._exit`` after flushing), its output all written.
+
+    Python's own shutdown would first join the threads Ray and Tune started, then run Ray's exit
+    hook, and both wait on the job's Ray, which after Slurm's SIGTERM may be gone. Seen: a sweep
+    driver that had written its tables and printed its exit line was still alive at Slurm's
+    ``KillWait`` 30 s later, and that SIGKILL took the batch shell too, before it could log the exit
+    and clean up. A local Ray this process started stops with it (Ray's processes share its fate)."""
+    if code != EX_TEMPFAIL or "ray" not in sys.modules:
+        return code
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def report_progress(units: int, what: str) -> None:

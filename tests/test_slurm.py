@@ -162,6 +162,7 @@ def test_sbatch_sweep_requeued_mid_trial_finishes_every_trial_across_two_nodes(s
     ranked = trials.sort_values(["val_macro_f1", "val_loss", "trial_id"], ascending=[False, True, True])  # ties: loss, id
     assert card["sweep"]["trial_id"] == ranked.iloc[0]["trial_id"]
     assert "2 trials: 2 finished" in logs
+    _assert_the_driver_ended_before_killwait(logs.split(f"restart 1 of job {job}")[0])
     if nodes == 2:
         hosts = {line.split(" on ")[1].split()[0] for line in logs.splitlines() if "[ray-node" in line and " on n" in line}
         assert len(hosts) == 2, f"Ray nodes should run on two hosts, saw {hosts}"
@@ -207,6 +208,16 @@ def test_sweep_script_refuses_to_run_outside_a_job(tmp_path):
     done = subprocess.run(["bash", "slurm/sweep.sh", "configs/sweep/ci_tiny.yaml"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "not inside a Slurm job" in done.stderr
+
+
+def _assert_the_driver_ended_before_killwait(start: str) -> None:
+    """After Slurm's SIGTERM to the whole job, the log of that start says how the driver ended: by
+    its own handler (75; the batch shell sends the second SIGTERM once the head's Ray has stopped)
+    or by Ray under it (the line names the signal). No line would mean it outlived Slurm's KillWait,
+    whose SIGKILL takes the batch shell too, before it logs or cleans up."""
+    ends = re.findall(r"driver exited with (\d+.*)", start)
+    assert len(ends) == 1 and (ends[0].startswith("75: interrupted") or re.match(r"\d+ after SIGTERM: ", ends[0])), \
+        start[-4000:]
 
 
 def _ray_up(log: Path) -> bool:
@@ -330,11 +341,7 @@ def test_a_scoring_job_requeued_from_outside_keeps_every_row_it_had_scored(slurm
     assert shown, f"the job never showed rows part way: {final}\n{text[-4000:]}"
     assert final["JobState"] == "COMPLETED" and int(final["Restarts"]) == 1, f"{final}\n{text[-6000:]}"
     first, second = re.split(r"restart 1 of job", text)               # slurm/ray-cluster.sh's lines per start
-    # the first driver ends by its own handler (75: the batch shell's second SIGTERM once the head's Ray
-    # stopped), or by Ray under it (the line names Slurm's signal); never outlives Slurm's KillWait
-    # (whose SIGKILL would take the batch shell too: no line)
-    ends = re.findall(r"driver exited with (\d+.*)", first)
-    assert len(ends) == 1 and (ends[0].startswith("75: interrupted") or re.match(r"\d+ after SIGTERM: ", ends[0])), first[-4000:]
+    _assert_the_driver_ended_before_killwait(first)
     assert re.findall(r"driver exited with (\d+.*)", second) == ["0"], second[-4000:]
     kept = int(re.findall(r"\[score\] 40 inputs, (\d+) already scored", text)[1])
     assert kept >= shown[0], f"{shown[0]} rows shown before the requeue, {kept} kept:\n{text[-6000:]}"

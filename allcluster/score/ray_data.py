@@ -176,7 +176,7 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
                     "command to resume")
             atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
             say(summary_text(summary))
-        if connected:
+        if connected and not caught.signal_name:   # interrupted: the process ends at once (end_of_process)
             leave_ray()
         return summary
     finally:
