@@ -16,7 +16,7 @@ Why a handler of our own: Ray Tune catches SIGINT and SIGUSR1 only while ``tune.
 main thread (``ray.tune.tune._setup_signal_catching``) and never SIGTERM, and ``ray.init`` replaces
 the SIGTERM handler with ``sys.exit`` (``ray._private.worker.init``; a local head's node even kills
 every Ray process on SIGTERM). So the driver keeps one handler for all three in the main thread,
-re-installed after ``ray.init``, and runs ``Tuner.fit`` in a worker thread (where Tune installs
+put back right after ``ray.init`` (``ray_utils._ray_start_guarded``), and runs ``Tuner.fit`` in a worker thread (where Tune installs
 none); the handler sets :data:`STOP_REQUESTED`, which a Tune ``Stopper`` turns into ``stop_all``.
 """
 from __future__ import annotations
@@ -68,18 +68,13 @@ class StopSignals:
         STOP_REQUESTED.clear()
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-            self.install()
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-    def install(self) -> None:
-        """(Re-)install the handlers: ``ray.init`` replaces the SIGTERM one."""
-        if self._previous:
-            for sig in STOP_SIGNALS:
-                signal.signal(sig, self._handle)
 
     def graceful(self, on: bool = True) -> None:
         """While on, the first signal only asks to stop (Tune's ``Stopper`` reads it) instead of raising."""

@@ -114,7 +114,6 @@ def _run_on_ray(sweep: SweepConfig, to_run: list[Trial], exp: Path, address: str
     from allcluster.sweep.ray_tune import run_tune
 
     with ray_connected(address):
-        stop.install()                    # ray.init replaced the SIGTERM handler
         run_tune(sweep, to_run, exp, stop)
 
 
@@ -146,18 +145,17 @@ def run_array_task(sweep: SweepConfig, trials: list[Trial], index: int, retry_er
         say(f"[sweep] trial {index} of {len(trials)}: {trial.trial_id} in {trial.dir}")
         before = work_done([trial])
         try:
-            _run_array_on_ray(trial, address, stop)
+            _run_array_on_ray(trial, address)
         finally:
             report_progress(work_done([trial]) - before, "epochs or trial endings")
     return trial_status(trial.dir), stop.signal_name
 
 
-def _run_array_on_ray(trial: Trial, address: str | None, stop: StopSignals) -> None:
+def _run_array_on_ray(trial: Trial, address: str | None) -> None:
     from allcluster.ray_utils import leave_ray, ray_connected
     from allcluster.sweep.ray_tune import run_array_trial
 
     with ray_connected(address):
-        stop.install()                    # ray.init replaced the SIGTERM handler
         with InterruptionCaught() as caught:
             run_array_trial(trial)
         if caught.signal_name:
