@@ -1,18 +1,34 @@
 #!/usr/bin/env bash
-# bash jobs/gpu_acceptance.sh [OUT]        (on a GPU machine, from a fresh checkout)
+# bash jobs/gpu_acceptance.sh [OUT] [WHEELS] [BENCH_OPTIONS...]   (on a GPU machine, from a fresh checkout)
 #
-# The one-command GPU acceptance: a venv that keeps the machine's own torch (--system-site-packages;
-# pyproject.toml declares torch as a range, so pip keeps a site CUDA build that satisfies it), the
-# project installed into it from the package registries, then `allcluster bench gpu`: the gpu-marked
-# tests and the score / cam / lime / sweep benchmarks on generated images, one JSON with every ratio
-# beside its target, written to OUT/gpu.json (default runs/bench-gpu) and printed.
+# The one-command GPU acceptance: the project installed beside the machine's own torch, then
+# `allcluster bench gpu`: the gpu-marked tests and the score / cam / lime / sweep benchmarks on
+# generated images, one JSON with every ratio beside its target, written to OUT/gpu.json (default
+# runs/bench-gpu) and printed.
+#   - no WHEELS: a venv that keeps the site packages (--system-site-packages; pyproject.toml declares
+#     torch as a range, so pip keeps a site CUDA build that satisfies it), filled from the registries;
+#   - WHEELS, a folder made by `python3 jobs/offline_wheels.py` on a machine with internet, for a node
+#     with none: its wheels go into .site-gpu/ (no resolution, no index) and run on the site Python;
+#   - BENCH_OPTIONS go to `allcluster bench gpu` (e.g. --quick; WHEELS "" for none).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/bench-gpu}
+wheels=${2:-}
 python3 -c 'import torch; assert torch.cuda.is_available(), "no CUDA device visible to torch"'
-if [ ! -x .venv-gpu/bin/python ]; then
-  python3 -m venv --system-site-packages .venv-gpu
+if [ -n "$wheels" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target .site-gpu "$wheels"/*.whl
+  export PYTHONPATH="$PWD/.site-gpu:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  python=python3
+else
+  if [ ! -x .venv-gpu/bin/python ]; then
+    python3 -m venv --system-site-packages .venv-gpu
+    # GPU images often keep torch in a venv of their own (python3 is /opt/.../.venv/bin/python3): its
+    # packages are not the "system site" of a venv made from it, so a .pth file adds them after ours
+    python3 -c 'import site; print("\n".join(site.getsitepackages()))' \
+      > "$(.venv-gpu/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/machine-site.pth"
+  fi
+  .venv-gpu/bin/python -m pip install -q -e '.[test]'
+  python=.venv-gpu/bin/python
 fi
-.venv-gpu/bin/python -m pip install -q -e '.[test]'
 mkdir -p "$out"
-.venv-gpu/bin/allcluster bench gpu --out "$out/run" | tee "$out/gpu.json"
+"$python" -m allcluster.cli bench gpu --out "$out/run" "${@:3}" | tee "$out/gpu.json"

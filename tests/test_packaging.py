@@ -98,3 +98,67 @@ def test_xai_depends_only_on_models_and_train_tables_load_without_torch():
     done = subprocess.run([sys.executable, "-c", "import sys, allcluster.train.config, allcluster.config_registry; "
                            "print('torch' in sys.modules)"], capture_output=True, text=True, cwd=REPO)
     assert done.stdout.strip() == "False", done.stderr[-2000:]
+
+
+def _offline_wheels():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("offline_wheels", REPO / "jobs" / "offline_wheels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_offline_wheels_leave_out_the_nodes_torch_and_what_it_already_has(tmp_path):
+    wheels = _offline_wheels()
+    requirements = {_name(r) for r in wheels.project_requirements(["test"])}
+    assert {"ray", "grad-cam", "lime", "pytest"} <= requirements and not {"torch", "torchvision"} & requirements
+    have = tmp_path / "have.txt"
+    have.write_text("# pip list --format=freeze\nNumPy==2.5.2\nscikit_learn==1.8.0\nmy-pkg @ file:///src/my-pkg\n")
+    present = wheels.have_names(str(have))
+    assert present == {"numpy", "scikit-learn", "my-pkg"}
+    kept = [n for n in ("torch", "nvidia-cublas", "triton", "numpy", "scikit-learn", "duckdb", "ray", "lime")
+            if not wheels.left_out(n, present, {"duckdb"})]
+    assert kept == ["ray", "lime"]
+
+
+def test_a_slim_ray_wheel_drops_only_parts_allcluster_never_imports(tmp_path):
+    import zipfile
+
+    wheels = _offline_wheels()
+    files = ["ray/__init__.py", "ray/tune/tuner.py", "ray/jars/ray_dist.jar", "ray/rllib/algo.py",
+             "ray/serve/api.py", "ray/llm/x.py", "ray/data/read_api.py"]
+    full, slim = tmp_path / "ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl", tmp_path / "slim.whl"
+    with zipfile.ZipFile(full, "w") as wheel:
+        for name in files:
+            wheel.writestr(name, name)
+        wheel.writestr("ray-2.60.0.dist-info/RECORD", "".join(f"{n},sha256=x,{len(n)}\n" for n in files))
+    wheels.slim_ray(full, slim)
+    kept = ["ray/__init__.py", "ray/tune/tuner.py", "ray/data/read_api.py"]
+    with zipfile.ZipFile(slim) as wheel:
+        assert sorted(wheel.namelist()) == sorted([*kept, "ray-2.60.0.dist-info/RECORD"])
+        record = wheel.read("ray-2.60.0.dist-info/RECORD").decode().splitlines()
+        assert [line.split(",")[0] for line in record] == kept and wheel.read("ray/tune/tuner.py") == b"ray/tune/tuner.py"
+    dropped = tuple(d.rstrip("/").replace("/", ".") for d in wheels.SLIM_RAY_DROPS)
+    imported = set()   # "from ray import serve" counts as ray.serve
+    for folder in ("allcluster", "jobs", "tests"):
+        for path in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    imported |= {alias.name for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    imported |= {f"{node.module}.{alias.name}" for alias in node.names}
+    assert {m for m in imported if m.startswith(dropped)} == set(), "slim Ray would lack these"
+    assert any(m.startswith("ray.tune") for m in imported), "the scan sees allcluster's Ray imports"
+
+
+def test_bench_child_commands_see_the_checkout_and_keep_the_callers_pythonpath(monkeypatch):
+    """An offline install's site folder on PYTHONPATH (jobs/gpu_acceptance.sh WHEELS) reaches the
+    bench's reference loops and scoring commands."""
+    import os
+
+    from allcluster.bench.common import child_env
+
+    monkeypatch.setenv("PYTHONPATH", "/opt/site-gpu")
+    assert child_env(RAY_ADDRESS="")["PYTHONPATH"].split(os.pathsep) == [str(REPO), "/opt/site-gpu"]
+    monkeypatch.delenv("PYTHONPATH")
+    assert child_env()["PYTHONPATH"] == str(REPO)

@@ -6,7 +6,15 @@ import platform
 import time
 from typing import Callable
 
+from allcluster.data.real import REPO
 from allcluster.device import pick_device
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a bench's child command: the checkout first on ``PYTHONPATH``,
+    the caller's own entries kept (an offline install's site folder: ``jobs/gpu_acceptance.sh``)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def device_info() -> dict:

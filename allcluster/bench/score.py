@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from allcluster.bench.common import rate, device_info
+from allcluster.bench.common import child_env, device_info, rate
 from allcluster.data.real import REPO
 from allcluster.device import TORCH_ALLOCATOR_ENV, allocator_env, channels_last, pick_device
 
@@ -141,7 +141,7 @@ def bench_score(args: argparse.Namespace) -> dict:
                          temperature=0.001)
     inputs = out / "inputs.txt"
     inputs.write_text("\n".join(map(str, files)) + "\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
+    env = child_env(RAY_ADDRESS="")
     # The user's loops run with PyTorch's defaults, as a script of theirs would; `allcluster score`
     # sets its own (tcmalloc where the node has it, else huge pages for large CPU tensors).
     # bare_loop_allcluster_allocator is the bare loop with those settings too, to show how much of
@@ -327,7 +327,7 @@ def bench_plan(args: argparse.Namespace) -> dict:
     for name, target in (("fresh", out / "fresh"), ("resumed", resumed)):
         code = f"from allcluster.bench.score import plan_probe; plan_probe({str(model)!r}, {str(manifest)!r}, {str(target)!r})"
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+                              env=child_env())
         if done.returncode:
             raise RuntimeError(f"bench plan ({name}) failed:\n{done.stderr[-3000:]}")
         results[name] = json.loads(done.stdout.strip().splitlines()[-1])
