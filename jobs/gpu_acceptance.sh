@@ -11,10 +11,26 @@
 #     with none: its wheels go into .site-gpu/ (no resolution, no index) and run on the site Python;
 #   - BENCH_OPTIONS go to `allcluster bench gpu` (e.g. --quick; WHEELS "" for none).
 set -euo pipefail
+caller=$PWD
 cd "$(dirname "$0")/.."
-out=${1:-runs/bench-gpu}
-wheels=${2:-}
-python3 -c 'import torch; assert torch.cuda.is_available(), "no CUDA device visible to torch"'
+from_caller() { case $1 in /*) echo "$1" ;; *) echo "$caller/$1" ;; esac; }   # OUT, WHEELS: as the caller meant them
+out=$PWD/runs/bench-gpu
+[ -z "${1:-}" ] || out=$(from_caller "$1")
+wheels=
+[ -z "${2:-}" ] || wheels=$(from_caller "$2")
+if [ -n "$wheels" ] && ! compgen -G "$wheels/*.whl" >/dev/null; then
+  echo "gpu_acceptance.sh: no wheels in $wheels (make them with: python3 jobs/offline_wheels.py $wheels ...)" >&2
+  exit 2
+fi
+python3 - <<'EOF' || exit 2
+import sys
+try:
+    import torch
+except ImportError:
+    sys.exit(f"gpu_acceptance.sh: {sys.executable} has no torch: install the machine's CUDA build first (it is kept)")
+if not torch.cuda.is_available():
+    sys.exit(f"gpu_acceptance.sh: torch {torch.__version__} sees no CUDA device: run this on a GPU machine")
+EOF
 if [ -n "$wheels" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target .site-gpu "$wheels"/*.whl
   export PYTHONPATH="$PWD/.site-gpu:$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="folder for the wheels (created)")
     parser.add_argument("--python-version", default=f"{sys.version_info.major}.{sys.version_info.minor}",
                         help="the node's Python, e.g. 3.12 (default: this one's)")
-    parser.add_argument("--have", help="packages the node already has (pip list --format=freeze there)")
+    parser.add_argument("--have", help="packages the node already has, left out by name "
+                                       "(pip list --format=freeze there)")
     parser.add_argument("--skip", nargs="*", default=[], help="more packages to leave out, e.g. duckdb")
     parser.add_argument("--extras", nargs="*", default=["test"], help="pyproject extras to include")
     parser.add_argument("--slim-ray", action="store_true", help="leave Ray's jars, RLlib, Serve and LLM out")

@@ -137,7 +137,8 @@ def test_a_slim_ray_wheel_drops_only_parts_allcluster_never_imports(tmp_path):
     with zipfile.ZipFile(slim) as wheel:
         assert sorted(wheel.namelist()) == sorted([*kept, "ray-2.60.0.dist-info/RECORD"])
         record = wheel.read("ray-2.60.0.dist-info/RECORD").decode().splitlines()
-        assert [line.split(",")[0] for line in record] == kept and wheel.read("ray/tune/tuner.py") == b"ray/tune/tuner.py"
+        assert [line.split(",")[0] for line in record] == kept
+        assert wheel.read("ray/tune/tuner.py") == b"ray/tune/tuner.py"
     dropped = tuple(d.rstrip("/").replace("/", ".") for d in wheels.SLIM_RAY_DROPS)
     imported = set()   # "from ray import serve" counts as ray.serve
     for folder in ("allcluster", "jobs", "tests"):
@@ -162,3 +163,24 @@ def test_bench_child_commands_see_the_checkout_and_keep_the_callers_pythonpath(m
     assert child_env(RAY_ADDRESS="")["PYTHONPATH"].split(os.pathsep) == [str(REPO), "/opt/site-gpu"]
     monkeypatch.delenv("PYTHONPATH")
     assert child_env()["PYTHONPATH"] == str(REPO)
+
+
+def test_the_gpu_acceptance_refuses_without_wheels_or_cuda_and_writes_nothing(tmp_path):
+    """Refused before anything is made: no OUT, no .venv-gpu or .site-gpu in the checkout; relative
+    paths are the caller's (the command run from another folder)."""
+    import os
+    import subprocess
+
+    import torch
+
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+    made_by_script = [REPO / ".venv-gpu", REPO / ".site-gpu"]
+    before = [p.exists() for p in made_by_script]
+    (tmp_path / "wheels").mkdir()
+    script = str(REPO / "jobs" / "gpu_acceptance.sh")
+    no_wheels = subprocess.run(["bash", script, "out", "wheels"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert no_wheels.returncode == 2 and f"no wheels in {tmp_path / 'wheels'} " in no_wheels.stderr, no_wheels.stderr
+    if not torch.cuda.is_available():
+        no_cuda = subprocess.run(["bash", script, "out"], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert no_cuda.returncode == 2 and "sees no CUDA device" in no_cuda.stderr, no_cuda.stderr
+    assert not (tmp_path / "out").exists() and [p.exists() for p in made_by_script] == before
