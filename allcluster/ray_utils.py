@@ -96,11 +96,12 @@ def ray_connected(address: str | None = None) -> Iterator[None]:
 @contextlib.contextmanager
 def _ray_start_guarded():
     """Around ``ray.init``, which replaces the SIGTERM handler with its own ``sys.exit(15)``
-    (``ray._private.worker.init``): the driver's handler is put back at once, and a SIGTERM that came
-    while Ray started (Ray's handler ran: ``SystemExit(15)``) is the driver's :class:`Interrupted`,
-    so the command still ends with 75. A start that fails or is interrupted part way leaves a
-    half-made connection: it is taken down now rather than in Ray's exit hook (see
-    :func:`ray_connected`)."""
+    (``ray._private.worker.init``; a local head's node with one that stops its processes and exits
+    with 1: ``ray._private.node``): the driver's handler is put back at once, and a SIGTERM that came
+    while Ray started (one of Ray's handlers ran: a ``SystemExit``, which nothing else in the start
+    raises) is the driver's :class:`Interrupted`, so the command still ends with 75. A start that
+    fails or is interrupted part way leaves a half-made connection: it is taken down now rather than
+    in Ray's exit hook (see :func:`ray_connected`)."""
     import ray
 
     from allcluster.interrupt import Interrupted
@@ -111,7 +112,7 @@ def _ray_start_guarded():
     except BaseException as err:
         with contextlib.suppress(Exception):
             ray.shutdown()
-        if isinstance(err, SystemExit) and err.code == signal.SIGTERM and callable(ours):
+        if isinstance(err, SystemExit) and callable(ours):
             raise Interrupted("SIGTERM") from None
         raise
     finally:

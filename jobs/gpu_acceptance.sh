@@ -32,17 +32,23 @@ if not torch.cuda.is_available():
     sys.exit(f"gpu_acceptance.sh: torch {torch.__version__} sees no CUDA device: run this on a GPU machine")
 EOF
 if [ -n "$wheels" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target .site-gpu "$wheels"/*.whl
+  rm -rf .site-gpu      # only this run's wheels: a package left from an earlier set would shadow the machine's
+  python3 -m pip install -q --no-index --no-deps --no-compile --target .site-gpu "$wheels"/*.whl
   export PYTHONPATH="$PWD/.site-gpu:$PWD${PYTHONPATH:+:$PYTHONPATH}"
   python=python3
 else
   if [ ! -x .venv-gpu/bin/python ]; then
     python3 -m venv --system-site-packages .venv-gpu
-    # GPU images often keep torch in a venv of their own (python3 is /opt/.../.venv/bin/python3): its
-    # packages are not the "system site" of a venv made from it, so a .pth file adds them after ours
-    python3 -c 'import site; print("\n".join(site.getsitepackages()))' \
-      > "$(.venv-gpu/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/machine-site.pth"
   fi
+  # GPU images often keep torch in a venv of their own (python3 is /opt/.../.venv/bin/python3): its
+  # packages are not the "system site" of a venv made from it, so a .pth file adds python3's site
+  # folders (their own .pth files too) and its user site where it uses one, after ours; on every run
+  python3 - "$(.venv-gpu/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" <<'EOF'
+import site, sys
+folders = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+with open(f"{sys.argv[1]}/machine-site.pth", "w") as pth:
+    pth.write("import site; " + "; ".join(f"site.addsitedir({f!r})" for f in folders) + "\n")
+EOF
   .venv-gpu/bin/python -m pip install -q -e '.[test]'
   python=.venv-gpu/bin/python
 fi

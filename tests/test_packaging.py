@@ -7,6 +7,8 @@ import re
 import sys
 import tomllib
 
+import pytest
+
 from conftest import REPO
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -37,7 +39,8 @@ def test_every_imported_third_party_package_is_declared():
     distributions = importlib.metadata.packages_distributions()
     missing = {}
     for module, where in _imported_top_level_modules().items():
-        if module in sys.stdlib_module_names or module in ("allcluster", "jobs", "__future__"):
+        # pip: the installer, which jobs/offline_wheels.py drives on a login node (not a runtime need)
+        if module in sys.stdlib_module_names or module in ("allcluster", "jobs", "__future__", "pip"):
             continue
         provided_by = {_name(d) for d in distributions.get(module, [module])}
         if not provided_by & declared:
@@ -113,13 +116,41 @@ def test_offline_wheels_leave_out_the_nodes_torch_and_what_it_already_has(tmp_pa
     requirements = {_name(r) for r in wheels.project_requirements(["test"])}
     assert {"ray", "grad-cam", "lime", "pytest"} <= requirements and not {"torch", "torchvision"} & requirements
     have = tmp_path / "have.txt"
-    have.write_text("# pip list --format=freeze\nNumPy==2.5.2\nscikit_learn==1.8.0\nmy-pkg @ file:///src/my-pkg\n")
-    present = wheels.have_names(str(have))
-    assert present == {"numpy", "scikit-learn", "my-pkg"}
+    have.write_text("# pip list --format=freeze\nNumPy==2.5.2\nscikit_learn==1.8.0\nmy-pkg @ file:///src/my-pkg\n"
+                    "torch==2.11.0+cu130\nopencv-python-headless\n")
+    present = wheels.read_have(str(have))
+    assert present == {"numpy": "2.5.2", "scikit-learn": "1.8.0", "my-pkg": "", "torch": "2.11.0",
+                       "opencv-python-headless": ""}
     kept = [n for n in ("torch", "nvidia-cublas", "triton", "numpy", "scikit-learn", "duckdb", "ray", "lime")
             if not wheels.left_out(n, present, {"duckdb"})]
     assert kept == ["ray", "lime"]
+    tags = wheels.target_tags("3.12", "2.28")   # pip matches platform tags exactly: each glibc up to the node's
+    platforms = {tags[i + 1] for i, t in enumerate(tags) if t == "--platform"}
+    assert {"manylinux_2_18_x86_64", "manylinux_2_28_x86_64", "manylinux2014_x86_64"} <= platforms
+    assert "manylinux_2_29_x86_64" not in platforms and tags[tags.index("--python-version") + 1] == "3.12"
 
+
+
+def test_offline_wheels_add_what_the_nodes_python_needs_and_pip_judged_by_this_one():
+    """pip evaluates dependencies' python_version markers with the Python running it (pypa/pip#11010)."""
+    wheels = _offline_wheels()
+
+    def entry(name, requires, extras=None):
+        return {"metadata": {"name": name, "requires_dist": requires}, "requested_extras": extras}
+
+    entries = [entry("A", ["tomli>=2; python_version < '3.11'", "B>=1", "C>=3; extra == 'x'",
+                           "D<5; python_version >= '3.12'", "torch>=2.6", "E; extra == 'y'"], extras=["x"]),
+               entry("B", ["numpy>=1.26"])]
+    assert wheels.needed_for_target(entries, "3.12", {"numpy": "2.5.2"}, set()) == ["C>=3", "D<5"]
+    assert wheels.needed_for_target(entries, "3.10", {}, {"numpy"}) == ["C>=3", "tomli>=2"]
+
+
+def test_offline_wheels_refuse_a_folder_that_holds_wheels_already(tmp_path):
+    wheels = _offline_wheels()
+    (tmp_path / "old-1.0-py3-none-any.whl").write_bytes(b"")
+    with pytest.raises(SystemExit, match="holds wheels already"):
+        wheels.main([str(tmp_path)])
+    assert [p.name for p in tmp_path.iterdir()] == ["old-1.0-py3-none-any.whl"]
 
 def test_a_slim_ray_wheel_drops_only_parts_allcluster_never_imports(tmp_path):
     import zipfile

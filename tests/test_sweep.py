@@ -342,23 +342,26 @@ def test_the_fit_thread_a_signal_leaves_running_is_known_until_it_ends():
 
 
 def test_a_sigterm_while_ray_starts_is_the_drivers_interrupted_and_its_handler_is_put_back():
-    """``ray.init`` replaces the SIGTERM handler with ``sys.exit(15)``: a SIGTERM during Ray's start
-    becomes the driver's Interrupted (exit 75, not 15), and the driver's handler is in force after."""
+    """``ray.init`` replaces the SIGTERM handler with ``sys.exit(15)``, a local head's node with one that
+    exits with 1: a SIGTERM during Ray's start becomes the driver's Interrupted (exit 75, not 15 or 1),
+    and the driver's handler is in force after."""
     import sys
 
     from allcluster.interrupt import Interrupted, StopSignals
     from allcluster.ray_utils import _ray_start_guarded
 
-    def like_ray_init():
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))      # what ray.init does
+    def like_ray_init(exit_code):
+        # ray._private.worker.init: sys.exit(signum); ray._private.node (local head): sys.exit(1)
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(exit_code(signum)))
         signal.raise_signal(signal.SIGTERM)
 
     with StopSignals() as stop:
         ours = signal.getsignal(signal.SIGTERM)
-        with pytest.raises(Interrupted, match="SIGTERM"):
-            with _ray_start_guarded():
-                like_ray_init()
-        assert signal.getsignal(signal.SIGTERM) == ours
+        for exit_code in (lambda signum: signum, lambda signum: 1):
+            with pytest.raises(Interrupted, match="SIGTERM"):
+                with _ray_start_guarded():
+                    like_ray_init(exit_code)
+            assert signal.getsignal(signal.SIGTERM) == ours
         with _ray_start_guarded():                                       # a start that succeeds
             signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
         assert signal.getsignal(signal.SIGTERM) == ours
