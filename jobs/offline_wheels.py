@@ -202,7 +202,7 @@ def left_out(name: str, have: dict[str, str] | set[str], skip: set[str]) -> bool
 def check_pip() -> None:
     import pip
 
-    if tuple(int(p) for p in pip.__version__.split(".")[:2]) < (22, 2):
+    if tuple(map(int, re.match(r"(\d+)\.(\d+)", pip.__version__).groups())) < (22, 2):
         sys.exit(f"pip {pip.__version__} is too old for this script (--dry-run --report): "
                  f"{sys.executable} -m pip install --user --upgrade pip")
 
