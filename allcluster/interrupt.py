@@ -16,8 +16,9 @@ Why a handler of our own: Ray Tune catches SIGINT and SIGUSR1 only while ``tune.
 main thread (``ray.tune.tune._setup_signal_catching``) and never SIGTERM, and ``ray.init`` replaces
 the SIGTERM handler with ``sys.exit`` (``ray._private.worker.init``; a local head's node even kills
 every Ray process on SIGTERM). So the driver keeps one handler for all three in the main thread,
-put back right after ``ray.init`` (``ray_utils._ray_start_guarded``), and runs ``Tuner.fit`` in a worker thread (where Tune installs
-none); the handler sets :data:`STOP_REQUESTED`, which a Tune ``Stopper`` turns into ``stop_all``.
+put back right after ``ray.init`` (``ray_utils._ray_start_guarded``), and runs ``Tuner.fit`` in a
+worker thread (where Tune installs none); the handler sets :data:`STOP_REQUESTED`, which a Tune
+``Stopper`` turns into ``stop_all``.
 """
 from __future__ import annotations
 
