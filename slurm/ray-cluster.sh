@@ -17,6 +17,8 @@
 #   tmp, short enough for Unix socket paths (~107 bytes).
 # - Each node's Ray gets exactly what Slurm granted on that node: CPUs (SLURM_CPUS_ON_NODE), GPUs
 #   (the devices in the step's CUDA_VISIBLE_DEVICES) and memory (SLURM_MEM_PER_NODE); it logs them.
+#   Any GPU request works: --gres=gpu:[TYPE:]K and --gpus-per-node (K per node), or --gpus=K (the
+#   job's total, which Slurm may split unevenly): each node's step asks for that node's share.
 # - Time limits and preemption: the batch shell traps SIGUSR1 (sbatch --signal=B:USR1@SECONDS, which
 #   Slurm sends to the batch shell only), forwards it to the driver and waits for it; the driver
 #   writes what it has and exits 75 ("interrupted; rerun resumes"); the shell then runs
@@ -251,12 +253,37 @@ ray_cluster_start() {
   "$ALLCLUSTER_PYTHON" -m allcluster.ray_utils wait "${#RAY_NODES[@]}" "$RAY_JOIN_TIMEOUT_S"
 }
 
+_ray_node_gpus() {  # $1 node: the step's --gpus value for this job's GPUs on that node ("" if none)
+  # `scontrol show job -d` has a line per group of nodes: "Nodes=n[1-2] CPU_IDs=0 Mem=500 GRES=gpu:a100:2(IDX:0-1)".
+  # The batch shell's SLURM_GPUS_ON_NODE counts the first node only, and a --gpus=K job may be split
+  # unevenly (K=3 on 2 nodes: 2 + 1).
+  local job nodes gres item name type count total=0 typed=""
+  job=$(scontrol show job -d "$SLURM_JOB_ID") || return 1
+  while read -r nodes gres; do
+    scontrol show hostnames "$nodes" | grep -qxF "$1" || continue
+    gres=$(sed 's/([^)]*)//g' <<<"$gres")                # (IDX:0,2-3): its commas are not the list's
+    for item in ${gres//,/ }; do
+      IFS=: read -r name type count <<<"$item"
+      [ "$name" = gpu ] || continue
+      [ -n "$count" ] || { count=$type; type=""; }
+      total=$((total + count)); typed+=${typed:+,}${type:+$type:}$count
+    done
+  done < <(sed -nE 's/^ *Nodes=([^ ]+) .*GRES=([^ ]*).*/\1 \2/p' <<<"$job")
+  [ "$total" -gt 0 ] || return 0
+  # A step names GPU types only where the job's request did: else "Step requested GRES (gpu:TYPE) not
+  # found in the job" (Slurm 22.05, seen on the local cluster's typed fake GPUs).
+  if grep -qE '^ *TresPer[A-Za-z]+=([^ ]*,)?gres[:/]gpu:[^ ,:]+:[0-9]' <<<"$job"; then echo "$typed"; else echo "$total"; fi
+}
+
 _ray_start_node() {  # $1 node, $2 head|worker: one srun step that runs `ray start --block` there
-  local node=$1 role=$2 gres=()
-  if [ -n "${SLURM_GPUS_ON_NODE:-}" ] && [ "${SLURM_GPUS_ON_NODE}" != 0 ]; then
-    gres=(--gres="gpu:$SLURM_GPUS_ON_NODE")
-  fi
-  srun --nodes=1 --ntasks=1 -w "$node" --overlap "${gres[@]}" \
+  local node=$1 role=$2 gpus
+  gpus=$(_ray_node_gpus "$node") || { _log "scontrol show job -d failed: $node's step asks for the batch node's GPUs"; gpus=${SLURM_GPUS_ON_NODE:-}; }
+  [ "${gpus:-0}" != 0 ] || gpus=""
+  # The job's GPU request reaches srun through the environment as well: SLURM_GPUS=K (sbatch --gpus=K)
+  # makes every one-node step ask for all K GPUs, which fails on a multi-node job ("Invalid generic
+  # resource (gres) specification"). Left out; the step asks for what the job holds on its node.
+  env -u SLURM_GPUS -u SLURM_GPUS_PER_NODE -u SLURM_GPUS_PER_TASK -u SLURM_GPUS_PER_SOCKET \
+    srun --nodes=1 --ntasks=1 -w "$node" --overlap ${gpus:+--gpus="$gpus"} \
        bash "$ALLCLUSTER_HOME/slurm/ray-node.sh" "$role" "$(_ray_node_addr "$node")" &
   _ray_steps+=($!)
   [ "$role" = head ] || return 0

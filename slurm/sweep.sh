@@ -21,7 +21,8 @@
 # 60 s earlier): running trials stop at their last epoch checkpoint, the tables are written, the
 # driver exits 75, the job requeues itself and the requeued run resumes every unfinished trial.
 # Give it more than one epoch of your largest trial: sbatch --signal=B:USR1@1800 ...
-# GPUs: add --gres=gpu:K (per node) on the command line; each node's Ray gets the GPUs Slurm granted.
+# GPUs: add --gres=gpu:K (per node) or --gpus=K (in all) on the command line; each node's Ray gets the GPUs
+# Slurm granted on that node.
 set -euo pipefail
 if [ $# -lt 1 ]; then
   echo "usage: sbatch [sbatch options] slurm/sweep.sh CONFIG [--set key=value ...]" >&2

@@ -93,9 +93,10 @@ def slurm() -> dict:
     if not shutil.which("sbatch"):
         reason = "sbatch not installed"
     else:
-        found = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=env, capture_output=True, text=True)
+        found = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t %G"], env=env, capture_output=True, text=True)
         nodes = [line.split()[0] for line in found.stdout.splitlines()
                  if line.split()[1].rstrip("*") in ("idle", "mix") and not line.split()[1].endswith("*")]
+        gpus = {line.split()[0]: _gpu_count(line.split()[2]) for line in found.stdout.splitlines()}
         if found.returncode or not nodes:
             reason = f"no usable Slurm nodes (sinfo rc {found.returncode}: {found.stderr.strip()[:200]})"
     if reason:
@@ -104,7 +105,12 @@ def slurm() -> dict:
         warnings.warn(message)
         print(f"\n*** {message} ***\n", file=sys.stderr)
         pytest.skip(message)
-    return {"env": env, "nodes": nodes}
+    return {"env": env, "nodes": nodes, "gpus": gpus}
+
+
+def _gpu_count(gres: str) -> int:
+    """GPUs in a sinfo %G field: "gpu:fake:2", "gpu:2(S:0-1),nic:1", "(null)"."""
+    return sum(int(m) for m in re.findall(r"(?:^|,)gpu(?::[^:,(]+)?:(\d+)", gres))
 
 
 def two_trial_grid(path: Path) -> Path:
@@ -119,14 +125,20 @@ def two_trial_grid(path: Path) -> Path:
 def test_sbatch_sweep_requeued_mid_trial_finishes_every_trial_across_two_nodes(slurm, ray_local, real_manifest, tmp_path):
     """The CI grid (two trials) on two nodes; once a trial has checkpointed its first epoch (of two), `scontrol
     requeue` kills the job (SIGTERM everywhere) and puts it back in the queue: the restart resumes and
-    every planned trial finishes. Also checks the private Ray state of both starts."""
+    every planned trial finishes. Also checks the private Ray state of both starts, and (where the nodes
+    have 2 GPUs each: the local cluster's fake ones) that `--gpus=3`, which Slurm splits 2 + 1, gives
+    each node's Ray its own share (the trials themselves use none)."""
     nodes = min(2, len(slurm["nodes"]))
     experiment = tmp_path / "sweep"
     log = tmp_path / "job.out"
     config = two_trial_grid(tmp_path / "sweep.yaml")
+    split_gpus = nodes == 2 and all(slurm["gpus"].get(n, 0) >= 2 for n in slurm["nodes"])
+    if not split_gpus:
+        warnings.warn("no 2 GPUs per node on this Slurm: the --gpus=3 split is not checked "
+                      "(slurm/dev/local-cluster-up.sh gives each node 2 fake ones)")
     # --log-level debug (through the environment): Ray's own worker output reaches the log unfiltered
     job = _submit(slurm, [f"--nodes={nodes}", "--cpus-per-task=2", "--mem=4G", "--time=00:25:00", f"--output={log}",
-                          "--export=ALL,ALLCLUSTER_LOG_LEVEL=debug"],
+                          "--export=ALL,ALLCLUSTER_LOG_LEVEL=debug", *(["--gpus=3"] if split_gpus else [])],
                   ["slurm/sweep.sh", str(config), "--set", f"train.data.manifest={real_manifest}",
                    "--set", f"experiment_dir={experiment}"])
     requeued = []
@@ -147,6 +159,10 @@ def test_sbatch_sweep_requeued_mid_trial_finishes_every_trial_across_two_nodes(s
     assert f"restart 0 of job {job}" in logs and f"restart 1 of job {job}" in logs, logs[-4000:]
     assert "requeueing job" not in logs   # requeued from outside: the job must not requeue itself again
     assert logs.count(f"all {nodes} nodes joined") >= 2, logs[-4000:]
+    if split_gpus:   # each start: one node's Ray with 2 GPUs, the other's with 1 (Slurm picks which)
+        per_node = re.findall(r"\[ray-cluster\] node \S+ \(\S+\): \S+ CPUs, (\d+) GPUs", logs)
+        assert len(per_node) >= 4 and sorted(per_node[:2]) == sorted(per_node[2:4]) == ["1", "2"], per_node
+        assert logs.count(f"all {nodes} nodes joined: 4 CPUs, 3 GPUs") >= 2, logs[-4000:]
     assert logs.count("token check: a client with another token is refused") >= 2
     _assert_private_ray_state(logs)
     # this test's own local Ray (ray_local) runs on the same machine: Ray Train's helpers must still
@@ -477,6 +493,45 @@ def test_a_job_whose_warned_starts_make_no_progress_stops_requeueing_after_three
     assert stalls.read_text().strip() == "1"
     start(None, rc=0)                                       # the job ended: no count is left behind
     assert not stalls.exists()
+
+
+SCONTROL_STUB = r"""#!/usr/bin/env python3
+import re, sys
+args = sys.argv[1:]
+if args[:2] == ["show", "hostnames"]:          # n[1-2,05] -> n1 n2 n05, as Slurm expands it
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", args[2]):
+        stem, _, ranges = part.partition("[")
+        for r in ranges.rstrip("]").split(",") if ranges else [""]:
+            lo, _, hi = r.partition("-")
+            print(*([stem + str(i).zfill(len(lo)) for i in range(int(lo), int(hi or lo) + 1)] if r else [stem]), sep="\n")
+elif args[:3] == ["show", "job", "-d"]:
+    print(open(sys.argv[0] + ".job").read())
+"""
+
+
+@pytest.mark.parametrize("job, expected", [
+    # sbatch -N2 --gpus=3: Slurm split it 2 + 1 (untyped request, typed nodes: the step must not name the type)
+    ("   Nodes=n1 CPU_IDs=0 Mem=500 GRES=gpu:a100:2(IDX:0-1)\n   Nodes=n2 CPU_IDs=0 Mem=500 GRES=gpu:a100:1(IDX:0)\n"
+     "   TresPerJob=gres:gpu:3", {"n1": "2", "n2": "1"}),
+    # --gres=gpu:a100:2 on a node range, device indexes with a comma; Slurm 23's "gres/gpu" spelling
+    ("   Nodes=g[01-02] CPU_IDs=0-7 Mem=0 GRES=gpu:a100:2(IDX:0,2)\n   TresPerNode=gres/gpu:a100:2",
+     {"g01": "a100:2", "g02": "a100:2"}),
+    # two GPU types on one node, asked by type; another GRES beside them
+    ("   Nodes=n1 CPU_IDs=0 Mem=0 GRES=nic:1,gpu:a100:1(IDX:0),gpu:v100:1(IDX:1)\n   TresPerNode=gres:gpu:a100:1,gres:gpu:v100:1",
+     {"n1": "a100:1,v100:1"}),
+    ("   Nodes=n1 CPU_IDs=0 Mem=0 GRES=nic:1,gpu:2(IDX:0-1)\n   TresPerNode=gres:gpu:2", {"n1": "2"}),
+    ("   Nodes=n[1-2] CPU_IDs=0 Mem=500 GRES=\n", {"n1": "", "n2": ""}),   # no GPUs: the step asks for none
+], ids=["gpus-3-split", "typed-range", "two-types", "with-nic", "none"])
+def test_each_nodes_ray_step_asks_for_the_gpus_the_job_holds_on_that_node(tmp_path, job, expected):
+    """`scontrol show job -d` as Slurm prints it (hand-made): per node, the --gpus value of its Ray step."""
+    env, _ = _stubbed_slurm(tmp_path)
+    stub = tmp_path / "bin" / "scontrol"
+    stub.write_text(SCONTROL_STUB)
+    Path(f"{stub}.job").write_text(job)
+    for node, gpus in expected.items():
+        done = subprocess.run(["bash", "-c", f"source slurm/ray-cluster.sh; _ray_node_gpus {node}"], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout.strip() == gpus, (node, done.stdout, done.stderr)
 
 
 def _text(path: Path) -> str:

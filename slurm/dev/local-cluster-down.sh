@@ -76,11 +76,11 @@ rmdir /etc/netns 2>/dev/null
 if ip link show "$BR" >/dev/null 2>&1; then ip link del "$BR" && log "deleted bridge $BR"; fi
 
 # 6. files
-for f in "$CONF" "$SLURM_ETC/cgroup.conf"; do   # put back files up.sh moved aside (SLURM_ETC=/etc/slurm)
+for f in "$CONF" "$SLURM_ETC/cgroup.conf" "$SLURM_ETC/gres.conf"; do   # put back files up.sh moved aside (SLURM_ETC=/etc/slurm)
   if [ -f "$f.pre-2node" ]; then mv -f "$f.pre-2node" "$f"; log "restored $f"; fi
 done
 if [ $PURGE = 1 ]; then
-  for f in "$CONF" "$SLURM_ETC/cgroup.conf"; do grep -qF "$MARK" "$f" 2>/dev/null && rm -f "$f"; done
+  for f in "$CONF" "$SLURM_ETC/cgroup.conf" "$SLURM_ETC/gres.conf"; do grep -qF "$MARK" "$f" 2>/dev/null && rm -f "$f"; done
   rm -f "$SLURM_ETC/env.sh"; [ "$SLURM_ETC" = /etc/slurm ] || rmdir "$SLURM_ETC" 2>/dev/null
   rm -rf "$SPOOL" "$LOGD"
   log "purged config, controller state, node spools and logs"

@@ -23,6 +23,9 @@
 #   NODE_MEM_MB=M  RealMemory per node (default (MemTotal - 2 GiB) / 2)
 #   CGROUPS=1      enforce --mem / cores with cgroup v1 (proctrack/cgroup, task/cgroup,task/affinity)
 #   PIN_CPUS=1     with CGROUPS=1: split the cores between the nodes (CpuSpecList), n1 -> cpu 0, n2 -> cpu 1
+#   FAKE_GPUS=N    GRES gpu:N per node (default 2; 0 = none): N null devices per node stand in
+#                  for /dev/nvidia*, so that Slurm allocates GPUs, sets CUDA_VISIBLE_DEVICES per step and
+#                  splits a --gpus=K job over the nodes as a real GPU cluster does (nothing runs on them)
 #   SUBNET=10.77.0 CTLD_PORT=6827 SLURM_ETC=/etc/slurm-2node
 set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "must run as root" >&2; exit 1; }
@@ -39,6 +42,7 @@ CTLD_PORT=${CTLD_PORT:-6827}
 SLURM_ETC=${SLURM_ETC:-/etc/slurm-2node}
 CONF=$SLURM_ETC/slurm.conf
 CG=$SLURM_ETC/cgroup.conf
+GRES_CONF=$SLURM_ETC/gres.conf
 STATE=/run/slurm-2node                 # pid files + "munged was started by us" marker
 SPOOL=/var/spool/slurm-2node
 LOGD=/var/log/slurm-2node
@@ -135,7 +139,7 @@ fi
 
 # ---------------------------------------------------------------- 4. slurm.conf (+ cgroup.conf)
 conf_changed=0
-for f in "$CONF" "$CG"; do   # only when pointed at a directory with someone else's files
+for f in "$CONF" "$CG" "$GRES_CONF"; do   # only when pointed at a directory with someone else's files
   if [ -f "$f" ] && ! grep -qF "$MARK" "$f" && [ ! -e "$f.pre-2node" ]; then mv "$f" "$f.pre-2node"; log "moved $f to $f.pre-2node"; fi
 done
 if [ "${CGROUPS:-0}" = 1 ]; then
@@ -150,6 +154,23 @@ if [ -n "$cg_conf" ]; then
   [ -f "$CG" ] && [ "$(cat "$CG")" = "$new_cg" ] || { printf '%s\n' "$new_cg" >"$CG"; conf_changed=1; }
 elif [ -f "$CG" ]; then rm -f "$CG"; conf_changed=1; fi
 
+# Fake GPUs: the device files gres.conf names, in a folder of our own.
+FAKE_GPUS=${FAKE_GPUS:-2}
+gres_types=""; node_gres=""
+if [ "$FAKE_GPUS" -gt 0 ]; then
+  mkdir -p "$STATE/gpu"
+  # character devices (the null device, 1:3): for a regular file slurmd sets no CUDA_VISIBLE_DEVICES
+  for ((g = 0; g < FAKE_GPUS; g++)); do
+    [ -c "$STATE/gpu/nvidia$g" ] || { rm -f "$STATE/gpu/nvidia$g"; mknod -m 666 "$STATE/gpu/nvidia$g" c 1 3; } || {
+      log "mknod refused here: no fake GPUs (the tests that split GPUs over the nodes will say so)"; FAKE_GPUS=0; break; }
+  done
+fi
+if [ "$FAKE_GPUS" -gt 0 ]; then
+  gres_types=$'\nGresTypes=gpu'; node_gres=" Gres=gpu:fake:$FAKE_GPUS"
+  new_gres=$(printf '%s\nAutoDetect=off\nName=gpu Type=fake File=%s/gpu/nvidia[0-%d]' "$MARK" "$STATE" $((FAKE_GPUS - 1)))
+  [ -f "$GRES_CONF" ] && [ "$(cat "$GRES_CONF")" = "$new_gres" ] || { printf '%s\n' "$new_gres" >"$GRES_CONF"; conf_changed=1; }
+elif [ -f "$GRES_CONF" ]; then rm -f "$GRES_CONF"; conf_changed=1; fi
+
 node_lines=""; i=0; ncpu=$(nproc); per=$(( ncpu / ${#NODES[@]} ))
 for n in "${NODES[@]}"; do
   spec=""; node_cpus=$NODE_CPUS
@@ -161,7 +182,7 @@ for n in "${NODES[@]}"; do
     spec=" CpuSpecList=$(seq 0 $(( ncpu - 1 )) | grep -vxF -f <(tr , '\n' <<<"$mine") | paste -sd,)"
     node_cpus=$ncpu
   fi
-  node_lines+="NodeName=$n NodeAddr=${NODE_IP[$n]} NodeHostname=$n CPUs=$node_cpus$spec RealMemory=$NODE_MEM_MB State=UNKNOWN"$'\n'
+  node_lines+="NodeName=$n NodeAddr=${NODE_IP[$n]} NodeHostname=$n CPUs=$node_cpus$spec RealMemory=$NODE_MEM_MB$node_gres State=UNKNOWN"$'\n'
   i=$((i + 1))
 done
 new_conf=$(cat <<EOF
@@ -197,7 +218,7 @@ SchedulerType=sched/backfill
 JobRequeue=1
 AuthInfo=cred_expire=20
 SchedulerParameters=bf_interval=5,sched_interval=10
-SelectType=select/cons_tres
+SelectType=select/cons_tres$gres_types
 SelectTypeParameters=CR_Core_Memory
 ReturnToService=2
 ${node_lines}PartitionName=debug Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP
