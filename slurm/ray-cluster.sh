@@ -16,7 +16,8 @@
 # - Each node's Ray temp dir lives inside a fresh mktemp -d folder (mode 700) under the node-local
 #   tmp, short enough for Unix socket paths (~107 bytes).
 # - Each node's Ray gets exactly what Slurm granted on that node: CPUs (SLURM_CPUS_ON_NODE), GPUs
-#   (the devices in the step's CUDA_VISIBLE_DEVICES) and memory (SLURM_MEM_PER_NODE); it logs them.
+#   (the devices in the step's CUDA_VISIBLE_DEVICES) and memory (--mem, or --mem-per-cpu/--mem-per-gpu
+#   times the node's CPUs/GPUs); it logs them.
 #   Any GPU request works: --gres=gpu:[TYPE:]K and --gpus-per-node (K per node), or --gpus=K (the
 #   job's total, which Slurm may split unevenly): each node's step asks for that node's share.
 # - Time limits and preemption: the batch shell traps SIGUSR1 (sbatch --signal=B:USR1@SECONDS, which

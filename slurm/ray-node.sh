@@ -12,9 +12,15 @@ gpus=0
 if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
   gpus=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .)
 fi
+# The memory Slurm granted on this node (MB): --mem is per node; --mem-per-cpu and --mem-per-gpu set no
+# SLURM_MEM_PER_NODE, only their own variable. Ray gets 70% for tasks and 20% for its object store.
+# None, or 0 (--mem=0: all of the node's): Ray sizes both from the node (its cgroup limit, if any).
+mem_mb=${SLURM_MEM_PER_NODE:-}
+if [ -z "$mem_mb" ] && [ -n "${SLURM_MEM_PER_CPU:-}" ]; then mem_mb=$(( SLURM_MEM_PER_CPU * cpus )); fi
+if [ -z "$mem_mb" ] && [ -n "${SLURM_MEM_PER_GPU:-}" ]; then mem_mb=$(( SLURM_MEM_PER_GPU * gpus )); fi
 mem=()
-if [ -n "${SLURM_MEM_PER_NODE:-}" ]; then
-  mem=(--memory=$(( SLURM_MEM_PER_NODE * 1024 * 1024 * 7 / 10 )) --object-store-memory=$(( SLURM_MEM_PER_NODE * 1024 * 1024 * 2 / 10 )))
+if [ "${mem_mb:-0}" -gt 0 ]; then
+  mem=(--memory=$(( mem_mb * 1024 * 1024 * 7 / 10 )) --object-store-memory=$(( mem_mb * 1024 * 1024 * 2 / 10 )))
 fi
 _log() { echo "[ray-node $(date +%T)] $*"; }
 
@@ -96,7 +102,7 @@ ports=(--node-manager-port="$node_manager" --object-manager-port="$object_manage
        --metrics-export-port="$metrics" --runtime-env-agent-port="$runtime_env"
        --min-worker-port="$worker_min" --max-worker-port="$worker_max")
 
-_log "$role on $(hostname -s) ($node_ip): $cpus CPUs, $gpus GPUs (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-none}), memory ${SLURM_MEM_PER_NODE:-unset} MB"
+_log "$role on $(hostname -s) ($node_ip): $cpus CPUs, $gpus GPUs (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-none}), memory ${mem_mb:-unset} MB"
 _log "temp root $private ($(stat -c '%a %U' "$private")), Ray temp dir $tmp"
 args=(--block --node-ip-address="$node_ip" --num-cpus="$cpus" --num-gpus="$gpus" --temp-dir="$tmp"
       --disable-usage-stats "${mem[@]}" "${ports[@]}")
@@ -129,22 +135,25 @@ while :; do
   rc=0; wait "$ray_pid" || rc=$?
   [ "$rc" -gt 128 ] && kill -0 "$ray_pid" 2>/dev/null || break
 done
-if [ -z "$stopping" ]; then   # Ray ended by itself: show why before its logs go with the temp folder
-  _log "ray start exited with $rc on $(hostname -s); the end of its logs:"
-  for f in "$tmp"/session_latest/logs/{raylet.out,gcs_server.out,dashboard_agent.log,dashboard_agent.err,runtime_env_agent.log}; do
-    # glog's error/fatal lines (E/F + date), not the stack trace that follows a fatal one
-    [ -s "$f" ] || continue
-    { echo "--- $f"; grep -E '^\[?[0-9-]* ?[0-9:,.]* [EFC] |ERROR|^[EF][0-9]{4} |Check failed|Error' "$f" | tail -n 8 || true; }
-  done
-  # A worker node retries with fresh ports and temp folder: Ray's raylet gives its dashboard agent a
-  # fixed ~15 s to report its ports and exits otherwise (ray-project/ray#65983), which a loaded node
-  # or a slow shared filesystem (the agent's imports) can exceed; the head's cluster waits for the
-  # worker (RAY_JOIN_TIMEOUT_S). The head is not retried: the job's address is already published.
-  attempt=${RAY_NODE_ATTEMPT:-1}
-  if [ "$role" = worker ] && [ "$attempt" -lt "${RAY_START_TRIES:-3}" ]; then
-    _log "retrying ray start on $(hostname -s) (attempt $((attempt + 1)) of ${RAY_START_TRIES:-3})"
-    rm -rf "$private"
-    RAY_NODE_ATTEMPT=$((attempt + 1)) exec bash "$0" "$role" "$node_ip"
-  fi
+if [ -n "$stopping" ]; then   # asked to stop (ray start --block ends with 1 then): not a failure of the step
+  _log "Ray stopped on $(hostname -s) (ray start exited with $rc on SIGTERM)"
+  exit 0
+fi
+# Ray ended by itself: show why before its logs go with the temp folder
+_log "ray start exited with $rc on $(hostname -s); the end of its logs:"
+for f in "$tmp"/session_latest/logs/{raylet.out,gcs_server.out,dashboard_agent.log,dashboard_agent.err,runtime_env_agent.log}; do
+  # glog's error/fatal lines (E/F + date), not the stack trace that follows a fatal one
+  [ -s "$f" ] || continue
+  { echo "--- $f"; grep -E '^\[?[0-9-]* ?[0-9:,.]* [EFC] |ERROR|^[EF][0-9]{4} |Check failed|Error' "$f" | tail -n 8 || true; }
+done
+# A worker node retries with fresh ports and temp folder: Ray's raylet gives its dashboard agent a
+# fixed ~15 s to report its ports and exits otherwise (ray-project/ray#65983), which a loaded node
+# or a slow shared filesystem (the agent's imports) can exceed; the head's cluster waits for the
+# worker (RAY_JOIN_TIMEOUT_S). The head is not retried: the job's address is already published.
+attempt=${RAY_NODE_ATTEMPT:-1}
+if [ "$role" = worker ] && [ "$attempt" -lt "${RAY_START_TRIES:-3}" ]; then
+  _log "retrying ray start on $(hostname -s) (attempt $((attempt + 1)) of ${RAY_START_TRIES:-3})"
+  rm -rf "$private"
+  RAY_NODE_ATTEMPT=$((attempt + 1)) exec bash "$0" "$role" "$node_ip"
 fi
 exit "$rc"

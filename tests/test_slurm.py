@@ -179,6 +179,8 @@ def test_sbatch_sweep_requeued_mid_trial_finishes_every_trial_across_two_nodes(s
     assert card["sweep"]["trial_id"] == ranked.iloc[0]["trial_id"]
     assert "2 trials: 2 finished" in logs
     _assert_the_driver_ended_before_killwait(logs.split(f"restart 1 of job {job}")[0])
+    last_start = logs.split(f"restart 1 of job {job}")[1]   # its Ray steps stopped on request: exit 0, no srun error
+    assert last_start.count("Ray stopped on ") == nodes and "Exited with exit code" not in last_start, last_start[-3000:]
     if nodes == 2:
         hosts = {line.split(" on ")[1].split()[0] for line in logs.splitlines() if "[ray-node" in line and " on n" in line}
         assert len(hosts) == 2, f"Ray nodes should run on two hosts, saw {hosts}"
@@ -217,6 +219,24 @@ def test_a_sweep_warned_before_its_first_epoch_at_every_start_stops_requeueing_i
     assert "no progress in 2 starts in a row" in text and "not requeueing" in text, text[-3000:]
     assert not (Path.home() / ".ray-slurm" / f"{job}.stalls").exists()
     _assert_private_ray_state(text)
+
+
+def test_ray_on_slurm_gives_each_node_its_share_of_a_job_asked_per_gpu(slurm, tmp_path):
+    """A batch script of one's own that sources ray-cluster.sh, with the job asked for in per-GPU terms:
+    `--gpus=3 --cpus-per-gpu=1 --mem-per-gpu=1G` on two nodes. Slurm splits it 2 + 1, and each node's Ray
+    gets that node's GPUs, CPUs and memory (70% of the GPUs x 1 GiB; no SLURM_MEM_PER_NODE is set)."""
+    if len(slurm["nodes"]) < 2 or not all(slurm["gpus"].get(n, 0) >= 2 for n in slurm["nodes"]):
+        pytest.skip("needs 2 nodes with 2 GPUs each (slurm/dev/local-cluster-up.sh gives each node 2 fake ones)")
+    script, log = tmp_path / "start.sh", tmp_path / "job.out"
+    script.write_text(f'#!/bin/bash\nset -euo pipefail\nsource "{REPO}/slurm/ray-cluster.sh"\nray_cluster_start\n')
+    job = _submit(slurm, ["--nodes=2", "--gpus=3", "--cpus-per-gpu=1", "--mem-per-gpu=1G", "--time=10",
+                          f"--output={log}"], [str(script)])
+    final = _wait_final(slurm, [job], 300)[job]
+    text = log.read_text(errors="replace")
+    assert final["JobState"] == "COMPLETED", f"{final}\n{text[-4000:]}"
+    nodes = sorted(re.findall(r"\[ray-cluster\] node \S+ \(\S+\): (\d+) CPUs, (\d+) GPUs, (\S+) GiB memory", text))
+    assert nodes == [("1", "1", "0.7"), ("2", "2", "1.4")], text[-4000:]
+    assert "all 2 nodes joined: 3 CPUs, 3 GPUs" in text and "Exited with exit code" not in text, text[-4000:]
 
 
 def test_sweep_script_refuses_to_run_outside_a_job(tmp_path):
