@@ -245,6 +245,12 @@ ray_cluster_start() {
   _log "job $SLURM_JOB_ID: ${#RAY_NODES[@]} node(s): ${RAY_NODES[*]}; head $head"
   _log "private folder $(stat -c '%a %U' "$_ray_jobdir") $_ray_jobdir;" \
        "token auth on; token $(stat -c '%A %U' "$RAY_AUTH_TOKEN_PATH") $RAY_AUTH_TOKEN_PATH"
+  local job
+  if ! job=$(scontrol show job -d "$SLURM_JOB_ID") ||
+     ! _ray_gpu_options=$("$ALLCLUSTER_PYTHON" -m allcluster.slurm_alloc step-gpus <<<"$job"); then
+    echo "ray-cluster.sh: could not read which GPUs job $SLURM_JOB_ID holds on each node (scontrol show job -d)" >&2
+    return 1
+  fi
   _ray_start_node "$head" head || return $?
   _ray_check_foreign_token_refused || return $?
   local node
@@ -254,37 +260,16 @@ ray_cluster_start() {
   "$ALLCLUSTER_PYTHON" -m allcluster.ray_utils wait "${#RAY_NODES[@]}" "$RAY_JOIN_TIMEOUT_S"
 }
 
-_ray_node_gpus() {  # $1 node: the step's --gpus value for this job's GPUs on that node ("" if none)
-  # `scontrol show job -d` has a line per group of nodes: "Nodes=n[1-2] CPU_IDs=0 Mem=500 GRES=gpu:a100:2(IDX:0-1)".
-  # The batch shell's SLURM_GPUS_ON_NODE counts the first node only, and a --gpus=K job may be split
-  # unevenly (K=3 on 2 nodes: 2 + 1).
-  local job nodes gres item name type count total=0 typed=""
-  job=$(scontrol show job -d "$SLURM_JOB_ID") || return 1
-  while read -r nodes gres; do
-    scontrol show hostnames "$nodes" | grep -qxF "$1" || continue
-    gres=$(sed 's/([^)]*)//g' <<<"$gres")                # (IDX:0,2-3): its commas are not the list's
-    for item in ${gres//,/ }; do
-      IFS=: read -r name type count <<<"$item"
-      [ "$name" = gpu ] || continue
-      [ -n "$count" ] || { count=$type; type=""; }
-      total=$((total + count)); typed+=${typed:+,}${type:+$type:}$count
-    done
-  done < <(sed -nE 's/^ *Nodes=([^ ]+) .*GRES=([^ ]*).*/\1 \2/p' <<<"$job")
-  [ "$total" -gt 0 ] || return 0
-  # A step names GPU types only where the job's request did: else "Step requested GRES (gpu:TYPE) not
-  # found in the job" (Slurm 22.05, seen on the local cluster's typed fake GPUs).
-  if grep -qE '^ *TresPer[A-Za-z]+=([^ ]*,)?gres[:/]gpu:[^ ,:]+:[0-9]' <<<"$job"; then echo "$typed"; else echo "$total"; fi
-}
+_ray_gpu_options=""   # "NODE OPTION" per node holding GPUs of this job (allcluster/slurm_alloc.py)
 
 _ray_start_node() {  # $1 node, $2 head|worker: one srun step that runs `ray start --block` there
   local node=$1 role=$2 gpus
-  gpus=$(_ray_node_gpus "$node") || { _log "scontrol show job -d failed: $node's step asks for the batch node's GPUs"; gpus=${SLURM_GPUS_ON_NODE:-}; }
-  [ "${gpus:-0}" != 0 ] || gpus=""
+  gpus=$(awk -v node="$node" '$1 == node {print $2}' <<<"$_ray_gpu_options")
   # The job's GPU request reaches srun through the environment as well: SLURM_GPUS=K (sbatch --gpus=K)
   # makes every one-node step ask for all K GPUs, which fails on a multi-node job ("Invalid generic
   # resource (gres) specification"). Left out; the step asks for what the job holds on its node.
   env -u SLURM_GPUS -u SLURM_GPUS_PER_NODE -u SLURM_GPUS_PER_TASK -u SLURM_GPUS_PER_SOCKET \
-    srun --nodes=1 --ntasks=1 -w "$node" --overlap ${gpus:+--gpus="$gpus"} \
+    srun --nodes=1 --ntasks=1 -w "$node" --overlap ${gpus:+"$gpus"} \
        bash "$ALLCLUSTER_HOME/slurm/ray-node.sh" "$role" "$(_ray_node_addr "$node")" &
   _ray_steps+=($!)
   [ "$role" = head ] || return 0

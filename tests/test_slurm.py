@@ -515,45 +515,6 @@ def test_a_job_whose_warned_starts_make_no_progress_stops_requeueing_after_three
     assert not stalls.exists()
 
 
-SCONTROL_STUB = r"""#!/usr/bin/env python3
-import re, sys
-args = sys.argv[1:]
-if args[:2] == ["show", "hostnames"]:          # n[1-2,05] -> n1 n2 n05, as Slurm expands it
-    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", args[2]):
-        stem, _, ranges = part.partition("[")
-        for r in ranges.rstrip("]").split(",") if ranges else [""]:
-            lo, _, hi = r.partition("-")
-            print(*([stem + str(i).zfill(len(lo)) for i in range(int(lo), int(hi or lo) + 1)] if r else [stem]), sep="\n")
-elif args[:3] == ["show", "job", "-d"]:
-    print(open(sys.argv[0] + ".job").read())
-"""
-
-
-@pytest.mark.parametrize("job, expected", [
-    # sbatch -N2 --gpus=3: Slurm split it 2 + 1 (untyped request, typed nodes: the step must not name the type)
-    ("   Nodes=n1 CPU_IDs=0 Mem=500 GRES=gpu:a100:2(IDX:0-1)\n   Nodes=n2 CPU_IDs=0 Mem=500 GRES=gpu:a100:1(IDX:0)\n"
-     "   TresPerJob=gres:gpu:3", {"n1": "2", "n2": "1"}),
-    # --gres=gpu:a100:2 on a node range, device indexes with a comma; Slurm 23's "gres/gpu" spelling
-    ("   Nodes=g[01-02] CPU_IDs=0-7 Mem=0 GRES=gpu:a100:2(IDX:0,2)\n   TresPerNode=gres/gpu:a100:2",
-     {"g01": "a100:2", "g02": "a100:2"}),
-    # two GPU types on one node, asked by type; another GRES beside them
-    ("   Nodes=n1 CPU_IDs=0 Mem=0 GRES=nic:1,gpu:a100:1(IDX:0),gpu:v100:1(IDX:1)\n   TresPerNode=gres:gpu:a100:1,gres:gpu:v100:1",
-     {"n1": "a100:1,v100:1"}),
-    ("   Nodes=n1 CPU_IDs=0 Mem=0 GRES=nic:1,gpu:2(IDX:0-1)\n   TresPerNode=gres:gpu:2", {"n1": "2"}),
-    ("   Nodes=n[1-2] CPU_IDs=0 Mem=500 GRES=\n", {"n1": "", "n2": ""}),   # no GPUs: the step asks for none
-], ids=["gpus-3-split", "typed-range", "two-types", "with-nic", "none"])
-def test_each_nodes_ray_step_asks_for_the_gpus_the_job_holds_on_that_node(tmp_path, job, expected):
-    """`scontrol show job -d` as Slurm prints it (hand-made): per node, the --gpus value of its Ray step."""
-    env, _ = _stubbed_slurm(tmp_path)
-    stub = tmp_path / "bin" / "scontrol"
-    stub.write_text(SCONTROL_STUB)
-    Path(f"{stub}.job").write_text(job)
-    for node, gpus in expected.items():
-        done = subprocess.run(["bash", "-c", f"source slurm/ray-cluster.sh; _ray_node_gpus {node}"], cwd=REPO,
-                              env=env, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0 and done.stdout.strip() == gpus, (node, done.stdout, done.stderr)
-
-
 def _text(path: Path) -> str:
     return path.read_text() if path.is_file() else ""
 
