@@ -247,7 +247,7 @@ ray_cluster_start() {
        "token auth on; token $(stat -c '%A %U' "$RAY_AUTH_TOKEN_PATH") $RAY_AUTH_TOKEN_PATH"
   local job
   if ! job=$(scontrol show job -d "$SLURM_JOB_ID") ||
-     ! _ray_gpu_options=$("$ALLCLUSTER_PYTHON" -m allcluster.slurm_alloc step-gpus <<<"$job"); then
+     ! _ray_gpu_options=$("$ALLCLUSTER_PYTHON" -m allcluster.slurm_alloc step-gpus "$SLURM_JOB_ID" <<<"$job"); then
     echo "ray-cluster.sh: could not read which GPUs job $SLURM_JOB_ID holds on each node (scontrol show job -d)" >&2
     return 1
   fi
@@ -263,12 +263,16 @@ ray_cluster_start() {
 _ray_gpu_options=""   # "NODE OPTION" per node holding GPUs of this job (allcluster/slurm_alloc.py)
 
 _ray_start_node() {  # $1 node, $2 head|worker: one srun step that runs `ray start --block` there
-  local node=$1 role=$2 gpus
+  local node=$1 role=$2 gpus tres
   gpus=$(awk -v node="$node" '$1 == node {print $2}' <<<"$_ray_gpu_options")
   # The job's GPU request reaches srun through the environment as well: SLURM_GPUS=K (sbatch --gpus=K)
   # makes every one-node step ask for all K GPUs, which fails on a multi-node job ("Invalid generic
-  # resource (gres) specification"). Left out; the step asks for what the job holds on its node.
-  env -u SLURM_GPUS -u SLURM_GPUS_PER_NODE -u SLURM_GPUS_PER_TASK -u SLURM_GPUS_PER_SOCKET \
+  # resource (gres) specification"); SLURM_NTASKS_PER_GPU would start a task per GPU, a GPU binding
+  # could hide some of the node's GPUs from its one task. Left out (from SLURM_TRES_PER_TASK, Slurm
+  # 23.11+'s home of --gpus-per-task, only the GPU items); the step asks for what the job holds on its node.
+  tres=$(tr ',' '\n' <<<"${SLURM_TRES_PER_TASK:-}" | grep -v 'gpu' | paste -sd, -) || true
+  env -u SLURM_GPUS -u SLURM_GPUS_PER_NODE -u SLURM_GPUS_PER_TASK -u SLURM_NTASKS_PER_GPU \
+      -u SLURM_GPU_BIND -u SLURM_TRES_BIND -u SLURM_TRES_PER_TASK ${tres:+SLURM_TRES_PER_TASK="$tres"} \
     srun --nodes=1 --ntasks=1 -w "$node" --overlap ${gpus:+"$gpus"} \
        bash "$ALLCLUSTER_HOME/slurm/ray-node.sh" "$role" "$(_ray_node_addr "$node")" &
   _ray_steps+=($!)
