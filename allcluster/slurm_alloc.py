@@ -77,7 +77,7 @@ def _request(job_text: str) -> tuple[bool, bool, bool]:
     asked = typed = per_job = False
     for field, value in _REQUEST.findall(job_text):
         for entry in value.split(","):
-            parts = re.sub(r"^gres[:/]", "", entry).split(":")
+            parts = re.split(r"[:=]", re.sub(r"^gres[:/]", "", entry))    # gpu:2, gres/gpu=2 (per-task TRES)
             if parts[0] != "gpu":
                 continue
             asked = True

@@ -61,7 +61,8 @@ def test_an_array_task_reads_its_own_record_where_scontrol_prints_the_whole_arra
     assert step_gpu_options(ARRAY, expand, "701") == {"n1": "--gres=gpu:1"}
 
 
-def test_a_job_that_asked_for_gpus_but_shows_none_per_node_is_refused():
+@pytest.mark.parametrize("request_line", ["TresPerJob=gres:gpu:2", "TresPerTask=cpu=4,gres/gpu=1"])
+def test_a_job_that_asked_for_gpus_but_shows_none_per_node_is_refused(request_line):
     """A node-line format this does not read would leave the steps without GPUs (or failing): said."""
     with pytest.raises(NoGpusFound, match="asked for GPUs"):
-        step_gpu_options("   Nodes=n1 CPU_IDs=0 Mem=0 GRES=gpu~2\n   TresPerJob=gres:gpu:2", expand)
+        step_gpu_options(f"   Nodes=n1 CPU_IDs=0 Mem=0 GRES=gpu~2\n   {request_line}", expand)
