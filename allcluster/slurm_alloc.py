@@ -53,8 +53,9 @@ def _index_count(idx: str) -> int:
     return count
 
 
-def _gpus(gres: str) -> dict[str, int]:
-    """GPUs per type ('' untyped) in one node line's GRES field."""
+def gpus_in(gres: str) -> dict[str, int]:
+    """GPUs per type ('' untyped) in a GRES field: a node line's (``gpu:a100:2(IDX:0-1)``) or
+    sinfo's ``%G`` (``gpu:2(S:0-1),nic:1``, ``(null)``)."""
     held: dict[str, int] = {}
     for item in _items(gres):
         head, _, rest = item.partition("(")
@@ -100,7 +101,7 @@ def step_gpu_options(job_text: str, expand: Callable[[str], list[str]], job_id: 
     asked, typed, per_job = _request(job_text)
     options = {}
     for nodes, gres in _NODE_LINE.findall(job_text):
-        held = _gpus(gres)
+        held = gpus_in(gres)
         if not held:
             continue
         if not typed:

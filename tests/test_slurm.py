@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 
 from allcluster.score.heatmaps import load_heatmap
+from allcluster.slurm_alloc import gpus_in
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -96,7 +97,7 @@ def slurm() -> dict:
         found = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t %G"], env=env, capture_output=True, text=True)
         nodes = [line.split()[0] for line in found.stdout.splitlines()
                  if line.split()[1].rstrip("*") in ("idle", "mix") and not line.split()[1].endswith("*")]
-        gpus = {line.split()[0]: _gpu_count(line.split()[2]) for line in found.stdout.splitlines()}
+        gpus = {line.split()[0]: sum(gpus_in(line.split()[2]).values()) for line in found.stdout.splitlines()}
         if found.returncode or not nodes:
             reason = f"no usable Slurm nodes (sinfo rc {found.returncode}: {found.stderr.strip()[:200]})"
     if reason:
@@ -108,9 +109,9 @@ def slurm() -> dict:
     return {"env": env, "nodes": nodes, "gpus": gpus}
 
 
-def _gpu_count(gres: str) -> int:
-    """GPUs in a sinfo %G field: "gpu:fake:2", "gpu:2(S:0-1),nic:1", "(null)"."""
-    return sum(int(m) for m in re.findall(r"(?:^|,)gpu(?::[^:,(]+)?:(\d+)", gres))
+def _two_gpus_per_node(slurm: dict) -> bool:
+    """Two nodes or more, each with 2 GPUs or more (the local cluster's fake ones)."""
+    return len(slurm["nodes"]) >= 2 and all(slurm["gpus"].get(n, 0) >= 2 for n in slurm["nodes"])
 
 
 def two_trial_grid(path: Path) -> Path:
@@ -132,7 +133,7 @@ def test_sbatch_sweep_requeued_mid_trial_finishes_every_trial_across_two_nodes(s
     experiment = tmp_path / "sweep"
     log = tmp_path / "job.out"
     config = two_trial_grid(tmp_path / "sweep.yaml")
-    split_gpus = nodes == 2 and all(slurm["gpus"].get(n, 0) >= 2 for n in slurm["nodes"])
+    split_gpus = nodes == 2 and _two_gpus_per_node(slurm)
     if not split_gpus:
         warnings.warn("no 2 GPUs per node on this Slurm: the --gpus=3 split is not checked "
                       "(slurm/dev/local-cluster-up.sh gives each node 2 fake ones)")
@@ -225,7 +226,7 @@ def test_ray_on_slurm_gives_each_node_its_share_of_a_job_asked_per_gpu(slurm, tm
     """A batch script of one's own that sources ray-cluster.sh, with the job asked for in per-GPU terms:
     `--gpus=3 --cpus-per-gpu=1 --mem-per-gpu=1G` on two nodes. Slurm splits it 2 + 1, and each node's Ray
     gets that node's GPUs, CPUs and memory (70% of the GPUs x 1 GiB; no SLURM_MEM_PER_NODE is set)."""
-    if len(slurm["nodes"]) < 2 or not all(slurm["gpus"].get(n, 0) >= 2 for n in slurm["nodes"]):
+    if not _two_gpus_per_node(slurm):
         pytest.skip("needs 2 nodes with 2 GPUs each (slurm/dev/local-cluster-up.sh gives each node 2 fake ones)")
     script, log = tmp_path / "start.sh", tmp_path / "job.out"
     script.write_text(f'#!/bin/bash\nset -euo pipefail\nsource "{REPO}/slurm/ray-cluster.sh"\nray_cluster_start\n')
