@@ -113,6 +113,10 @@ _ray_on_term() {  # $1 = TERM|INT
   fi
 }
 
+_ray_steps_running() {  # some srun step of this start's Ray has not ended
+  [ "${#_ray_steps[@]}" -gt 0 ] && jobs -rp | grep -qxF -f <(printf '%s\n' "${_ray_steps[@]}")
+}
+
 _ray_head_running() {  # the srun step of the Ray head (the first one) has not ended
   [ "${#_ray_steps[@]}" -gt 0 ] && jobs -rp | grep -qx "${_ray_steps[0]}"
 }
@@ -143,6 +147,7 @@ _ray_requeue() {  # the warning came and the driver stopped unfinished: back to 
   out=$(scontrol requeue "$(_ray_self)" 2>&1) || rc=$?
   if [ "$rc" != 0 ]; then
     _log "scontrol requeue failed ($out): resubmit the same command to resume (sbatch --requeue may be needed)"
+    return 1
   fi
 }
 
@@ -192,8 +197,9 @@ ray_cluster_stop() {  # the EXIT trap
   # Without the warning nothing requeues: a failure is reported, not retried. Requeued first, so that
   # Slurm's SIGKILL (KillWait after the time limit's SIGTERM) cannot fall between the stop and the
   # requeue; the requeued job starts again only once every process of this one has ended.
+  local requeued=""
   if [ -n "$_ray_warned" ] && [ "$rc" != 0 ] && _ray_keeps_requeueing; then
-    _ray_requeue
+    _ray_requeue && requeued=1
   else
     rm -f "$(_ray_stalls_file)"            # the job ends here: no count is left for a later job
   fi
@@ -201,11 +207,19 @@ ray_cluster_stop() {  # the EXIT trap
     _log "stopping Ray (${#_ray_steps[@]} srun steps)"
     # SIGTERM to the steps' tasks only (scancel without --batch spares the batch shell): each
     # ray-node.sh stops its Ray and removes its temp folder. SIGTERM to srun itself would cancel the
-    # step, which SIGKILLs the tasks before they can clean up.
-    scancel --signal=TERM "$(_ray_self)" 2>/dev/null || true
+    # step, which SIGKILLs the tasks before they can clean up. Not after our own requeue: Slurm
+    # SIGTERMs every process of a requeued job itself, and refuses a signal to a job in that state
+    # ("Job can not be altered now"), which scancel retries for ~95 s (sleep 5, 6, ... 14 s), past
+    # KillWait (30 s by default), whose SIGKILL would take this shell before it cleans up (seen on
+    # 22.05: every self-requeue ended that way, ~27 s late). Nor when the steps have ended already
+    # (Slurm's SIGTERM to the whole job: scancel, `scontrol requeue`, the time limit); the timeout
+    # bounds the same wait should Slurm refuse the signal for another reason.
+    if [ -z "$requeued" ] && _ray_steps_running; then
+      timeout 10 scancel --signal=TERM "$(_ray_self)" 2>/dev/null || true
+    fi
     local i
     for i in $(seq 60); do
-      jobs -rp | grep -qxF -f <(printf '%s\n' "${_ray_steps[@]}") || break
+      _ray_steps_running || break
       sleep 0.5
     done
     kill -TERM "${_ray_steps[@]}" 2>/dev/null || true   # whatever is left after 30 s: srun cancels it
@@ -214,6 +228,7 @@ ray_cluster_stop() {  # the EXIT trap
   fi
   [ -n "$_ray_jobdir" ] && rm -rf "$_ray_jobdir"
   _ray_jobdir=""
+  _log "stopped: Ray's steps ended, private folder removed"
   return 0
 }
 

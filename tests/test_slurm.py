@@ -76,7 +76,11 @@ def _start_requeued_now(slurm: dict, job: str, state: dict) -> None:
 
 def _assert_private_ray_state(log: str) -> None:
     """Every Ray node ran in a fresh private temp root (mode 700, ours), removed at the end; the job's
-    private folder (token, address) was mode 700 too."""
+    private folder (token, address) was mode 700 too; every start's batch shell got to the end of its
+    clean-up (a shell still busy at Slurm's KillWait, 30 s after a requeue or a scancel, is SIGKILLed
+    and logs nothing more)."""
+    starts, stopped = len(re.findall(r" restart \d+ of job ", log)), log.count("stopped: Ray's steps ended")
+    assert starts >= 1 and stopped == starts, f"{starts} starts, {stopped} ended their clean-up\n{log[-3000:]}"
     user = getpass.getuser()
     roots = re.findall(r"temp root (\S+) \((\d+) (\S+)\), Ray temp dir (\S+)", log)
     assert roots, log[-3000:]
@@ -382,6 +386,7 @@ def test_a_scoring_job_requeued_from_outside_keeps_every_row_it_had_scored(slurm
     assert re.findall(r"driver exited with (\d+.*)", second) == ["0"], second[-4000:]
     kept = int(re.findall(r"\[score\] 40 inputs, (\d+) already scored", text)[1])
     assert kept >= shown[0], f"{shown[0]} rows shown before the requeue, {kept} kept:\n{text[-6000:]}"
+    _assert_private_ray_state(text)
     rows = pd.read_parquet(out / "rows")
     assert rows["path"].is_unique and sorted(rows["path"]) == sorted(map(str, files)) and (rows["status"] == "ok").all()
     assert rows["run_id"].nunique() == 2 and not list((out / "rows").glob(".journal-*"))
@@ -542,5 +547,7 @@ def test_a_sigterm_while_ray_stops_after_the_warning_neither_skips_the_requeue_n
             break
     lines += batch.stdout.readlines()
     assert batch.wait(timeout=60) == 75, "".join(lines)
-    assert "scontrol requeue 4242" in calls.read_text() and "scancel --signal=TERM 4242" in calls.read_text()
-    assert not jobdir.exists(), "".join(lines)
+    # no scancel after the requeue: Slurm SIGTERMs a requeued job's processes itself and refuses (and
+    # scancel retries, past KillWait) a signal to a job in that state
+    assert "scontrol requeue 4242" in calls.read_text() and "scancel" not in calls.read_text()
+    assert not jobdir.exists() and "stopped: Ray's steps ended" in "".join(lines), "".join(lines)
