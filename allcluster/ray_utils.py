@@ -13,6 +13,11 @@ from typing import Iterator
 
 # Settings the driver's environment hands to every Ray worker (caches and offline weight stores).
 PASSED_TO_WORKERS = ("ALLCLUSTER_CACHE_DIR", "ALLCLUSTER_LOG_LEVEL", "HF_HOME", "HF_HUB_CACHE", "TORCH_HOME")
+# Ray Train's defaults our jobs change (a value in the driver's environment wins). Its preemption
+# watcher, one more actor per training run, polls Ray for node drains, which cloud autoscalers
+# announce, and only logs them; on Slurm, preemption and time limits arrive as signals
+# (slurm/ray-cluster.sh), so it only lengthened every trial's start (~2 s on a 2-core node).
+RAY_TRAIN_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 # Ray's own bookkeeping actors: what they print (resource requests, worker-group start-up, their
 # retries and tracebacks when the machine is busy) is Ray's business, not the job's.
@@ -40,13 +45,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
-    from allcluster.device import allocator_env
-    from allcluster.models.weights import worker_env
-
-    # Workers never go online, whatever the driver's environment says (stated here, not inherited).
-    env_vars = {**worker_env(), "PYTHONWARNINGS": "ignore::DeprecationWarning"}
-    env_vars.update({k: os.environ[k] for k in PASSED_TO_WORKERS if os.environ.get(k)})
-    env_vars.update(allocator_env())
+    env_vars = job_env_vars()
     env = {"env_vars": env_vars}
     quiet = _ray_log_level()
     with _ray_driver_notices_dropped(quiet > logging.INFO), _ray_start_guarded():
@@ -72,6 +71,20 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
     if quiet > logging.INFO:
         quiet_ray_data_console()
     return True
+
+
+def job_env_vars() -> dict[str, str]:
+    """The environment every Ray process of a job gets: offline weight stores (workers never go
+    online, whatever the driver's environment says: stated here, not inherited), the driver's
+    :data:`PASSED_TO_WORKERS`, :data:`RAY_TRAIN_DEFAULTS` and the allocator settings."""
+    from allcluster.device import allocator_env
+    from allcluster.models.weights import worker_env
+
+    env_vars = {**worker_env(), "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    env_vars.update({k: os.environ[k] for k in PASSED_TO_WORKERS if os.environ.get(k)})
+    env_vars.update({k: os.environ.get(k, v) for k, v in RAY_TRAIN_DEFAULTS.items()})
+    env_vars.update(allocator_env())
+    return env_vars
 
 
 @contextlib.contextmanager

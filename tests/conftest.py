@@ -59,12 +59,11 @@ def ray_local(cache_root):
     """A real local Ray with 2 CPUs, shared by the whole session."""
     import ray
 
-    from allcluster.device import allocator_env
+    from allcluster.ray_utils import job_env_vars
 
-    if not ray.is_initialized():
+    if not ray.is_initialized():     # the job's environment, as the CLI's own Ray start gives it
         ray.init(num_cpus=2, include_dashboard=True, log_to_driver=True,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "ALLCLUSTER_CACHE_DIR": str(cache_root),
-                                           "PYTHONWARNINGS": "ignore::DeprecationWarning", **allocator_env()}})
+                 runtime_env={"env_vars": {**job_env_vars(), "ALLCLUSTER_CACHE_DIR": str(cache_root)}})
     yield ray
     ray.shutdown()
 

@@ -181,7 +181,7 @@ def test_log_level_silences_progress_lines_and_reaches_ray_workers_through_the_e
     assert os.environ[LOG_LEVEL_ENV] == "warning" and LOG_LEVEL_ENV in PASSED_TO_WORKERS
 
 
-def test_ray_workers_get_offline_hub_and_huge_page_allocation_and_a_users_own_value_wins(monkeypatch):
+def test_ray_workers_get_offline_hub_huge_pages_and_no_drain_watcher_and_a_users_own_value_wins(monkeypatch):
     # Joining a cluster: a runtime env carries the settings; a local Ray: this process's environment.
     import logging
 
@@ -198,19 +198,25 @@ def test_ray_workers_get_offline_hub_and_huge_page_allocation_and_a_users_own_va
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: started.update(kwargs))
     monkeypatch.setattr(ray_utils, "_ray_log_level", lambda: logging.INFO)   # nothing quietened around a fake init
+    watcher = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+    monkeypatch.delenv(watcher, raising=False)
     ensure_ray("ray://nowhere:1")
     assert started["runtime_env"]["env_vars"]["THP_MEM_ALLOC_ENABLE"] == "1"
     assert started["runtime_env"]["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    assert started["runtime_env"]["env_vars"][watcher] == "0", "Slurm's signals tell preemption, not Ray's drains"
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    monkeypatch.setenv(watcher, "1")
     ensure_ray("ray://nowhere:1")
     assert started["runtime_env"]["env_vars"]["THP_MEM_ALLOC_ENABLE"] == "0"
+    assert started["runtime_env"]["env_vars"][watcher] == "1"
     # A local Ray inherits the driver's environment (so its pre-started workers serve the job).
-    for key in ("HF_HUB_OFFLINE", "PYTHONWARNINGS", "THP_MEM_ALLOC_ENABLE", "RAY_ADDRESS"):
+    for key in ("HF_HUB_OFFLINE", "PYTHONWARNINGS", "THP_MEM_ALLOC_ENABLE", "RAY_ADDRESS", watcher):
         monkeypatch.delenv(key, raising=False)           # restored after the test
     started.clear()
     ensure_ray(None)
     assert "runtime_env" not in started and "address" not in started
     assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1" and os.environ["HF_HUB_OFFLINE"] == "1"
+    assert os.environ[watcher] == "0"
 
 
 def test_workers_preload_tcmalloc_unless_the_user_chose_a_malloc(monkeypatch, tmp_path):

@@ -200,6 +200,12 @@ def test_sweep_runs_every_trial_and_exports_the_best_by_validation(ray_local, re
     assert (exp / "best_model" / "weights.safetensors").is_file()
     assert "2 trials: 2 finished" in real_sweep["printed"] and "val_macro_f1" in real_sweep["printed"]
     assert _cpus_free_soon(ray_local, 2.0) == pytest.approx(2.0), "finished trials must release their CPUs"
+    from ray.util.state import list_actors
+
+    started = {actor.class_name for actor in list_actors(address=ray_local.get_runtime_context().gcs_address,
+                                                         limit=10_000, raise_on_missing_output=False)}
+    assert "RayTrainWorker" in started and "PreemptionWatcher" not in started, \
+        "Ray Train's drain watcher is off in every job (ray_utils.RAY_TRAIN_DEFAULTS)"
 
 
 @pytest.mark.ray
@@ -692,8 +698,9 @@ def test_trial_index_out_of_range_or_with_new_config_is_refused_and_writes_nothi
 def test_array_tasks_run_one_trial_each_a_sigterm_rerun_resumes_and_collect_writes_the_tables(
         ray_local, synthetic_manifest, tmp_path, capsys):
     """Array mode (one trial per task, no Tune): SIGTERM (what scancel and the time limit send) ends
-    task 1 with exit 75 and its rerun resumes the trial; task 0 runs; a finished task's rerun does
-    nothing; `--collect` writes the tables and the best model."""
+    task 1 with exit 75 and its rerun resumes the trial; a finished task's rerun does nothing;
+    `--collect` while task 0 still waits in the queue writes the tables (task 0 pending) and the best
+    model of what finished."""
     exp = tmp_path / "exp"
     config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, exp, grid={"optim.name": ["adam", "sgd"]},
                         train={**TRAIN, "fit": {**TRAIN["fit"], "epochs": EPOCHS_TO_INTERRUPT},
@@ -720,24 +727,22 @@ def test_array_tasks_run_one_trial_each_a_sigterm_rerun_resumes_and_collect_writ
     assert "resuming after epoch" in log and "sgd-" in log and ": finished;" in log
     assert pd.read_parquet(trial_dir / "metrics.parquet")["epoch"].tolist() == list(range(EPOCHS_TO_INTERRUPT))
 
-    assert main(["sweep", "--config", str(config), "--trial-index", "0"]) == 0
     assert not list(exp.glob("tune-*")) and not (exp / "trials.parquet").exists(), "array tasks use no Tune"
-    weights = sorted(exp.glob("trials/*/model/weights.safetensors"))
-    assert len(weights) == 2
-    stamps = [w.stat().st_mtime_ns for w in weights]
+    (weights,) = exp.glob("trials/*/model/weights.safetensors")
+    stamp = weights.stat().st_mtime_ns
     capsys.readouterr()
-    assert main(["sweep", "--config", str(config), "--trial-index", "0"]) == 0
+    assert main(["sweep", "--config", str(config), "--trial-index", "1"]) == 0
     assert "is finished: nothing to do" in capsys.readouterr().err
-    assert [w.stat().st_mtime_ns for w in weights] == stamps
+    assert weights.stat().st_mtime_ns == stamp
 
-    assert main(["sweep", "--config", str(config), "--collect"]) == 0
-    trials = pd.read_parquet(exp / "trials.parquet")
-    assert sorted(trials["optim.name"]) == ["adam", "sgd"] and (trials["status"] == "finished").all()
-    assert sorted(trials["trial_index"]) == [0, 1]
-    assert len(pd.read_parquet(exp / "epochs.parquet")) == 2 * EPOCHS_TO_INTERRUPT
+    assert main(["sweep", "--config", str(config), "--collect"]) == 0, "tasks not started yet are not lost"
+    trials = pd.read_parquet(exp / "trials.parquet").set_index("trial_index")
+    assert sorted(trials["optim.name"]) == ["adam", "sgd"] and sorted(trials.index) == [0, 1]
+    assert trials.loc[1, "status"] == "finished" and trials.loc[0, "status"] == "pending"
+    assert len(pd.read_parquet(exp / "epochs.parquet")) == EPOCHS_TO_INTERRUPT
     card = json.loads((exp / "best_model" / "model_card.json").read_text())
-    assert card["sweep"]["trial_id"] in set(trials["trial_id"])
-    assert "2 trials: 2 finished" in capsys.readouterr().out
+    assert card["sweep"]["trial_id"] == trials.loc[1, "trial_id"]
+    assert "2 trials: 1 finished, 1 pending" in capsys.readouterr().out
 
 
 def _signal_once_checkpointed(process, exp: Path, signum: int, timeout_s: float) -> tuple[str, float]:
