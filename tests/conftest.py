@@ -98,6 +98,11 @@ def real_manifest(real_data_dir, tmp_path_factory) -> Path:
 ALL_CLASSES = ["Benign", "Early", "Pre", "Pro"]
 
 
+def real_images(real_data_dir: Path, per_class: int) -> list[Path]:
+    """The first ``per_class`` real images of each class folder, in a fixed order."""
+    return [p for c in sorted(real_data_dir.iterdir()) for p in sorted(c.glob("*.jpg"))[:per_class]]
+
+
 @pytest.fixture(scope="session")
 def real_sweep(ray_local, real_manifest, tmp_path_factory) -> dict:
     """One real sweep shared by the sweep and report tests (a trial's cost is mostly Ray Train's start,

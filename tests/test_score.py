@@ -28,7 +28,7 @@ from allcluster.score.config import ScoreConfig, check
 from allcluster.score.inputs import list_inputs
 from allcluster.score.heatmaps import load_heatmap
 from allcluster.score.output import check_job_settings
-from conftest import REPO
+from conftest import REPO, real_images
 
 CI_TINY = REPO / "configs" / "score" / "ci_tiny.yaml"
 
@@ -40,10 +40,6 @@ def score_config(model: Path, source: Path, out: Path, **keys) -> ScoreConfig:
     for key, value in keys.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return check(from_dict(ScoreConfig, data, "test"), "test")
-
-
-def real_images(real_data_dir: Path, per_class: int) -> list[Path]:
-    return [p for c in sorted(real_data_dir.iterdir()) for p in sorted(c.glob("*.jpg"))[:per_class]]
 
 
 def tree_fingerprint(root: Path) -> dict[str, str]:

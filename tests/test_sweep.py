@@ -240,61 +240,57 @@ def _cpus_free_soon(ray, expected: float, timeout: float = 30.0) -> float:
 
 
 @pytest.mark.ray
-def test_asha_stops_or_finishes_every_trial_and_releases_its_resources(ray_local, synthetic_manifest, tmp_path):
-    config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, tmp_path / "exp",
-                        train={**TRAIN, "fit": {**TRAIN["fit"], "epochs": 2},      # one ASHA rung, at epoch 1
-                               "data": {**TRAIN["data"], "manifest": str(synthetic_manifest)}},
-                        grid={"optim.lr": [0.003, 1e-7]},          # two trials, run side by side
-                        asha={"enabled": True, "grace_period": 1, "reduction_factor": 2})
-    assert main(["sweep", "--config", str(config)]) == 0
-    trials = pd.read_parquet(tmp_path / "exp" / "trials.parquet")
-    assert len(trials) == 2 and set(trials["status"]) <= {"finished", "stopped"}
-    stopped = trials[trials["status"] == "stopped"]
-    assert stopped["test_accuracy"].isna().all() and (stopped["model_dir"] == "").all()
-    for trial_id in stopped["trial_id"]:
-        assert json.loads((tmp_path / "exp" / "trials" / trial_id / "stopped.json").read_text())["by"] == "asha"
-    assert (stopped["epochs_trained"] >= 1).all()
-    # ASHA's milestones count the epochs a trial has trained (across restarts), which its reports carry
-    from allcluster.train.session import EPOCHS_DONE
-
-    results = [json.loads(line) for path in (tmp_path / "exp").glob("tune-*/*/result.json")
-               for line in path.read_text().splitlines()]
-    assert results and all(r[EPOCHS_DONE] >= 1 for r in results)
-    # a stopped trial's Ray Train workers and placement group must not stay reserved
-    assert _cpus_free_soon(ray_local, 2.0) == pytest.approx(2.0)
-
-
-@pytest.mark.ray
-def test_a_trial_the_scheduler_stops_is_recorded_as_stopped_and_frees_its_resources(
+def test_the_sweeps_asha_stops_a_trial_which_is_recorded_as_stopped_frees_its_resources_and_is_not_rerun(
         ray_local, synthetic_manifest, tmp_path, monkeypatch):
-    # ASHA's choice depends on the metrics; here a scheduler with ASHA's interface stops one known trial
-    # after its first epoch, so Tune's real stop path (killing a running Ray Train trial) is exercised.
-    # The stopped trial is given 40 epochs: a result reaches the driver seconds after the worker reports
-    # it, and a 3-epoch trial on synthetic images can finish inside that delay (CI of stop 20).
-    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+    """The sweep's own ASHA (``build_scheduler`` from the config's ``asha`` section: rungs on the epochs
+    a trial has trained, which its reports carry) with one rule added so that the stop is known in
+    advance: ASHA's own choice depends on the metrics, and of two trials it may stop neither. So
+    Tune's real stop path (killing a running Ray Train trial) is exercised. The stopped trial is given
+    40 epochs: a result reaches the driver seconds after the worker reports it, and a 3-epoch trial on
+    synthetic images can finish inside that delay (CI of stop 20); the other ends before ASHA's first
+    rung (grace period 5), so ASHA itself stops nothing."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
     import allcluster.sweep.ray_tune as ray_tune
+    from allcluster.train.session import EPOCHS_DONE
 
-    class LongTrialRule(FIFOScheduler):
+    class LongTrialRule(ASHAScheduler):
         def on_trial_result(self, tune_controller, trial, result):
-            long = trial.config["trial"]["train"]["fit"]["epochs"] == 40
-            return TrialScheduler.STOP if long and "epoch" in result else TrialScheduler.CONTINUE
+            if trial.config["trial"]["train"]["fit"]["epochs"] == 40 and "epoch" in result:
+                return TrialScheduler.STOP
+            return super().on_trial_result(tune_controller, trial, result)
 
     class StopLongTrial(ray_tune.RecordsStops, LongTrialRule):
         stopped_by = "long-trial-rule"
 
-    monkeypatch.setattr(ray_tune, "build_scheduler", lambda sweep, trials: StopLongTrial())
+    built, build = [], ray_tune.build_scheduler
+
+    def build_and_keep(sweep, trials):
+        built.append(build(sweep, trials))
+        return built[-1]
+
+    monkeypatch.setattr(ray_tune, "_asha_class", lambda: StopLongTrial)
+    monkeypatch.setattr(ray_tune, "build_scheduler", build_and_keep)
     config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, tmp_path / "exp",
                         train={**TRAIN, "data": {**TRAIN["data"], "manifest": str(synthetic_manifest)}},
-                        grid={"fit.epochs": [3, 40]}, asha={"enabled": True})
+                        grid={"fit.epochs": [3, 40]}, asha={"enabled": True, "grace_period": 5, "reduction_factor": 2})
     assert main(["sweep", "--config", str(config)]) == 0
+    (asha,) = built
+    assert (asha._time_attr, asha._reduction_factor, asha._max_t) == (EPOCHS_DONE, 2, 42)   # max_t: past the last report
+    assert [rung for rung, _ in asha._brackets[0]._rungs][-1] == 5, "the first rung at the grace period"
     trials = pd.read_parquet(tmp_path / "exp" / "trials.parquet").set_index("fit.epochs")
     assert trials.loc[3, "status"] == "finished"
     assert trials.loc[40, "status"] == "stopped"
-    assert trials.loc[40, "epochs_trained"] < 40 and trials.loc[40, "model_dir"] == ""
+    assert trials.loc[40, "epochs_trained"] >= 1 and trials.loc[40, "epochs_trained"] < 40
+    assert trials.loc[40, "model_dir"] == "" and pd.isna(trials.loc[40, "test_accuracy"])
     marker = tmp_path / "exp" / "trials" / trials.loc[40, "trial_id"] / "stopped.json"
     assert json.loads(marker.read_text())["by"] == "long-trial-rule", "the scheduler that stopped it is named"
     assert not (tmp_path / "exp" / "trials" / trials.loc[3, "trial_id"] / "stopped.json").exists()
+    # ASHA's milestones count the epochs a trial has trained (across restarts), which its reports carry:
+    # without them ASHA silently stops nothing
+    results = [json.loads(line) for path in (tmp_path / "exp").glob("tune-*/*/result.json")
+               for line in path.read_text().splitlines()]
+    assert results and all(r[EPOCHS_DONE] >= 1 for r in results)
     assert _cpus_free_soon(ray_local, 2.0) == pytest.approx(2.0), "the stopped trial's CPUs must be freed"
     assert main(["sweep", "--config", str(config)]) == 0          # a stopped trial is not rerun
     again = pd.read_parquet(tmp_path / "exp" / "trials.parquet").set_index("fit.epochs")

@@ -27,14 +27,10 @@ from allcluster.score import reading
 from allcluster.score.heatmaps import find_heatmap
 from allcluster.score.ledger import Ledger
 from allcluster.score.reading import read_decode
-from conftest import REPO, run_then_sigkill, write_yaml
+from conftest import REPO, real_images, run_then_sigkill
 
 CI_TINY = REPO / "configs" / "score" / "ci_tiny.yaml"
 ODD_NAMES = [b"latin1-caf\xe9.jpg", b"new\nline.jpg", b"tab\there.jpg", b"-leading-dash.jpg", b"back\\slash.jpg"]
-
-
-def real_images(real_data_dir: Path, per_class: int) -> list[Path]:
-    return [p for c in sorted(real_data_dir.iterdir()) for p in sorted(c.glob("*.jpg"))[:per_class]]
 
 
 def score_args(model: Path, source: Path | str, out: Path, *extra: str) -> list[str]:
@@ -226,32 +222,6 @@ def test_a_cache_root_that_is_not_private_is_refused_and_lock_symlinks_are_not_f
     with pytest.raises(ConfigError, match="symlink"):
         ensure_cache(manifest, Preprocess(32, False, 0.1), private)
     assert target.read_text() == "keep me"
-
-
-# ---- the README's real-data route, from another working directory -------------------------------------
-@pytest.mark.ray
-def test_index_of_a_relative_folder_then_train_works_as_the_readme_says(ray_local, real_data_dir, tmp_path,
-                                                                        monkeypatch):
-    from allcluster.cli import main
-
-    work = tmp_path / "work"
-    for image in real_images(real_data_dir, 12):
-        (work / "data" / "Original" / image.parent.name).mkdir(parents=True, exist_ok=True)
-        shutil.copy(image, work / "data" / "Original" / image.parent.name / image.name)
-    monkeypatch.chdir(work)
-    assert main(["index", "data/Original", "--out", "runs/all/manifest.parquet"]) == 0
-    paths = pd.read_parquet(work / "runs/all/manifest.parquet")["path"]
-    assert all(p.startswith(str(work / "data" / "Original")) for p in paths)
-    config = write_yaml(work / "train.yaml", {
-        "name": "readme-route", "output_dir": "runs/all/allnet",
-        "data": {"manifest": "runs/all/manifest.parquet", "image_size": 32, "loader_workers": 0},
-        "model": {"backbone": "allnet", "head": {"hidden": [16]}}, "optim": {"name": "adam", "lr": 0.003},
-        "finetune": {"head_epochs": 0, "unfreeze_blocks": -1},
-        "fit": {"epochs": 1, "batch_size": 8, "early_stopping_patience": 0},
-        "resources": {"num_workers": 1, "cpus_per_worker": 1.0}})
-    assert main(["train", "--config", str(config)]) == 0, "Ray workers run elsewhere: paths must be absolute"
-    card = json.loads((work / "runs/all/allnet/model/model_card.json").read_text())
-    assert card["classes"] == ["Benign", "Early", "Pre", "Pro"]
 
 
 # ---- a real Ray Data job: odd names, an output folder inside the input, a sparse file ------------------
