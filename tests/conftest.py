@@ -64,8 +64,28 @@ def ray_local(cache_root):
     if not ray.is_initialized():     # the job's environment, as the CLI's own Ray start gives it
         ray.init(num_cpus=2, include_dashboard=True, log_to_driver=True,
                  runtime_env={"env_vars": {**job_env_vars(), "ALLCLUSTER_CACHE_DIR": str(cache_root)}})
+    _SESSION_RAY["gcs_address"] = ray.get_runtime_context().gcs_address
     yield ray
+    _SESSION_RAY.clear()
     ray.shutdown()
+
+
+_SESSION_RAY: dict[str, str] = {}
+
+
+@pytest.fixture(autouse=True)
+def _the_session_ray_outlives_each_test(request):
+    """Fails the test that shuts down (or replaces) the session's Ray: the tests after it would still
+    pass, each on a Ray of its own that the CLI starts or ``ray.remote`` auto-starts without the job's
+    environment, slower and not what they claim to test (one such test went unnoticed until
+    pytest-xdist's order showed it)."""
+    yield
+    if _SESSION_RAY:
+        import ray
+
+        now = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+        assert now == _SESSION_RAY["gcs_address"], \
+            f"{request.node.name} left the session's Ray (ray_local) shut down or replaced"
 
 
 @pytest.fixture(scope="session")

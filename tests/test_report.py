@@ -24,7 +24,7 @@ from allcluster.config import ConfigError
 from allcluster.report import ReportOptions, build_report, tables
 from allcluster.report.inputs import ScoreSource, SweepSource, collect_inputs
 from allcluster.score.heatmaps import load_heatmap
-from conftest import REPO, write_yaml
+from conftest import REPO
 
 CI_TINY_SCORE = REPO / "configs" / "score" / "ci_tiny.yaml"
 PER_CLASS = 6            # scored test-split images per class

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pandas as pd
 import pytest
@@ -676,7 +677,6 @@ def test_overlays_are_written_only_when_asked(tiny_model_dir, real_data_dir, tmp
 
 
 def test_a_duplicate_takes_its_first_copys_results_but_keeps_its_own_input_columns(tmp_path):
-    import pyarrow as pa
 
     from allcluster.score.output import ShardWriter, resolve_duplicates
     from allcluster.score.rows import empty_columns, row_schema
@@ -701,7 +701,6 @@ def test_the_writer_counts_final_rows_apart_so_a_start_that_only_rewrites_transi
         tmp_path):
     """A folder that stays unlistable (a file that stays unreadable) gets its error row again at every
     start: the Slurm script must not take that for progress (slurm/ray-cluster.sh stops a requeue loop)."""
-    import pyarrow as pa
 
     from allcluster.score.output import ShardWriter
     from allcluster.score.rows import empty_columns, row_schema
@@ -720,7 +719,6 @@ def test_the_writer_counts_final_rows_apart_so_a_start_that_only_rewrites_transi
 
 
 def _journal_rows(schema, paths: list[str]) -> "pa.Table":
-    import pyarrow as pa
 
     from allcluster.score.rows import empty_columns
 
@@ -737,7 +735,6 @@ def test_rows_a_killed_driver_held_in_memory_are_recovered_from_its_journal_once
     ending it when its raylet stops) leaves the journal, and the next run writes it as that shard,
     with its maps, under the dead run's id. A torn last batch is left out; a shard that was written
     is not written twice; an array task recovers only its own part's journal."""
-    import pyarrow as pa
 
     from allcluster.score.heatmaps import heatmap_png
     from allcluster.score.inputs import Shard
@@ -812,7 +809,6 @@ def test_a_journal_that_cannot_be_written_is_given_up_and_the_rows_still_reach_t
 
 
 def test_one_read_of_the_rows_gives_done_paths_budget_spent_and_the_rows_to_compact(tmp_path):
-    import pyarrow as pa
 
     from allcluster.score.output import RowsState, compact
 
@@ -847,7 +843,6 @@ def test_a_run_started_after_the_clock_went_back_still_sorts_after_the_runs_befo
     must still sort after the run it follows, or the older row (a transient error) would win."""
     import time as clock
 
-    import pyarrow as pa
 
     from allcluster.score.output import RowsState, compact, new_run_id
 

@@ -343,14 +343,19 @@ def test_the_fit_thread_a_signal_leaves_running_is_known_until_it_ends():
     assert not left_running()
 
 
-def test_a_sigterm_while_ray_starts_is_the_drivers_interrupted_and_its_handler_is_put_back():
+def test_a_sigterm_while_ray_starts_is_the_drivers_interrupted_and_its_handler_is_put_back(monkeypatch):
     """``ray.init`` replaces the SIGTERM handler with ``sys.exit(15)``, a local head's node with one that
     exits with 1: a SIGTERM during Ray's start becomes the driver's Interrupted (exit 75, not 15 or 1),
-    and the driver's handler is in force after."""
+    the half-made connection is taken down, and the driver's handler is in force after."""
     import sys
+
+    import ray
 
     from allcluster.interrupt import Interrupted, StopSignals
     from allcluster.ray_utils import _ray_start_guarded
+
+    taken_down = []          # recorded, not done: the session's Ray (ray_local) may be up in this process
+    monkeypatch.setattr(ray, "shutdown", lambda: taken_down.append(True))
 
     def like_ray_init(exit_code):
         # ray._private.worker.init: sys.exit(signum); ray._private.node (local head): sys.exit(1)
@@ -364,9 +369,10 @@ def test_a_sigterm_while_ray_starts_is_the_drivers_interrupted_and_its_handler_i
                 with _ray_start_guarded():
                     like_ray_init(exit_code)
             assert signal.getsignal(signal.SIGTERM) == ours
+        assert len(taken_down) == 2, "each interrupted start is taken down at once"
         with _ray_start_guarded():                                       # a start that succeeds
             signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
-        assert signal.getsignal(signal.SIGTERM) == ours
+        assert signal.getsignal(signal.SIGTERM) == ours and len(taken_down) == 2
         stop.graceful()
         signal.raise_signal(signal.SIGTERM)
         assert stop.requested

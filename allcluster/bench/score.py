@@ -6,10 +6,14 @@ import argparse
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from allcluster.bench.common import child_env, device_info, rate
 from allcluster.data.real import REPO
 from allcluster.device import TORCH_ALLOCATOR_ENV, allocator_env, channels_last, pick_device
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 def _bare_forward_rate(model_dir: Path, batch_size: int, repeat: int = 5) -> float:
