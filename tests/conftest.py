@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -194,31 +196,44 @@ def clean_dir(tmp_path):
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
+class LoggedProcess(subprocess.Popen):
+    """A CLI command in its own session (its own local Ray when ``RAY_ADDRESS`` is empty), its output
+    kept in a file: a pipe that nobody reads while the test polls would stall the command once 64 KiB
+    are printed (Ray's warnings on a slow machine), and the wait would then run out."""
+
+    def __init__(self, command: list[str], env: dict[str, str] | None = None):
+        self._output = tempfile.TemporaryFile("w+", errors="replace")
+        env = env if env is not None else {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
+        super().__init__(command, cwd=REPO, env=env, stdout=self._output, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+
+    def printed(self) -> str:
+        """Everything the command printed so far."""
+        self._output.flush()
+        self._output.seek(0)
+        return self._output.read()
+
+    def printed_by_exit(self, timeout_s: float) -> str:
+        """Waits up to ``timeout_s`` for the command to end (``subprocess.TimeoutExpired`` otherwise)."""
+        self.wait(timeout_s)
+        return self.printed()
+
+
 def run_then_sigkill(command: list[str], ready, timeout_s: float, what: str) -> str:
     """Run a CLI command in its own session (with its own local Ray) and SIGKILL the whole process
     group as soon as ``ready()`` holds; fails if the command exits first or ``what`` never happens.
-    Returns what the command printed (kept in a file: a full pipe would stall the command)."""
+    Returns what the command printed."""
     import signal
-    import subprocess
-    import tempfile
     import time
 
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
-    with tempfile.TemporaryFile("w+", errors="replace") as output:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT,
-                                   text=True, start_new_session=True)
-
-        def printed() -> str:
-            output.flush()
-            output.seek(0)
-            return output.read()
-        try:
-            deadline = time.time() + timeout_s
-            while not ready():
-                assert process.poll() is None, printed()[-3000:]
-                assert time.time() < deadline, f"{what} did not happen within {timeout_s:g} s"
-                time.sleep(0.2)
-        finally:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        return printed()
+    process = LoggedProcess(command)
+    try:
+        deadline = time.time() + timeout_s
+        while not ready():
+            assert process.poll() is None, process.printed()[-3000:]
+            assert time.time() < deadline, f"{what} did not happen within {timeout_s:g} s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    return process.printed()

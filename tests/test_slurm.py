@@ -54,17 +54,29 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_F
 
 
 def _wait_final(slurm: dict, jobs: list[str], timeout_s: float, on_poll=None) -> dict:
-    """Poll until every job is in a final state (a requeued job is PENDING again, not final)."""
+    """Poll until every job is in a final state (a requeued job is PENDING again, not final). However the
+    wait ends short of that (its deadline, a failed check in ``on_poll``, pytest's own timeout), the
+    jobs are cancelled: a failing test leaves no job holding the nodes the next tests need."""
     deadline, states = time.time() + timeout_s, {}
-    while time.time() < deadline:
-        states = {j: _job(slurm, j) for j in jobs}
-        if on_poll:
-            on_poll(states)
-        if all(s.get("JobState") in FINAL for s in states.values()):
-            return states
-        time.sleep(2)
-    subprocess.run(["scancel", *jobs], env=slurm["env"])
-    raise AssertionError(f"jobs {jobs} not finished in {timeout_s:.0f} s: {states}")
+    try:
+        while time.time() < deadline:
+            states = {j: _job(slurm, j) for j in jobs}
+            if on_poll:
+                on_poll(states)
+            if all(s.get("JobState") in FINAL for s in states.values()):
+                return states
+            time.sleep(2)
+        raise AssertionError(f"jobs {jobs} not finished in {timeout_s:.0f} s: {states}")
+    except BaseException:
+        subprocess.run(["scancel", *jobs], env=slurm["env"])
+        raise
+
+
+def _run_seconds(state: dict) -> int:
+    """A job's ``RunTime`` ([D-]HH:MM:SS) in seconds."""
+    days, _, clock = state.get("RunTime", "0:0:0").rpartition("-")
+    hours, minutes, seconds = (int(part) for part in clock.split(":"))
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
 def _start_requeued_now(slurm: dict, job: str, state: dict) -> None:
@@ -307,11 +319,13 @@ def test_two_score_jobs_share_node_n1_and_one_finishes_through_time_limit_requeu
             subprocess.run(["scancel", "--batch", "--signal=USR1", fast], env=slurm["env"], check=True)
             seen["early_warning"] = True
         state = states[slow]
-        if not seen["cut"] and state.get("JobState") == "RUNNING" and any((out["slow"] / "rows").glob("*.parquet")):
+        if (not seen["cut"] and state.get("JobState") == "RUNNING" and _run_seconds(state) >= 25
+                and any((out["slow"] / "rows").glob("*.parquet"))):
             # rows are on disk, many files to go. Limits are whole minutes: the new one ends 60-120 s
             # from now, and its warning (110 s before the end) is due at once, so Slurm sends it at
-            # its next time-limit check (every 30 s): the job must outlast ~30 s, not ~2.5 minutes
-            used_min = int(state["RunTime"].split(":")[-2]) + 60 * int(state["RunTime"].split(":")[-3] or 0)
+            # its next time-limit check (every 30 s): the job must outlast ~30 s, not ~2.5 minutes.
+            # Not before 25 s: a warning inside the job's first 20 s would be ignored (the guard above)
+            used_min = _run_seconds(state) // 60
             subprocess.run(["scontrol", "update", f"JobId={slow}", f"TimeLimit={used_min + 2}"], env=slurm["env"], check=True)
             seen["cut"] = True
         if seen["cut"] and not seen["restored"] and int(state.get("Restarts", 0)) >= 1:

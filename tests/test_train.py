@@ -19,7 +19,7 @@ import yaml
 
 from allcluster.cli import main
 from allcluster.models.model_dir import file_sha256, load_model_dir
-from tests.conftest import REPO, real_images, tiny_train_config, write_yaml
+from tests.conftest import REPO, LoggedProcess, real_images, tiny_train_config, write_yaml
 
 pytestmark = pytest.mark.ray
 
@@ -105,7 +105,7 @@ def test_missing_manifest_names_the_key_and_the_fix(tmp_path, capsys):
     assert "data.manifest" in err and "allcluster index" in err
 
 
-def _wait_for_checkpointed_epochs(out: Path, n: int, proc: subprocess.Popen, timeout: float) -> None:
+def _wait_for_checkpointed_epochs(out: Path, n: int, proc: LoggedProcess, timeout: float) -> None:
     """Until ``n`` epochs are in metrics.parquet and Ray Train has registered a checkpoint. Ray resumes
     only from what its snapshot lists, and its controller registers a worker's report a poll later:
     a kill right after the second epoch can come before the first one is registered (seen in CI),
@@ -114,7 +114,7 @@ def _wait_for_checkpointed_epochs(out: Path, n: int, proc: subprocess.Popen, tim
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"training ended early (rc {proc.returncode}): {proc.stdout.read()[-3000:]}")
+            raise AssertionError(f"training ended early (rc {proc.returncode}): {proc.printed()[-3000:]}")
         if snapshot.is_file() and metrics.is_file() and pq.read_metadata(metrics).num_rows >= n:
             return
         time.sleep(0.2)
@@ -134,8 +134,7 @@ def test_rerun_after_sigkill_resumes_from_the_latest_checkpoint_and_a_finished_r
         "resources": {"num_workers": 1, "cpus_per_worker": 1.0}})
     command = [sys.executable, "-m", "allcluster.cli", "train", "--config", str(config)]
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
-    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True)
+    first = LoggedProcess(command, env)
     try:
         _wait_for_checkpointed_epochs(out, 2, first, timeout=300)
     finally:

@@ -27,7 +27,7 @@ from allcluster.score import reading
 from allcluster.score.heatmaps import find_heatmap
 from allcluster.score.ledger import Ledger
 from allcluster.score.reading import read_decode
-from conftest import REPO, real_images, run_then_sigkill
+from conftest import REPO, LoggedProcess, real_images, run_then_sigkill
 
 CI_TINY = REPO / "configs" / "score" / "ci_tiny.yaml"
 ODD_NAMES = [b"latin1-caf\xe9.jpg", b"new\nline.jpg", b"tab\there.jpg", b"-leading-dash.jpg", b"back\\slash.jpg"]
@@ -367,20 +367,21 @@ def test_a_job_killed_then_stopped_by_sigterm_resumes_to_exactly_one_row_per_fil
 
     progress = tmp_path / "progress"        # what slurm/ray-cluster.sh reads to tell progress from a loop
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO), "ALLCLUSTER_PROGRESS_FILE": str(progress)}
-    second = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True)                          # B
+    second = LoggedProcess(command, env)                                                    # B
     try:
         _wait_for(lambda: f'"pid": {second.pid}' in _text(out / ".lock"), second, "the resumed run took the lock")
         # B's journal and B's atomic writes in flight (`.NAME.PID.tmp`, renamed a moment later) are B's
-        # own and transient: not compared
-        before = sorted(p.name for p in out.rglob("*")
-                        if not p.relative_to(out).as_posix().startswith("rows/.journal-") and p.suffix != ".tmp")
+        # own and transient: not compared. os.walk, not rglob: B removes A's journal folder meanwhile,
+        # and rglob fails on a folder gone between its listing and its scan
+        before = sorted(name for folder, subfolders, names in os.walk(out) for name in subfolders + names
+                        if not Path(folder, name).relative_to(out).as_posix().startswith("rows/.journal-")
+                        and not name.endswith(".tmp"))
         assert main(score_args(tiny_model_dir, listing, out)) == 2
         refusal = capsys.readouterr().err
         assert f"pid {second.pid}" in refusal and "in use by another run" in refusal, refusal
         _wait_for(lambda: _rows_written(out) > killed_at, second, "the resumed run wrote rows")
         second.send_signal(signal.SIGTERM)
-        text, _ = second.communicate(timeout=120)
+        text = second.printed_by_exit(120)
     finally:
         if second.poll() is None:
             os.killpg(second.pid, signal.SIGKILL)
@@ -472,10 +473,10 @@ def _text(path: Path) -> str:
     return path.read_text() if path.is_file() else ""
 
 
-def _wait_for(condition, process: subprocess.Popen, what: str, timeout_s: float = 600) -> None:
+def _wait_for(condition, process: LoggedProcess, what: str, timeout_s: float = 600) -> None:
     deadline = time.time() + timeout_s
     while not condition():
-        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert process.poll() is None, process.printed()[-3000:]
         assert time.time() < deadline, f"{what}: not within {timeout_s:g} s"
         time.sleep(0.2)
 
