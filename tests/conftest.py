@@ -199,7 +199,8 @@ def clean_dir(tmp_path):
 class LoggedProcess(subprocess.Popen):
     """A CLI command in its own session (its own local Ray when ``RAY_ADDRESS`` is empty), its output
     kept in a file: a pipe that nobody reads while the test polls would stall the command once 64 KiB
-    are printed (Ray's warnings on a slow machine), and the wait would then run out."""
+    are printed (Ray's warnings on a slow machine), and the wait would then run out. Used as a context
+    manager: leaving the block SIGKILLs what is left of its process group (the local Ray too)."""
 
     def __init__(self, command: list[str], env: dict[str, str] | None = None):
         self._output = tempfile.TemporaryFile("w+", errors="replace")
@@ -218,22 +219,30 @@ class LoggedProcess(subprocess.Popen):
         self.wait(timeout_s)
         return self.printed()
 
+    def wait_until(self, condition, timeout_s: float, what: str) -> None:
+        """Polls ``condition()`` every 0.2 s; fails with the command's output if the command ends first,
+        or if ``what`` has not happened within ``timeout_s``."""
+        import time
+
+        deadline = time.time() + timeout_s
+        while not condition():
+            assert self.poll() is None, f"ended (rc {self.returncode}) before {what}:\n{self.printed()[-3000:]}"
+            assert time.time() < deadline, f"{what} did not happen within {timeout_s:g} s"
+            time.sleep(0.2)
+
+    def __exit__(self, *exc_info):
+        import contextlib
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):      # the group may have ended already
+            os.killpg(self.pid, signal.SIGKILL)
+        return super().__exit__(*exc_info)
+
 
 def run_then_sigkill(command: list[str], ready, timeout_s: float, what: str) -> str:
     """Run a CLI command in its own session (with its own local Ray) and SIGKILL the whole process
     group as soon as ``ready()`` holds; fails if the command exits first or ``what`` never happens.
     Returns what the command printed."""
-    import signal
-    import time
-
-    process = LoggedProcess(command)
-    try:
-        deadline = time.time() + timeout_s
-        while not ready():
-            assert process.poll() is None, process.printed()[-3000:]
-            assert time.time() < deadline, f"{what} did not happen within {timeout_s:g} s"
-            time.sleep(0.2)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    with LoggedProcess(command) as process:
+        process.wait_until(ready, timeout_s, what)
     return process.printed()

@@ -542,8 +542,8 @@ def test_a_sweep_stopped_by_sigint_then_killed_resumes_and_runs_each_trial_once(
     command = [sys.executable, "jobs/sweep.py", "--config", str(config)]   # the Slurm job's driver
     progress = tmp_path / "progress"        # what slurm/ray-cluster.sh reads to tell progress from a loop
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO), "ALLCLUSTER_PROGRESS_FILE": str(progress)}
-    first = LoggedProcess(command, env)
-    log, stop_seconds = _signal_once_checkpointed(first, exp, signal.SIGINT, 180)   # the driver only, as Slurm does
+    with LoggedProcess(command, env) as first:
+        log, stop_seconds = _signal_once_checkpointed(first, exp, signal.SIGINT, 180)   # the driver only, as Slurm does
     assert first.returncode == 75, log[-3000:]
     epochs = len(pd.read_parquet(exp / "epochs.parquet")) + len(list(exp.glob("trials/*/model/model_card.json")))
     assert progress.read_text() == f"{epochs} epochs or trial endings\n" and epochs > 0
@@ -590,20 +590,12 @@ def test_a_trial_whose_train_worker_is_killed_with_no_signal_is_resumed_by_the_r
                                "data": {**TRAIN["data"], "manifest": str(synthetic_manifest)}})
     command = [sys.executable, "jobs/sweep.py", "--config", str(config)]
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO), marker.split("=")[0]: marker.split("=")[1]}
-    first = LoggedProcess(command, env)
-    try:
-        deadline = time.time() + 400
-        while not list(exp.glob("trials/*/ray/checkpoint_manager_snapshot.json")):
-            assert first.poll() is None and time.time() < deadline, "no epoch checkpoint within 400 s"
-            time.sleep(0.2)
+    with LoggedProcess(command, env) as first:
+        first.wait_until(lambda: _checkpoint_registered(exp), 400, "an epoch checkpoint")
         workers = _train_workers(marker)
         assert len(workers) == 1, f"expected the trial's one Ray Train worker, found {workers}"
         os.kill(workers[0], signal.SIGKILL)
         log = first.printed_by_exit(300)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
     (trial_dir,) = exp.glob("trials/*")
     assert first.returncode == 75, log[-4000:]
     assert f"{trial_dir.name}: its Ray processes died (" in log and "(1 of 2 such runs in a row allowed)" in log, log[-4000:]
@@ -710,8 +702,8 @@ def test_array_tasks_run_one_trial_each_a_sigterm_rerun_resumes_and_collect_writ
     command = [sys.executable, "jobs/sweep.py", "--config", str(config), "--trial-index", "1"]
     progress = tmp_path / "progress"
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO), "ALLCLUSTER_PROGRESS_FILE": str(progress)}
-    first = LoggedProcess(command, env)
-    log, _ = _signal_once_checkpointed(first, exp, signal.SIGTERM, 120)
+    with LoggedProcess(command, env) as first:
+        log, _ = _signal_once_checkpointed(first, exp, signal.SIGTERM, 120)
     assert first.returncode == 75, log[-3000:]
     (trial_dir,) = exp.glob("trials/*")
     epochs = len(pd.read_parquet(trial_dir / "metrics.parquet"))
@@ -745,25 +737,20 @@ def test_array_tasks_run_one_trial_each_a_sigterm_rerun_resumes_and_collect_writ
     assert "2 trials: 1 finished, 1 pending" in capsys.readouterr().out
 
 
-def _signal_once_checkpointed(process, exp: Path, signum: int, timeout_s: float) -> tuple[str, float]:
-    """Send ``signum`` to the driver once a first epoch checkpoint is registered (Ray Train resumes
-    from what its snapshot lists; metrics.parquet is written just before that, and a signal in
-    between loses that epoch); returns the driver's output and its seconds from signal to exit.
-    SIGKILLs its group if it hangs."""
-    try:
-        deadline = time.time() + 400
-        while not list(exp.glob("trials/*/ray/checkpoint_manager_snapshot.json")):
-            assert process.poll() is None, process.printed()[-3000:]
-            assert time.time() < deadline, "no epoch was reported within 400 s"
-            time.sleep(0.2)
-        signalled = time.time()
-        process.send_signal(signum)
-        log = process.printed_by_exit(timeout_s)
-        return log, time.time() - signalled
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+def _checkpoint_registered(exp: Path) -> bool:
+    """A trial's first epoch checkpoint is registered: Ray Train resumes from what its snapshot lists;
+    metrics.parquet is written just before that, and a stop in between loses that epoch."""
+    return bool(list(exp.glob("trials/*/ray/checkpoint_manager_snapshot.json")))
+
+
+def _signal_once_checkpointed(process: LoggedProcess, exp: Path, signum: int, timeout_s: float) -> tuple[str, float]:
+    """Send ``signum`` to the driver once a first epoch checkpoint is registered; returns the driver's
+    output and its seconds from signal to exit."""
+    process.wait_until(lambda: _checkpoint_registered(exp), 400, "an epoch checkpoint")
+    signalled = time.time()
+    process.send_signal(signum)
+    log = process.printed_by_exit(timeout_s)
+    return log, time.time() - signalled
 
 
 def test_one_best_trial_rule_for_the_sweep_and_the_report():

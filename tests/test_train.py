@@ -105,20 +105,13 @@ def test_missing_manifest_names_the_key_and_the_fix(tmp_path, capsys):
     assert "data.manifest" in err and "allcluster index" in err
 
 
-def _wait_for_checkpointed_epochs(out: Path, n: int, proc: LoggedProcess, timeout: float) -> None:
-    """Until ``n`` epochs are in metrics.parquet and Ray Train has registered a checkpoint. Ray resumes
-    only from what its snapshot lists, and its controller registers a worker's report a poll later:
-    a kill right after the second epoch can come before the first one is registered (seen in CI),
-    and the rerun then rightly starts afresh."""
+def _checkpointed_epochs(out: Path, n: int) -> bool:
+    """``n`` epochs are in metrics.parquet and Ray Train has registered a checkpoint. Ray resumes only
+    from what its snapshot lists, and its controller registers a worker's report a poll later: a kill
+    right after the second epoch can come before the first one is registered (seen in CI), and the
+    rerun then rightly starts afresh."""
     metrics, snapshot = out / "metrics.parquet", out / "ray" / "checkpoint_manager_snapshot.json"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended early (rc {proc.returncode}): {proc.printed()[-3000:]}")
-        if snapshot.is_file() and metrics.is_file() and pq.read_metadata(metrics).num_rows >= n:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no {n} checkpointed epochs in {out} after {timeout} s")
+    return snapshot.is_file() and metrics.is_file() and pq.read_metadata(metrics).num_rows >= n
 
 
 @pytest.mark.slow
@@ -134,12 +127,8 @@ def test_rerun_after_sigkill_resumes_from_the_latest_checkpoint_and_a_finished_r
         "resources": {"num_workers": 1, "cpus_per_worker": 1.0}})
     command = [sys.executable, "-m", "allcluster.cli", "train", "--config", str(config)]
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
-    first = LoggedProcess(command, env)
-    try:
-        _wait_for_checkpointed_epochs(out, 2, first, timeout=300)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)      # the driver and the local Ray it started
-        first.wait()
+    with LoggedProcess(command, env) as first:   # leaving it: SIGKILL to the driver and its local Ray
+        first.wait_until(lambda: _checkpointed_epochs(out, 2), 300, f"2 checkpointed epochs in {out}")
     done_before = pq.read_metadata(out / "metrics.parquet").num_rows
     assert done_before < 6
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -367,9 +367,8 @@ def test_a_job_killed_then_stopped_by_sigterm_resumes_to_exactly_one_row_per_fil
 
     progress = tmp_path / "progress"        # what slurm/ray-cluster.sh reads to tell progress from a loop
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO), "ALLCLUSTER_PROGRESS_FILE": str(progress)}
-    second = LoggedProcess(command, env)                                                    # B
-    try:
-        _wait_for(lambda: f'"pid": {second.pid}' in _text(out / ".lock"), second, "the resumed run took the lock")
+    with LoggedProcess(command, env) as second:                                             # B
+        second.wait_until(lambda: f'"pid": {second.pid}' in _text(out / ".lock"), 600, "the resumed run took the lock")
         # B's journal and B's atomic writes in flight (`.NAME.PID.tmp`, renamed a moment later) are B's
         # own and transient: not compared. os.walk, not rglob: B removes A's journal folder meanwhile,
         # and rglob fails on a folder gone between its listing and its scan
@@ -379,12 +378,9 @@ def test_a_job_killed_then_stopped_by_sigterm_resumes_to_exactly_one_row_per_fil
         assert main(score_args(tiny_model_dir, listing, out)) == 2
         refusal = capsys.readouterr().err
         assert f"pid {second.pid}" in refusal and "in use by another run" in refusal, refusal
-        _wait_for(lambda: _rows_written(out) > killed_at, second, "the resumed run wrote rows")
+        second.wait_until(lambda: _rows_written(out) > killed_at, 600, "the resumed run wrote rows")
         second.send_signal(signal.SIGTERM)
         text = second.printed_by_exit(120)
-    finally:
-        if second.poll() is None:
-            os.killpg(second.pid, signal.SIGKILL)
     assert second.returncode == 75, text[-3000:]
     assert f"{killed_at} rows a killed run had not written yet recovered from its journal" in text, text[-3000:]
     assert f"{killed_at} already scored" in text and "interrupted by SIGTERM" in text, text[-3000:]
@@ -471,14 +467,6 @@ def test_a_stop_signal_inside_ray_get_still_ends_the_command_with_75(ray_local, 
 
 def _text(path: Path) -> str:
     return path.read_text() if path.is_file() else ""
-
-
-def _wait_for(condition, process: LoggedProcess, what: str, timeout_s: float = 600) -> None:
-    deadline = time.time() + timeout_s
-    while not condition():
-        assert process.poll() is None, process.printed()[-3000:]
-        assert time.time() < deadline, f"{what}: not within {timeout_s:g} s"
-        time.sleep(0.2)
 
 
 def _journaled_rows(out: Path) -> int:
