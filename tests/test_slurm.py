@@ -122,6 +122,10 @@ def slurm() -> dict:
         warnings.warn(message)
         print(f"\n*** {message} ***\n", file=sys.stderr)
         pytest.skip(message)
+    queued = subprocess.run(["squeue", "-h", "-o", "%i %j %T %M %N"], env=env, capture_output=True, text=True).stdout
+    if queued.strip():   # they would hold the CPUs the tests count on, and fail them in confusing ways
+        pytest.fail(f"jobs already in the queue before the Slurm tests:\n{queued}end them first (the local "
+                    "cluster: slurm/dev/local-cluster-down.sh, then local-cluster-up.sh)")
     return {"env": env, "nodes": nodes, "gpus": gpus}
 
 

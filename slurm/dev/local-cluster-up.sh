@@ -239,7 +239,13 @@ fi
 if pid_ours "$(pid_from "$STATE/slurmctld.pid")" slurmctld; then
   log "slurmctld running (pid $ctl_pid)"
 else
-  slurmctld -f "$CONF"
+  # A cold start (no slurmctld and no slurmd of ours alive: a machine restarted, a killed CI) clears
+  # the saved jobs (-c): their processes died with the daemons, and a job recovered from
+  # $SPOOL/ctld would be RUNNING again (or run anew) and hold a node's CPUs until its time limit.
+  clear=()
+  live_slurmd=$(for n in "${NODES[@]}"; do pid_ours "$(pid_from "$STATE/slurmd-$n.pid")" slurmd && echo "$n"; done; true)
+  if [ -z "$live_slurmd" ]; then clear=(-c); log "cold start: jobs saved by an earlier run of this cluster are cleared"; fi
+  slurmctld "${clear[@]}" -f "$CONF"
   for _ in $(seq 100); do pid_ours "$(pid_from "$STATE/slurmctld.pid")" slurmctld && break; sleep 0.1; done
   log "slurmctld started (pid $(pid_from "$STATE/slurmctld.pid"), port $CTLD_PORT)"
 fi
