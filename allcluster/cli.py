@@ -49,7 +49,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from allcluster.sweep.schema import UNFINISHED
 
     source = sweep_source(args.config, args.overrides)
+    if args.trial_index is not None and args.new_config:
+        raise ConfigError("--new-config cannot go with --trial-index (array tasks run at once): run "
+                          f"`allcluster sweep --config {args.config} --collect --new-config` first")
     sweep, trials = load_sweep(args.config, args.overrides)
+    if args.check:
+        return _check_sweep_run(args, sweep, trials, source)
     if args.dry_run:
         from allcluster.sweep.estimate import dry_run_text
         changes = config_changes(sweep, source)
@@ -80,6 +85,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if (table["status"] == "finished").any() or not len(table) else 1
 
 
+def _check_sweep_run(args: argparse.Namespace, sweep, trials, source: str) -> int:
+    """``allcluster sweep --check``: the run's own refusals, without Ray and without writing."""
+    from allcluster.sweep.driver import check_before_run
+
+    if args.collect:
+        raise ConfigError("--check checks a run of trials; --collect runs none (and needs no Ray)")
+    _, changes, to_run = check_before_run(sweep, trials, source, args.retry_errored, args.new_config,
+                                          args.trial_index)
+    print(f"{source}: a run would train {len(to_run)} of {len(trials)} planned trials"
+          + (f" (--new-config: {'; '.join(changes)})" if changes else ""))
+    return 0
+
+
 def _sweep_array_task(args: argparse.Namespace, sweep, trials, source: str) -> int:
     """``allcluster sweep --trial-index I``: 0 finished (or stopped), 1 errored, 75 interrupted."""
     from allcluster.console import say
@@ -87,9 +105,6 @@ def _sweep_array_task(args: argparse.Namespace, sweep, trials, source: str) -> i
     from allcluster.interrupt import EX_TEMPFAIL
     from allcluster.sweep.schema import UNFINISHED
 
-    if args.new_config:
-        raise ConfigError("--new-config cannot go with --trial-index (array tasks run at once): run "
-                          f"`allcluster sweep --config {args.config} --collect --new-config` first")
     status, stopped_by = run_array_task(sweep, trials, args.trial_index, args.retry_errored, args.address, source)
     trial = trials[args.trial_index]
     if stopped_by or status in UNFINISHED:         # no signal: the trial's Ray processes died
@@ -115,7 +130,16 @@ def load_score_config(args: argparse.Namespace):
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from allcluster.score.inputs import Shard
+
     cfg = load_score_config(args)
+    shard = Shard.parse(args.shard) if args.shard else Shard()
+    if args.check:
+        from allcluster.score.ray_data import check_before_run
+
+        check_before_run(cfg)
+        print(f"{args.config or 'allcluster score'}: a run would score {cfg.input} with {cfg.model} into {cfg.out}")
+        return 0
     if args.dry_run:
         from allcluster.score.estimate import dry_run_text
         print(dry_run_text(cfg, args.retry_errors))
@@ -123,9 +147,6 @@ def cmd_score(args: argparse.Namespace) -> int:
     from allcluster.interrupt import EX_TEMPFAIL
     from allcluster.score.ray_data import run_score
 
-    from allcluster.score.inputs import Shard
-
-    shard = Shard.parse(args.shard) if args.shard else Shard()
     summary = run_score(cfg, args.address, args.retry_errors, shard)
     print(json.dumps(summary, indent=2))
     print(f"rows: {Path(cfg.out).resolve() / 'rows'} (Parquet); heatmaps: {Path(cfg.out).resolve() / 'heatmaps'}")
@@ -214,6 +235,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_check(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--check", action="store_true",
+                   help=f"refuse as this run would ({what}), then exit 0; starts no Ray and writes nothing "
+                        "(the Slurm scripts run it before Ray starts on the job's nodes)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from allcluster import __version__
 
@@ -256,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print the grid, each trial's state and measured cost estimates; schedule nothing")
     p.add_argument("--no-probe", action="store_true", help="with --dry-run: skip the throughput probe")
+    _add_check(p, "the config, every planned trial, the base config against the experiment's, the manifest and "
+                  "the weights")
     p.add_argument("--retry-errored", action="store_true", help="rerun trials that errored before")
     p.add_argument("--new-config", action="store_true",
                    help="the base config changed on purpose: move the old outputs to EXPERIMENT/superseded-<time>/ "
@@ -281,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "measured per-image costs; score nothing")
     p.add_argument("--retry-errors", action="store_true", help="also score again the files whose error is "
                    "determined by their content (transient errors are always retried)")
+    _add_check(p, "the config, the model card, the input, and an --out that holds rows of other settings")
     p.add_argument("--shard", metavar="K/N", help="score only part K of N (by path hash) into the shared --out, "
                    "e.g. a Slurm array task: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT")
     _add_set(p, "explain.budget.max_images=500")

@@ -1,6 +1,7 @@
 # Ray-on-Slurm bootstrap, sourced by slurm/sweep.sh and slurm/score.sh (not run by itself).
 #
 #   source "$ALLCLUSTER_HOME/slurm/ray-cluster.sh"
+#   ray_cluster_check jobs/X.py …  # the driver's own refusals (--check): a bad config ends the job here
 #   ray_cluster_start            # head on the first node, one worker per other node; waits for all
 #   ray_cluster_run jobs/X.py …  # the driver, on the first node, with RAY_ADDRESS set
 #   (an EXIT trap stops every Ray process this job started, removes its private folders and, after
@@ -155,6 +156,11 @@ _ray_stalls_file() {  # beside the private folder, which every start recreates
   echo "$HOME/.ray-slurm/$SLURM_JOB_ID.stalls"
 }
 
+_ray_forget_earlier_jobs_stalls() {  # a count belongs to one job's starts: at its first, a count left by an
+  # earlier job with this id (killed with its node, or before a reset of Slurm's job ids) is void
+  if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then rm -f "$(_ray_stalls_file)"; fi
+}
+
 _ray_made_progress() {  # this start's driver recorded work done: "<units> <what>", units > 0
   local units="" what=""
   { read -r units what <"$_ray_jobdir/progress"; } 2>/dev/null || true   # none: the driver never got to write it
@@ -233,12 +239,35 @@ ray_cluster_stop() {  # the EXIT trap
 }
 
 # ---------------------------------------------------------------- start
-ray_cluster_start() {
+ray_cluster_check() {  # DRIVER ARGS...: the driver's own refusals (its --check), before any Ray starts
   _ray_check_env || return $?
-  trap ray_cluster_stop EXIT
+  _ray_signal_traps
+  local driver rc=0
+  driver=$(_ray_driver_path "$1"); shift
+  # A bad config key, a missing manifest or model, a changed base config: refused in seconds, not
+  # after Ray started on every node (the driver would refuse the same, with the same message)
+  HF_HUB_OFFLINE=1 "$ALLCLUSTER_PYTHON" "$driver" "$@" --check || rc=$?
+  if [ "$rc" != 0 ]; then
+    _log "the driver refused its arguments (exit $rc): Ray not started"
+    exit "$rc"
+  fi
+}
+
+_ray_signal_traps() {  # from the first check on: bash's default for SIGUSR1 (an early warning) ends the shell
   trap _ray_on_usr1 USR1
   trap '_ray_on_term TERM' TERM
   trap '_ray_on_term INT' INT
+}
+
+_ray_driver_path() {  # the driver script is the installation's
+  if [[ $1 = /* ]]; then echo "$1"; else echo "$ALLCLUSTER_HOME/$1"; fi
+}
+
+ray_cluster_start() {
+  _ray_check_env || return $?
+  trap ray_cluster_stop EXIT
+  _ray_signal_traps
+  _ray_forget_earlier_jobs_stalls
   mapfile -t RAY_NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
   local head=${RAY_NODES[0]}
   _log "job $SLURM_JOB_ID: restart ${SLURM_RESTART_COUNT:-0} of job $SLURM_JOB_ID;" \
@@ -328,11 +357,11 @@ ray_cluster_run() {  # the driver: its exit code is the job's
     _log "not starting the driver: the time-limit warning already came"
     return "$EX_TEMPFAIL"
   fi
-  # The driver script is the installation's; the user's relative paths (--config, --input, --out)
-  # mean what they meant where the job was submitted: the batch shell's working directory (sbatch's
-  # submit directory, or its --chdir), also when ALLCLUSTER_HOME points elsewhere.
-  local driver=$1; shift
-  [[ $driver = /* ]] || driver=$ALLCLUSTER_HOME/$driver
+  # The user's relative paths (--config, --input, --out) mean what they meant where the job was
+  # submitted: the batch shell's working directory (sbatch's submit directory, or its --chdir), also
+  # when ALLCLUSTER_HOME points elsewhere.
+  local driver
+  driver=$(_ray_driver_path "$1"); shift
   _log "driver: $ALLCLUSTER_PYTHON $driver $* (in $PWD)"
   "$ALLCLUSTER_PYTHON" "$driver" "$@" &
   _ray_driver_pid=$!

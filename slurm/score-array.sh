@@ -34,5 +34,7 @@ else
   shards=$((SLURM_ARRAY_TASK_MAX + 1))
 fi
 source "${ALLCLUSTER_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/ray-cluster.sh"
+driver=(jobs/score.py --shard "$SLURM_ARRAY_TASK_ID/$shards" "$@")
+ray_cluster_check "${driver[@]}"
 ray_cluster_start
-ray_cluster_run jobs/score.py --shard "$SLURM_ARRAY_TASK_ID/$shards" "$@"
+ray_cluster_run "${driver[@]}"

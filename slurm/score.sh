@@ -25,5 +25,7 @@ if [ $# -lt 1 ]; then
   exit 2
 fi
 source "${ALLCLUSTER_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/ray-cluster.sh"
+driver=(jobs/score.py "$@")
+ray_cluster_check "${driver[@]}"
 ray_cluster_start
-ray_cluster_run jobs/score.py "$@"
+ray_cluster_run "${driver[@]}"

@@ -26,5 +26,7 @@ if [ $# -lt 1 ] || [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then
 fi
 config=$1; shift
 source "${ALLCLUSTER_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/ray-cluster.sh"
+driver=(jobs/sweep.py --config "$config" --trial-index "$SLURM_ARRAY_TASK_ID" "$@")
+ray_cluster_check "${driver[@]}"
 ray_cluster_start
-ray_cluster_run jobs/sweep.py --config "$config" --trial-index "$SLURM_ARRAY_TASK_ID" "$@"
+ray_cluster_run "${driver[@]}"

@@ -30,5 +30,7 @@ if [ $# -lt 1 ]; then
 fi
 config=$1; shift
 source "${ALLCLUSTER_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/ray-cluster.sh"
+driver=(jobs/sweep.py --config "$config" "$@")
+ray_cluster_check "${driver[@]}"
 ray_cluster_start
-ray_cluster_run jobs/sweep.py --config "$config" "$@"
+ray_cluster_run "${driver[@]}"

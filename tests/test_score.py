@@ -133,6 +133,28 @@ def test_a_refused_input_leaves_no_output_and_locks_in_no_settings(tiny_model_di
         assert not out.exists(), f"{source.name}: refused after writing {sorted(os.listdir(out))}"
 
 
+def test_check_refuses_what_the_run_would_and_writes_nothing(tiny_model_dir, real_data_dir, tmp_path, capsys):
+    """`--check` (what the Slurm scripts run before Ray starts): the run's own refusals, nothing written."""
+    from allcluster.cli import main
+
+    out = tmp_path / "out"
+    given = {"--model": str(tiny_model_dir), "--input": str(real_data_dir), "--out": str(out)}
+
+    def check(**changed) -> int:
+        args = {**given, **{f"--{k}": str(v) for k, v in changed.items()}}
+        return main(["score", "--check", "--config", str(CI_TINY), *[x for kv in args.items() for x in kv]])
+
+    assert check() == 0 and f"a run would score {real_data_dir} with {tiny_model_dir}" in capsys.readouterr().out
+    assert check(model=tmp_path / "no-model") == 2 and "no-model" in capsys.readouterr().err
+    assert check(input=tmp_path / "typo") == 2 and "typo: input not found" in capsys.readouterr().err
+    assert check(shard="3/3") == 2 and "--shard: '3/3' needs 0 <= K < N" in capsys.readouterr().err
+    assert not out.exists()
+    check_job_settings(out, {"model_sha256": "another model"})        # an out of another job
+    before = tree_fingerprint(out)
+    assert check() == 2 and "model_sha256: 'another model' -> " in capsys.readouterr().err
+    assert tree_fingerprint(out) == before
+
+
 def test_array_tasks_starting_in_the_same_second_get_different_run_ids():
     from allcluster.score.inputs import Shard
     from allcluster.score.output import new_run_id

@@ -267,6 +267,27 @@ def test_sweep_script_refuses_to_run_outside_a_job(tmp_path):
     assert done.returncode == 2 and "not inside a Slurm job" in done.stderr
 
 
+def test_jobs_whose_arguments_are_refused_end_before_ray_starts(slurm, real_manifest, tmp_path):
+    """A sweep job with a misspelt config key and a scoring job with a model folder that does not exist:
+    the driver's own check (`--check`) refuses each in the batch shell, before Ray starts on any node:
+    exit 2, the error naming the key or the folder, no Ray node started, nothing written."""
+    experiment, scored, no_model = tmp_path / "sweep", tmp_path / "scored", tmp_path / "no-model"
+    logs = {name: tmp_path / f"{name}.out" for name in ("sweep", "score")}
+    common = ["--nodes=1", "--cpus-per-task=1", "--mem=1G", "--time=5"]
+    sweep = _submit(slurm, [*common, f"--output={logs['sweep']}"],
+                    ["slurm/sweep.sh", str(two_trial_grid(tmp_path / "sweep.yaml")), "--set", "train.fit.epochz=3",
+                     "--set", f"train.data.manifest={real_manifest}", "--set", f"experiment_dir={experiment}"])
+    score = _submit(slurm, [*common, f"--output={logs['score']}"],
+                    ["slurm/score.sh", "--model", str(no_model), "--input", str(real_manifest), "--out", str(scored)])
+    final = _wait_final(slurm, [sweep, score], 300)
+    for name, job, message in [("sweep", sweep, "train.fit.epochz"), ("score", score, str(no_model))]:
+        log = logs[name].read_text(errors="replace")
+        assert final[job]["JobState"] == "FAILED" and final[job]["ExitCode"] == "2:0", f"{final[job]}\n{log[-3000:]}"
+        assert message in log and "the driver refused its arguments (exit 2): Ray not started" in log, log[-3000:]
+        assert "restart 0 of job" not in log and "[ray-node" not in log, log[-3000:]
+    assert not experiment.exists() and not scored.exists()
+
+
 def _assert_the_driver_ended_before_killwait(start: str) -> None:
     """After Slurm's SIGTERM to the whole job, the log of that start says how the driver ended: by
     its own handler (75; the batch shell sends the second SIGTERM once the head's Ray has stopped)
@@ -539,6 +560,11 @@ def test_a_job_whose_warned_starts_make_no_progress_stops_requeueing_after_three
     assert stalls.read_text().strip() == "1"
     start(None, rc=0)                                       # the job ended: no count is left behind
     assert not stalls.exists()
+    for restart, kept in (("1", True), ("0", False), ("", False)):   # a count of another job with this id
+        stalls.write_text("2")                              # (it died with its node): void at a first start
+        shell = f'SLURM_RESTART_COUNT={restart}; source slurm/ray-cluster.sh; _ray_forget_earlier_jobs_stalls'
+        subprocess.run(["bash", "-c", shell], cwd=REPO, env=env, check=True, timeout=60)
+        assert stalls.exists() == kept, restart
 
 
 def _text(path: Path) -> str:

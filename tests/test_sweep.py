@@ -494,6 +494,31 @@ def test_rerun_with_a_changed_base_config_is_refused_naming_the_key_and_writes_n
     assert main(["sweep", "--config", str(config), "--set", "train.fit.epochs=3", "--dry-run", "--no-probe"]) == 0
     assert "a run needs --new-config): train.fit.epochs: 2 -> 3" in capsys.readouterr().out
     assert _listing(exp) == before
+    assert main(["sweep", "--config", str(config), "--set", "train.fit.epochs=3", "--check"]) == 2   # as the run
+    assert "train.fit.epochs: 2 -> 3" in capsys.readouterr().err
+    assert main(["sweep", "--config", str(config), "--set", "train.fit.epochs=3", "--check", "--new-config"]) == 0
+    assert "a run would train 4 of 4 planned trials (--new-config: train.fit.epochs: 2 -> 3)" in capsys.readouterr().out
+    assert _listing(exp) == before
+
+
+def test_check_refuses_what_the_run_would_and_writes_nothing(synthetic_manifest, tmp_path, capsys):
+    """`--check` (what the Slurm scripts run before Ray starts): the run's own refusals, nothing written."""
+    exp = tmp_path / "exp"
+    config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, exp)
+    assert main(["sweep", "--config", str(config), "--check"]) == 0
+    assert "a run would train 4 of 4 planned trials" in capsys.readouterr().out
+    assert main(["sweep", "--config", str(config), "--check", "--trial-index", "3"]) == 0
+    assert "a run would train 1 of 4 planned trials" in capsys.readouterr().out
+    for args, message in [(["--trial-index", "4"], "--trial-index 4: "),
+                          (["--set", "train.fit.epochz=3"], "train.fit.epochz"),
+                          (["--set", f"train.data.manifest={tmp_path / 'nowhere.parquet'}"],
+                           f"data.manifest: {tmp_path / 'nowhere.parquet'} does not exist"),
+                          (["--set", "train.model.backbone=efficientnet_b0", "--set", "train.model.pretrained=true"],
+                           "efficientnet_b0"),
+                          (["--collect"], "--collect runs none")]:
+        assert main(["sweep", "--config", str(config), "--check", *args]) == 2, args
+        assert message in capsys.readouterr().err, args
+    assert not exp.exists()
 
 
 @pytest.mark.ray

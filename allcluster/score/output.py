@@ -185,8 +185,9 @@ def lock_output(out: Path, shard: Shard = Shard()) -> list[ExclusiveLock]:
                        f"shard {shard.index}/{shard.count} of {out}")
 
 
-def check_job_settings(out: Path, settings: dict) -> None:
-    """A rerun into ``out`` must keep the model and the row-shaping keys, so every shard agrees."""
+def check_job_settings(out: Path, settings: dict, record: bool = True) -> None:
+    """A rerun into ``out`` must keep the model and the row-shaping keys, so every shard agrees.
+    The first run records them (``job.json``) unless ``record`` is false (a check that writes nothing)."""
     path = out / "job.json"
     if path.is_file():
         before = json.loads(path.read_text())
@@ -196,7 +197,7 @@ def check_job_settings(out: Path, settings: dict) -> None:
             detail = "; ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
             raise ConfigError(f"{out}: already holds rows scored with other settings ({detail}); "
                               "rerun with the same settings to resume, or score into a new --out")
-    else:
+    elif record:
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(settings, indent=2))
 

@@ -125,6 +125,20 @@ def plan_job(cfg: ScoreConfig, out: Path, retry_errors: bool = False, shard: Sha
     return JobPlan(todo, inputs, inputs - len(todo))
 
 
+def check_before_run(cfg: ScoreConfig) -> ModelCard:
+    """What a run refuses before it writes anything or starts Ray; reads only, raises ``ConfigError``:
+    the model (its card), the input (missing, a manifest without paths), an ``out`` that holds rows
+    scored with another model or other row-shaping settings. ``--check`` runs exactly this."""
+    card = ModelCard.read(cfg.model)
+    check_input(cfg.input)
+    check_job_settings(Path(cfg.out).resolve(), _job_settings(card, cfg), record=False)
+    return card
+
+
+def _job_settings(card: ModelCard, cfg: ScoreConfig) -> dict:
+    return {"model_sha256": card.weights_sha256, **row_settings(cfg)}
+
+
 def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool = False,
               shard: Shard = Shard()) -> dict:
     """Score every file of ``cfg.input`` (of ``shard``: an array task's part) that ``cfg.out`` has no
@@ -133,11 +147,10 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
     from allcluster.config import write_resolved
 
     out = Path(cfg.out).resolve()
-    card = ModelCard.read(cfg.model)
-    check_input(cfg.input)                  # a missing input or a manifest without paths: refused before out exists
+    card = check_before_run(cfg)
     locks = lock_output(out, shard)         # before anything is written: a refused second run writes nothing
     try:
-        check_job_settings(out, {"model_sha256": card.weights_sha256, **row_settings(cfg)})
+        check_job_settings(out, _job_settings(card, cfg))   # again, under the lock: the first run records them
         card.write_model_info(out)
         write_resolved(cfg, out / "score.yaml", "allcluster score")
         methods = list(cfg.explain.methods) + list(cfg.explain.budget.methods)

@@ -67,14 +67,8 @@ def run_sweep(sweep: SweepConfig, trials: list[Trial], retry_errored: bool = Fal
     see :mod:`allcluster.interrupt`). A changed base config is refused before anything is
     written unless ``new_config`` (see :mod:`allcluster.sweep.experiment`).
     """
-    from allcluster.train.ray_train import preflight
-
     exp = Path(sweep.experiment_dir)
-    base = resolved_base(sweep, source)
-    changes = check_base(exp, base, varied_keys(sweep), source, new_config)
-    to_run = trials if changes else trials_to_run(trials, retry_errored or sweep.retry_errored)
-    for trial in {t.config.model.backbone: t for t in to_run}.values():
-        preflight(trial.config)
+    base, changes, to_run = check_before_run(sweep, trials, source, retry_errored, new_config)
     with holding(exp, f"sweep experiment {exp}"), StopSignals(SWEEP_STOPPING) as stop:
         stop.graceful()                   # moving and writing files: a signal waits until they are done
         _start(exp, sweep, base, trials, changes, new_config)
@@ -87,6 +81,26 @@ def run_sweep(sweep: SweepConfig, trials: list[Trial], retry_errored: bool = Fal
         report_progress(work_done(to_run) - before, "epochs or trial endings")
         table = collect(sweep, trials)
     return table, stop.signal_name
+
+
+def check_before_run(sweep: SweepConfig, trials: list[Trial], source: str, retry_errored: bool = False,
+                     new_config: bool = False, index: int | None = None) -> tuple[dict, list[str], list[Trial]]:
+    """What a run refuses before it writes anything or starts Ray; reads only, raises ``ConfigError``:
+    the trial index (array mode), a base config that differs from the experiment's (unless
+    ``new_config``), a missing manifest or missing weights of a backbone left to train. Returns the
+    resolved base config, its changed keys and the trials to run. ``--check`` runs exactly this."""
+    from allcluster.train.ray_train import preflight
+
+    if index is not None and not 0 <= index < len(trials):
+        raise ConfigError(f"--trial-index {index}: {source} plans {len(trials)} trials, indices 0 to "
+                          f"{len(trials) - 1} (`allcluster sweep --dry-run` lists them)")
+    base = resolved_base(sweep, source)
+    changes = check_base(Path(sweep.experiment_dir), base, varied_keys(sweep), source, new_config)
+    planned = trials if index is None else [trials[index]]
+    to_run = planned if changes else trials_to_run(planned, retry_errored or sweep.retry_errored)
+    for trial in {t.config.model.backbone: t for t in to_run}.values():
+        preflight(trial.config)
+    return base, changes, to_run
 
 
 def _start(exp: Path, sweep: SweepConfig, base: dict, trials: list[Trial], changes: list[str],
@@ -124,18 +138,11 @@ def run_array_task(sweep: SweepConfig, trials: list[Trial], index: int, retry_er
     Returns the trial's status afterwards and the stop signal that ended it ("" when none). A changed
     base config is refused as in :func:`run_sweep`; ``--collect`` then gathers the tables.
     """
-    if not 0 <= index < len(trials):
-        raise ConfigError(f"--trial-index {index}: {source} plans {len(trials)} trials, indices 0 to "
-                          f"{len(trials) - 1} (`allcluster sweep --dry-run` lists them)")
+    base, _, to_run = check_before_run(sweep, trials, source, retry_errored, index=index)
     exp, trial = Path(sweep.experiment_dir), trials[index]
-    base = resolved_base(sweep, source)
-    check_base(exp, base, varied_keys(sweep), source, new_config=False)
-    if not trials_to_run([trial], retry_errored or sweep.retry_errored):
+    if not to_run:
         say(f"[sweep] trial {index} ({trial.trial_id}) is {trial_status(trial.dir)}: nothing to do")
         return trial_status(trial.dir), ""
-    from allcluster.train.ray_train import preflight
-
-    preflight(trial.config)
     if sweep.asha.enabled:
         say("[sweep] array mode runs every trial to its end: asha is a Tune-only feature, ignored here")
     held = holding(exp, f"sweep experiment {exp}", f"trial-{trial.trial_id}", f"trial {index} ({trial.trial_id}) of {exp}")
