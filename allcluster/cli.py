@@ -137,7 +137,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.check:
         from allcluster.score.ray_data import check_before_run
 
-        check_before_run(cfg)
+        check_before_run(cfg, shard)
         print(f"{args.config or 'allcluster score'}: a run would score {cfg.input} with {cfg.model} into {cfg.out}")
         return 0
     if args.dry_run:
@@ -237,7 +237,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def _add_check(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--check", action="store_true",
-                   help=f"refuse as this run would ({what}), then exit 0; starts no Ray and writes nothing "
+                   help=f"exit 2 with the error where this run would refuse ({what}), else 0; starts no Ray, writes nothing "
                         "(the Slurm scripts run it before Ray starts on the job's nodes)")
 
 
@@ -283,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print the grid, each trial's state and measured cost estimates; schedule nothing")
     p.add_argument("--no-probe", action="store_true", help="with --dry-run: skip the throughput probe")
-    _add_check(p, "the config, every planned trial, the base config against the experiment's, the manifest and "
-                  "the weights")
+    _add_check(p, "the config, every planned trial, an experiment another run holds, the base config against "
+                  "the experiment's, the manifest and the weights")
     p.add_argument("--retry-errored", action="store_true", help="rerun trials that errored before")
     p.add_argument("--new-config", action="store_true",
                    help="the base config changed on purpose: move the old outputs to EXPERIMENT/superseded-<time>/ "
@@ -310,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "measured per-image costs; score nothing")
     p.add_argument("--retry-errors", action="store_true", help="also score again the files whose error is "
                    "determined by their content (transient errors are always retried)")
-    _add_check(p, "the config, the model card, the input, and an --out that holds rows of other settings")
+    _add_check(p, "the config, the model card, the input, an --out another run holds or that holds rows of "
+                  "other settings")
     p.add_argument("--shard", metavar="K/N", help="score only part K of N (by path hash) into the shared --out, "
                    "e.g. a Slurm array task: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT")
     _add_set(p, "explain.budget.max_images=500")

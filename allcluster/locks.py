@@ -62,6 +62,24 @@ class ExclusiveLock:
 
     def acquire(self) -> "ExclusiveLock":
         fd = open_lock_file(self.path)
+        self._lock_or_refuse(fd)
+        os.ftruncate(fd, 0)              # shared holders (array tasks) name themselves in their own lock
+        if not self.shared:
+            os.pwrite(fd, (json.dumps(holder_info()) + "\n").encode(), 0)
+        self.fd = fd
+        return self
+
+    def probe(self) -> None:
+        """Refuse as :meth:`acquire` would while another process holds the lock; takes nothing (the
+        lock is dropped at once), creates and writes nothing: what ``--check`` runs."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return                       # no lock file: nobody holds it (acquire reports a bad one)
+        self._lock_or_refuse(fd)
+        os.close(fd)
+
+    def _lock_or_refuse(self, fd: int) -> None:
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -70,11 +88,6 @@ class ExclusiveLock:
             who = describe_holder(holder) if holder else f"Slurm array tasks: see {self.path}-*"
             raise ConfigError(f"{self.what} is in use by another run ({who}); "
                               f"wait for it to finish or stop it first (lock: {self.path})") from None
-        os.ftruncate(fd, 0)              # shared holders (array tasks) name themselves in their own lock
-        if not self.shared:
-            os.pwrite(fd, (json.dumps(holder_info()) + "\n").encode(), 0)
-        self.fd = fd
-        return self
 
     @staticmethod
     def _read_holder(fd: int) -> dict:
@@ -101,17 +114,31 @@ def lock_folder(folder: str | Path, what: str, part: str = "", part_what: str = 
     array task's shard or trial) holds it shared, so parts run side by side and a whole run is refused
     while any runs, plus ``folder/.lock-<part>`` exclusively, so the same part cannot run twice
     (``part_what`` names it in the refusal)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if not part:
-        return [ExclusiveLock(folder / ".lock", what).acquire()]
-    locks = [ExclusiveLock(folder / ".lock", what, shared=True).acquire()]
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    held: list[ExclusiveLock] = []
     try:
-        locks.append(ExclusiveLock(folder / f".lock-{part}", part_what or f"{part} of {what}").acquire())
+        for lock in _folder_locks(folder, what, part, part_what):
+            held.append(lock.acquire())
     except ConfigError:
-        locks[0].release()
+        for lock in reversed(held):
+            lock.release()
         raise
-    return locks
+    return held
+
+
+def check_folder_free(folder: str | Path, what: str, part: str = "", part_what: str = "") -> None:
+    """Refuse, as :func:`lock_folder` with the same arguments would, a folder that another run holds;
+    takes no lock and creates nothing (a check before the run: the run still takes its locks)."""
+    for lock in _folder_locks(folder, what, part, part_what):
+        lock.probe()
+
+
+def _folder_locks(folder: str | Path, what: str, part: str, part_what: str) -> list[ExclusiveLock]:
+    folder = Path(folder)
+    if not part:
+        return [ExclusiveLock(folder / ".lock", what)]
+    return [ExclusiveLock(folder / ".lock", what, shared=True),
+            ExclusiveLock(folder / f".lock-{part}", part_what or f"{part} of {what}")]
 
 
 @contextlib.contextmanager

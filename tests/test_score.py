@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,9 +27,9 @@ from allcluster.score.budget import budget_reasons
 from allcluster.score.ledger import Ledger
 from allcluster.score.reading import read_decode
 from allcluster.score.config import ScoreConfig, check
-from allcluster.score.inputs import list_inputs
+from allcluster.score.inputs import Shard, list_inputs
 from allcluster.score.heatmaps import load_heatmap
-from allcluster.score.output import check_job_settings
+from allcluster.score.output import check_job_settings, lock_output
 from conftest import REPO, real_images
 
 CI_TINY = REPO / "configs" / "score" / "ci_tiny.yaml"
@@ -149,14 +150,23 @@ def test_check_refuses_what_the_run_would_and_writes_nothing(tiny_model_dir, rea
     assert check(input=tmp_path / "typo") == 2 and "typo: input not found" in capsys.readouterr().err
     assert check(shard="3/3") == 2 and "--shard: '3/3' needs 0 <= K < N" in capsys.readouterr().err
     assert not out.exists()
-    check_job_settings(out, {"model_sha256": "another model"})        # an out of another job
+    task = lock_output(out, Shard(0, 2))            # array task 0 of 2 of this job is running
+    assert check(shard="1/2") == 0, "array tasks run side by side"
+    assert check(shard="0/2") == 2 and f"shard 0/2 of {out} is in use by another run" in capsys.readouterr().err
+    assert check() == 2 and f"output folder {out} is in use by another run" in capsys.readouterr().err
+    for lock in task:
+        lock.release()
+    check_job_settings(out, {"model_sha256": "another model"})        # an out of another job...
+    held = lock_output(out)                                           # ...still running: that comes first
     before = tree_fingerprint(out)
+    assert check() == 2 and f"in use by another run (host {socket.gethostname()}, pid {os.getpid()}" in capsys.readouterr().err
+    for lock in held:
+        lock.release()
     assert check() == 2 and "model_sha256: 'another model' -> " in capsys.readouterr().err
     assert tree_fingerprint(out) == before
 
 
 def test_array_tasks_starting_in_the_same_second_get_different_run_ids():
-    from allcluster.score.inputs import Shard
     from allcluster.score.output import new_run_id
 
     ids = [new_run_id(Shard(index, 8)) for index in range(8) for _ in range(50)]

@@ -114,10 +114,14 @@ def test_a_second_writer_of_a_run_folder_or_an_experiment_is_refused_naming_the_
     trials = plan_trials(_sweep(read_yaml(config)), str(config))
     held = lock_folder(exp, "another sweep")
     refused(["sweep", "--config", str(config)], f"sweep experiment {exp}")
+    refused(["sweep", "--config", str(config), "--check"], f"sweep experiment {exp}")    # as the run, Ray or not
+    refused(["sweep", "--config", str(config), "--check", "--trial-index", "1"], f"sweep experiment {exp}")
     released(held)
     task = lock_folder(exp, "an array task", f"trial-{trials[0].trial_id}")
     refused(["sweep", "--config", str(config), "--collect"], f"sweep experiment {exp}", f"Slurm array tasks: see {exp}/.lock-*")
     refused(["sweep", "--config", str(config), "--trial-index", "0"], f"trial 0 ({trials[0].trial_id}) of {exp}")
+    refused(["sweep", "--config", str(config), "--check", "--trial-index", "0"], f"trial 0 ({trials[0].trial_id}) of {exp}")
+    assert main(["sweep", "--config", str(config), "--check", "--trial-index", "1"]) == 0, "tasks run side by side"
     released(task)
     assert sorted(p.name for p in exp.iterdir()) == [".lock", f".lock-trial-{trials[0].trial_id}"], "nothing written"
 

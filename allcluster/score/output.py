@@ -34,7 +34,7 @@ from allcluster.atomic import atomic_write_parquet
 from allcluster.config import ConfigError
 from allcluster.console import say
 from allcluster.data.decode import TRANSIENT_ERRORS
-from allcluster.locks import ExclusiveLock, lock_folder
+from allcluster.locks import ExclusiveLock, check_folder_free, lock_folder
 from allcluster.score.config import IMPLIED_BEFORE
 from allcluster.score.heatmaps import pack_of, point_rows_at_pack, write_pack
 from allcluster.score.inputs import Shard, all_distinct, large_text, path_codes
@@ -181,8 +181,17 @@ def replace_shard(path: Path, table: pa.Table) -> None:
 def lock_output(out: Path, shard: Shard = Shard()) -> list[ExclusiveLock]:
     """Make ``out`` and hold its locks for this run (:func:`allcluster.locks.lock_folder`): a whole job
     exclusively, array tasks side by side with ``.lock-K-of-N`` each."""
-    return lock_folder(out, f"output folder {out}", "" if shard.whole else shard.name,
-                       f"shard {shard.index}/{shard.count} of {out}")
+    return lock_folder(*_output_locks(out, shard))
+
+
+def check_output_free(out: Path, shard: Shard = Shard()) -> None:
+    """Refuse, as :func:`lock_output` would, an ``out`` that another run holds; takes and writes nothing."""
+    check_folder_free(*_output_locks(out, shard))
+
+
+def _output_locks(out: Path, shard: Shard) -> tuple:
+    return (out, f"output folder {out}", "" if shard.whole else shard.name,
+            f"shard {shard.index}/{shard.count} of {out}")
 
 
 def check_job_settings(out: Path, settings: dict, record: bool = True) -> None:

@@ -27,9 +27,9 @@ from allcluster.score.rows import error_rows, provenance
 from allcluster.score.config import ScoreConfig, row_settings
 from allcluster.score.inputs import Listing, Shard, check_input, list_inputs
 from allcluster.atomic import atomic_write_text
-from allcluster.score.output import (Progress, RowsState, ShardWriter, check_job_settings, compact, lock_output,
-                                     new_run_id, recover_journals, resolve_duplicates, split_duplicates, summarize,
-                                     summary_text)
+from allcluster.score.output import (Progress, RowsState, ShardWriter, check_job_settings, check_output_free, compact,
+                                     lock_output, new_run_id, recover_journals, resolve_duplicates, split_duplicates,
+                                     summarize, summary_text)
 from allcluster.score.rows import row_schema
 
 
@@ -125,13 +125,16 @@ def plan_job(cfg: ScoreConfig, out: Path, retry_errors: bool = False, shard: Sha
     return JobPlan(todo, inputs, inputs - len(todo))
 
 
-def check_before_run(cfg: ScoreConfig) -> ModelCard:
+def check_before_run(cfg: ScoreConfig, shard: Shard = Shard()) -> ModelCard:
     """What a run refuses before it writes anything or starts Ray; reads only, raises ``ConfigError``:
-    the model (its card), the input (missing, a manifest without paths), an ``out`` that holds rows
-    scored with another model or other row-shaping settings. ``--check`` runs exactly this."""
+    the model (its card), the input (missing, a manifest without paths), an ``out`` that another run
+    holds (a whole job, or the same array task), an ``out`` that holds rows scored with another model
+    or other row-shaping settings. ``--check`` runs exactly this."""
     card = ModelCard.read(cfg.model)
     check_input(cfg.input)
-    check_job_settings(Path(cfg.out).resolve(), _job_settings(card, cfg), record=False)
+    out = Path(cfg.out).resolve()
+    check_output_free(out, shard)
+    check_job_settings(out, _job_settings(card, cfg), record=False)
     return card
 
 
@@ -147,7 +150,7 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
     from allcluster.config import write_resolved
 
     out = Path(cfg.out).resolve()
-    card = check_before_run(cfg)
+    card = check_before_run(cfg, shard)
     locks = lock_output(out, shard)         # before anything is written: a refused second run writes nothing
     try:
         check_job_settings(out, _job_settings(card, cfg))   # again, under the lock: the first run records them

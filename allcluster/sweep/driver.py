@@ -10,7 +10,7 @@ from allcluster.atomic import atomic_write_parquet
 from allcluster.config import ConfigError, load, write_resolved
 from allcluster.console import say
 from allcluster.interrupt import InterruptionCaught, StopSignals, report_progress
-from allcluster.locks import holding
+from allcluster.locks import check_folder_free, holding
 from allcluster.sweep.config import SweepConfig
 from allcluster.sweep.experiment import (BASE_FILE, check_base, read_stored_base, resolved_base, store_base,
                                          supersede, varied_keys)
@@ -69,7 +69,7 @@ def run_sweep(sweep: SweepConfig, trials: list[Trial], retry_errored: bool = Fal
     """
     exp = Path(sweep.experiment_dir)
     base, changes, to_run = check_before_run(sweep, trials, source, retry_errored, new_config)
-    with holding(exp, f"sweep experiment {exp}"), StopSignals(SWEEP_STOPPING) as stop:
+    with holding(*_experiment_locks(exp, trials)), StopSignals(SWEEP_STOPPING) as stop:
         stop.graceful()                   # moving and writing files: a signal waits until they are done
         _start(exp, sweep, base, trials, changes, new_config)
         before = work_done(to_run)
@@ -86,7 +86,7 @@ def run_sweep(sweep: SweepConfig, trials: list[Trial], retry_errored: bool = Fal
 def check_before_run(sweep: SweepConfig, trials: list[Trial], source: str, retry_errored: bool = False,
                      new_config: bool = False, index: int | None = None) -> tuple[dict, list[str], list[Trial]]:
     """What a run refuses before it writes anything or starts Ray; reads only, raises ``ConfigError``:
-    the trial index (array mode), a base config that differs from the experiment's (unless
+    the trial index (array mode), an experiment another run holds (a run or the same array task), a base config that differs from the experiment's (unless
     ``new_config``), a missing manifest or missing weights of a backbone left to train. Returns the
     resolved base config, its changed keys and the trials to run. ``--check`` runs exactly this."""
     from allcluster.train.ray_train import preflight
@@ -94,6 +94,7 @@ def check_before_run(sweep: SweepConfig, trials: list[Trial], source: str, retry
     if index is not None and not 0 <= index < len(trials):
         raise ConfigError(f"--trial-index {index}: {source} plans {len(trials)} trials, indices 0 to "
                           f"{len(trials) - 1} (`allcluster sweep --dry-run` lists them)")
+    check_folder_free(*_experiment_locks(Path(sweep.experiment_dir), trials, index))
     base = resolved_base(sweep, source)
     changes = check_base(Path(sweep.experiment_dir), base, varied_keys(sweep), source, new_config)
     planned = trials if index is None else [trials[index]]
@@ -101,6 +102,15 @@ def check_before_run(sweep: SweepConfig, trials: list[Trial], source: str, retry
     for trial in {t.config.model.backbone: t for t in to_run}.values():
         preflight(trial.config)
     return base, changes, to_run
+
+
+def _experiment_locks(exp: Path, trials: list[Trial], index: int | None = None) -> tuple:
+    """:func:`lock_folder`'s arguments for ``exp``: a whole run (Tune, ``--collect``) or array task ``index``."""
+    what = f"sweep experiment {exp}"
+    if index is None:
+        return exp, what
+    trial = trials[index]
+    return exp, what, f"trial-{trial.trial_id}", f"trial {index} ({trial.trial_id}) of {exp}"
 
 
 def _start(exp: Path, sweep: SweepConfig, base: dict, trials: list[Trial], changes: list[str],
@@ -145,8 +155,7 @@ def run_array_task(sweep: SweepConfig, trials: list[Trial], index: int, retry_er
         return trial_status(trial.dir), ""
     if sweep.asha.enabled:
         say("[sweep] array mode runs every trial to its end: asha is a Tune-only feature, ignored here")
-    held = holding(exp, f"sweep experiment {exp}", f"trial-{trial.trial_id}", f"trial {index} ({trial.trial_id}) of {exp}")
-    with held, StopSignals() as stop, InterruptionCaught():     # never graceful: a signal ends the task at once
+    with holding(*_experiment_locks(exp, trials, index)), StopSignals() as stop, InterruptionCaught():     # never graceful: a signal ends the task at once
         if read_stored_base(exp) is None:
             store_base(exp, base)
         say(f"[sweep] trial {index} of {len(trials)}: {trial.trial_id} in {trial.dir}")
@@ -178,6 +187,6 @@ def collect_only(sweep: SweepConfig, trials: list[Trial], source: str = "sweep c
     exp = Path(sweep.experiment_dir)
     base = resolved_base(sweep, source)
     changes = check_base(exp, base, varied_keys(sweep), source, new_config)
-    with holding(exp, f"sweep experiment {exp}"):         # refused while array tasks still run
+    with holding(*_experiment_locks(exp, trials)):        # refused while array tasks still run
         _start(exp, sweep, base, trials, changes, new_config)
         return collect(sweep, trials)
