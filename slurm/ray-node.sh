@@ -3,7 +3,7 @@
 # Reads what Slurm granted to this step on this node and hands exactly that to `ray start`, on ports
 # that are free on this node right now, with Ray's temp dir inside a fresh private folder.
 # Needs RAY_JOB_DIR (the job's private folder, mode 700, on a filesystem every node sees): the head
-# writes the cluster address there (file `address`), workers read it from there.
+# writes the cluster address there (file `address`) once its Ray runs, workers read it from there.
 set -euo pipefail
 role=$1 node_ip=$2
 ray_bin=$(dirname "$ALLCLUSTER_PYTHON")/ray
@@ -109,27 +109,42 @@ args=(--block --node-ip-address="$node_ip" --num-cpus="$cpus" --num-gpus="$gpus"
 start=()
 if [ "$role" = head ]; then
   _log "ports: gcs $gcs, dashboard $dashboard, client server $client, node manager $node_manager, object manager $object_manager, agent $agent_grpc/$agent_http, metrics $metrics, runtime env $runtime_env, workers $worker_min-$worker_max"
-  # Publish the address (written whole, then renamed: a reader never sees half of it).
-  echo "$node_ip:$gcs" >"$RAY_JOB_DIR/address.tmp" && mv "$RAY_JOB_DIR/address.tmp" "$RAY_JOB_DIR/address"
+  address=$node_ip:$gcs
   # The dashboard serves Ray's State API, which Ray Train needs to free the resources of a trial that
   # Tune stops early; it listens on this node's address (token auth applies).
   start=(--head --port="$gcs" --ray-client-server-port="$client" --include-dashboard=true
          --dashboard-host="$node_ip" --dashboard-port="$dashboard")
 else
   _log "ports: node manager $node_manager, object manager $object_manager, agent $agent_grpc/$agent_http, metrics $metrics, runtime env $runtime_env, workers $worker_min-$worker_max"
-  start=(--address="$(cat "$RAY_JOB_DIR/address")")
+  address=$(cat "$RAY_JOB_DIR/address")
+  start=(--address="$address")
 fi
 # Ray's processes and workers inherit this: Ray code that looks its cluster up without an address
 # (Ray Train's PlacementGroupCleaner, through the State API) otherwise scans the node's processes and
 # fails with "Found multiple active Ray instances" when another Ray runs there (another user's job).
-export RAY_ADDRESS
-RAY_ADDRESS=$(cat "$RAY_JOB_DIR/address")
+export RAY_ADDRESS=$address
 # In the background, so that on SIGTERM (ray-cluster.sh stopping the step, or Slurm ending the job)
 # this shell waits for Ray to stop before the EXIT trap removes its temp folder.
 "$ray_bin" start "${start[@]}" "${args[@]}" &
 ray_pid=$!
 stopping=""
 trap 'stopping=1; kill -TERM "$ray_pid" 2>/dev/null || true' TERM INT
+published=""
+if [ "$role" = head ]; then
+  # Publish the address once every head process runs: `ray start` writes TEMP_DIR/ray_current_cluster
+  # after its Node() has started them all (ray/scripts/scripts.py), and exits instead when one of them
+  # failed, e.g. on a port another process bound between our check and Ray's bind. Such a head is
+  # retried below with fresh ports, before anyone has read its address. Written whole, then
+  # renamed: a reader never sees half of it.
+  while [ -z "$stopping" ] && kill -0 "$ray_pid" 2>/dev/null && [ ! -s "$tmp/ray_current_cluster" ]; do
+    sleep 0.2
+  done
+  if [ -z "$stopping" ] && [ -s "$tmp/ray_current_cluster" ]; then
+    echo "$address" >"$RAY_JOB_DIR/address.tmp" && mv "$RAY_JOB_DIR/address.tmp" "$RAY_JOB_DIR/address"
+    published=1
+    _log "Ray head running; address $address published in $RAY_JOB_DIR/address"
+  fi
+fi
 rc=0
 while :; do
   rc=0; wait "$ray_pid" || rc=$?
@@ -146,12 +161,13 @@ for f in "$tmp"/session_latest/logs/{raylet.out,gcs_server.out,dashboard_agent.l
   [ -s "$f" ] || continue
   { echo "--- $f"; grep -E '^\[?[0-9-]* ?[0-9:,.]* [EFC] |ERROR|^[EF][0-9]{4} |Check failed|Error' "$f" | tail -n 8 || true; }
 done
-# A worker node retries with fresh ports and temp folder: Ray's raylet gives its dashboard agent a
+# A node retries with fresh ports and temp folder. A worker: Ray's raylet gives its dashboard agent a
 # fixed ~15 s to report its ports and exits otherwise (ray-project/ray#65983), which a loaded node
 # or a slow shared filesystem (the agent's imports) can exceed; the head's cluster waits for the
-# worker (RAY_JOIN_TIMEOUT_S). The head is not retried: the job's address is already published.
+# worker (RAY_JOIN_TIMEOUT_S). The head: only before its address is published (ray-cluster.sh
+# waits for it); a head that ends later ends the job's cluster.
 attempt=${RAY_NODE_ATTEMPT:-1}
-if [ "$role" = worker ] && [ "$attempt" -lt "${RAY_START_TRIES:-3}" ]; then
+if { [ "$role" = worker ] || [ -z "$published" ]; } && [ "$attempt" -lt "${RAY_START_TRIES:-3}" ]; then
   _log "retrying ray start on $(hostname -s) (attempt $((attempt + 1)) of ${RAY_START_TRIES:-3})"
   rm -rf "$private"
   RAY_NODE_ATTEMPT=$((attempt + 1)) exec bash "$0" "$role" "$node_ip"
