@@ -73,7 +73,9 @@ class ExclusiveLock:
         """Refuse as :meth:`acquire` would while another process holds the lock; takes nothing (the
         lock is dropped at once), creates and writes nothing: what ``--check`` runs."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # read-write, as acquire opens it: on NFS flock is emulated with POSIX locks, and an
+            # exclusive POSIX lock on a read-only fd fails with EBADF
+            fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             return                       # no lock file: nobody holds it (acquire reports a bad one)
         self._lock_or_refuse(fd)
@@ -88,6 +90,10 @@ class ExclusiveLock:
             who = describe_holder(holder) if holder else f"Slurm array tasks: see {self.path}-*"
             raise ConfigError(f"{self.what} is in use by another run ({who}); "
                               f"wait for it to finish or stop it first (lock: {self.path})") from None
+        except OSError as err:       # ENOSYS, ENOLCK...: a filesystem without flock (Lustre mounted without it)
+            os.close(fd)
+            raise ConfigError(f"{self.path}: cannot lock it ({err.strerror or err}): one writer per output needs "
+                              "a filesystem with flock (Lustre: the flock mount option); use a folder on one") from None
 
     @staticmethod
     def _read_holder(fd: int) -> dict:

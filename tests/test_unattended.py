@@ -224,6 +224,31 @@ def test_a_cache_root_that_is_not_private_is_refused_and_lock_symlinks_are_not_f
     assert target.read_text() == "keep me"
 
 
+def test_an_output_on_a_filesystem_without_flock_is_refused_naming_its_lock_file(tiny_model_dir, real_data_dir,
+                                                                                 tmp_path, monkeypatch, capsys):
+    """Lustre mounted without the flock option answers flock(2) with ENOSYS: one writer per output cannot
+    be kept there, so the run (and its --check) refuses with the lock file named, not a traceback.
+    Injected: every local filesystem here has flock."""
+    import errno
+
+    from allcluster import locks
+    from allcluster.cli import main
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    out = tmp_path / "out"
+    args = score_args(tiny_model_dir, real_data_dir, out)
+    assert main(args + ["--check"]) == 0 and not out.exists()   # no lock file yet: nothing to probe
+    capsys.readouterr()
+    monkeypatch.setattr(locks.fcntl, "flock", no_flock)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{out / '.lock'}: cannot lock it (Function not implemented)" in err and "flock mount option" in err, err
+    assert [p.name for p in out.iterdir()] == [".lock"], "refused before writing anything else"
+    assert main(args + ["--check"]) == 2 and f"{out / '.lock'}: cannot lock it" in capsys.readouterr().err
+
+
 # ---- a real Ray Data job: odd names, an output folder inside the input, a sparse file ------------------
 @pytest.fixture(scope="module")
 def odd_job(ray_local, tiny_model_dir, real_data_dir, tmp_path_factory):
