@@ -9,6 +9,7 @@ followed to a file of the planter's choosing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -20,12 +21,15 @@ from pathlib import Path
 from allcluster.config import ConfigError
 
 
-def open_lock_file(path: str | Path) -> int:
-    """An fd for ``path`` (created 0600 if missing); refuses a symlink or a non-regular file there."""
+def open_lock_file(path: str | Path, create: bool = True) -> int:
+    """An fd for ``path`` (created 0600 if missing; -1 instead when not ``create``); refuses a
+    symlink or a non-regular file there."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0) | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as err:
-        if err.errno == 40:          # ELOOP: the final component is a symlink
+        if err.errno == errno.ENOENT and not create:
+            return -1
+        if err.errno == errno.ELOOP:          # the final component is a symlink
             raise ConfigError(f"{path}: lock file is a symlink; refusing to follow it (remove it if it is yours)") from err
         raise ConfigError(f"{path}: cannot open lock file: {err.strerror or err}") from err
     if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -72,12 +76,9 @@ class ExclusiveLock:
     def probe(self) -> None:
         """Refuse as :meth:`acquire` would while another process holds the lock; takes nothing (the
         lock is dropped at once), creates and writes nothing: what ``--check`` runs."""
-        try:
-            # read-write, as acquire opens it: on NFS flock is emulated with POSIX locks, and an
-            # exclusive POSIX lock on a read-only fd fails with EBADF
-            fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return                       # no lock file: nobody holds it (acquire reports a bad one)
+        fd = open_lock_file(self.path, create=False)      # read-write, as acquire opens it: NFS
+        if fd < 0:                                        # emulates flock with POSIX locks, whose
+            return                                        # exclusive kind needs a writable fd
         self._lock_or_refuse(fd)
         os.close(fd)
 
@@ -120,7 +121,7 @@ def lock_folder(folder: str | Path, what: str, part: str = "", part_what: str = 
     array task's shard or trial) holds it shared, so parts run side by side and a whole run is refused
     while any runs, plus ``folder/.lock-<part>`` exclusively, so the same part cannot run twice
     (``part_what`` names it in the refusal)."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
+    _make_writable_folder(Path(folder))
     held: list[ExclusiveLock] = []
     try:
         for lock in _folder_locks(folder, what, part, part_what):
@@ -135,8 +136,28 @@ def lock_folder(folder: str | Path, what: str, part: str = "", part_what: str = 
 def check_folder_free(folder: str | Path, what: str, part: str = "", part_what: str = "") -> None:
     """Refuse, as :func:`lock_folder` with the same arguments would, a folder that another run holds;
     takes no lock and creates nothing (a check before the run: the run still takes its locks)."""
+    _check_writable_folder(Path(folder))
     for lock in _folder_locks(folder, what, part, part_what):
         lock.probe()
+
+
+def _make_writable_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{folder}: cannot write into this folder ({err.strerror or err})") from None
+    _check_writable_folder(folder)
+
+
+def _check_writable_folder(folder: Path) -> None:
+    """Refuse a folder that cannot be made, or written into, by this user (as the run would be)."""
+    existing = folder
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{folder}: cannot write into this folder ({existing} is not a folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{folder}: cannot write into this folder ({existing} is not writable)")
 
 
 def _folder_locks(folder: str | Path, what: str, part: str, part_what: str) -> list[ExclusiveLock]:

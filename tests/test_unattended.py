@@ -249,6 +249,30 @@ def test_an_output_on_a_filesystem_without_flock_is_refused_naming_its_lock_file
     assert main(args + ["--check"]) == 2 and f"{out / '.lock'}: cannot lock it" in capsys.readouterr().err
 
 
+def test_an_output_on_a_read_only_filesystem_is_refused_by_the_run_and_its_check_naming_it(tiny_model_dir,
+                                                                                            real_data_dir, tmp_path,
+                                                                                            capsys):
+    """A real read-only mount (tmpfs, ro): an --out there cannot be made; the run and --check both exit 2
+    with one line naming it, before Ray starts (a Slurm job then ends in its batch shell)."""
+    from allcluster.cli import main
+
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"READ-ONLY MOUNT ABSENT: needs root to mount a read-only tmpfs ({mounted.stderr.strip()})")
+    try:
+        for out in (mount / "scored", mount):       # to be made there; there already, not writable
+            args = score_args(tiny_model_dir, real_data_dir, out)
+            for extra in ([], ["--check"]):
+                assert main(args + extra) == 2, (out, extra)
+                err = capsys.readouterr().err
+                assert f"{out}: cannot write into this folder (" in err and "Traceback" not in err, err
+        assert list(mount.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
 # ---- a real Ray Data job: odd names, an output folder inside the input, a sparse file ------------------
 @pytest.fixture(scope="module")
 def odd_job(ray_local, tiny_model_dir, real_data_dir, tmp_path_factory):
