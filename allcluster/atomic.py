@@ -6,9 +6,12 @@ within one folder is atomic on local filesystems and on NFS/Lustre/GPFS. Tempora
 """
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Callable
+
+STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT)   # a full disk, a block or inode quota: no rerun helps until freed
 
 
 def _temporary(path: Path) -> Path:
@@ -24,6 +27,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno in STORAGE_FULL and not err.filename:     # pyarrow's errors name no file
+            raise OSError(err.errno, os.strerror(err.errno), str(path)) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -395,6 +396,15 @@ def _run(argv: list[str] | None) -> int:
     except (ConfigError, FileNotFoundError) as err:     # user errors: one clear line, no traceback
         print(f"allcluster {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        from allcluster.atomic import STORAGE_FULL
+
+        if err.errno not in STORAGE_FULL:
+            raise
+        print(f"allcluster {args.command}: error: {err.filename or 'writing'}: {os.strerror(err.errno)}; what was "
+              "written before is kept: free space (or raise the quota), then rerun the same command to resume "
+              f"(exit {os.EX_IOERR})", file=sys.stderr)
+        return os.EX_IOERR
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ export ALLCLUSTER_HOME=${ALLCLUSTER_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
 export ALLCLUSTER_PYTHON=${ALLCLUSTER_PYTHON:-$ALLCLUSTER_HOME/.venv/bin/python}
 RAY_JOIN_TIMEOUT_S=${RAY_JOIN_TIMEOUT_S:-300}
 EX_TEMPFAIL=75               # the drivers' "interrupted; rerunning the same command resumes"
+EX_IOERR=74                  # the drivers' "the output's storage is full": a requeue would fail the same way
 ALLCLUSTER_MAX_STALLED_STARTS=${ALLCLUSTER_MAX_STALLED_STARTS:-3}
 _ray_steps=()
 _ray_jobdir=""
@@ -200,11 +201,12 @@ ray_cluster_stop() {  # the EXIT trap
   trap '' TERM INT
   # After the warning any unfinished end requeues (75 as promised, or killed before its handler was
   # in place, or failing while it stopped): the time limit ends this run anyway and the rerun resumes.
-  # Without the warning nothing requeues: a failure is reported, not retried. Requeued first, so that
+  # Without the warning nothing requeues: a failure is reported, not retried; nor does a full disk
+  # or quota (74) after it: the next start would stop at its first write again. Requeued first, so that
   # Slurm's SIGKILL (KillWait after the time limit's SIGTERM) cannot fall between the stop and the
   # requeue; the requeued job starts again only once every process of this one has ended.
   local requeued=""
-  if [ -n "$_ray_warned" ] && [ "$rc" != 0 ] && _ray_keeps_requeueing; then
+  if [ -n "$_ray_warned" ] && [ "$rc" != 0 ] && [ "$rc" != "$EX_IOERR" ] && _ray_keeps_requeueing; then
     _ray_requeue && requeued=1
   else
     rm -f "$(_ray_stalls_file)"            # the job ends here: no count is left for a later job
@@ -385,6 +387,7 @@ ray_cluster_run() {  # the driver: its exit code is the job's
   case $rc in
     0) _log "driver exited with 0" ;;
     "$EX_TEMPFAIL") _log "driver exited with $rc: interrupted; rerunning the same command resumes" ;;
+    "$EX_IOERR") _log "driver exited with $rc: the output's storage is full (see its error above); free space or raise the quota, then resubmit the same command to resume" ;;
     *) if [ -n "$_ray_stopping" ]; then
          # Slurm's SIGTERM reached this node's Ray too; when the raylet stops first, Ray's core worker
          # ends the driver (exit 1, "connection to the plasma store is failed"), not the driver itself

@@ -580,6 +580,7 @@ def test_a_job_whose_warned_starts_make_no_progress_stops_requeueing_after_three
 
     assert "this start's progress: 12 rows" in start("12 rows") and "REQUEUED" in start("12 rows")
     assert not stalls.exists()
+    assert "REQUEUED" not in start("12 rows", rc=74), "a full disk (EX_IOERR) is not requeued: it would fail again"
     for count, progress in ((1, None), (2, "0 epochs or trial endings")):
         log = start(progress)
         assert "REQUEUED" in log and f"no progress this start ({count} of 3 in a row" in log, log

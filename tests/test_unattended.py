@@ -3,8 +3,10 @@ file name, absolute paths, one writer per output, outputs never read back as inp
 retried, bounded memory per file, and a cache that never keeps a failure that is not the file's own."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -249,19 +251,28 @@ def test_an_output_on_a_filesystem_without_flock_is_refused_naming_its_lock_file
     assert main(args + ["--check"]) == 2 and f"{out / '.lock'}: cannot lock it" in capsys.readouterr().err
 
 
+@contextlib.contextmanager
+def tmpfs(mount: Path, options: str):
+    """A real tmpfs mounted at ``mount`` with ``options`` for the block (root only: skips loudly)."""
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"TMPFS MOUNT ABSENT: needs root to mount a tmpfs ({mounted.stderr.strip()})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
 def test_an_output_on_a_read_only_filesystem_is_refused_by_the_run_and_its_check_naming_it(tiny_model_dir,
                                                                                             real_data_dir, tmp_path,
                                                                                             capsys):
-    """A real read-only mount (tmpfs, ro): an --out there cannot be made; the run and --check both exit 2
-    with one line naming it, before Ray starts (a Slurm job then ends in its batch shell)."""
+    """A real read-only mount: an --out there cannot be made; the run and --check both exit 2 with one
+    line naming it, before Ray starts (a Slurm job then ends in its batch shell)."""
     from allcluster.cli import main
 
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if mounted.returncode:
-        pytest.skip(f"READ-ONLY MOUNT ABSENT: needs root to mount a read-only tmpfs ({mounted.stderr.strip()})")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as mount:
         for out in (mount / "scored", mount):       # to be made there; there already, not writable
             args = score_args(tiny_model_dir, real_data_dir, out)
             for extra in ([], ["--check"]):
@@ -269,8 +280,34 @@ def test_an_output_on_a_read_only_filesystem_is_refused_by_the_run_and_its_check
                 err = capsys.readouterr().err
                 assert f"{out}: cannot write into this folder (" in err and "Traceback" not in err, err
         assert list(mount.iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.ray
+def test_a_full_output_disk_ends_the_run_with_74_naming_the_file_and_the_rerun_resumes_exactly_once(
+        ray_local, tiny_model_dir, real_data_dir, tmp_path, capsys):
+    """A real full disk (a 300 KiB tmpfs; a quota's EDQUOT takes the same path): no file of the dump is at
+    fault, so no error rows. The run stops at the first write that fails, names it, keeps what it
+    wrote (its batch in hand is in the journal) and exits 74 (EX_IOERR: not 75, a requeue would
+    fail the same way). Once there is room, the same command resumes: one row per file."""
+    from allcluster.cli import main
+
+    files = real_images(real_data_dir, 15)                    # 60: their maps need ~500 KiB
+    listing = tmp_path / "files.txt"
+    listing.write_text("\n".join(map(str, files)) + "\n")
+    with tmpfs(tmp_path / "small", "size=300k") as mount:
+        out = mount / "scored"
+        assert main(score_args(tiny_model_dir, listing, out)) == os.EX_IOERR
+        err = capsys.readouterr().err
+        assert re.search(rf"error: {re.escape(str(out))}/(rows|heatmaps)/part-\S+: No space left on device; what was "
+                         "written before is kept", err), err
+        assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")], "no half-written file left"
+        written = len(rows_of(out))
+        assert 0 < written < len(files), written
+        subprocess.run(["mount", "-o", "remount,size=50m", str(mount)], check=True)    # room again
+        assert main(score_args(tiny_model_dir, listing, out)) == 0
+        rows = rows_of(out)
+        assert sorted(rows["path"]) == sorted(map(str, files)) and (rows["status"] == "ok").all()
+        assert "recovered from its journal" in capsys.readouterr().err
 
 
 # ---- a real Ray Data job: odd names, an output folder inside the input, a sparse file ------------------

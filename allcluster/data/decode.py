@@ -42,7 +42,7 @@ TRANSIENT_ERRORS = frozenset({
     "unlistable",        # a folder that could not be listed
     "list_error",        # any other exception while listing or stat-ing an entry
     "model_error",       # predict/explain failed for the batch (CUDA OOM, disk full writing heatmaps)
-    "write_error",       # the shard's heatmap pack could not be written (disk full, quota)
+    "write_error",       # the shard's heatmap pack could not be written (a full disk or quota stops the run)
     "duplicate_unresolved",  # the first copy of these bytes got no row (it will on the rerun)
 })
 
