@@ -28,7 +28,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
         write(tmp)
         os.replace(tmp, path)
     except OSError as err:
-        if err.errno in STORAGE_FULL and not err.filename:     # pyarrow's errors name no file
+        if err.errno in STORAGE_FULL:     # named by the target: pyarrow's errors name no file, others the hidden temporary
             raise OSError(err.errno, os.strerror(err.errno), str(path)) from err
         raise
     finally:

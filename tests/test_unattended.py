@@ -4,6 +4,7 @@ retried, bounded memory per file, and a cache that never keeps a failure that is
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -254,7 +255,7 @@ def test_an_output_on_a_filesystem_without_flock_is_refused_naming_its_lock_file
 @contextlib.contextmanager
 def tmpfs(mount: Path, options: str):
     """A real tmpfs mounted at ``mount`` with ``options`` for the block (root only: skips loudly)."""
-    mount.mkdir()
+    mount.mkdir(parents=True, exist_ok=True)
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True,
                              text=True)
     if mounted.returncode:
@@ -283,31 +284,50 @@ def test_an_output_on_a_read_only_filesystem_is_refused_by_the_run_and_its_check
 
 
 @pytest.mark.ray
+def test_a_replicas_full_quota_reaches_the_driver_as_the_error_it_was():
+    """Ray Data re-raises a replica's exception without its cause, so the replica's batch carries it."""
+    from allcluster.score.rows import STORAGE_FULL_ROWS, storage_full_in, storage_full_text
+
+    quota = OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), "/out/heatmaps/ab/cd.gradcam.png")
+    batch = pa.table({"error_type": ["", STORAGE_FULL_ROWS], "error": ["", storage_full_text(quota)]})
+    again = storage_full_in(batch)
+    assert (again.errno, again.filename, again.strerror) == (errno.EDQUOT, quota.filename, "Disk quota exceeded")
+    assert storage_full_in(batch.slice(0, 1)) is None
+
+
+@pytest.mark.parametrize("store", ["packed", "files"])
 def test_a_full_output_disk_ends_the_run_with_74_naming_the_file_and_the_rerun_resumes_exactly_once(
-        ray_local, tiny_model_dir, real_data_dir, tmp_path, capsys):
-    """A real full disk (a 300 KiB tmpfs; a quota's EDQUOT takes the same path): no file of the dump is at
+        ray_local, tiny_model_dir, real_data_dir, tmp_path, capsys, store):
+    """A real full disk (a small tmpfs; a quota's EDQUOT takes the same path): no file of the dump is at
     fault, so no error rows. The run stops at the first write that fails, names it, keeps what it
     wrote (its batch in hand is in the journal) and exits 74 (EX_IOERR: not 75, a requeue would
-    fail the same way). Once there is room, the same command resumes: one row per file."""
+    fail the same way). Once there is room, the same command resumes: one row per file. The
+    ``files`` store's maps are written by the model replicas, not the driver: only its heatmaps
+    folder is full there, so that the replicas' writes are the ones that fail."""
     from allcluster.cli import main
 
-    files = real_images(real_data_dir, 15)                    # 60: their maps need ~500 KiB
+    files = real_images(real_data_dir, 15)                    # 60: their maps need ~500 KiB (packed), 240 (files)
     listing = tmp_path / "files.txt"
     listing.write_text("\n".join(map(str, files)) + "\n")
-    with tmpfs(tmp_path / "small", "size=300k") as mount:
-        out = mount / "scored"
-        assert main(score_args(tiny_model_dir, listing, out)) == os.EX_IOERR
+    out = tmp_path / "small" / "scored" if store == "packed" else tmp_path / "scored"
+    full = out.parent if store == "packed" else out / "heatmaps"
+    named = r"(rows|heatmaps)/part-\S+" if store == "packed" else r"heatmaps/[0-9a-f]{2}/[0-9a-f]{64}\.gradcam\.png"
+    args = [*score_args(tiny_model_dir, listing, out), "--set", f"explain.heatmaps={store}"]
+    with tmpfs(full, "size=300k" if store == "packed" else "size=100k") as mount:
+        assert main(args) == os.EX_IOERR
         err = capsys.readouterr().err
-        assert re.search(rf"error: {re.escape(str(out))}/(rows|heatmaps)/part-\S+: No space left on device; what was "
+        assert re.search(rf"error: {re.escape(str(out))}/{named}: No space left on device; what was "
                          "written before is kept", err), err
         assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")], "no half-written file left"
-        written = len(rows_of(out))
-        assert 0 < written < len(files), written
+        written = rows_of(out) if list((out / "rows").glob("*.parquet")) else pd.DataFrame({"status": []})
+        assert len(written) < len(files) and (written["status"] == "ok").all(), written
         subprocess.run(["mount", "-o", "remount,size=50m", str(mount)], check=True)    # room again
-        assert main(score_args(tiny_model_dir, listing, out)) == 0
+        assert main(args) == 0
         rows = rows_of(out)
         assert sorted(rows["path"]) == sorted(map(str, files)) and (rows["status"] == "ok").all()
-        assert "recovered from its journal" in capsys.readouterr().err
+        assert all(find_heatmap(out, sha, "gradcam") for sha in rows["sha256"])
+        if store == "packed":
+            assert len(written) and "recovered from its journal" in capsys.readouterr().err
 
 
 # ---- a real Ray Data job: odd names, an output folder inside the input, a sparse file ------------------

@@ -31,8 +31,8 @@ DEFAULT_MIN_SIDE = 8              # a 1x1 "image" carries no cell; it is an inpu
 DEFAULT_MAX_BYTES = 512 * 2**20   # far above any microscope image; a whole-slide .svs or a tar is refused
 _CHUNK = 1 << 20
 
-# Error types that may not be the file's own fault (I/O hiccups, a file still being copied, a full
-# disk or an out-of-memory GPU while scoring): a rerun tries such files again. Every other type is
+# Error types that may not be the file's own fault (I/O hiccups, a file still being copied, an
+# out-of-memory GPU while scoring): a rerun tries such files again. Every other type is
 # determined by the file's content or kind and is kept until ``--retry-errors``.
 TRANSIENT_ERRORS = frozenset({
     "unreadable",        # missing, permission denied, I/O error (NFS hiccup)
@@ -41,7 +41,7 @@ TRANSIENT_ERRORS = frozenset({
     "read_error",        # any other exception while reading or hashing
     "unlistable",        # a folder that could not be listed
     "list_error",        # any other exception while listing or stat-ing an entry
-    "model_error",       # predict/explain failed for the batch (CUDA OOM, disk full writing heatmaps)
+    "model_error",       # predict/explain failed for the batch (CUDA OOM; a full disk stops the run instead)
     "write_error",       # the shard's heatmap pack could not be written (a full disk or quota stops the run)
     "duplicate_unresolved",  # the first copy of these bytes got no row (it will on the rerun)
 })

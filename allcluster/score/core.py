@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from allcluster.atomic import STORAGE_FULL
 from allcluster.data.paths import clean_text
 from allcluster.data.preprocess import cell_mask
 from allcluster.device import autocast, channels_last, pick_device, use_bf16
@@ -21,7 +22,8 @@ from allcluster.score.budget import budget_reasons, sha_fraction
 from allcluster.score.config import ScoreConfig
 from allcluster.score.heatmaps import bytes_columns, encode_maps, write_heatmap_files
 from allcluster.score.ledger import Reserve
-from allcluster.score.rows import class_columns, empty_columns, method_columns, provenance, row_schema
+from allcluster.score.rows import (STORAGE_FULL_ROWS, class_columns, empty_columns, method_columns, provenance,
+                                   row_schema, storage_full_text)
 from allcluster.xai.localisation import mass_inside
 
 
@@ -78,15 +80,22 @@ class Scorer:
                 with autocast(self.device, self.bf16):
                     self.fill(cols, todo, np.asarray(batch["pixels"])[todo])
             except Exception as err:       # noqa: BLE001 - any model-side failure becomes error rows
-                for i in todo:
-                    cols["status"][i], cols["error_type"][i] = "error", "model_error"
-                    cols["error"][i] = clean_text(f"{cols['path'][i]}: {type(err).__name__}: {err}")
-                    for name in self.batch_schema.names[len(self.schema.names):]:
-                        cols[name][i] = None             # no map of a failed batch reaches a pack
+                self.fail(cols, todo, err)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         for key, value in {**self.constants, "scored_at": stamp}.items():
             cols[key] = [value] * n
         return pa.Table.from_pydict(cols, schema=self.batch_schema)
+
+    def fail(self, cols: dict[str, list], todo: list[int], err: Exception) -> None:
+        """Rows ``todo`` as ``model_error`` rows (a rerun tries them again), or as
+        :data:`STORAGE_FULL_ROWS` when a map found no room."""
+        full = isinstance(err, OSError) and err.errno in STORAGE_FULL
+        for i in todo:
+            cols["status"][i], cols["error_type"][i] = "error", STORAGE_FULL_ROWS if full else "model_error"
+            cols["error"][i] = (storage_full_text(err) if full
+                                else clean_text(f"{cols['path'][i]}: {type(err).__name__}: {err}"))
+            for name in self.batch_schema.names[len(self.schema.names):]:
+                cols[name][i] = None             # no map of a failed batch reaches a pack
 
     def _sync(self) -> float:
         if self.device.type == "cuda":

@@ -23,7 +23,7 @@ from allcluster.models.card import ModelCard
 from allcluster.ray_utils import ensure_ray, leave_ray
 from allcluster.score.ledger import Ledger
 from allcluster.score.reading import read_decode
-from allcluster.score.rows import error_rows, provenance
+from allcluster.score.rows import error_rows, provenance, storage_full_in
 from allcluster.score.config import ScoreConfig, row_settings
 from allcluster.score.inputs import Listing, Shard, check_input, list_inputs
 from allcluster.atomic import atomic_write_text
@@ -234,6 +234,8 @@ def stream_rows(cfg: ScoreConfig, card: ModelCard, todo: Listing, writer: ShardW
     for table in build_dataset(cfg, card, todo, ledger, run_id, plan).iter_batches(batch_size=None,
                                                                                      batch_format="pyarrow"):
         times["seconds_to_first_row"] = times.get("seconds_to_first_row") or round(process_age_s(), 1)
+        if full := storage_full_in(table):
+            raise full                  # the run stops as when the driver's own write fails (exit 74)
         ready, pending = split_duplicates(table)
         writer.add(ready)
         if pending.num_rows:

@@ -8,11 +8,13 @@ Columns a row has no value for (an error row, a method not run on it) are null.
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from allcluster.data.paths import parent_text
 
@@ -128,3 +130,24 @@ def error_rows(schema: pa.Schema, errors: list[dict], constants: dict[str, str])
     for key, value in {**constants, "scored_at": stamp}.items():
         cols[key] = [value] * len(errors)
     return pa.Table.from_pydict(cols, schema=schema)
+
+
+# The rows of a batch whose maps found no room (``explain.heatmaps: files``: a replica writes them). They
+# carry the error to the driver, which stops the run on them, so they are never written: Ray Data
+# re-raises an exception of a replica as a UserCodeException without its cause (no errno, no file).
+STORAGE_FULL_ROWS = "storage_full"
+
+
+def storage_full_text(err: OSError) -> str:
+    """The ``error`` of :data:`STORAGE_FULL_ROWS` rows: what :func:`storage_full_in` needs to raise ``err`` again."""
+    return f"{err.errno} {err.filename or ''}"
+
+
+def storage_full_in(batch: pa.Table) -> OSError | None:
+    """The full disk or quota a replica met on one of ``batch``'s rows, as the OSError it was (errno
+    and file name), to raise in the driver; None if it met none."""
+    marked = pc.index(batch["error_type"], STORAGE_FULL_ROWS).as_py()
+    if marked < 0:
+        return None
+    number, _, name = batch["error"][marked].as_py().partition(" ")
+    return OSError(int(number), os.strerror(int(number)), name or None)
