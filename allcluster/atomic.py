@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT)   # a full disk, a block or inode quota: no rerun helps until freed
+
+
+def _storage_full_named(err: OSError, path: Path) -> OSError:
+    """A full disk's or quota's ``err`` named by ``path`` (what the user knows), not by a hidden
+    temporary; pyarrow's errors name no file at all."""
+    return OSError(err.errno, os.strerror(err.errno), str(path))
 
 
 def _temporary(path: Path) -> Path:
@@ -28,8 +36,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
         write(tmp)
         os.replace(tmp, path)
     except OSError as err:
-        if err.errno in STORAGE_FULL:     # named by the target: pyarrow's errors name no file, others the hidden temporary
-            raise OSError(err.errno, os.strerror(err.errno), str(path)) from err
+        if err.errno in STORAGE_FULL:
+            raise _storage_full_named(err, path) from err
         raise
     finally:
         tmp.unlink(missing_ok=True)
@@ -55,3 +63,33 @@ def atomic_write_parquet(path: str | Path, table) -> Path:
     if not isinstance(table, pa.Table):
         table = pa.Table.from_pandas(table, preserve_index=False)
     return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """``with atomic_folder(p) as tmp:`` fill the new folder ``tmp``; at the end it replaces ``p``
+    whole (readers see the old folder or the new one, never a mix). A failure removes ``tmp``.
+    Folders that killed writers left (``p.tmp-*``, ``p.old-*``) are removed first: callers hold
+    the lock that makes them the folder's one writer."""
+    path = Path(path)
+    for leftover in [*path.parent.glob(f"{path.name}.tmp-*"), *path.parent.glob(f"{path.name}.old-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f"{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno in STORAGE_FULL:
+            raise _storage_full_named(err, path) from err
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -396,12 +396,13 @@ def _run(argv: list[str] | None) -> int:
     except (ConfigError, FileNotFoundError) as err:     # user errors: one clear line, no traceback
         print(f"allcluster {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:
-        from allcluster.atomic import STORAGE_FULL
+    except Exception as err:                # noqa: BLE001 - a full disk or quota, wherever met: one line, 74
+        from allcluster.interrupt import storage_full_cause
 
-        if err.errno not in STORAGE_FULL:
+        full = storage_full_cause(err)
+        if full is None:
             raise
-        print(f"allcluster {args.command}: error: {err.filename or 'writing'}: {os.strerror(err.errno)}; what was "
+        print(f"allcluster {args.command}: error: {full.filename or 'writing'}: {os.strerror(full.errno)}; what was "
               "written before is kept: free space (or raise the quota), then rerun the same command to resume "
               f"(exit {os.EX_IOERR})", file=sys.stderr)
         return os.EX_IOERR

@@ -5,6 +5,7 @@ copied into this repository); CI has them at ../shared/data/all_aria_2021/Origin
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -231,12 +232,39 @@ class LoggedProcess(subprocess.Popen):
             time.sleep(0.2)
 
     def __exit__(self, *exc_info):
-        import contextlib
-        import signal
-
-        with contextlib.suppress(ProcessLookupError):      # the group may have ended already
-            os.killpg(self.pid, signal.SIGKILL)
+        kill_session(self.pid)
         return super().__exit__(*exc_info)
+
+
+def kill_session(sid: int, timeout_s: float = 10.0) -> None:
+    """SIGKILL every process of the session ``sid`` until none is left alive, as a node's end (Slurm's
+    cgroup kill) would. Not just the process group: Ray starts each worker in a group of its own, and
+    a TrainController or a Train worker left alive goes on writing checkpoints into the run folder."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout_s
+    while (alive := _session_members(sid)) and time.time() < deadline:
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    assert not alive, f"processes of session {sid} outlived SIGKILL for {timeout_s:g} s: {alive}"
+
+
+def _session_members(sid: int) -> list[int]:
+    """The live (not zombie) processes whose session is ``sid`` (Linux ``/proc/PID/stat``)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:                  # ended meanwhile
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
 
 
 def run_then_sigkill(command: list[str], ready, timeout_s: float, what: str) -> str:
@@ -246,3 +274,17 @@ def run_then_sigkill(command: list[str], ready, timeout_s: float, what: str) -> 
     with LoggedProcess(command) as process:
         process.wait_until(ready, timeout_s, what)
     return process.printed()
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, options: str):
+    """A real tmpfs mounted at ``mount`` with ``options`` for the block (root only: skips loudly)."""
+    mount.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"TMPFS MOUNT ABSENT: needs root to mount a tmpfs ({mounted.stderr.strip()})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)     # lazy: a Ray process may still hold a file

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import signal
@@ -16,7 +17,7 @@ from allcluster.cli import main
 from allcluster.config import ConfigError, from_dict
 from allcluster.sweep.config import SweepConfig
 from allcluster.sweep.plan import expand, plan_trials
-from tests.conftest import REPO, LoggedProcess, run_then_sigkill, write_yaml
+from tests.conftest import REPO, LoggedProcess, run_then_sigkill, tmpfs, write_yaml
 
 TRAIN = {
     "data": {"image_size": 32, "loader_workers": 0},
@@ -232,6 +233,28 @@ def test_errored_trial_is_recorded_and_retried_only_when_asked(ray_local, synthe
     assert main(["sweep", "--config", str(config), "--retry-errored"]) == 0
     assert json.loads((errored_dir / "error.json").read_text())["time"] > first_error_time
     assert weights.stat().st_mtime_ns == stamp, "a finished trial must not be rerun"
+
+
+@pytest.mark.ray
+def test_a_full_disk_stops_the_sweep_with_74_naming_the_trial_and_the_same_command_then_finishes_every_trial(
+        ray_local, synthetic_manifest, tmp_path, capsys):
+    """A real full disk (the experiment on a 400 KiB tmpfs: no checkpoint fits). No trial is at fault,
+    so none is errored (Tune's own error file would not fit either): the trial that met it ends
+    quietly and is left to resume, the sweep stops the others and exits 74 naming where. Once there is
+    room the same command, without --retry-errored, finishes every trial."""
+    exp = tmp_path / "small" / "exp"
+    config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, exp, grid={"optim.name": ["adam", "sgd"]})
+    with tmpfs(tmp_path / "small", "size=400k") as mount:
+        assert main(["sweep", "--config", str(config)]) == os.EX_IOERR
+        err = capsys.readouterr().err
+        assert re.search(rf"sweep: error: {re.escape(str(exp))}/trials/\S+: No space left on device; what was written "
+                         "before is kept: .* rerun the same command", err), err[-3000:]
+        assert not list(exp.glob("trials/*/error.json")), "no trial is at fault"
+        subprocess.run(["mount", "-o", "remount,size=300m", str(mount)], check=True)
+        assert main(["sweep", "--config", str(config)]) == 0
+        trials = pd.read_parquet(exp / "trials.parquet")
+        assert (trials["status"] == "finished").all(), trials[["trial_id", "status", "error"]]
+        assert (exp / "best_model" / "weights.safetensors").is_file()
 
 
 def _cpus_free_soon(ray, expected: float, timeout: float = 30.0) -> float:

@@ -131,9 +131,12 @@ def test_rerun_after_sigkill_resumes_from_the_latest_checkpoint_and_a_finished_r
         first.wait_until(lambda: _checkpointed_epochs(out, 2), 300, f"2 checkpointed epochs in {out}")
     done_before = pq.read_metadata(out / "metrics.parquet").num_rows
     assert done_before < 6
+    snapshot = out / "ray" / "checkpoint_manager_snapshot.json"     # as a kill or a full disk in Ray's write leaves it
+    snapshot.write_bytes(snapshot.read_bytes()[:40])
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     log = second.stdout + second.stderr
     assert second.returncode == 0, log[-3000:]
+    assert "unreadable (a full disk, or a kill while Ray Train wrote it): set aside" in log
     assert "resuming after epoch" in log and "[train] epoch 6 " in log       # workers' lines reach the driver
     ray_noise = re.findall(r".*(?:TrainController|core_worker\.cc|Token authentication|Setting up process group).*", log)
     assert not ray_noise, ray_noise[:5]                                     # Ray's own lines do not
@@ -151,6 +154,33 @@ def test_rerun_after_sigkill_resumes_from_the_latest_checkpoint_and_a_finished_r
     assert main(["train", "--config", str(config), "--set", "fit.epochs=8"]) == 2
     assert (out / "config.yaml").read_bytes() == written
     assert (file_sha256(weights), weights.stat().st_mtime_ns) == before
+
+
+def test_a_run_folder_whose_ray_snapshot_a_full_disk_cut_resumes_from_its_newest_checkpoint_that_loads(tmp_path):
+    """Ray Train writes its snapshot in place: a full disk (seen: 0 bytes) or a kill while it writes
+    leaves it unreadable, and Ray then refuses the run for ever. The repair before each fit sets it
+    aside and drops checkpoints the same fault cut; the session then finds the newest one left."""
+    from allcluster.train.loop import TrainState
+    from allcluster.train.ray_train import repair_run_folder
+    from allcluster.train.run_folder import RAY_SNAPSHOT, newest_checkpoint
+
+    run = tmp_path / "ray"
+    older, newer, cut = (run / f"checkpoint_2026-12-04_13-49-1{i}.000000" for i in range(3))
+    for epoch, folder in enumerate((older, newer, cut), 1):
+        folder.mkdir(parents=True)
+        TrainState(epoch=epoch, model={"w": torch.ones(2)}).save(folder)
+    (cut / "state.pt").write_bytes((cut / "state.pt").read_bytes()[:100])       # the full disk's cut copy
+    (run / RAY_SNAPSHOT).write_bytes(b"")
+    repair_run_folder(run)
+    assert not (run / RAY_SNAPSHOT).exists() and (run / f"{RAY_SNAPSHOT}.broken").is_file()
+    assert newest_checkpoint(run) == newer and not cut.exists() and older.is_dir()
+    assert TrainState.load(newest_checkpoint(run)).epoch == 2
+
+    (run / RAY_SNAPSHOT).write_text('{"ray_version": "x"}')     # readable: Ray Train's own list rules
+    (cut / "state.pt").parent.mkdir()
+    (cut / "state.pt").write_bytes(b"cut")
+    repair_run_folder(run)
+    assert (run / RAY_SNAPSHOT).is_file() and cut.is_dir()
 
 
 def test_a_run_folder_is_not_resumed_under_a_config_that_trains_something_else(synthetic_manifest, tmp_path):

@@ -3,7 +3,6 @@ file name, absolute paths, one writer per output, outputs never read back as inp
 retried, bounded memory per file, and a cache that never keeps a failure that is not the file's own."""
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -30,7 +29,7 @@ from allcluster.score import reading
 from allcluster.score.heatmaps import find_heatmap
 from allcluster.score.ledger import Ledger
 from allcluster.score.reading import read_decode
-from conftest import REPO, LoggedProcess, real_images, run_then_sigkill
+from conftest import REPO, LoggedProcess, real_images, run_then_sigkill, tmpfs
 
 CI_TINY = REPO / "configs" / "score" / "ci_tiny.yaml"
 ODD_NAMES = [b"latin1-caf\xe9.jpg", b"new\nline.jpg", b"tab\there.jpg", b"-leading-dash.jpg", b"back\\slash.jpg"]
@@ -250,20 +249,6 @@ def test_an_output_on_a_filesystem_without_flock_is_refused_naming_its_lock_file
     assert f"{out / '.lock'}: cannot lock it (Function not implemented)" in err and "flock mount option" in err, err
     assert [p.name for p in out.iterdir()] == [".lock"], "refused before writing anything else"
     assert main(args + ["--check"]) == 2 and f"{out / '.lock'}: cannot lock it" in capsys.readouterr().err
-
-
-@contextlib.contextmanager
-def tmpfs(mount: Path, options: str):
-    """A real tmpfs mounted at ``mount`` with ``options`` for the block (root only: skips loudly)."""
-    mount.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True,
-                             text=True)
-    if mounted.returncode:
-        pytest.skip(f"TMPFS MOUNT ABSENT: needs root to mount a tmpfs ({mounted.stderr.strip()})")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_an_output_on_a_read_only_filesystem_is_refused_by_the_run_and_its_check_naming_it(tiny_model_dir,

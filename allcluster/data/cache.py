@@ -29,7 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from allcluster.atomic import atomic_write_parquet
+from allcluster.atomic import atomic_folder, atomic_write_parquet
 from allcluster.config import ConfigError
 from allcluster.console import say
 from allcluster.data import decode as dec
@@ -214,16 +214,12 @@ def _build_new(root: Path, key: str, unique: pd.DataFrame, preprocess: Preproces
     log(f"[cache] decoding {len(unique)} distinct images at {preprocess.size}px into {final}")
     # Under this key's build lock no other builder of it runs (on any node sharing the root): a
     # folder of an earlier builder killed half way (SIGKILL, preemption) is a full-size leftover.
-    for leftover in root.glob(f"{key}.tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp = root / f"{key}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    _build(tmp, unique, preprocess, max_pixels, workers)
-    meta = {"manifest": str(Path(manifest_path).resolve()) if manifest_path else "",
-            "size": preprocess.size, "preprocess": preprocess.key(), "count": len(unique),
-            "version": CACHE_VERSION, "build_seconds": round(time.time() - start, 2)}
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    os.replace(tmp, final)
+    with atomic_folder(final) as tmp:
+        _build(tmp, unique, preprocess, max_pixels, workers)
+        meta = {"manifest": str(Path(manifest_path).resolve()) if manifest_path else "",
+                "size": preprocess.size, "preprocess": preprocess.key(), "count": len(unique),
+                "version": CACHE_VERSION, "build_seconds": round(time.time() - start, 2)}
+        (tmp / "meta.json").write_text(json.dumps(meta))
     _remove_stale(root, key, meta)
     log(f"[cache] built in {meta['build_seconds']} s")
 

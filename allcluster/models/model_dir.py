@@ -10,13 +10,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from allcluster.atomic import atomic_folder
 from allcluster.device import cpu_state_dict
 from allcluster.models.card import ModelCard, versions
 from allcluster.models.classifier import Classifier, build_model
@@ -34,30 +34,19 @@ def file_sha256(path: str | Path) -> str:
 def save_model_dir(out: str | Path, model: Classifier, card: ModelCard, config_yaml: str = "") -> Path:
     """Write weights, card and config atomically (into a temp folder, then renamed); the card gets
     the weights' sha256, the versions, the time and where the backbone's weights came from."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    import shutil
-
-    out = Path(out)
-    # The run folder has one writer (its lock): folders an export killed half way left are leftovers.
-    for leftover in [*out.parent.glob(f"{out.name}.tmp-*"), *out.parent.glob(f"{out.name}.old-*")]:
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(cpu_state_dict(model), tmp / "weights.safetensors")
-    card.replace(backbone_weights=card.backbone_weights or getattr(model, "weights_source", None),
-                 weights_sha256=file_sha256(tmp / "weights.safetensors"), versions=versions(),
-                 created=time.strftime("%Y-%m-%dT%H:%M:%S%z")).write(tmp)
-    if config_yaml:
-        (tmp / "config.yaml").write_text(config_yaml)
-    if out.exists():
-        old = out.with_name(out.name + f".old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    return out
+    # Serialised here, written by Python: safetensors' own file writer reports a full disk as a
+    # SafetensorError without errno, which no caller could tell from a broken model.
+    weights = save(cpu_state_dict(model))
+    with atomic_folder(out) as tmp:
+        (tmp / "weights.safetensors").write_bytes(weights)
+        card.replace(backbone_weights=card.backbone_weights or getattr(model, "weights_source", None),
+                     weights_sha256=hashlib.sha256(weights).hexdigest(), versions=versions(),
+                     created=time.strftime("%Y-%m-%dT%H:%M:%S%z")).write(tmp)
+        if config_yaml:
+            (tmp / "config.yaml").write_text(config_yaml)
+    return Path(out)
 
 
 @dataclass

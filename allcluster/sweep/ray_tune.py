@@ -6,6 +6,8 @@ Uses the Train V2 + Tune integration of Ray 2.60: a Tune *function* trainable th
 from __future__ import annotations
 
 import math
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from allcluster.console import say
 from allcluster.data.cache import MUST_EXIST_ENV
 from allcluster.data.preprocess import Preprocess
 from allcluster.sweep.config import SweepConfig
-from allcluster.interrupt import STOP_REQUESTED, StopSignals, behind, call_in_thread
+from allcluster.interrupt import STOP_REQUESTED, StopSignals, behind, call_in_thread, storage_full_cause
 from allcluster.sweep.plan import (LOST_RUNS_ALLOWED, Trial, clear_error, mark_errored, mark_lost, mark_stopped,
                                    trial_status)
 from allcluster.train.config import TrainConfig
@@ -35,14 +37,45 @@ def trial_trainer(trial_id: str, train: dict, callbacks: list | None = None):
     return build_trainer(cfg, run_id, callbacks=callbacks, env={MUST_EXIST_ENV: "1"})
 
 
-def tune_trial(config: dict) -> None:
-    """Tune function trainable: one trial = one Ray Train run in the trial's own folder."""
+# Set in the driver once a trial met a full disk or quota: the sweep's stopper then ends the Tune run.
+STORAGE_FULL_MET = threading.Event()
+
+
+class StorageFull:
+    """A Ray actor of the sweep's driver: the first full disk or quota (ENOSPC, EDQUOT) a trial met,
+    as ``(errno, file)``. Such a trial ends without raising: Tune would write its error into the full
+    experiment folder and read it back broken (an ``EOFError`` from ``error.pkl``), and no trial is at
+    fault. It is left to resume; the driver stops the sweep and exits 74."""
+
+    def __init__(self):
+        self.met: tuple[int, str] | None = None
+
+    def note(self, number: int, filename: str) -> None:
+        self.met = self.met or (number, filename)
+
+    def first(self) -> tuple[int, str] | None:
+        return self.met
+
+
+def tune_trial(config: dict, storage=None) -> None:
+    """Tune function trainable: one trial = one Ray Train run in the trial's own folder. A full disk or
+    quota is noted in ``storage`` (a :class:`StorageFull` actor) instead of raised."""
+    import ray
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial = config["trial"]
-    result = trial_trainer(trial["trial_id"], trial["train"], [TuneReportCallback()]).fit()
-    if result.error:
-        raise result.error
+    try:
+        err = trial_trainer(trial["trial_id"], trial["train"], [TuneReportCallback()]).fit().error
+    except Exception as raised:               # noqa: BLE001 - Train V2 raises a failed run (TrainingFailedError)
+        err = raised
+    full = storage_full_cause(err) if err is not None else None
+    if full is None or storage is None:
+        if err is not None:
+            raise err
+        return
+    where = full.filename or trial["train"]["output_dir"]
+    say(f"[sweep] {trial['trial_id']}: {where}: {os.strerror(full.errno)}: left to resume, the sweep stops")
+    ray.get(storage.note.remote(full.errno, where))
 
 
 def run_array_trial(trial: Trial) -> None:
@@ -63,6 +96,8 @@ def run_array_trial(trial: Trial) -> None:
         err = result.error
     except Exception as raised:               # Train V2 raises a failed run (TrainingFailedError)
         err = raised
+    if err and (full := storage_full_cause(err)):
+        raise full from err                   # no trial at fault: exit 74, the rerun resumes it
     if err:
         record_error(trial, err, "a stop signal" if STOP_REQUESTED.is_set() else "")
 
@@ -263,9 +298,34 @@ def _stop_on_signal():
 
         def stop_all(self) -> bool:
             from allcluster.interrupt import STOP_REQUESTED   # imported here: Tune pickles stoppers
+            from allcluster.sweep.ray_tune import STORAGE_FULL_MET
 
-            return STOP_REQUESTED.is_set()
+            return STOP_REQUESTED.is_set() or STORAGE_FULL_MET.is_set()
     return StopOnSignal()
+
+
+def _stops_on_full_storage(storage):
+    """A Tune callback (in the driver): once an ended trial has noted a full disk or quota in
+    ``storage``, :data:`STORAGE_FULL_MET` makes the stopper end the run (every later trial would
+    meet it too)."""
+    from ray.tune import Callback
+
+    class StopsOnFullStorage(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            import ray
+
+            from allcluster.sweep.ray_tune import STORAGE_FULL_MET   # imported here: Tune pickles callbacks
+
+            if ray.get(storage.first.remote()):
+                STORAGE_FULL_MET.set()
+    return StopsOnFullStorage()
+
+
+def _raise_if_storage_full(storage, cause: BaseException | None = None) -> None:
+    import ray
+
+    if met := ray.get(storage.first.remote()):
+        raise OSError(met[0], os.strerror(met[0]), met[1]) from cause
 
 
 def run_tune(sweep: SweepConfig, to_run: list[Trial], experiment_dir: Path, stop: StopSignals) -> None:
@@ -285,8 +345,10 @@ def run_tune(sweep: SweepConfig, to_run: list[Trial], experiment_dir: Path, stop
     say(f"[sweep] {len(to_run)} trials to run, {limit} at a time")
     prebuild_caches(to_run)
     scheduler = build_scheduler(sweep, to_run)
+    STORAGE_FULL_MET.clear()
+    storage = ray.remote(StorageFull).options(num_cpus=0).remote()
     tuner = tune.Tuner(
-        tune.with_resources(tune_trial, {"cpu": TRIAL_DRIVER_CPU}),
+        tune.with_resources(tune.with_parameters(tune_trial, storage=storage), {"cpu": TRIAL_DRIVER_CPU}),
         # Trials were expanded (and validated) by the planner; Tune schedules that list.
         param_space={"trial": tune.grid_search([{"trial_id": t.trial_id, "train": to_dict(t.config)}
                                                 for t in to_run])},
@@ -296,10 +358,16 @@ def run_tune(sweep: SweepConfig, to_run: list[Trial], experiment_dir: Path, stop
         run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=str(experiment_dir.resolve()), stop=_stop_on_signal(),
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                                  callbacks=[progress_callback(len(to_run))], verbose=0))
+                                  callbacks=[progress_callback(len(to_run)), _stops_on_full_storage(storage)],
+                                  verbose=0))
     stop.graceful()
-    grid = call_in_thread(tuner.fit)
+    try:
+        grid = call_in_thread(tuner.fit)
+    except Exception as err:
+        _raise_if_storage_full(storage, err)       # Tune's own writes into the full folder may fail too
+        raise
     record_errors(grid, {t.trial_id: t for t in to_run}, stop.signal_name)
+    _raise_if_storage_full(storage)
 
 
 def _max_epochs(cfg: TrainConfig) -> int:

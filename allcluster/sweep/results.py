@@ -6,7 +6,6 @@ are rebuilt the same way after any restart.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -14,11 +13,13 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from allcluster.atomic import atomic_folder
 from allcluster.config import config_hash
 from allcluster.models.card import CARD_FILE, ModelCard
 from allcluster.models.card import versions
 from allcluster.sweep.plan import Trial, epochs_recorded, trial_status
 from allcluster.sweep.schema import METRIC_KEYS, ordered
+from allcluster.train.run_folder import RAY_RUN_FOLDER, newest_checkpoint
 
 SUMMARY_COLUMNS = ["backbone", "augmentation", "optimizer", "status", "best_epoch", "train_accuracy", "train_macro_f1",
                    "val_accuracy", "test_accuracy", "train_loss", "val_loss", "test_loss", "val_macro_f1",
@@ -49,8 +50,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _latest_checkpoint(trial: Trial) -> str:
-    found = sorted((trial.dir / "ray").glob("checkpoint_*"))
-    return str(found[-1]) if found else ""
+    return str(newest_checkpoint(trial.dir / RAY_RUN_FOLDER) or "")
 
 
 def _split_metrics(prefix: str, metrics: dict) -> dict:
@@ -121,14 +121,10 @@ def epochs_table(trials: list[Trial]) -> pd.DataFrame:
 def export_best(best: pd.Series, experiment_dir: Path) -> Path:
     """Copy the best trial's model directory to ``<experiment>/best_model`` (replacing an older one)."""
     target = experiment_dir / "best_model"
-    tmp = experiment_dir / f".best_model.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(best["model_dir"], tmp)
-    ModelCard.read(tmp).replace(sweep={"trial_id": best["trial_id"], "chosen_by": "val_macro_f1",
-                                       "val_macro_f1": float(best["val_macro_f1"])}).write(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    with atomic_folder(target) as tmp:
+        shutil.copytree(best["model_dir"], tmp, dirs_exist_ok=True)
+        ModelCard.read(tmp).replace(sweep={"trial_id": best["trial_id"], "chosen_by": "val_macro_f1",
+                                           "val_macro_f1": float(best["val_macro_f1"])}).write(tmp)
     return target
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -10,9 +11,9 @@ from allcluster.locks import holding
 from allcluster.models.card import CARD_FILE, ModelCard
 from allcluster.models.weights import worker_env
 from allcluster.train.config import TrainConfig
+from allcluster.train.run_folder import RAY_RUN_FOLDER, RAY_SNAPSHOT, checkpoint_folders
 
 
-RAY_RUN_FOLDER = "ray"          # <output_dir>/ray: Ray Train's run folder, its checkpoints inside
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -22,7 +23,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from allcluster.train.session import RaySession
 
     cfg = from_dict(TrainConfig, loop_config["train"], "train config")
-    run_worker(cfg, RaySession(), loop_config.get("run_id", ""))
+    run_worker(cfg, RaySession(Path(cfg.output_dir).resolve() / RAY_RUN_FOLDER), loop_config.get("run_id", ""))
 
 
 def _quiet_per_report_logs() -> None:
@@ -67,6 +68,7 @@ def build_trainer(cfg: TrainConfig, run_id: str, callbacks: list | None = None, 
     from ray.train.torch import TorchTrainer
 
     storage = Path(cfg.output_dir).resolve()
+    repair_run_folder(storage / RAY_RUN_FOLDER)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": to_dict(cfg), "run_id": run_id},
@@ -77,6 +79,37 @@ def build_trainer(cfg: TrainConfig, run_id: str, callbacks: list | None = None, 
             failure_config=FailureConfig(max_failures=0),
             callbacks=callbacks or [],
             worker_runtime_env={"env_vars": {**worker_env(), **(env or {})}}))
+
+
+def repair_run_folder(run_folder: Path) -> None:
+    """Make a run whose Ray Train snapshot (its list of checkpoints, ``RAY_SNAPSHOT``) is unreadable or
+    missing resumable from the checkpoints it holds. Ray Train writes that file in place, so a full disk
+    or a kill while it wrote leaves it empty or cut, and Ray then refuses the run for ever
+    (``CheckpointManagerInitializationError``); a kill before its first write leaves none, and Ray
+    would start afresh. An unreadable one is set aside (``.broken``), checkpoint folders that do not
+    load (cut by the same full disk or kill) are removed, and the run resumes from the newest one left
+    (:class:`allcluster.train.session.RaySession` finds it)."""
+    import shutil
+
+    from allcluster.console import say
+    from allcluster.train.loop import TrainState
+
+    snapshot = run_folder / RAY_SNAPSHOT
+    try:
+        json.loads(snapshot.read_bytes())
+        return                                # Ray Train knows its checkpoints
+    except FileNotFoundError:
+        pass
+    except ValueError:
+        os.replace(snapshot, snapshot.with_name(f"{RAY_SNAPSHOT}.broken"))
+        say(f"[train] {snapshot}: unreadable (a full disk, or a kill while Ray Train wrote it): set aside "
+            f"as {RAY_SNAPSHOT}.broken")
+    for folder in checkpoint_folders(run_folder):
+        try:
+            TrainState.load(folder)
+        except Exception as err:              # noqa: BLE001 - a checkpoint we cannot resume from, whatever broke it
+            shutil.rmtree(folder, ignore_errors=True)
+            say(f"[train] {folder}: removed, it does not load ({type(err).__name__}: {err})")
 
 
 def check_fits_cluster(cfg: TrainConfig) -> None:
@@ -139,7 +172,7 @@ def check_resumable(cfg: TrainConfig) -> None:
     """
     output_dir = Path(cfg.output_dir)
     written = output_dir / "config.yaml"
-    if not written.is_file() or not any((output_dir / RAY_RUN_FOLDER).glob("checkpoint_*")):
+    if not written.is_file() or not checkpoint_folders(output_dir / RAY_RUN_FOLDER):
         return
     stored = to_dict(from_dict(TrainConfig, read_yaml(written), str(written)))
     diffs = config_diff(flatten(stored), flatten(to_dict(cfg)), skip=RESUME_FREE_KEYS)

@@ -18,6 +18,8 @@ from typing import Any, Iterator, Protocol
 import torch
 from torch import nn
 
+from allcluster.train.run_folder import checkpoint_folders, newest_checkpoint
+
 
 # Every report of a run carries the epochs it has trained so far, counted across restarts: a run
 # resumed after epoch N reports N + 1 first. Tune's ASHA counts its milestones in it; Tune's own
@@ -94,15 +96,14 @@ class LocalSession:
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
-        found = sorted(self.root.glob("checkpoint_*"))
-        yield found[-1] if found else None
+        yield newest_checkpoint(self.root)
 
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
         self.reports.append(dict(metrics))
         if checkpoint_dir is not None:
             import shutil
             # numbered after the ones already there: a resumed run must not collide with its own past
-            number = len(list(self.root.glob("checkpoint_*"))) + 1
+            number = len(checkpoint_folders(self.root)) + 1
             target = self.root / f"checkpoint_{number:06d}"
             shutil.copytree(checkpoint_dir, target)
 
@@ -114,9 +115,10 @@ class LocalSession:
 
 
 class RaySession:
-    """Inside a Ray Train worker: DDP wrapping, gathers and checkpoints through Ray Train."""
+    """Inside a Ray Train worker: DDP wrapping, gathers and checkpoints through Ray Train. ``run_folder``:
+    the Ray Train run's folder, for the checkpoints Ray Train does not know (see :meth:`latest_checkpoint`)."""
 
-    def __init__(self):
+    def __init__(self, run_folder: Path | None = None):
         import ray.train
         import ray.train.torch
 
@@ -124,10 +126,17 @@ class RaySession:
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
         self._train = ray.train
+        self.run_folder = run_folder
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
+        """Ray Train's latest checkpoint; when it knows none but the run folder holds some (its
+        snapshot was unreadable or never written: :func:`allcluster.train.ray_train.repair_run_folder`),
+        the newest of those."""
         checkpoint = self._train.get_checkpoint()
+        if checkpoint is None and self.run_folder is not None:
+            yield newest_checkpoint(self.run_folder)
+            return
         if checkpoint is None or (checkpoint.filesystem.type_name == "local" and Path(checkpoint.path).is_dir()):
             # read in place: errors name the real file, no temp copy
             yield Path(checkpoint.path) if checkpoint is not None else None
