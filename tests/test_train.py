@@ -160,7 +160,7 @@ def test_a_run_folder_whose_ray_snapshot_a_full_disk_cut_resumes_from_its_newest
     """Ray Train writes its snapshot in place: a full disk (seen: 0 bytes) or a kill while it writes
     leaves it unreadable, and Ray then refuses the run for ever. The repair before each fit sets it
     aside and drops checkpoints the same fault cut; the session then finds the newest one left."""
-    from allcluster.train.loop import TrainState
+    from allcluster.train.loop import TrainState, UnsafeCheckpointError
     from allcluster.train.ray_train import repair_run_folder
     from allcluster.train.run_folder import RAY_SNAPSHOT, newest_checkpoint
 
@@ -181,6 +181,12 @@ def test_a_run_folder_whose_ray_snapshot_a_full_disk_cut_resumes_from_its_newest
     (cut / "state.pt").write_bytes(b"cut")
     repair_run_folder(run)
     assert (run / RAY_SNAPSHOT).is_file() and cut.is_dir()
+
+    (run / RAY_SNAPSHOT).unlink()                                 # never written; a planted checkpoint
+    torch.save({**TrainState().__dict__, "scheduler": _PlainObject()}, cut / "state.pt")
+    with pytest.raises(UnsafeCheckpointError, match=rf"{cut / 'state.pt'}: .*_PlainObject"):
+        repair_run_folder(run)
+    assert cut.is_dir(), "refused as at resume, never deleted"
 
 
 def test_a_run_folder_is_not_resumed_under_a_config_that_trains_something_else(synthetic_manifest, tmp_path):

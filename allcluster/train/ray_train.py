@@ -88,11 +88,12 @@ def repair_run_folder(run_folder: Path) -> None:
     (``CheckpointManagerInitializationError``); a kill before its first write leaves none, and Ray
     would start afresh. An unreadable one is set aside (``.broken``), checkpoint folders that do not
     load (cut by the same full disk or kill) are removed, and the run resumes from the newest one left
-    (:class:`allcluster.train.session.RaySession` finds it)."""
+    (:class:`allcluster.train.session.RaySession` finds it). A checkpoint holding pickled objects is
+    refused (:class:`UnsafeCheckpointError`), as at resume."""
     import shutil
 
     from allcluster.console import say
-    from allcluster.train.loop import TrainState
+    from allcluster.train.loop import TrainState, UnsafeCheckpointError
 
     snapshot = run_folder / RAY_SNAPSHOT
     try:
@@ -107,6 +108,8 @@ def repair_run_folder(run_folder: Path) -> None:
     for folder in checkpoint_folders(run_folder):
         try:
             TrainState.load(folder)
+        except UnsafeCheckpointError:         # not cut but planted: refused as at resume, never deleted
+            raise
         except Exception as err:              # noqa: BLE001 - a checkpoint we cannot resume from, whatever broke it
             shutil.rmtree(folder, ignore_errors=True)
             say(f"[train] {folder}: removed, it does not load ({type(err).__name__}: {err})")
