@@ -394,7 +394,8 @@ def _run(argv: list[str] | None) -> int:
         use_fast_allocator()                # before torch first allocates (dry runs, explain, benches)
         return args.func(args)
     except (ConfigError, FileNotFoundError) as err:     # user errors: one clear line, no traceback
-        print(f"allcluster {args.command}: error: {err}", file=sys.stderr)
+        shown = getattr(err, "cause", None) or err      # one raised in a Ray task: its own text, not Ray's header
+        print(f"allcluster {args.command}: error: {shown}", file=sys.stderr)
         return 2
     except Exception as err:                # noqa: BLE001 - a full disk or quota, wherever met: one line, 74
         from allcluster.interrupt import storage_full_cause

@@ -257,6 +257,23 @@ def test_a_full_disk_stops_the_sweep_with_74_naming_the_trial_and_the_same_comma
         assert (exp / "best_model" / "weights.safetensors").is_file()
 
 
+@pytest.mark.ray
+def test_a_full_node_disk_under_the_image_cache_ends_the_sweep_with_74_naming_the_cache(
+        ray_local, synthetic_manifest, tmp_path, capsys):
+    """The decoded-image cache is written through a memory map: on a full disk a write into a sparse
+    file is a SIGBUS that killed Ray's task three times over (WorkerCrashedError, exit 1). Allocated
+    first, it is an ENOSPC that names the cache, and the sweep exits 74 before any trial starts."""
+    with tmpfs(tmp_path / "node-tmp", "size=200k,mode=700") as cache_root:
+        config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, tmp_path / "exp",
+                            train={**TRAIN, "data": {**TRAIN["data"], "manifest": str(synthetic_manifest),
+                                                     "cache_dir": str(cache_root)}})
+        assert main(["sweep", "--config", str(config)]) == os.EX_IOERR
+        err = capsys.readouterr().err
+        assert re.search(rf"sweep: error: {re.escape(str(cache_root))}/s32-\S+: No space left on device", err), err[-3000:]
+        assert [p.name for p in cache_root.iterdir() if not p.name.endswith(".lock")] == [], "no half-built cache"
+    assert not list((tmp_path / "exp").glob("trials/*/ray")), "no trial started"
+
+
 def _cpus_free_soon(ray, expected: float, timeout: float = 30.0) -> float:
     deadline = time.time() + timeout
     while True:

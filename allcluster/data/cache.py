@@ -29,7 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from allcluster.atomic import atomic_folder, atomic_write_parquet
+from allcluster.atomic import STORAGE_FULL, atomic_folder, atomic_write_parquet
 from allcluster.config import ConfigError
 from allcluster.console import say
 from allcluster.data import decode as dec
@@ -129,9 +129,22 @@ def _write_index(folder: Path, shas: list[str], paths: list[str], failures: list
 def _build(tmp: Path, unique: pd.DataFrame, preprocess: Preprocess, max_pixels: int, workers: int) -> None:
     n, size = len(unique), preprocess.size
     images_path = tmp / "images.u8"
-    np.memmap(images_path, dtype=np.uint8, mode="w+", shape=(max(n, 1), size, size, 3)).flush()
+    _allocate(images_path, max(n, 1) * size * size * 3)
     failures = _decode_parallel(images_path, list(enumerate(unique["path"])), max(n, 1), preprocess, max_pixels, workers)
     _write_index(tmp, unique["sha256"].tolist(), unique["path"].tolist(), failures)
+
+
+def _allocate(path: Path, nbytes: int) -> None:
+    """Create ``path`` with all its ``nbytes`` on disk. The build writes through a memory map, and a
+    write into a sparse file that finds the disk full (or a tmpfs at its size) is a SIGBUS that kills
+    the process with nothing to report; allocated first, a full disk is an ENOSPC here instead."""
+    with open(path, "wb") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, nbytes)
+        except OSError as err:
+            if err.errno in STORAGE_FULL:
+                raise
+            handle.truncate(nbytes)           # a filesystem without fallocate (glibc could not emulate it)
 
 
 def _retry_transient(final: Path, unique: pd.DataFrame, preprocess: Preprocess, max_pixels: int, workers: int,
@@ -162,12 +175,12 @@ def check_private_root(root: Path) -> None:
     could write there could swap the decoded training images."""
     info = root.lstat()
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-        raise ConfigError(f"cache root {root} is not a folder (a symlink or a file); set ALLCLUSTER_CACHE_DIR "
-                          "to a private folder")
+        raise ConfigError(f"cache root {root} is not a folder (a symlink or a file); set data.cache_dir "
+                          "(or ALLCLUSTER_CACHE_DIR) to a private folder")
     if info.st_uid != os.getuid() or info.st_mode & 0o022:
         raise ConfigError(f"cache root {root} is owned by uid {info.st_uid} with mode {stat.filemode(info.st_mode)}; "
                           f"it must be owned by you (uid {os.getuid()}) and not writable by group or others. "
-                          "Remove it, or set ALLCLUSTER_CACHE_DIR to a private folder")
+                          "Remove it, or set data.cache_dir (or ALLCLUSTER_CACHE_DIR) to a private folder")
 
 
 def ensure_cache(manifest: pd.DataFrame, preprocess: Preprocess, root: str | Path | None = None,
