@@ -16,10 +16,15 @@ from typing import Callable, Iterator
 STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT)   # a full disk, a block or inode quota: no rerun helps until freed
 
 
-def _storage_full_named(err: OSError, path: Path) -> OSError:
-    """A full disk's or quota's ``err`` named by ``path`` (what the user knows), not by a hidden
-    temporary; pyarrow's errors name no file at all."""
-    return OSError(err.errno, os.strerror(err.errno), str(path))
+def is_storage_full(err: BaseException) -> bool:
+    """Whether ``err`` is a full disk or quota (``STORAGE_FULL``)."""
+    return isinstance(err, OSError) and err.errno in STORAGE_FULL
+
+
+def storage_full_error(number: int, filename: str | Path | None) -> OSError:
+    """The OSError of a full disk or quota (``number``: ENOSPC or EDQUOT) naming ``filename``: the
+    target a user knows, not a hidden temporary (pyarrow's errors name no file at all)."""
+    return OSError(number, os.strerror(number), str(filename) if filename else None)
 
 
 def _temporary(path: Path) -> Path:
@@ -36,8 +41,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
         write(tmp)
         os.replace(tmp, path)
     except OSError as err:
-        if err.errno in STORAGE_FULL:
-            raise _storage_full_named(err, path) from err
+        if is_storage_full(err):
+            raise storage_full_error(err.errno, path) from err
         raise
     finally:
         tmp.unlink(missing_ok=True)
@@ -87,8 +92,8 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno in STORAGE_FULL:
-            raise _storage_full_named(err, path) from err
+        if is_storage_full(err):
+            raise storage_full_error(err.errno, path) from err
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -29,7 +29,7 @@ import sys
 import threading
 from typing import Any, Callable
 
-from allcluster.atomic import STORAGE_FULL, atomic_write_text
+from allcluster.atomic import atomic_write_text, is_storage_full
 from allcluster.console import say
 
 EX_TEMPFAIL = 75
@@ -146,8 +146,7 @@ def behind(err: BaseException):
 def storage_full_cause(err: BaseException) -> OSError | None:
     """The full disk or quota (ENOSPC, EDQUOT) behind ``err``, if any: also one a Ray task or a Ray
     Train worker met (Ray's wrappers of it carry no errno themselves)."""
-    return next((found for found in behind(err) if isinstance(found, OSError) and found.errno in STORAGE_FULL),
-                None)
+    return next((found for found in behind(err) if is_storage_full(found)), None)
 
 
 def interrupted_cause(err: BaseException) -> Interrupted | None:

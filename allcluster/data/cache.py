@@ -29,7 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from allcluster.atomic import STORAGE_FULL, atomic_folder, atomic_write_parquet
+from allcluster.atomic import atomic_folder, atomic_write_parquet, is_storage_full
 from allcluster.config import ConfigError
 from allcluster.console import say
 from allcluster.data import decode as dec
@@ -142,7 +142,7 @@ def _allocate(path: Path, nbytes: int) -> None:
         try:
             os.posix_fallocate(handle.fileno(), 0, nbytes)
         except OSError as err:
-            if err.errno in STORAGE_FULL:
+            if is_storage_full(err):
                 raise
             handle.truncate(nbytes)           # a filesystem without fallocate (glibc could not emulate it)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from allcluster.atomic import STORAGE_FULL
+from allcluster.atomic import is_storage_full
 from allcluster.data.paths import clean_text
 from allcluster.data.preprocess import cell_mask
 from allcluster.device import autocast, channels_last, pick_device, use_bf16
@@ -89,7 +89,7 @@ class Scorer:
     def fail(self, cols: dict[str, list], todo: list[int], err: Exception) -> None:
         """Rows ``todo`` as ``model_error`` rows (a rerun tries them again), or as
         :data:`STORAGE_FULL_ROWS` when a map found no room."""
-        full = isinstance(err, OSError) and err.errno in STORAGE_FULL
+        full = is_storage_full(err)
         for i in todo:
             cols["status"][i], cols["error_type"][i] = "error", STORAGE_FULL_ROWS if full else "model_error"
             cols["error"][i] = (storage_full_text(err) if full

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from allcluster.atomic import STORAGE_FULL, atomic_write_parquet
+from allcluster.atomic import atomic_write_parquet, is_storage_full
 from allcluster.config import ConfigError
 from allcluster.console import say
 from allcluster.data.decode import TRANSIENT_ERRORS
@@ -316,7 +316,7 @@ def write_shard(out: Path, name: str, rows: pa.Table, pack: pa.Table | None, met
         try:
             write_pack(out / "heatmaps" / name, pack)
         except OSError as err:            # a broken folder...: rows say so, reruns retry
-            if err.errno in STORAGE_FULL:     # no room for anything: the run stops (the CLI says so, exit 74)
+            if is_storage_full(err):     # no room for anything: the run stops (the CLI says so, exit 74)
                 raise
             rows = unwritten_maps(rows, f"heatmaps/{name}", methods, err)
     replace_shard(out / "rows" / name, rows)

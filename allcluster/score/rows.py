@@ -8,7 +8,6 @@ Columns a row has no value for (an error row, a method not run on it) are null.
 """
 from __future__ import annotations
 
-import os
 import re
 import time
 from typing import TYPE_CHECKING
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from allcluster.atomic import storage_full_error
 from allcluster.data.paths import parent_text
 
 if TYPE_CHECKING:
@@ -150,4 +150,4 @@ def storage_full_in(batch: pa.Table) -> OSError | None:
     if marked < 0:
         return None
     number, _, name = batch["error"][marked].as_py().partition(" ")
-    return OSError(int(number), os.strerror(int(number)), name or None)
+    return storage_full_error(int(number), name)

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+from allcluster.atomic import storage_full_error
 from allcluster.config import ConfigError, from_dict, to_dict, write_resolved
 from allcluster.console import say
 from allcluster.data.cache import MUST_EXIST_ENV
@@ -68,11 +69,11 @@ def tune_trial(config: dict, storage=None) -> None:
         err = trial_trainer(trial["trial_id"], trial["train"], [TuneReportCallback()]).fit().error
     except Exception as raised:               # noqa: BLE001 - Train V2 raises a failed run (TrainingFailedError)
         err = raised
-    full = storage_full_cause(err) if err is not None else None
-    if full is None or storage is None:
-        if err is not None:
-            raise err
+    if err is None:
         return
+    full = storage_full_cause(err)
+    if full is None or storage is None:
+        raise err
     where = full.filename or trial["train"]["output_dir"]
     say(f"[sweep] {trial['trial_id']}: {where}: {os.strerror(full.errno)}: left to resume, the sweep stops")
     ray.get(storage.note.remote(full.errno, where))
@@ -325,7 +326,7 @@ def _raise_if_storage_full(storage, cause: BaseException | None = None) -> None:
     import ray
 
     if met := ray.get(storage.first.remote()):
-        raise OSError(met[0], os.strerror(met[0]), met[1]) from cause
+        raise storage_full_error(*met) from cause
 
 
 def run_tune(sweep: SweepConfig, to_run: list[Trial], experiment_dir: Path, stop: StopSignals) -> None:
