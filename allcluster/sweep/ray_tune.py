@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -38,8 +37,9 @@ def trial_trainer(trial_id: str, train: dict, callbacks: list | None = None):
     return build_trainer(cfg, run_id, callbacks=callbacks, env={MUST_EXIST_ENV: "1"})
 
 
-# Set in the driver once a trial met a full disk or quota: the sweep's stopper then ends the Tune run.
-STORAGE_FULL_MET = threading.Event()
+# (errno, file) in the driver once a trial met a full disk or quota: the sweep's stopper then ends the
+# Tune run (set by a Tune callback while the run goes on).
+STORAGE_FULL_MET: list[tuple[int, str]] = []
 
 
 class StorageFull:
@@ -301,31 +301,47 @@ def _stop_on_signal():
             from allcluster.interrupt import STOP_REQUESTED   # imported here: Tune pickles stoppers
             from allcluster.sweep.ray_tune import STORAGE_FULL_MET
 
-            return STOP_REQUESTED.is_set() or STORAGE_FULL_MET.is_set()
+            return STOP_REQUESTED.is_set() or bool(STORAGE_FULL_MET)
     return StopOnSignal()
 
 
 def _stops_on_full_storage(storage):
     """A Tune callback (in the driver): once an ended trial has noted a full disk or quota in
-    ``storage``, :data:`STORAGE_FULL_MET` makes the stopper end the run (every later trial would
-    meet it too)."""
+    ``storage``, it goes into :data:`STORAGE_FULL_MET`, which makes the stopper end the run (every
+    later trial would meet it too)."""
     from ray.tune import Callback
 
     class StopsOnFullStorage(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
             import ray
 
+            from allcluster.interrupt import STOP_REQUESTED
             from allcluster.sweep.ray_tune import STORAGE_FULL_MET   # imported here: Tune pickles callbacks
 
-            if ray.get(storage.first.remote()):
-                STORAGE_FULL_MET.set()
+            if STORAGE_FULL_MET or STOP_REQUESTED.is_set():    # a signal may have stopped the job's Ray
+                return
+            try:
+                met = ray.get(storage.first.remote(), timeout=10)
+            except ray.exceptions.RayError:                   # Ray going down: nothing to stop any more
+                return
+            if met:
+                STORAGE_FULL_MET.append(met)
     return StopsOnFullStorage()
 
 
 def _raise_if_storage_full(storage, cause: BaseException | None = None) -> None:
+    """Raise the full disk or quota a trial noted in ``storage``, if any. The actor is asked only when
+    no stop signal came: a signal may have stopped the job's Ray under the driver, and a call into
+    it would then hang past Slurm's KillWait."""
     import ray
 
-    if met := ray.get(storage.first.remote()):
+    met = STORAGE_FULL_MET[0] if STORAGE_FULL_MET else None
+    if met is None and not STOP_REQUESTED.is_set():
+        try:
+            met = ray.get(storage.first.remote(), timeout=10)
+        except ray.exceptions.RayError:
+            met = None
+    if met:
         raise storage_full_error(*met) from cause
 
 
