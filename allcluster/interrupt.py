@@ -27,9 +27,10 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any, Callable
 
-from allcluster.atomic import atomic_write_text, is_storage_full
+from allcluster.atomic import atomic_write_text, is_storage_full, storage_full_error
 from allcluster.console import say
 
 EX_TEMPFAIL = 75
@@ -147,6 +148,13 @@ def storage_full_cause(err: BaseException) -> OSError | None:
     """The full disk or quota (ENOSPC, EDQUOT) behind ``err``, if any: also one a Ray task or a Ray
     Train worker met (Ray's wrappers of it carry no errno themselves)."""
     return next((found for found in behind(err) if is_storage_full(found)), None)
+
+
+def storage_full_at(err: BaseException, folder: str | Path) -> OSError | None:
+    """The full disk or quota behind ``err`` as an OSError naming its file, or ``folder`` where it named
+    none (Ray Train copies checkpoints with pyarrow, whose errors name no file); None if none."""
+    full = storage_full_cause(err)
+    return None if full is None else storage_full_error(full.errno, full.filename or folder)
 
 
 def interrupted_cause(err: BaseException) -> Interrupted | None:

@@ -236,25 +236,66 @@ def test_errored_trial_is_recorded_and_retried_only_when_asked(ray_local, synthe
 
 
 @pytest.mark.ray
+@pytest.mark.parametrize("asha", [False, True], ids=["fifo", "asha"])
 def test_a_full_disk_stops_the_sweep_with_74_naming_the_trial_and_the_same_command_then_finishes_every_trial(
-        ray_local, synthetic_manifest, tmp_path, capsys):
+        ray_local, synthetic_manifest, tmp_path, capsys, asha):
     """A real full disk (the experiment on a 400 KiB tmpfs: no checkpoint fits). No trial is at fault,
-    so none is errored (Tune's own error file would not fit either): the trial that met it ends
-    quietly and is left to resume, the sweep stops the others and exits 74 naming where. Once there is
-    room the same command, without --retry-errored, finishes every trial."""
+    so none is errored (Tune's own error file would not fit either): the trial that met it reports it
+    and is left to resume, the sweep's stopper ends the others and it exits 74 naming where. Its
+    trial never reported an epoch, the case where Tune checks the last result for the metric (and
+    ASHA its rung keys); an array task's trial (no Tune) exits 74 the same way. Once there is room
+    the same command, without --retry-errored, finishes every trial."""
     exp = tmp_path / "small" / "exp"
-    config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, exp, grid={"optim.name": ["adam", "sgd"]})
+    config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, exp, grid={"optim.name": ["adam", "sgd"]},
+                        asha={"enabled": asha})       # grace period 3 > 2 epochs: ASHA stops nothing here
     with tmpfs(tmp_path / "small", "size=400k") as mount:
         assert main(["sweep", "--config", str(config)]) == os.EX_IOERR
         err = capsys.readouterr().err
         assert re.search(rf"sweep: error: {re.escape(str(exp))}/trials/\S+: No space left on device; what was written "
                          "before is kept: .* rerun the same command", err), err[-3000:]
         assert not list(exp.glob("trials/*/error.json")), "no trial is at fault"
+        assert not list(exp.glob("trials/*/stopped.json")), "no trial is recorded as stopped by ASHA"
+        if not asha:                                      # an array task (no Tune) meets it the same way
+            assert main(["sweep", "--config", str(config), "--trial-index", "1"]) == os.EX_IOERR
+            err = capsys.readouterr().err
+            assert re.search(rf"sweep: error: {re.escape(str(exp))}/trials/\S+: No space left on device", err), err[-3000:]
         subprocess.run(["mount", "-o", "remount,size=300m", str(mount)], check=True)
         assert main(["sweep", "--config", str(config)]) == 0
         trials = pd.read_parquet(exp / "trials.parquet")
         assert (trials["status"] == "finished").all(), trials[["trial_id", "status", "error"]]
         assert (exp / "best_model" / "weights.safetensors").is_file()
+
+
+def test_a_full_disk_behind_rays_and_tunes_wrappers_is_named_by_its_file_or_else_by_the_experiment(tmp_path):
+    """Tune's own writes into a full experiment folder can fail before any trial reports the full disk,
+    and Ray Train's checkpoint copies (pyarrow) name no file: the sweep still raises the OSError (exit
+    74 in the CLI) naming the file, or the experiment where none is named. A trial's report comes first."""
+    import errno
+
+    from allcluster.sweep.ray_tune import STORAGE_FULL_MET, raise_if_storage_full
+
+    def wrapped(inner: OSError) -> Exception:
+        try:
+            try:
+                raise inner
+            except OSError as err:
+                raise RuntimeError("Tune's own error") from err
+        except RuntimeError as outer:
+            return outer
+
+    STORAGE_FULL_MET.clear()
+    raise_if_storage_full(tmp_path, wrapped(OSError(errno.EACCES, "Permission denied", "x")))    # not ours
+    for inner, named in [(OSError(errno.ENOSPC, "No space left on device"), str(tmp_path)),
+                         (OSError(errno.EDQUOT, "Disk quota exceeded", "/exp/state.json"), "/exp/state.json")]:
+        with pytest.raises(OSError) as raised:
+            raise_if_storage_full(tmp_path, wrapped(inner))
+        assert (raised.value.errno, raised.value.filename) == (inner.errno, named)
+    STORAGE_FULL_MET.append((errno.ENOSPC, "/exp/trials/t/metrics.parquet"))
+    try:
+        with pytest.raises(OSError, match="trials/t/metrics.parquet"):
+            raise_if_storage_full(tmp_path, wrapped(OSError(errno.ENOSPC, "No space left on device", "/exp/x")))
+    finally:
+        STORAGE_FULL_MET.clear()
 
 
 @pytest.mark.ray

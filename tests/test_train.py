@@ -19,7 +19,7 @@ import yaml
 
 from allcluster.cli import main
 from allcluster.models.model_dir import file_sha256, load_model_dir
-from tests.conftest import REPO, LoggedProcess, real_images, tiny_train_config, write_yaml
+from tests.conftest import REPO, LoggedProcess, real_images, tiny_train_config, tmpfs, write_yaml
 
 pytestmark = pytest.mark.ray
 
@@ -114,17 +114,22 @@ def _checkpointed_epochs(out: Path, n: int) -> bool:
     return snapshot.is_file() and metrics.is_file() and pq.read_metadata(metrics).num_rows >= n
 
 
+def _run_yaml(path: Path, manifest: Path, out: Path, epochs: int) -> Path:
+    """A small ALL-Net run's config file, as a user writes one (registry defaults filled at load)."""
+    return write_yaml(path, {
+        "output_dir": str(out),
+        "data": {"manifest": str(manifest), "image_size": 48, "loader_workers": 0},
+        "model": {"backbone": "allnet"},
+        "finetune": {"head_epochs": 0, "unfreeze_blocks": -1},
+        "fit": {"epochs": epochs, "batch_size": 16, "early_stopping_patience": 0},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1.0}})
+
+
 @pytest.mark.slow
 def test_rerun_after_sigkill_resumes_from_the_latest_checkpoint_and_a_finished_run_is_not_retrained(
         ray_local, synthetic_manifest, tmp_path):
     out = tmp_path / "killed"
-    config = write_yaml(tmp_path / "cfg.yaml", {
-        "output_dir": str(out),
-        "data": {"manifest": str(synthetic_manifest), "image_size": 48, "loader_workers": 0},
-        "model": {"backbone": "allnet"},
-        "finetune": {"head_epochs": 0, "unfreeze_blocks": -1},
-        "fit": {"epochs": 6, "batch_size": 16, "early_stopping_patience": 0},
-        "resources": {"num_workers": 1, "cpus_per_worker": 1.0}})
+    config = _run_yaml(tmp_path / "cfg.yaml", synthetic_manifest, out, epochs=6)
     command = [sys.executable, "-m", "allcluster.cli", "train", "--config", str(config)]
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
     with LoggedProcess(command, env) as first:   # leaving it: SIGKILL to the driver and its local Ray
@@ -154,6 +159,22 @@ def test_rerun_after_sigkill_resumes_from_the_latest_checkpoint_and_a_finished_r
     assert main(["train", "--config", str(config), "--set", "fit.epochs=8"]) == 2
     assert (out / "config.yaml").read_bytes() == written
     assert (file_sha256(weights), weights.stat().st_mtime_ns) == before
+
+
+def test_a_full_disk_ends_training_with_74_naming_the_run_and_the_same_command_then_finishes(
+        ray_local, synthetic_manifest, tmp_path, capsys):
+    """A real full disk under ``output_dir`` (a 400 KiB tmpfs: no checkpoint fits): exit 74 and one line
+    naming where, what was written is kept, and once there is room the same command finishes."""
+    out = tmp_path / "small" / "run"
+    config = _run_yaml(tmp_path / "cfg.yaml", synthetic_manifest, out, epochs=2)
+    with tmpfs(tmp_path / "small", "size=400k") as mount:
+        assert main(["train", "--config", str(config)]) == os.EX_IOERR
+        err = capsys.readouterr().err
+        assert re.search(rf"train: error: {re.escape(str(out))}(/\S+)?: No space left on device; what was written "
+                         "before is kept", err), err[-3000:]
+        subprocess.run(["mount", "-o", "remount,size=300m", str(mount)], check=True)
+        assert main(["train", "--config", str(config)]) == 0
+        assert (out / "model" / "weights.safetensors").is_file()
 
 
 def test_a_run_folder_whose_ray_snapshot_a_full_disk_cut_resumes_from_its_newest_checkpoint_that_loads(tmp_path):

@@ -6,7 +6,6 @@ Uses the Train V2 + Tune integration of Ray 2.60: a Tune *function* trainable th
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from allcluster.console import say
 from allcluster.data.cache import MUST_EXIST_ENV
 from allcluster.data.preprocess import Preprocess
 from allcluster.sweep.config import SweepConfig
-from allcluster.interrupt import STOP_REQUESTED, StopSignals, behind, call_in_thread, storage_full_cause
+from allcluster.interrupt import STOP_REQUESTED, StopSignals, behind, call_in_thread, storage_full_at
 from allcluster.sweep.plan import (LOST_RUNS_ALLOWED, Trial, clear_error, mark_errored, mark_lost, mark_stopped,
                                    trial_status)
 from allcluster.train.config import TrainConfig
@@ -37,31 +36,23 @@ def trial_trainer(trial_id: str, train: dict, callbacks: list | None = None):
     return build_trainer(cfg, run_id, callbacks=callbacks, env={MUST_EXIST_ENV: "1"})
 
 
-# (errno, file) in the driver once a trial met a full disk or quota: the sweep's stopper then ends the
-# Tune run (set by a Tune callback while the run goes on).
+# Tune's metric (``TuneConfig``), and the keys of the one result a trial reports when it met a full disk
+# or quota: the sweep's stopper takes them into STORAGE_FULL_MET (in the driver) and ends the run.
+METRIC = "val_macro_f1"
+STORAGE_FULL_ERRNO = "storage_full_errno"
+STORAGE_FULL_FILE = "storage_full_file"
 STORAGE_FULL_MET: list[tuple[int, str]] = []
 
 
-class StorageFull:
-    """A Ray actor of the sweep's driver: the first full disk or quota (ENOSPC, EDQUOT) a trial met,
-    as ``(errno, file)``. Such a trial ends without raising: Tune would write its error into the full
-    experiment folder and read it back broken (an ``EOFError`` from ``error.pkl``), and no trial is at
-    fault. It is left to resume; the driver stops the sweep and exits 74."""
+def tune_trial(config: dict) -> None:
+    """Tune function trainable: one trial = one Ray Train run in the trial's own folder.
 
-    def __init__(self):
-        self.met: tuple[int, str] | None = None
-
-    def note(self, number: int, filename: str) -> None:
-        self.met = self.met or (number, filename)
-
-    def first(self) -> tuple[int, str] | None:
-        return self.met
-
-
-def tune_trial(config: dict, storage=None) -> None:
-    """Tune function trainable: one trial = one Ray Train run in the trial's own folder. A full disk or
-    quota is noted in ``storage`` (a :class:`StorageFull` actor) instead of raised."""
-    import ray
+    A full disk or quota (ENOSPC, EDQUOT) is reported, not raised: Tune would write the trial's error
+    into the full experiment folder and read it back broken (an ``EOFError`` from ``error.pkl``), and
+    no trial is at fault. The report carries the metric (NaN) beside the errno and file, since Tune
+    refuses a trial's last result without its metric; the sweep's stopper then ends the run
+    (:func:`_stop_on_signal`), the trial is left to resume and the driver exits 74."""
+    from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial = config["trial"]
@@ -71,12 +62,11 @@ def tune_trial(config: dict, storage=None) -> None:
         err = raised
     if err is None:
         return
-    full = storage_full_cause(err)
-    if full is None or storage is None:
+    full = storage_full_at(err, trial["train"]["output_dir"])
+    if full is None:
         raise err
-    where = full.filename or trial["train"]["output_dir"]
-    say(f"[sweep] {trial['trial_id']}: {where}: {os.strerror(full.errno)}: left to resume, the sweep stops")
-    ray.get(storage.note.remote(full.errno, where))
+    say(f"[sweep] {trial['trial_id']}: {full.filename}: {full.strerror}: left to resume, the sweep stops")
+    tune.report({METRIC: math.nan, STORAGE_FULL_ERRNO: full.errno, STORAGE_FULL_FILE: full.filename})
 
 
 def run_array_trial(trial: Trial) -> None:
@@ -97,8 +87,8 @@ def run_array_trial(trial: Trial) -> None:
         err = result.error
     except Exception as raised:               # Train V2 raises a failed run (TrainingFailedError)
         err = raised
-    if err and (full := storage_full_cause(err)):
-        raise full from err                   # no trial at fault: exit 74, the rerun resumes it
+    if err and (full := storage_full_at(err, trial.dir)):  # no trial at fault: exit 74, the rerun resumes it
+        raise full from err
     if err:
         record_error(trial, err, "a stop signal" if STOP_REQUESTED.is_set() else "")
 
@@ -292,57 +282,35 @@ def _stop_on_signal():
     from ray.tune import Stopper
 
     class StopOnSignal(Stopper):
-        """Ends the whole Tune run once a stop signal arrived (Tune then stops every trial)."""
+        """Ends the whole Tune run once a stop signal arrived or a trial reported a full disk or quota
+        (every later trial would meet it too). Tune then stops every trial; the stopper runs in the
+        driver, so what it learns stays in :data:`STORAGE_FULL_MET`."""
 
         def __call__(self, trial_id: str, result: dict) -> bool:
-            return False
+            from allcluster.sweep.ray_tune import (STORAGE_FULL_ERRNO, STORAGE_FULL_FILE,  # Tune pickles stoppers
+                                                   STORAGE_FULL_MET)
+
+            if STORAGE_FULL_ERRNO not in result:
+                return False
+            if not STORAGE_FULL_MET:
+                STORAGE_FULL_MET.append((int(result[STORAGE_FULL_ERRNO]), str(result[STORAGE_FULL_FILE])))
+            return True
 
         def stop_all(self) -> bool:
-            from allcluster.interrupt import STOP_REQUESTED   # imported here: Tune pickles stoppers
+            from allcluster.interrupt import STOP_REQUESTED
             from allcluster.sweep.ray_tune import STORAGE_FULL_MET
 
             return STOP_REQUESTED.is_set() or bool(STORAGE_FULL_MET)
     return StopOnSignal()
 
 
-def _stops_on_full_storage(storage):
-    """A Tune callback (in the driver): once an ended trial has noted a full disk or quota in
-    ``storage``, it goes into :data:`STORAGE_FULL_MET`, which makes the stopper end the run (every
-    later trial would meet it too)."""
-    from ray.tune import Callback
-
-    class StopsOnFullStorage(Callback):
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            import ray
-
-            from allcluster.interrupt import STOP_REQUESTED
-            from allcluster.sweep.ray_tune import STORAGE_FULL_MET   # imported here: Tune pickles callbacks
-
-            if STORAGE_FULL_MET or STOP_REQUESTED.is_set():    # a signal may have stopped the job's Ray
-                return
-            try:
-                met = ray.get(storage.first.remote(), timeout=10)
-            except ray.exceptions.RayError:                   # Ray going down: nothing to stop any more
-                return
-            if met:
-                STORAGE_FULL_MET.append(met)
-    return StopsOnFullStorage()
-
-
-def _raise_if_storage_full(storage, cause: BaseException | None = None) -> None:
-    """Raise the full disk or quota a trial noted in ``storage``, if any. The actor is asked only when
-    no stop signal came: a signal may have stopped the job's Ray under the driver, and a call into
-    it would then hang past Slurm's KillWait."""
-    import ray
-
-    met = STORAGE_FULL_MET[0] if STORAGE_FULL_MET else None
-    if met is None and not STOP_REQUESTED.is_set():
-        try:
-            met = ray.get(storage.first.remote(), timeout=10)
-        except ray.exceptions.RayError:
-            met = None
-    if met:
-        raise storage_full_error(*met) from cause
+def raise_if_storage_full(experiment_dir: Path, cause: BaseException | None = None) -> None:
+    """Raise the full disk or quota the sweep met: the first one a trial reported, else one behind
+    ``cause`` (Tune's own writes into the full experiment folder, named by it where they name no file)."""
+    if STORAGE_FULL_MET:
+        raise storage_full_error(*STORAGE_FULL_MET[0]) from cause
+    if cause is not None and (full := storage_full_at(cause, experiment_dir)):
+        raise full from cause
 
 
 def run_tune(sweep: SweepConfig, to_run: list[Trial], experiment_dir: Path, stop: StopSignals) -> None:
@@ -363,28 +331,27 @@ def run_tune(sweep: SweepConfig, to_run: list[Trial], experiment_dir: Path, stop
     prebuild_caches(to_run)
     scheduler = build_scheduler(sweep, to_run)
     STORAGE_FULL_MET.clear()
-    storage = ray.remote(StorageFull).options(num_cpus=0).remote()
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(tune_trial, storage=storage), {"cpu": TRIAL_DRIVER_CPU}),
+        tune.with_resources(tune_trial, {"cpu": TRIAL_DRIVER_CPU}),
         # Trials were expanded (and validated) by the planner; Tune schedules that list.
         param_space={"trial": tune.grid_search([{"trial_id": t.trial_id, "train": to_dict(t.config)}
                                                 for t in to_run])},
-        tune_config=tune.TuneConfig(metric="val_macro_f1", mode="max", scheduler=scheduler,
+        tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler,
                                     max_concurrent_trials=limit,
                                     trial_dirname_creator=lambda t: t.config["trial"]["trial_id"]),
         run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=str(experiment_dir.resolve()), stop=_stop_on_signal(),
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                                  callbacks=[progress_callback(len(to_run)), _stops_on_full_storage(storage)],
+                                  callbacks=[progress_callback(len(to_run))],
                                   verbose=0))
     stop.graceful()
     try:
         grid = call_in_thread(tuner.fit)
     except Exception as err:
-        _raise_if_storage_full(storage, err)       # Tune's own writes into the full folder may fail too
+        raise_if_storage_full(experiment_dir, err)
         raise
     record_errors(grid, {t.trial_id: t for t in to_run}, stop.signal_name)
-    _raise_if_storage_full(storage)
+    raise_if_storage_full(experiment_dir)
 
 
 def _max_epochs(cfg: TrainConfig) -> int:

@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 from allcluster.config import ConfigError, config_diff, flatten, from_dict, read_yaml, to_dict, write_resolved
+from allcluster.interrupt import storage_full_at
 from allcluster.locks import holding
 from allcluster.models.card import CARD_FILE, ModelCard
 from allcluster.models.weights import worker_env
@@ -198,9 +199,14 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
             check_fits_cluster(cfg)
             run_id = run_id_for(output_dir)
             write_resolved(cfg, output_dir / "config.yaml", f"allcluster train, run {run_id}")
-            result = build_trainer(cfg, run_id).fit()
-    if result.error:
-        raise result.error
+            try:
+                result = build_trainer(cfg, run_id).fit()
+                if result.error:
+                    raise result.error
+            except Exception as err:          # Train V2 raises a failed run (TrainingFailedError)
+                if full := storage_full_at(err, output_dir):     # exit 74 naming where, not "writing"
+                    raise full from err
+                raise
     final = dict(result.metrics or {})
     if (output_dir / "model" / CARD_FILE).is_file():
         final["model_card"] = ModelCard.read(output_dir / "model")
