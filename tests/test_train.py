@@ -19,6 +19,7 @@ import yaml
 
 from allcluster.cli import main
 from allcluster.models.model_dir import file_sha256, load_model_dir
+from allcluster.train.run_folder import checkpoint_folders
 from tests.conftest import REPO, LoggedProcess, real_images, tiny_train_config, tmpfs, write_yaml
 
 pytestmark = pytest.mark.ray
@@ -138,10 +139,13 @@ def test_rerun_after_sigkill_resumes_from_the_latest_checkpoint_and_a_finished_r
     assert done_before < 6
     snapshot = out / "ray" / "checkpoint_manager_snapshot.json"     # as a kill or a full disk in Ray's write leaves it
     snapshot.write_bytes(snapshot.read_bytes()[:40])
+    forgotten = set(checkpoint_folders(out / "ray"))          # Ray Train no longer lists them
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     log = second.stdout + second.stderr
     assert second.returncode == 0, log[-3000:]
     assert "unreadable (a full disk, or a kill while Ray Train wrote it): set aside" in log
+    kept = set(checkpoint_folders(out / "ray"))
+    assert forgotten and not forgotten & kept and len(kept) <= 2, (forgotten, kept)    # num_to_keep=2
     assert "resuming after epoch" in log and "[train] epoch 6 " in log       # workers' lines reach the driver
     ray_noise = re.findall(r".*(?:TrainController|core_worker\.cc|Token authentication|Setting up process group).*", log)
     assert not ray_noise, ray_noise[:5]                                     # Ray's own lines do not

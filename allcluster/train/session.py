@@ -127,15 +127,18 @@ class RaySession:
         self.device = ray.train.torch.get_device()
         self._train = ray.train
         self.run_folder = run_folder
+        self._unlisted: list[Path] = []
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
         """Ray Train's latest checkpoint; when it knows none but the run folder holds some (its
         snapshot was unreadable or never written: :func:`allcluster.train.ray_train.repair_run_folder`),
-        the newest of those."""
+        the newest of those. Ray Train never removes folders it does not list (its ``num_to_keep``
+        counts its own), so :meth:`report` removes them once it holds a newer checkpoint."""
         checkpoint = self._train.get_checkpoint()
         if checkpoint is None and self.run_folder is not None:
-            yield newest_checkpoint(self.run_folder)
+            self._unlisted = checkpoint_folders(self.run_folder)
+            yield self._unlisted[-1] if self._unlisted else None
             return
         if checkpoint is None or (checkpoint.filesystem.type_name == "local" and Path(checkpoint.path).is_dir()):
             # read in place: errors name the real file, no temp copy
@@ -147,6 +150,19 @@ class RaySession:
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         self._train.report(metrics, checkpoint=checkpoint)
+        if checkpoint is not None and self._unlisted and self.rank == 0:
+            self._remove_unlisted()
+
+    def _remove_unlisted(self) -> None:
+        """Remove the checkpoint folders Ray Train does not list: ``report`` has just stored a newer one
+        in the run folder (Ray Train persists it before it returns), which a rerun resumes from."""
+        from allcluster.console import say
+
+        for folder in self._unlisted:
+            shutil.rmtree(folder, ignore_errors=True)
+        say(f"[train] removed {len(self._unlisted)} checkpoint folder(s) Ray Train does not list, now that "
+            f"it holds a newer one: {', '.join(f.name for f in self._unlisted)}")
+        self._unlisted = []
 
     def wrap(self, model: nn.Module) -> nn.Module:
         import ray.train.torch
