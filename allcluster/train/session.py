@@ -155,7 +155,8 @@ class RaySession:
 
     def _remove_unlisted(self) -> None:
         """Remove the checkpoint folders Ray Train does not list: ``report`` has just stored a newer one
-        in the run folder (Ray Train persists it before it returns), which a rerun resumes from."""
+        in the run folder (its default SYNC upload has copied it there before it returns), which a rerun
+        resumes from."""
         from allcluster.console import say
 
         for folder in self._unlisted:
