@@ -241,9 +241,9 @@ def test_a_full_disk_stops_the_sweep_with_74_naming_the_trial_and_the_same_comma
         ray_local, synthetic_manifest, tmp_path, capsys, asha):
     """A real full disk (the experiment on a 400 KiB tmpfs: no checkpoint fits). No trial is at fault,
     so none is errored (Tune's own error file would not fit either): the trial that met it reports it
-    and is left to resume, the sweep's stopper ends the others and it exits 74 naming where. Its
-    trial never reported an epoch, the case where Tune checks the last result for the metric (and
-    ASHA its rung keys); an array task's trial (no Tune) exits 74 the same way. Once there is room
+    and is left to resume, the sweep's stopper ends the others and it exits 74 naming where. The
+    trial meets it before its first report (nothing fits), the case where Tune checks the last result
+    for the metric (and ASHA for its rung keys); an array task's trial (no Tune) exits 74 the same way. Once there is room
     the same command, without --retry-errored, finishes every trial."""
     exp = tmp_path / "small" / "exp"
     config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, exp, grid={"optim.name": ["adam", "sgd"]},
@@ -275,13 +275,9 @@ def test_a_full_disk_behind_rays_and_tunes_wrappers_is_named_by_its_file_or_else
     from allcluster.sweep.ray_tune import STORAGE_FULL_MET, raise_if_storage_full
 
     def wrapped(inner: OSError) -> Exception:
-        try:
-            try:
-                raise inner
-            except OSError as err:
-                raise RuntimeError("Tune's own error") from err
-        except RuntimeError as outer:
-            return outer
+        outer = RuntimeError("Tune's own error")
+        outer.__cause__ = inner
+        return outer
 
     STORAGE_FULL_MET.clear()
     raise_if_storage_full(tmp_path, wrapped(OSError(errno.EACCES, "Permission denied", "x")))    # not ours

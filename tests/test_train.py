@@ -176,6 +176,7 @@ def test_a_full_disk_ends_training_with_74_naming_the_run_and_the_same_command_t
         err = capsys.readouterr().err
         assert re.search(rf"train: error: {re.escape(str(out))}(/\S+)?: No space left on device; what was written "
                          "before is kept", err), err[-3000:]
+        assert (out / "config.yaml").is_file(), "what was written before is kept"
         subprocess.run(["mount", "-o", "remount,size=300m", str(mount)], check=True)
         assert main(["train", "--config", str(config)]) == 0
         assert (out / "model" / "weights.safetensors").is_file()
