@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from allcluster.atomic import atomic_write_parquet, is_storage_full
+from allcluster.atomic import atomic_write_parquet, atomic_write_text, is_storage_full
 from allcluster.config import ConfigError
 from allcluster.console import say
 from allcluster.data.decode import TRANSIENT_ERRORS
@@ -206,9 +206,9 @@ def check_job_settings(out: Path, settings: dict, record: bool = True) -> None:
             detail = "; ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
             raise ConfigError(f"{out}: already holds rows scored with other settings ({detail}); "
                               "rerun with the same settings to resume, or score into a new --out")
-    elif record:
+    elif record:       # atomic: array tasks run this side by side, and one may read while another writes
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2))
+        atomic_write_text(path, json.dumps(settings, indent=2))
 
 
 RUN_TIME_FORMAT = "%Y%m%d-%H%M%S"
