@@ -21,6 +21,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from allcluster.atomic import atomic_write_text
+
 T = TypeVar("T")
 
 
@@ -301,8 +303,7 @@ def write_resolved(cfg: Any, path: str | Path, header: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     comment = f"# {header}\n" if header else ""
-    path.write_text(f"{comment}# resolved config, hash {config_hash(cfg)}\n{text}")
-    return path
+    return atomic_write_text(path, f"{comment}# resolved config, hash {config_hash(cfg)}\n{text}")
 
 
 def replace(cfg: T, **changes: Any) -> T:

@@ -163,7 +163,7 @@ def mark_stopped(trial_dir: Path, by: str, epoch: int | None = None) -> None:
 def mark_errored(trial_dir: Path, err: BaseException, note: str = "") -> None:
     """Record a trial's exception in ``error.json`` (rerun only with ``--retry-errored``)."""
     trial_dir.mkdir(parents=True, exist_ok=True)
-    (trial_dir / "error.json").write_text(json.dumps({"error": note + _exception_text(err), "time": time.time()}))
+    atomic_write_text(trial_dir / "error.json", json.dumps({"error": note + _exception_text(err), "time": time.time()}))
 
 
 def _exception_text(err: BaseException) -> str:

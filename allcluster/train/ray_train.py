@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 from allcluster.config import ConfigError, config_diff, flatten, from_dict, read_yaml, to_dict, write_resolved
+from allcluster.atomic import atomic_write_text
 from allcluster.interrupt import storage_full_at
 from allcluster.locks import holding
 from allcluster.models.card import CARD_FILE, ModelCard
@@ -49,7 +50,7 @@ def run_id_for(output_dir: Path) -> str:
         return json.loads(marker.read_text())["run_id"]
     output_dir.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex[:12]
-    marker.write_text(json.dumps({"run_id": run_id}))
+    atomic_write_text(marker, json.dumps({"run_id": run_id}))     # a kill mid-write must not cut it
     return run_id
 
 
