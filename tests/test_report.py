@@ -148,23 +148,61 @@ def test_a_retried_files_old_row_is_not_counted_until_compaction_and_other_jobs_
     assert tables.errors_by_type(counts["error_type"]).to_dict("records") == [{"error_type": "unreadable", "errors": 1}]
 
 
-def test_rows_with_only_the_four_required_columns_report_and_a_rerun_leaves_no_stale_file(tmp_path):
-    out = tmp_path / "mine" / "rows"
-    out.mkdir(parents=True)
+def four_column_rows(folder: Path) -> Path:
+    """A scoring output of someone else's tool: two rows with only the four required columns."""
+    (folder / "rows").mkdir(parents=True)
     pq.write_table(pa.table({"path": ["a.jpg", "b.jpg"], "status": ["ok", "ok"], "predicted_class": ["Pre", "Benign"],
-                             "confidence": [0.9, 0.6]}), out / "part-0.parquet")
+                             "confidence": [0.9, 0.6]}), folder / "rows" / "part-0.parquet")
+    return folder
+
+
+def test_rows_with_only_the_four_required_columns_report_and_a_rerun_leaves_no_stale_file(tmp_path):
+    rows = four_column_rows(tmp_path / "mine")
     report = tmp_path / "r"
     (report / "morning").mkdir(parents=True)
     for name in ("report.json", "morning_list.csv", "index.html"):     # an earlier report's files
         (report / name).write_text("old")
-    result = build_report([out.parent], report, ReportOptions(group_by=[]))   # no classes known: none malignant
+    result = build_report([rows], report, ReportOptions(group_by=[]))   # no classes known: none malignant
     assert result["scoring"]["rows"] == 2 and result["scoring"]["uncertain"] == 0
     assert (report / "morning_list.csv").read_text() != "old" and not len(pd.read_csv(report / "morning_list.csv"))
     (report / "morning_list.csv").write_text("old")
-    from allcluster.report.build import prepare_out
+    from allcluster.report.build import writing_out
 
-    prepare_out(report)
-    assert not (report / "morning_list.csv").exists() and (report / "report.json").is_file()
+    with writing_out(report):
+        assert not (report / "morning_list.csv").exists(), "an earlier report's file stays for the new one"
+        assert not (report / "report.json").exists(), "an unfinished report looks finished"
+        assert (report / "report.yaml").is_file()
+
+
+def test_a_report_is_one_writers_and_a_killed_one_is_rebuilt_by_its_rerun(tmp_path):
+    """A real SIGKILL of a report paused after its first table (the pause is injected), as Slurm's time
+    limit would leave it: while it runs a second report into its folder is refused naming it and
+    removes nothing; after the kill the folder is an unfinished report, which the rerun rebuilds."""
+    rows, out = four_column_rows(tmp_path / "mine"), tmp_path / "r"
+    paused = f"""
+import time
+from allcluster.report import build
+first_table = build.Report.table
+def table_then_pause(self, *args, **kwargs):
+    parts = first_table(self, *args, **kwargs)
+    print("PAUSED", flush=True)
+    time.sleep(600)
+build.Report.table = table_then_pause
+build.build_report([{str(rows)!r}], {str(out)!r}, build.ReportOptions(group_by=[]))
+"""
+    run = subprocess.Popen([sys.executable, "-c", paused], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert run.stdout.readline().strip() == "PAUSED"
+        with pytest.raises(ConfigError, match=f"report folder {out} is in use by another run \\(host .*, pid {run.pid}"):
+            build_report([rows], out, ReportOptions(group_by=[]))
+        assert (out / "tables" / "overview.csv").is_file(), "the refused report removed the running one's table"
+    finally:
+        run.kill()
+        run.wait()
+    assert (out / "report.yaml").is_file() and not (out / "report.json").exists()
+    result = build_report([rows], out, ReportOptions(group_by=[]))
+    assert json.loads((out / "report.json").read_text())["scoring"] == result["scoring"]
+    assert result["scoring"]["rows"] == 2 and "Overview" in (out / "index.html").read_text()
 
 
 def test_an_overlay_opens_an_odd_file_name_from_its_table_path(tmp_path):

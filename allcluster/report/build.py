@@ -1,6 +1,7 @@
 """Assembles the report folder: tables (CSV, Markdown, HTML), figures, overlays, ``index.html``."""
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -14,9 +15,11 @@ import pandas as pd
 import pyarrow.csv as pacsv
 
 from allcluster import metrics
+from allcluster.atomic import atomic_write_text
 from allcluster.config import ConfigError, bounds, write_resolved
 from allcluster.console import say
 from allcluster.data.decode import DecodeError
+from allcluster.locks import check_folder_free, holding
 from allcluster.report import html, plots, tables
 from allcluster.report.inputs import Inputs, collect_inputs, roi_settings
 from allcluster.score.rows import class_columns
@@ -212,19 +215,34 @@ def scoring_parts(report: Report, inputs: Inputs, data: tables.ScoreData, option
 
 # ---- the whole report -------------------------------------------------------------------------------------
 GENERATED = ("tables", "plots", "gallery", "morning")       # folders
-GENERATED_FILES = ("morning_list.csv", "index.html")   # report.json stays: it marks the folder as a report
+GENERATED_FILES = ("morning_list.csv", "index.html", "report.json")
+STARTED, FINISHED = "report.yaml", "report.json"   # written first and last: a report folder, a finished one
+FOLDER_LOCK = ".lock"
 
 
-def prepare_out(out: Path) -> None:
-    """Create ``out``; an earlier report there is replaced (none of its files stays to be taken for
-    this one's), any other non-empty folder is refused."""
-    if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file():
+def _holds_another_kind_of_file(out: Path) -> bool:
+    if not out.is_dir() or (out / STARTED).is_file() or (out / FINISHED).is_file():
+        return False
+    return any(not entry.name.startswith(FOLDER_LOCK) for entry in out.iterdir())
+
+
+@contextlib.contextmanager
+def writing_out(out: Path):
+    """Hold ``out`` as this run's (one report writes a folder at a time; a second is refused naming
+    the first) and empty it of an earlier report's files, none of which stays to be taken for this
+    one's. A folder holding neither ``report.yaml`` (written first) nor ``report.json`` (written
+    last) nor nothing is refused before anything is written. So a report killed half-way (Slurm's
+    time limit, preemption) is rebuilt by its rerun, and only a folder with ``report.json`` is a
+    finished report."""
+    check_folder_free(out, f"report folder {out}")
+    if _holds_another_kind_of_file(out):
         raise ConfigError(f"{out}: exists, is not empty and holds no earlier report; choose a new --out")
-    for name in GENERATED:
-        shutil.rmtree(out / name, ignore_errors=True)
-    for name in GENERATED_FILES:
-        (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    with holding(out, f"report folder {out}"):
+        for name in GENERATED:
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in GENERATED_FILES:
+            (out / name).unlink(missing_ok=True)
+        yield
 
 
 def resolve(options: ReportOptions, inputs: Inputs, trials: pd.DataFrame,
@@ -239,15 +257,10 @@ def resolve(options: ReportOptions, inputs: Inputs, trials: pd.DataFrame,
     return replace(options, malignant=list(options.malignant) or tables.default_malignant(data.classes))
 
 
-def build_report(inputs: list[str | Path], out: str | Path, options: ReportOptions = ReportOptions()) -> dict:
-    """Read sweep and scoring INPUTs, write the report folder ``out``; return what ``report.json`` holds."""
-    start, out = time.monotonic(), Path(out)
-    found = collect_inputs(list(inputs))
-    trials = tables.load_trials(found.sweeps)
-    data = tables.open_scoring(found.scorings) if found.scorings else None
-    options = resolve(options, found, trials, data)
-    prepare_out(out)
-    report = Report(out)
+def write_report(report: Report, found: Inputs, trials: pd.DataFrame, data: tables.ScoreData | None,
+                 options: ReportOptions) -> dict:
+    """Every table and figure, then ``index.html``; return what ``report.json`` holds (but the time)."""
+    out = report.out
     sections = [("inputs", "Inputs", [html.table_html(pd.DataFrame(found.describe()), "inputs")])]
     result: dict = {"out": str(out.resolve()), "index": str((out / "index.html").resolve()),
                     "inputs": found.describe(), "trials": int(len(trials))}
@@ -259,11 +272,23 @@ def build_report(inputs: list[str | Path], out: str | Path, options: ReportOptio
     report.finish_notes()
     if report.notes:
         sections.append(("notes", "Notes", [html.paragraph(n) for n in report.notes]))
-    write_resolved(options, out / "report.yaml", "allcluster report " + " ".join(str(i) for i in inputs))
     subtitle = f"allcluster report, {time.strftime('%Y-%m-%d %H:%M %Z')}, from {len(found.sweeps)} sweep(s) " \
                f"and {len(found.scorings)} scoring job(s)"
-    (out / "index.html").write_text(html.page("allcluster report", subtitle, sections))
-    result.update(files=report.files, notes=report.notes, seconds=round(time.monotonic() - start, 1))
-    (out / "report.json").write_text(json.dumps(result, indent=2, default=str))
+    atomic_write_text(out / "index.html", html.page("allcluster report", subtitle, sections))
+    return {**result, "files": report.files, "notes": report.notes}
+
+
+def build_report(inputs: list[str | Path], out: str | Path, options: ReportOptions = ReportOptions()) -> dict:
+    """Read sweep and scoring INPUTs, write the report folder ``out``; return what ``report.json`` holds."""
+    start, out = time.monotonic(), Path(out)
+    found = collect_inputs(list(inputs))
+    trials = tables.load_trials(found.sweeps)
+    data = tables.open_scoring(found.scorings) if found.scorings else None
+    options = resolve(options, found, trials, data)
+    with writing_out(out):
+        write_resolved(options, out / STARTED, "allcluster report " + " ".join(str(i) for i in inputs))
+        result = write_report(Report(out), found, trials, data, options)
+        result["seconds"] = round(time.monotonic() - start, 1)
+        atomic_write_text(out / FINISHED, json.dumps(result, indent=2, default=str))
     say(f"[report] {out.resolve() / 'index.html'} ({result['seconds']} s)")
     return result
