@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +29,9 @@ def storage_full_error(number: int, filename: str | Path | None) -> OSError:
 
 
 def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # random, not the pid alone: two writers of one file on a shared filesystem (array tasks storing
+    # the same job.json or base_config.yaml) can have equal pids on two nodes or in PID namespaces
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(6)}.tmp")
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:

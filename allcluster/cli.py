@@ -47,7 +47,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from allcluster.sweep.driver import collect_only, config_changes, grid_cells, load_sweep, run_sweep, sweep_source
     from allcluster.interrupt import EX_TEMPFAIL, Interrupted
     from allcluster.sweep.results import summary_text
-    from allcluster.sweep.schema import UNFINISHED
 
     source = sweep_source(args.config, args.overrides)
     if args.trial_index is not None and args.new_config:
@@ -76,13 +75,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return EX_TEMPFAIL
     exp = Path(sweep.experiment_dir).resolve()
     print(summary_text(table))
-    print(f"tables: {exp / 'trials.parquet'}, {exp / 'epochs.parquet'}; best model: {exp / 'best_model'}")
+    best = f"; best model: {exp / 'best_model'}" if (exp / "best_model").is_dir() else ""
+    print(f"tables: {exp / 'trials.parquet'}, {exp / 'epochs.parquet'}{best}")
+    return sweep_exit_code(table, stopped_by, args.collect)
+
+
+def sweep_exit_code(table, stopped_by: str, collect: bool) -> int:
+    """75 (requeue me) while trials are left that a rerun would resume: a stop signal ended the run
+    early, or trials lost their Ray processes; else 0 when a trial finished (or none is planned), 1.
+    A signal after the last trial ended (its tables were written under hold) leaves nothing to
+    resume: 75 would only have Slurm requeue a finished sweep."""
+    from allcluster.console import say
+    from allcluster.interrupt import EX_TEMPFAIL
+    from allcluster.sweep.schema import UNFINISHED
+
     left = int(table["status"].isin(UNFINISHED).sum())
-    if stopped_by or (left and not args.collect):    # no signal: trials whose Ray processes died
+    if left and (stopped_by or not collect):
         why = f"interrupted by {stopped_by}" if stopped_by else "trials lost their Ray processes (see above)"
         say(f"[sweep] {why}: {left} of {len(table)} trials unfinished; "
             f"rerun the same command to resume (exit {EX_TEMPFAIL})")
         return EX_TEMPFAIL
+    if stopped_by:
+        say(f"[sweep] {stopped_by} came after every trial had ended: nothing to resume")
     return 0 if (table["status"] == "finished").any() or not len(table) else 1
 
 
@@ -108,7 +122,7 @@ def _sweep_array_task(args: argparse.Namespace, sweep, trials, source: str) -> i
 
     status, stopped_by = run_array_task(sweep, trials, args.trial_index, args.retry_errored, args.address, source)
     trial = trials[args.trial_index]
-    if stopped_by or status in UNFINISHED:         # no signal: the trial's Ray processes died
+    if status in UNFINISHED:         # no signal: the trial's Ray processes died; a signal after it ended: 0/1
         why = f"interrupted by {stopped_by}" if stopped_by else "its Ray processes died"
         say(f"[sweep] {why}: trial {args.trial_index} ({trial.trial_id}) is {status}; "
             f"rerun the same command to resume (exit {EX_TEMPFAIL})")
@@ -143,7 +157,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         return 0
     if args.dry_run:
         from allcluster.score.estimate import dry_run_text
-        print(dry_run_text(cfg, args.retry_errors))
+        print(dry_run_text(cfg, args.retry_errors, shard))
         return 0
     from allcluster.interrupt import EX_TEMPFAIL
     from allcluster.score.ray_data import run_score

@@ -169,6 +169,19 @@ def _folder_locks(folder: str | Path, what: str, part: str, part_what: str) -> l
 
 
 @contextlib.contextmanager
+def taking_turns(path: str | Path):
+    """Wait for, then hold, an exclusive ``flock`` on ``path`` for a ``with`` block: writers that
+    share a folder (array tasks) rewrite a shared file one after another, each reading what the
+    previous one wrote. Released when the block ends or its holder dies."""
+    fd = open_lock_file(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def holding(folder: str | Path, what: str, part: str = "", part_what: str = ""):
     """:func:`lock_folder` for the length of a ``with`` block."""
     locks = lock_folder(folder, what, part, part_what)

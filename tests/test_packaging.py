@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import os
 import re
 import sys
 import tomllib
@@ -75,6 +76,27 @@ def test_the_one_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path)
     with pytest.raises(OSError, match="disk full"):
         atomic_write(target, half_then_fail)
     assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["table.json"]
+
+
+def test_two_writers_of_one_file_with_the_same_pid_never_take_each_others_temporary(tmp_path):
+    """Array tasks on two nodes (or in two PID namespaces) write the same job.json / base_config.yaml at
+    once with equal pids: two real processes, each pid 1 in its own namespace (``unshare``), write one
+    file 300 times each; no write may fail and the file is always one writer's whole text."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("UNSHARE ABSENT: needs root and util-linux's unshare for two PID namespaces")
+    target = tmp_path / "job.json"
+    writer = ("import os, sys; from allcluster.atomic import atomic_write_text\n"
+              "assert os.getpid() == 1\n"
+              "for _ in range(300): atomic_write_text(sys.argv[1], sys.argv[2] * 5000)\n")
+    runs = [subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", writer, str(target), text],
+                             cwd=REPO, stderr=subprocess.PIPE, text=True) for text in "AB"]
+    for run in runs:
+        assert run.wait(timeout=120) == 0, run.stderr.read()[-2000:]
+    assert target.read_text() in ("A" * 5000, "B" * 5000)
+    assert [p.name for p in tmp_path.iterdir()] == ["job.json"], "a temporary file was left"
 
 
 def test_no_module_writes_a_file_by_hand_through_a_temporary_and_a_rename():

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 import imagezoo
-from allcluster.config import ConfigError, from_dict
+from allcluster.config import ConfigError, from_dict, read_yaml
 from allcluster.score import core
 from allcluster.score.budget import budget_reasons
 from allcluster.score.ledger import Ledger
@@ -117,6 +117,27 @@ def test_rerun_into_the_same_out_with_other_row_settings_is_refused(tmp_path):
     check_job_settings(tmp_path, {"model_sha256": "a", "explain.methods": ["gradcam"], "explain.faithfulness_sample": 1.0})
     with pytest.raises(ConfigError, match=r"explain.faithfulness_sample: 1.0 -> 0.05"):
         check_job_settings(tmp_path, {"model_sha256": "a", "explain.methods": ["gradcam"], "explain.faithfulness_sample": 0.05})
+
+
+def test_a_rerun_with_the_same_weights_under_another_calibration_or_size_is_refused(tiny_model_dir, tmp_path):
+    """Two exports of one training (same weights) can differ in temperature or input size: their rows
+    must not mix in one OUT. An OUT whose job.json predates the card keys compares the weights only."""
+    from allcluster.models.card import ModelCard
+    from allcluster.score.ray_data import _job_settings
+
+    card, cfg = ModelCard.read(tiny_model_dir), from_dict(ScoreConfig, {})
+    check_job_settings(tmp_path, _job_settings(card, cfg))
+    check_job_settings(tmp_path, _job_settings(ModelCard.read(tiny_model_dir), cfg))
+    for change, named in (({"temperature": card.temperature * 2}, "model.temperature"),
+                          ({"input_size": card.input_size + 32}, "model.input_size"),
+                          ({"classes": card.classes[::-1]}, "model.classes")):
+        with pytest.raises(ConfigError, match=rf"already holds rows scored with other settings \({named}: "):
+            check_job_settings(tmp_path, _job_settings(card.replace(**change), cfg))
+    older = tmp_path / "older"
+    check_job_settings(older, {k: v for k, v in _job_settings(card, cfg).items() if not k.startswith("model.")})
+    check_job_settings(older, _job_settings(card.replace(temperature=3.0), cfg))
+    with pytest.raises(ConfigError, match="model_sha256"):
+        check_job_settings(older, _job_settings(card.replace(weights_sha256="other"), cfg))
 
 
 def test_a_refused_input_leaves_no_output_and_locks_in_no_settings(tiny_model_dir, tmp_path):
@@ -559,6 +580,19 @@ def test_dry_run_lists_the_job_and_estimates_from_measured_costs(tiny_model_dir,
     assert numbers["startup_from"] == "probe" and "of which start-up" in text
     assert numbers["estimated_startup_s"] > STARTUP_PER_COLD_START * numbers["cold_start_s"] > 0
     assert not (tmp_path / "out").exists(), "a dry run writes nothing"
+    # an array task's dry run estimates its own part, with its share of the budget cap
+    part = len(list_inputs(real_data_dir).part(Shard(1, 3)))
+    assert main(["score", "--config", str(CI_TINY), "--model", str(tiny_model_dir), "--input", str(real_data_dir),
+                 "--out", str(tmp_path / "out"), "--dry-run", "--shard", "1/3"]) == 0
+    text = capsys.readouterr().out
+    numbers = json.loads(text[text.index("{"):])
+    assert numbers["inputs"] == numbers["to_do"] == part < len(list(real_data_dir.rglob("*.jpg")))
+    assert numbers["budget_cap_left"] == Shard(1, 3).share(from_dict(ScoreConfig, read_yaml(CI_TINY)).explain.budget.max_images)
+    check_job_settings(tmp_path / "other", {"model_sha256": "another model"})
+    assert main(["score", "--config", str(CI_TINY), "--model", str(tiny_model_dir), "--input", str(real_data_dir),
+                 "--out", str(tmp_path / "other"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds rows scored with other settings" in err and "model_sha256: 'another model' -> " in err
 
 
 def test_dry_run_arithmetic_adds_cpu_times_overlaps_gpu_times_and_counts_start_up():
@@ -869,6 +903,54 @@ def test_one_read_of_the_rows_gives_done_paths_budget_spent_and_the_rows_to_comp
     assert RowsState.read(tmp_path / "nothing-here").done_paths().to_pylist() == []
 
 
+def _state_rows(out: Path, name: str, run: str, paths: list[str], status: str) -> None:
+    """A shard of bookkeeping columns only: ``paths`` as ``ok`` rows or ``unreadable`` (transient) errors."""
+    (out / "rows").mkdir(parents=True, exist_ok=True)
+    n = len(paths)
+    pq.write_table(pa.table({"path": paths, "run_id": [run] * n, "status": [status] * n,
+                             "error_type": [None if status == "ok" else "unreadable"] * n,
+                             "duplicate_of": [""] * n, "budget_reason": [""] * n}), out / "rows" / name)
+
+
+def test_array_tasks_compacting_a_shard_they_share_at_once_leave_one_row_per_file(tmp_path):
+    """A whole job's shard holds both array tasks' paths (transient errors); each task's rerun wrote
+    its own paths' new rows and compacts at its start. Two real processes compact at once, the first
+    paused (injected) between reading the shared shard and replacing it: the second must wait for it
+    and read its rewrite, or it puts back the rows the first dropped. A shard left with no row stays
+    as an empty file, so a task listing the rows at that moment never meets a vanished one."""
+    paths = [f"img-{i:03d}.jpg" for i in range(60)]
+    _state_rows(tmp_path, "part-r1-00000.parquet", "r1", paths, "error")            # the whole job's
+    _state_rows(tmp_path, "part-r1-00001.parquet", "r1", paths[:1], "error")
+    for k in (0, 1):
+        _state_rows(tmp_path, f"part-r2-{k}-00000.parquet", f"r2-{k}",
+                    [p for p, mine in zip(paths, Shard(k, 2).holds(paths)) if mine], "ok")
+    paused = f"""
+import time
+from pathlib import Path
+from allcluster.score import output
+from allcluster.score.inputs import Shard
+replace = output.replace_shard
+def read_then_pause(path, table):
+    print("READ", flush=True)
+    time.sleep(3)
+    replace(path, table)
+output.replace_shard = read_then_pause
+output.compact(Path({str(tmp_path)!r}), Shard(0, 2))
+"""
+    first = subprocess.Popen([sys.executable, "-c", paused], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert first.stdout.readline().strip() == "READ"
+        from allcluster.score.output import compact
+
+        assert compact(tmp_path, Shard(1, 2)) > 0
+    finally:
+        assert first.wait(timeout=60) == 0
+    rows = pq.read_table(tmp_path / "rows").to_pandas()
+    assert sorted(rows["path"]) == paths, "each file has exactly one row"
+    assert set(rows["status"]) == {"ok"}
+    assert pq.read_table(tmp_path / "rows" / "part-r1-00001.parquet").num_rows == 0
+
+
 def test_a_run_started_after_the_clock_went_back_still_sorts_after_the_runs_before_it(tmp_path):
     """Compaction keeps each path's row of the newest run by run id, whose time is local: when daylight
     saving time ends (an hour repeats), or a requeue lands on a node whose clock lags, a rerun's id
@@ -913,6 +995,10 @@ def test_cpu_replicas_always_leave_a_decode_task_room_on_small_allocations():
     assert actor_plan(cfg, {"CPU": 16})["num_cpus"] == cfg.workers.cpus_per_actor, "room to spare: as configured"
     gpu = actor_plan(cfg, {"CPU": 8, "GPU": 2})
     assert gpu["device"] == "cuda" and gpu["size"] == 2 and gpu["num_gpus"] == 1
+    cuda = from_dict(ScoreConfig, {"workers": {"device": "cuda"}})
+    assert actor_plan(cuda, {"CPU": 8, "GPU": 2})["device"] == "cuda"
+    with pytest.raises(ConfigError, match="workers.device: 'cuda', but the Ray cluster has no GPU .*--gres=gpu"):
+        actor_plan(cuda, {"CPU": 8})       # sbatch without --gres: refused, not a silent night on CPU
 
 
 def test_the_scoring_driver_and_its_decode_tasks_never_import_torch():

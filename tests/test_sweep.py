@@ -552,6 +552,11 @@ def test_base_config_diff_names_changed_keys_and_skips_the_varied_ones(tmp_path)
     assert base_diff(old, resolved_base(new_sweep, "s"), varied_keys(new_sweep)) == ["train.fit.epochs: 2 -> 3"]
     assert base_diff(old, old) == []
     assert base_diff({"a.b": [1, 2]}, {"a.c": 1}) == ["train.a.b: [1, 2] -> (absent)", "train.a.c: (absent) -> 1"]
+    # where and how fast trials run is not what they train: a requeue onto nodes of another shape, or a
+    # run refused because its resources did not fit the cluster (after the base was stored), goes on
+    moved = {**data, "train": {"data": {"manifest": "m", "cache_dir": str(tmp_path / "c"), "loader_workers": 5},
+                               "fit": {"epochs": 2}, "resources": {"cpus_per_worker": 4, "num_workers": 2}}}
+    assert base_diff(old, resolved_base(_sweep(moved), "s"), varied_keys(_sweep(moved))) == []
 
 
 def _listing(folder: Path) -> dict:
@@ -736,6 +741,16 @@ def test_a_run_that_leaves_trials_unfinished_without_a_signal_exits_75_but_colle
         monkeypatch.setattr(driver, "run_array_task", lambda *args, status=status, **kwargs: (status, ""))
         assert main(["sweep", "--config", str(config), "--trial-index", "1"]) == code, status
     assert "its Ray processes died: trial 1 (" in capsys.readouterr().err
+    # a stop signal (the time-limit warning) is 75 while trials are left, but one that came after the
+    # last trial ended is not: 75 would have Slurm requeue a finished sweep
+    for statuses, code in ((["finished", "interrupted"], 75), (["finished", "errored"], 0), (["errored"], 1)):
+        ended = pd.DataFrame({"trial_id": list("ab"[:len(statuses)]), "status": statuses})
+        monkeypatch.setattr(driver, "run_sweep", lambda *args, ended=ended, **kwargs: (ended, "SIGUSR1"))
+        assert main(["sweep", "--config", str(config)]) == code, statuses
+    for status, code in (("interrupted", 75), ("finished", 0), ("errored", 1)):
+        monkeypatch.setattr(driver, "run_array_task", lambda *args, status=status, **kwargs: (status, "SIGTERM"))
+        assert main(["sweep", "--config", str(config), "--trial-index", "1"]) == code, status
+    assert "SIGUSR1 came after every trial had ended: nothing to resume" in capsys.readouterr().err
 
 
 @pytest.mark.ray

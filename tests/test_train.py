@@ -188,7 +188,7 @@ def test_a_run_folder_whose_ray_snapshot_a_full_disk_cut_resumes_from_its_newest
     aside and drops checkpoints the same fault cut; the session then finds the newest one left."""
     from allcluster.train.loop import TrainState, UnsafeCheckpointError
     from allcluster.train.ray_train import repair_run_folder
-    from allcluster.train.run_folder import RAY_SNAPSHOT, newest_checkpoint
+    from allcluster.train.run_folder import RAY_SNAPSHOT, checkpoint_folders, newest_checkpoint
 
     run = tmp_path / "ray"
     older, newer, cut = (run / f"checkpoint_2026-12-04_13-49-1{i}.000000" for i in range(3))
@@ -202,17 +202,56 @@ def test_a_run_folder_whose_ray_snapshot_a_full_disk_cut_resumes_from_its_newest
     assert newest_checkpoint(run) == newer and not cut.exists() and older.is_dir()
     assert TrainState.load(newest_checkpoint(run)).epoch == 2
 
-    (run / RAY_SNAPSHOT).write_text('{"ray_version": "x"}')     # readable: Ray Train's own list rules
-    (cut / "state.pt").parent.mkdir()
-    (cut / "state.pt").write_bytes(b"cut")
+    # Readable: the folders it lists are Ray Train's. Of the others, an orphan older than the newest it
+    # lists goes (Ray's num_to_keep never removes it), one cut by a kill goes, and the newest finished
+    # epoch that a stop left unrecorded (Tune stopped the trial between Ray's copy and its record) stays
+    (run / RAY_SNAPSHOT).write_text(json.dumps({"ray_version": "x", "checkpoint_results": [
+        {"checkpoint_dir_name": newer.name, "metrics": {}}]}))
+    unrecorded, cut = (run / f"checkpoint_2026-12-04_13-49-1{i}.000000" for i in (3, 4))
+    unrecorded.mkdir()
+    TrainState(epoch=3, model={"w": torch.ones(2)}).save(unrecorded)
+    cut.mkdir()
+    (cut / "state.pt").write_bytes((unrecorded / "state.pt").read_bytes()[:100])
     repair_run_folder(run)
-    assert (run / RAY_SNAPSHOT).is_file() and cut.is_dir()
+    assert (run / RAY_SNAPSHOT).is_file() and checkpoint_folders(run) == [newer, unrecorded]
+    assert newest_checkpoint(run) == unrecorded
 
     (run / RAY_SNAPSHOT).unlink()                                 # never written; a planted checkpoint
+    cut.mkdir()
     torch.save({**TrainState().__dict__, "scheduler": _PlainObject()}, cut / "state.pt")
     with pytest.raises(UnsafeCheckpointError, match=rf"{cut / 'state.pt'}: .*_PlainObject"):
         repair_run_folder(run)
     assert cut.is_dir(), "refused as at resume, never deleted"
+
+
+@pytest.mark.ray
+def test_a_checkpoint_ray_copied_but_did_not_record_before_a_stop_is_resumed_from_not_trained_again(
+        ray_local, synthetic_manifest, tmp_path, capsys):
+    """Tune stopping a trial (the time-limit warning) can come between Ray Train's copy of a checkpoint
+    and its record in the snapshot (seen on a real SIGUSR1 sweep): here the run's final checkpoint, as
+    such a stop leaves it. The rerun resumes from it, so the finished run is not trained or exported
+    again, and the run folder keeps no orphan Ray's num_to_keep would never remove."""
+    out = tmp_path / "run"
+    config = _run_yaml(tmp_path / "cfg.yaml", synthetic_manifest, out, epochs=2)
+    assert main(["train", "--config", str(config)]) == 0
+    snapshot = out / "ray" / "checkpoint_manager_snapshot.json"
+    listed = json.loads(snapshot.read_text())
+    final = listed["checkpoint_results"].pop()            # the record the stop cut short
+    listed["checkpoint_report_indices"].pop()
+    listed["latest_checkpoint_result"] = listed["checkpoint_results"][-1]
+    snapshot.write_text(json.dumps(listed))
+    assert (out / "ray" / final["checkpoint_dir_name"]).is_dir()
+    weights = out / "model" / "weights.safetensors"
+    before = (file_sha256(weights), weights.stat().st_mtime_ns)
+    capsys.readouterr()
+    assert main(["train", "--config", str(config)]) == 0
+    printed = capsys.readouterr()
+    assert "already finished; nothing to do" in printed.out + printed.err
+    assert '"run_complete": true' in printed.out, "the final metrics, as Ray Train now lists them"
+    assert (file_sha256(weights), weights.stat().st_mtime_ns) == before, "the finished run was trained again"
+    assert pq.read_table(out / "metrics.parquet")["epoch"].to_pylist() == [0, 1]
+    listed = {r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]}
+    assert {f.name for f in checkpoint_folders(out / "ray")} == listed, "a folder Ray Train does not list stays"
 
 
 def test_a_run_folder_is_not_resumed_under_a_config_that_trains_something_else(synthetic_manifest, tmp_path):

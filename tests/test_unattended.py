@@ -132,6 +132,72 @@ def test_an_exception_while_listing_one_entry_becomes_its_row_and_listing_goes_o
     assert "UnicodeError: odd inode" in listing.errors[0]["error"]
 
 
+def test_a_folder_without_execute_permission_gets_an_unlistable_row_and_listing_goes_on(tmp_path, tmp_path_factory):
+    """A folder with read but not execute permission lists its names, but none of its entries can be
+    stat-ed (EACCES). Root ignores permissions, so the listing runs in a real non-root process."""
+    as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"] if os.geteuid() == 0 else []
+    if as_nobody and not shutil.which("setpriv"):
+        pytest.skip("NOT TESTED: running as root and setpriv (util-linux) is missing to drop to nobody")
+    root = tmp_path / "dump"
+    (root / "locked" / "sub").mkdir(parents=True)
+    for name in ("a.jpg", "locked/b.jpg", "z.jpg"):
+        (root / name).write_bytes(b"x")
+    os.chmod(root / "locked", 0o744)
+    for folder in [root, *root.parents]:                 # pytest's folders are 0700: let nobody in
+        folder.chmod(folder.stat().st_mode | 0o005)
+        if folder == tmp_path_factory.getbasetemp():
+            break
+    script = ("import json, sys; from allcluster.score.inputs import list_inputs; "
+              "listing = list_inputs(sys.argv[1]); print(json.dumps([listing.paths, listing.errors]))")
+    done = subprocess.run([*as_nobody, sys.executable, "-c", script, str(root)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    paths, errors = json.loads(done.stdout.splitlines()[-1])
+    assert paths == [str(root / "a.jpg"), str(root / "z.jpg")]
+    assert {e["path"]: e["error_type"] for e in errors} == {str(root / "locked" / "sub"): "unlistable",
+                                                            str(root / "locked" / "b.jpg"): "unreadable"}
+    assert all("Permission denied" in e["error"] and e["path"] in e["error"] for e in errors), errors
+
+
+def test_an_input_file_is_a_manifest_by_its_bytes_and_a_csv_or_binary_file_is_refused_by_the_check(tmp_path):
+    from allcluster.score.inputs import check_input, list_inputs
+
+    pd.DataFrame({"path": ["imgs/x.jpg"], "ward": ["W1"]}).to_parquet(tmp_path / "m.pq")
+    listing = list_inputs(tmp_path / "m.pq")
+    assert listing.paths == [str(tmp_path / "imgs" / "x.jpg")] and listing.extra == {"ward": ["W1"]}
+    (tmp_path / "list.csv").write_text("path,label\nimgs/x.jpg,ALL\n")
+    (tmp_path / "cell.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01")
+    for name, hint in (("list.csv", "allcluster index"), ("cell.jpg", "not a text file of paths")):
+        for call in (check_input, list_inputs):           # check_input is what --check runs
+            with pytest.raises(ConfigError, match=re.escape(str(tmp_path / name))) as refused:
+                call(tmp_path / name)
+            assert hint in str(refused.value)
+
+
+def test_a_manifest_column_without_a_text_form_is_refused_by_the_check_naming_the_file_and_column(tmp_path):
+    from allcluster.score.inputs import check_input, list_inputs
+
+    bad = {"tags.parquet": pa.table({"path": ["/d/a.jpg"], "tags": pa.array([[1, 2]], pa.list_(pa.int64()))}),
+           "meta.parquet": pa.table({"path": ["/d/a.jpg"], "meta": pa.array([{"w": 1}])}),
+           "latin1.parquet": pa.table({"path": pa.array([b"/d/caf\xe9.jpg"], pa.binary())})}
+    for name, table in bad.items():
+        pq.write_table(table, tmp_path / name)
+        column = table.column_names[-1]
+        for call in (check_input, list_inputs):
+            with pytest.raises(ConfigError, match=re.escape(str(tmp_path / name))) as refused:
+                call(tmp_path / name)
+            assert f"column '{column}'" in str(refused.value), str(refused.value)
+    pq.write_table(pa.table({"path": pa.array([b"/d/a.jpg"], pa.binary()), "n": [3]}), tmp_path / "ok.parquet")
+    assert list_inputs(check_input(tmp_path / "ok.parquet").args[0]).extra == {"n": ["3"]}
+
+
+def test_a_list_file_with_a_byte_order_mark_and_crlf_lines_lists_the_paths_it_names(tmp_path):
+    from allcluster.score.inputs import list_inputs
+
+    (tmp_path / "notepad.txt").write_bytes("\ufeffa.jpg\r\nsub/b c .jpg\r\n".encode())
+    assert list_inputs(tmp_path / "notepad.txt").paths == [str(tmp_path / "a.jpg"), str(tmp_path / "sub" / "b c .jpg")]
+
+
 def test_index_and_cache_build_turn_injected_exceptions_into_rows(tmp_path, monkeypatch, real_data_dir):
     from allcluster.data.cache import ensure_cache
     from allcluster.data.manifest import IndexConfig, build_manifest
@@ -460,7 +526,7 @@ def test_a_job_killed_then_stopped_by_sigterm_resumes_to_exactly_one_row_per_fil
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO), "ALLCLUSTER_PROGRESS_FILE": str(progress)}
     with LoggedProcess(command, env) as second:                                             # B
         second.wait_until(lambda: f'"pid": {second.pid}' in _text(out / ".lock"), 600, "the resumed run took the lock")
-        # B's journal and B's atomic writes in flight (`.NAME.PID.tmp`, renamed a moment later) are B's
+        # B's journal and B's atomic writes in flight (`.NAME.PID-RANDOM.tmp`, renamed a moment later) are B's
         # own and transient: not compared. os.walk, not rglob: B removes A's journal folder meanwhile,
         # and rglob fails on a folder gone between its listing and its scan
         before = sorted(name for folder, subfolders, names in os.walk(out) for name in subfolders + names

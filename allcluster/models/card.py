@@ -20,6 +20,10 @@ CARD_VERSION = 1
 MODEL_INFO_FILE = "model.json"        # in a scoring OUT: what the report needs of the model
 MODEL_INFO_KEYS = ("backbone", "classes", "input_size", "roi_crop", "roi_margin", "cam_layer", "temperature",
                    "weights_sha256", "run_id")
+# What shapes a scoring job's rows besides the weights: a rerun into its OUT must keep them all (a
+# re-calibrated or re-sized export of the same weights would mix two models' rows in one table).
+SCORING_KEYS = ("weights_sha256", "classes", "input_size", "mean", "std", "roi_crop", "roi_margin", "cam_layer",
+                "temperature", "logits_precision")
 
 
 class CardError(ValueError):
@@ -96,6 +100,10 @@ class ModelCard:
     def write(self, model_dir: str | Path) -> Path:
         """Write ``model_dir/model_card.json`` atomically."""
         return atomic_write_text(Path(model_dir) / CARD_FILE, json.dumps(self.to_dict(), indent=2, default=float))
+
+    def scoring_settings(self) -> dict:
+        """``{"model.KEY": value}`` for :data:`SCORING_KEYS`: what a scoring job records in ``job.json``."""
+        return {f"model.{k}": getattr(self, k) for k in SCORING_KEYS}
 
     def write_model_info(self, out: str | Path) -> Path:
         """``OUT/model.json``: the card fields a scoring output's readers need (the report's overlays

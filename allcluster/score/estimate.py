@@ -23,7 +23,8 @@ from allcluster.models.card import ModelCard
 from allcluster.score.budget import budget_reasons
 from allcluster.score.reading import read_decode
 from allcluster.score.config import ScoreConfig
-from allcluster.score.output import RowsState, with_journaled_rows
+from allcluster.score.inputs import Shard
+from allcluster.score.output import RowsState, check_job_settings, with_journaled_rows
 
 if TYPE_CHECKING:
     from allcluster.score.core import Scorer
@@ -92,15 +93,18 @@ def measure_budget(scorer: Scorer, decoded: dict, ok_rows: list[dict]) -> float:
     return 1e3 * (time.perf_counter() - start) / len(keep)
 
 
-def estimate(cfg: ScoreConfig, retry_errors: bool = False) -> dict:
-    """The dry run's numbers (see the module docstring)."""
-    from allcluster.score.ray_data import actor_plan, plan_job
+def estimate(cfg: ScoreConfig, retry_errors: bool = False, shard: Shard = Shard()) -> dict:
+    """The dry run's numbers (see the module docstring), for ``shard`` (an array task's part) of the
+    job. An ``out`` whose rows the run would refuse to add to (another model, other row settings) is
+    refused here too: an estimate of a run that cannot happen would mislead."""
+    from allcluster.score.ray_data import _job_settings, actor_plan, plan_job
 
     card = ModelCard.read(cfg.model)
     out = Path(cfg.out).resolve()
+    check_job_settings(out, _job_settings(card, cfg), record=False)
     # as the run will: after recovering what a killed run's journal holds (read here, not written)
     state = with_journaled_rows(out, RowsState.read(out))
-    job = plan_job(cfg, out, retry_errors, state=state)
+    job = plan_job(cfg, out, retry_errors, shard, state)
     driver_s = process_age_s()                 # the job's driver gets this far before it starts Ray
     todo = job.todo.files.column("path")
     result = {"inputs": job.inputs, "listing_errors": len(job.todo.errors), "already_scored": job.done,
@@ -113,7 +117,7 @@ def estimate(cfg: ScoreConfig, retry_errors: bool = False) -> dict:
 
     local = {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
     plan = actor_plan(cfg, local)
-    cap_left = max(0, cfg.explain.budget.max_images - state.budget_used())
+    cap_left = max(0, shard.share(cfg.explain.budget.max_images) - state.budget_used(shard))
     selected = min(cap_left, round(costs["selected_share"] * len(todo)))
     startup_s, startup_from = earlier_startup(out, fresh_startup_s(driver_s, costs["cold_start_s"]))
     result.update(costs, replicas=plan["size"], budget_selected=selected, budget_cap_left=cap_left,
@@ -155,9 +159,9 @@ def job_seconds(to_do: int, selected: int, costs: dict, plan: dict, cpus: float,
             "estimated_decode_s": round(decode_s, 1), "estimated_total_s": round(startup_s + busy_s, 1)}
 
 
-def dry_run_text(cfg: ScoreConfig, retry_errors: bool = False) -> str:
+def dry_run_text(cfg: ScoreConfig, retry_errors: bool = False, shard: Shard = Shard()) -> str:
     """Human summary plus the JSON numbers."""
-    numbers = estimate(cfg, retry_errors)
+    numbers = estimate(cfg, retry_errors, shard)
     lines = [f"[score --dry-run] {numbers['inputs']} inputs ({numbers['listing_errors']} listing errors), "
              f"{numbers['already_scored']} already scored, {numbers['to_do']} to do"]
     if "estimated_total_s" in numbers:

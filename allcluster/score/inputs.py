@@ -6,8 +6,10 @@ still accounts for every entry it saw), and symlinked folders are never descende
 """
 from __future__ import annotations
 
+import codecs
 import functools
 import hashlib
+import math
 import os
 import stat
 from dataclasses import dataclass, field
@@ -142,6 +144,10 @@ class Shard:
     def name(self) -> str:
         return f"{self.index}-of-{self.count}"
 
+    def share(self, total: int) -> int:
+        """This part's share of a job-wide cap (the budget's ``max_images``), split evenly."""
+        return math.ceil(total / self.count)
+
     def holds(self, paths: list[str]) -> list[bool]:
         """Whether each table path belongs to this shard (a stable hash: the same on every node and rerun)."""
         if self.whole:
@@ -171,11 +177,9 @@ def _symlink_problem(path: Path, root: Path) -> tuple[str, str] | None:
 
 def _entry_problem(path: Path, root: Path) -> tuple[str, str] | None:
     """Why a directory entry cannot be scored, checked without reading it."""
-    if path.is_symlink():
-        problem = _symlink_problem(path, root)
-        if problem:
-            return problem
     try:
+        if path.is_symlink() and (problem := _symlink_problem(path, root)):
+            return problem
         mode = path.stat().st_mode
     except OSError as err:
         return "unreadable", f"{path}: {err.strerror or err}"
@@ -209,7 +213,12 @@ def list_tree(root: Path, exclude: tuple[str | Path, ...] = ()) -> Listing:
         for name in sorted(d for d in dirnames if not d.startswith(".")):
             if str(here / name) in skip:
                 continue
-            if (here / name).is_symlink():
+            try:
+                link = (here / name).is_symlink()
+            except OSError as err:            # its folder is readable but not searchable (no x)
+                unlistable(err)
+                continue
+            if link:
                 errors.append(_error(str(here / name), "symlinked_folder", f"{here / name}: symlinked folder not descended into"))
             else:
                 keep.append(name)
@@ -233,11 +242,32 @@ def list_manifest(path: Path) -> Listing:
     parquet = pq.ParquetFile(path)
     names = parquet.schema_arrow.names
     # One column at a time: an archive-sized manifest is never held twice (as read and as text).
-    columns = {"path": normalised_column(parquet.read(columns=["path"]).column(0), Path(path).resolve().parent)}
+    columns = {"path": normalised_column(_text_column(parquet, "path", path), Path(path).resolve().parent)}
     for name in names:
         if name != "path":
-            columns[input_column_name(name)] = pc.fill_null(parquet.read(columns=[name]).column(0).cast(pa.string()), "")
+            columns[input_column_name(name)] = pc.fill_null(_text_column(parquet, name, path), "")
     return Listing(pa.table(columns)).first_of_each_path()
+
+
+def _text_column(parquet: pq.ParquetFile, name: str, path: Path) -> pa.ChunkedArray:
+    """Column ``name`` of the manifest at ``path`` as text; a :class:`ConfigError` naming both where
+    it has none (a list or struct column, bytes that are not UTF-8)."""
+    column = parquet.read(columns=[name]).column(0)
+    try:
+        return column.cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise ConfigError(f"{path}: column {name!r} ({column.type}) has no text form ({err}); every manifest "
+                          "column is copied into the rows as text: drop it or write it as UTF-8 text") from None
+
+
+def _may_not_be_text(type_: pa.DataType) -> bool:
+    """Whether a column of this type may fail :func:`_text_column`: no cast to text (lists, structs)
+    or bytes that may not be UTF-8. Numbers, times and text always cast."""
+    if pa.types.is_dictionary(type_):
+        type_ = type_.value_type
+    return not any(test(type_) for test in (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer,
+                                            pa.types.is_floating, pa.types.is_boolean, pa.types.is_temporal,
+                                            pa.types.is_decimal, pa.types.is_null))
 
 
 def list_text(path: Path) -> Listing:
@@ -245,7 +275,7 @@ def list_text(path: Path) -> Listing:
     paths from the file's folder."""
     base = Path(path).resolve().parent
     paths = []
-    for raw in Path(path).read_bytes().split(b"\n"):
+    for raw in Path(path).read_bytes().removeprefix(codecs.BOM_UTF8).split(b"\n"):
         line = os.fsdecode(raw.rstrip(b"\r"))
         if line.strip() and not line.lstrip().startswith("#"):
             paths.append(table_path(line, base))
@@ -254,26 +284,49 @@ def list_text(path: Path) -> Listing:
 
 def check_input(source: str | Path, exclude: tuple[str | Path, ...] = ()) -> Callable[[], Listing]:
     """What lists ``source`` (see :func:`list_inputs`), after the checks that need no listing: it
-    exists, and a manifest is a Parquet file with a ``path`` column; a :class:`ConfigError` naming
-    the file otherwise."""
+    exists; a manifest (a ``.parquet`` name or Parquet bytes, whatever its name) has a ``path``
+    column and every column has a text form; a list of paths is readable text, not a CSV or an
+    image. A :class:`ConfigError` naming the file otherwise."""
     source = Path(source)
     if source.is_dir():
         return functools.partial(list_tree, source, exclude)
-    if source.is_file() and source.suffix.lower() == ".parquet":
-        try:
-            names = pq.read_schema(source).names
-        except (OSError, pa.ArrowException) as err:
-            raise ConfigError(f"{source}: cannot read this manifest as Parquet ({err})") from None
-        if "path" not in names:
-            raise ConfigError(f"{source}: a manifest to score needs a 'path' column; found {', '.join(names)}")
+    if not source.is_file():
+        raise ConfigError(f"{source}: input not found (expected a folder, a manifest .parquet or a text file of paths)")
+    head = _head(source)
+    if source.suffix.lower() == ".parquet" or head.startswith(b"PAR1"):
+        _check_manifest(source)
         return functools.partial(list_manifest, source)
-    if source.is_file():
-        try:
-            source.open("rb").close()
-        except OSError as err:
-            raise ConfigError(f"{source}: cannot read this list of paths ({err.strerror or err})") from None
-        return functools.partial(list_text, source)
-    raise ConfigError(f"{source}: input not found (expected a folder, a manifest .parquet or a text file of paths)")
+    if source.suffix.lower() == ".csv":
+        raise ConfigError(f"{source}: a CSV is not an input to score; make a manifest of it with `allcluster index "
+                          f"{source} --out MANIFEST.parquet` (columns path,label) and score that, or give a text "
+                          "file with one path per line")
+    if b"\0" in head:
+        raise ConfigError(f"{source}: not a text file of paths (it holds NUL bytes: an image, or UTF-16 text?); "
+                          "--input takes a folder, a manifest Parquet or a UTF-8 text file with one path per line")
+    return functools.partial(list_text, source)
+
+
+def _head(source: Path, size: int = 8192) -> bytes:
+    """The first bytes of an input file (what tells Parquet and binary files from a list of paths)."""
+    try:
+        with source.open("rb") as handle:
+            return handle.read(size)
+    except OSError as err:
+        raise ConfigError(f"{source}: cannot read this input ({err.strerror or err})") from None
+
+
+def _check_manifest(source: Path) -> None:
+    """Refuse a manifest that is not Parquet, has no ``path`` column, or a column without a text form."""
+    try:
+        parquet = pq.ParquetFile(source)
+    except (OSError, pa.ArrowException) as err:
+        raise ConfigError(f"{source}: cannot read this manifest as Parquet ({err})") from None
+    schema = parquet.schema_arrow
+    if "path" not in schema.names:
+        raise ConfigError(f"{source}: a manifest to score needs a 'path' column; found {', '.join(schema.names)}")
+    for field_ in schema:
+        if _may_not_be_text(field_.type):
+            _text_column(parquet, field_.name, source)
 
 
 def list_inputs(source: str | Path, exclude: tuple[str | Path, ...] = ()) -> Listing:

@@ -9,6 +9,7 @@ Layout of ``OUT``::
     score.yaml, job.json          the resolved config; the settings every rerun must keep
     summary.json                  counts per class, flagged, errors by type, throughput
     .lock                         held by the one run writing here (released by the OS when it dies)
+    .compacting.lock              array tasks rewrite shards they share one at a time (:func:`compact`)
 
 Exactly one row per input file: a rerun skips files whose row is final (``ok``, or an error their
 content determines) and scores the others again (transient errors,
@@ -34,7 +35,7 @@ from allcluster.atomic import atomic_write_parquet, atomic_write_text, is_storag
 from allcluster.config import ConfigError
 from allcluster.console import say
 from allcluster.data.decode import TRANSIENT_ERRORS
-from allcluster.locks import ExclusiveLock, check_folder_free, lock_folder
+from allcluster.locks import ExclusiveLock, check_folder_free, lock_folder, taking_turns
 from allcluster.score.config import IMPLIED_BEFORE
 from allcluster.score.heatmaps import pack_of, point_rows_at_pack, write_pack
 from allcluster.score.inputs import Shard, all_distinct, large_text, path_codes
@@ -42,6 +43,7 @@ from allcluster.score.journal import Journal, journal_folder, journaled_shards, 
 from allcluster.score.rows import OWN_COLUMNS, method_columns, methods_of, slug
 
 BUDGET_REASONS = ["low_confidence", "class", "sample"]     # rows that got the expensive methods
+COMPACTING_LOCK = ".compacting.lock"
 
 
 def rows_dataset(out: Path) -> pads.Dataset | None:
@@ -160,21 +162,24 @@ def compact(out: Path, shard: Shard = Shard(), state: RowsState | None = None, r
     if not len(paths) and not len(relisted):
         return 0
     dropped = 0
-    for fragment in rows_dataset(out).get_fragments():
-        table = pq.read_table(fragment.path)
-        stale = pc.or_(superseded_rows(table, paths, newest), pc.is_in(table["path"], relisted))
-        if pc.any(stale).as_py():
-            keep = table.filter(pc.invert(stale))
-            dropped += table.num_rows - keep.num_rows
-            replace_shard(Path(fragment.path), keep)
+    # A shard written by a whole job (or by another N) holds several array tasks' paths: each task
+    # rewrites it in turn, reading it after the previous one's rewrite, or one would put back the
+    # rows the other dropped (two rows for one file).
+    with taking_turns(out / COMPACTING_LOCK):
+        for fragment in rows_dataset(out).get_fragments():
+            table = pq.read_table(fragment.path)
+            stale = pc.or_(superseded_rows(table, paths, newest), pc.is_in(table["path"], relisted))
+            if pc.any(stale).as_py():
+                keep = table.filter(pc.invert(stale))
+                dropped += table.num_rows - keep.num_rows
+                replace_shard(Path(fragment.path), keep)
     return dropped
 
 
 def replace_shard(path: Path, table: pa.Table) -> None:
-    """Write ``table`` to ``path`` atomically (temp file + rename); an empty table removes the shard."""
-    if not table.num_rows:
-        path.unlink(missing_ok=True)
-        return
+    """Write ``table`` to ``path`` atomically (temp file + rename). A shard emptied by compaction
+    stays as a file of no rows: another array task reading the rows at that moment must not find a
+    file of its listing gone."""
     atomic_write_parquet(path, table)
 
 
@@ -201,7 +206,9 @@ def check_job_settings(out: Path, settings: dict, record: bool = True) -> None:
     if path.is_file():
         before = json.loads(path.read_text())
         before.update({k: v for k, v in IMPLIED_BEFORE.items() if k in settings and k not in before})
-        changed = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
+        # an older job.json recorded the weights only: the other model.* keys of its model are unknown
+        compared = sorted(k for k in set(before) | set(settings) if k in before or not k.startswith("model."))
+        changed = [k for k in compared if before.get(k) != settings.get(k)]
         if changed:
             detail = "; ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
             raise ConfigError(f"{out}: already holds rows scored with other settings ({detail}); "

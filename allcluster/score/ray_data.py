@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from allcluster.config import ConfigError
 from allcluster.console import process_age_s, say
 from allcluster.interrupt import InterruptionCaught, StopSignals, report_progress
 from allcluster.models.card import ModelCard
@@ -38,6 +39,9 @@ def actor_plan(cfg: ScoreConfig, resources: dict) -> dict:
     GPUs, otherwise CPU actors leaving room for the decode tasks."""
     w = cfg.workers
     gpus = resources.get("GPU", 0) if w.device != "cpu" else 0
+    if w.device == "cuda" and not gpus:       # not a night on CPU at a tenth of the speed, unasked
+        raise ConfigError(f"workers.device: 'cuda', but the Ray cluster has no GPU ({resources.get('CPU', 0):g} "
+                          "CPUs); on Slurm request GPUs (--gres=gpu:N), or set workers.device to auto or cpu")
     if gpus:
         size = w.actors or max(1, int(gpus // w.gpus_per_actor))
         return {"size": size, "num_gpus": w.gpus_per_actor, "num_cpus": w.cpus_per_actor, "device": "cuda"}
@@ -139,7 +143,7 @@ def check_before_run(cfg: ScoreConfig, shard: Shard = Shard()) -> ModelCard:
 
 
 def _job_settings(card: ModelCard, cfg: ScoreConfig) -> dict:
-    return {"model_sha256": card.weights_sha256, **row_settings(cfg)}
+    return {"model_sha256": card.weights_sha256, **card.scoring_settings(), **row_settings(cfg)}
 
 
 def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool = False,
@@ -227,7 +231,7 @@ def stream_rows(cfg: ScoreConfig, card: ModelCard, todo: Listing, writer: ShardW
     plan = actor_plan(cfg, ray.cluster_resources())
     say(f"[score] {plan['size']} model replica(s) on {plan['device']} "
         f"({plan['num_gpus']:g} GPU, {plan['num_cpus']:g} CPU each), batch {cfg.batch_size}")
-    cap = math.ceil(cfg.explain.budget.max_images / shard.count)
+    cap = shard.share(cfg.explain.budget.max_images)
     ledger = ray.remote(Ledger).options(num_cpus=0).remote(cap, budget_spent)
     progress = Progress(len(todo), cfg.progress_seconds)
     waiting, times = [], {} if times is None else times

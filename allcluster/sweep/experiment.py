@@ -20,7 +20,7 @@ from allcluster.atomic import atomic_write_text
 from allcluster.config import ConfigError, config_diff, flatten, from_dict, read_yaml, to_dict
 from allcluster.sweep.config import SweepConfig
 from allcluster.sweep.plan import base_train_dict
-from allcluster.train.config import TrainConfig
+from allcluster.train.config import RESUME_FREE_KEYS, TrainConfig
 
 BASE_FILE = "base_config.yaml"
 PER_TRIAL_KEYS = ("name", "output_dir")          # set for each trial by the planner
@@ -40,8 +40,10 @@ def varied_keys(sweep: SweepConfig) -> set[str]:
 
 def base_diff(stored: dict[str, Any], current: dict[str, Any], varied: set[str] = frozenset()) -> list[str]:
     """``"train.KEY: OLD -> NEW"`` for every key whose value differs, sorted; keys the grid or the
-    samples set (``varied``) are skipped: every trial overrides them."""
-    return config_diff(stored, current, skip=varied, prefix="train.")
+    samples set (``varied``) are skipped: every trial overrides them; so are the keys a run may change
+    and still resume (``RESUME_FREE_KEYS``: resources, cache folder, loader workers), so a requeued
+    sweep can land on nodes of another shape and a run refused for its resources can be fixed."""
+    return config_diff(stored, current, skip=(*varied, *RESUME_FREE_KEYS), prefix="train.")
 
 
 def read_stored_base(experiment_dir: Path) -> dict[str, Any] | None:

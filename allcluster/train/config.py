@@ -148,6 +148,11 @@ class ResourcesConfig:
         return self.num_workers * self.cpus_per_worker
 
 
+# Keys a rerun may change and still continue a run's checkpoints (a run folder, a sweep's trials):
+# where and how fast it runs (a requeued Slurm job may land on a node of another shape), not what it trains.
+RESUME_FREE_KEYS = ("name", "output_dir", "resources", "data.cache_dir", "data.loader_workers")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. ``output_dir`` receives config.yaml, metrics.parquet, checkpoints, model/."""

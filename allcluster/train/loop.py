@@ -251,7 +251,10 @@ class WorkerRun:
             state = TrainState.load(resume) if resume else TrainState()
         if state.final is not None:
             self.log(f"[train] {self.out}: already finished; nothing to do")
-            self.session.report(state.final)
+            if self.session.resumed_unlisted:   # a stop came before Ray Train recorded it: record it now
+                self.checkpoint(state, state.final)
+            else:
+                self.session.report(state.final)
             return state.final
         if resume:
             self.check_same_data(state)

@@ -12,7 +12,7 @@ from allcluster.interrupt import storage_full_at
 from allcluster.locks import holding
 from allcluster.models.card import CARD_FILE, ModelCard
 from allcluster.models.weights import worker_env
-from allcluster.train.config import TrainConfig
+from allcluster.train.config import RESUME_FREE_KEYS, TrainConfig
 from allcluster.train.run_folder import RAY_RUN_FOLDER, RAY_SNAPSHOT, checkpoint_folders
 
 
@@ -84,30 +84,31 @@ def build_trainer(cfg: TrainConfig, run_id: str, callbacks: list | None = None, 
 
 
 def repair_run_folder(run_folder: Path) -> None:
-    """Make a run whose Ray Train snapshot (its list of checkpoints, ``RAY_SNAPSHOT``) is unreadable or
-    missing resumable from the checkpoints it holds. Ray Train writes that file in place, so a full disk
-    or a kill while it wrote leaves it empty or cut, and Ray then refuses the run for ever
-    (``CheckpointManagerInitializationError``); a kill before its first write leaves none, and Ray
-    would start afresh. An unreadable one is set aside (``.broken``), checkpoint folders that do not
-    load (cut by the same full disk or kill) are removed, and the run resumes from the newest one left
+    """Make a run resumable from the checkpoints it holds, whatever Ray Train's list of them (its
+    snapshot, ``RAY_SNAPSHOT``) says. Ray Train writes that file in place, so a full disk or a kill
+    while it wrote leaves it empty or cut, and Ray then refuses the run for ever
+    (``CheckpointManagerInitializationError``): an unreadable one is set aside (``.broken``). A kill
+    before its first write leaves none (Ray would start afresh), and a stop between Ray's copy of a
+    checkpoint and its record of it (Tune stopping a trial at a time-limit warning) leaves the newest
+    finished epoch unlisted. So every folder the snapshot does not list is checked: one older than
+    the newest it lists is an orphan Ray's ``num_to_keep`` never removes, and goes; one that does not
+    load (cut by the full disk or the kill) goes; the others stay, and the run resumes from the newest
     (:class:`allcluster.train.session.RaySession` finds it). A checkpoint holding pickled objects is
-    refused (:class:`UnsafeCheckpointError`), as at resume."""
+    refused (:class:`UnsafeCheckpointError`), as at resume, and never deleted."""
     import shutil
 
     from allcluster.console import say
     from allcluster.train.loop import TrainState, UnsafeCheckpointError
 
-    snapshot = run_folder / RAY_SNAPSHOT
-    try:
-        json.loads(snapshot.read_bytes())
-        return                                # Ray Train knows its checkpoints
-    except FileNotFoundError:
-        pass
-    except ValueError:
-        os.replace(snapshot, snapshot.with_name(f"{RAY_SNAPSHOT}.broken"))
-        say(f"[train] {snapshot}: unreadable (a full disk, or a kill while Ray Train wrote it): set aside "
-            f"as {RAY_SNAPSHOT}.broken")
+    listed = _listed_checkpoints(run_folder / RAY_SNAPSHOT)
+    newest_listed = max(listed, default="")
     for folder in checkpoint_folders(run_folder):
+        if folder.name in listed:
+            continue
+        if folder.name < newest_listed:
+            shutil.rmtree(folder, ignore_errors=True)
+            say(f"[train] {folder}: removed, Ray Train does not list it and holds a newer checkpoint")
+            continue
         try:
             TrainState.load(folder)
         except UnsafeCheckpointError:         # not cut but planted: refused as at resume, never deleted
@@ -115,6 +116,24 @@ def repair_run_folder(run_folder: Path) -> None:
         except Exception as err:              # noqa: BLE001 - a checkpoint we cannot resume from, whatever broke it
             shutil.rmtree(folder, ignore_errors=True)
             say(f"[train] {folder}: removed, it does not load ({type(err).__name__}: {err})")
+
+
+def _listed_checkpoints(snapshot: Path) -> set[str]:
+    """The checkpoint folder names Ray Train's snapshot lists (none when it is missing); an unreadable
+    snapshot is set aside as ``.broken`` first."""
+    from allcluster.console import say
+
+    try:
+        data = json.loads(snapshot.read_bytes())
+    except FileNotFoundError:
+        return set()
+    except ValueError:
+        os.replace(snapshot, snapshot.with_name(f"{RAY_SNAPSHOT}.broken"))
+        say(f"[train] {snapshot}: unreadable (a full disk, or a kill while Ray Train wrote it): set aside "
+            f"as {RAY_SNAPSHOT}.broken")
+        return set()
+    results = data.get("checkpoint_results", []) if isinstance(data, dict) else []
+    return {r["checkpoint_dir_name"] for r in results if isinstance(r, dict) and "checkpoint_dir_name" in r}
 
 
 def check_fits_cluster(cfg: TrainConfig) -> None:
@@ -162,11 +181,6 @@ def preflight(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.manifest: {cfg.data.manifest} does not exist; build it with "
                           "`allcluster index SOURCE --out MANIFEST.parquet`")
     check_weights_available(get_spec(cfg.model.backbone), cfg.model.pretrained, cfg.model.weights)
-
-
-# Keys a rerun may change and still continue the run folder's checkpoints: where and how fast it
-# runs (a requeued Slurm job may land on a node of another shape), not what it trains.
-RESUME_FREE_KEYS = ("name", "output_dir", "resources", "data.cache_dir", "data.loader_workers")
 
 
 def check_resumable(cfg: TrainConfig) -> None:

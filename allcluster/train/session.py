@@ -81,6 +81,8 @@ class Session(Protocol):
         """The folder of the run's latest checkpoint while the block runs (None: no checkpoint yet)."""
         ...
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None: ...
+    @property
+    def resumed_unlisted(self) -> bool: ...
     def wrap(self, model: nn.Module) -> nn.Module: ...
     def all_gather(self, obj: Any) -> list: ...
 
@@ -93,6 +95,7 @@ class LocalSession:
         self.device = torch.device(device)
         self.root = Path(checkpoint_root)
         self.reports: list[dict] = []
+        self.resumed_unlisted = False       # every checkpoint here is listed (see RaySession)
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
@@ -131,21 +134,31 @@ class RaySession:
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
-        """Ray Train's latest checkpoint; when it knows none but the run folder holds some (its
-        snapshot was unreadable or never written: :func:`allcluster.train.ray_train.repair_run_folder`),
-        the newest of those. Ray Train never removes folders it does not list (its ``num_to_keep``
-        counts its own), so :meth:`report` removes them once it holds a newer checkpoint."""
+        """Ray Train's latest checkpoint, or a newer one in the run folder that Ray Train does not list
+        (its snapshot was unreadable or never written, or a stop came between its copy of the
+        checkpoint and its record of it: :func:`allcluster.train.ray_train.repair_run_folder` has
+        removed those that do not load): the newest of those. Ray Train never removes folders it does
+        not list (its ``num_to_keep`` counts its own), so :meth:`report` removes them once it holds a
+        newer checkpoint."""
         checkpoint = self._train.get_checkpoint()
-        if checkpoint is None and self.run_folder is not None:
-            self._unlisted = checkpoint_folders(self.run_folder)
-            yield self._unlisted[-1] if self._unlisted else None
-            return
-        if checkpoint is None or (checkpoint.filesystem.type_name == "local" and Path(checkpoint.path).is_dir()):
-            # read in place: errors name the real file, no temp copy
+        local = checkpoint is None or (checkpoint.filesystem.type_name == "local" and Path(checkpoint.path).is_dir())
+        if local and self.run_folder is not None:
+            known = Path(checkpoint.path).name if checkpoint is not None else ""
+            self._unlisted = [f for f in checkpoint_folders(self.run_folder) if f.name > known]
+            if self._unlisted:
+                yield self._unlisted[-1]
+                return
+        if local:           # read in place: errors name the real file, no temp copy
             yield Path(checkpoint.path) if checkpoint is not None else None
             return
         with scratch_dir("resume") as local:
             yield Path(checkpoint.to_directory(str(local)))
+
+    @property
+    def resumed_unlisted(self) -> bool:
+        """Whether :meth:`latest_checkpoint` gave a folder Ray Train does not list (it is removed, and
+        Ray's list made whole, at the next report with a checkpoint)."""
+        return bool(self._unlisted)
 
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
