@@ -338,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="exported model directory: run the explainers on the images")
     p.add_argument("--methods", default="gradcam,gradcam++,scorecam,lime", help="comma-separated explainers")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--lime-samples", type=int, default=1000)
+    p.add_argument("--lime-samples", type=int, default=1000,
+                   help="LIME's perturbed images per image (at least 10; default: %(default)s)")
     p.add_argument("--scores", metavar="OUT", help="instead of --model: a scoring output; show the maps it "
                    "stored for the images (found by content; no model runs)")
     p.set_defaults(func=cmd_explain)

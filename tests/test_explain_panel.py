@@ -152,3 +152,58 @@ def test_explain_command_prints_one_line_per_image_and_fails_on_a_bad_one(tiny_m
     assert main(args[:1] + [str(broken)] + args[1:]) == 1
     assert str(broken) in capsys.readouterr().out
     assert main(args[:-1] + ["gradcam,shap"]) == 2 and "shap" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("samples", ["0", "-5", "9"])
+def test_explain_command_refuses_too_few_lime_samples_before_any_work(tiny_model_dir, real_data_dir, tmp_path,
+                                                                      capsys, samples):
+    from allcluster.cli import main
+
+    out = tmp_path / "panels"
+    code = main(["explain", str(_first_jpeg(real_data_dir, "Pro")), "--model", str(tiny_model_dir),
+                 "--out", str(out), "--methods", "lime", "--lime-samples", samples])
+    err = capsys.readouterr().err
+    assert code == 2 and "--lime-samples" in err and ">= 10" in err and "Traceback" not in err
+    assert not out.exists(), "refused before any work"
+
+
+def test_explain_command_refuses_an_out_that_is_a_file(tiny_model_dir, real_data_dir, tmp_path, capsys):
+    from allcluster.cli import main
+
+    image = str(_first_jpeg(real_data_dir, "Pro"))
+    taken = tmp_path / "panels.png"
+    taken.write_bytes(b"not a folder")
+    for out in (taken, taken / "sub"):
+        for source in (["--model", str(tiny_model_dir)], ["--scores", str(tmp_path / "no-scores")]):
+            assert main(["explain", image, *source, "--out", str(out), "--methods", "gradcam"]) == 2
+            err = capsys.readouterr().err
+            assert "--out" in err and str(taken) in err and "Traceback" not in err
+    assert taken.read_bytes() == b"not a folder"
+
+
+def test_a_model_card_with_an_unknown_backbone_is_refused_naming_it(tiny_model_dir, real_data_dir, tmp_path, capsys):
+    import json
+
+    from allcluster.cli import main
+
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    card = json.loads((model / "model_card.json").read_text())
+    (model / "model_card.json").write_text(json.dumps({**card, "backbone": "tomorrows_net"}))
+    code = main(["explain", str(_first_jpeg(real_data_dir, "Pro")), "--model", str(model),
+                 "--out", str(tmp_path / "panels"), "--methods", "gradcam"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert str(model) in err and "'tomorrows_net'" in err and "allnet" in err and "resnet50" in err
+
+
+def test_cam_on_a_head_with_hidden_layers_is_refused_before_any_image_is_explained(tiny_model_dir, real_data_dir,
+                                                                                  tmp_path, monkeypatch):
+    import allcluster.explain.panel as panel
+
+    loaded, load = [], panel._load
+    monkeypatch.setattr(panel, "_load", lambda path, preprocess: loaded.append(path) or load(path, preprocess))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="CAM needs a head with no hidden layer"):
+        explain_images(tiny_model_dir, [_first_jpeg(real_data_dir, "Pro")], out, methods=("gradcam", "cam"),
+                       device="cpu")
+    assert loaded == [] and not out.exists(), "refused before any work"

@@ -181,3 +181,20 @@ def test_real_data_duplicates_never_straddle_splits(real_manifest):
     assert in_splits.groupby("sha256")["split"].nunique().max() == 1, "a sha256 appears in two splits"
     shares = in_splits["split"].value_counts(normalize=True)
     assert abs(shares["train"] - 0.8) < 0.01 and abs(shares["test"] - 0.1) < 0.01
+
+
+def test_a_training_manifest_that_is_not_parquet_or_whose_paths_are_not_text_is_refused_naming_it(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from allcluster.data.manifest import MANIFEST_SCHEMA
+
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 cut short by a full disk")
+    with pytest.raises(ConfigError, match=r"broken.parquet: cannot read this manifest as Parquet"):
+        read_manifest(broken)
+    row = {name: [None] for name in MANIFEST_SCHEMA.names}
+    listy = pa.table({**row, "path": pa.array([["a.jpg"]], pa.list_(pa.string()))})
+    pq.write_table(listy, tmp_path / "listy.parquet")
+    with pytest.raises(ConfigError, match=r"listy.parquet: column 'path' \(list<.*\) is not text"):
+        read_manifest(tmp_path / "listy.parquet")

@@ -95,6 +95,33 @@ def test_weights_load_from_a_local_file(tmp_path):
     assert torch.equal(again.backbone.features.conv1.weight, allnet.backbone.features.conv1.weight)
 
 
+def test_a_weights_file_is_loaded_whole_or_refused_naming_it_never_half_loaded(tmp_path):
+    """timm loads a ``pretrained_cfg`` file without ``strict``: a file of another network left the
+    backbone random while the card said its weights came from the file. Every tensor is checked."""
+    import timm
+    from safetensors.torch import save_file
+
+    from allcluster.models.pretrained import WeightsConversionError
+
+    whole = timm.create_model("test_efficientnet", num_classes=1000)          # with its ImageNet classifier
+    torch.save(whole.state_dict(), tmp_path / "whole.pth")
+    loaded = build_model("test_efficientnet", 4, weights=str(tmp_path / "whole.pth"))
+    assert torch.equal(loaded.backbone.conv_stem.weight, whole.conv_stem.weight)
+    assert loaded.weights_source["source"] == "file"
+    exported = build_model("test_efficientnet", 4)                            # an allcluster model's file
+    save_file({k: v.contiguous() for k, v in exported.state_dict().items()}, tmp_path / "weights.safetensors")
+    again = build_model("test_efficientnet", 4, weights=str(tmp_path / "weights.safetensors"))
+    assert torch.equal(again.backbone.conv_stem.weight, exported.backbone.conv_stem.weight)
+
+    torch.save(build_model("allnet", 4).backbone.state_dict(), tmp_path / "allnet.pth")
+    renamed = {f"encoder.{k}": v for k, v in whole.state_dict().items()}
+    torch.save(renamed, tmp_path / "encoder.pth")
+    for name in ("allnet.pth", "encoder.pth"):
+        with pytest.raises(WeightsConversionError, match=rf"model\.weights: .*{name} does not fit backbone "
+                                                          r"test_efficientnet: \d+ tensor\(s\) do not map"):
+            build_model("test_efficientnet", 4, weights=str(tmp_path / name))
+
+
 def test_missing_weight_file_is_a_clear_error(tmp_path):
     with pytest.raises(WeightsNotFoundError, match=r"model\.weights: .*nope\.pth does not exist") as err:
         build_model("resnet50", 4, weights=str(tmp_path / "nope.pth"))

@@ -96,6 +96,11 @@ def test_missing_weight_file_fails_before_ray_starts(synthetic_manifest, tmp_pat
     err = capsys.readouterr().err
     assert "model.weights" in err and "nope.safetensors" in err and "allcluster weights fetch densenet121" in err
     assert not (tmp_path / "out").exists()
+    torch.save({"conv1.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "other.pth")      # another network's file
+    assert main(["train", "--config", str(config), "--set", f"model.weights={tmp_path / 'other.pth'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"model.weights: {tmp_path / 'other.pth'} does not fit backbone densenet121" in err, err[-2000:]
+    assert not (tmp_path / "out").exists(), "refused on the driver, before anything is written"
 
 
 def test_missing_manifest_names_the_key_and_the_fix(tmp_path, capsys):

@@ -257,3 +257,42 @@ def test_bench_reference_loops_predict_every_file_and_the_grad_cam_loop_writes_o
     maps = sorted((tmp_path / "maps").glob("*.png"))
     assert len(maps) == 5 and all(Image.open(m).size == (64, 64) for m in maps)
     assert _last_json('[score --dry-run] a line {x}\n{\n  "estimated_total_s": 12.5\n}') == {"estimated_total_s": 12.5}
+
+
+def _scorecam_maps_all_at_once(model, images, targets, activations, batch_size):
+    """Score-CAM as computed before its masks were chunked: every channel of the batch upsampled at once."""
+    from allcluster.xai.base import to_input_size
+
+    with torch.no_grad():
+        up = torch.nn.functional.interpolate(activations, size=images.shape[-2:], mode="bilinear", align_corners=True)
+        lo, hi = up.flatten(2).min(-1).values[..., None, None], up.flatten(2).max(-1).values[..., None, None]
+        masks = (up - lo) / (hi - lo + 1e-8)
+        scores = torch.stack([torch.cat([model(masks[n, s:s + batch_size, None] * images[n][None])[:, targets[n]]
+                                         for s in range(0, masks.shape[1], batch_size)]) for n in range(len(images))])
+        weights = torch.softmax(scores.float(), dim=-1)
+        return to_input_size((weights[:, :, None, None] * activations).sum(1), tuple(images.shape[-2:]))
+
+
+def test_scorecam_upsamples_one_image_and_one_chunk_of_channels_at_a_time(monkeypatch):
+    # the whole batch's channels at input resolution took ~10-20 GB for 16 images of 224 px
+    model, layer = _model("allnet")
+    images, targets = _images(3), torch.tensor([0, 2, 3])
+    scorecam = get_explainer("scorecam")(model, layer)
+    scorecam.batch_size = 8
+    with torch.no_grad():
+        _, activations = scorecam.forward(images)
+    assert activations.shape[1] > 3 * scorecam.batch_size, "a model with many channels"
+    expected = _scorecam_maps_all_at_once(model, images, targets, activations, scorecam.batch_size)
+
+    shapes, interpolate = [], torch.nn.functional.interpolate
+
+    def recording(x, *args, **kwargs):
+        out = interpolate(x, *args, **kwargs)
+        shapes.append(tuple(out.shape))
+        return out
+    monkeypatch.setattr(torch.nn.functional, "interpolate", recording)
+    maps = scorecam.explain(images, targets).maps
+
+    assert (1, scorecam.batch_size, 64, 64) in shapes
+    assert max(int(np.prod(s)) for s in shapes) <= scorecam.batch_size * 64 * 64, shapes
+    torch.testing.assert_close(maps, expected, atol=1e-6, rtol=0)

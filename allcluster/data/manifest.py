@@ -260,14 +260,19 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: manifest not found; build it with `allcluster index SOURCE --out {path}`")
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        raise ConfigError(f"{path}: cannot read this manifest as Parquet ({err})") from None
     missing = set(MANIFEST_SCHEMA.names) - set(table.column_names)
     if missing:
         raise ConfigError(f"{path}: not an allcluster manifest (missing columns {', '.join(sorted(missing))})")
     # Older manifests stored paths as given; relative ones are taken from the manifest's folder.
-    table = table.set_column(table.column_names.index("path"), "path",
-                             normalised_column(table.column("path"), path.resolve().parent))
-    return table.to_pandas()
+    try:
+        paths = normalised_column(table.column("path"), path.resolve().parent)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise ConfigError(f"{path}: column 'path' ({table.schema.field('path').type}) is not text ({err})") from None
+    return table.set_column(table.column_names.index("path"), "path", paths).to_pandas()
 
 
 def manifest_fingerprint(df: pd.DataFrame, columns: Iterable[str] = ("path", "sha256", "label", "split", "status")) -> str:

@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from allcluster.device import pick_device
 from allcluster.atomic import atomic_write
+from allcluster.config import ConfigError, from_dict
+from allcluster.device import pick_device
 
 DEFAULT_METHODS = ("gradcam", "gradcam++", "scorecam", "lime")
-CHUNK = 16                 # images per batched explain call (Score-CAM's masks grow with N x channels)
+CHUNK = 16                 # images per batched explain call
 AXIS_INCHES = 2.6          # each axis is square; the panel's width grows with the number of axes
 TITLE_INCHES = 0.6         # room above the axes for two-line titles
 DPI = 100
@@ -66,6 +67,23 @@ def check_methods(methods: str | Iterable[str]) -> list[str]:
     return names
 
 
+def check_lime_samples(lime_samples: int) -> None:
+    """Raise ``ConfigError`` naming ``--lime-samples`` below the bound a scoring config enforces."""
+    from allcluster.score.config import ExplainConfig
+
+    from_dict(ExplainConfig, {"lime_samples": lime_samples}, "--lime-samples")
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` as a Path; ``ConfigError`` naming ``--out`` when it (or a folder above it) is a file."""
+    out_dir = Path(out_dir)
+    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        what = "exists" if existing == out_dir else f"{existing} exists"
+        raise ConfigError(f"--out {out_dir}: {what} and is not a folder")
+    return out_dir
+
+
 def panel_name(path: str | Path, digest: str) -> str:
     """``<stem>-<digest>.explain.png`` for an image file and the first hex digits of its sha256."""
     return f"{Path(path).stem}-{digest}.explain.png"
@@ -89,7 +107,10 @@ def _explainers(model: torch.nn.Module, cam_layer: str, methods: Sequence[str], 
     from allcluster.xai import ExplainSettings, make_explainer
 
     settings = ExplainSettings(lime_samples=int(lime_samples))
-    return {name: make_explainer(name, model, cam_layer, settings) for name in methods}
+    explainers = {name: make_explainer(name, model, cam_layer, settings) for name in methods}
+    if "cam" in explainers:
+        explainers["cam"].check_head()      # else refused only after a chunk ran every other method
+    return explainers
 
 
 def _normalised_batch(items: Sequence[_Item], normalize: torch.nn.Module, device: torch.device) -> torch.Tensor:
@@ -185,18 +206,20 @@ def explain_images(model_dir: str | Path, images: Sequence[str | Path], out_dir:
     Returns one dict per input, in input order: ``image``, ``panel`` (path, or "" on error),
     ``status`` ("ok"/"error"), ``error`` (naming the file), ``predicted_class`` and ``confidence``
     (the calibrated probability softmax(logits / temperature) of that class; 0 on error).
-    Unknown methods and an unavailable device raise ``ValueError`` before any work is done.
+    Unknown methods, an unavailable device, too few ``lime_samples``, an ``out_dir`` that is a
+    file and CAM on a head with hidden layers raise ``ValueError`` before any work is done.
     """
     from allcluster.models.model_dir import load_model_dir
 
     methods = check_methods(methods)
+    check_lime_samples(lime_samples)
+    out_dir = check_out_dir(out_dir)
     torch_device = pick_device(device, "--device")
     loaded = load_model_dir(model_dir, torch_device)
     card = loaded.card
     preprocess = card.preprocess()
     normalize = card.normalize().to(torch_device)
     explainers = _explainers(loaded.model, card.cam_layer, methods, lime_samples)
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[int, dict] = {}
     paths = list(images)
@@ -222,7 +245,7 @@ def explain_from_scores(scores: str | Path, images: Sequence[str | Path], out_di
     from allcluster.models.card import ModelCard
     from allcluster.score.rows import methods_of
 
-    scores, out_dir = Path(scores), Path(out_dir)
+    scores, out_dir = Path(scores), check_out_dir(out_dir)
     info = ModelCard.read_model_info(scores)
     if not info or not any((scores / "rows").glob("*.parquet")):
         raise ValueError(f"{scores}: not a scoring output (no model.json and rows/*.parquet)")

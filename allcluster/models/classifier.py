@@ -200,11 +200,8 @@ def build_backbone(spec: BackboneSpec, pretrained: bool, weights: str = "") -> t
     found = check_weights_available(spec, pretrained, weights)
     provenance = None
     if weights:
-        if not spec.timm_name:
-            backbone = spec.build(False, 3)
-            _load_state_file(backbone, weights)
-        else:
-            backbone = spec.build(True, 3, str(Path(weights).resolve()))
+        backbone = spec.build(False, 3)
+        _load_state_file(backbone, weights, spec)
     elif pretrained and spec.package_weights:
         backbone = spec.build(False, 3)
         provenance = load_package_weights(backbone, spec.package_weights, spec.name)
@@ -223,14 +220,44 @@ def build_backbone(spec: BackboneSpec, pretrained: bool, weights: str = "") -> t
     return backbone, provenance or _provenance(spec, pretrained, weights, found)
 
 
-def _load_state_file(module: nn.Module, path: str) -> None:
+def _load_state_file(backbone: nn.Module, path: str, spec: BackboneSpec) -> None:
+    """Load ``model.weights`` into ``backbone``, every tensor checked (name and shape): a file that
+    does not fit is refused, naming it, never half-loaded (timm's own file loading is not strict, so
+    a wrong file left the backbone random while the card said it came from the file). Takes a
+    backbone's state dict, a whole timm model's (its ImageNet classifier dropped) or an allcluster
+    model's ``weights.safetensors`` (its ``backbone.`` tensors); ``module.`` prefixes (DDP) are removed."""
+    from allcluster.models.pretrained import WeightsConversionError, convert_state
+
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         state = load_file(path)
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
-    module.load_state_dict({re.sub(r"^(module\.|backbone\.)", "", k): v for k, v in state.items()})
+    state = {re.sub(r"^module\.", "", k): v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state):          # an allcluster Classifier's tensors
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    try:
+        state = convert_state(state, backbone.state_dict(), lambda key: key, unused=_unused_prefixes(spec),
+                              ordered=False)
+    except WeightsConversionError as err:
+        raise WeightsConversionError(
+            f"model.weights: {path} does not fit backbone {spec.name}: {err}. Give a state dict of this "
+            "backbone (timm's names)" + (", or model.pretrained: true for the installed ImageNet weights"
+                                         if spec.package_weights else "")) from None
+    backbone.load_state_dict(state, strict=True)
+
+
+def _unused_prefixes(spec: BackboneSpec) -> tuple[str, ...]:
+    """Tensors of a whole timm model that the backbone does not have: its ImageNet classifier, and
+    the modules the registry replaces (``drop_modules``)."""
+    names = list(spec.drop_modules)
+    if spec.timm_name:
+        import timm
+
+        classifier = timm.get_pretrained_cfg(spec.timm_name).classifier or ()
+        names += [classifier] if isinstance(classifier, str) else list(classifier)
+    return tuple(f"{name}." for name in names)
 
 
 def build_model(backbone: str, num_classes: int, head: HeadSpec | None = None, pretrained: bool = False,

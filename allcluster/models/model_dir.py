@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from allcluster.atomic import atomic_folder
+from allcluster.config import ConfigError
 from allcluster.device import cpu_state_dict
 from allcluster.models.card import ModelCard, versions
 from allcluster.models.classifier import Classifier, build_model
@@ -72,7 +73,10 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
     weights = path / "weights.safetensors"
     if card.weights_sha256 and file_sha256(weights) != card.weights_sha256:
         raise ValueError(f"{weights}: sha256 does not match model_card.json (corrupt or replaced file)")
-    spec = get_spec(card.backbone)
+    try:
+        spec = get_spec(card.backbone)
+    except KeyError as err:             # a card from another allcluster version
+        raise ConfigError(f"{path}: model_card.json: {err.args[0]}") from None
     model = build_model(card.backbone, len(card.classes), card.head_spec(), pretrained=False)
     # A model exported before one of its backbone's unused modules was dropped from the registry
     # entry (drop_modules) still holds that module's weights, which nothing reads.

@@ -17,10 +17,12 @@ from typing import Callable
 
 import torch
 
+from allcluster.config import ConfigError
+
 PIP_EXTRA = "allcluster[weights]"
 
 
-class WeightsConversionError(ValueError):
+class WeightsConversionError(ConfigError):
     """A checkpoint whose tensors do not map one to one (name and shape) onto the target network."""
 
 
@@ -102,13 +104,14 @@ def efficientnet_pytorch_renamer(source: dict, target: dict) -> Callable[[str], 
 
 
 def convert_state(source: dict, target: dict, rename: Callable[[str], str],
-                  unused: tuple[str, ...] = ()) -> dict:
+                  unused: tuple[str, ...] = (), ordered: bool = True) -> dict:
     """Rename ``source`` to ``target``'s names, checking name, shape and order; returns the new dict.
 
     Every source tensor must land on a target tensor of the same shape (except those renamed to a
     prefix in ``unused``, e.g. an ImageNet classifier the registry head replaces), every target
-    tensor must be filled, and the renamed keys must come in the target's order (the layouts are the
-    same network written twice; an order change means a wrong mapping). All problems are listed.
+    tensor must be filled, and (``ordered``) the renamed keys must come in the target's order (the
+    layouts are the same network written twice; an order change means a wrong mapping; a file of the
+    target's own names, e.g. safetensors, which sorts them, needs no such check). All problems are listed.
     """
     problems: list[str] = []
     converted: dict[str, torch.Tensor] = {}
@@ -129,7 +132,7 @@ def convert_state(source: dict, target: dict, rename: Callable[[str], str],
         else:
             converted[name] = tensor
     problems += [f"{name}: not filled by any checkpoint tensor" for name in target if name not in converted]
-    if not problems and list(converted) != list(target):
+    if ordered and not problems and list(converted) != list(target):
         first = next(i for i, (a, b) in enumerate(zip(converted, target)) if a != b)
         problems.append(f"order differs from the timm network at tensor {first}: "
                         f"{list(converted)[first]} vs {list(target)[first]}")

@@ -100,12 +100,10 @@ def register(spec: BackboneSpec) -> BackboneSpec:
 
 
 def _timm_builder(timm_name: str, drop_modules: tuple[str, ...]) -> Callable[[bool, int], nn.Module]:
-    def build(pretrained: bool, in_chans: int = 3, pretrained_file: str = "") -> nn.Module:
+    def build(pretrained: bool, in_chans: int = 3) -> nn.Module:
         import timm
 
-        overlay = {"file": pretrained_file} if pretrained_file else None
-        model = timm.create_model(timm_name, pretrained=pretrained, num_classes=0, global_pool="",
-                                  in_chans=in_chans, pretrained_cfg_overlay=overlay)
+        model = timm.create_model(timm_name, pretrained=pretrained, num_classes=0, global_pool="", in_chans=in_chans)
         for name in drop_modules:
             setattr(model, name, nn.Identity())
         return model
@@ -126,10 +124,10 @@ def register_timm(timm_name: str, cam_layer: str, papers: tuple[str, ...] = (), 
         papers=papers, drop_modules=drop_modules, fast=fast, package_weights=package_weights))
 
 
-def _build_allnet(pretrained: bool, in_chans: int = 3, pretrained_file: str = "") -> nn.Module:
+def _build_allnet(pretrained: bool, in_chans: int = 3) -> nn.Module:
     from allcluster.models.allnet import ALLNetFeatures
 
-    if pretrained and not pretrained_file:
+    if pretrained:
         raise ValueError("allnet has no public pretrained weights; set model.pretrained: false "
                          "or model.weights to a file of your own")
     return ALLNetFeatures(in_chans)

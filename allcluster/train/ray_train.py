@@ -176,11 +176,15 @@ def check_fits(res, total: dict[str, float], nodes: list[dict[str, float]]) -> N
 def preflight(cfg: TrainConfig) -> None:
     """Cheap checks on the driver, before any Ray worker starts: manifest and weights on disk."""
     from allcluster.models import check_weights_available, get_spec
+    from allcluster.models.classifier import build_backbone
 
     if not Path(cfg.data.manifest).is_file():
         raise ConfigError(f"data.manifest: {cfg.data.manifest} does not exist; build it with "
                           "`allcluster index SOURCE --out MANIFEST.parquet`")
-    check_weights_available(get_spec(cfg.model.backbone), cfg.model.pretrained, cfg.model.weights)
+    spec = get_spec(cfg.model.backbone)
+    check_weights_available(spec, cfg.model.pretrained, cfg.model.weights)
+    if cfg.model.weights:         # every tensor checked here, in seconds, not in each worker after Ray starts
+        build_backbone(spec, cfg.model.pretrained, cfg.model.weights)
 
 
 def check_resumable(cfg: TrainConfig) -> None:

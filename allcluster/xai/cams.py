@@ -38,18 +38,24 @@ class ScoreCAM(Explainer):
     batch_size = 64
 
     def channel_weights(self, images, targets, activations, grads):
-        size = images.shape[-2:]
+        scores = torch.empty(activations.shape[:2], device=images.device)
         with torch.no_grad():
-            up = torch.nn.functional.interpolate(activations, size=size, mode="bilinear", align_corners=True)
-            flat = up.flatten(2)
-            lo, hi = flat.min(-1).values[..., None, None], flat.max(-1).values[..., None, None]
-            masks = (up - lo) / (hi - lo + 1e-8)                                   # (N, C, H, W)
-            scores = torch.empty(masks.shape[:2], device=images.device)
             for n in range(images.shape[0]):
-                for start in range(0, masks.shape[1], self.batch_size):
-                    chunk = masks[n, start:start + self.batch_size, None] * images[n][None]
+                for start in range(0, activations.shape[1], self.batch_size):
+                    # one image's slice of channels at a time: the whole batch's masks at input
+                    # resolution would be N x C x H x W (~10-20 GB for 16 images at 224 px)
+                    masks = self.masks(activations[n:n + 1, start:start + self.batch_size], images.shape[-2:])
+                    chunk = masks[0, :, None] * images[n][None]
                     scores[n, start:start + len(chunk)] = self.model(chunk)[:, targets[n]].float()
             return torch.softmax(scores, dim=-1)
+
+    @staticmethod
+    def masks(activations: torch.Tensor, size) -> torch.Tensor:
+        """The channels of ``activations`` (N, C, h, w) upsampled to ``size``, each min-max scaled."""
+        up = torch.nn.functional.interpolate(activations, size=size, mode="bilinear", align_corners=True)
+        flat = up.flatten(2)
+        lo, hi = flat.min(-1).values[..., None, None], flat.max(-1).values[..., None, None]
+        return (up - lo) / (hi - lo + 1e-8)
 
 
 class CAM(Explainer):
@@ -58,9 +64,12 @@ class CAM(Explainer):
     name = "cam"
     needs_gradients = False
 
-    def channel_weights(self, images, targets, activations, grads):
-        head = self.model.head
-        if any(isinstance(m, torch.nn.Linear) for m in head.mlp):
+    def check_head(self) -> None:
+        """Raise ``ValueError`` unless the model's head is GAP -> dense (no hidden layer)."""
+        if any(isinstance(m, torch.nn.Linear) for m in self.model.head.mlp):
             raise ValueError("CAM needs a head with no hidden layer (GAP -> dense); this model's head has "
                              "hidden layers: use gradcam, or train with model.head.hidden: []")
-        return head.fc.weight[targets].detach()
+
+    def channel_weights(self, images, targets, activations, grads):
+        self.check_head()
+        return self.model.head.fc.weight[targets].detach()
