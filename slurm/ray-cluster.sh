@@ -11,7 +11,7 @@
 # - Every Ray port is picked on its node when Ray starts there and checked free by binding it
 #   (slurm/ray-node.sh), the Ray client server's included, so jobs sharing a node do not collide. The
 #   head publishes the cluster address in the job's private folder; workers and the driver read it.
-# - The job's private folder $HOME/.ray-slurm/<job> (mode 700, created afresh at every start) holds
+# - The job's private folder $HOME/.ray-slurm/<cluster>-<job> (mode 700, created afresh at every start) holds
 #   the address and a fresh per-job token (mode 600): token authentication stays on, so other users'
 #   jobs on these nodes cannot attach.
 # - Each node's Ray temp dir lives inside a fresh mktemp -d folder (mode 700) under the node-local
@@ -153,8 +153,12 @@ _ray_requeue() {  # the warning came and the driver stopped unfinished: back to 
   fi
 }
 
+_ray_job_key() {  # job ids are per cluster: sites whose clusters share $HOME (sbatch -M) reuse them
+  echo "${SLURM_CLUSTER_NAME:+$SLURM_CLUSTER_NAME-}$SLURM_JOB_ID"
+}
+
 _ray_stalls_file() {  # beside the private folder, which every start recreates
-  echo "$HOME/.ray-slurm/$SLURM_JOB_ID.stalls"
+  echo "$HOME/.ray-slurm/$(_ray_job_key).stalls"
 }
 
 _ray_forget_earlier_jobs_stalls() {  # a count belongs to one job's starts: at its first, a count left by an
@@ -277,7 +281,7 @@ ray_cluster_start() {
 
   # The job's private folder, afresh at every start (a requeued job keeps its id: drop what the
   # previous start left). mkdir without -p under umask 077: created by us, mode 700.
-  _ray_jobdir=$HOME/.ray-slurm/$SLURM_JOB_ID
+  _ray_jobdir=$HOME/.ray-slurm/$(_ray_job_key)
   ( umask 077; mkdir -p "$HOME/.ray-slurm" )
   rm -rf "$_ray_jobdir"
   ( umask 077; mkdir "$_ray_jobdir"
@@ -285,6 +289,7 @@ ray_cluster_start() {
   export RAY_JOB_DIR=$_ray_jobdir ALLCLUSTER_PROGRESS_FILE=$_ray_jobdir/progress
   export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$_ray_jobdir/token
   export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
+  export PYTHONUNBUFFERED=1     # the driver's last lines reach the log even when KillWait's SIGKILL ends it
   export PYTHONPATH=$ALLCLUSTER_HOME${PYTHONPATH:+:$PYTHONPATH}
   unset RAY_ADDRESS
 
@@ -314,10 +319,13 @@ _ray_start_node() {  # $1 node, $2 head|worker: one srun step that runs `ray sta
   # The job's GPU request reaches srun through the environment as well: SLURM_GPUS=K (sbatch --gpus=K)
   # makes every one-node step ask for all K GPUs, which fails on a multi-node job ("Invalid generic
   # resource (gres) specification"); SLURM_NTASKS_PER_GPU would start a task per GPU, a GPU binding
-  # could hide some of the node's GPUs from its one task. Left out (from SLURM_TRES_PER_TASK, Slurm
-  # 23.11+'s home of --gpus-per-task, only the GPU items); the step asks for what the job holds on its node.
-  tres=$(tr ',' '\n' <<<"${SLURM_TRES_PER_TASK:-}" | grep -v 'gpu' | paste -sd, -) || true
-  env -u SLURM_GPUS -u SLURM_GPUS_PER_NODE -u SLURM_GPUS_PER_TASK -u SLURM_NTASKS_PER_GPU \
+  # could hide some of the node's GPUs from its one task. The CPU request too: srun 22.05 ignores
+  # SLURM_CPUS_PER_TASK, but 23.11+ reads it again (and cpu= in SLURM_TRES_PER_TASK), and --cpus-per-task
+  # implies --exact: an --exclusive job's Ray would get 8 of the node's CPUs. Left out (from
+  # SLURM_TRES_PER_TASK, 23.11+'s home of --gpus-per-task and --cpus-per-task, only those items); the
+  # step asks for what the job holds on its node.
+  tres=$(tr ',' '\n' <<<"${SLURM_TRES_PER_TASK:-}" | grep -v -e 'gpu' -e '^cpu=' | paste -sd, -) || true
+  env -u SLURM_GPUS -u SLURM_GPUS_PER_NODE -u SLURM_GPUS_PER_TASK -u SLURM_NTASKS_PER_GPU -u SLURM_CPUS_PER_TASK \
       -u SLURM_GPU_BIND -u SLURM_TRES_BIND -u SLURM_TRES_PER_TASK ${tres:+SLURM_TRES_PER_TASK="$tres"} \
     srun --nodes=1 --ntasks=1 -w "$node" --overlap ${gpus:+"$gpus"} \
        bash "$ALLCLUSTER_HOME/slurm/ray-node.sh" "$role" "$(_ray_node_addr "$node")" &

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import signal
 import struct
 import subprocess
@@ -132,25 +133,26 @@ def test_an_exception_while_listing_one_entry_becomes_its_row_and_listing_goes_o
     assert "UnicodeError: odd inode" in listing.errors[0]["error"]
 
 
-def test_a_folder_without_execute_permission_gets_an_unlistable_row_and_listing_goes_on(tmp_path, tmp_path_factory):
+def test_a_folder_without_execute_permission_gets_an_unlistable_row_and_listing_goes_on():
     """A folder with read but not execute permission lists its names, but none of its entries can be
     stat-ed (EACCES). Root ignores permissions, so the listing runs in a real non-root process."""
     as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"] if os.geteuid() == 0 else []
     if as_nobody and not shutil.which("setpriv"):
         pytest.skip("NOT TESTED: running as root and setpriv (util-linux) is missing to drop to nobody")
-    root = tmp_path / "dump"
-    (root / "locked" / "sub").mkdir(parents=True)
-    for name in ("a.jpg", "locked/b.jpg", "z.jpg"):
-        (root / name).write_bytes(b"x")
-    os.chmod(root / "locked", 0o744)
-    for folder in [root, *root.parents]:                 # pytest's folders are 0700: let nobody in
-        folder.chmod(folder.stat().st_mode | 0o005)
-        if folder == tmp_path_factory.getbasetemp():
-            break
-    script = ("import json, sys; from allcluster.score.inputs import list_inputs; "
-              "listing = list_inputs(sys.argv[1]); print(json.dumps([listing.paths, listing.errors]))")
-    done = subprocess.run([*as_nobody, sys.executable, "-c", script, str(root)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    top = Path(tempfile.mkdtemp(prefix="allcluster-noexec-", dir="/tmp"))   # pytest's folders (and the
+    try:                                                  # one above them) are 0700: nobody cannot get in
+        top.chmod(0o755)
+        root = top / "dump"
+        (root / "locked" / "sub").mkdir(parents=True)
+        for name in ("a.jpg", "locked/b.jpg", "z.jpg"):
+            (root / name).write_bytes(b"x")
+        os.chmod(root / "locked", 0o744)
+        script = ("import json, sys; from allcluster.score.inputs import list_inputs; "
+                  "listing = list_inputs(sys.argv[1]); print(json.dumps([listing.paths, listing.errors]))")
+        done = subprocess.run([*as_nobody, sys.executable, "-c", script, str(root)], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-2000:]
     paths, errors = json.loads(done.stdout.splitlines()[-1])
     assert paths == [str(root / "a.jpg"), str(root / "z.jpg")]
