@@ -108,3 +108,53 @@ def test_a_build_killed_half_way_leaves_no_full_size_folder_behind(synthetic_man
     shutil.rmtree(cache.path)
     ensure_cache(manifest, Preprocess(size=24), tmp_path, str(synthetic_manifest), log=_quiet).close()
     assert not leftover.exists() and (cache.path / "meta.json").is_file()
+
+
+def test_files_swapped_after_indexing_are_not_cached_under_the_indexed_hashes_and_a_reindex_puts_them_right(
+        real_data_dir, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from allcluster.config import from_dict
+    from allcluster.data.manifest import IndexConfig, build_manifest
+    from conftest import real_images
+
+    for image in real_images(real_data_dir, 3)[:6]:           # 3 Benign, 3 Early
+        (tmp_path / "src" / image.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, tmp_path / "src" / image.parent.name / image.name)
+    source = {"source": str(tmp_path / "src")}
+    stale = build_manifest(from_dict(IndexConfig, source))
+    benign, early = sorted((tmp_path / "src" / "Benign").iterdir())[0], sorted((tmp_path / "src" / "Early").iterdir())[0]
+    benign_bytes, early_bytes = benign.read_bytes(), early.read_bytes()
+    benign.write_bytes(early_bytes)                          # the two files swapped after indexing
+    early.write_bytes(benign_bytes)
+    cache = ensure_cache(stale, Preprocess(32), tmp_path / "cache", log=_quiet)
+    index = pq.read_table(cache.path / "index.parquet").to_pandas().set_index("path")
+    for path in (benign, early):
+        assert not index.loc[str(path), "valid"] and index.loc[str(path), "error_type"] == "changed_since_index"
+        assert str(path) in index.loc[str(path), "error"] and "re-index" in index.loc[str(path), "error"]
+    assert index["valid"].sum() == 4
+    cache.close()
+    fresh = build_manifest(from_dict(IndexConfig, source))    # the same set of hashes: the same cache
+    cache = ensure_cache(fresh, Preprocess(32), tmp_path / "cache", log=_quiet)
+    assert cache.valid.all()
+    for path, sha in zip(fresh["path"], fresh["sha256"]):
+        assert np.array_equal(cache.images[cache.row(sha)], Preprocess(32)(load(path, draft=32).array)), path
+
+
+def test_training_says_how_many_rows_of_each_split_have_no_cached_image_and_why(synthetic_manifest, tmp_path, capsys):
+    from allcluster.train.config import DataConfig
+    from allcluster.train.data import load_splits
+
+    manifest = read_manifest(synthetic_manifest).copy()
+    train = manifest.index[manifest["split"] == "train"][:2]
+    for n, row in enumerate(train):
+        manifest.loc[row, "path"] = str(tmp_path / f"gone-{n}.png")      # moved away since indexing
+    cache = ensure_cache(manifest, Preprocess(size=24), tmp_path / "c", log=_quiet)
+    capsys.readouterr()
+    _, splits = load_splits(manifest, cache, DataConfig(manifest="m"), 0)
+    said = capsys.readouterr().err
+    assert f"[data] train: 2 of {len(train) + len(splits['train'])} image(s) left out" in said
+    assert str(tmp_path / "gone-0.png") in said and str(tmp_path / "gone-1.png") in said
+    assert "[data] val" not in said and "[data] test" not in said

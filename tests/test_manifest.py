@@ -118,6 +118,39 @@ def test_patient_regex_keeps_each_patient_in_one_split(tmp_path):
     assert set(df["split"]) == {"train", "val", "test"}
 
 
+def test_a_patient_regex_matching_no_decodable_file_is_refused_before_hashing_and_writes_nothing(
+        tmp_path, monkeypatch, capsys):
+    import allcluster.data.manifest as manifest
+    from allcluster.cli import main
+
+    root = make_tree(tmp_path / "images", 3)
+    (root / "Pre" / "P07_cut.jpg").write_bytes(jpeg_bytes(seed=9)[:100])     # its one match does not decode
+    out = tmp_path / "m.parquet"
+    assert main(["index", str(root), "--out", str(out), "--patient-regex", r"^(P\d+)_"]) == 2
+    assert "--patient-regex '^(P\\\\d+)_': matches none of the 12 file names (e.g. Benign-000.jpg" in capsys.readouterr().err
+    monkeypatch.setattr(manifest, "inspect_sources", lambda *args: pytest.fail("files were hashed first"))
+    assert main(["index", str(root), "--out", str(out), "--patient-regex", "patient-"]) == 2
+    assert "--patient-regex 'patient-': matches none of the 13 file names" in capsys.readouterr().err
+    assert not list(tmp_path.glob("m.*")), "a refused index writes nothing"
+
+
+def test_a_patient_regex_missing_some_files_warns_with_examples_and_the_summary_counts_them(tmp_path, capsys):
+    from allcluster.cli import main
+
+    root = tmp_path / "images"
+    for c, cls in enumerate(CLASSES):
+        (root / cls).mkdir(parents=True)
+        names = [f"P{c}{p}_{i}.jpg" for p in range(3) for i in range(2)] + ["scan-0.jpg", "scan-1.jpg"]
+        for i, name in enumerate(names):
+            (root / cls / name).write_bytes(jpeg_bytes(100 * c + i))
+    assert main(["index", str(root), "--out", str(tmp_path / "m.parquet"), "--patient-regex", r"^(P\d+)_"]) == 0
+    printed = capsys.readouterr()
+    assert "gives no patient id to 8 of 32 decodable files (e.g. scan-0.jpg, scan-1.jpg, scan-0.jpg" in printed.err
+    assert "patients: 12; --patient-regex matched 24 decodable files, 8 unmatched" in printed.out
+    summary = json.loads((tmp_path / "m.summary.json").read_text())
+    assert summary["patients"] == {"count": 12, "regex": r"^(P\d+)_", "matched": 24, "unmatched": 8}
+
+
 def test_csv_source_with_patient_column(tmp_path):
     root = make_tree(tmp_path / "images", 8)
     rows = [{"path": str(p.relative_to(tmp_path)), "label": p.parent.name, "patient": f"pt{i % 10}"}
@@ -135,6 +168,25 @@ def test_csv_without_required_columns_names_the_file(tmp_path):
         build_manifest(IndexConfig(source=str(tmp_path / "bad.csv")))
 
 
+def test_an_excel_csv_utf8_with_a_byte_order_mark_is_read(tmp_path):
+    root = make_tree(tmp_path / "images", 2)
+    lines = ["path,label"] + [f"{p.relative_to(tmp_path)},{p.parent.name}" for p in sorted(root.rglob("*.jpg"))]
+    (tmp_path / "excel.csv").write_text("\r\n".join(lines) + "\r\n", encoding="utf-8-sig")
+    df, summary = index(tmp_path / "excel.csv", tmp_path / "m.parquet")
+    assert len(df) == 8 and summary["ok"] == 8 and summary["classes"] == list(CLASSES)
+
+
+def test_a_csv_line_too_short_for_a_path_is_an_error_row_naming_the_csv_and_line(tmp_path):
+    root = make_tree(tmp_path / "images", 2)
+    lines = ["label,path"] + [f"{p.parent.name},{p.relative_to(tmp_path)}" for p in sorted(root.rglob("*.jpg"))]
+    lines.insert(3, "Early")                                  # line 4: cut short by hand editing
+    (tmp_path / "list.csv").write_text("\n".join(lines) + "\n")
+    df, summary = index(tmp_path / "list.csv", tmp_path / "m.parquet")
+    bad = df[df["status"] == "error"]
+    assert len(df) == 9 and summary["errors"]["by_type"] == {"bad_csv_row": 1}
+    assert bad.iloc[0]["error"] == f"{tmp_path / 'list.csv'}:4: line has no value for column 'path'"
+
+
 def test_kfold_assigns_grouped_stratified_folds_with_a_held_out_test(tmp_path):
     root = make_tree(tmp_path / "images", 30)
     shutil.copy(root / "Pre" / "Pre-000.jpg", root / "Pre" / "dup.jpg")
@@ -145,6 +197,26 @@ def test_kfold_assigns_grouped_stratified_folds_with_a_held_out_test(tmp_path):
     assert ok.groupby("sha256")["fold"].nunique().max() == 1
     fold3 = splits_for_fold(ok, 3)
     assert set(ok.loc[fold3 == "val", "fold"]) == {3} and (fold3[ok["split"] == "test"] == "test").all()
+
+
+def test_more_folds_than_groups_is_refused_naming_folds_and_before_hashing_when_the_listing_shows_it(
+        tmp_path, monkeypatch, capsys):
+    import allcluster.data.manifest as manifest
+    from allcluster.cli import main
+
+    root = tmp_path / "images"
+    for c, cls in enumerate(CLASSES[:2]):
+        (root / cls).mkdir(parents=True)
+        for i in range(6):                       # 6 copies of one image per class, of patients P0..P2
+            (root / cls / f"P{i % 3}_{c}{i}.jpg").write_bytes(jpeg_bytes(seed=c))
+    out = tmp_path / "m.parquet"
+    assert main(["index", str(root), "--out", str(out), "--folds", "4"]) == 2       # 2 distinct images: seen once hashed
+    assert ("--folds 4: the 12 decodable images outside the test share form only 2 group(s)"
+            in capsys.readouterr().err)
+    monkeypatch.setattr(manifest, "inspect_sources", lambda *args: pytest.fail("files were hashed first"))
+    assert main(["index", str(root), "--out", str(out), "--folds", "4", "--patient-regex", r"^(P\d)_"]) == 2
+    assert "--folds 4: the 12 listed files form only 3 group(s)" in capsys.readouterr().err
+    assert not list(tmp_path.glob("m.*")), "a refused index writes nothing"
 
 
 def test_bad_index_options_are_clear_errors():

@@ -108,6 +108,27 @@ def test_leaderboard_and_pivots_from_hand_written_trials():
     assert best.loc["r18", "trial_id"] == "a2" and best.loc["allnet", "trial_id"] == "c2"
 
 
+def test_two_sweeps_of_one_grid_each_draw_their_own_training_curve(tmp_path):
+    """A trial id names the varied values, so two experiments of one grid (two seeds, two datasets)
+    share them: each sweep's best trial is drawn from its own epochs, never a mix of both."""
+    for name, f1 in (("seed0", 0.9), ("seed1", 0.8)):
+        (tmp_path / name).mkdir()
+        pq.write_table(pa.table({"trial_id": ["r18-adam"], "status": ["finished"], "val_macro_f1": [f1],
+                                 "val_loss": [0.1], "backbone": ["r18"], "augmentation": ["mixup"],
+                                 "optimizer": ["adam"]}), tmp_path / name / "trials.parquet")
+        pq.write_table(pa.table({"trial_id": ["r18-adam"] * 3, "epoch": [0, 1, 2], "train_loss": [f1] * 3,
+                                 "val_loss": [f1] * 3, "val_macro_f1": [f1] * 3}), tmp_path / name / "epochs.parquet")
+    found = collect_inputs([tmp_path / "seed0", tmp_path / "seed1"])
+    best = tables.ranked(tables.load_trials(found.sweeps))[["experiment", "trial_id"]]
+    epochs = tables.load_epochs(found.sweeps, best)
+    assert len(epochs) == 6
+    for experiment, f1 in zip(best["experiment"], (0.9, 0.8)):
+        mine = epochs[epochs["experiment"] == experiment]
+        assert mine["epoch"].tolist() == [0, 1, 2] and set(mine["val_macro_f1"]) == {f1}, experiment
+    result = build_report([tmp_path / "seed0", tmp_path / "seed1"], tmp_path / "r", ReportOptions(metric="val_macro_f1", curves=2))
+    assert Image.open(tmp_path / "r" / result["files"]["plot:training_curves"]).size[0] > 100
+
+
 def test_counts_from_hand_written_rows(tmp_path):
     from allcluster.score.rows import row_schema
 
@@ -172,6 +193,41 @@ def test_rows_with_only_the_four_required_columns_report_and_a_rerun_leaves_no_s
         assert not (report / "morning_list.csv").exists(), "an earlier report's file stays for the new one"
         assert not (report / "report.json").exists(), "an unfinished report looks finished"
         assert (report / "report.yaml").is_file()
+
+
+def test_a_scoring_job_that_is_unfinished_is_said_so_above_its_counts_and_one_with_no_rows_reports_zeros(tmp_path):
+    """The morning after, a job killed (rows still in its journal), interrupted or still running must
+    not read as complete; an output with no row at all (all compacted away) reports zeros."""
+    from allcluster.score.output import lock_output
+
+    def unfinished_notes(out: Path) -> list[str]:
+        shutil.rmtree(tmp_path / "r", ignore_errors=True)
+        return [n for n in build_report([out], tmp_path / "r", ReportOptions(group_by=[]))["notes"] if "unfinished" in n]
+
+    job = four_column_rows(tmp_path / "job")
+    assert unfinished_notes(job) == [], "rows some other tool wrote: nothing says they are unfinished"
+    (job / "job.json").write_text("{}")
+    assert "no run into it has finished" in unfinished_notes(job)[0]
+    (job / "summary.json").write_text(json.dumps({"rows": 2, "interrupted": "SIGTERM"}))
+    assert "its last run was interrupted by SIGTERM" in unfinished_notes(job)[0]
+    (job / "rows" / ".journal-0-of-1").mkdir()
+    (job / "rows" / ".journal-0-of-1" / "part-r-00001.rows.arrows").write_bytes(b"rows held")
+    assert "wait in its journal" in unfinished_notes(job)[0]
+    held = lock_output(job)
+    try:
+        assert "a run is writing it now" in unfinished_notes(job)[0]
+    finally:
+        for lock in held:
+            lock.release()
+    shutil.rmtree(job / "rows" / ".journal-0-of-1")
+    (job / "summary.json").write_text(json.dumps({"rows": 2}))
+    assert unfinished_notes(job) == []
+
+    empty = tmp_path / "empty" / "rows"
+    empty.mkdir(parents=True)
+    pq.write_table(pq.read_table(job / "rows" / "part-0.parquet").slice(0, 0), empty / "part-0.parquet")
+    result = build_report([empty.parent], tmp_path / "r0", ReportOptions(group_by=[]))
+    assert result["scoring"]["rows"] == 0 and result["scoring"]["ok"] == 0
 
 
 def test_a_report_is_one_writers_and_a_killed_one_is_rebuilt_by_its_rerun(tmp_path):

@@ -357,6 +357,30 @@ def test_a_model_failure_becomes_error_rows_not_a_crash(tiny_model_dir, real_dat
     assert all(path in err for path, err in zip(rows["path"], rows["error"]))
 
 
+def test_an_image_whose_model_output_is_nan_is_an_error_row_not_a_confident_class_0(tiny_model_dir, real_data_dir,
+                                                                                    tmp_path):
+    """softmax(NaN).max() is class 0 at confidence NaN, and NaN < uncertain_below is false: the image
+    read as a confident first class and missed the morning list. The NaN is injected (one image's
+    logits), the rest of its batch is scored as usual."""
+    cfg = score_config(tiny_model_dir, tmp_path, tmp_path / "out")
+    scorer = core.Scorer(cfg, str(tmp_path / "out"), "run", lambda n: n)
+    first_pass = scorer.first_pass
+
+    def one_nan(x):
+        explanations, logits = first_pass(x)
+        logits = logits.clone()
+        logits[1] = float("nan")
+        return explanations, logits
+
+    scorer.first_pass = one_nan
+    rows = scorer(_decoded(real_images(real_data_dir, 1))).to_pandas()
+    bad, good = rows.iloc[1], rows.drop(index=1)
+    assert (bad["status"], bad["error_type"]) == ("error", "non_finite_output") and bad["path"] in bad["error"]
+    assert pd.isna(bad["predicted_class"]) and pd.isna(bad["confidence"]) and pd.isna(bad["heatmap_gradcam"])
+    assert all(pd.isna(bad[c]) for c in rows.columns if c.startswith(("prob_", "cal_prob_", "raw_max_", "on_cell_")))
+    assert (good["status"] == "ok").all() and good["confidence"].notna().all()
+
+
 def test_faithfulness_is_scored_on_uncertain_images_and_a_content_fixed_sample():
     from allcluster.score.budget import sha_fraction
 

@@ -66,6 +66,7 @@ class ImageCache:
     images: np.ndarray
     rows: dict[str, int]
     valid: np.ndarray
+    errors: np.ndarray      # why a row is not valid ("" where it is)
     in_use: ExclusiveLock | None = field(default=None, repr=False, compare=False)
 
     def close(self) -> None:
@@ -80,22 +81,34 @@ class ImageCache:
         meta = json.loads((path / "meta.json").read_text())
         n, size = len(index), meta["size"]
         images = np.memmap(path / "images.u8", dtype=np.uint8, mode="r", shape=(n, size, size, 3))
-        return cls(path, images, dict(zip(index["sha256"], range(n))), index["valid"].to_numpy())
+        return cls(path, images, dict(zip(index["sha256"], range(n))), index["valid"].to_numpy(),
+                   index["error"].to_numpy())
 
     def row(self, sha256: str) -> int:
         return self.rows[sha256]
 
 
-def _decode_rows(args: tuple[str, list[tuple[int, str]], int, Preprocess, int]) -> list[tuple[int, str, str]]:
-    """Decode, preprocess and write some rows into the shared memmap; returns (row, error type, error)
-    failures. Any exception for one file is that file's failure, never the build's."""
+def _read_indexed(path: str, sha256: str) -> bytes:
+    """The bytes of ``path``, refused (``changed_since_index``) unless they are the ones the manifest
+    hashed: the pixels are stored under that sha256, and a later manifest with the same set of hashes
+    (a corrected re-index) reuses them without decoding again."""
+    data, found = dec.read_any(to_fs(path))
+    if found != sha256:
+        raise dec.DecodeError("changed_since_index", f"{path}: file changed since it was indexed (sha256 "
+                              f"{found[:12]}..., the manifest says {sha256[:12]}...); re-index with `allcluster index`")
+    return data
+
+
+def _decode_rows(args: tuple[str, list[tuple[int, str, str]], int, Preprocess, int]) -> list[tuple[int, str, str]]:
+    """Decode, preprocess and write some (row, path, sha256) jobs into the shared memmap; returns
+    (row, error type, error) failures. Any exception for one file is that file's failure, never the build's."""
     images_path, jobs, n, preprocess, max_pixels = args
     images = np.memmap(images_path, dtype=np.uint8, mode="r+",
                        shape=(n, preprocess.size, preprocess.size, 3))
     failures = []
-    for row, path in jobs:
+    for row, path, sha256 in jobs:
         try:
-            decoded = dec.load(to_fs(path), max_pixels=max_pixels, draft=preprocess.size)
+            decoded = dec.decode_any(_read_indexed(path, sha256), path, max_pixels=max_pixels, draft=preprocess.size)
             try:
                 images[row] = preprocess(decoded.array)
             except Exception as err:      # noqa: BLE001 - e.g. the ROI crop on an odd image
@@ -106,7 +119,7 @@ def _decode_rows(args: tuple[str, list[tuple[int, str]], int, Preprocess, int]) 
     return failures
 
 
-def _decode_parallel(images_path: Path, jobs: list[tuple[int, str]], n: int, preprocess: Preprocess,
+def _decode_parallel(images_path: Path, jobs: list[tuple[int, str, str]], n: int, preprocess: Preprocess,
                      max_pixels: int, workers: int) -> list[tuple[int, str, str]]:
     workers = max(1, min(workers or (os.cpu_count() or 1), len(jobs) // 64 or 1))
     chunk = max(1, len(jobs) // (workers * 8) or 1)
@@ -130,7 +143,8 @@ def _build(tmp: Path, unique: pd.DataFrame, preprocess: Preprocess, max_pixels: 
     n, size = len(unique), preprocess.size
     images_path = tmp / "images.u8"
     _allocate(images_path, max(n, 1) * size * size * 3)
-    failures = _decode_parallel(images_path, list(enumerate(unique["path"])), max(n, 1), preprocess, max_pixels, workers)
+    jobs = list(zip(range(n), unique["path"], unique["sha256"]))
+    failures = _decode_parallel(images_path, jobs, max(n, 1), preprocess, max_pixels, workers)
     _write_index(tmp, unique["sha256"].tolist(), unique["path"].tolist(), failures)
 
 
@@ -157,15 +171,15 @@ def _retry_transient(final: Path, unique: pd.DataFrame, preprocess: Preprocess, 
     if not retry:
         return
     paths = dict(zip(unique["sha256"], unique["path"]))
-    jobs = [(row, paths.get(index.at[row, "sha256"], index.at[row, "path"])) for row in retry]
+    jobs = [(row, paths.get(sha, index.at[row, "path"]), sha) for row, sha in zip(retry, index.loc[retry, "sha256"])]
     log(f"[cache] retrying {len(jobs)} image(s) that could not be read when {final.name} was built")
     n = len(index)
     failures = {row: (kind, msg) for row, kind, msg in
                 _decode_parallel(final / "images.u8", jobs, max(n, 1), preprocess, max_pixels, workers)}
     kept = [(row, kinds.iat[row], index.at[row, "error"]) for row in index.index[~index["valid"]] if row not in retry]
-    fresh = [(row, *failures[row]) for row, _ in jobs if row in failures]
+    fresh = [(row, *failures[row]) for row, *_ in jobs if row in failures]
     path_list = index["path"].tolist()
-    for row, path in jobs:
+    for row, path, _ in jobs:
         path_list[row] = path
     _write_index(final, index["sha256"].tolist(), path_list, kept + fresh)
 

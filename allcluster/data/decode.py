@@ -39,6 +39,7 @@ TRANSIENT_ERRORS = frozenset({
     "empty_file",        # 0 bytes: often a copy that has only just started
     "truncated",         # the image data stops early: often a copy still in progress
     "read_error",        # any other exception while reading or hashing
+    "changed_since_index",  # the file's bytes are not the ones indexed (a re-index puts them right)
     "unlistable",        # a folder that could not be listed
     "list_error",        # any other exception while listing or stat-ing an entry
     "model_error",       # predict/explain failed for the batch (CUDA OOM; a full disk stops the run instead)

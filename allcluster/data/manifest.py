@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -23,9 +24,10 @@ import pyarrow.parquet as pq
 
 from allcluster.atomic import atomic_write_parquet, atomic_write_text
 from allcluster.config import ConfigError, bounds, write_resolved
+from allcluster.console import say
 from allcluster.data import decode as dec
 from allcluster.data.paths import absolute, clean_text, normalised_column, table_path, to_fs, to_text
-from allcluster.data.splits import assign_splits
+from allcluster.data.splits import assign_splits, check_folds
 
 MANIFEST_SCHEMA = pa.schema([
     ("path", pa.string()), ("sha256", pa.string()), ("label", pa.string()), ("patient", pa.string()),
@@ -102,18 +104,26 @@ def list_folder(root: Path) -> list[SourceFile]:
 
 
 def list_csv(csv_path: Path) -> list[SourceFile]:
-    """A CSV with ``path,label[,patient]`` columns; relative paths are relative to the CSV's folder."""
-    with open(csv_path, newline="", errors="surrogateescape") as handle:
+    """A CSV with ``path,label[,patient]`` columns; relative paths are relative to the CSV's folder.
+    A line too short to hold a path is an error row (``bad_csv_row``) named after the CSV and line."""
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte order mark, which would hide the first column's name
+    with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         missing = {"path", "label"} - set(columns)
         if missing:
             raise ConfigError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))}; "
                               f"expected path,label[,patient], found {', '.join(columns) or 'no header'}")
-        rows = list(reader)
+        rows = [(reader.line_num, r) for r in reader]
     base = Path(absolute(csv_path)).parent
-    return [SourceFile(table_path(r["path"], base), to_text((r.get("label") or "").strip()),
-                       to_text((r.get("patient") or "").strip())) for r in rows]
+    return [_csv_source(r, base, f"{table_path(csv_path)}:{line}") for line, r in rows]
+
+
+def _csv_source(row: dict, base: Path, where: str) -> SourceFile:
+    if not row["path"]:           # None: the line is too short to reach the path column
+        return SourceFile(where, "", problem=("bad_csv_row", f"{where}: line has no value for column 'path'"))
+    return SourceFile(table_path(row["path"], base), to_text((row.get("label") or "").strip()),
+                      to_text((row.get("patient") or "").strip()))
 
 
 def list_source(source: str | Path) -> list[SourceFile]:
@@ -175,6 +185,38 @@ def patient_from_name(path: str, pattern: re.Pattern) -> str:
     return match.group(1) if match.groups() else match.group(0)
 
 
+def check_patient_regex(names: list[str], regex: str) -> list[bool]:
+    """Whether ``regex`` finds a patient id in each file name; refuses a regex that finds none (the
+    splits would silently be per image, leaking patients between train and test)."""
+    pattern = re.compile(regex)
+    matched = [bool(patient_from_name(n, pattern)) for n in names]
+    if names and not any(matched):
+        examples = ", ".join(Path(n).name for n in names[:3])
+        raise ConfigError(f"--patient-regex {regex!r}: matches none of the {len(names)} file names "
+                          f"(e.g. {examples}), so the splits would be per image, leaking patients between "
+                          "train and test; it is searched in each file name, its first group (or whole match) "
+                          "being the patient id")
+    return matched
+
+
+def patients_by_regex(df: pd.DataFrame, regex: str) -> list[str]:
+    """The ``patient`` column with ids from the file names where the source gave none; refuses a
+    regex that matches no decodable file and warns of decodable files left without a patient."""
+    pattern = re.compile(regex)
+    patients = [p or patient_from_name(path, pattern) for p, path in zip(df["patient"], df["path"])]
+    ok = (df["status"] == "ok").tolist()
+    check_patient_regex([p for p, keep in zip(df["path"], ok) if keep], regex)
+    _warn_no_patient([path for path, p, keep in zip(df["path"], patients, ok) if keep and not p], sum(ok), regex)
+    return patients
+
+
+def _warn_no_patient(names: list[str], total: int, regex: str) -> None:
+    if names:
+        say(f"warning: --patient-regex {regex!r} gives no patient id to {len(names)} of {total} decodable files "
+            f"(e.g. {', '.join(Path(n).name for n in names[:5])}); each of those is split as a patient of its own",
+            logging.WARNING)
+
+
 def mark_duplicates(df: pd.DataFrame) -> pd.DataFrame:
     """Add ``n_copies`` and ``label_conflict`` (copies of one image carrying different labels)."""
     df = df.copy()
@@ -185,31 +227,48 @@ def mark_duplicates(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def check_before_hashing(files: list[SourceFile], cfg: IndexConfig) -> None:
+    """Refuse from the listing alone what hashing (hours for an archive) could not make right: a
+    ``--patient-regex`` that matches no file name, or more ``--folds`` than these files could fill."""
+    patients = [f.patient for f in files]
+    if cfg.patient_regex:
+        check_patient_regex([f.path for f in files], cfg.patient_regex)
+        pattern = re.compile(cfg.patient_regex)
+        patients = [p or patient_from_name(f.path, pattern) for p, f in zip(patients, files)]
+    if cfg.folds > 1 and files:       # at most one group per patient, or per file without one
+        check_folds(cfg.folds, np.array([f.label for f in files]),
+                    np.array([p or f.path for p, f in zip(patients, files)]), f"the {len(files)} listed files")
+
+
 def build_manifest(cfg: IndexConfig) -> pd.DataFrame:
     """List, hash, decode-check, de-duplicate and split ``cfg.source``; returns the manifest rows."""
     files = list_source(cfg.source)
     if not files:
         raise ConfigError(f"{cfg.source}: no files found")
+    check_before_hashing([f for f in files if f.problem is None], cfg)
     rows = inspect_sources(files, cfg.max_pixels, cfg.min_side, cfg.workers)
     df = pd.DataFrame(rows)
     df["label"] = [f.label for f in files]
     df["patient"] = [f.patient for f in files]
-    if cfg.patient_regex:
-        pattern = re.compile(cfg.patient_regex)
-        from_name = [patient_from_name(p, pattern) for p in df["path"]]
-        df["patient"] = [p or n for p, n in zip(df["patient"], from_name)]
     unlabeled = (df["label"] == "") & (df["status"] == "ok")
     df.loc[unlabeled, ["status", "error_type"]] = ["error", "no_label"]
     df.loc[unlabeled, "error"] = df.loc[unlabeled, "path"] + ": no class folder or label for this file"
+    if cfg.patient_regex:
+        df["patient"] = patients_by_regex(df, cfg.patient_regex)
     df = mark_duplicates(df)
     df["eligible"] = (df["status"] == "ok") & ~df["label_conflict"]
     df = assign_splits(df, tuple(cfg.ratios), cfg.seed, cfg.folds)
     return df.drop(columns="eligible").sort_values("path", kind="stable").reset_index(drop=True)
 
 
-def summarize(df: pd.DataFrame) -> dict:
-    """Counts per class per split, duplicate groups, label conflicts and errors by type."""
+def summarize(df: pd.DataFrame, patient_regex: str = "") -> dict:
+    """Counts per class per split, patients, duplicate groups, label conflicts and errors by type;
+    with ``patient_regex``, how many decodable files it matched."""
     ok = df[df["status"] == "ok"]
+    patients = {"count": int(ok.loc[ok["patient"] != "", "patient"].nunique())}
+    if patient_regex:
+        matched = sum(map(bool, check_patient_regex(ok["path"].tolist(), patient_regex)))
+        patients.update(regex=patient_regex, matched=matched, unmatched=len(ok) - matched)
     dup = ok[ok["n_copies"] > 1]
     dup_groups = dup.groupby("sha256")["path"].apply(list)
     conflicting = dup[dup["label_conflict"]]
@@ -220,6 +279,7 @@ def summarize(df: pd.DataFrame) -> dict:
         "ok": int(len(ok)),
         "classes": sorted(ok["label"].unique().tolist()),
         "per_class_per_split": {c: {s: int(v) for s, v in per_split.loc[c].items()} for c in per_split.index},
+        "patients": patients,
         "duplicates": {"groups": int(len(dup_groups)), "files": int(len(dup)),
                        "examples": [list(g) for g in dup_groups.head(10)]},
         "label_conflicts": {"groups": int(len(conflicts)), "files": int(dup["label_conflict"].sum()),
@@ -238,6 +298,9 @@ def format_summary(summary: dict) -> str:
     for cls, counts in summary["per_class_per_split"].items():
         lines.append(f"{cls:<16}" + "".join(f"{counts.get(s, 0):>10}" for s in splits))
     d, c, e = summary["duplicates"], summary["label_conflicts"], summary["errors"]
+    p = summary["patients"]
+    lines.append(f"patients: {p['count']}" + (f"; --patient-regex matched {p['matched']} decodable files, "
+                                              f"{p['unmatched']} unmatched" if "regex" in p else ""))
     lines.append(f"duplicates: {d['groups']} groups of identical files ({d['files']} files); "
                  "each group kept inside one split")
     lines.append(f"label conflicts: {c['groups']} groups ({c['files']} files) excluded from all splits")
@@ -300,7 +363,7 @@ def run_index(cfg: IndexConfig) -> tuple[pd.DataFrame, dict]:
     check_manifest_target(cfg.out)
     df = build_manifest(cfg)
     out = write_manifest(df, cfg.out)
-    summary = summarize(df)
+    summary = summarize(df, cfg.patient_regex)
     atomic_write_text(out.with_name(out.stem + ".summary.json"), json.dumps(summary, indent=2))
     write_resolved(cfg, out.with_name(out.stem + ".config.yaml"), "allcluster index")
     return df, summary

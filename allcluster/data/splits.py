@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from allcluster.config import ConfigError
+
 SPLITS = ("train", "val", "test")
 
 
@@ -90,6 +92,17 @@ def stratified_group_kfold(labels: np.ndarray, groups: np.ndarray, folds: int, s
     return fold_of
 
 
+def check_folds(folds: int, labels: np.ndarray, groups: np.ndarray, what: str) -> None:
+    """Refuse ``folds`` that :func:`stratified_group_kfold` cannot make from these rows (``what``
+    names them): more folds than groups, or than images in the largest class."""
+    n_groups = len(np.unique(groups))
+    largest = int(np.unique(labels, return_counts=True)[1].max()) if len(labels) else 0
+    if folds > min(n_groups, largest):
+        raise ConfigError(f"--folds {folds}: {what} form only {n_groups} group(s) (copies of one image, or the "
+                          f"images of one patient, are one group) and the largest class has {largest} image(s); "
+                          f"use at most {min(n_groups, largest)} folds (2 at least), or 0 for a plain split")
+
+
 def assign_splits(df: pd.DataFrame, ratios: tuple[float, float, float], seed: int,
                   folds: int = 0) -> pd.DataFrame:
     """Fill ``split`` (and ``fold`` for k-fold) for the rows with ``eligible`` True.
@@ -111,6 +124,7 @@ def assign_splits(df: pd.DataFrame, ratios: tuple[float, float, float], seed: in
         holdout = stratified_group_split(labels, groups, (1.0 - test_ratio, test_ratio), seed)
         fold = np.full(len(sub), -1, dtype=np.int64)
         rest = holdout == 0
+        check_folds(folds, labels[rest], groups[rest], f"the {int(rest.sum())} decodable images outside the test share")
         fold[rest] = stratified_group_kfold(labels[rest], groups[rest], folds, seed)
         split = np.where(holdout == 1, "test", np.where(fold == 0, "val", "train"))
         df.loc[eligible, "fold"] = fold

@@ -109,12 +109,12 @@ def sweep_parts(report: Report, inputs: Inputs, trials: pd.DataFrame, options: R
                            lambda p: plots.metric_heatmap(by_aug, options.metric, p))
     parts += report.table("best_per_backbone", tables.best_per_backbone(trials, options.metric),
                           "Best configuration per backbone")
-    best_ids = tables.ranked(trials)["trial_id"].head(options.curves).tolist()
-    epochs = tables.load_epochs(inputs.sweeps, best_ids)
+    best = tables.ranked(trials)[["experiment", "trial_id"]].head(options.curves)  # trial ids are per sweep
+    epochs = tables.load_epochs(inputs.sweeps, best)
     if len(epochs):
-        parts += [html.heading(f"Training curves of the best {len(best_ids)} trials")]
+        parts += [html.heading(f"Training curves of the best {len(best)} trials")]
         parts += report.figure("training_curves", "loss and validation macro-F1 per epoch",
-                               lambda p: plots.training_curves(epochs, best_ids, p))
+                               lambda p: plots.training_curves(epochs, best, p))
     else:
         parts += report.note("no epochs.parquet rows for the best trials: no training curves")
     return parts
@@ -191,12 +191,19 @@ def gallery_parts(report: Report, data: tables.ScoreData, options: ReportOptions
 
 def scoring_parts(report: Report, inputs: Inputs, data: tables.ScoreData, options: ReportOptions) -> tuple[list[str], dict]:
     """Overview, counts per class, errors by type, roll-ups, morning list, labelled plots, gallery."""
+    from allcluster.score.output import unfinished
+
+    parts = []
+    for source in inputs.scorings:        # said first: every count below is partial for such a job
+        if why := unfinished(source.root):
+            parts += report.note(f"scoring job {source.root} is unfinished ({why}): its counts here are partial; "
+                                 "rerun its scoring command to finish it")
     keys = list(dict.fromkeys(["predicted_class", "error_type", *options.group_by]))
     counts = tables.aggregate(data, keys, options.malignant)
     report.rois = {str(s.root): roi_settings(s.root) for s in inputs.scorings}
     morning, n_morning = morning_parts(report, data, options)
     overview = tables.overview(counts["predicted_class"], n_morning)
-    parts = report.table("overview", overview, "Overview")
+    parts += report.table("overview", overview, "Overview")
     parts += report.table("class_counts", tables.class_counts(counts["predicted_class"]), "Predicted classes (ok rows)")
     quality = tables.explanation_quality(data)
     if len(quality):

@@ -95,15 +95,19 @@ def metric_heatmap(table: pd.DataFrame, metric: str, path: Path, index: str = "b
     return save(fig, path)
 
 
-def training_curves(epochs: pd.DataFrame, trial_ids: list[str], path: Path) -> Path:
-    """Loss (train and validation) and validation macro-F1 per epoch of ``trial_ids``."""
+def training_curves(epochs: pd.DataFrame, trials: pd.DataFrame, path: Path) -> Path:
+    """Loss (train and validation) and validation macro-F1 per epoch of ``trials`` (``experiment``,
+    ``trial_id``; the sweep's folder name is shown when they come from several)."""
     fig = Figure(figsize=(11, 4))
     loss_ax, f1_ax = fig.subplots(1, 2)
-    for trial_id in trial_ids:
-        history = epochs[epochs["trial_id"] == trial_id].sort_values("epoch")
-        line, = loss_ax.plot(history["epoch"], history["train_loss"], "--", label=f"{trial_id} train")
-        loss_ax.plot(history["epoch"], history["val_loss"], "-", color=line.get_color(), label=f"{trial_id} val")
-        f1_ax.plot(history["epoch"], history["val_macro_f1"], "o-", color=line.get_color(), label=trial_id)
+    several = trials["experiment"].nunique() > 1
+    for experiment, trial_id in trials[["experiment", "trial_id"]].itertuples(index=False):
+        name = f"{Path(experiment).name}/{trial_id}" if several else trial_id
+        mine = (epochs["experiment"] == experiment) & (epochs["trial_id"] == trial_id)
+        history = epochs[mine].sort_values("epoch")
+        line, = loss_ax.plot(history["epoch"], history["train_loss"], "--", label=f"{name} train")
+        loss_ax.plot(history["epoch"], history["val_loss"], "-", color=line.get_color(), label=f"{name} val")
+        f1_ax.plot(history["epoch"], history["val_macro_f1"], "o-", color=line.get_color(), label=name)
     loss_ax.set_title("loss")
     f1_ax.set_title("validation macro-F1")
     for ax in (loss_ax, f1_ax):

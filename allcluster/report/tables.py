@@ -48,10 +48,15 @@ def load_trials(sources: list[SweepSource]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
-def load_epochs(sources: list[SweepSource], trial_ids: list[str]) -> pd.DataFrame:
-    """The per-epoch rows of ``trial_ids`` only (read with a Parquet filter)."""
-    parts = [pq.read_table(s.epochs, filters=[("trial_id", "in", trial_ids)]).to_pandas()
-             for s in sources if s.epochs and trial_ids]
+def load_epochs(sources: list[SweepSource], trials: pd.DataFrame) -> pd.DataFrame:
+    """The per-epoch rows of ``trials`` (``experiment``, ``trial_id``) only, each from its own sweep:
+    a trial id names the varied values, so two sweeps of one grid share them (read with a Parquet filter)."""
+    parts = []
+    for source in sources:
+        ids = trials.loc[trials["experiment"] == str(source.dir), "trial_id"].tolist()
+        if source.epochs and ids:
+            table = pq.read_table(source.epochs, filters=[("trial_id", "in", ids)])
+            parts.append(table.to_pandas().assign(experiment=str(source.dir)))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
@@ -284,7 +289,8 @@ def aggregate(data: ScoreData, keys: list[str], malignant: list[str]) -> dict[st
             group = df[key].astype("string").fillna(NONE).replace("", NONE).rename(key)
             part = counters.groupby(group.to_numpy()).sum()
             sums[key] = part if sums[key] is None else sums[key].add(part, fill_value=0)
-    return {key: _finish_counts(sums[key], key) for key in keys if sums[key] is not None}
+    none = _indicators(pd.DataFrame({c: pd.Series(dtype="object") for c in needed}), data.classes, malignant)
+    return {key: _finish_counts(none if sums[key] is None else sums[key], key) for key in keys}   # no rows: zeros
 
 
 def class_counts(per_class: pd.DataFrame) -> pd.DataFrame:

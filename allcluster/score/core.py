@@ -23,7 +23,7 @@ from allcluster.score.config import ScoreConfig
 from allcluster.score.heatmaps import bytes_columns, encode_maps, write_heatmap_files
 from allcluster.score.ledger import Reserve
 from allcluster.score.rows import (STORAGE_FULL_ROWS, class_columns, empty_columns, method_columns, provenance,
-                                   row_schema, storage_full_text)
+                                   result_columns, row_schema, storage_full_text)
 from allcluster.xai.localisation import mass_inside
 
 
@@ -67,6 +67,8 @@ class Scorer:
                 for name in bytes_columns(method):
                     self.batch_schema = self.batch_schema.append(pa.field(name, pa.binary()))
         self.constants = provenance(self.card, cfg, run_id, str(self.device))
+        # what an error row must not keep (its prediction, maps, scores; the maps' bytes in a batch)
+        self.results = [*result_columns(self.schema), *self.batch_schema.names[len(self.schema.names):]]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["path"])
@@ -91,11 +93,14 @@ class Scorer:
         :data:`STORAGE_FULL_ROWS` when a map found no room."""
         full = is_storage_full(err)
         for i in todo:
-            cols["status"][i], cols["error_type"][i] = "error", STORAGE_FULL_ROWS if full else "model_error"
-            cols["error"][i] = (storage_full_text(err) if full
-                                else clean_text(f"{cols['path'][i]}: {type(err).__name__}: {err}"))
-            for name in self.batch_schema.names[len(self.schema.names):]:
-                cols[name][i] = None             # no map of a failed batch reaches a pack
+            self.error_row(cols, i, STORAGE_FULL_ROWS if full else "model_error",
+                           storage_full_text(err) if full else clean_text(f"{cols['path'][i]}: {type(err).__name__}: {err}"))
+
+    def error_row(self, cols: dict[str, list], i: int, error_type: str, error: str) -> None:
+        """Row ``i`` as an error row: no prediction, map or score of it stays (none reaches a pack)."""
+        cols["status"][i], cols["error_type"][i], cols["error"][i] = "error", error_type, error
+        for name in self.results:
+            cols[name][i] = None
 
     def _sync(self) -> float:
         if self.device.type == "cuda":
@@ -123,6 +128,12 @@ class Scorer:
         for j, i in enumerate(todo):
             cols["t_model_ms"][i] = (model_done - start) * 1e3 / len(todo)
             cols["t_explain_ms"][i] = (every_done - model_done) * 1e3 / len(todo) + budget_ms[j]
+        # NaN logits have no class: softmax's max would say class 0 at confidence NaN, which is not
+        # "uncertain" (NaN < t is false), so the image would read as a confident prediction
+        for j in (~torch.isfinite(logits.float()).all(1)).nonzero().flatten().tolist():
+            self.error_row(cols, todo[j], "non_finite_output",
+                           f"{cols['path'][todo[j]]}: the model's output for this image is not finite (NaN or "
+                           "infinity): no prediction is made; check the image and the model's weights")
 
     def first_pass(self, x: torch.Tensor):
         """(explanations so far, logits): the first every-image method's pass, or a plain forward."""

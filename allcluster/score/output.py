@@ -199,6 +199,24 @@ def _output_locks(out: Path, shard: Shard) -> tuple:
             f"shard {shard.index}/{shard.count} of {out}")
 
 
+def unfinished(out: Path) -> str:
+    """Why the scoring output ``out`` is not a finished job's, for its readers ("" when nothing says
+    so): a run writes it now, a killed run's rows wait in a journal (not yet in ``rows/``), its last
+    run was interrupted, or no run into it has finished. Reads only."""
+    try:
+        ExclusiveLock(out / ".lock", f"output folder {out}").probe()
+    except ConfigError as err:
+        if "in use by another run" in str(err):
+            return "a run is writing it now"
+    if any(any(folder.iterdir()) for folder in journal_folders(out)):
+        return "a killed run's last rows wait in its journal, not yet in rows/; its next run writes them"
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return "no run into it has finished" if (out / "job.json").is_file() else ""
+    return f"its last run was interrupted by {summary['interrupted']}" if summary.get("interrupted") else ""
+
+
 def check_job_settings(out: Path, settings: dict, record: bool = True) -> None:
     """A rerun into ``out`` must keep the model and the row-shaping keys, so every shard agrees.
     The first run records them (``job.json``) unless ``record`` is false (a check that writes nothing)."""

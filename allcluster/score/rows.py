@@ -42,6 +42,13 @@ FIXED_NAMES = {name for name, _ in IDENTITY + PREDICTION + EXPLANATION + TIMINGS
 DERIVED_PREFIXES = ("prob_", "cal_prob_", "heatmap_", "raw_max_", "faith_drop_", "faith_kept_", "on_cell_")
 
 
+def result_columns(schema: pa.Schema) -> list[str]:
+    """The columns of ``schema`` that scoring fills (prediction, probabilities, maps and their
+    scores): what an error row leaves null."""
+    filled = {name for name, _ in PREDICTION + EXPLANATION}
+    return [name for name in schema.names if name in filled or name.startswith(DERIVED_PREFIXES)]
+
+
 def input_column_name(name: str) -> str:
     """The row column for an input (manifest) column: its own name, or ``input_<name>`` where that
     would collide with a column scoring computes (e.g. an ``allcluster index`` manifest's ``sha256``)."""

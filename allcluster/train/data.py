@@ -5,6 +5,7 @@ on uint8 tensors in the loader workers, and normalisation happens on the device.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from allcluster.train.augment import ImageTransform
+from allcluster.console import say
 from allcluster.data.cache import ImageCache
 from allcluster.data.splits import splits_for_fold
 from allcluster.train.config import DataConfig
@@ -45,6 +47,17 @@ def stratified_subset(df: pd.DataFrame, max_per_class: int, seed: int) -> pd.Dat
     return df.loc[sorted(picked.index)]
 
 
+def cached_rows(part: pd.DataFrame, cache: ImageCache, name: str) -> pd.DataFrame:
+    """The rows of split ``name`` whose image the cache holds; the others are left out, and said so
+    (how many, and the first few errors, which name their files)."""
+    valid = np.array([cache.valid[cache.row(s)] for s in part["sha256"]], dtype=bool)
+    if not valid.all():
+        errors = [cache.errors[cache.row(s)] for s in part.loc[~valid, "sha256"].iloc[:3]]
+        say(f"[data] {name}: {int((~valid).sum())} of {len(part)} image(s) left out, not in the decoded-image "
+            f"cache: {'; '.join(errors)}", logging.WARNING)
+    return part[valid]
+
+
 def load_splits(manifest: pd.DataFrame, cache: ImageCache, cfg: DataConfig, seed: int) -> tuple[list[str], dict[str, Split]]:
     """Class names and the train/val/test splits (the subset and fold chosen by ``cfg``)."""
     df = manifest[manifest["status"] == "ok"].copy()
@@ -55,7 +68,7 @@ def load_splits(manifest: pd.DataFrame, cache: ImageCache, cfg: DataConfig, seed
     splits = {}
     for name in ("train", "val", "test"):
         part = stratified_subset(df[df["split"] == name], cfg.max_per_class, seed)
-        part = part[[cache.valid[cache.row(s)] for s in part["sha256"]]] if len(part) else part
+        part = cached_rows(part, cache, name)
         splits[name] = Split(name, np.array([cache.row(s) for s in part["sha256"]], dtype=np.int64),
                              np.array([index[l] for l in part["label"]], dtype=np.int64),
                              tuple(part["path"]))
