@@ -54,6 +54,10 @@ def describe_holder(info: dict) -> str:
     return text + (f", since {info['since']}" if info.get("since") else "")
 
 
+class LockHeld(ConfigError):
+    """Another process holds the lock (the refusal names it)."""
+
+
 class ExclusiveLock:
     """A non-blocking exclusive (or ``shared``) lock on ``path``; an exclusive holder records itself in the file.
 
@@ -89,7 +93,7 @@ class ExclusiveLock:
             holder = self._read_holder(fd)
             os.close(fd)
             who = describe_holder(holder) if holder else f"Slurm array tasks: see {self.path}-*"
-            raise ConfigError(f"{self.what} is in use by another run ({who}); "
+            raise LockHeld(f"{self.what} is in use by another run ({who}); "
                               f"wait for it to finish or stop it first (lock: {self.path})") from None
         except OSError as err:       # ENOSYS, ENOLCK...: a filesystem without flock (Lustre mounted without it)
             os.close(fd)

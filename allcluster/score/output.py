@@ -35,7 +35,7 @@ from allcluster.atomic import atomic_write_parquet, atomic_write_text, is_storag
 from allcluster.config import ConfigError
 from allcluster.console import say
 from allcluster.data.decode import TRANSIENT_ERRORS
-from allcluster.locks import ExclusiveLock, check_folder_free, lock_folder, taking_turns
+from allcluster.locks import ExclusiveLock, LockHeld, check_folder_free, lock_folder, taking_turns
 from allcluster.score.config import IMPLIED_BEFORE
 from allcluster.score.heatmaps import pack_of, point_rows_at_pack, write_pack
 from allcluster.score.inputs import Shard, all_distinct, large_text, path_codes
@@ -205,9 +205,10 @@ def unfinished(out: Path) -> str:
     run was interrupted, or no run into it has finished. Reads only."""
     try:
         ExclusiveLock(out / ".lock", f"output folder {out}").probe()
-    except ConfigError as err:
-        if "in use by another run" in str(err):
-            return "a run is writing it now"
+    except LockHeld:
+        return "a run is writing it now"
+    except ConfigError:                   # a lock file this user cannot open: nothing said by it
+        pass
     if any(any(folder.iterdir()) for folder in journal_folders(out)):
         return "a killed run's last rows wait in its journal, not yet in rows/; its next run writes them"
     try:
