@@ -152,6 +152,85 @@ def test_counts_from_hand_written_rows(tmp_path):
     assert (overview["rows"], overview["ok"], overview["errors"], overview["duplicates"]) == (5, 4, 1, 1)
 
 
+def hand_rows(out: Path, classes: list[str], columns: dict[str, list], methods: list[str] = (),
+              extra: list[str] = ()) -> Path:
+    """One shard of a scoring job ``out`` written by hand in the real row schema (other columns null)."""
+    from allcluster.score.rows import row_schema
+
+    schema = row_schema(classes, list(methods), list(extra))
+    n = len(columns["path"])
+    (out / "rows").mkdir(parents=True)
+    pq.write_table(pa.table({c: columns.get(c, [None] * n) for c in schema.names}, schema=schema),
+                   out / "rows" / "part-0.parquet")
+    return out
+
+
+def test_classes_named_like_counters_get_their_own_columns_and_leave_the_counters_alone(tmp_path):
+    """A model may call its classes ok, uncertain, errors or rows: the counters keep counting rows and
+    each class gets its own ``predicted:<class>`` column."""
+    hand_rows(tmp_path / "out", ["ok", "uncertain", "errors", "rows"], {
+        "path": list("abcdefg"), "folder": ["x"] * 7, "status": ["ok"] * 6 + ["error"],
+        "error_type": [""] * 6 + ["truncated"], "duplicate_of": [""] * 7,
+        "predicted_class": ["ok", "uncertain", "uncertain", "errors", "errors", "rows", None],
+        "uncertain": [True, False, False, True, False, True, None], "confidence": [0.5, 0.9, 0.8, 0.4, 0.7, 0.6, None]})
+    data = tables.open_scoring(collect_inputs([tmp_path / "out"]).scorings)
+    counts = tables.aggregate(data, ["predicted_class", "folder"], ["uncertain"])
+    overview = tables.overview(counts["predicted_class"], morning_rows=0).iloc[0]
+    assert overview.to_dict() == {"rows": 7, "ok": 6, "errors": 1, "uncertain": 3, "malignant": 2, "duplicates": 0,
+                                  "morning_list": 0}
+    classes = tables.class_counts(counts["predicted_class"]).set_index("predicted_class")
+    assert classes["images"].to_dict() == {"errors": 2, "ok": 1, "rows": 1, "uncertain": 2}
+    assert classes["uncertain"].to_dict() == {"errors": 1, "ok": 1, "rows": 1, "uncertain": 0}
+    assert classes.loc["uncertain", "confidence_mean"] == pytest.approx(0.85)
+    folder = counts["folder"]
+    assert list(folder.columns) == ["folder", *tables.COUNTERS, "predicted:ok", "predicted:uncertain",
+                                    "predicted:errors", "predicted:rows", "confidence_mean"]
+    assert folder.iloc[0][["ok", "predicted:ok", "errors", "predicted:errors"]].tolist() == [6, 1, 1, 2]
+
+
+def test_jobs_of_models_with_other_classes_are_each_scored_against_their_own(tmp_path):
+    """Two jobs, one model with Pro and one without: both jobs' labelled rows are scored (the second
+    model's rows have probability 0 for Pro), and its row labelled Pro is counted and reported."""
+    three, two = ["Benign", "Pre", "Pro"], ["Benign", "Pre"]
+    hand_rows(tmp_path / "a", three, {
+        "path": ["a1", "a2"], "status": ["ok", "ok"], "label": ["Pro", "Benign"], "predicted_class": ["Pro", "Benign"],
+        "confidence": [0.7, 0.6], "prob_Benign": [0.1, 0.6], "prob_Pre": [0.2, 0.3], "prob_Pro": [0.7, 0.1],
+        "cal_prob_Benign": [0.1, 0.6], "cal_prob_Pre": [0.2, 0.3], "cal_prob_Pro": [0.7, 0.1]}, extra=["label"])
+    hand_rows(tmp_path / "b", two, {
+        "path": ["b1", "b2", "b3", "b4"], "status": ["ok", "ok", "ok", "error"],
+        "label": ["Pre", "Benign", "Pro", "Pre"], "predicted_class": ["Pre", "Benign", "Pre", None],
+        "confidence": [0.7, 0.8, 0.6, None],
+        "prob_Benign": [0.3, 0.8, 0.4, None], "prob_Pre": [0.7, 0.2, 0.6, None],
+        "cal_prob_Benign": [0.3, 0.8, 0.4, None], "cal_prob_Pre": [0.7, 0.2, 0.6, None]}, extra=["label"])
+    result = build_report([tmp_path / "a", tmp_path / "b"], tmp_path / "r", ReportOptions(group_by=[]))
+    assert result["scoring"]["labelled_rows"] == 4 and result["scoring"]["unknown_label_rows"] == 1
+    assert result["scoring"]["confusion"] == [[2, 0, 0], [0, 1, 0], [0, 0, 1]]
+    assert any("1 labelled ok row(s) left out" in n and "(Pro)" in n for n in result["notes"]), result["notes"]
+    unknown = read_table(tmp_path / "r", "unknown_labels")
+    assert unknown.to_dict("records") == [{"scoring_out": str((tmp_path / "b").resolve()), "label": "Pro", "rows": 1}]
+    assert read_table(tmp_path / "r", "labelled_metrics").iloc[0]["accuracy"] == 1.0
+    labelled = tables.labelled_rows(tables.open_scoring(collect_inputs([tmp_path / "a", tmp_path / "b"]).scorings))
+    rows = labelled.rows.set_index("label")
+    assert sorted(labelled.rows["y"]) == [0, 0, 1, 2] and not labelled.rows.isna().any().any()
+    assert rows.loc["Pre", ["prob_Pro", "cal_prob_Pro"]].tolist() == [0, 0], "the second model has no Pro"
+    assert rows.loc["Pro", "cal_prob_Pro"] == pytest.approx(0.7)
+
+
+def test_an_image_whose_overlay_fails_twice_is_one_image_in_the_note(tmp_path):
+    """Each image is on the morning list and in the gallery, so its overlay is tried twice; the note
+    counts images."""
+    hand_rows(tmp_path / "out", ["Benign", "Pre"], {
+        "path": [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")], "status": ["ok", "ok"], "duplicate_of": ["", ""],
+        "predicted_class": ["Pre", "Pre"], "confidence": [0.9, 0.8], "sha256": ["0" * 64, "1" * 64],
+        "heatmap_gradcam": ["heatmaps/gone-a.png", "heatmaps/gone-b.png"]}, methods=["gradcam"])
+    result = build_report([tmp_path / "out"], tmp_path / "r", ReportOptions(group_by=[], gallery_per_class=2))
+    morning = pd.read_csv(tmp_path / "r" / "morning_list.csv")
+    assert len(morning) == 2, "both images are tried for the morning list and for the gallery"
+    notes = [n for n in result["notes"] if n.startswith("no overlay")]
+    assert len(notes) == 1 and notes[0].startswith("no overlay for 2 image(s)"), notes
+    assert "/heatmaps/gone-" in notes[0], "the note names a map it could not read"
+
+
 def test_a_retried_files_old_row_is_not_counted_until_compaction_and_other_jobs_rows_stay(tmp_path):
     def write(out: Path, run: str, rows: list[tuple]) -> None:
         keys = ["path", "status", "error_type", "predicted_class", "confidence"]
@@ -175,6 +254,17 @@ def four_column_rows(folder: Path) -> Path:
     pq.write_table(pa.table({"path": ["a.jpg", "b.jpg"], "status": ["ok", "ok"], "predicted_class": ["Pre", "Benign"],
                              "confidence": [0.9, 0.6]}), folder / "rows" / "part-0.parquet")
     return folder
+
+
+def test_grouping_by_a_column_named_like_a_counter_is_refused_before_anything_is_written(tmp_path):
+    """``--group-by uncertain`` (a real row column) made the roll-up's key and its counter one pandas
+    label: a ValueError traceback ("not unique") after half the report was written."""
+    rows = four_column_rows(tmp_path / "mine")
+    pq.write_table(pq.read_table(rows / "rows" / "part-0.parquet").append_column("uncertain", pa.array([True, False])),
+                   rows / "rows" / "part-0.parquet")
+    with pytest.raises(ConfigError, match="--group-by uncertain: a roll-up table counts this itself"):
+        build_report([rows], tmp_path / "r", ReportOptions(group_by=["uncertain"]))
+    assert not (tmp_path / "r").exists()
 
 
 def test_rows_with_only_the_four_required_columns_report_and_a_rerun_leaves_no_stale_file(tmp_path):
@@ -429,7 +519,7 @@ def test_counts_errors_and_rollups_equal_counts_over_the_rows(runs):
         assert rollup["errors"].to_dict() == (rows["status"] == "error").groupby(rows[key]).sum().to_dict()
         for name in CLASSES:
             expected = (ok["predicted_class"] == name).groupby(ok[key]).sum().reindex(rollup.index, fill_value=0)
-            assert rollup[name].tolist() == expected.tolist(), (key, name)
+            assert rollup[tables.class_count_column(name)].tolist() == expected.tolist(), (key, name)
 
 
 @pytest.mark.ray

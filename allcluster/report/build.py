@@ -48,7 +48,7 @@ class Report:
         self.files: dict[str, str] = {}
         self.notes: list[str] = []
         self.rois: dict[str, tuple[bool, float]] = {}     # scoring OUT -> the model's ROI crop settings
-        self.missing: list[str] = []                       # overlays that could not be made
+        self.missing: dict[str, str] = {}                  # image path -> why its overlay could not be made
 
     def rel(self, path: Path) -> str:
         return path.relative_to(self.out).as_posix()
@@ -82,14 +82,15 @@ class Report:
             heat = load_heatmap(row.heatmap, row.sha256, method)
             return self.rel(plots.overlay(row.path, heat, target, *self.rois.get(row.scoring_out, (False, 0.1))))
         except (OSError, DecodeError, ValueError) as err:
-            self.missing.append(f"{row.path}: {err}")
+            self.missing.setdefault(row.path, str(err))      # an image tried again is still one image
             return ""
 
     def finish_notes(self) -> None:
-        """One note for every overlay that could not be made (image or heatmap gone)."""
+        """One note for the images whose overlay could not be made (image or heatmap gone), counted once each."""
         if self.missing:
+            path, why = next(iter(self.missing.items()))
             self.notes.append(f"no overlay for {len(self.missing)} image(s) (image or heatmap not readable from "
-                              f"here), e.g. {self.missing[0]}")
+                              f"here), e.g. {path}: {why}")
 
 
 # ---- sweeps ---------------------------------------------------------------------------------------------
@@ -144,11 +145,14 @@ def morning_parts(report: Report, data: tables.ScoreData, options: ReportOptions
 
 
 def labelled_parts(report: Report, data: tables.ScoreData) -> tuple[list[str], dict]:
-    """Confusion matrix, ROC, reliability before/after calibration, per-class F1 from labelled rows."""
-    rows = tables.labelled_rows(data)
+    """Confusion matrix, ROC, reliability before/after calibration, per-class F1 from labelled rows
+    (each against its own model's classes); the rows whose label their model lacks, counted."""
+    labelled = tables.labelled_rows(data)
+    rows, counts = labelled.rows, {"labelled_rows": int(len(labelled.rows)),
+                                   "unknown_label_rows": int(labelled.unknown["rows"].sum())}
     if not len(rows):
         return report.note("no labelled rows (score a manifest to get a label column): no confusion matrix, "
-                           "ROC, reliability or per-class F1"), {}
+                           "ROC, reliability or per-class F1") + unknown_label_parts(report, labelled.unknown), counts
     raw_cols, cal_cols = class_columns(data.classes)
     y, raw, cal = rows["y"].to_numpy(), rows[raw_cols].to_numpy(np.float64), rows[cal_cols].to_numpy(np.float64)
     found = metrics.classification_metrics(y, cal, data.classes)
@@ -159,7 +163,9 @@ def labelled_parts(report: Report, data: tables.ScoreData) -> tuple[list[str], d
     per_class = pd.DataFrame([{"class": c, **v} for c, v in found["per_class"].items()])
     cm = np.asarray(found["confusion"])
     parts = [html.heading("Against the labels"),
-             html.paragraph(f"{len(rows)} ok rows with a label among the model's classes (calibrated probabilities).")]
+             html.paragraph(f"{len(rows)} ok rows with a label among the classes of the model that scored them "
+                            "(calibrated probabilities; 0 for a class that model lacks).")]
+    parts += unknown_label_parts(report, labelled.unknown)
     parts += report.table("labelled_metrics", summary, "Metrics on labelled rows")
     parts += report.table("per_class", per_class, "Per class")
     parts += report.figure("confusion", "confusion matrix (rows: true class)",
@@ -169,7 +175,17 @@ def labelled_parts(report: Report, data: tables.ScoreData) -> tuple[list[str], d
                            lambda p: plots.reliability_plot(y, raw, cal, p))
     parts += report.figure("f1_per_class", "F1 per class",
                            lambda p: plots.f1_bars({c: v["f1"] for c, v in found["per_class"].items()}, p))
-    return parts, {"labelled_rows": int(len(rows)), "confusion": found["confusion"]}
+    return parts, {**counts, "confusion": found["confusion"]}
+
+
+def unknown_label_parts(report: Report, unknown: pd.DataFrame) -> list[str]:
+    """A note and the ``unknown_labels`` table: labelled rows left out, their label not a class of their model."""
+    if not len(unknown):
+        return []
+    labels = ", ".join(sorted(set(unknown["label"])))
+    note = report.note(f"{int(unknown['rows'].sum())} labelled ok row(s) left out of the metrics: their label is "
+                       f"not a class of the model that scored them ({labels}); see the table unknown_labels")
+    return note + report.table("unknown_labels", unknown, "Labels unknown to the model that scored them")
 
 
 def gallery_parts(report: Report, data: tables.ScoreData, options: ReportOptions) -> list[str]:
@@ -260,6 +276,7 @@ def resolve(options: ReportOptions, inputs: Inputs, trials: pd.DataFrame,
     if data is None:
         return options
     tables.check_columns(data, options.group_by, "--group-by")
+    tables.check_group_keys(options.group_by)
     tables.check_classes(data, options.malignant)
     return replace(options, malignant=list(options.malignant) or tables.default_malignant(data.classes))
 

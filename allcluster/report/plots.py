@@ -137,10 +137,11 @@ def overlay(image_path: str, heat: np.ndarray, out_path: Path, roi_crop: bool = 
 
     from allcluster.data import decode
     from allcluster.data.paths import to_fs
-    from allcluster.data.preprocess import Preprocess
+    from allcluster.data.preprocess import Preprocess, decode_preprocessed
     from allcluster.xai.overlay import jet_overlay
 
-    rgb = Preprocess(heat.shape[0], roi_crop, roi_margin)(decode.load(to_fs(image_path)).array)
+    data = decode.read_any(to_fs(image_path))[0]
+    _, rgb = decode_preprocessed(data, image_path, Preprocess(heat.shape[0], roi_crop, roi_margin))
     if rgb.shape[:2] != heat.shape:
         rgb = np.asarray(Image.fromarray(rgb).resize(heat.shape[::-1], Image.BILINEAR))
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ lowest validation loss; the test split never picks.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -39,6 +39,13 @@ NONE = "(none)"
 BATCH_ROWS = 65_536
 GALLERY_COLUMNS = ["predicted_class", "kind", "confidence", "path", "heatmap", "sha256", "scoring_out", "label"]
 TIERS = {1: "malignant, uncertain", 2: "malignant", 3: "uncertain"}
+COUNTERS = ["rows", "ok", "errors", "uncertain", "malignant", "duplicates"]   # per group, then one per class
+CLASS_COUNT_PREFIX = "predicted:"    # no counter has it, so no class name can take a counter's column
+
+
+def class_count_column(name: str) -> str:
+    """The roll-up column counting the ok rows predicted as class ``name`` (``predicted:Pre``)."""
+    return CLASS_COUNT_PREFIX + name
 
 
 # ---- sweeps -------------------------------------------------------------------------------------------
@@ -114,6 +121,7 @@ class ScoreData:
     classes: list[str]
     methods: list[str]
     superseded: pa.Array | None = None     # keys of rows a newer run replaced: skipped (see _superseded)
+    shard_classes: dict[str, list[str]] = field(default_factory=dict)   # shard file -> its model's classes
 
     @property
     def names(self) -> list[str]:
@@ -156,13 +164,29 @@ def open_scoring(sources: list[ScoreSource]) -> ScoreData:
             schema = schema.append(column)
     dataset = pads.dataset([str(f) for f in files], schema=schema, format="parquet")
     roots = {str(f): s.root for s in sources for f in s.files}
-    classes = _listed(schemas, classes_of)
-    if not classes:   # rows written by hand: prob_<class> columns name the classes
-        classes = [n[len("prob_"):] for n in schema.names if n.startswith("prob_")]
     stale = [_superseded(s.files) for s in sources if all(has_run_id[str(f)] for f in s.files)]
     stale = [keys for keys in stale if keys is not None]
-    return ScoreData(dataset, roots, classes, _listed(schemas, methods_of),
-                     pa.concat_arrays(stale) if stale else None)
+    return ScoreData(dataset, roots, _listed(schemas, _shard_classes), _listed(schemas, methods_of),
+                     pa.concat_arrays(stale) if stale else None,
+                     {str(f): _shard_classes(s) for f, s in zip(files, schemas)})
+
+
+def _shard_classes(schema: pa.Schema) -> list[str]:
+    """The classes of the model that wrote a shard: its schema's metadata or, for rows written by
+    hand, its ``prob_<class>`` columns."""
+    return classes_of(schema) or [n[len("prob_"):] for n in schema.names if n.startswith("prob_")]
+
+
+def per_model(data: ScoreData) -> Iterator[ScoreData]:
+    """The rows split by the classes of the model that scored them: one ScoreData per class list
+    (its ``classes``: that model's), over the shards written with it."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for shard, classes in data.shard_classes.items():
+        groups.setdefault(tuple(classes), []).append(shard)
+    for classes, shards in groups.items():
+        dataset = pads.dataset(shards, schema=data.dataset.schema, format="parquet")
+        yield replace(data, dataset=dataset, classes=list(classes),
+                      shard_classes={f: list(classes) for f in shards})
 
 
 def _superseded(files: list[Path]) -> pa.Array | None:
@@ -221,6 +245,15 @@ def check_columns(data: ScoreData, columns: list[str], what: str) -> None:
                           + ", ".join(n for n in data.names if not n.startswith(("prob_", "cal_prob_"))))
 
 
+def check_group_keys(keys: list[str]) -> None:
+    """A roll-up key must not be named like a column of the roll-up itself (a counter)."""
+    clash = [k for k in keys if k in [*COUNTERS, "confidence_mean"] or k.startswith(CLASS_COUNT_PREFIX)]
+    if clash:
+        raise ConfigError(f"--group-by {', '.join(clash)}: a roll-up table counts this itself "
+                          f"(its columns: {', '.join(COUNTERS)}, confidence_mean, {CLASS_COUNT_PREFIX}<class>); "
+                          "group by another column")
+
+
 def explanation_quality(data: ScoreData) -> pd.DataFrame:
     """Per explanation method: maps written and the means, over the rows that have them, of the map's
     share on the cell (``on_cell_<m>``) and of its faithfulness (``faith_drop_<m>``, ``faith_kept_<m>``)."""
@@ -265,7 +298,7 @@ def _indicators(df: pd.DataFrame, classes: list[str], malignant: list[str]) -> p
         "duplicates": df["duplicate_of"].fillna("") != "",
         "confidence_sum": df["confidence"].where(ok, 0.0).fillna(0.0).astype("float64")}, index=df.index)
     for name in classes:
-        frame[name] = ok & (predicted == name)
+        frame[class_count_column(name)] = ok & (predicted == name)
     return frame.astype({c: "int64" for c in frame.columns if c != "confidence_sum"})
 
 
@@ -278,9 +311,9 @@ def _finish_counts(sums: pd.DataFrame, key: str) -> pd.DataFrame:
 
 
 def aggregate(data: ScoreData, keys: list[str], malignant: list[str]) -> dict[str, pd.DataFrame]:
-    """Counts per value of each of ``keys`` in one pass over the rows: rows, ok, errors, uncertain,
-    malignant, duplicates, one count per predicted class, and the mean confidence of ok rows.
-    Null and empty key values are one group, ``(none)``."""
+    """Counts per value of each of ``keys`` in one pass over the rows: the :data:`COUNTERS` (rows, ok,
+    errors, uncertain, malignant, duplicates), one count per predicted class (:func:`class_count_column`)
+    and the mean confidence of ok rows. Null and empty key values are one group, ``(none)``."""
     needed = ["status", "predicted_class", "uncertain", "confidence", "duplicate_of", *keys]
     sums: dict[str, pd.DataFrame | None] = dict.fromkeys(keys)
     for df in scan(data, list(dict.fromkeys(needed))):
@@ -309,7 +342,7 @@ def errors_by_type(per_type: pd.DataFrame) -> pd.DataFrame:
 
 def overview(per_class: pd.DataFrame, morning_rows: int) -> pd.DataFrame:
     """One-row totals of the scoring inputs (any ``aggregate`` table sums to the same totals)."""
-    totals = per_class[["rows", "ok", "errors", "uncertain", "malignant", "duplicates"]].sum()
+    totals = per_class[COUNTERS].sum()
     return pd.DataFrame([{**{k: int(v) for k, v in totals.items()}, "morning_list": int(morning_rows)}])
 
 
@@ -368,18 +401,62 @@ def morning_list(data: ScoreData, malignant: list[str]) -> pa.Table:
 
 
 # ---- labelled rows: predictions against the truth -----------------------------------------------------
-def labelled_rows(data: ScoreData) -> pd.DataFrame:
-    """ok rows with a non-empty label that is one of the model's classes: ``label``, ``y`` (class
-    index), raw and calibrated probabilities. In memory: labelled rows are an evaluation set."""
-    raw, calibrated = class_columns(data.classes)
-    if "label" not in data.names or not set(raw + calibrated) <= set(data.names):
-        return pd.DataFrame(columns=["label", "y", *raw, *calibrated])
+@dataclass
+class Labelled:
+    """The labelled ok rows, each scored against the classes of the model that scored it."""
+    rows: pd.DataFrame      # label, y (index in ScoreData.classes), prob_* and cal_prob_* of every class
+    unknown: pd.DataFrame   # scoring_out, label, rows: labelled ok rows whose label their model lacks
+
+
+UNKNOWN_COLUMNS = ["scoring_out", "label", "rows"]
+
+
+def labelled_rows(data: ScoreData) -> Labelled:
+    """ok rows with a non-empty label, in memory (labelled rows are an evaluation set). A row whose
+    label is one of its own model's classes goes to ``rows``, its probabilities in the columns of
+    every class of ``data`` (0 for a class its model lacks), so jobs of models with other classes
+    are scored side by side; a row whose label its model lacks is counted in ``unknown``."""
+    known, unknown = [], []
+    for model in per_model(data):
+        df = _labelled_of(model)
+        mine = df["label"].isin(model.classes)
+        raw, calibrated = class_columns(model.classes)
+        known.append(df[mine].drop(columns="scoring_out").dropna(subset=raw + calibrated))
+        unknown.append(df.loc[~mine, ["scoring_out", "label"]])
+    return Labelled(_in_all_classes(known, data.classes), _count_unknown(unknown))
+
+
+def _labelled_of(model: ScoreData) -> pd.DataFrame:
+    """One model's ok rows with a label: label, its probability columns and ``scoring_out``."""
+    raw, calibrated = class_columns(model.classes)
+    columns = ["label", *raw, *calibrated, "scoring_out"]
+    if not model.classes or "label" not in model.names or not set(raw + calibrated) <= set(model.names):
+        return pd.DataFrame(columns=columns)
     where = (pc.field("status") == "ok") & pc.field("label").is_valid() & (pc.field("label") != "")
-    parts = list(scan(data, ["label", *raw, *calibrated], where))
-    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["label", *raw, *calibrated])
-    df = df[df["label"].isin(data.classes)].dropna(subset=raw + calibrated)
-    df.insert(1, "y", df["label"].map({c: i for i, c in enumerate(data.classes)}).astype("int64"))
-    return df.reset_index(drop=True)
+    parts = list(scan(model, ["label", *raw, *calibrated], where, with_root=True))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+
+
+def _in_all_classes(parts: list[pd.DataFrame], classes: list[str]) -> pd.DataFrame:
+    """Rows of several models in the probability columns of all ``classes`` (0 where a model lacks
+    one), with ``y``, the label's index in ``classes``."""
+    raw, calibrated = class_columns(classes)
+    columns = ["label", *raw, *calibrated]
+    parts = [p.reindex(columns=columns, fill_value=0.0) for p in parts if len(p)]
+    rows = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+    rows = rows.astype(dict.fromkeys(raw + calibrated, "float64"))
+    rows.insert(1, "y", rows["label"].map({c: i for i, c in enumerate(classes)}).astype("int64"))
+    return rows
+
+
+def _count_unknown(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """Rows per (scoring job, label), most first."""
+    keys = UNKNOWN_COLUMNS[:2]
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return pd.DataFrame({c: pd.Series(dtype="int64" if c == "rows" else "object") for c in UNKNOWN_COLUMNS})
+    counts = pd.concat(parts, ignore_index=True).groupby(keys).size().rename("rows").reset_index()
+    return counts.sort_values(["rows", *keys], ascending=[False, True, True], ignore_index=True)
 
 
 def roc_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
