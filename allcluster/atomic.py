@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import shutil
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -73,6 +75,18 @@ def atomic_write_parquet(path: str | Path, table) -> Path:
     return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
+# ``<name>.tmp-<pid>@<host>`` / ``<name>.old-<pid>@<host>``: the folder a writer fills, or one being
+# removed (:func:`leftover_name`); without ``@host``, the names of versions before 2026-12.
+LEFTOVER = re.compile(r"^(?P<name>.+?)\.(?:tmp|old)-(?P<pid>\d+)(?:@(?P<host>.+))?$")
+
+
+def leftover_name(path: Path, kind: str) -> Path:
+    """Beside ``path``, the folder this process fills (``kind`` "tmp") or removes ("old") in its stead;
+    named with the host as well as the pid: on a folder shared between nodes, a pid alone tells
+    nothing of whose it is (see ``allcluster.data.cache`` for a reaper that relies on it)."""
+    return path.with_name(f"{path.name}.{kind}-{os.getpid()}@{socket.gethostname()}")
+
+
 @contextmanager
 def atomic_folder(path: str | Path) -> Iterator[Path]:
     """``with atomic_folder(p) as tmp:`` fill the new folder ``tmp``; at the end it replaces ``p``
@@ -82,12 +96,12 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     for leftover in [*path.parent.glob(f"{path.name}.tmp-*"), *path.parent.glob(f"{path.name}.old-*")]:
         shutil.rmtree(leftover, ignore_errors=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = leftover_name(path, "tmp")
     tmp.mkdir(parents=True)
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f"{path.name}.old-{os.getpid()}")
+            old = leftover_name(path, "old")
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -101,3 +115,17 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def discard_folder(path: str | Path) -> None:
+    """Remove a folder whole or not at all, as seen at ``path``: renamed out of the way first, so that
+    neither a reader nor a rerun after a kill half way finds a part of it that looks whole; a kill
+    leaves ``p.old-*``, which :func:`atomic_folder` of ``p`` removes."""
+    path = Path(path)
+    old = leftover_name(path, "old")
+    shutil.rmtree(old, ignore_errors=True)      # a dead process's, whose pid this one has now
+    try:
+        os.rename(path, old)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(old, ignore_errors=True)

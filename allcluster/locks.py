@@ -38,6 +38,17 @@ def open_lock_file(path: str | Path, create: bool = True) -> int:
     return fd
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host (and PID namespace) exists, whoever owns it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:             # another user's process has that id
+        return True
+    return True
+
+
 def holder_info() -> dict:
     """Who holds a lock: host, pid, Slurm job id (when inside a job), start time."""
     job = os.environ.get("SLURM_JOB_ID", "")

@@ -1,6 +1,8 @@
 """The decoded-image cache: built once per dataset and input size, reused, invalidated on change."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -158,3 +160,117 @@ def test_training_says_how_many_rows_of_each_split_have_no_cached_image_and_why(
     assert f"[data] train: 2 of {len(train) + len(splits['train'])} image(s) left out" in said
     assert str(tmp_path / "gone-0.png") in said and str(tmp_path / "gone-1.png") in said
     assert "[data] val" not in said and "[data] test" not in said
+
+
+def _child(code: str, *args: str, **popen) -> subprocess.Popen:
+    """A real separate Python process running ``code`` (argv: ``args``)."""
+    return subprocess.Popen([sys.executable, "-c", code, *args], text=True, **popen)
+
+
+# A build of one cache in a child process whose decoding, once under way, is (KILL) SIGKILLed, as
+# preemption or the OOM killer would, or (PAUSE) waits until the test kills it: a live builder.
+_BUILD_THEN = """
+import os, signal, sys, time
+import allcluster.data.cache as cache
+from allcluster.data.manifest import read_manifest
+from allcluster.data.preprocess import Preprocess
+
+def decoding(*args):
+    if sys.argv[4] == "KILL":
+        os.kill(os.getpid(), signal.SIGKILL)
+    print("decoding", flush=True)
+    time.sleep(600)
+
+cache._decode_parallel = decoding
+cache.ensure_cache(read_manifest(sys.argv[1]), Preprocess(int(sys.argv[3])), sys.argv[2], sys.argv[1])
+"""
+
+
+def test_a_later_build_of_any_key_removes_what_a_sigkilled_build_left_but_not_a_live_builders_folder(
+        synthetic_manifest, tmp_path):
+    import os
+    import signal
+    import time
+
+    from allcluster.data.cache import cache_key
+
+    killed = _child(_BUILD_THEN, str(synthetic_manifest), str(tmp_path), "24", "KILL")
+    assert killed.wait(60) == -signal.SIGKILL
+    [leftover] = tmp_path.glob("*.tmp-*")
+    assert (leftover / "images.u8").is_file() and f"-{killed.pid}" in leftover.name
+    live = _child(_BUILD_THEN, str(synthetic_manifest), str(tmp_path), "28", "PAUSE", stdout=subprocess.PIPE)
+    try:
+        assert live.stdout.readline() == "decoding\n"
+        [building] = [p for p in tmp_path.glob("*.tmp-*") if p != leftover]
+        # on a cache root shared with other nodes: a pid of another host tells nothing here
+        other_key = cache_key(["x"], Preprocess(36))
+        other_node = tmp_path / f"{other_key}.tmp-{killed.pid}@another-node"
+        forgotten = tmp_path / f"{other_key}.old-{killed.pid}@another-node"
+        for folder in (other_node, forgotten):
+            folder.mkdir()
+        a_month_ago = time.time() - 30 * 86400
+        os.utime(forgotten, (a_month_ago, a_month_ago))
+        ensure_cache(read_manifest(synthetic_manifest), Preprocess(size=32), tmp_path, str(synthetic_manifest),
+                     log=_quiet).close()                           # another key, in the same root
+        assert not leftover.exists(), "the dead builder's folder is removed"
+        assert building.is_dir(), "a live builder's folder is left alone"
+        assert other_node.is_dir() and not forgotten.exists(), "another host's: only once days old"
+    finally:
+        live.kill()
+        live.wait()
+
+
+# A build in a child process that replaces an older cache of the same manifest file, SIGKILLed part
+# way through deleting the old one (its pixels gone, its meta.json not yet).
+_KILLED_WHILE_REMOVING = """
+import os, shutil, signal, sys
+from pathlib import Path
+import allcluster.data.cache as cache
+from allcluster.data.manifest import read_manifest
+from allcluster.data.preprocess import Preprocess
+
+rmtree = shutil.rmtree
+
+def killed_part_way(path, *args, **kwargs):
+    path = Path(path)
+    if (path / "meta.json").is_file() and (path / "images.u8").is_file():
+        (path / "images.u8").unlink()
+        os.kill(os.getpid(), signal.SIGKILL)
+    rmtree(path, *args, **kwargs)
+
+shutil.rmtree = killed_part_way
+manifest = read_manifest(sys.argv[1])
+cache.ensure_cache(manifest.iloc[: len(manifest) // 2], Preprocess(24), sys.argv[2], sys.argv[1])
+"""
+
+
+def test_a_cache_removal_killed_part_way_leaves_no_cache_that_looks_whole(synthetic_manifest, tmp_path):
+    import signal
+
+    manifest = read_manifest(synthetic_manifest)
+    old = ensure_cache(manifest, Preprocess(size=24), tmp_path, str(synthetic_manifest), log=_quiet)
+    old.close()
+    child = _child(_KILLED_WHILE_REMOVING, str(synthetic_manifest), str(tmp_path))
+    assert child.wait(60) == -signal.SIGKILL
+    assert not old.path.exists(), "the old cache's path holds all of it or nothing"
+    again = ensure_cache(manifest, Preprocess(size=24), tmp_path, str(synthetic_manifest), log=_quiet)
+    row = manifest.iloc[3]
+    assert np.array_equal(again.images[again.row(row["sha256"])], Preprocess(24)(load(row["path"], draft=24).array))
+    again.close()
+    assert not list(tmp_path.glob("*.old-*")), "what the kill left is removed by the next build"
+
+
+def test_the_cache_crops_the_cell_of_a_large_jpeg_from_a_decode_large_enough_for_it(tmp_path):
+    from allcluster.config import from_dict
+    from allcluster.data.manifest import IndexConfig, build_manifest
+    from test_decode import detail, large_cell_jpeg
+
+    (tmp_path / "src" / "Pro").mkdir(parents=True)
+    (tmp_path / "src" / "Pro" / "large.jpg").write_bytes(large_cell_jpeg())
+    manifest = build_manifest(from_dict(IndexConfig, {"source": str(tmp_path / "src"), "ratios": [1, 0, 0]}))
+    prep = Preprocess(128, roi_crop=True)
+    cache = ensure_cache(manifest, prep, tmp_path / "cache", log=_quiet)
+    cached = cache.images[cache.row(manifest.loc[0, "sha256"])]
+    full = prep(load(manifest.loc[0, "path"]).array)            # cropped from the full resolution
+    assert detail(cached) > 0.9 * detail(full), "the cell is cropped from a decode with its detail"
+    cache.close()

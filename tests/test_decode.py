@@ -87,3 +87,73 @@ def test_roi_crop_trims_black_margins_and_background_to_the_cell():
 def test_roi_crop_keeps_images_without_a_plausible_region():
     flat = np.full((64, 64, 3), 200, np.uint8)
     assert roi_crop(flat).shape == flat.shape
+
+
+def _tiff16(gray: np.ndarray, **tags) -> bytes:
+    """A 16-bit gray TIFF written by PIL, with extra TIFF ``tags`` (tag number: value)."""
+    import io
+
+    from PIL import Image, TiffImagePlugin
+
+    info = TiffImagePlugin.ImageFileDirectory_v2()
+    for tag, value in tags.items():
+        info[int(tag)] = value
+    out = io.BytesIO()
+    Image.fromarray(gray.astype(np.uint16)).save(out, format="TIFF", tiffinfo=info)
+    return out.getvalue()
+
+
+def test_a_12_bit_tiff_in_a_16_bit_container_is_scaled_by_the_maximum_it_declares():
+    import io
+
+    import tifffile
+
+    twelve_bit = np.tile(np.linspace(0, 4095, 40).round(), (40, 1))        # a 12-bit camera's full range
+    gray = dec.decode(_tiff16(twelve_bit, **{"341": 4095}), "cam.tif").array   # SMaxSampleValue
+    np.testing.assert_array_equal(gray[..., 0], np.rint(twelve_bit / 4095 * 255))  # 0..255, not 0..16
+    rgb = io.BytesIO()                                    # 16-bit RGB: read by the tifffile fallback
+    tifffile.imwrite(rgb, np.repeat(twelve_bit[..., None], 3, axis=2).astype(np.uint16), photometric="rgb",
+                     extratags=[(341, "H", 3, (4095, 4095, 4095), True)])
+    np.testing.assert_array_equal(dec.decode(rgb.getvalue(), "cam-rgb.tif").array, gray)
+
+
+def test_a_16_bit_tiff_that_declares_no_smaller_bit_depth_keeps_the_full_16_bit_scale():
+    values = np.full((40, 40), 4095)          # a dark 16-bit image is not mistaken for bright 12-bit data
+    assert (dec.decode(_tiff16(values), "dark.tif").array == 16).all()
+    assert (dec.decode(_tiff16(values, **{"341": 65535}), "declared.tif").array == 16).all()
+
+
+def large_cell_jpeg(width: int = 2400, height: int = 1800, radius: int = 150) -> bytes:
+    """A large microscope-like JPEG: a small striped stained cell (stripes 3 pixels wide) on a bright
+    slide; the ROI crop is a few hundred pixels of a 2400-pixel-wide image."""
+    import io
+
+    from PIL import Image
+
+    yy, xx = np.mgrid[:height, :width]
+    canvas = np.empty((height, width, 3), np.uint8)
+    canvas[:] = (235, 225, 230)
+    cell = (yy - 700) ** 2 + (xx - 1300) ** 2 < radius ** 2
+    stripes = (xx // 3) % 2 == 1
+    canvas[cell & stripes], canvas[cell & ~stripes] = (150, 40, 170), (90, 20, 120)
+    out = io.BytesIO()
+    Image.fromarray(canvas).save(out, "JPEG", quality=95)
+    return out.getvalue()
+
+
+def detail(rgb: np.ndarray) -> float:
+    """Mean absolute difference of horizontal neighbours: how much of the stripes' detail is left."""
+    return float(np.abs(np.diff(rgb.astype(int), axis=1)).mean())
+
+
+def test_the_roi_crop_of_a_large_jpeg_keeps_the_detail_of_the_full_resolution_decode():
+    from allcluster.data.preprocess import decode_preprocessed
+
+    data = large_cell_jpeg()
+    for size in (128, 224):
+        prep = Preprocess(size, roi_crop=True)
+        image, pixels = decode_preprocessed(data, "large.jpg", prep)
+        assert (image.width, image.height) == (2400, 1800) and pixels.shape == (size, size, 3)
+        full = prep(dec.decode(data).array)                      # cropped from the full resolution
+        assert detail(pixels) > 0.9 * detail(full), size
+        assert detail(prep(dec.decode(data, draft=size).array)) < 0.5 * detail(full), "the draft alone loses it"

@@ -270,3 +270,56 @@ def test_a_training_manifest_that_is_not_parquet_or_whose_paths_are_not_text_is_
     pq.write_table(listy, tmp_path / "listy.parquet")
     with pytest.raises(ConfigError, match=r"listy.parquet: column 'path' \(list<.*\) is not text"):
         read_manifest(tmp_path / "listy.parquet")
+
+
+def test_hidden_files_and_folders_get_no_row_but_the_summary_counts_them(tmp_path, capsys):
+    from allcluster.cli import main
+
+    root = make_tree(tmp_path / "images", 2)
+    (root / "Pre" / ".DS_Store").write_bytes(b"finder metadata")
+    (root / "Pro" / "._Pro-000.jpg").write_bytes(jpeg_bytes(seed=7))       # a macOS copy's resource fork
+    (root / ".snapshot" / "Pre").mkdir(parents=True)                         # a NAS snapshot: not entered
+    (root / ".snapshot" / "Pre" / "Pre-000.jpg").write_bytes(jpeg_bytes(seed=8))
+    df, summary = index(root, tmp_path / "m.parquet")
+    assert len(df) == 8 and not df["path"].str.contains("/\\.").any()
+    hidden = summary["hidden_skipped"]
+    assert (hidden["files"], hidden["folders"]) == (2, 1), hidden
+    assert set(hidden["examples"]) == {str(root / ".snapshot") + "/", str(root / "Pre" / ".DS_Store"),
+                                       str(root / "Pro" / "._Pro-000.jpg")}
+    assert json.loads((tmp_path / "m.summary.json").read_text())["hidden_skipped"] == hidden
+    capsys.readouterr()
+    assert main(["index", str(root), "--out", str(tmp_path / "m2.parquet")]) == 0
+    assert "hidden (names starting with '.'), no row: 2 file(s) skipped, 1 folder(s) not entered" in capsys.readouterr().out
+
+
+def test_the_summary_counts_patient_regex_matches_without_ever_refusing(tmp_path):
+    from allcluster.data.manifest import format_summary, summarize
+
+    df, _ = index(make_tree(tmp_path / "images", 3), tmp_path / "m.parquet")
+    summary = summarize(df, r"^(P\d+)_")                     # matches none of these names
+    assert summary["patients"] == {"count": 0, "regex": r"^(P\d+)_", "matched": 0, "unmatched": 12}
+    assert "--patient-regex matched 0 decodable files, 12 unmatched" in format_summary(summary)
+
+
+def test_a_fold_the_manifest_does_not_have_is_a_config_error_naming_data_fold_and_the_manifest(tmp_path):
+    _, _ = index(make_tree(tmp_path / "k", 30), tmp_path / "folds.parquet", folds=5)
+    ok = read_manifest(tmp_path / "folds.parquet").query("status == 'ok'")
+    for fold in (5, 12):                      # not a silent run with no validation split
+        with pytest.raises(ConfigError, match=rf"data.fold: {fold} is out of range: the manifest has 5 folds, 0 to 4"):
+            splits_for_fold(ok, fold)
+    with pytest.raises(ConfigError, match=r"data.fold: 5 is out of range: manifest .*folds.parquet has 5 folds"):
+        splits_for_fold(ok, 5, str(tmp_path / "folds.parquet"))
+    assert (splits_for_fold(ok, 4)[ok["fold"] == 4] == "val").all()
+    index(make_tree(tmp_path / "plain", 4), tmp_path / "plain.parquet")
+    plain = read_manifest(tmp_path / "plain.parquet")
+    with pytest.raises(ConfigError, match=r"data.fold: 0, but the manifest has no folds; set data.fold: -1"):
+        splits_for_fold(plain, 0)
+    with pytest.raises(ConfigError, match=r"data.fold: 0, but manifest .*plain.parquet has no folds"):
+        splits_for_fold(plain, 0, str(tmp_path / "plain.parquet"))
+    from allcluster.config import from_dict
+    from allcluster.train.config import TrainConfig
+    from allcluster.train.ray_train import preflight
+
+    cfg = from_dict(TrainConfig, {"data": {"manifest": str(tmp_path / "folds.parquet"), "fold": 5}}, "t")
+    with pytest.raises(ConfigError, match=r"data.fold: 5 is out of range: manifest .*folds.parquet"):
+        preflight(cfg)                        # on the driver, before Ray starts a worker

@@ -10,6 +10,10 @@ Layout under the cache root (node-local by default, e.g. ``$TMPDIR``)::
 data share one cache, and a changed manifest gets a new one (older caches built from the same
 manifest path are removed). A file lock makes concurrent trials on one node wait for a single
 builder instead of decoding in parallel.
+
+A cache is built in ``<key>.tmp-<pid>@<host>`` and renamed into place; one is removed by renaming it
+to ``<key>.old-<pid>@<host>`` first (:mod:`allcluster.atomic`). What a killed build or removal leaves
+there is removed by a later build of any key (:func:`_reap_leftovers`).
 """
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,15 +35,17 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from allcluster.atomic import atomic_folder, atomic_write_parquet, is_storage_full
+from allcluster.atomic import LEFTOVER, atomic_folder, atomic_write_parquet, discard_folder, is_storage_full
 from allcluster.config import ConfigError
 from allcluster.console import say
 from allcluster.data import decode as dec
 from allcluster.data.paths import clean_text, to_fs
-from allcluster.locks import ExclusiveLock, open_lock_file
-from allcluster.data.preprocess import Preprocess
+from allcluster.locks import ExclusiveLock, open_lock_file, pid_alive
+from allcluster.data.preprocess import Preprocess, decode_preprocessed
 
-CACHE_VERSION = 2     # 2: index.parquet records error_type (transient failures are retried)
+# 2: index.parquet records error_type (transient failures are retried); 3: the ROI crop is taken
+# from a JPEG draft large enough for it (decode_preprocessed), no longer from one at the input size
+CACHE_VERSION = 3
 # Set for sweep trials: the driver builds every node's cache first, so a trial that would decode is a bug.
 MUST_EXIST_ENV = "ALLCLUSTER_CACHE_MUST_EXIST"
 
@@ -108,11 +116,7 @@ def _decode_rows(args: tuple[str, list[tuple[int, str, str]], int, Preprocess, i
     failures = []
     for row, path, sha256 in jobs:
         try:
-            decoded = dec.decode_any(_read_indexed(path, sha256), path, max_pixels=max_pixels, draft=preprocess.size)
-            try:
-                images[row] = preprocess(decoded.array)
-            except Exception as err:      # noqa: BLE001 - e.g. the ROI crop on an odd image
-                raise dec.unexpected("decode_error", path, err) from err
+            images[row] = decode_preprocessed(_read_indexed(path, sha256), path, preprocess, max_pixels)[1]
         except dec.DecodeError as err:
             failures.append((row, err.kind, clean_text(str(err))))
     images.flush()
@@ -237,6 +241,7 @@ def _build_new(root: Path, key: str, unique: pd.DataFrame, preprocess: Preproces
     if os.environ.get(MUST_EXIST_ENV):
         raise RuntimeError(f"decoded-image cache {final} is missing on this node, and {MUST_EXIST_ENV} "
                            "says it must have been built before this run (sweep trials never decode)")
+    _reap_leftovers(root, key)            # before decoding: a killed build's leftover is full-size
     start = time.time()
     log(f"[cache] decoding {len(unique)} distinct images at {preprocess.size}px into {final}")
     # Under this key's build lock no other builder of it runs (on any node sharing the root): a
@@ -251,12 +256,53 @@ def _build_new(root: Path, key: str, unique: pd.DataFrame, preprocess: Preproces
     log(f"[cache] built in {meta['build_seconds']} s")
 
 
+LEFTOVER_MAX_AGE_S = 2 * 86400        # days: far longer than a build takes
+
+
+def _reap_leftovers(root: Path, key: str) -> None:
+    """Remove the folders that killed builds and removals left in ``root`` (full-size, and found by
+    nothing else): every one of ``key`` (the caller holds its build lock, so none is in use) and
+    those of other keys whose maker is gone (:func:`_abandoned`)."""
+    for entry in root.iterdir():
+        match = LEFTOVER.match(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and (match["name"] == key or _abandoned(entry, match)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _abandoned(folder: Path, match: re.Match) -> bool:
+    """Whether the process that made leftover ``folder`` is gone. Its pid tells only on its own
+    host: a cache root may be shared between nodes (NFS), and another node's pid means nothing here.
+    So a folder of this host goes once its pid is dead; one of another host, of an older version
+    that wrote no host, or whose pid lives (reused since), only once older than LEFTOVER_MAX_AGE_S.
+    Either only while no process holds its key's build lock, which every builder and remover of
+    that key holds while its folder exists, on every node (a process in another PID namespace of
+    this host, whose pid looks dead from here, included)."""
+    pid, host = int(match["pid"]), match["host"]
+    if host == socket.gethostname() and pid == os.getpid():
+        return False                              # this process's own: another thread building
+    try:
+        old = time.time() - folder.lstat().st_mtime > LEFTOVER_MAX_AGE_S
+    except OSError:
+        return False
+    dead = host == socket.gethostname() and not pid_alive(pid)
+    return (dead or old) and _build_lock_free(folder.parent, match["name"])
+
+
+def _build_lock_free(root: Path, key: str) -> bool:
+    try:
+        ExclusiveLock(root / f"{key}.lock", "cache build").acquire().release()
+    except ConfigError:
+        return False
+    return True
+
+
 def _remove_stale(root: Path, key: str, meta: dict) -> None:
     """Drop older caches built from the same manifest file with the same preprocessing."""
     if not meta["manifest"]:
         return
     for other in root.iterdir():
-        if other.name == key or not (other / "meta.json").is_file():
+        # not a leftover: a build's folder holds meta.json until renamed into place (and they are the reaper's)
+        if other.name == key or LEFTOVER.match(other.name) or not (other / "meta.json").is_file():
             continue
         try:
             other_meta = json.loads((other / "meta.json").read_text())
@@ -274,7 +320,7 @@ def _remove_if_unused(root: Path, key: str) -> None:
     try:
         for lock in locks:
             held.append(lock.acquire())
-        shutil.rmtree(root / key, ignore_errors=True)
+        discard_folder(root / key)
     except ConfigError:
         pass                                # in use: left for a later build to remove
     finally:

@@ -127,14 +127,42 @@ def check_size(width: int, height: int, name: str, max_pixels: int, min_side: in
         raise DecodeError("too_small", f"{name}: {width}x{height} is smaller than {min_side} pixels per side")
 
 
-def _wide_to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Scale 16-bit, 32-bit or float samples to 0..255."""
+def _declared_full_scale(bits_per_sample, max_sample_value) -> int | None:
+    """The sample value that is full brightness in a TIFF's 16-bit samples, from its tags: 2**bits - 1
+    for a BitsPerSample (258) of 9 to 15 bits, else for an SMaxSampleValue (341) below 65535 (a 12-bit
+    camera's 4095) that value rounded up to whole bits, so 12-bit data whose largest value is less
+    still get 4095 rather than a contrast stretched per image. None where neither says fewer than 16
+    bits: the samples are then taken to be true 16-bit data, full scale 65535. Nothing is guessed
+    from the pixel values, which cannot tell 12-bit data from a dark 16-bit image; MaxSampleValue
+    (281) is not read, being by the TIFF specification statistics, not meant to change how an image looks."""
+    bits = max(_tag_values(bits_per_sample), default=0)
+    if 8 < bits < 16:
+        return 2 ** bits - 1
+    largest = int(max(_tag_values(max_sample_value), default=0))
+    if 255 < largest < 65535:
+        return 2 ** largest.bit_length() - 1
+    return None
+
+
+def _tag_values(value) -> list[float]:
+    """A TIFF tag's value (a number, one per sample, or absent) as a list of numbers."""
+    if value is None:
+        return []
+    values = value if isinstance(value, (tuple, list)) else [value]
+    return [float(v) for v in values if isinstance(v, (int, float))]
+
+
+def _wide_to_uint8(arr: np.ndarray, full_scale: int | None = None) -> np.ndarray:
+    """Scale 16-bit, 32-bit or float samples to 0..255 (integer samples with ``full_scale``, where
+    the file declares it: see :func:`_declared_full_scale`)."""
     is_float = np.issubdtype(arr.dtype, np.floating)
     is_16bit = arr.dtype in (np.uint16, np.int16) or str(arr.dtype).endswith("u2")
     arr = np.nan_to_num(arr.astype(np.float64))
     peak = float(arr.max(initial=0))
     if is_float and peak <= 1.0 and arr.min(initial=0) >= 0:
         scale = 1.0
+    elif full_scale and not is_float:
+        scale = float(full_scale)
     elif is_16bit or 255 < peak <= 65535:
         scale = 65535.0
     elif peak <= 255:
@@ -144,8 +172,8 @@ def _wide_to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(arr / scale * 255.0), 0, 255).astype(np.uint8)
 
 
-def _to_rgb_array(im: Image.Image) -> np.ndarray:
-    """Convert any PIL mode to an (H, W, 3) uint8 array."""
+def _to_rgb_array(im: Image.Image, full_scale: int | None = None) -> np.ndarray:
+    """Convert any PIL mode to an (H, W, 3) uint8 array (wide samples scaled to ``full_scale``, if given)."""
     mode = im.mode
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info):
         # Composite transparent pixels on white (a bright slide background), not black.
@@ -153,7 +181,7 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.asarray(Image.alpha_composite(canvas, rgba).convert("RGB"))
     if mode.startswith("I") or mode == "F":
-        gray = _wide_to_uint8(np.asarray(im))
+        gray = _wide_to_uint8(np.asarray(im), full_scale)
         return np.repeat(gray[..., None], 3, axis=2) if gray.ndim == 2 else gray[..., :3]
     if mode != "RGB":
         im = im.convert("RGB")      # L, 1, P, CMYK, YCbCr, LAB, HSV
@@ -178,6 +206,8 @@ def _decode_with_tifffile(data: bytes, name: str, max_pixels: int, min_side: int
             height, width = _tiff_plane(tif.series[0].shape)    # from the tags: no pixel decoded yet
             check_size(width, height, name, max_pixels, min_side)
             arr = tif.series[0].asarray()
+            tags = tif.series[0].keyframe.tags
+            full_scale = _declared_full_scale(*(None if tags.get(t) is None else tags.get(t).value for t in (258, 341)))
     except DecodeError:
         raise
     except Exception as err:  # tifffile raises many types for bad files
@@ -190,7 +220,7 @@ def _decode_with_tifffile(data: bytes, name: str, max_pixels: int, min_side: int
     check_size(width, height, name, max_pixels, min_side)
     if arr.ndim == 3 and arr.shape[2] not in (1, 2, 3, 4):
         raise DecodeError("undecodable", f"{name}: TIFF with {arr.shape[2]} channels is not an RGB or gray image")
-    arr = _wide_to_uint8(arr) if arr.dtype != np.uint8 else arr
+    arr = _wide_to_uint8(arr, full_scale) if arr.dtype != np.uint8 else arr
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
     elif arr.shape[2] in (1, 2):          # gray (+ alpha)
@@ -215,9 +245,13 @@ def decode(data: bytes, name: str = "<bytes>", *, max_pixels: int = DEFAULT_MAX_
             check_size(width, height, name, max_pixels, min_side)
             if draft and im.format == "JPEG":
                 im.draft("RGB", (draft, draft))
+            tags = getattr(im, "tag_v2", None) or {}        # TIFF only; read before a transpose drops them
+            full_scale = _declared_full_scale(tags.get(258), tags.get(341))
+            if full_scale and not im.mode.startswith("I"):  # PIL keeps only the high byte of wide RGB samples
+                return _decode_with_tifffile(data, name, max_pixels, min_side)
             im.load()
             im = ImageOps.exif_transpose(im) or im
-            arr = _to_rgb_array(im)
+            arr = _to_rgb_array(im, full_scale)
     except DecodeError:
         raise
     except UnidentifiedImageError as err:

@@ -15,7 +15,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -77,13 +77,16 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def list_folder(root: Path) -> list[SourceFile]:
+def list_folder(root: Path, hidden: list[str] | None = None) -> list[SourceFile]:
     """``<root>/<class>/**/<file>``: the first folder level is the label; symlinked folders are not
     followed (they may loop or leave the tree) and each is one error row (``symlinked_folder``: a
     linked class folder must not vanish unseen); files at the top level get no label; a folder that
-    cannot be listed is one error row (``unlistable``)."""
+    cannot be listed is one error row (``unlistable``). Hidden files and folders (``.name``, as
+    scoring skips them) get no row and are not entered; their paths are added to ``hidden``
+    (folders ending in ``/``) where given."""
     root = Path(absolute(root))
     files = []
+    hidden = [] if hidden is None else hidden
 
     def unlistable(err: OSError) -> None:
         where = err.filename or str(root)
@@ -91,6 +94,8 @@ def list_folder(root: Path) -> list[SourceFile]:
             f"{where}: cannot list folder: {err.strerror or err}"))))
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable, followlinks=False):
+        hidden += [table_path(Path(dirpath) / d) + "/" for d in sorted(dirnames) if _is_hidden(d)]
+        hidden += [table_path(Path(dirpath) / f) for f in sorted(filenames) if _is_hidden(f)]
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
         for name in [d for d in dirnames if (Path(dirpath) / d).is_symlink()]:
             dirnames.remove(name)
@@ -126,11 +131,11 @@ def _csv_source(row: dict, base: Path, where: str) -> SourceFile:
                       to_text((row.get("patient") or "").strip()))
 
 
-def list_source(source: str | Path) -> list[SourceFile]:
-    """Files of a folder tree or a CSV file list."""
+def list_source(source: str | Path, hidden: list[str] | None = None) -> list[SourceFile]:
+    """Files of a folder tree (hidden ones added to ``hidden``: see :func:`list_folder`) or a CSV file list."""
     source = Path(source)
     if source.is_dir():
-        return list_folder(source)
+        return list_folder(source, hidden)
     if source.is_file() and source.suffix.lower() == ".csv":
         return list_csv(source)
     raise ConfigError(f"{source}: SOURCE must be a folder of <class>/<images> or a .csv file "
@@ -185,11 +190,16 @@ def patient_from_name(path: str, pattern: re.Pattern) -> str:
     return match.group(1) if match.groups() else match.group(0)
 
 
+def patient_matches(names: list[str], regex: str) -> list[bool]:
+    """Whether ``regex`` finds a patient id in each file name (never refuses: see :func:`check_patient_regex`)."""
+    pattern = re.compile(regex)
+    return [bool(patient_from_name(n, pattern)) for n in names]
+
+
 def check_patient_regex(names: list[str], regex: str) -> list[bool]:
     """Whether ``regex`` finds a patient id in each file name; refuses a regex that finds none (the
     splits would silently be per image, leaking patients between train and test)."""
-    pattern = re.compile(regex)
-    matched = [bool(patient_from_name(n, pattern)) for n in names]
+    matched = patient_matches(names, regex)
     if names and not any(matched):
         examples = ", ".join(Path(n).name for n in names[:3])
         raise ConfigError(f"--patient-regex {regex!r}: matches none of the {len(names)} file names "
@@ -240,9 +250,10 @@ def check_before_hashing(files: list[SourceFile], cfg: IndexConfig) -> None:
                     np.array([p or f.path for p, f in zip(patients, files)]), f"the {len(files)} listed files")
 
 
-def build_manifest(cfg: IndexConfig) -> pd.DataFrame:
-    """List, hash, decode-check, de-duplicate and split ``cfg.source``; returns the manifest rows."""
-    files = list_source(cfg.source)
+def build_manifest(cfg: IndexConfig, hidden: list[str] | None = None) -> pd.DataFrame:
+    """List, hash, decode-check, de-duplicate and split ``cfg.source``; returns the manifest rows
+    (the hidden files and folders left out are added to ``hidden``, where given)."""
+    files = list_source(cfg.source, hidden)
     if not files:
         raise ConfigError(f"{cfg.source}: no files found")
     check_before_hashing([f for f in files if f.problem is None], cfg)
@@ -261,13 +272,14 @@ def build_manifest(cfg: IndexConfig) -> pd.DataFrame:
     return df.drop(columns="eligible").sort_values("path", kind="stable").reset_index(drop=True)
 
 
-def summarize(df: pd.DataFrame, patient_regex: str = "") -> dict:
+def summarize(df: pd.DataFrame, patient_regex: str = "", hidden: Sequence[str] = ()) -> dict:
     """Counts per class per split, patients, duplicate groups, label conflicts and errors by type;
-    with ``patient_regex``, how many decodable files it matched."""
+    with ``patient_regex``, how many decodable files it matched; the ``hidden`` files and folders
+    (see :func:`list_folder`) that got no row. Never refuses: it describes a manifest already made."""
     ok = df[df["status"] == "ok"]
     patients = {"count": int(ok.loc[ok["patient"] != "", "patient"].nunique())}
     if patient_regex:
-        matched = sum(map(bool, check_patient_regex(ok["path"].tolist(), patient_regex)))
+        matched = sum(patient_matches(ok["path"].tolist(), patient_regex))
         patients.update(regex=patient_regex, matched=matched, unmatched=len(ok) - matched)
     dup = ok[ok["n_copies"] > 1]
     dup_groups = dup.groupby("sha256")["path"].apply(list)
@@ -287,6 +299,8 @@ def summarize(df: pd.DataFrame, patient_regex: str = "") -> dict:
         "errors": {"count": int((df["status"] == "error").sum()),
                    "by_type": {k: int(v) for k, v in df.loc[df["status"] == "error", "error_type"].value_counts().items()},
                    "examples": df.loc[df["status"] == "error", "error"].head(10).tolist()},
+        "hidden_skipped": {"files": sum(not p.endswith("/") for p in hidden),
+                           "folders": sum(p.endswith("/") for p in hidden), "examples": list(hidden[:10])},
     }
 
 
@@ -307,6 +321,10 @@ def format_summary(summary: dict) -> str:
     lines += [f"  {' | '.join(g)}" for g in c["groups_list"][:10]]
     lines.append(f"errors: {e['count']}" + (f" by type {e['by_type']}" if e["count"] else ""))
     lines += [f"  {m}" for m in e["examples"]]
+    h = summary.get("hidden_skipped", {})
+    if h.get("files") or h.get("folders"):
+        lines.append(f"hidden (names starting with '.'), no row: {h['files']} file(s) skipped, {h['folders']} "
+                     f"folder(s) not entered; e.g. {', '.join(h['examples'][:5])}")
     return "\n".join(lines)
 
 
@@ -361,9 +379,10 @@ def check_manifest_target(out: str | Path) -> None:
 def run_index(cfg: IndexConfig) -> tuple[pd.DataFrame, dict]:
     """Build, write and summarise a manifest; writes ``<out>.summary.json`` and ``<out>.config.yaml``."""
     check_manifest_target(cfg.out)
-    df = build_manifest(cfg)
+    hidden: list[str] = []
+    df = build_manifest(cfg, hidden)
     out = write_manifest(df, cfg.out)
-    summary = summarize(df, cfg.patient_regex)
+    summary = summarize(df, cfg.patient_regex, hidden)
     atomic_write_text(out.with_name(out.stem + ".summary.json"), json.dumps(summary, indent=2))
     write_resolved(cfg, out.with_name(out.stem + ".config.yaml"), "allcluster index")
     return df, summary

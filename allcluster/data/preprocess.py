@@ -1,10 +1,13 @@
 """Pixel preprocessing shared by training and scoring: ROI crop, resize, normalisation."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from allcluster.data import decode as dec
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,41 @@ class Preprocess:
     def key(self) -> str:
         """Identifies the pixel content this preprocessing yields (part of the cache key)."""
         return f"s{self.size}-roi{int(self.roi_crop)}-m{self.roi_margin:g}"
+
+
+def decode_preprocessed(data: bytes, name: str, preprocess: Preprocess,
+                        max_pixels: int = dec.DEFAULT_MAX_PIXELS) -> tuple[dec.DecodedImage, np.ndarray]:
+    """(the decoded image, its model input: uint8 (size, size, 3)) of image bytes: the one way the
+    training cache and scoring turn a file into pixels, so both see the same. Any failure, of the
+    decode or of the preprocessing, is a :class:`~allcluster.data.decode.DecodeError`.
+
+    A JPEG is decoded at a reduced draft size (see :func:`~allcluster.data.decode.decode`) that
+    keeps at least ``size`` pixels a side of what becomes the input: with the ROI crop, of the cell's
+    box, found on a first draft decode at ``size``, then decoded again at the scale that box needs."""
+    image = dec.decode_any(data, name, max_pixels=max_pixels, draft=preprocess.size)
+    draft = _roi_draft(image, preprocess) if preprocess.roi_crop else None
+    if draft:
+        image = dec.decode_any(data, name, max_pixels=max_pixels, draft=draft)
+    try:
+        return image, preprocess(image.array)
+    except Exception as err:      # noqa: BLE001 - an odd shape or a cv2 failure in the ROI crop
+        raise dec.unexpected("decode_error", name, err) from err
+
+
+def _roi_draft(image: dec.DecodedImage, preprocess: Preprocess) -> int | None:
+    """The draft size to decode ``image`` (a draft decode) at again so that its ROI crop keeps
+    ``preprocess.size`` pixels a side; None when this decode does already (full size, or a box large enough)."""
+    height, width = image.array.shape[:2]
+    if max(height, width) >= max(image.width, image.height):
+        return None
+    box = roi_box(image.array, preprocess.roi_margin)
+    if box is None:
+        return None
+    y0, y1, x0, x1 = box
+    factor = preprocess.size / min(y1 - y0, x1 - x0)
+    # decode() asks for a square draft; PIL then takes the largest scale that keeps both sides at least
+    # that long, so the shorter side (whichever way EXIF turns the image) decides it
+    return math.ceil(min(height, width) * factor) if factor > 1 else None
 
 
 def resize(rgb: np.ndarray, size: int) -> np.ndarray:
@@ -76,14 +114,21 @@ def roi_crop(rgb: np.ndarray, margin: float = 0.1, min_area_fraction: float = 0.
 
     Returns the image unchanged when no plausible region is found, so the crop never loses a cell.
     """
+    box = roi_box(rgb, margin, min_area_fraction)
+    if box is None:
+        return rgb
+    y0, y1, x0, x1 = box
+    return np.ascontiguousarray(rgb[y0:y1, x0:x1])
+
+
+def roi_box(rgb: np.ndarray, margin: float = 0.1, min_area_fraction: float = 0.01) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1) that :func:`roi_crop` keeps, or None when it keeps the whole image."""
     import cv2
 
     largest = largest_region(rgb, min_area_fraction)
     if largest is None:
-        return rgb
+        return None
     height, width = rgb.shape[:2]
     x, y, w, h = cv2.boundingRect(largest)
     pad_x, pad_y = int(round(w * margin)), int(round(h * margin))
-    x0, y0 = max(0, x - pad_x), max(0, y - pad_y)
-    x1, y1 = min(width, x + w + pad_x), min(height, y + h + pad_y)
-    return np.ascontiguousarray(rgb[y0:y1, x0:x1])
+    return max(0, y - pad_y), min(height, y + h + pad_y), max(0, x - pad_x), min(width, x + w + pad_x)

@@ -134,10 +134,20 @@ def assign_splits(df: pd.DataFrame, ratios: tuple[float, float, float], seed: in
     return df
 
 
-def splits_for_fold(df: pd.DataFrame, fold: int) -> pd.Series:
-    """The ``split`` column with fold ``fold`` as validation (k-fold manifests only)."""
-    if (df["fold"] < 0).all() and fold >= 0:
-        raise ValueError("this manifest has no folds; rebuild it with `allcluster index --folds K`")
+def splits_for_fold(df: pd.DataFrame, fold: int, manifest: str = "") -> pd.Series:
+    """The ``split`` column with fold ``fold`` as validation (k-fold manifests only; -1: the
+    manifest's own split); a fold the manifest (its file: ``manifest``) does not have is a
+    :class:`ConfigError` naming ``data.fold``."""
+    if fold < 0:
+        return df["split"].copy()
+    folds = int(df["fold"].max()) + 1 if len(df) else 0
+    where = f"manifest {manifest}" if manifest else "the manifest"
+    if folds < 1:
+        raise ConfigError(f"data.fold: {fold}, but {where} has no folds; set data.fold: -1 (its own split), "
+                          "or rebuild it with `allcluster index --folds K`")
+    if not 0 <= fold < folds:
+        raise ConfigError(f"data.fold: {fold} is out of range: {where} has {folds} folds, 0 to {folds - 1} "
+                          "(or -1 for its own split)")
     split = df["split"].copy()
     in_folds = df["fold"] >= 0
     split[in_folds] = np.where(df.loc[in_folds, "fold"] == fold, "val", "train")

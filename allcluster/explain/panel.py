@@ -91,12 +91,13 @@ def panel_name(path: str | Path, digest: str) -> str:
 
 def _load(path: str | Path, preprocess) -> _Item:
     """Read, decode and preprocess one file; a bad file becomes an item carrying its error."""
-    from allcluster.data.decode import DecodeError, decode, read_bytes
+    from allcluster.data.decode import DecodeError, read_bytes
+    from allcluster.data.preprocess import decode_preprocessed
 
     path = Path(path)
     try:
         data = read_bytes(path)
-        rgb = preprocess(decode(data, str(path)).array)
+        _, rgb = decode_preprocessed(data, str(path), preprocess)     # the pixels scoring gives the model
     except DecodeError as err:
         return _Item(path, error=f"{err.kind}: {err}")
     return _Item(path, rgb=np.ascontiguousarray(rgb), sha256=hashlib.sha256(data).hexdigest())

@@ -8,7 +8,7 @@ import numpy as np
 
 from allcluster.data import decode as dec
 from allcluster.data.paths import clean_text, parent_text, to_fs
-from allcluster.data.preprocess import Preprocess
+from allcluster.data.preprocess import Preprocess, decode_preprocessed
 from allcluster.score.ledger import Claim
 
 
@@ -88,9 +88,5 @@ def _decode_read(out: dict, paths: list[str], blobs: dict[int, bytes], claim: Cl
 
 def decode_into(out: dict, i: int, data: bytes, path: str, preprocess: Preprocess, max_pixels: int) -> None:
     """Decode + preprocess one file into row ``i`` of ``out``; every failure is a :class:`DecodeError`."""
-    image = dec.decode_any(data, path, max_pixels=max_pixels, draft=preprocess.size)
-    try:
-        out["pixels"][i] = preprocess(image.array)
-    except Exception as err:      # noqa: BLE001 - an odd shape or a cv2 failure in the ROI crop
-        raise dec.unexpected("decode_error", path, err) from err
+    image, out["pixels"][i] = decode_preprocessed(data, path, preprocess, max_pixels)   # as the training cache
     out["width"][i], out["height"][i] = image.width, image.height

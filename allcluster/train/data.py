@@ -62,7 +62,7 @@ def load_splits(manifest: pd.DataFrame, cache: ImageCache, cfg: DataConfig, seed
     """Class names and the train/val/test splits (the subset and fold chosen by ``cfg``)."""
     df = manifest[manifest["status"] == "ok"].copy()
     if cfg.fold >= 0:
-        df["split"] = splits_for_fold(df, cfg.fold)
+        df["split"] = splits_for_fold(df, cfg.fold, cfg.manifest)
     classes = class_names(df)
     index = {c: i for i, c in enumerate(classes)}
     splits = {}

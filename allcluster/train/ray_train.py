@@ -181,6 +181,11 @@ def preflight(cfg: TrainConfig) -> None:
     if not Path(cfg.data.manifest).is_file():
         raise ConfigError(f"data.manifest: {cfg.data.manifest} does not exist; build it with "
                           "`allcluster index SOURCE --out MANIFEST.parquet`")
+    if cfg.data.fold >= 0:        # a fold the manifest lacks: refused here, not by every worker after Ray starts
+        from allcluster.data.manifest import read_manifest
+        from allcluster.data.splits import splits_for_fold
+        manifest = read_manifest(cfg.data.manifest)
+        splits_for_fold(manifest[manifest["status"] == "ok"], cfg.data.fold, cfg.data.manifest)
     spec = get_spec(cfg.model.backbone)
     check_weights_available(spec, cfg.model.pretrained, cfg.model.weights)
     if cfg.model.weights:         # every tensor checked here, in seconds, not in each worker after Ray starts

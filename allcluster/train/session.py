@@ -18,6 +18,7 @@ from typing import Any, Iterator, Protocol
 import torch
 from torch import nn
 
+from allcluster.locks import pid_alive
 from allcluster.train.run_folder import checkpoint_folders, newest_checkpoint
 
 
@@ -58,18 +59,8 @@ def _remove_orphans(folder: Path, prefix: str, host: str) -> None:
         with contextlib.suppress(OSError):
             info = found.lstat()
             if (match and stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
-                    and time.time() - info.st_mtime > ORPHAN_AGE_S and not _alive(int(match.group(1)))):
+                    and time.time() - info.st_mtime > ORPHAN_AGE_S and not pid_alive(int(match.group(1)))):
                 shutil.rmtree(found, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:             # another user's process has that id now
-        return True
-    return True
 
 
 class Session(Protocol):
