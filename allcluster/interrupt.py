@@ -210,13 +210,39 @@ def end_of_process(code: int) -> int:
     hook, and both wait on the job's Ray, which after Slurm's SIGTERM may be gone. Seen: a sweep
     driver that had written its tables and printed its exit line was still alive at Slurm's
     ``KillWait`` 30 s later, and that SIGKILL took the batch shell too, before it could log the exit
-    and clean up. A local Ray this process started stops with it (Ray's processes share its fate)."""
+    and clean up. A local Ray this process started is killed with it (:func:`kill_descendants`)."""
     if code != EX_TEMPFAIL or "ray" not in sys.modules:
         return code
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    kill_descendants()
     os._exit(code)
+
+
+def kill_descendants() -> None:
+    """SIGKILL every process this one started, and theirs: a local Ray's GCS, raylet, workers and
+    agents. Without ``ray.shutdown()`` (which ``os._exit`` skips) the raylet and workers follow the
+    driver, but Ray 2.60's ``DashboardAgent`` and ``RuntimeEnvAgent`` stayed alive on their own,
+    about 240 MB after every interrupted local run (seen here). A Slurm job's Ray is not this
+    process's child: ``ray start`` in ``slurm/ray-cluster.sh`` owns it. Linux ``/proc``; elsewhere nothing."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:    # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue        # ended meanwhile
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], list(children.get(os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    for pid in tree:    # the whole tree first, then the kills: a killed parent's children get reparented
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def report_progress(units: int, what: str) -> None:

@@ -123,21 +123,21 @@ def test_a_rerun_with_the_same_weights_under_another_calibration_or_size_is_refu
     """Two exports of one training (same weights) can differ in temperature or input size: their rows
     must not mix in one OUT. An OUT whose job.json predates the card keys compares the weights only."""
     from allcluster.models.card import ModelCard
-    from allcluster.score.ray_data import _job_settings
+    from allcluster.score.ray_data import job_settings
 
     card, cfg = ModelCard.read(tiny_model_dir), from_dict(ScoreConfig, {})
-    check_job_settings(tmp_path, _job_settings(card, cfg))
-    check_job_settings(tmp_path, _job_settings(ModelCard.read(tiny_model_dir), cfg))
+    check_job_settings(tmp_path, job_settings(card, cfg))
+    check_job_settings(tmp_path, job_settings(ModelCard.read(tiny_model_dir), cfg))
     for change, named in (({"temperature": card.temperature * 2}, "model.temperature"),
                           ({"input_size": card.input_size + 32}, "model.input_size"),
                           ({"classes": card.classes[::-1]}, "model.classes")):
         with pytest.raises(ConfigError, match=rf"already holds rows scored with other settings \({named}: "):
-            check_job_settings(tmp_path, _job_settings(card.replace(**change), cfg))
+            check_job_settings(tmp_path, job_settings(card.replace(**change), cfg))
     older = tmp_path / "older"
-    check_job_settings(older, {k: v for k, v in _job_settings(card, cfg).items() if not k.startswith("model.")})
-    check_job_settings(older, _job_settings(card.replace(temperature=3.0), cfg))
+    check_job_settings(older, {k: v for k, v in job_settings(card, cfg).items() if not k.startswith("model.")})
+    check_job_settings(older, job_settings(card.replace(temperature=3.0), cfg))
     with pytest.raises(ConfigError, match="model_sha256"):
-        check_job_settings(older, _job_settings(card.replace(weights_sha256="other"), cfg))
+        check_job_settings(older, job_settings(card.replace(weights_sha256="other"), cfg))
 
 
 def test_a_refused_input_leaves_no_output_and_locks_in_no_settings(tiny_model_dir, tmp_path):
@@ -361,9 +361,11 @@ def test_an_image_whose_model_output_is_nan_is_an_error_row_not_a_confident_clas
                                                                                     tmp_path):
     """softmax(NaN).max() is class 0 at confidence NaN, and NaN < uncertain_below is false: the image
     read as a confident first class and missed the morning list. The NaN is injected (one image's
-    logits), the rest of its batch is scored as usual."""
-    cfg = score_config(tiny_model_dir, tmp_path, tmp_path / "out")
-    scorer = core.Scorer(cfg, str(tmp_path / "out"), "run", lambda n: n)
+    logits), the rest of its batch is scored as usual. Nothing of the bad image is written: with
+    loose files, no heatmap or overlay file names it (an orphan a cleanup could never attribute)."""
+    out = tmp_path / "out"
+    cfg = score_config(tiny_model_dir, tmp_path, out, explain={"heatmaps": "files", "overlays": True})
+    scorer = core.Scorer(cfg, str(out), "run", lambda n: n)
     first_pass = scorer.first_pass
 
     def one_nan(x):
@@ -379,6 +381,9 @@ def test_an_image_whose_model_output_is_nan_is_an_error_row_not_a_confident_clas
     assert pd.isna(bad["predicted_class"]) and pd.isna(bad["confidence"]) and pd.isna(bad["heatmap_gradcam"])
     assert all(pd.isna(bad[c]) for c in rows.columns if c.startswith(("prob_", "cal_prob_", "raw_max_", "on_cell_")))
     assert (good["status"] == "ok").all() and good["confidence"].notna().all()
+    written = sorted(p.name for p in out.rglob("*") if p.is_file())
+    assert written and not [name for name in written if bad["sha256"] in name], written
+    assert all(any(sha in name for name in written) for sha in good["sha256"])
 
 
 def test_faithfulness_is_scored_on_uncertain_images_and_a_content_fixed_sample():

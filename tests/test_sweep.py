@@ -127,6 +127,25 @@ def test_a_second_writer_of_a_run_folder_or_an_experiment_is_refused_naming_the_
     assert sorted(p.name for p in exp.iterdir()) == [".lock", f".lock-trial-{trials[0].trial_id}"], "nothing written"
 
 
+def test_a_best_model_of_another_grid_is_moved_aside_when_no_trial_of_this_grid_finished(synthetic_manifest, tmp_path,
+                                                                                         capsys):
+    """The grid changed since best_model/ was exported, and none of its trials has finished: the old
+    best_model/ (a trial of the old grid) must not stay where a scoring config points, nor be lost."""
+    from allcluster.sweep.driver import collect, load_sweep
+
+    config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, tmp_path / "exp", grid={"optim.name": ["adam", "sgd"]})
+    sweep, trials = load_sweep(str(config))
+    old = tmp_path / "exp" / "best_model"
+    old.mkdir(parents=True)
+    (old / "model_card.json").write_text(json.dumps({"sweep": {"trial_id": "of-the-old-grid"}}))
+    table = collect(sweep, trials)
+    assert len(table) == 2 and not (table["status"] == "finished").any()
+    assert not old.exists()
+    [moved] = (tmp_path / "exp").glob("best_model.stale-*")
+    assert json.loads((moved / "model_card.json").read_text())["sweep"]["trial_id"] == "of-the-old-grid"
+    assert f"the earlier best_model/, a trial of another grid, moved to {moved}" in capsys.readouterr().err
+
+
 def test_random_samples_are_seeded_and_inside_their_ranges():
     data = {"train": {"data": {"manifest": "m"}}, "grid": {"optim.name": ["adam", "sgd"]}, "num_samples": 5,
             "sample": {"optim.lr": {"loguniform": [1e-4, 1e-2]}, "fit.batch_size": {"choice": [16, 32]},

@@ -540,6 +540,12 @@ def test_a_job_killed_then_stopped_by_sigterm_resumes_to_exactly_one_row_per_fil
         second.wait_until(lambda: _rows_written(out) > killed_at, 600, "the resumed run wrote rows")
         second.send_signal(signal.SIGTERM)
         text = second.printed_by_exit(120)
+        # before the with block's end kills B's session: Ray 2.60's agents outlived a driver's os._exit
+        # (a worker the raylet forked during B's last moment ends by itself once it finds no raylet)
+        deadline = time.time() + 20
+        while _alive_in_session(second.pid) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _alive_in_session(second.pid), "B's local Ray ended with B"
     assert second.returncode == 75, text[-3000:]
     assert f"{killed_at} rows a killed run had not written yet recovered from its journal" in text, text[-3000:]
     assert f"{killed_at} already scored" in text and "interrupted by SIGTERM" in text, text[-3000:]
@@ -563,6 +569,20 @@ def test_a_job_killed_then_stopped_by_sigterm_resumes_to_exactly_one_row_per_fil
     rows = rows_of(out)
     assert sorted(rows["path"]) == sorted(map(str, files)) and (rows["status"] == "ok").all()
     assert rows["run_id"].nunique() == 3, "the killed run, the stopped run and the one that finished"
+
+
+def _alive_in_session(sid: int) -> list[str]:
+    """Live (not zombie) processes of session ``sid``, as "pid (command)"."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:        # "pid (comm) state ppid pgrp session ...": comm may hold spaces
+            name, fields = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue        # ended meanwhile
+        state, session = fields.split()[0], int(fields.split()[3])
+        if session == sid and state != "Z":
+            found.append(f"{name})")
+    return found
 
 
 def _catches(pid: int, signum: int) -> bool:

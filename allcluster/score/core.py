@@ -113,6 +113,12 @@ class Scorer:
         x = self.normalize(torch.from_numpy(pixels).to(self.device, non_blocking=True).permute(0, 3, 1, 2))
         x = channels_last(x)
         explanations, logits = self.first_pass(x)
+        finite = self.drop_non_finite(cols, todo, logits)
+        if len(finite) < len(todo):      # nothing of theirs is written: no map file, no budget spent
+            if not finite:
+                return
+            todo, pixels, x, logits = [todo[j] for j in finite], pixels[finite], x[finite], logits[finite]
+            explanations = {m: result.rows(finite) for m, result in explanations.items()}
         probs = torch.softmax(logits.float(), 1)
         calibrated = torch.softmax(logits.float() / self.temperature, 1)
         confidence, predicted = calibrated.max(1)
@@ -128,12 +134,17 @@ class Scorer:
         for j, i in enumerate(todo):
             cols["t_model_ms"][i] = (model_done - start) * 1e3 / len(todo)
             cols["t_explain_ms"][i] = (every_done - model_done) * 1e3 / len(todo) + budget_ms[j]
-        # NaN logits have no class: softmax's max would say class 0 at confidence NaN, which is not
-        # "uncertain" (NaN < t is false), so the image would read as a confident prediction
-        for j in (~torch.isfinite(logits.float()).all(1)).nonzero().flatten().tolist():
+
+    def drop_non_finite(self, cols: dict[str, list], todo: list[int], logits: torch.Tensor) -> list[int]:
+        """Positions in ``todo`` whose logits are finite; the others become ``non_finite_output`` rows.
+        NaN logits have no class: softmax's max would say class 0 at confidence NaN, which is not
+        "uncertain" (NaN < t is false), so the image would read as a confident prediction."""
+        finite = torch.isfinite(logits.float()).all(1).cpu().tolist()
+        for j in (j for j, ok in enumerate(finite) if not ok):
             self.error_row(cols, todo[j], "non_finite_output",
                            f"{cols['path'][todo[j]]}: the model's output for this image is not finite (NaN or "
                            "infinity): no prediction is made; check the image and the model's weights")
+        return [j for j, ok in enumerate(finite) if ok]
 
     def first_pass(self, x: torch.Tensor):
         """(explanations so far, logits): the first every-image method's pass, or a plain forward."""

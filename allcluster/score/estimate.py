@@ -97,11 +97,11 @@ def estimate(cfg: ScoreConfig, retry_errors: bool = False, shard: Shard = Shard(
     """The dry run's numbers (see the module docstring), for ``shard`` (an array task's part) of the
     job. An ``out`` whose rows the run would refuse to add to (another model, other row settings) is
     refused here too: an estimate of a run that cannot happen would mislead."""
-    from allcluster.score.ray_data import _job_settings, actor_plan, plan_job
+    from allcluster.score.ray_data import job_settings, actor_plan, plan_job
 
     card = ModelCard.read(cfg.model)
     out = Path(cfg.out).resolve()
-    check_job_settings(out, _job_settings(card, cfg), record=False)
+    check_job_settings(out, job_settings(card, cfg), record=False)
     # as the run will: after recovering what a killed run's journal holds (read here, not written)
     state = with_journaled_rows(out, RowsState.read(out))
     job = plan_job(cfg, out, retry_errors, shard, state)

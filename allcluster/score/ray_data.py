@@ -138,11 +138,13 @@ def check_before_run(cfg: ScoreConfig, shard: Shard = Shard()) -> ModelCard:
     check_input(cfg.input)
     out = Path(cfg.out).resolve()
     check_output_free(out, shard)
-    check_job_settings(out, _job_settings(card, cfg), record=False)
+    check_job_settings(out, job_settings(card, cfg), record=False)
     return card
 
 
-def _job_settings(card: ModelCard, cfg: ScoreConfig) -> dict:
+def job_settings(card: ModelCard, cfg: ScoreConfig) -> dict:
+    """What rows of one output must share: the model (its sha256), the card's scoring keys, the
+    row-shaping settings of ``cfg``; recorded in ``job.json`` by the first run, checked by every later one."""
     return {"model_sha256": card.weights_sha256, **card.scoring_settings(), **row_settings(cfg)}
 
 
@@ -157,7 +159,7 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
     card = check_before_run(cfg, shard)
     locks = lock_output(out, shard)         # before anything is written: a refused second run writes nothing
     try:
-        check_job_settings(out, _job_settings(card, cfg))   # again, under the lock: the first run records them
+        check_job_settings(out, job_settings(card, cfg))   # again, under the lock: the first run records them
         card.write_model_info(out)
         write_resolved(cfg, out / "score.yaml", "allcluster score")
         methods = list(cfg.explain.methods) + list(cfg.explain.budget.methods)

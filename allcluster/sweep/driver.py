@@ -16,7 +16,7 @@ from allcluster.sweep.experiment import (BASE_FILE, check_base, read_stored_base
                                          supersede, varied_keys)
 from allcluster.sweep.plan import Trial, plan_trials, trial_status, trials_to_run
 from allcluster.sweep.schema import best_trial
-from allcluster.sweep.results import epochs_table, export_best, trials_table, work_done
+from allcluster.sweep.results import epochs_table, export_best, retire_best, trials_table, work_done
 
 SWEEP_STOPPING = ("[sweep] {signal} received: stopping; running trials keep their last epoch checkpoint, "
                   "the tables are written")
@@ -54,7 +54,9 @@ def collect(sweep: SweepConfig, trials: list[Trial]) -> pd.DataFrame:
         target = export_best(best, exp)
         say(f"[sweep] best trial {best['trial_id']} (val macro-F1 {best['val_macro_f1']:.4f}) -> {target}")
     else:
-        say("[sweep] no trial finished: no best model exported")
+        stale = retire_best(exp)
+        say("[sweep] no trial finished: no best model exported"
+            + (f"; the earlier best_model/, a trial of another grid, moved to {stale}" if stale else ""))
     return table
 
 

@@ -24,6 +24,11 @@ class Explanation:
     method: str
     layer: str
 
+    def rows(self, keep: list[int]) -> "Explanation":
+        """The explanations of the images at positions ``keep`` only."""
+        at = torch.tensor(keep, device=self.maps.device)
+        return Explanation(self.logits[at], self.targets[at], self.maps[at], self.raw_max[at], self.method, self.layer)
+
 
 def minmax(maps: torch.Tensor) -> torch.Tensor:
     """Per-image ``(x - min) / (1e-7 + max)`` as pytorch-grad-cam's ``scale_cam_image``."""
