@@ -82,9 +82,13 @@ class ExclusiveLock:
     def acquire(self) -> "ExclusiveLock":
         fd = open_lock_file(self.path)
         self._lock_or_refuse(fd)
-        os.ftruncate(fd, 0)              # shared holders (array tasks) name themselves in their own lock
-        if not self.shared:
-            os.pwrite(fd, (json.dumps(holder_info()) + "\n").encode(), 0)
+        try:
+            os.ftruncate(fd, 0)          # shared holders (array tasks) name themselves in their own lock
+            if not self.shared:
+                os.pwrite(fd, (json.dumps(holder_info()) + "\n").encode(), 0)
+        except BaseException:            # a full disk: not left holding a lock nobody will release
+            os.close(fd)
+            raise
         self.fd = fd
         return self
 

@@ -117,6 +117,60 @@ def test_a_12_bit_tiff_in_a_16_bit_container_is_scaled_by_the_maximum_it_declare
     np.testing.assert_array_equal(dec.decode(rgb.getvalue(), "cam-rgb.tif").array, gray)
 
 
+def _lzw_rgb16_tiff(rgb: np.ndarray, declared_max: int) -> bytes:
+    """A little-endian 16-bit RGB TIFF, LZW-compressed (the microscope exports' usual kind), which
+    tifffile cannot decompress without the imagecodecs package. LZW by hand: literal 9-bit codes with a
+    clear code every 200 bytes, so the code table never grows past 9 bits."""
+    import struct
+
+    codes = []
+    raw = rgb.astype("<u2").tobytes()
+    for i in range(0, len(raw), 200):
+        codes += [256, *raw[i:i + 200]]
+    bits = count = 0
+    pixels = bytearray()
+    for code in [*codes, 257]:
+        bits, count = bits << 9 | code, count + 9
+        while count >= 8:
+            count -= 8
+            pixels.append(bits >> count & 255)
+    if count:
+        pixels.append(bits << (8 - count) & 255)
+    height, width = rgb.shape[:2]
+    entries = [(256, 3, 1, width), (257, 3, 1, height), (258, 3, 3, "bits"), (259, 3, 1, 5), (262, 3, 1, 2),
+               (273, 4, 1, "pixels"), (277, 3, 1, 3), (278, 3, 1, height), (279, 4, 1, len(pixels)),
+               (341, 3, 3, "max")]
+    after = 8 + 2 + 12 * len(entries) + 4
+    offsets = {"bits": after, "max": after + 6, "pixels": after + 12}
+    ifd = b"".join(struct.pack("<HHII", tag, kind, n, offsets[v]) if isinstance(v, str)
+                   else struct.pack("<HHIHH", tag, kind, n, v, 0) if kind == 3 else struct.pack("<HHII", tag, kind, n, v)
+                   for tag, kind, n, v in entries)
+    return (b"II*\x00" + struct.pack("<IH", 8, len(entries)) + ifd + struct.pack("<I", 0)
+            + struct.pack("<6H", 16, 16, 16, *(declared_max,) * 3) + bytes(pixels))
+
+
+def test_a_compressed_12_bit_rgb_tiff_tifffile_cannot_read_still_decodes():
+    """Its declared 12 bits send it to tifffile, which cannot decompress LZW here: PIL's reading, as
+    before the bit-depth fix, not an ``undecodable`` row that no rerun retries."""
+    twelve_bit = np.repeat(np.tile(np.linspace(0, 4095, 40).round(), (40, 1))[..., None], 3, axis=2)
+    data = _lzw_rgb16_tiff(twelve_bit, 4095)
+    assert dec.decode(data, "lzw.tif").array.shape == (40, 40, 3)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_tiff_read_by_tifffile_is_turned_upright_as_pils_path_turns_it(orientation):
+    import io
+
+    import tifffile
+
+    rgb = np.arange(24 * 40 * 3, dtype=np.uint32).reshape(24, 40, 3) % 251
+    tiff = io.BytesIO()
+    tifffile.imwrite(tiff, rgb.astype(np.uint8), photometric="rgb", extratags=[(274, "H", 1, orientation, True)])
+    by_pil = dec.decode(tiff.getvalue(), "o.tif").array
+    assert by_pil.shape[:2] == ((40, 24) if orientation >= 5 else (24, 40))
+    np.testing.assert_array_equal(dec._decode_with_tifffile(tiff.getvalue(), "o.tif", 10**8, 1).array, by_pil)
+
+
 def test_a_16_bit_tiff_that_declares_no_smaller_bit_depth_keeps_the_full_16_bit_scale():
     values = np.full((40, 40), 4095)          # a dark 16-bit image is not mistaken for bright 12-bit data
     assert (dec.decode(_tiff16(values), "dark.tif").array == 16).all()

@@ -103,7 +103,7 @@ def test_no_module_writes_a_file_by_hand_through_a_temporary_and_a_rename():
     """Files and whole folders (the model directory, best_model, a cache build) are written atomically
     through allcluster/atomic.py only; the other renames move things aside (an experiment's old outputs,
     Ray Train's unreadable snapshot), they write nothing."""
-    allowed = {"atomic.py": 4, "sweep/experiment.py": 1, "train/ray_train.py": 1}
+    allowed = {"atomic.py": 4, "sweep/experiment.py": 2, "train/ray_train.py": 1}   # experiment: old outputs, a stale best_model
     found = {}
     for path in (REPO / "allcluster").rglob("*.py"):
         count = path.read_text().count("os.replace(")

@@ -214,6 +214,13 @@ def test_jobs_of_models_with_other_classes_are_each_scored_against_their_own(tmp
     assert sorted(labelled.rows["y"]) == [0, 0, 1, 2] and not labelled.rows.isna().any().any()
     assert rows.loc["Pre", ["prob_Pro", "cal_prob_Pro"]].tolist() == [0, 0], "the second model has no Pro"
     assert rows.loc["Pro", "cal_prob_Pro"] == pytest.approx(0.7)
+    only_b = build_report([tmp_path / "b"], tmp_path / "rb", ReportOptions(group_by=[]))
+    assert (only_b["scoring"]["labelled_rows"], only_b["scoring"]["unknown_label_rows"]) == (2, 1)
+    hand_rows(tmp_path / "c", two, {"path": ["c1"], "status": ["ok"], "label": ["Pro"], "predicted_class": ["Pre"],
+                                    "confidence": [0.6], "prob_Benign": [0.4], "prob_Pre": [0.6],
+                                    "cal_prob_Benign": [0.4], "cal_prob_Pre": [0.6]}, extra=["label"])
+    notes = build_report([tmp_path / "c"], tmp_path / "rc", ReportOptions(group_by=[]))["notes"]
+    assert any(n.startswith("no labelled row has a label its model knows") for n in notes), notes
 
 
 def test_an_image_whose_overlay_fails_twice_is_one_image_in_the_note(tmp_path):

@@ -289,9 +289,10 @@ def _abandoned(folder: Path, match: re.Match) -> bool:
 
 
 def _build_lock_free(root: Path, key: str) -> bool:
+    """No process holds ``key``'s build lock (checked without creating or writing the lock file)."""
     try:
-        ExclusiveLock(root / f"{key}.lock", "cache build").acquire().release()
-    except ConfigError:
+        ExclusiveLock(root / f"{key}.lock", "cache build").probe()
+    except (ConfigError, OSError):
         return False
     return True
 
@@ -321,8 +322,8 @@ def _remove_if_unused(root: Path, key: str) -> None:
         for lock in locks:
             held.append(lock.acquire())
         discard_folder(root / key)
-    except ConfigError:
-        pass                                # in use: left for a later build to remove
+    except (ConfigError, OSError):          # in use, or not removable now: left for a later build to remove
+        pass
     finally:
         for lock in held:
             lock.release()

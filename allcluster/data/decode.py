@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import stat
 import warnings
@@ -149,7 +150,7 @@ def _tag_values(value) -> list[float]:
     if value is None:
         return []
     values = value if isinstance(value, (tuple, list)) else [value]
-    return [float(v) for v in values if isinstance(v, (int, float))]
+    return [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
 
 
 def _wide_to_uint8(arr: np.ndarray, full_scale: int | None = None) -> np.ndarray:
@@ -206,8 +207,8 @@ def _decode_with_tifffile(data: bytes, name: str, max_pixels: int, min_side: int
             height, width = _tiff_plane(tif.series[0].shape)    # from the tags: no pixel decoded yet
             check_size(width, height, name, max_pixels, min_side)
             arr = tif.series[0].asarray()
-            tags = tif.series[0].keyframe.tags
-            full_scale = _declared_full_scale(*(None if tags.get(t) is None else tags.get(t).value for t in (258, 341)))
+            tags = {t: tag.value for t, tag in tif.series[0].keyframe.tags.items() if t in (258, 274, 341)}
+            full_scale = _declared_full_scale(tags.get(258), tags.get(341))
     except DecodeError:
         raise
     except Exception as err:  # tifffile raises many types for bad files
@@ -225,7 +226,19 @@ def _decode_with_tifffile(data: bytes, name: str, max_pixels: int, min_side: int
         arr = np.repeat(arr[..., None], 3, axis=2)
     elif arr.shape[2] in (1, 2):          # gray (+ alpha)
         arr = np.repeat(arr[..., :1], 3, axis=2)
-    return DecodedImage(np.ascontiguousarray(arr[..., :3]), width, height)
+    return DecodedImage(_oriented(np.ascontiguousarray(arr[..., :3]), tags.get(274)), width, height)
+
+
+# TIFF/EXIF Orientation (tag 274) -> the transpose that shows the image upright, as ImageOps.exif_transpose
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+def _oriented(rgb: np.ndarray, orientation) -> np.ndarray:
+    """``rgb`` turned upright by its Orientation tag, as PIL's path does for the files it reads."""
+    method = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    return rgb if method is None else np.asarray(Image.fromarray(rgb).transpose(method))
 
 
 def decode(data: bytes, name: str = "<bytes>", *, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -247,8 +260,11 @@ def decode(data: bytes, name: str = "<bytes>", *, max_pixels: int = DEFAULT_MAX_
                 im.draft("RGB", (draft, draft))
             tags = getattr(im, "tag_v2", None) or {}        # TIFF only; read before a transpose drops them
             full_scale = _declared_full_scale(tags.get(258), tags.get(341))
-            if full_scale and not im.mode.startswith("I"):  # PIL keeps only the high byte of wide RGB samples
-                return _decode_with_tifffile(data, name, max_pixels, min_side)
+            if full_scale and max(_tag_values(tags.get(258)), default=8) > 8 and not im.mode.startswith("I"):
+                try:        # PIL keeps only the high byte of wide RGB samples
+                    return _decode_with_tifffile(data, name, max_pixels, min_side)
+                except DecodeError:
+                    pass    # a compression tifffile reads only with imagecodecs (LZW...): PIL's reading, as before
             im.load()
             im = ImageOps.exif_transpose(im) or im
             arr = _to_rgb_array(im, full_scale)

@@ -34,32 +34,49 @@ def decode_preprocessed(data: bytes, name: str, preprocess: Preprocess,
     decode or of the preprocessing, is a :class:`~allcluster.data.decode.DecodeError`.
 
     A JPEG is decoded at a reduced draft size (see :func:`~allcluster.data.decode.decode`) that
-    keeps at least ``size`` pixels a side of what becomes the input: with the ROI crop, of the cell's
-    box, found on a first draft decode at ``size``, then decoded again at the scale that box needs."""
+    keeps at least ``size`` pixels a side of what becomes the input. With the ROI crop, the cell's box
+    is found on the draft at ``size`` (the same box whatever the file's resolution), and a file whose
+    box there is smaller than ``size`` is decoded again at the scale the box needs, and cropped there."""
     image = dec.decode_any(data, name, max_pixels=max_pixels, draft=preprocess.size)
-    draft = _roi_draft(image, preprocess) if preprocess.roi_crop else None
+    box = _preprocessing(name, lambda: roi_box(image.array, preprocess.roi_margin)) if preprocess.roi_crop else None
+    if box is None:
+        return image, _preprocessing(name, lambda: resize(image.array, preprocess.size))
+    draft = _roi_draft(image, box, preprocess.size)
     if draft:
+        found_on = image.array.shape
         image = dec.decode_any(data, name, max_pixels=max_pixels, draft=draft)
+        box = _scaled(box, found_on, image.array.shape)
+    y0, y1, x0, x1 = box
+    return image, _preprocessing(name, lambda: resize(np.ascontiguousarray(image.array[y0:y1, x0:x1]), preprocess.size))
+
+
+def _preprocessing(name: str, step):
+    """``step()``, any failure of it (an odd shape, cv2 in the ROI search) the file's ``decode_error``."""
     try:
-        return image, preprocess(image.array)
-    except Exception as err:      # noqa: BLE001 - an odd shape or a cv2 failure in the ROI crop
+        return step()
+    except Exception as err:      # noqa: BLE001
         raise dec.unexpected("decode_error", name, err) from err
 
 
-def _roi_draft(image: dec.DecodedImage, preprocess: Preprocess) -> int | None:
-    """The draft size to decode ``image`` (a draft decode) at again so that its ROI crop keeps
-    ``preprocess.size`` pixels a side; None when this decode does already (full size, or a box large enough)."""
+def _roi_draft(image: dec.DecodedImage, box: tuple[int, int, int, int], size: int) -> int | None:
+    """The draft size to decode ``image`` (a draft decode) at again so that its ROI ``box`` keeps
+    ``size`` pixels a side; None when this decode does already (full size, or a box large enough)."""
     height, width = image.array.shape[:2]
     if max(height, width) >= max(image.width, image.height):
         return None
-    box = roi_box(image.array, preprocess.roi_margin)
-    if box is None:
-        return None
     y0, y1, x0, x1 = box
-    factor = preprocess.size / min(y1 - y0, x1 - x0)
+    factor = size / min(y1 - y0, x1 - x0)
     # decode() asks for a square draft; PIL then takes the largest scale that keeps both sides at least
     # that long, so the shorter side (whichever way EXIF turns the image) decides it
     return math.ceil(min(height, width) * factor) if factor > 1 else None
+
+
+def _scaled(box: tuple[int, int, int, int], found_on: tuple, now: tuple) -> tuple[int, int, int, int]:
+    """``box`` (y0, y1, x0, x1) found on an array of shape ``found_on``, on one of shape ``now``."""
+    sy, sx = now[0] / found_on[0], now[1] / found_on[1]
+    y0, y1, x0, x1 = box
+    return (math.floor(y0 * sy), min(now[0], math.ceil(y1 * sy)),
+            math.floor(x0 * sx), min(now[1], math.ceil(x1 * sx)))
 
 
 def resize(rgb: np.ndarray, size: int) -> np.ndarray:

@@ -151,8 +151,10 @@ def labelled_parts(report: Report, data: tables.ScoreData) -> tuple[list[str], d
     rows, counts = labelled.rows, {"labelled_rows": int(len(labelled.rows)),
                                    "unknown_label_rows": int(labelled.unknown["rows"].sum())}
     if not len(rows):
-        return report.note("no labelled rows (score a manifest to get a label column): no confusion matrix, "
-                           "ROC, reliability or per-class F1") + unknown_label_parts(report, labelled.unknown), counts
+        why = ("no labelled row has a label its model knows" if len(labelled.unknown)
+               else "no labelled rows (score a manifest to get a label column)")
+        return report.note(f"{why}: no confusion matrix, ROC, reliability or per-class F1") \
+            + unknown_label_parts(report, labelled.unknown), counts
     raw_cols, cal_cols = class_columns(data.classes)
     y, raw, cal = rows["y"].to_numpy(), rows[raw_cols].to_numpy(np.float64), rows[cal_cols].to_numpy(np.float64)
     found = metrics.classification_metrics(y, cal, data.classes)

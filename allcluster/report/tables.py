@@ -247,7 +247,7 @@ def check_columns(data: ScoreData, columns: list[str], what: str) -> None:
 
 def check_group_keys(keys: list[str]) -> None:
     """A roll-up key must not be named like a column of the roll-up itself (a counter)."""
-    clash = [k for k in keys if k in [*COUNTERS, "confidence_mean"] or k.startswith(CLASS_COUNT_PREFIX)]
+    clash = [k for k in keys if k in [*COUNTERS, "confidence_sum", "confidence_mean"] or k.startswith(CLASS_COUNT_PREFIX)]
     if clash:
         raise ConfigError(f"--group-by {', '.join(clash)}: a roll-up table counts this itself "
                           f"(its columns: {', '.join(COUNTERS)}, confidence_mean, {CLASS_COUNT_PREFIX}<class>); "

@@ -12,11 +12,11 @@ from allcluster.console import say
 from allcluster.interrupt import InterruptionCaught, StopSignals, report_progress
 from allcluster.locks import check_folder_free, holding
 from allcluster.sweep.config import SweepConfig
-from allcluster.sweep.experiment import (BASE_FILE, check_base, read_stored_base, resolved_base, store_base,
+from allcluster.sweep.experiment import (BASE_FILE, check_base, read_stored_base, resolved_base, retire_best, store_base,
                                          supersede, varied_keys)
 from allcluster.sweep.plan import Trial, plan_trials, trial_status, trials_to_run
 from allcluster.sweep.schema import best_trial
-from allcluster.sweep.results import epochs_table, export_best, retire_best, trials_table, work_done
+from allcluster.sweep.results import epochs_table, export_best, trials_table, work_done
 
 SWEEP_STOPPING = ("[sweep] {signal} received: stopping; running trials keep their last epoch checkpoint, "
                   "the tables are written")

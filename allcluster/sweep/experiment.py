@@ -79,16 +79,35 @@ def supersede(experiment_dir: Path) -> Path:
     """Move the experiment's outputs into a new ``superseded-<time>/`` folder inside it; the moved
     ``trials.parquet`` gets its ``model_dir``/``checkpoint_path`` columns pointed at the new place."""
     exp = experiment_dir.resolve()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    target, n = exp / f"superseded-{stamp}", 1
-    while target.exists():
-        n += 1
-        target = exp / f"superseded-{stamp}-{n}"
+    target = _new_name(exp, "superseded")
     target.mkdir()
-    for path in [*(exp / name for name in OUTPUTS), *sorted(exp.glob("tune-*"))]:
+    for path in [*(exp / name for name in OUTPUTS), *sorted(exp.glob("tune-*")), *sorted(exp.glob("best_model.stale-*"))]:
         if path.exists():
             os.replace(path, target / path.name)
     _repoint_trials_table(target / "trials.parquet", str(exp / "trials"), str(target / "trials"))
+    return target
+
+
+def retire_best(experiment_dir: Path) -> Path | None:
+    """When no trial of the grid finished (all cells new since the last export, or every one of them
+    errored): move an earlier run's ``best_model/`` aside to ``best_model.stale-<time>/`` and return
+    where. It was a trial of another grid, and ``EXP/best_model`` in a scoring config would go on
+    scoring with it unnoticed; moved, not deleted (it may be the only copy of a superseded trial's model)."""
+    current = experiment_dir / "best_model"
+    if not current.exists():
+        return None
+    target = _new_name(experiment_dir, "best_model.stale")
+    os.replace(current, target)
+    return target
+
+
+def _new_name(exp: Path, prefix: str) -> Path:
+    """``exp/<prefix>-<time>`` (``-2``, ``-3``... when taken): where something is moved aside."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = exp / f"{prefix}-{stamp}", 1
+    while target.exists():
+        n += 1
+        target = exp / f"{prefix}-{stamp}-{n}"
     return target
 
 

@@ -6,9 +6,7 @@ are rebuilt the same way after any restart.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -127,23 +125,6 @@ def export_best(best: pd.Series, experiment_dir: Path) -> Path:
         shutil.copytree(best["model_dir"], tmp, dirs_exist_ok=True)
         ModelCard.read(tmp).replace(sweep={"trial_id": best["trial_id"], "chosen_by": "val_macro_f1",
                                            "val_macro_f1": float(best["val_macro_f1"])}).write(tmp)
-    return target
-
-
-def retire_best(experiment_dir: Path) -> Path | None:
-    """When no trial of the grid finished (all cells new since the last export, or every one of them
-    errored): move an earlier run's ``best_model/`` aside to ``best_model.stale-<time>/`` and return
-    where. It was a trial of another grid, and ``EXP/best_model`` in a scoring config would go on
-    scoring with it unnoticed; moved, not deleted (it may be the only copy of a superseded trial's model)."""
-    current = experiment_dir / "best_model"
-    if not current.exists():
-        return None
-    target = experiment_dir / f"best_model.stale-{time.strftime('%Y%m%d-%H%M%S')}"
-    n = 1
-    while target.exists():
-        n += 1
-        target = target.with_name(f"best_model.stale-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
-    os.replace(current, target)
     return target
 
 
