@@ -38,8 +38,10 @@ def decode_preprocessed(data: bytes, name: str, preprocess: Preprocess,
     is found on the draft at ``size`` (the same box whatever the file's resolution), and a file whose
     box there is smaller than ``size`` is decoded again at the scale the box needs, and cropped there."""
     image = dec.decode_any(data, name, max_pixels=max_pixels, draft=preprocess.size)
-    box = _preprocessing(name, lambda: roi_box(image.array, preprocess.roi_margin)) if preprocess.roi_crop else None
-    if box is None:
+    if not preprocess.roi_crop:
+        return image, _preprocessing(name, lambda: preprocess(image.array))
+    box = _preprocessing(name, lambda: roi_box(image.array, preprocess.roi_margin))
+    if box is None:             # no plausible cell: the whole image, as roi_crop keeps it
         return image, _preprocessing(name, lambda: resize(image.array, preprocess.size))
     draft = _roi_draft(image, box, preprocess.size)
     if draft:
