@@ -171,6 +171,35 @@ def test_a_tiff_read_by_tifffile_is_turned_upright_as_pils_path_turns_it(orienta
     np.testing.assert_array_equal(dec._decode_with_tifffile(tiff.getvalue(), "o.tif", 10**8, 1).array, by_pil)
 
 
+def test_a_file_whose_decode_finds_no_memory_is_a_transient_row_not_undecodable(tmp_path):
+    """A real MemoryError: the decoding process's address space is capped just above what it holds
+    (a node shared with other jobs). It was ``undecodable``, which no rerun tries again."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from tests.conftest import REPO
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (6000, 6000), (200, 100, 150)).save(big)      # 120 KB on disk, 144 MB in PIL
+    capped = (
+        "import resource, sys\n"
+        "from allcluster.data import decode as dec\n"
+        "from allcluster.data.preprocess import Preprocess, decode_preprocessed\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "held = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize:')) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (held + 40 * 2**20, resource.RLIM_INFINITY))\n"
+        "try:\n"
+        "    decode_preprocessed(data, sys.argv[1], Preprocess(64))\n"
+        "except dec.DecodeError as err:\n"
+        "    print(err.kind, '|', err)\n")
+    run = subprocess.run([sys.executable, "-c", capped, str(big)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    kind, message = run.stdout.strip().split(" | ")
+    assert kind == "out_of_memory" and kind in dec.TRANSIENT_ERRORS, run.stdout + run.stderr
+    assert str(big) in message and "a rerun tries it again" in message
+
+
 def test_a_16_bit_tiff_that_declares_no_smaller_bit_depth_keeps_the_full_16_bit_scale():
     values = np.full((40, 40), 4095)          # a dark 16-bit image is not mistaken for bright 12-bit data
     assert (dec.decode(_tiff16(values), "dark.tif").array == 16).all()

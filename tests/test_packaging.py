@@ -237,3 +237,18 @@ def test_the_gpu_acceptance_refuses_without_wheels_or_cuda_and_writes_nothing(tm
         no_cuda = subprocess.run(["bash", script, "out"], cwd=tmp_path, env=env, capture_output=True, text=True)
         assert no_cuda.returncode == 2 and "sees no CUDA device" in no_cuda.stderr, no_cuda.stderr
     assert not (tmp_path / "out").exists() and [p.exists() for p in made_by_script] == before
+
+
+def test_the_readmes_error_table_says_which_errors_a_rerun_retries_as_the_code_does():
+    """README's error-type table (users plan reruns by it) against ``TRANSIENT_ERRORS``."""
+    from allcluster.data.decode import TRANSIENT_ERRORS
+
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index('<a id="error-types"></a>'):].split("\n\n")[1]
+    kinds = {}
+    for line in table.splitlines()[2:]:
+        names, kind = line.split("|")[1:3]
+        for name in re.findall(r"`([a-z_]+)`", names):
+            kinds[name] = kind.strip()
+    assert {n for n, k in kinds.items() if k == "transient"} == set(TRANSIENT_ERRORS)
+    assert {k for k in kinds.values()} == {"transient", "deterministic"}

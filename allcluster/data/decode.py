@@ -46,6 +46,7 @@ TRANSIENT_ERRORS = frozenset({
     "model_error",       # predict/explain failed for the batch (CUDA OOM; a full disk stops the run instead)
     "write_error",       # the shard's heatmap pack could not be written (a full disk or quota stops the run)
     "duplicate_unresolved",  # the first copy of these bytes got no row (it will on the rerun)
+    "out_of_memory",     # the node had no memory for this file's pixels (a shared node): not the file's fault
 })
 
 
@@ -115,8 +116,18 @@ def read_bytes(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
 
 
 def unexpected(kind: str, name: str, err: BaseException) -> DecodeError:
-    """An exception nobody anticipated, as a :class:`DecodeError` naming the file and the exception."""
+    """An exception nobody anticipated, as a :class:`DecodeError` naming the file and the exception;
+    a ``MemoryError`` is ``out_of_memory`` whatever the step (:func:`out_of_memory`)."""
+    if isinstance(err, MemoryError):
+        return out_of_memory(name, err)
     return DecodeError(kind, clean_text(f"{name}: {type(err).__name__}: {err}"))
+
+
+def out_of_memory(name: str, err: MemoryError) -> DecodeError:
+    """A file whose pixels found no memory on this node: transient (on a node shared with other jobs
+    the next try may fit), not ``undecodable``, which no rerun would try again."""
+    return DecodeError("out_of_memory", clean_text(f"{name}: not enough memory on this node to decode it "
+                                                   f"(MemoryError{': ' + str(err) if str(err) else ''}); a rerun tries it again"))
 
 
 def check_size(width: int, height: int, name: str, max_pixels: int, min_side: int) -> None:
@@ -211,6 +222,8 @@ def _decode_with_tifffile(data: bytes, name: str, max_pixels: int, min_side: int
             full_scale = _declared_full_scale(tags.get(258), tags.get(341))
     except DecodeError:
         raise
+    except MemoryError as err:
+        raise out_of_memory(name, err) from err
     except Exception as err:  # tifffile raises many types for bad files
         raise DecodeError("undecodable", f"{name}: TIFF could not be decoded: {err}") from err
     while arr.ndim > 3:
@@ -274,7 +287,9 @@ def decode(data: bytes, name: str = "<bytes>", *, max_pixels: int = DEFAULT_MAX_
         raise DecodeError("not_an_image", f"{name}: not a recognised image format") from err
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise DecodeError("too_large", f"{name}: {err}") from err
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError, KeyError) as err:
+    except MemoryError as err:
+        raise out_of_memory(name, err) from err
+    except (OSError, ValueError, SyntaxError, EOFError, KeyError) as err:
         if data[:4] in (b"II*\x00", b"MM\x00*"):
             return _decode_with_tifffile(data, name, max_pixels, min_side)
         kind = "truncated" if "truncated" in str(err).lower() else "undecodable"
