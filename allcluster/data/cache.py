@@ -214,7 +214,7 @@ def ensure_cache(manifest: pd.DataFrame, preprocess: Preprocess, root: str | Pat
     unique = ok.drop_duplicates("sha256").sort_values("sha256")[["sha256", "path"]]
     key = cache_key(unique["sha256"].tolist(), preprocess)
     final = root / key
-    lock = open_lock_file(root / f"{key}.lock")
+    lock = open_lock_file(_build_lock_path(root, key))
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)      # one builder per node; the others wait, then reuse
         if not (final / "meta.json").is_file():
@@ -241,11 +241,12 @@ def _build_new(root: Path, key: str, unique: pd.DataFrame, preprocess: Preproces
     if os.environ.get(MUST_EXIST_ENV):
         raise RuntimeError(f"decoded-image cache {final} is missing on this node, and {MUST_EXIST_ENV} "
                            "says it must have been built before this run (sweep trials never decode)")
-    _reap_leftovers(root, key)            # before decoding: a killed build's leftover is full-size
+    _reap_leftovers(root)                 # before decoding: a killed build's leftover is full-size
     start = time.time()
     log(f"[cache] decoding {len(unique)} distinct images at {preprocess.size}px into {final}")
     # Under this key's build lock no other builder of it runs (on any node sharing the root): a
-    # folder of an earlier builder killed half way (SIGKILL, preemption) is a full-size leftover.
+    # folder of an earlier builder killed half way (SIGKILL, preemption) is a full-size leftover,
+    # which atomic_folder removes first.
     with atomic_folder(final) as tmp:
         _build(tmp, unique, preprocess, max_pixels, workers)
         meta = {"manifest": str(Path(manifest_path).resolve()) if manifest_path else "",
@@ -259,13 +260,18 @@ def _build_new(root: Path, key: str, unique: pd.DataFrame, preprocess: Preproces
 LEFTOVER_MAX_AGE_S = 2 * 86400        # days: far longer than a build takes
 
 
-def _reap_leftovers(root: Path, key: str) -> None:
-    """Remove the folders that killed builds and removals left in ``root`` (full-size, and found by
-    nothing else): every one of ``key`` (the caller holds its build lock, so none is in use) and
-    those of other keys whose maker is gone (:func:`_abandoned`)."""
+def _build_lock_path(root: Path, key: str) -> Path:
+    """The lock every builder and remover of cache ``key`` holds, on every node sharing ``root``."""
+    return root / f"{key}.lock"
+
+
+def _reap_leftovers(root: Path) -> None:
+    """Remove the folders that killed builds and removals of other keys left in ``root`` (full-size,
+    and found by nothing else) whose maker is gone (:func:`_abandoned`); the key being built has its
+    own removed by :func:`~allcluster.atomic.atomic_folder` (its builder holds the key's lock)."""
     for entry in root.iterdir():
         match = LEFTOVER.match(entry.name)
-        if match and entry.is_dir() and not entry.is_symlink() and (match["name"] == key or _abandoned(entry, match)):
+        if match and entry.is_dir() and not entry.is_symlink() and _abandoned(entry, match):
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -291,7 +297,7 @@ def _abandoned(folder: Path, match: re.Match) -> bool:
 def _build_lock_free(root: Path, key: str) -> bool:
     """No process holds ``key``'s build lock (checked without creating or writing the lock file)."""
     try:
-        ExclusiveLock(root / f"{key}.lock", "cache build").probe()
+        ExclusiveLock(_build_lock_path(root, key), "cache build").probe()
     except (ConfigError, OSError):
         return False
     return True
@@ -316,7 +322,7 @@ def _remove_stale(root: Path, key: str, meta: dict) -> None:
 def _remove_if_unused(root: Path, key: str) -> None:
     """Delete cache ``key`` unless a process uses it (or is building or opening it): a running job
     whose manifest file was re-indexed keeps reading its own cache; a later build removes it."""
-    locks = [ExclusiveLock(root / f"{key}.lock", "cache build"), ExclusiveLock(root / f"{key}.use", "cache use")]
+    locks = [ExclusiveLock(_build_lock_path(root, key), "cache build"), ExclusiveLock(root / f"{key}.use", "cache use")]
     held = []
     try:
         for lock in locks:

@@ -210,7 +210,8 @@ def _tiff_plane(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def _decode_with_tifffile(data: bytes, name: str, max_pixels: int, min_side: int) -> DecodedImage:
-    """Fallback for TIFF layouts PIL cannot read (e.g. 16-bit-per-channel RGB)."""
+    """TIFFs PIL cannot read, or reads only as 8 bits (16-bit-per-channel RGB): every sample at its
+    declared scale, turned upright by the Orientation tag."""
     import tifffile
 
     try:
