@@ -203,15 +203,16 @@ def run_driver(command: str, argv: list[str]) -> int:
 
 
 def end_of_process(code: int) -> int:
-    """The command line's last step: ``code``, or, for a run a signal ended (75) in a process that
-    used Ray, the end of the process at once (``os._exit`` after flushing), its output all written.
+    """The command line's last step: ``code``, or, in a process that used Ray, for a run a signal
+    ended (75) or one a stop signal reached on its way out (whatever its code: its trials had just
+    finished), the end of the process at once (``os._exit`` after flushing), its output all written.
 
     Python's own shutdown would first join the threads Ray and Tune started, then run Ray's exit
     hook, and both wait on the job's Ray, which after Slurm's SIGTERM may be gone. Seen: a sweep
     driver that had written its tables and printed its exit line was still alive at Slurm's
     ``KillWait`` 30 s later, and that SIGKILL took the batch shell too, before it could log the exit
     and clean up. A local Ray this process started is killed with it (:func:`kill_descendants`)."""
-    if code != EX_TEMPFAIL or "ray" not in sys.modules:
+    if "ray" not in sys.modules or (code != EX_TEMPFAIL and not STOP_REQUESTED.is_set()):
         return code
     logging.shutdown()
     sys.stdout.flush()
@@ -224,8 +225,23 @@ def kill_descendants() -> None:
     """SIGKILL every process this one started, and theirs: a local Ray's GCS, raylet, workers and
     agents. Without ``ray.shutdown()`` (which ``os._exit`` skips) the raylet and workers follow the
     driver, but Ray 2.60's ``DashboardAgent`` and ``RuntimeEnvAgent`` stayed alive on their own,
-    about 240 MB after every interrupted local run (seen here). A Slurm job's Ray is not this
-    process's child: ``ray start`` in ``slurm/ray-cluster.sh`` owns it. Linux ``/proc``; elsewhere nothing."""
+    about 240 MB after every interrupted local run (seen here). The tree is frozen first (SIGSTOP,
+    then a fresh look for what the frozen ones started meanwhile, until nothing new shows): a
+    process that starts another between one look at ``/proc`` and the kill (the raylet starting a
+    worker) would leave that one orphaned. A Slurm job's Ray is not this process's child: ``ray
+    start`` in ``slurm/ray-cluster.sh`` owns it. Linux ``/proc``; elsewhere nothing."""
+    frozen: list[int] = []
+    for _ in range(100):    # bounded: each round only meets processes started before the last freeze
+        new = [pid for pid in _descendants(os.getpid()) if pid not in frozen]
+        if not new:
+            break
+        frozen += new
+        _signal_each(new, signal.SIGSTOP)
+    _signal_each(frozen, signal.SIGKILL)
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process below ``root`` in the process tree, from one look at ``/proc``."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:    # "pid (comm) state ppid ...": comm may hold spaces and parentheses
@@ -233,16 +249,20 @@ def kill_descendants() -> None:
         except (OSError, IndexError, ValueError):
             continue        # ended meanwhile
         children.setdefault(ppid, []).append(int(stat.parent.name))
-    tree, todo = [], list(children.get(os.getpid(), []))
+    tree, todo = [], list(children.get(root, []))
     while todo:
         pid = todo.pop()
         tree.append(pid)
         todo.extend(children.get(pid, []))
-    for pid in tree:    # the whole tree first, then the kills: a killed parent's children get reparented
+    return tree
+
+
+def _signal_each(pids: list[int], signum: int) -> None:
+    for pid in pids:
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signum)
         except OSError:
-            pass
+            pass            # ended meanwhile
 
 
 def report_progress(units: int, what: str) -> None:

@@ -94,15 +94,18 @@ def ray_connected(address: str | None = None) -> Iterator[None]:
     the shutdown runs during interpreter finalization, beside whatever threads a stop signal left
     running (``call_in_thread`` leaves Tune's); one CI run saw a sweep driver, warned while starting,
     print its exit line and then die there with a segmentation fault (exit 139, not 75)."""
-    from allcluster.interrupt import left_running
+    from allcluster.interrupt import STOP_REQUESTED, left_running
 
+    joined = bool(address or os.environ.get("RAY_ADDRESS"))
     connected = ensure_ray(address)
     try:
         yield
     finally:
         # not under a thread still inside Ray (a second signal leaves Tune's fit running): the exit
-        # hook then, as before
-        if connected and not left_running():
+        # hook then, as before. Nor from a cluster a stop signal reached (Slurm's SIGTERM goes to the
+        # job's Ray too): disconnecting waits on its stopping head (5 s seen), time taken from
+        # KillWait; the command line's end_of_process ends the process at once instead.
+        if connected and not left_running() and not (joined and STOP_REQUESTED.is_set()):
             leave_ray()
 
 

@@ -29,7 +29,9 @@
 #   from outside, the time limit itself) reaches every process of the job, the driver included:
 #   the shell waits for the driver (sending it a second SIGTERM, "stop at once", if the head's Ray
 #   stops under it first) and does not requeue (Slurm requeues by itself when it preempts with
-#   PreemptMode=REQUEUE or when asked to).
+#   PreemptMode=REQUEUE or when asked to). Slurm SIGKILLs every process of the job KillWait seconds
+#   after that SIGTERM, this shell included: a driver still running ALLCLUSTER_CLEANUP_RESERVE_S (10)
+#   before then is killed, so that the shell always stops Ray and removes its folders in time.
 # - No requeue loop: the driver records the work each start completed ($ALLCLUSTER_PROGRESS_FILE:
 #   rows written, epochs recorded; allcluster/interrupt.py report_progress). After
 #   ALLCLUSTER_MAX_STALLED_STARTS (3) warned starts in a row with none (an epoch, or Ray's start,
@@ -50,6 +52,9 @@ _ray_jobdir=""
 _ray_warned=""               # the time-limit/preemption warning (SIGUSR1) arrived
 _ray_stopping=""             # TERM or INT once that signal arrived
 _ray_told_twice=""           # the driver got a second SIGTERM from this shell (its Ray had stopped)
+_ray_term_at=""              # $SECONDS when that signal arrived: Slurm's KillWait counts from then
+_ray_kill_wait_s=30          # Slurm's KillWait (read from `scontrol show config` when the driver starts)
+_ray_driver_killed=""        # this shell SIGKILLed the driver to clean up before KillWait
 _ray_driver_pid=""
 
 _log() { echo "[ray-cluster $(date +%T)] $*"; }
@@ -66,6 +71,10 @@ _ray_check_env() {
   fi
   if ! [[ $ALLCLUSTER_MAX_STALLED_STARTS =~ ^[1-9][0-9]*$ ]]; then
     echo "ray-cluster.sh: ALLCLUSTER_MAX_STALLED_STARTS=$ALLCLUSTER_MAX_STALLED_STARTS is not a whole number >= 1" >&2
+    return 2
+  fi
+  if ! [[ ${ALLCLUSTER_CLEANUP_RESERVE_S:-10} =~ ^[0-9]+$ ]]; then
+    echo "ray-cluster.sh: ALLCLUSTER_CLEANUP_RESERVE_S=$ALLCLUSTER_CLEANUP_RESERVE_S is not a whole number of seconds" >&2
     return 2
   fi
   if [ ! -f "$ALLCLUSTER_HOME/allcluster/__init__.py" ]; then
@@ -105,12 +114,15 @@ _ray_on_usr1() {
 
 _ray_on_term() {  # $1 = TERM|INT
   _ray_stopping=$1
+  _ray_term_at=${_ray_term_at:-$SECONDS}
   if [ -n "$_ray_driver_pid" ] && kill -0 "$_ray_driver_pid" 2>/dev/null; then
     # Slurm signals every process of the job (scancel, time limit, `scontrol requeue`): the driver
     # has its own SIGTERM; sending a second would cut its graceful stop short.
     _log "SIG$1: waiting for the driver to write what it has and exit"
   else
-    _log "SIG$1 before the driver started: stopping"
+    local when="before the driver started"
+    [ -z "$_ray_driver_pid" ] || when="after the driver ended"
+    _log "SIG$1 $when: stopping"
     exit 143
   fi
 }
@@ -132,6 +144,42 @@ _ray_stop_driver_at_once() {
   _ray_told_twice=1
   _log "SIG$_ray_stopping: this job's Ray head stopped under the driver: asking it (pid $_ray_driver_pid) to stop at once"
   kill -TERM "$_ray_driver_pid" 2>/dev/null || true
+}
+
+_ray_slurm_kill_wait() {  # Slurm's KillWait in seconds ("KillWait = 30 sec"); 30, its default, if unreadable
+  local seconds
+  seconds=$(scontrol show config 2>/dev/null | awk '$1 == "KillWait" {print $3; exit}') || true
+  if [[ ${seconds:-} =~ ^[0-9]+$ ]]; then echo "$seconds"; else echo 30; fi
+}
+
+_ray_seconds_before_kill() {  # $1 = seconds kept back: what is left of KillWait since the SIGTERM (0 at least)
+  local left=$(( _ray_term_at + _ray_kill_wait_s - $1 - SECONDS ))
+  echo $(( left > 0 ? left : 0 ))
+}
+
+_ray_wait_for_stopping_driver() {
+  # After Slurm's SIGTERM (scancel, `scontrol requeue`, the time limit) every process of the job has
+  # KillWait seconds before Slurm's SIGKILL, which takes this shell too: no clean-up, no last line.
+  # A driver that has not exited when only the clean-up reserve is left is killed (a CI run: the first
+  # start of a sweep requeued from outside just as its trials finished never logged its clean-up; the
+  # driver's way out waits on the Ray that the same SIGTERM stops). What it had not written is redone
+  # by the rerun, as after any SIGKILL.
+  local reserve=${ALLCLUSTER_CLEANUP_RESERVE_S:-10}
+  [ "$reserve" -lt "$_ray_kill_wait_s" ] || reserve=$(( _ray_kill_wait_s / 2 ))
+  while kill -0 "$_ray_driver_pid" 2>/dev/null; do
+    if [ -z "$_ray_told_twice" ] && ! _ray_head_running; then
+      _ray_stop_driver_at_once
+    fi
+    if [ "$(_ray_seconds_before_kill "$reserve")" = 0 ]; then
+      _log "SIG$_ray_stopping: the driver (pid $_ray_driver_pid) is still running $(( SECONDS - _ray_term_at )) s later;" \
+           "killing it so that Ray's steps and this job's folders are seen to before Slurm's KillWait" \
+           "(${_ray_kill_wait_s} s) ends every process of the job"
+      _ray_driver_killed=1
+      kill -KILL "$_ray_driver_pid" 2>/dev/null || true
+      return 0
+    fi
+    sleep 0.5 || true     # Slurm's SIGTERM may reach the sleep too (under set -e)
+  done
 }
 
 _ray_self() {  # this job for scancel/scontrol/squeue: an array task is ARRAYID_TASK, because a task
@@ -197,12 +245,27 @@ _ray_keeps_requeueing() {  # false once ALLCLUSTER_MAX_STALLED_STARTS warned sta
   _log "no progress this start ($stalls of $ALLCLUSTER_MAX_STALLED_STARTS in a row before the job stops requeueing)"
 }
 
+_ray_wait_for_steps() {  # up to $1 seconds, and once KillWait counts never past 2 s before its SIGKILL
+  local tries=$(( $1 * 2 ))
+  if [ -n "$_ray_term_at" ]; then
+    local left; left=$(_ray_seconds_before_kill 2)
+    [ $(( left * 2 )) -ge "$tries" ] || tries=$(( left * 2 ))
+  fi
+  while [ "$tries" -gt 0 ] && _ray_steps_running; do
+    sleep 0.5 || true     # Slurm's SIGTERM may reach the sleep too (under set -e)
+    tries=$(( tries - 1 ))
+  done
+}
+
 ray_cluster_stop() {  # the EXIT trap
   local rc=$?
   # Stopping already. A SIGTERM now (the time limit's, when the driver was slow to stop after the
   # warning; or Slurm's own after `scontrol requeue`) must not end this trap half way: _ray_on_term
-  # would exit 143 with Ray's steps, the private folder and the requeue left undone.
+  # would exit 143 with Ray's steps, the private folder and the requeue left undone. Ignored (and
+  # so by every command started here too), it goes unseen: the waits below count Slurm's KillWait
+  # from the earlier SIGTERM if one came, else from now, never later than from one that comes now.
   trap '' TERM INT
+  _ray_term_at=${_ray_term_at:-$SECONDS}
   # After the warning any unfinished end requeues (75 as promised, or killed before its handler was
   # in place, or failing while it stopped): the time limit ends this run anyway and the rerun resumes.
   # Without the warning nothing requeues: a failure is reported, not retried; nor does a full disk
@@ -224,17 +287,17 @@ ray_cluster_stop() {  # the EXIT trap
     # ("Job can not be altered now"), which scancel retries for ~95 s (sleep 5, 6, ... 14 s), past
     # KillWait (30 s by default), whose SIGKILL would take this shell before it cleans up (seen on
     # 22.05: every self-requeue ended that way, ~27 s late). Nor when the steps have ended already
-    # (Slurm's SIGTERM to the whole job: scancel, `scontrol requeue`, the time limit); the timeout
-    # bounds the same wait should Slurm refuse the signal for another reason.
-    if [ -z "$requeued" ] && _ray_steps_running; then
-      timeout 10 scancel --signal=TERM "$(_ray_self)" 2>/dev/null || true
+    # (Slurm's SIGTERM to the whole job: scancel, `scontrol requeue`, the time limit; the steps get a
+    # few seconds to stop by themselves first). The timeout bounds the same wait should Slurm refuse
+    # the signal for another reason, and every wait here ends 2 s before KillWait at the latest.
+    if [ -n "$_ray_stopping" ]; then _ray_wait_for_steps 5; fi
+    local patience
+    patience=$(_ray_seconds_before_kill 4); [ "$patience" -le 10 ] || patience=10
+    if [ -z "$requeued" ] && [ "$patience" -gt 0 ] && _ray_steps_running; then
+      timeout "$patience" scancel --signal=TERM "$(_ray_self)" 2>/dev/null || true
     fi
-    local i
-    for i in $(seq 60); do
-      _ray_steps_running || break
-      sleep 0.5
-    done
-    kill -TERM "${_ray_steps[@]}" 2>/dev/null || true   # whatever is left after 30 s: srun cancels it
+    _ray_wait_for_steps 30
+    kill -TERM "${_ray_steps[@]}" 2>/dev/null || true   # whatever is left: srun cancels it
     wait "${_ray_steps[@]}" 2>/dev/null || true
     _ray_steps=()
   fi
@@ -331,13 +394,13 @@ _ray_start_node() {  # $1 node, $2 head|worker: one srun step that runs `ray sta
        bash "$ALLCLUSTER_HOME/slurm/ray-node.sh" "$role" "$(_ray_node_addr "$node")" &
   _ray_steps+=($!)
   [ "$role" = head ] || return 0
-  local i
-  for i in $(seq 240); do
+  local deadline=$(( SECONDS + 120 ))     # by the clock: each `ray status` below takes a while too
+  while [ "$SECONDS" -lt "$deadline" ]; do
     if [ -z "${RAY_ADDRESS:-}" ] && [ -s "$_ray_jobdir/address" ]; then
       export RAY_ADDRESS=$(cat "$_ray_jobdir/address")
       _log "Ray address $RAY_ADDRESS (published by the head in $_ray_jobdir/address)"
     fi
-    if [ -n "${RAY_ADDRESS:-}" ] && "$(dirname "$ALLCLUSTER_PYTHON")/ray" status --address="$RAY_ADDRESS" >/dev/null 2>&1; then
+    if [ -n "${RAY_ADDRESS:-}" ] && timeout 30 "$(dirname "$ALLCLUSTER_PYTHON")/ray" status --address="$RAY_ADDRESS" >/dev/null 2>&1; then
       return 0
     fi
     jobs -rp | grep -qx "${_ray_steps[-1]}" || { echo "ray-cluster.sh: the Ray head on $node exited" >&2; return 1; }
@@ -372,18 +435,15 @@ ray_cluster_run() {  # the driver: its exit code is the job's
   # when ALLCLUSTER_HOME points elsewhere.
   local driver
   driver=$(_ray_driver_path "$1"); shift
+  _ray_kill_wait_s=$(_ray_slurm_kill_wait)
   _log "driver: $ALLCLUSTER_PYTHON $driver $* (in $PWD)"
   "$ALLCLUSTER_PYTHON" "$driver" "$@" &
   _ray_driver_pid=$!
   local rc
   while :; do
-    if [ -n "$_ray_stopping" ] && [ -z "$_ray_told_twice" ]; then
-      if _ray_head_running; then   # wake when either ends (or a trap runs)
-        rc=0; wait -n "$_ray_driver_pid" "${_ray_steps[0]}" || rc=$?
-        kill -0 "$_ray_driver_pid" 2>/dev/null || break
-        _ray_head_running && continue
-      fi
-      _ray_stop_driver_at_once
+    if [ -n "$_ray_stopping" ]; then
+      _ray_wait_for_stopping_driver
+      break
     fi
     rc=0; wait "$_ray_driver_pid" || rc=$?
     # > 128 with the driver alive: a trapped signal interrupted `wait`; wait again
@@ -396,7 +456,9 @@ ray_cluster_run() {  # the driver: its exit code is the job's
     0) _log "driver exited with 0" ;;
     "$EX_TEMPFAIL") _log "driver exited with $rc: interrupted; rerunning the same command resumes" ;;
     "$EX_IOERR") _log "driver exited with $rc: the output's storage is full (see its error above); free space or raise the quota, then resubmit the same command to resume" ;;
-    *) if [ -n "$_ray_stopping" ]; then
+    *) if [ -n "$_ray_driver_killed" ]; then
+         _log "driver killed (exit $rc) after SIG$_ray_stopping; a rerun (a requeued job's next start) recovers what it had not written (scoring: its journal) or redoes it (sweep: from each trial's last checkpoint)"
+       elif [ -n "$_ray_stopping" ]; then
          # Slurm's SIGTERM reached this node's Ray too; when the raylet stops first, Ray's core worker
          # ends the driver (exit 1, "connection to the plasma store is failed"), not the driver itself
          _log "driver exited with $rc after SIG$_ray_stopping: when Slurm signals the whole job, this node's Ray stops under the driver and Ray ends it; a rerun (a requeued job's next start) recovers what it had not written (scoring: its journal) or redoes it (sweep: from each trial's last checkpoint)"

@@ -9,6 +9,7 @@ import getpass
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -91,8 +92,10 @@ def _assert_private_ray_state(log: str) -> None:
     private folder (token, address) was mode 700 too; every start's batch shell got to the end of its
     clean-up (a shell still busy at Slurm's KillWait, 30 s after a requeue or a scancel, is SIGKILLed
     and logs nothing more)."""
-    starts, stopped = len(re.findall(r" restart \d+ of job ", log)), log.count("stopped: Ray's steps ended")
-    assert starts >= 1 and stopped == starts, f"{starts} starts, {stopped} ended their clean-up\n{log[-3000:]}"
+    starts = re.split(r"(?=\[ray-cluster [0-9:]+\] job \d+: restart \d+ of job )", log)[1:]
+    unfinished = [start for start in starts if "stopped: Ray's steps ended" not in start]
+    assert starts and not unfinished, (f"{len(unfinished)} of {len(starts)} starts did not end their clean-up; "
+                                       f"the end of the first:\n{(unfinished or [log])[0][-4000:]}")
     user = getpass.getuser()
     roots = re.findall(r"temp root (\S+) \((\d+) (\S+)\), Ray temp dir (\S+)", log)
     assert roots, log[-3000:]
@@ -548,14 +551,17 @@ def test_score_array_refuses_an_array_that_is_not_0_to_n_minus_1_unless_n_is_giv
     assert "submit --array=0-(N-1)" not in named.stderr and "not inside a Slurm job" in named.stderr, named.stderr
 
 
-def _stubbed_slurm(tmp_path: Path) -> tuple[dict, Path]:
+def _stubbed_slurm(tmp_path: Path, kill_wait_s: int = 30) -> tuple[dict, Path]:
     """An environment for ray-cluster.sh's functions outside Slurm: job 4242, HOME in tmp_path, and
-    `scontrol`/`scancel` stubs that log their calls to the returned file."""
+    `scontrol`/`scancel` stubs that log their calls to the returned file (`scontrol show config`
+    also prints a KillWait line, as Slurm does)."""
     stubs, calls = tmp_path / "bin", tmp_path / "calls.log"
     stubs.mkdir()
     for tool in ("scontrol", "scancel"):
         (stubs / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "{calls}"\n')
         (stubs / tool).chmod(0o755)
+    with (stubs / "scontrol").open("a") as stub:
+        stub.write(f'[ "$1 $2" != "show config" ] || echo "KillWait                = {kill_wait_s} sec"\n')
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
            "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "HOME": str(tmp_path)}
     return env, calls
@@ -635,3 +641,69 @@ def test_a_sigterm_while_ray_stops_after_the_warning_neither_skips_the_requeue_n
     # scancel retries, past KillWait) a signal to a job in that state
     assert "scontrol requeue 4242" in calls.read_text() and "scancel" not in calls.read_text()
     assert not jobdir.exists() and "stopped: Ray's steps ended" in "".join(lines), "".join(lines)
+
+
+def _batch_shell_killwait_run(tmp_path: Path, driver_code: str, step: str, signal_on: str,
+                              env_extra: dict | None = None) -> tuple[int, float, str, Path, Path]:
+    """A batch shell (ray-cluster.sh's run and EXIT trap) with a driver of ``driver_code``, one stand-in
+    Ray step (shell code) and stubbed Slurm commands (KillWait 8 s). When a line holding ``signal_on``
+    appears, every process of the group gets SIGTERM, as Slurm signals every process of a job. Returns
+    the shell's exit code, the seconds from that signal to its end, its output, the private folder
+    and the stub's call log."""
+    env, calls = _stubbed_slurm(tmp_path, kill_wait_s=8)
+    jobdir = tmp_path / "jobdir"
+    jobdir.mkdir()
+    driver = tmp_path / "driver.py"
+    driver.write_text(driver_code)
+    shell = (f'set -euo pipefail; source slurm/ray-cluster.sh; trap ray_cluster_stop EXIT; _ray_signal_traps\n'
+             f'_ray_jobdir={jobdir}; ALLCLUSTER_PYTHON={sys.executable}\n'
+             f'bash -c {shlex.quote(step)} & _ray_steps=($!)\n'
+             f'ray_cluster_run {driver}\n')
+    batch = subprocess.Popen(["bash", "-c", shell], cwd=REPO, env={**env, **(env_extra or {})}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, signalled = [], None
+    for line in batch.stdout:
+        lines.append(line)
+        if signal_on in line:
+            signalled = time.monotonic()
+            os.killpg(batch.pid, 15)
+            break
+    lines += batch.stdout.readlines()
+    code, ended = batch.wait(timeout=60), time.monotonic()
+    log = "".join(lines)
+    assert signalled is not None, log
+    return code, ended - signalled, log, jobdir, calls
+
+
+def test_a_driver_that_outlives_slurms_sigterm_is_killed_so_the_shell_cleans_up_before_killwait(tmp_path):
+    """Slurm SIGTERMs every process of the job (scancel, `scontrol requeue`, the time limit) and SIGKILLs
+    them KillWait seconds later, the batch shell included. A driver that does not exit by then (a CI run:
+    its trials had just finished when the requeue came) must not take the shell's clean-up with it: the
+    shell kills the driver while the clean-up reserve is left, then stops the steps and removes the private
+    folder in time. Real signals to a real process group; Slurm's commands are stubs (KillWait 8 s)."""
+    stubborn = ("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                "print('driver running', flush=True)\ntime.sleep(120)\n")
+    step = 'trap "sleep 1; exit 0" TERM; while :; do sleep 0.2; done'   # ray-node.sh: stops Ray, then ends
+    code, seconds, log, jobdir, calls = _batch_shell_killwait_run(
+        tmp_path, stubborn, step, "driver running", {"ALLCLUSTER_CLEANUP_RESERVE_S": "4"})
+    assert "killing it so that Ray's steps and this job's folders are seen to before Slurm's KillWait (8 s)" in log, log
+    assert "driver killed (exit 137) after SIGTERM" in log and "stopped: Ray's steps ended" in log, log
+    assert seconds < 8, f"the shell ended {seconds:.1f} s after the SIGTERM, past KillWait\n{log}"
+    assert code == 137 and not jobdir.exists(), (code, log)
+    assert "scancel" not in _text(calls), "the step stopped by itself on Slurm's SIGTERM: no scancel needed"
+    assert subprocess.run(["pgrep", "-f", str(tmp_path / "driver.py")]).returncode != 0, "the driver still runs"
+
+
+def test_a_sigterm_while_the_shell_stops_ray_bounds_its_wait_for_the_steps_by_killwait(tmp_path):
+    """The driver ended (0) and the EXIT trap is stopping Ray's steps when Slurm's SIGTERM comes (a requeue
+    or the time limit just then): the trap goes on, but a step slow to stop is waited for only until 2 s
+    before KillWait, then cancelled, so the shell still logs its clean-up. Real signals to a real process
+    group; Slurm's commands are stubs (KillWait 8 s); the step stands in for srun, which ignores the
+    first SIGTERM here (its Ray stopping slowly) and ends on the next."""
+    step = 'n=0; trap "n=\$((n + 1)); [ \$n -lt 2 ] || exit 0" TERM; while :; do sleep 0.2; done'
+    code, seconds, log, jobdir, _ = _batch_shell_killwait_run(
+        tmp_path, "print('driver done', flush=True)\n", step, "stopping Ray (1 srun steps)")
+    assert code == 0 and "driver exited with 0" in log and "stopped: Ray's steps ended" in log, (code, log)
+    assert seconds < 8, f"the shell ended {seconds:.1f} s after the SIGTERM, past KillWait\n{log}"
+    assert seconds > 4, "the step was given until 2 s before KillWait, not cancelled at once"
+    assert not jobdir.exists()

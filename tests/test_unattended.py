@@ -612,6 +612,44 @@ def test_a_warning_while_the_driver_still_starts_ends_it_with_75_not_killed(driv
     assert not (tmp_path / "out").exists()
 
 
+def test_a_run_that_a_stop_signal_reached_on_its_way_out_keeps_its_code_and_ends_at_once(tmp_path):
+    """A SIGTERM that lands while a finished run writes its outputs (Slurm's requeue or time limit just as
+    the last trial ended) leaves the run's code as it is (0), but the process must end at once: Python's own
+    shutdown would join the threads Ray and Tune leave (stood in for by a thread that waits 120 s) and wait
+    on a Ray that the same SIGTERM is stopping, past Slurm's KillWait. A real signal, a real process."""
+    script = tmp_path / "finished_run.py"
+    script.write_text(
+        "import os, signal, sys, threading, time\nimport ray  # noqa: F401 - a process that used Ray\n"
+        "from allcluster.interrupt import StopSignals, end_of_process\n"
+        "threading.Thread(target=time.sleep, args=(120,)).start()\n"
+        "with StopSignals('{signal}: stopping') as stop:\n"
+        "    stop.hold()                      # writing what it has\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    print('outputs written', flush=True)\n"
+        "sys.exit(end_of_process(0))\n")
+    done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "outputs written" in done.stdout, done.stdout + done.stderr
+
+
+def test_an_interrupted_command_kills_what_its_children_start_while_it_kills_them(tmp_path):
+    """An interrupted command ends its local Ray's processes (kill_descendants) while the raylet may be
+    starting workers: one started between the look at /proc and the kill must not be left orphaned. Stood
+    in for by a child that starts a grandchild every 2 ms; afterwards none of them runs. Real processes."""
+    marker = f"61.{os.getpid()}"       # the grandchildren's `sleep` argument: theirs alone
+    script = tmp_path / "interrupted.py"
+    script.write_text(
+        "import subprocess, time\nfrom allcluster.interrupt import kill_descendants\n"
+        f"subprocess.Popen(['bash', '-c', 'while :; do sleep {marker} & sleep 0.002; done'])\n"
+        "time.sleep(1)\nkill_descendants()\n")
+    try:
+        subprocess.run([sys.executable, str(script)], cwd=REPO, check=True, timeout=60)
+        time.sleep(0.5)
+        left = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True).stdout.split()
+        assert not left, f"{len(left)} grandchildren outlived kill_descendants: {left}"
+    finally:
+        subprocess.run(["pkill", "-f", f"sleep {marker}"])
+
+
 @pytest.mark.ray
 def test_a_stop_signal_inside_ray_get_still_ends_the_command_with_75(ray_local, monkeypatch):
     """Raised by a handler while the main thread waits in ``ray.get`` (Ray's compiled code), the

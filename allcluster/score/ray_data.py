@@ -198,7 +198,7 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
                     "command to resume")
             atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
             say(summary_text(summary))
-        if connected and not caught.signal_name:   # interrupted: the process ends at once (end_of_process)
+        if connected and not stop.requested:   # a stop signal came: the process ends at once (end_of_process)
             leave_ray()
         return summary
     finally:
