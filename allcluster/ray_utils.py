@@ -90,23 +90,31 @@ def job_env_vars() -> dict[str, str]:
 @contextlib.contextmanager
 def ray_connected(address: str | None = None) -> Iterator[None]:
     """:func:`ensure_ray` for one block: a connection the block made is closed when it ends, however
-    it ends, by an explicit ``ray.shutdown`` while the interpreter is whole. Left to Ray's exit hook,
+    it ends (but see :func:`stopping_joined_cluster`), by an explicit ``ray.shutdown`` while the
+    interpreter is whole. Left to Ray's exit hook,
     the shutdown runs during interpreter finalization, beside whatever threads a stop signal left
     running (``call_in_thread`` leaves Tune's); one CI run saw a sweep driver, warned while starting,
     print its exit line and then die there with a segmentation fault (exit 139, not 75)."""
-    from allcluster.interrupt import STOP_REQUESTED, left_running
+    from allcluster.interrupt import left_running
 
-    joined = bool(address or os.environ.get("RAY_ADDRESS"))
     connected = ensure_ray(address)
     try:
         yield
     finally:
         # not under a thread still inside Ray (a second signal leaves Tune's fit running): the exit
-        # hook then, as before. Nor from a cluster a stop signal reached (Slurm's SIGTERM goes to the
-        # job's Ray too): disconnecting waits on its stopping head (5 s seen), time taken from
-        # KillWait; the command line's end_of_process ends the process at once instead.
-        if connected and not left_running() and not (joined and STOP_REQUESTED.is_set()):
+        # hook then, as before
+        if connected and not left_running() and not stopping_joined_cluster(address):
             leave_ray()
+
+
+def stopping_joined_cluster(address: str | None) -> bool:
+    """A stop signal came and this process joined a running cluster (``address`` or ``$RAY_ADDRESS``):
+    Slurm's SIGTERM goes to the job's Ray too, and disconnecting waits on its stopping head (5 s seen
+    here), time taken from Slurm's KillWait. Such a connection is left to the command line's
+    ``end_of_process``, which ends the process at once."""
+    from allcluster.interrupt import STOP_REQUESTED
+
+    return STOP_REQUESTED.is_set() and bool(address or os.environ.get("RAY_ADDRESS"))
 
 
 @contextlib.contextmanager

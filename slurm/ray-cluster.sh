@@ -31,7 +31,8 @@
 #   stops under it first) and does not requeue (Slurm requeues by itself when it preempts with
 #   PreemptMode=REQUEUE or when asked to). Slurm SIGKILLs every process of the job KillWait seconds
 #   after that SIGTERM, this shell included: a driver still running ALLCLUSTER_CLEANUP_RESERVE_S (10)
-#   before then is killed, so that the shell always stops Ray and removes its folders in time.
+#   seconds before then is killed, so that the shell always stops Ray and removes its folders in time
+#   (`off`: never; for sites whose preemption GraceTime gives more than KillWait after its SIGTERM).
 # - No requeue loop: the driver records the work each start completed ($ALLCLUSTER_PROGRESS_FILE:
 #   rows written, epochs recorded; allcluster/interrupt.py report_progress). After
 #   ALLCLUSTER_MAX_STALLED_STARTS (3) warned starts in a row with none (an epoch, or Ray's start,
@@ -53,7 +54,7 @@ _ray_warned=""               # the time-limit/preemption warning (SIGUSR1) arriv
 _ray_stopping=""             # TERM or INT once that signal arrived
 _ray_told_twice=""           # the driver got a second SIGTERM from this shell (its Ray had stopped)
 _ray_term_at=""              # $SECONDS when that signal arrived: Slurm's KillWait counts from then
-_ray_kill_wait_s=30          # Slurm's KillWait (read from `scontrol show config` when the driver starts)
+_ray_kill_wait_s=""          # Slurm's KillWait in seconds (_ray_read_kill_wait, at each start)
 _ray_driver_killed=""        # this shell SIGKILLed the driver to clean up before KillWait
 _ray_driver_pid=""
 
@@ -73,8 +74,8 @@ _ray_check_env() {
     echo "ray-cluster.sh: ALLCLUSTER_MAX_STALLED_STARTS=$ALLCLUSTER_MAX_STALLED_STARTS is not a whole number >= 1" >&2
     return 2
   fi
-  if ! [[ ${ALLCLUSTER_CLEANUP_RESERVE_S:-10} =~ ^[0-9]+$ ]]; then
-    echo "ray-cluster.sh: ALLCLUSTER_CLEANUP_RESERVE_S=$ALLCLUSTER_CLEANUP_RESERVE_S is not a whole number of seconds" >&2
+  if ! [[ ${ALLCLUSTER_CLEANUP_RESERVE_S:-10} =~ ^(off|0|[1-9][0-9]*)$ ]]; then
+    echo "ray-cluster.sh: ALLCLUSTER_CLEANUP_RESERVE_S=$ALLCLUSTER_CLEANUP_RESERVE_S is neither a whole number of seconds nor off" >&2
     return 2
   fi
   if [ ! -f "$ALLCLUSTER_HOME/allcluster/__init__.py" ]; then
@@ -146,14 +147,16 @@ _ray_stop_driver_at_once() {
   kill -TERM "$_ray_driver_pid" 2>/dev/null || true
 }
 
-_ray_slurm_kill_wait() {  # Slurm's KillWait in seconds ("KillWait = 30 sec"); 30, its default, if unreadable
+_ray_read_kill_wait() {  # Slurm's KillWait ("KillWait = 30 sec"), once; 30, its default, if unreadable
+  [ -z "$_ray_kill_wait_s" ] || return 0
   local seconds
-  seconds=$(scontrol show config 2>/dev/null | awk '$1 == "KillWait" {print $3; exit}') || true
-  if [[ ${seconds:-} =~ ^[0-9]+$ ]]; then echo "$seconds"; else echo 30; fi
+  seconds=$(timeout 10 scontrol show config 2>/dev/null | awk '$1 == "KillWait" {print $3; exit}') || true
+  if [[ ${seconds:-} =~ ^[0-9]+$ ]]; then _ray_kill_wait_s=$((10#$seconds)); else _ray_kill_wait_s=30; fi
 }
 
 _ray_seconds_before_kill() {  # $1 = seconds kept back: what is left of KillWait since the SIGTERM (0 at least)
-  local left=$(( _ray_term_at + _ray_kill_wait_s - $1 - SECONDS ))
+  # whole seconds ($SECONDS; bash 4 has no finer clock): up to 1 s early or late, within what is kept back
+  local left=$(( ${_ray_term_at:-$SECONDS} + ${_ray_kill_wait_s:-30} - $1 - SECONDS ))
   echo $(( left > 0 ? left : 0 ))
 }
 
@@ -164,13 +167,19 @@ _ray_wait_for_stopping_driver() {
   # start of a sweep requeued from outside just as its trials finished never logged its clean-up; the
   # driver's way out waits on the Ray that the same SIGTERM stops). What it had not written is redone
   # by the rerun, as after any SIGKILL.
-  local reserve=${ALLCLUSTER_CLEANUP_RESERVE_S:-10}
-  [ "$reserve" -lt "$_ray_kill_wait_s" ] || reserve=$(( _ray_kill_wait_s / 2 ))
+  # Only after SIGTERM: no KillWait follows a SIGINT (Ctrl-C in an salloc session).
+  local reserve=${ALLCLUSTER_CLEANUP_RESERVE_S:-10} kill_wait=${_ray_kill_wait_s:-30}
+  if [ "$_ray_stopping" != TERM ] || [ "$reserve" = off ]; then
+    reserve=""
+  elif [ "$((10#$reserve))" -ge "$kill_wait" ]; then
+    reserve=$(( kill_wait / 2 ))
+  fi
   while kill -0 "$_ray_driver_pid" 2>/dev/null; do
     if [ -z "$_ray_told_twice" ] && ! _ray_head_running; then
       _ray_stop_driver_at_once
     fi
-    if [ "$(_ray_seconds_before_kill "$reserve")" = 0 ]; then
+    if [ -n "$reserve" ] && [ "$(_ray_seconds_before_kill "$((10#$reserve))")" = 0 ] &&
+       kill -0 "$_ray_driver_pid" 2>/dev/null; then
       _log "SIG$_ray_stopping: the driver (pid $_ray_driver_pid) is still running $(( SECONDS - _ray_term_at )) s later;" \
            "killing it so that Ray's steps and this job's folders are seen to before Slurm's KillWait" \
            "(${_ray_kill_wait_s} s) ends every process of the job"
@@ -245,15 +254,11 @@ _ray_keeps_requeueing() {  # false once ALLCLUSTER_MAX_STALLED_STARTS warned sta
   _log "no progress this start ($stalls of $ALLCLUSTER_MAX_STALLED_STARTS in a row before the job stops requeueing)"
 }
 
-_ray_wait_for_steps() {  # up to $1 seconds, and once KillWait counts never past 2 s before its SIGKILL
-  local tries=$(( $1 * 2 ))
-  if [ -n "$_ray_term_at" ]; then
-    local left; left=$(_ray_seconds_before_kill 2)
-    [ $(( left * 2 )) -ge "$tries" ] || tries=$(( left * 2 ))
-  fi
-  while [ "$tries" -gt 0 ] && _ray_steps_running; do
+_ray_wait_for_steps() {  # $1 seconds at most, by the clock, and never past $2 s before KillWait's SIGKILL
+  local until=$(( SECONDS + $1 )) last=$(( SECONDS + $(_ray_seconds_before_kill "$2") ))
+  [ "$last" -ge "$until" ] || until=$last
+  while [ "$SECONDS" -lt "$until" ] && _ray_steps_running; do
     sleep 0.5 || true     # Slurm's SIGTERM may reach the sleep too (under set -e)
-    tries=$(( tries - 1 ))
   done
 }
 
@@ -272,7 +277,7 @@ ray_cluster_stop() {  # the EXIT trap
   # or quota (74) after it: the next start would stop at its first write again. Requeued first, so that
   # Slurm's SIGKILL (KillWait after the time limit's SIGTERM) cannot fall between the stop and the
   # requeue; the requeued job starts again only once every process of this one has ended.
-  local requeued=""
+  local requeued="" ending=""
   if [ -n "$_ray_warned" ] && [ "$rc" != 0 ] && [ "$rc" != "$EX_IOERR" ] && _ray_keeps_requeueing; then
     _ray_requeue && requeued=1
   else
@@ -290,20 +295,25 @@ ray_cluster_stop() {  # the EXIT trap
     # (Slurm's SIGTERM to the whole job: scancel, `scontrol requeue`, the time limit; the steps get a
     # few seconds to stop by themselves first). The timeout bounds the same wait should Slurm refuse
     # the signal for another reason, and every wait here ends 2 s before KillWait at the latest.
-    if [ -n "$_ray_stopping" ]; then _ray_wait_for_steps 5; fi
+    if [ -n "$_ray_stopping" ]; then _ray_wait_for_steps 5 4; fi
     local patience
     patience=$(_ray_seconds_before_kill 4); [ "$patience" -le 10 ] || patience=10
     if [ -z "$requeued" ] && [ "$patience" -gt 0 ] && _ray_steps_running; then
       timeout "$patience" scancel --signal=TERM "$(_ray_self)" 2>/dev/null || true
     fi
-    _ray_wait_for_steps 30
+    _ray_wait_for_steps 30 4
     kill -TERM "${_ray_steps[@]}" 2>/dev/null || true   # whatever is left: srun cancels it
-    wait "${_ray_steps[@]}" 2>/dev/null || true
+    _ray_wait_for_steps 5 1
+    if _ray_steps_running; then ending=1; else wait "${_ray_steps[@]}" 2>/dev/null || true; fi
     _ray_steps=()
   fi
   [ -n "$_ray_jobdir" ] && rm -rf "$_ray_jobdir"
   _ray_jobdir=""
-  _log "stopped: Ray's steps ended, private folder removed"
+  if [ -n "$ending" ]; then
+    _log "stopped: private folder removed; Ray's steps still ending (srun cancelled them; KillWait ends what is left)"
+  else
+    _log "stopped: Ray's steps ended, private folder removed"
+  fi
   return 0
 }
 
@@ -334,6 +344,7 @@ _ray_driver_path() {  # the driver script is the installation's
 
 ray_cluster_start() {
   _ray_check_env || return $?
+  _ray_read_kill_wait
   trap ray_cluster_stop EXIT
   _ray_signal_traps
   _ray_forget_earlier_jobs_stalls
@@ -394,7 +405,7 @@ _ray_start_node() {  # $1 node, $2 head|worker: one srun step that runs `ray sta
        bash "$ALLCLUSTER_HOME/slurm/ray-node.sh" "$role" "$(_ray_node_addr "$node")" &
   _ray_steps+=($!)
   [ "$role" = head ] || return 0
-  local deadline=$(( SECONDS + 120 ))     # by the clock: each `ray status` below takes a while too
+  local deadline=$(( SECONDS + 120 ))     # by the clock (a last `ray status` may add up to 30 s)
   while [ "$SECONDS" -lt "$deadline" ]; do
     if [ -z "${RAY_ADDRESS:-}" ] && [ -s "$_ray_jobdir/address" ]; then
       export RAY_ADDRESS=$(cat "$_ray_jobdir/address")
@@ -435,7 +446,7 @@ ray_cluster_run() {  # the driver: its exit code is the job's
   # when ALLCLUSTER_HOME points elsewhere.
   local driver
   driver=$(_ray_driver_path "$1"); shift
-  _ray_kill_wait_s=$(_ray_slurm_kill_wait)
+  _ray_read_kill_wait
   _log "driver: $ALLCLUSTER_PYTHON $driver $* (in $PWD)"
   "$ALLCLUSTER_PYTHON" "$driver" "$@" &
   _ray_driver_pid=$!
@@ -456,7 +467,7 @@ ray_cluster_run() {  # the driver: its exit code is the job's
     0) _log "driver exited with 0" ;;
     "$EX_TEMPFAIL") _log "driver exited with $rc: interrupted; rerunning the same command resumes" ;;
     "$EX_IOERR") _log "driver exited with $rc: the output's storage is full (see its error above); free space or raise the quota, then resubmit the same command to resume" ;;
-    *) if [ -n "$_ray_driver_killed" ]; then
+    *) if [ -n "$_ray_driver_killed" ] && [ "$rc" = 137 ]; then
          _log "driver killed (exit $rc) after SIG$_ray_stopping; a rerun (a requeued job's next start) recovers what it had not written (scoring: its journal) or redoes it (sweep: from each trial's last checkpoint)"
        elif [ -n "$_ray_stopping" ]; then
          # Slurm's SIGTERM reached this node's Ray too; when the raylet stops first, Ray's core worker

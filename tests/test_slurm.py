@@ -5,6 +5,7 @@ CI starts it (`.ci/run`); elsewhere start it with `sudo slurm/dev/local-cluster-
 """
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
@@ -644,12 +645,12 @@ def test_a_sigterm_while_ray_stops_after_the_warning_neither_skips_the_requeue_n
 
 
 def _batch_shell_killwait_run(tmp_path: Path, driver_code: str, step: str, signal_on: str,
-                              env_extra: dict | None = None) -> tuple[int, float, str, Path, Path]:
+                              env_extra: dict | None = None, give_up_s: float = 60) -> tuple:
     """A batch shell (ray-cluster.sh's run and EXIT trap) with a driver of ``driver_code``, one stand-in
     Ray step (shell code) and stubbed Slurm commands (KillWait 8 s). When a line holding ``signal_on``
     appears, every process of the group gets SIGTERM, as Slurm signals every process of a job. Returns
-    the shell's exit code, the seconds from that signal to its end, its output, the private folder
-    and the stub's call log."""
+    the shell's exit code (None: still running ``give_up_s`` later, then killed), the seconds from that
+    signal to its end, its output, the private folder and the stub's call log."""
     env, calls = _stubbed_slurm(tmp_path, kill_wait_s=8)
     jobdir = tmp_path / "jobdir"
     jobdir.mkdir()
@@ -661,15 +662,22 @@ def _batch_shell_killwait_run(tmp_path: Path, driver_code: str, step: str, signa
              f'ray_cluster_run {driver}\n')
     batch = subprocess.Popen(["bash", "-c", shell], cwd=REPO, env={**env, **(env_extra or {})}, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines, signalled = [], None
-    for line in batch.stdout:
-        lines.append(line)
-        if signal_on in line:
-            signalled = time.monotonic()
-            os.killpg(batch.pid, 15)
-            break
-    lines += batch.stdout.readlines()
-    code, ended = batch.wait(timeout=60), time.monotonic()
+    lines, signalled, code = [], None, None
+    try:
+        for line in batch.stdout:
+            lines.append(line)
+            if signal_on in line:
+                signalled = time.monotonic()
+                os.killpg(batch.pid, 15)
+                break
+        code = batch.wait(timeout=give_up_s)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        ended = time.monotonic()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(batch.pid, 9)         # whatever is left, the stand-in driver included
+        lines += batch.stdout.readlines()
     log = "".join(lines)
     assert signalled is not None, log
     return code, ended - signalled, log, jobdir, calls
@@ -691,7 +699,18 @@ def test_a_driver_that_outlives_slurms_sigterm_is_killed_so_the_shell_cleans_up_
     assert seconds < 8, f"the shell ended {seconds:.1f} s after the SIGTERM, past KillWait\n{log}"
     assert code == 137 and not jobdir.exists(), (code, log)
     assert "scancel" not in _text(calls), "the step stopped by itself on Slurm's SIGTERM: no scancel needed"
-    assert subprocess.run(["pgrep", "-f", str(tmp_path / "driver.py")]).returncode != 0, "the driver still runs"
+
+
+def test_a_site_can_let_the_driver_stop_as_long_as_it_takes_after_a_sigterm(tmp_path):
+    """ALLCLUSTER_CLEANUP_RESERVE_S=off (a preemption GraceTime longer than KillWait): the shell waits for the
+    driver past KillWait instead of killing it. Same stand-ins as above; given up 12 s after the SIGTERM."""
+    stubborn = ("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                "print('driver running', flush=True)\ntime.sleep(120)\n")
+    code, seconds, log, jobdir, _ = _batch_shell_killwait_run(
+        tmp_path, stubborn, "trap 'exit 0' TERM; while :; do sleep 0.2; done", "driver running",
+        {"ALLCLUSTER_CLEANUP_RESERVE_S": "off"}, give_up_s=12)
+    assert code is None and seconds >= 12, (code, seconds, log)
+    assert "killing it" not in log and "SIGTERM: waiting for the driver" in log, log
 
 
 def test_a_sigterm_while_the_shell_stops_ray_bounds_its_wait_for_the_steps_by_killwait(tmp_path):

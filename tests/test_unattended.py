@@ -634,12 +634,12 @@ def test_a_run_that_a_stop_signal_reached_on_its_way_out_keeps_its_code_and_ends
 def test_an_interrupted_command_kills_what_its_children_start_while_it_kills_them(tmp_path):
     """An interrupted command ends its local Ray's processes (kill_descendants) while the raylet may be
     starting workers: one started between the look at /proc and the kill must not be left orphaned. Stood
-    in for by a child that starts a grandchild every 2 ms; afterwards none of them runs. Real processes."""
+    in for by a child that starts a grandchild every 5 ms; afterwards none of them runs. Real processes."""
     marker = f"61.{os.getpid()}"       # the grandchildren's `sleep` argument: theirs alone
     script = tmp_path / "interrupted.py"
     script.write_text(
         "import subprocess, time\nfrom allcluster.interrupt import kill_descendants\n"
-        f"subprocess.Popen(['bash', '-c', 'while :; do sleep {marker} & sleep 0.002; done'])\n"
+        f"subprocess.Popen(['bash', '-c', 'while :; do sleep {marker} & sleep 0.005; done'])\n"
         "time.sleep(1)\nkill_descendants()\n")
     try:
         subprocess.run([sys.executable, str(script)], cwd=REPO, check=True, timeout=60)

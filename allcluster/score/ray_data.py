@@ -21,7 +21,7 @@ from allcluster.config import ConfigError
 from allcluster.console import process_age_s, say
 from allcluster.interrupt import InterruptionCaught, StopSignals, report_progress
 from allcluster.models.card import ModelCard
-from allcluster.ray_utils import ensure_ray, leave_ray
+from allcluster.ray_utils import ensure_ray, leave_ray, stopping_joined_cluster
 from allcluster.score.ledger import Ledger
 from allcluster.score.reading import read_decode
 from allcluster.score.rows import error_rows, provenance, storage_full_in
@@ -198,7 +198,8 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
                     "command to resume")
             atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
             say(summary_text(summary))
-        if connected and not stop.requested:   # a stop signal came: the process ends at once (end_of_process)
+        # interrupted, or a stop signal on a joined cluster: the process ends at once (end_of_process)
+        if connected and not caught.signal_name and not stopping_joined_cluster(address):
             leave_ray()
         return summary
     finally:
