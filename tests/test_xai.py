@@ -1,6 +1,9 @@
 """Explainers: the Grad-CAM family equals pytorch-grad-cam; CAM and IG satisfy their definitions."""
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -84,7 +87,7 @@ def test_unknown_explainer_lists_the_registry():
 
 class TopLeftTexture(torch.nn.Module):
     """A 'model' whose class 1 depends only on the texture of the image's top-left quadrant."""
-    spec_name = "allnet"         # mean 0, std 1: its inputs are the raw 0..1 pixels
+    normalization = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))     # its inputs are the raw 0..1 pixels
 
     def forward(self, x):
         h, w = x.shape[-2] // 2, x.shape[-1] // 2
@@ -147,6 +150,40 @@ def test_lime_is_seeded_and_gives_the_three_views(real_data_dir):
     assert all(v.shape == (128, 128, 3) and v.dtype == np.uint8 for v in views.values())
     hidden = views["hide_rest"].sum(axis=2) == 0
     assert 0 < hidden.mean() < 1      # some superpixels shown, the rest blacked out
+
+
+class NormalisedTopLeftTexture(TopLeftTexture):
+    """The same function of the pixels, for inputs normalised with a card's own mean and std."""
+    normalization = ((0.6, 0.5, 0.4), (0.2, 0.25, 0.3))
+
+    def forward(self, x):
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in self.normalization)
+        return super().forward(x * std + mean)
+
+
+def test_lime_sees_the_pixels_of_inputs_normalised_with_the_models_own_mean_and_std(real_data_dir, tiny_model_dir,
+                                                                                     tmp_path):
+    """LIME segments the image in pixel space: an input normalised with the card's mean and std (which
+    scoring uses, and which may differ from the backbone registry's) is turned back with those, so the
+    superpixels and the map are those of the same model on the raw pixels. A loaded model carries its
+    card's values."""
+    rgb = _real_image(real_data_dir, 128)
+    raw = torch.as_tensor(rgb, dtype=torch.float32).permute(2, 0, 1)[None]
+    model = NormalisedTopLeftTexture()
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in model.normalization)
+    settings = ExplainSettings(lime_samples=100)
+    on_raw, on_normalised = get_explainer("lime")(TopLeftTexture(), "", settings), get_explainer("lime")(model, "", settings)
+    expected, got = on_raw.explain(raw, torch.tensor([1])), on_normalised.explain((raw - mean) / std, torch.tensor([1]))
+    assert np.array_equal(on_raw.superpixels[0][0], on_normalised.superpixels[0][0])
+    assert torch.allclose(expected.maps, got.maps, atol=1e-3)
+
+    from allcluster.models.model_dir import load_model_dir
+
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    card = json.loads((tmp_path / "model" / "model_card.json").read_text())
+    card.update(mean=[0.6, 0.5, 0.4], std=[0.2, 0.25, 0.3])
+    (tmp_path / "model" / "model_card.json").write_text(json.dumps(card))
+    assert load_model_dir(tmp_path / "model").model.normalization == ((0.6, 0.5, 0.4), (0.2, 0.25, 0.3))
 
 
 def test_weighted_ridge_matches_scikit_learn():

@@ -46,7 +46,9 @@ class Classifier(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = Head(backbone.num_features, num_classes, head)
-        self.spec_name = spec.name
+        # the mean and std its inputs are normalised with: the backbone's, or its card's once loaded
+        # (load_model_dir); LIME turns an input back into pixels with them
+        self.normalization: tuple[tuple[float, ...], tuple[float, ...]] = (tuple(spec.mean), tuple(spec.std))
         self.weights_source: dict = {"source": "random-init"}   # set by build_model; the card records it
         self._frozen_norms: list[nn.Module] = []
 

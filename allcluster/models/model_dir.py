@@ -83,6 +83,7 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
     unused = tuple(f"backbone.{name}." for name in spec.drop_modules)
     model.load_state_dict({k: v for k, v in load_file(weights).items() if not k.startswith(unused)})
     model.weights_source = card.backbone_weights or model.weights_source
+    model.normalization = (tuple(card.mean), tuple(card.std))     # what scoring normalises with
     return LoadedModel(model.to(device).eval(), card)
 
 

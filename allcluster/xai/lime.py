@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from allcluster.models import get_spec
 from allcluster.xai.base import Explainer
 
 
@@ -47,8 +46,7 @@ class Lime(Explainer):
 
     def segment_weights(self, image: torch.Tensor, target: int) -> tuple[np.ndarray, torch.Tensor]:
         """(segments (H, W), weight per segment) for one normalised image."""
-        spec = get_spec(self.model.spec_name)
-        mean, std = torch.tensor(spec.mean).view(3, 1, 1), torch.tensor(spec.std).view(3, 1, 1)
+        mean, std = (torch.tensor(values).view(3, 1, 1) for values in self.model.normalization)
         device = image.device
         rgb01 = (image.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).double().numpy()
         segments = quickshift_segments(rgb01, self.seed)
