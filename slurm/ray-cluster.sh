@@ -294,7 +294,8 @@ ray_cluster_stop() {  # the EXIT trap
     # 22.05: every self-requeue ended that way, ~27 s late). Nor when the steps have ended already
     # (Slurm's SIGTERM to the whole job: scancel, `scontrol requeue`, the time limit; the steps get a
     # few seconds to stop by themselves first). The timeout bounds the same wait should Slurm refuse
-    # the signal for another reason, and every wait here ends 2 s before KillWait at the latest.
+    # the signal for another reason; the waits here end 4 s before KillWait (the last one, after srun
+    # is told to cancel its step, 1 s before).
     if [ -n "$_ray_stopping" ]; then _ray_wait_for_steps 5 4; fi
     local patience
     patience=$(_ray_seconds_before_kill 4); [ "$patience" -le 10 ] || patience=10

@@ -715,7 +715,7 @@ def test_a_site_can_let_the_driver_stop_as_long_as_it_takes_after_a_sigterm(tmp_
 
 def test_a_sigterm_while_the_shell_stops_ray_bounds_its_wait_for_the_steps_by_killwait(tmp_path):
     """The driver ended (0) and the EXIT trap is stopping Ray's steps when Slurm's SIGTERM comes (a requeue
-    or the time limit just then): the trap goes on, but a step slow to stop is waited for only until 2 s
+    or the time limit just then): the trap goes on, but a step slow to stop is waited for only until 4 s
     before KillWait, then cancelled, so the shell still logs its clean-up. Real signals to a real process
     group; Slurm's commands are stubs (KillWait 8 s); the step stands in for srun, which ignores the
     first SIGTERM here (its Ray stopping slowly) and ends on the next."""
@@ -724,5 +724,6 @@ def test_a_sigterm_while_the_shell_stops_ray_bounds_its_wait_for_the_steps_by_ki
         tmp_path, "print('driver done', flush=True)\n", step, "stopping Ray (1 srun steps)")
     assert code == 0 and "driver exited with 0" in log and "stopped: Ray's steps ended" in log, (code, log)
     assert seconds < 8, f"the shell ended {seconds:.1f} s after the SIGTERM, past KillWait\n{log}"
-    assert seconds > 4, "the step was given until 2 s before KillWait, not cancelled at once"
+    # KillWait counts from the trap's start (a SIGTERM there goes unseen), in whole seconds: about 3-4 s here
+    assert seconds > 2, "the step was given until 4 s before KillWait, not cancelled at once"
     assert not jobdir.exists()
