@@ -38,6 +38,12 @@
 #   ALLCLUSTER_MAX_STALLED_STARTS (3) warned starts in a row with none (an epoch, or Ray's start,
 #   longer than the time before the warning) the job stops requeueing and says why: it would
 #   otherwise return to the queue forever, spending the allocation on nothing.
+# - Ray failing under the job (a node's Ray ends by itself: a raylet or agent crash, a node's Ray
+#   killed) does not end it: when the driver fails after one of this start's Ray steps ended by
+#   itself, or Ray's start fails that way, the shell stops what is left of that Ray, starts a fresh
+#   one in the same allocation and runs the driver again, which resumes (scoring: rows already
+#   written and its journal; sweep: each trial's last checkpoint). ALLCLUSTER_RAY_RESTARTS (1) times
+#   per start at most; a driver that fails while its Ray runs fails the job as before.
 # - Nothing needs the network beyond the job's nodes; nothing is downloaded.
 # - Ray is stopped by signalling this job's own srun steps, never `ray stop` (which kills every Ray
 #   process on a node, other jobs' included).
@@ -48,7 +54,11 @@ RAY_JOIN_TIMEOUT_S=${RAY_JOIN_TIMEOUT_S:-300}
 EX_TEMPFAIL=75               # the drivers' "interrupted; rerunning the same command resumes"
 EX_IOERR=74                  # the drivers' "the output's storage is full": a requeue would fail the same way
 ALLCLUSTER_MAX_STALLED_STARTS=${ALLCLUSTER_MAX_STALLED_STARTS:-3}
+ALLCLUSTER_RAY_RESTARTS=${ALLCLUSTER_RAY_RESTARTS:-1}
 _ray_steps=()
+_ray_step_nodes=()           # the node of each of _ray_steps
+_ray_restarts=0              # Ray restarts in this allocation (_ray_restart_after_ray_failure)
+_ray_earlier_progress=""     # what a driver recorded before a Ray restart ("<units> <what>")
 _ray_jobdir=""
 _ray_warned=""               # the time-limit/preemption warning (SIGUSR1) arrived
 _ray_stopping=""             # TERM or INT once that signal arrived
@@ -72,6 +82,10 @@ _ray_check_env() {
   fi
   if ! [[ $ALLCLUSTER_MAX_STALLED_STARTS =~ ^[1-9][0-9]*$ ]]; then
     echo "ray-cluster.sh: ALLCLUSTER_MAX_STALLED_STARTS=$ALLCLUSTER_MAX_STALLED_STARTS is not a whole number >= 1" >&2
+    return 2
+  fi
+  if ! [[ $ALLCLUSTER_RAY_RESTARTS =~ ^(0|[1-9][0-9]*)$ ]]; then
+    echo "ray-cluster.sh: ALLCLUSTER_RAY_RESTARTS=$ALLCLUSTER_RAY_RESTARTS is not a whole number >= 0" >&2
     return 2
   fi
   if ! [[ ${ALLCLUSTER_CLEANUP_RESERVE_S:-10} =~ ^(off|0|[1-9][0-9]*)$ ]]; then
@@ -223,14 +237,18 @@ _ray_forget_earlier_jobs_stalls() {  # a count belongs to one job's starts: at i
   if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then rm -f "$(_ray_stalls_file)"; fi
 }
 
-_ray_made_progress() {  # this start's driver recorded work done: "<units> <what>", units > 0
+_ray_driver_progress() {  # the work the driver of this Ray recorded ("<units> <what>"), if units > 0
   local units="" what=""
   { read -r units what <"$_ray_jobdir/progress"; } 2>/dev/null || true   # none: the driver never got to write it
-  if [[ ${units:-} =~ ^[0-9]+$ ]] && [ "$units" -gt 0 ]; then
-    _log "this start's progress: $units $what"
-    return 0
-  fi
-  return 1
+  if [[ ${units:-} =~ ^[0-9]+$ ]] && [ "$units" -gt 0 ]; then echo "$units $what"; fi
+}
+
+_ray_made_progress() {  # this start's drivers recorded work done (the one before a Ray restart counts)
+  local done
+  done=$(_ray_driver_progress)
+  [ -n "$done" ] || done=${_ray_earlier_progress:+$_ray_earlier_progress (before Ray restarted)}
+  [ -n "$done" ] || return 1
+  _log "this start's progress: $done"
 }
 
 _ray_keeps_requeueing() {  # false once ALLCLUSTER_MAX_STALLED_STARTS warned starts in a row did no work
@@ -262,6 +280,35 @@ _ray_wait_for_steps() {  # $1 seconds at most, by the clock, and never past $2 s
   done
 }
 
+_ray_stop_steps() {  # $1 = requeued by this shell: SIGTERM to this start's Ray steps, wait for them;
+  # false when some are still ending (srun cancelled them)
+  local requeued=$1 ending=""
+  _log "stopping Ray (${#_ray_steps[@]} srun steps)"
+  # SIGTERM to the steps' tasks only (scancel without --batch spares the batch shell): each
+  # ray-node.sh stops its Ray and removes its temp folder. SIGTERM to srun itself would cancel the
+  # step, which SIGKILLs the tasks before they can clean up. Not after our own requeue: Slurm
+  # SIGTERMs every process of a requeued job itself, and refuses a signal to a job in that state
+  # ("Job can not be altered now"), which scancel retries for ~95 s (sleep 5, 6, ... 14 s), past
+  # KillWait (30 s by default), whose SIGKILL would take this shell before it cleans up (seen on
+  # 22.05: every self-requeue ended that way, ~27 s late). Nor when the steps have ended already
+  # (Slurm's SIGTERM to the whole job: scancel, `scontrol requeue`, the time limit; the steps get a
+  # few seconds to stop by themselves first). The timeout bounds the same wait should Slurm refuse
+  # the signal for another reason; the waits here end 4 s before KillWait (the last one, after srun
+  # is told to cancel its step, 1 s before).
+  if [ -n "$_ray_stopping" ]; then _ray_wait_for_steps 5 4; fi
+  local patience
+  patience=$(_ray_seconds_before_kill 4); [ "$patience" -le 10 ] || patience=10
+  if [ -z "$requeued" ] && [ "$patience" -gt 0 ] && _ray_steps_running; then
+    timeout "$patience" scancel --signal=TERM "$(_ray_self)" 2>/dev/null || true
+  fi
+  _ray_wait_for_steps 30 4
+  kill -TERM "${_ray_steps[@]}" 2>/dev/null || true   # whatever is left: srun cancels it
+  _ray_wait_for_steps 5 1
+  if _ray_steps_running; then ending=1; else wait "${_ray_steps[@]}" 2>/dev/null || true; fi
+  _ray_steps=() _ray_step_nodes=()
+  [ -z "$ending" ]
+}
+
 ray_cluster_stop() {  # the EXIT trap
   local rc=$?
   # Stopping already. A SIGTERM now (the time limit's, when the driver was slow to stop after the
@@ -284,29 +331,7 @@ ray_cluster_stop() {  # the EXIT trap
     rm -f "$(_ray_stalls_file)"            # the job ends here: no count is left for a later job
   fi
   if [ "${#_ray_steps[@]}" -gt 0 ]; then
-    _log "stopping Ray (${#_ray_steps[@]} srun steps)"
-    # SIGTERM to the steps' tasks only (scancel without --batch spares the batch shell): each
-    # ray-node.sh stops its Ray and removes its temp folder. SIGTERM to srun itself would cancel the
-    # step, which SIGKILLs the tasks before they can clean up. Not after our own requeue: Slurm
-    # SIGTERMs every process of a requeued job itself, and refuses a signal to a job in that state
-    # ("Job can not be altered now"), which scancel retries for ~95 s (sleep 5, 6, ... 14 s), past
-    # KillWait (30 s by default), whose SIGKILL would take this shell before it cleans up (seen on
-    # 22.05: every self-requeue ended that way, ~27 s late). Nor when the steps have ended already
-    # (Slurm's SIGTERM to the whole job: scancel, `scontrol requeue`, the time limit; the steps get a
-    # few seconds to stop by themselves first). The timeout bounds the same wait should Slurm refuse
-    # the signal for another reason; the waits here end 4 s before KillWait (the last one, after srun
-    # is told to cancel its step, 1 s before).
-    if [ -n "$_ray_stopping" ]; then _ray_wait_for_steps 5 4; fi
-    local patience
-    patience=$(_ray_seconds_before_kill 4); [ "$patience" -le 10 ] || patience=10
-    if [ -z "$requeued" ] && [ "$patience" -gt 0 ] && _ray_steps_running; then
-      timeout "$patience" scancel --signal=TERM "$(_ray_self)" 2>/dev/null || true
-    fi
-    _ray_wait_for_steps 30 4
-    kill -TERM "${_ray_steps[@]}" 2>/dev/null || true   # whatever is left: srun cancels it
-    _ray_wait_for_steps 5 1
-    if _ray_steps_running; then ending=1; else wait "${_ray_steps[@]}" 2>/dev/null || true; fi
-    _ray_steps=()
+    _ray_stop_steps "$requeued" || ending=1
   fi
   [ -n "$_ray_jobdir" ] && rm -rf "$_ray_jobdir"
   _ray_jobdir=""
@@ -350,40 +375,85 @@ ray_cluster_start() {
   _ray_signal_traps
   _ray_forget_earlier_jobs_stalls
   mapfile -t RAY_NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
-  local head=${RAY_NODES[0]}
   _log "job $SLURM_JOB_ID: restart ${SLURM_RESTART_COUNT:-0} of job $SLURM_JOB_ID;" \
        "time limit $(squeue -h -j "$(_ray_self)" -o %l 2>/dev/null || echo '?')"
-
-  # The job's private folder, afresh at every start (a requeued job keeps its id: drop what the
-  # previous start left). mkdir without -p under umask 077: created by us, mode 700.
-  _ray_jobdir=$HOME/.ray-slurm/$(_ray_job_key)
-  ( umask 077; mkdir -p "$HOME/.ray-slurm" )
-  rm -rf "$_ray_jobdir"
-  ( umask 077; mkdir "$_ray_jobdir"
-    "$ALLCLUSTER_PYTHON" -c 'import secrets; print(secrets.token_hex(32))' >"$_ray_jobdir/token" ) || return 1
-  export RAY_JOB_DIR=$_ray_jobdir ALLCLUSTER_PROGRESS_FILE=$_ray_jobdir/progress
-  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$_ray_jobdir/token
   export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
   export PYTHONUNBUFFERED=1     # the driver's last lines reach the log even when KillWait's SIGKILL ends it
   export PYTHONPATH=$ALLCLUSTER_HOME${PYTHONPATH:+:$PYTHONPATH}
-  unset RAY_ADDRESS
-
-  _log "job $SLURM_JOB_ID: ${#RAY_NODES[@]} node(s): ${RAY_NODES[*]}; head $head"
-  _log "private folder $(stat -c '%a %U' "$_ray_jobdir") $_ray_jobdir;" \
-       "token auth on; token $(stat -c '%A %U' "$RAY_AUTH_TOKEN_PATH") $RAY_AUTH_TOKEN_PATH"
   local job
   if ! job=$(scontrol show job -d "$SLURM_JOB_ID") ||
      ! _ray_gpu_options=$("$ALLCLUSTER_PYTHON" -m allcluster.slurm_alloc step-gpus "$SLURM_JOB_ID" <<<"$job"); then
     echo "ray-cluster.sh: could not read which GPUs job $SLURM_JOB_ID holds on each node (scontrol show job -d)" >&2
     return 1
   fi
-  _ray_start_node "$head" head || return $?
-  _ray_check_foreign_token_refused || return $?
-  local node
+  _ray_up
+}
+
+_ray_up() {  # this start's Ray on every node; started afresh once more if Ray itself failed on the way
+  until _ray_bring_up; do
+    _ray_restart_after_ray_failure "Ray's start" || return 1
+  done
+}
+
+_ray_bring_up() {  # the private folder, the head, the workers, and the wait for all of them
+  # Runs as a condition (errexit is off in here): every step that can fail is checked.
+  # The job's private folder, afresh at every start (a requeued job keeps its id: drop what the
+  # previous start left). mkdir without -p under umask 077: created by us, mode 700.
+  _ray_jobdir=$HOME/.ray-slurm/$(_ray_job_key)
+  ( umask 077; mkdir -p "$HOME/.ray-slurm" ) || return 1
+  rm -rf "$_ray_jobdir" || return 1
+  ( umask 077; mkdir "$_ray_jobdir" &&
+    "$ALLCLUSTER_PYTHON" -c 'import secrets; print(secrets.token_hex(32))' >"$_ray_jobdir/token" ) || return 1
+  export RAY_JOB_DIR=$_ray_jobdir ALLCLUSTER_PROGRESS_FILE=$_ray_jobdir/progress
+  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$_ray_jobdir/token
+  unset RAY_ADDRESS
+  local head=${RAY_NODES[0]} node
+  _log "job $SLURM_JOB_ID: ${#RAY_NODES[@]} node(s): ${RAY_NODES[*]}; head $head"
+  _log "private folder $(stat -c '%a %U' "$_ray_jobdir") $_ray_jobdir;" \
+       "token auth on; token $(stat -c '%A %U' "$RAY_AUTH_TOKEN_PATH") $RAY_AUTH_TOKEN_PATH"
+  _ray_start_node "$head" head || return 1
+  _ray_check_foreign_token_refused || return 1
   for node in "${RAY_NODES[@]:1}"; do
     _ray_start_node "$node" worker
   done
   "$ALLCLUSTER_PYTHON" -m allcluster.ray_utils wait "${#RAY_NODES[@]}" "$RAY_JOIN_TIMEOUT_S"
+}
+
+_ray_ended_step_nodes() {  # the nodes whose Ray step of this start has ended (by itself, or not)
+  local k running
+  running=$(jobs -rp)
+  for k in "${!_ray_steps[@]}"; do
+    grep -qx "${_ray_steps[$k]}" <<<"$running" || echo "${_ray_step_nodes[$k]}"
+  done
+}
+
+_ray_restart_after_ray_failure() {  # $1 = what failed. True, with what is left of this start's Ray
+  # stopped, when that failure came after a Ray step ended by itself (ray-node.sh logged why) and
+  # a restart is left: a raylet or Ray agent that crashes (seen once in CI: a head's runtime_env_agent
+  # failing right after the head published its address, the driver ending 60 s later) must not cost
+  # the night's run. Not after a stop signal or the time-limit warning (those end or requeue the job),
+  # nor when every step still runs (the driver's own failure; `ray start --block` ends its step
+  # within about a second of one of its processes dying: waited for, 10 s at most).
+  [ -z "$_ray_stopping" ] && [ -z "$_ray_warned" ] || return 1
+  local ended waited=0
+  while ended=$(_ray_ended_step_nodes); [ -z "$ended" ] && [ "$waited" -lt 20 ]; do
+    sleep 0.5 || true
+    waited=$((waited + 1))
+  done
+  [ -n "$ended" ] || return 1
+  ended=$(paste -sd, - <<<"$ended")
+  if [ "$_ray_restarts" -ge "$ALLCLUSTER_RAY_RESTARTS" ]; then
+    _log "$1 failed after this job's Ray on $ended ended by itself; Ray was restarted $_ray_restarts time(s)" \
+         "in this allocation already (ALLCLUSTER_RAY_RESTARTS=$ALLCLUSTER_RAY_RESTARTS): not again"
+    return 1
+  fi
+  _ray_restarts=$((_ray_restarts + 1))
+  _log "$1 failed after this job's Ray on $ended ended by itself (its lines above say why): restarting Ray" \
+       "in this allocation ($_ray_restarts of $ALLCLUSTER_RAY_RESTARTS); the driver then resumes"
+  local done
+  done=$(_ray_driver_progress)
+  [ -z "$done" ] || _ray_earlier_progress=$done
+  _ray_stop_steps "" || _log "some of the stopped Ray's steps are still ending; starting a fresh Ray beside them"
 }
 
 _ray_gpu_options=""   # "NODE OPTION" per node holding GPUs of this job (allcluster/slurm_alloc.py)
@@ -404,7 +474,7 @@ _ray_start_node() {  # $1 node, $2 head|worker: one srun step that runs `ray sta
       -u SLURM_GPU_BIND -u SLURM_TRES_BIND -u SLURM_TRES_PER_TASK ${tres:+SLURM_TRES_PER_TASK="$tres"} \
     srun --nodes=1 --ntasks=1 -w "$node" --overlap ${gpus:+"$gpus"} \
        bash "$ALLCLUSTER_HOME/slurm/ray-node.sh" "$role" "$(_ray_node_addr "$node")" &
-  _ray_steps+=($!)
+  _ray_steps+=($!) _ray_step_nodes+=("$node")
   [ "$role" = head ] || return 0
   local deadline=$(( SECONDS + 120 ))     # by the clock (a last `ray status` may add up to 30 s)
   while [ "$SECONDS" -lt "$deadline" ]; do
@@ -438,6 +508,16 @@ _ray_check_foreign_token_refused() {  # another user's job holds another token: 
 
 # ---------------------------------------------------------------- the driver
 ray_cluster_run() {  # the driver: its exit code is the job's
+  local rc
+  while :; do
+    rc=0; _ray_run_driver "$@" || rc=$?
+    case $rc in 0|"$EX_TEMPFAIL"|"$EX_IOERR") return "$rc" ;; esac
+    _ray_restart_after_ray_failure "the driver (exit $rc)" || return "$rc"
+    _ray_up || return 1
+  done
+}
+
+_ray_run_driver() {  # DRIVER ARGS...: one run of the driver (a condition: errexit is off in here)
   if [ -n "$_ray_warned" ]; then
     _log "not starting the driver: the time-limit warning already came"
     return "$EX_TEMPFAIL"

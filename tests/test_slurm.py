@@ -474,6 +474,60 @@ def test_a_scoring_job_requeued_from_outside_keeps_every_row_it_had_scored(slurm
     assert rows["run_id"].nunique() == 2 and not list((out / "rows").glob(".journal-*"))
 
 
+def _kill_raylet_of(address: str) -> int:
+    """SIGKILL the raylet of the Ray cluster at ``address`` (GCS host:port) on this machine (the local
+    cluster's nodes are processes here), as when a node's Ray crashes; returns its pid."""
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if args[0].endswith("/raylet") and f"--gcs-address={address}" in args:
+            os.kill(int(proc.name), 9)
+            return int(proc.name)
+    raise AssertionError(f"no raylet of the Ray at {address} found")
+
+
+def test_a_ray_that_dies_under_the_scoring_driver_restarts_in_the_allocation_and_the_job_completes(
+        slurm, tiny_model_dir, real_data_dir, tmp_path):
+    """The head's raylet is SIGKILLed while the driver scores (a Ray crash: seen once in CI, a head's
+    runtime_env_agent failing). The head's `ray start --block` ends its step, Ray ends the driver; the
+    batch shell sees Ray's step ended under it, starts a fresh Ray in the same allocation (no requeue,
+    no queue wait) and runs the driver again, which resumes: the job completes with one row per file."""
+    files = [p for c in sorted(real_data_dir.iterdir()) for p in sorted(c.glob("*.jpg"))[40:46]]   # 24, 1-2 s each
+    listing = tmp_path / "files.txt"
+    listing.write_text("\n".join(map(str, files)) + "\n")
+    out, log = tmp_path / "scored", tmp_path / "job.out"
+    job = _submit(slurm, ["-w", slurm["nodes"][0], "--nodes=1", "--cpus-per-task=2", "--mem=3G", "--time=20",
+                          f"--output={log}"],
+                  ["slurm/score.sh", "--config", "configs/score/ci_slow.yaml", "--model", str(tiny_model_dir),
+                   "--input", str(listing), "--out", str(out), "--set", "progress_seconds=1"])
+    shown = []
+
+    def kill_the_raylet_once_rows_are_scored(states):
+        text = log.read_text(errors="replace") if log.exists() else ""
+        scored = re.findall(r"\[score\] (\d+)/24 ", text)
+        if not shown and states[job].get("JobState") == "RUNNING" and scored and 0 < int(scored[-1]) < 16:
+            _kill_raylet_of(re.search(r"Ray address (\S+) \(published", text).group(1))
+            shown.append(int(scored[-1]))
+
+    final = _wait_final(slurm, [job], 900, kill_the_raylet_once_rows_are_scored)[job]
+    text = log.read_text(errors="replace")
+    assert shown, f"the job never showed rows part way: {final}\n{text[-4000:]}"
+    assert final["JobState"] == "COMPLETED" and int(final["Restarts"]) == 0, f"{final}\n{text[-6000:]}"
+    before, after = re.split(r"restarting Ray in this allocation \(1 of 1\)", text)
+    assert re.search(r"the driver \(exit \d+\) failed after this job's Ray on \S+ ended by itself", before), before[-4000:]
+    assert re.search(r"ray start exited with \d+ on ", before), "ray-node.sh says how the head's Ray ended"
+    assert re.findall(r"driver exited with (\d+.*)", after) == ["0"] and " nodes joined" in after, after[-4000:]
+    assert "requeueing" not in text
+    kept = int(re.search(r"\[score\] 24 inputs, (\d+) already scored", after).group(1))
+    assert kept >= shown[0], f"{shown[0]} rows shown before the raylet was killed, {kept} kept:\n{after[-4000:]}"
+    _assert_private_ray_state(text)
+    rows = pd.read_parquet(out / "rows")
+    assert rows["path"].is_unique and sorted(rows["path"]) == sorted(map(str, files)) and (rows["status"] == "ok").all()
+    assert not list((out / "rows").glob(".journal-*"))
+
+
 def test_score_script_refuses_to_run_outside_a_job():
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     done = subprocess.run(["bash", "slurm/score.sh", "--model", "m", "--input", "i", "--out", "o"], cwd=REPO,
@@ -727,3 +781,64 @@ def test_a_sigterm_while_the_shell_stops_ray_bounds_its_wait_for_the_steps_by_ki
     # KillWait counts from the trap's start (a SIGTERM there goes unseen), in whole seconds: about 3-4 s here
     assert seconds > 2, "the step was given until 4 s before KillWait, not cancelled at once"
     assert not jobdir.exists()
+
+
+def _batch_shell_with_rays(tmp_path: Path, steps: list[str], driver_exits: list[int], env_extra: dict | None = None):
+    """A batch shell (ray-cluster.sh's run and EXIT trap, stubbed Slurm commands) whose Ray bring-ups start
+    the stand-in steps ``steps`` in turn (shell code; one that ends by itself is a Ray that died) and whose
+    driver runs exit with ``driver_exits`` in turn (the first run records "5 final rows" of progress).
+    Returns the shell's exit code and output. KillWait 8 s: the stubbed scancel does not signal the steps,
+    whose stop waits until 4 s before it, then sends SIGTERM to their stand-ins."""
+    env, _ = _stubbed_slurm(tmp_path, kill_wait_s=8)
+    runs, driver = tmp_path / "runs", tmp_path / "driver.py"
+    driver.write_text(f"import os, pathlib, sys, time\nruns = pathlib.Path({str(runs)!r})\n"
+                      "n = len(runs.read_text()) if runs.exists() else 0\nruns.write_text('x' * (n + 1))\n"
+                      "if n == 0:\n    pathlib.Path(os.environ['ALLCLUSTER_PROGRESS_FILE']).write_text('5 final rows\\n')\n"
+                      f"time.sleep(2)\nsys.exit({driver_exits!r}[n])\n")
+    shell = ("set -euo pipefail; source slurm/ray-cluster.sh; trap ray_cluster_stop EXIT; _ray_signal_traps\n"
+             f"_ray_jobdir={tmp_path}/jobdir; ALLCLUSTER_PYTHON={sys.executable}; steps=({' '.join(map(shlex.quote, steps))})\n"
+             "_ray_bring_up() {  # stand-in: a fresh private folder and one Ray step\n"
+             "  rm -rf \"$_ray_jobdir\"; mkdir \"$_ray_jobdir\"; export ALLCLUSTER_PROGRESS_FILE=$_ray_jobdir/progress\n"
+             "  _log \"bring-up of a Ray\"; bash -c \"${steps[0]}\" & _ray_steps=($!) _ray_step_nodes=(n1); steps=(\"${steps[@]:1}\")\n"
+             "}\n"
+             f"_ray_up; ray_cluster_run {driver}; rc=$?\n"
+             "_ray_made_progress || true; exit $rc\n")
+    done = subprocess.run(["bash", "-c", shell], cwd=REPO, env={**env, **(env_extra or {})}, capture_output=True,
+                          text=True, timeout=120)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_a_driver_that_fails_after_its_ray_died_runs_again_on_a_fresh_ray_once(tmp_path):
+    """The decision of ray-cluster.sh alone (stubbed Slurm, stand-in steps and driver; the real thing is
+    test_a_ray_that_dies_under_the_scoring_driver...): a Ray step that ended by itself before the driver
+    failed gets one fresh Ray and one more driver run, whose success is the job's; the work the first run
+    recorded still counts as this start's progress (the time-limit requeue's loop guard)."""
+    died, healthy = "sleep 1", "trap 'exit 0' TERM; while :; do sleep 0.2; done"
+    code, log = _batch_shell_with_rays(tmp_path, [died, healthy], [1, 0])
+    assert code == 0 and log.count("bring-up of a Ray") == 2, log
+    assert "the driver (exit 1) failed after this job's Ray on n1 ended by itself" in log, log
+    assert "restarting Ray in this allocation (1 of 1)" in log and "driver exited with 0" in log, log
+    assert "this start's progress: 5 final rows (before Ray restarted)" in log, log
+    assert log.count("stopping Ray (1 srun steps)") == 2 and "stopped: Ray's steps ended" in log, log
+
+
+@pytest.mark.parametrize("case", ["ray-dies-again", "no-restarts-allowed", "ray-still-running"])
+def test_a_driver_failure_is_the_jobs_when_no_ray_restart_is_left_or_ray_still_runs(tmp_path, case):
+    """Ray died again after its one restart, or ALLCLUSTER_RAY_RESTARTS=0, or the driver failed while its
+    Ray ran (its own failure): no (further) restart, the job ends with the driver's code."""
+    died, healthy = "sleep 1", "trap 'exit 0' TERM; while :; do sleep 0.2; done"
+    steps, exits, env = {"ray-dies-again": ([died, died], [1, 3], None),
+                         "no-restarts-allowed": ([died], [3], {"ALLCLUSTER_RAY_RESTARTS": "0"}),
+                         "ray-still-running": ([healthy], [3], None)}[case]
+    code, log = _batch_shell_with_rays(tmp_path, steps, exits, env)
+    assert code == 3 and log.count("bring-up of a Ray") == len(steps) and "driver exited with 3" in log, log
+    assert ("not again" in log) == (case != "ray-still-running") and "stopped: Ray's steps ended" in log, log
+    assert log.count("restarting Ray in this allocation") == (case == "ray-dies-again"), log
+
+
+def test_a_ray_restart_count_that_is_not_a_whole_number_is_refused(tmp_path):
+    env, _ = _stubbed_slurm(tmp_path)
+    shell = f"ALLCLUSTER_PYTHON={sys.executable}; source slurm/ray-cluster.sh; _ray_check_env"
+    done = subprocess.run(["bash", "-c", shell], cwd=REPO, env={**env, "ALLCLUSTER_RAY_RESTARTS": "one"},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "ALLCLUSTER_RAY_RESTARTS=one is not a whole number" in done.stderr, done.stderr
