@@ -67,6 +67,7 @@ _ray_term_at=""              # $SECONDS when that signal arrived: Slurm's KillWa
 _ray_kill_wait_s=""          # Slurm's KillWait in seconds (_ray_read_kill_wait, at each start)
 _ray_driver_killed=""        # this shell SIGKILLed the driver to clean up before KillWait
 _ray_driver_pid=""
+_ray_driver_ran=""           # a driver of this start ran and ended
 
 _log() { echo "[ray-cluster $(date +%T)] $*"; }
 
@@ -122,6 +123,8 @@ _ray_on_usr1() {
   if [ -n "$_ray_driver_pid" ] && kill -0 "$_ray_driver_pid" 2>/dev/null; then
     _log "SIGUSR1 (time limit or preemption ahead): asking the driver (pid $_ray_driver_pid) to write what it has and stop"
     kill -USR1 "$_ray_driver_pid" 2>/dev/null || true
+  elif [ -n "$_ray_driver_ran" ]; then
+    _log "SIGUSR1 (time limit or preemption ahead) after the driver ended: no driver starts again; an unfinished job requeues"
   else
     _log "SIGUSR1 (time limit or preemption ahead) before the driver started: the job will requeue"
   fi
@@ -136,7 +139,7 @@ _ray_on_term() {  # $1 = TERM|INT
     _log "SIG$1: waiting for the driver to write what it has and exit"
   else
     local when="before the driver started"
-    [ -z "$_ray_driver_pid" ] || when="after the driver ended"
+    [ -z "$_ray_driver_ran" ] || when="after the driver ended"
     _log "SIG$1 $when: stopping"
     exit 143
   fi
@@ -244,11 +247,11 @@ _ray_driver_progress() {  # the work the driver of this Ray recorded ("<units> <
 }
 
 _ray_made_progress() {  # this start's drivers recorded work done (the one before a Ray restart counts)
-  local done
-  done=$(_ray_driver_progress)
-  [ -n "$done" ] || done=${_ray_earlier_progress:+$_ray_earlier_progress (before Ray restarted)}
-  [ -n "$done" ] || return 1
-  _log "this start's progress: $done"
+  local recorded
+  recorded=$(_ray_driver_progress)
+  [ -n "$recorded" ] || recorded=${_ray_earlier_progress:+$_ray_earlier_progress (before Ray restarted)}
+  [ -n "$recorded" ] || return 1
+  _log "this start's progress: $recorded"
 }
 
 _ray_keeps_requeueing() {  # false once ALLCLUSTER_MAX_STALLED_STARTS warned starts in a row did no work
@@ -431,16 +434,17 @@ _ray_restart_after_ray_failure() {  # $1 = what failed. True, with what is left 
   # stopped, when that failure came after a Ray step ended by itself (ray-node.sh logged why) and
   # a restart is left: a raylet or Ray agent that crashes (seen once in CI: a head's runtime_env_agent
   # failing right after the head published its address, the driver ending 60 s later) must not cost
-  # the night's run. Not after a stop signal or the time-limit warning (those end or requeue the job),
-  # nor when every step still runs (the driver's own failure; `ray start --block` ends its step
-  # within about a second of one of its processes dying: waited for, 10 s at most).
-  [ -z "$_ray_stopping" ] && [ -z "$_ray_warned" ] || return 1
-  local ended waited=0
+  # the night's run. Not after a stop signal or the time-limit warning, also one that comes while
+  # this decides (those end or requeue the job), nor when every step still runs (the driver's own
+  # failure; `ray start --block` ends its step within about a second of one of its processes dying:
+  # waited for, 10 s at most), nor when a step of the failed Ray will not end (its node is in trouble).
+  _ray_not_stopping || return 1
+  local ended waited=0 recorded
   while ended=$(_ray_ended_step_nodes); [ -z "$ended" ] && [ "$waited" -lt 20 ]; do
     sleep 0.5 || true
     waited=$((waited + 1))
   done
-  [ -n "$ended" ] || return 1
+  [ -n "$ended" ] && _ray_not_stopping || return 1
   ended=$(paste -sd, - <<<"$ended")
   if [ "$_ray_restarts" -ge "$ALLCLUSTER_RAY_RESTARTS" ]; then
     _log "$1 failed after this job's Ray on $ended ended by itself; Ray was restarted $_ray_restarts time(s)" \
@@ -450,10 +454,17 @@ _ray_restart_after_ray_failure() {  # $1 = what failed. True, with what is left 
   _ray_restarts=$((_ray_restarts + 1))
   _log "$1 failed after this job's Ray on $ended ended by itself (its lines above say why): restarting Ray" \
        "in this allocation ($_ray_restarts of $ALLCLUSTER_RAY_RESTARTS); the driver then resumes"
-  local done
-  done=$(_ray_driver_progress)
-  [ -z "$done" ] || _ray_earlier_progress=$done
-  _ray_stop_steps "" || _log "some of the stopped Ray's steps are still ending; starting a fresh Ray beside them"
+  recorded=$(_ray_driver_progress)
+  [ -z "$recorded" ] || _ray_earlier_progress=$recorded
+  if ! _ray_stop_steps ""; then
+    _log "the failed Ray's steps did not end when srun cancelled them: not starting another Ray beside them"
+    return 1
+  fi
+  _ray_not_stopping
+}
+
+_ray_not_stopping() {  # neither a stop signal nor the time-limit warning has come
+  [ -z "$_ray_stopping" ] && [ -z "$_ray_warned" ]
 }
 
 _ray_gpu_options=""   # "NODE OPTION" per node holding GPUs of this job (allcluster/slurm_alloc.py)
@@ -544,6 +555,7 @@ _ray_run_driver() {  # DRIVER ARGS...: one run of the driver (a condition: errex
   # bash keeps a reaped background job's status: this repeats it, or gives the real one when the
   # driver exited between the interrupted wait and kill -0
   rc=0; wait "$_ray_driver_pid" 2>/dev/null || rc=$?
+  _ray_driver_pid="" _ray_driver_ran=1     # a signal from now on finds no driver (its pid may be reused)
   case $rc in
     0) _log "driver exited with 0" ;;
     "$EX_TEMPFAIL") _log "driver exited with $rc: interrupted; rerunning the same command resumes" ;;

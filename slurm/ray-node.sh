@@ -167,7 +167,8 @@ done
 # worker (RAY_JOIN_TIMEOUT_S). The head: only before its address is published (ray-cluster.sh
 # waits for it); a head that ends later ends the job's cluster.
 attempt=${RAY_NODE_ATTEMPT:-1}
-if { [ "$role" = worker ] || [ -z "$published" ]; } && [ "$attempt" -lt "${RAY_START_TRIES:-3}" ]; then
+# Not once told to stop (a SIGTERM while the logs above were shown).
+if [ -z "$stopping" ] && { [ "$role" = worker ] || [ -z "$published" ]; } && [ "$attempt" -lt "${RAY_START_TRIES:-3}" ]; then
   _log "retrying ray start on $(hostname -s) (attempt $((attempt + 1)) of ${RAY_START_TRIES:-3})"
   rm -rf "$private"
   RAY_NODE_ATTEMPT=$((attempt + 1)) exec bash "$0" "$role" "$node_ip"

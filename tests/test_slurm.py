@@ -783,57 +783,76 @@ def test_a_sigterm_while_the_shell_stops_ray_bounds_its_wait_for_the_steps_by_ki
     assert not jobdir.exists()
 
 
-def _batch_shell_with_rays(tmp_path: Path, steps: list[str], driver_exits: list[int], env_extra: dict | None = None):
-    """A batch shell (ray-cluster.sh's run and EXIT trap, stubbed Slurm commands) whose Ray bring-ups start
-    the stand-in steps ``steps`` in turn (shell code; one that ends by itself is a Ray that died) and whose
-    driver runs exit with ``driver_exits`` in turn (the first run records "5 final rows" of progress).
-    Returns the shell's exit code and output. KillWait 8 s: the stubbed scancel does not signal the steps,
-    whose stop waits until 4 s before it, then sends SIGTERM to their stand-ins."""
-    env, _ = _stubbed_slurm(tmp_path, kill_wait_s=8)
+def _batch_shell_with_rays(tmp_path: Path, steps: list[str], driver_exits: list[int], env_extra: dict | None = None,
+                           warn_after_first_run_s: float | None = None):
+    """A batch shell (ray-cluster.sh's start loop, run and EXIT trap; stubbed Slurm commands) whose Ray
+    bring-ups start the stand-in steps ``steps`` in turn (shell code; one that ends by itself is a Ray that
+    died; a bring-up whose step is gone half a second later fails, as `ray_utils wait` does) and whose
+    driver runs exit with ``driver_exits`` in turn (the first run records "5 final rows" of progress and,
+    with ``warn_after_first_run_s``, has Slurm's time-limit warning (SIGUSR1) reach the shell that long
+    after it ended). Returns the shell's exit code, its output and the stubs' call log. KillWait 8 s: the
+    stubbed scancel does not signal the steps, whose stop waits until 4 s before it, then sends SIGTERM."""
+    env, calls = _stubbed_slurm(tmp_path, kill_wait_s=8)
     runs, driver = tmp_path / "runs", tmp_path / "driver.py"
-    driver.write_text(f"import os, pathlib, sys, time\nruns = pathlib.Path({str(runs)!r})\n"
+    warn = (f"    subprocess.Popen(['sh', '-c', 'sleep {warn_after_first_run_s}; kill -USR1 {{}}'.format(os.getppid())])\n"
+            if warn_after_first_run_s is not None else "")
+    driver.write_text(f"import os, pathlib, subprocess, sys, time\nruns = pathlib.Path({str(runs)!r})\n"
                       "n = len(runs.read_text()) if runs.exists() else 0\nruns.write_text('x' * (n + 1))\n"
+                      "time.sleep(2)\n"
                       "if n == 0:\n    pathlib.Path(os.environ['ALLCLUSTER_PROGRESS_FILE']).write_text('5 final rows\\n')\n"
-                      f"time.sleep(2)\nsys.exit({driver_exits!r}[n])\n")
+                      f"{warn}sys.exit({driver_exits!r}[n])\n")
     shell = ("set -euo pipefail; source slurm/ray-cluster.sh; trap ray_cluster_stop EXIT; _ray_signal_traps\n"
              f"_ray_jobdir={tmp_path}/jobdir; ALLCLUSTER_PYTHON={sys.executable}; steps=({' '.join(map(shlex.quote, steps))})\n"
              "_ray_bring_up() {  # stand-in: a fresh private folder and one Ray step\n"
              "  rm -rf \"$_ray_jobdir\"; mkdir \"$_ray_jobdir\"; export ALLCLUSTER_PROGRESS_FILE=$_ray_jobdir/progress\n"
              "  _log \"bring-up of a Ray\"; bash -c \"${steps[0]}\" & _ray_steps=($!) _ray_step_nodes=(n1); steps=(\"${steps[@]:1}\")\n"
+             "  sleep 0.5; [ -z \"$(_ray_ended_step_nodes)\" ]\n"
              "}\n"
-             f"_ray_up; ray_cluster_run {driver}; rc=$?\n"
-             "_ray_made_progress || true; exit $rc\n")
-    done = subprocess.run(["bash", "-c", shell], cwd=REPO, env={**env, **(env_extra or {})}, capture_output=True,
-                          text=True, timeout=120)
-    return done.returncode, done.stdout + done.stderr
+             f"_ray_up; ray_cluster_run {driver}\n"
+             "_ray_made_progress\n")
+    done = subprocess.run(["bash", "-c", shell], cwd=REPO, env={**env, "ALLCLUSTER_MIN_RUN_BEFORE_REQUEUE_S": "0",
+                                                                **(env_extra or {})},
+                          capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stdout + done.stderr, _text(calls)
 
 
-def test_a_driver_that_fails_after_its_ray_died_runs_again_on_a_fresh_ray_once(tmp_path):
+DIED, HEALTHY = "sleep 1", "trap 'exit 0' TERM; while :; do sleep 0.2; done"   # stand-ins for a Ray step
+
+
+@pytest.mark.parametrize("failed", ["the driver", "Ray's start"])
+def test_a_ray_that_died_is_started_afresh_once_and_the_driver_runs_on_it(tmp_path, failed):
     """The decision of ray-cluster.sh alone (stubbed Slurm, stand-in steps and driver; the real thing is
     test_a_ray_that_dies_under_the_scoring_driver...): a Ray step that ended by itself before the driver
-    failed gets one fresh Ray and one more driver run, whose success is the job's; the work the first run
-    recorded still counts as this start's progress (the time-limit requeue's loop guard)."""
-    died, healthy = "sleep 1", "trap 'exit 0' TERM; while :; do sleep 0.2; done"
-    code, log = _batch_shell_with_rays(tmp_path, [died, healthy], [1, 0])
-    assert code == 0 and log.count("bring-up of a Ray") == 2, log
-    assert "the driver (exit 1) failed after this job's Ray on n1 ended by itself" in log, log
+    failed, or before Ray's start was done, gets one fresh Ray (and one more driver run), whose success is
+    the job's; the work a first run recorded still counts as this start's progress (the time-limit
+    requeue's loop guard)."""
+    steps, exits = {"the driver": ([DIED, HEALTHY], [1, 0]), "Ray's start": (["exit 1", HEALTHY], [0])}[failed]
+    code, log, _ = _batch_shell_with_rays(tmp_path, steps, exits)
+    assert code == 0 and log.count("bring-up of a Ray") == 2 and log.count("driver exited with") == len(exits), log
+    what = "the driver (exit 1)" if failed == "the driver" else "Ray's start"
+    assert f"{what} failed after this job's Ray on n1 ended by itself" in log, log
     assert "restarting Ray in this allocation (1 of 1)" in log and "driver exited with 0" in log, log
-    assert "this start's progress: 5 final rows (before Ray restarted)" in log, log
+    assert ("this start's progress: 5 final rows (before Ray restarted)" in log) == (failed == "the driver"), log
     assert log.count("stopping Ray (1 srun steps)") == 2 and "stopped: Ray's steps ended" in log, log
 
 
-@pytest.mark.parametrize("case", ["ray-dies-again", "no-restarts-allowed", "ray-still-running"])
+@pytest.mark.parametrize("case", ["ray-dies-again", "no-restarts-allowed", "ray-still-running", "warned-meanwhile"])
 def test_a_driver_failure_is_the_jobs_when_no_ray_restart_is_left_or_ray_still_runs(tmp_path, case):
     """Ray died again after its one restart, or ALLCLUSTER_RAY_RESTARTS=0, or the driver failed while its
-    Ray ran (its own failure): no (further) restart, the job ends with the driver's code."""
-    died, healthy = "sleep 1", "trap 'exit 0' TERM; while :; do sleep 0.2; done"
-    steps, exits, env = {"ray-dies-again": ([died, died], [1, 3], None),
-                         "no-restarts-allowed": ([died], [3], {"ALLCLUSTER_RAY_RESTARTS": "0"}),
-                         "ray-still-running": ([healthy], [3], None)}[case]
-    code, log = _batch_shell_with_rays(tmp_path, steps, exits, env)
+    Ray ran (its own failure): no (further) restart, the job ends with the driver's code. The time-limit
+    warning arriving while the shell waits to see whether Ray died: no restart either; the job requeues
+    (a restart would spend the time left before the limit on Ray's start)."""
+    steps, exits, env, warn = {
+        "ray-dies-again": ([DIED, DIED], [1, 3], None, None),
+        "no-restarts-allowed": ([DIED], [3], {"ALLCLUSTER_RAY_RESTARTS": "0"}, None),
+        "ray-still-running": ([HEALTHY], [3], None, None),
+        "warned-meanwhile": (["sleep 4"], [3], None, 1)}[case]
+    code, log, calls = _batch_shell_with_rays(tmp_path, steps, exits, env, warn)
     assert code == 3 and log.count("bring-up of a Ray") == len(steps) and "driver exited with 3" in log, log
-    assert ("not again" in log) == (case != "ray-still-running") and "stopped: Ray's steps ended" in log, log
+    assert ("not again" in log) == (case in ("ray-dies-again", "no-restarts-allowed")), log
     assert log.count("restarting Ray in this allocation") == (case == "ray-dies-again"), log
+    assert ("scontrol requeue 4242" in calls) == (case == "warned-meanwhile"), (calls, log)
+    assert "stopped: Ray's steps ended" in log, log
 
 
 def test_a_ray_restart_count_that_is_not_a_whole_number_is_refused(tmp_path):
