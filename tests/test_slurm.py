@@ -433,6 +433,21 @@ def test_two_score_jobs_share_node_n1_and_one_finishes_through_time_limit_requeu
         _assert_private_ray_state(t)
 
 
+def _submit_slow_scoring(slurm: dict, model_dir: Path, files: list[Path], tmp_path: Path, *sets: str):
+    """`sbatch slurm/score.sh` of ``files`` (a list file) with the slow CI config (Score-CAM and LIME on
+    every image: 1-2 s each) on one 2-CPU node, progress shown every second, plus ``--set`` items ``sets``.
+    Returns the job id, its OUT and its log."""
+    listing = tmp_path / "files.txt"
+    listing.write_text("\n".join(map(str, files)) + "\n")
+    out, log = tmp_path / "scored", tmp_path / "job.out"
+    job = _submit(slurm, ["-w", slurm["nodes"][0], "--nodes=1", "--cpus-per-task=2", "--mem=3G", "--time=20",
+                          f"--output={log}"],
+                  ["slurm/score.sh", "--config", "configs/score/ci_slow.yaml", "--model", str(model_dir),
+                   "--input", str(listing), "--out", str(out), "--set", "progress_seconds=1",
+                   *(item for s in sets for item in ("--set", s))])
+    return job, out, log
+
+
 def test_a_scoring_job_requeued_from_outside_keeps_every_row_it_had_scored(slurm, tiny_model_dir, real_data_dir,
                                                                             tmp_path):
     """`scontrol requeue` (as preemption or an admin's requeue) sends SIGTERM to every process of the job
@@ -441,14 +456,8 @@ def test_a_scoring_job_requeued_from_outside_keeps_every_row_it_had_scored(slurm
     recovers them from the driver's journal: it starts with at least every row the first start had
     shown as scored, and the job ends with exactly one row per file."""
     files = [p for c in sorted(real_data_dir.iterdir()) for p in sorted(c.glob("*.jpg"))[:10]]   # 40, 1-2 s each
-    listing = tmp_path / "files.txt"
-    listing.write_text("\n".join(map(str, files)) + "\n")
-    out, log = tmp_path / "scored", tmp_path / "job.out"
-    job = _submit(slurm, ["-w", slurm["nodes"][0], "--nodes=1", "--cpus-per-task=2", "--mem=3G", "--time=20",
-                          f"--output={log}"],
-                  ["slurm/score.sh", "--config", "configs/score/ci_slow.yaml", "--model", str(tiny_model_dir),
-                   "--input", str(listing), "--out", str(out), "--set", "flush_seconds=3600",
-                   "--set", "rows_per_shard=100000", "--set", "progress_seconds=1"])
+    job, out, log = _submit_slow_scoring(slurm, tiny_model_dir, files, tmp_path,
+                                         "flush_seconds=3600", "rows_per_shard=100000")
     shown = []
 
     def requeue_once_rows_are_scored(states):
@@ -495,13 +504,7 @@ def test_a_ray_that_dies_under_the_scoring_driver_restarts_in_the_allocation_and
     batch shell sees Ray's step ended under it, starts a fresh Ray in the same allocation (no requeue,
     no queue wait) and runs the driver again, which resumes: the job completes with one row per file."""
     files = [p for c in sorted(real_data_dir.iterdir()) for p in sorted(c.glob("*.jpg"))[40:46]]   # 24, 1-2 s each
-    listing = tmp_path / "files.txt"
-    listing.write_text("\n".join(map(str, files)) + "\n")
-    out, log = tmp_path / "scored", tmp_path / "job.out"
-    job = _submit(slurm, ["-w", slurm["nodes"][0], "--nodes=1", "--cpus-per-task=2", "--mem=3G", "--time=20",
-                          f"--output={log}"],
-                  ["slurm/score.sh", "--config", "configs/score/ci_slow.yaml", "--model", str(tiny_model_dir),
-                   "--input", str(listing), "--out", str(out), "--set", "progress_seconds=1"])
+    job, out, log = _submit_slow_scoring(slurm, tiny_model_dir, files, tmp_path)
     shown = []
 
     def kill_the_raylet_once_rows_are_scored(states):
