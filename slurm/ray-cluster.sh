@@ -81,22 +81,35 @@ _ray_check_env() {
          "root, or set ALLCLUSTER_HOME / ALLCLUSTER_PYTHON." >&2
     return 2
   fi
-  if ! [[ $ALLCLUSTER_MAX_STALLED_STARTS =~ ^[1-9][0-9]*$ ]]; then
-    echo "ray-cluster.sh: ALLCLUSTER_MAX_STALLED_STARTS=$ALLCLUSTER_MAX_STALLED_STARTS is not a whole number >= 1" >&2
-    return 2
-  fi
-  if ! [[ $ALLCLUSTER_RAY_RESTARTS =~ ^(0|[1-9][0-9]*)$ ]]; then
-    echo "ray-cluster.sh: ALLCLUSTER_RAY_RESTARTS=$ALLCLUSTER_RAY_RESTARTS is not a whole number >= 0" >&2
-    return 2
-  fi
-  if ! [[ ${ALLCLUSTER_CLEANUP_RESERVE_S:-10} =~ ^(off|0|[1-9][0-9]*)$ ]]; then
-    echo "ray-cluster.sh: ALLCLUSTER_CLEANUP_RESERVE_S=$ALLCLUSTER_CLEANUP_RESERVE_S is neither a whole number of seconds nor off" >&2
-    return 2
-  fi
+  _ray_check_settings || return 2
   if [ ! -f "$ALLCLUSTER_HOME/allcluster/__init__.py" ]; then
     echo "ray-cluster.sh: $ALLCLUSTER_HOME is not the allcluster repository (submit from its root or set ALLCLUSTER_HOME)" >&2
     return 2
   fi
+}
+
+_ray_check_settings() {  # the job scripts' settings (README: "The job scripts' settings"), each refused by
+  # name before anything starts: a bad one would otherwise surface as a bash or Python error mid-job
+  local spec name kind value lo hi
+  for spec in ALLCLUSTER_MAX_STALLED_STARTS:count ALLCLUSTER_RAY_RESTARTS:whole \
+              ALLCLUSTER_MIN_RUN_BEFORE_REQUEUE_S:whole ALLCLUSTER_CLEANUP_RESERVE_S:whole-or-off \
+              RAY_JOIN_TIMEOUT_S:count RAY_START_TRIES:count RAY_WORKER_PORTS:count RAY_PORT_RANGE:range; do
+    name=${spec%%:*} kind=${spec#*:}
+    value=${!name:-}
+    [ -n "$value" ] || continue          # unset: its default
+    case $kind in
+      count) [[ $value =~ ^[1-9][0-9]*$ ]] && continue; kind="not a whole number >= 1" ;;
+      whole) [[ $value =~ ^(0|[1-9][0-9]*)$ ]] && continue; kind="not a whole number >= 0" ;;
+      whole-or-off) [[ $value =~ ^(off|0|[1-9][0-9]*)$ ]] && continue; kind="neither a whole number of seconds nor off" ;;
+      range) if [[ $value =~ ^([0-9]{1,5})-([0-9]{1,5})$ ]]; then
+               lo=$((10#${BASH_REMATCH[1]})) hi=$((10#${BASH_REMATCH[2]}))
+               [ "$lo" -ge 1024 ] && [ "$lo" -lt "$hi" ] && [ "$hi" -le 65535 ] && continue
+             fi
+             kind="not LOW-HIGH with 1024 <= LOW < HIGH <= 65535" ;;
+    esac
+    echo "ray-cluster.sh: $name=$value is $kind" >&2
+    return 2
+  done
 }
 
 _ray_node_addr() {  # the address Slurm uses for a node (NodeAddr), else its name

@@ -319,12 +319,18 @@ def test_jobs_whose_arguments_are_refused_end_before_ray_starts(slurm, real_mani
                      "--set", f"train.data.manifest={real_manifest}", "--set", f"experiment_dir={experiment}"])
     score = _submit(slurm, [*common, f"--output={logs['score']}"],
                     ["slurm/score.sh", "--model", str(no_model), "--input", str(real_manifest), "--out", str(scored)])
-    final = _wait_final(slurm, [sweep, score], 300)
+    setting = _submit(slurm, [*common, f"--output={tmp_path / 'setting.out'}", "--export=ALL,RAY_PORT_RANGE=80-90"],
+                      ["slurm/score.sh", "--model", str(no_model), "--input", str(real_manifest), "--out", str(scored)])
+    final = _wait_final(slurm, [sweep, score, setting], 300)
     for name, job, message in [("sweep", sweep, "train.fit.epochz"), ("score", score, str(no_model))]:
         log = logs[name].read_text(errors="replace")
         assert final[job]["JobState"] == "FAILED" and final[job]["ExitCode"] == "2:0", f"{final[job]}\n{log[-3000:]}"
         assert message in log and "the driver refused its arguments (exit 2): Ray not started" in log, log[-3000:]
         assert "restart 0 of job" not in log and "[ray-node" not in log, log[-3000:]
+    # a job script setting of the wrong form: refused by name before the driver's own check
+    log = (tmp_path / "setting.out").read_text(errors="replace")
+    assert final[setting]["ExitCode"] == "2:0" and "RAY_PORT_RANGE=80-90 is not LOW-HIGH" in log, log[-3000:]
+    assert str(no_model) not in log and "[ray-node" not in log, log[-3000:]
     assert not experiment.exists() and not scored.exists()
 
 
@@ -858,9 +864,21 @@ def test_a_driver_failure_is_the_jobs_when_no_ray_restart_is_left_or_ray_still_r
     assert "stopped: Ray's steps ended" in log, log
 
 
-def test_a_ray_restart_count_that_is_not_a_whole_number_is_refused(tmp_path):
+@pytest.mark.parametrize("name, value, accepted", [
+    ("ALLCLUSTER_RAY_RESTARTS", "one", False), ("ALLCLUSTER_RAY_RESTARTS", "0", True),
+    ("ALLCLUSTER_MAX_STALLED_STARTS", "0", False), ("ALLCLUSTER_MIN_RUN_BEFORE_REQUEUE_S", "1m", False),
+    ("ALLCLUSTER_CLEANUP_RESERVE_S", "08", False), ("ALLCLUSTER_CLEANUP_RESERVE_S", "off", True),
+    ("RAY_JOIN_TIMEOUT_S", "0", False), ("RAY_START_TRIES", "two", False), ("RAY_WORKER_PORTS", "-5", False),
+    ("RAY_PORT_RANGE", "30000-20000", False), ("RAY_PORT_RANGE", "20000-70000", False),
+    ("RAY_PORT_RANGE", "40000-50000", True)])
+def test_a_job_script_setting_of_the_wrong_form_is_refused_by_name(tmp_path, name, value, accepted):
+    """Each setting of the README's table is checked before anything starts (a bad one used to surface
+    as a bash or Python error mid-job, or not at all)."""
     env, _ = _stubbed_slurm(tmp_path)
     shell = f"ALLCLUSTER_PYTHON={sys.executable}; source slurm/ray-cluster.sh; _ray_check_env"
-    done = subprocess.run(["bash", "-c", shell], cwd=REPO, env={**env, "ALLCLUSTER_RAY_RESTARTS": "one"},
+    done = subprocess.run(["bash", "-c", shell], cwd=REPO, env={**env, name: value},
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "ALLCLUSTER_RAY_RESTARTS=one is not a whole number" in done.stderr, done.stderr
+    if accepted:
+        assert done.returncode == 0 and not done.stderr, done.stderr
+    else:
+        assert done.returncode == 2 and done.stderr.startswith(f"ray-cluster.sh: {name}={value} is "), done.stderr
