@@ -89,27 +89,47 @@ _ray_check_env() {
 }
 
 _ray_check_settings() {  # the job scripts' settings (README: "The job scripts' settings"), each refused by
-  # name before anything starts: a bad one would otherwise surface as a bash or Python error mid-job
-  local spec name kind value lo hi
+  # name before anything starts: a bad one would otherwise surface as a bash or Python error mid-job.
+  # At most 9 digits: bash's test reads a longer number as no number at all.
+  local spec name kind value
   for spec in ALLCLUSTER_MAX_STALLED_STARTS:count ALLCLUSTER_RAY_RESTARTS:whole \
               ALLCLUSTER_MIN_RUN_BEFORE_REQUEUE_S:whole ALLCLUSTER_CLEANUP_RESERVE_S:whole-or-off \
-              RAY_JOIN_TIMEOUT_S:count RAY_START_TRIES:count RAY_WORKER_PORTS:count RAY_PORT_RANGE:range; do
+              RAY_JOIN_TIMEOUT_S:count RAY_START_TRIES:count RAY_WORKER_PORTS:ports RAY_PORT_RANGE:range; do
     name=${spec%%:*} kind=${spec#*:}
     value=${!name:-}
     [ -n "$value" ] || continue          # unset: its default
     case $kind in
-      count) [[ $value =~ ^[1-9][0-9]*$ ]] && continue; kind="not a whole number >= 1" ;;
-      whole) [[ $value =~ ^(0|[1-9][0-9]*)$ ]] && continue; kind="not a whole number >= 0" ;;
-      whole-or-off) [[ $value =~ ^(off|0|[1-9][0-9]*)$ ]] && continue; kind="neither a whole number of seconds nor off" ;;
-      range) if [[ $value =~ ^([0-9]{1,5})-([0-9]{1,5})$ ]]; then
-               lo=$((10#${BASH_REMATCH[1]})) hi=$((10#${BASH_REMATCH[2]}))
-               [ "$lo" -ge 1024 ] && [ "$lo" -lt "$hi" ] && [ "$hi" -le 65535 ] && continue
-             fi
+      count) [[ $value =~ ^[1-9][0-9]{0,8}$ ]] && continue; kind="not a whole number from 1 to 999999999" ;;
+      whole) [[ $value =~ ^(0|[1-9][0-9]{0,8})$ ]] && continue; kind="not a whole number from 0 to 999999999" ;;
+      whole-or-off) [[ $value =~ ^(off|0|[1-9][0-9]{0,8})$ ]] && continue; kind="neither a whole number of seconds nor off" ;;
+      ports) [[ $value =~ ^([2-9]|[1-9][0-9]{1,3})$ ]] && continue
+             kind="not a whole number from 2 to 9999 (Ray needs its max worker port above its min)" ;;
+      range) [[ $value =~ ^([0-9]{1,5})-([0-9]{1,5})$ ]] && [ "$((10#${BASH_REMATCH[1]}))" -ge 1024 ] &&
+               [ "$((10#${BASH_REMATCH[1]}))" -lt "$((10#${BASH_REMATCH[2]}))" ] &&
+               [ "$((10#${BASH_REMATCH[2]}))" -le 65535 ] && continue
              kind="not LOW-HIGH with 1024 <= LOW < HIGH <= 65535" ;;
     esac
     echo "ray-cluster.sh: $name=$value is $kind" >&2
     return 2
   done
+  _ray_check_port_room
+}
+
+_ray_check_port_room() {  # ray-node.sh picks every port of a node outside the kernel's ephemeral range: one
+  # span of RAY_PORT_RANGE outside it must hold the worker block and the 9 single ports (this node's
+  # range; the job's other nodes are taken to share it)
+  local lo hi eph_lo=32768 eph_hi=60999 need=$(( ${RAY_WORKER_PORTS:-1000} + 9 ))
+  IFS=- read -r lo hi <<<"${RAY_PORT_RANGE:-20000-65535}"
+  lo=$((10#$lo)) hi=$((10#$hi))
+  read -r eph_lo eph_hi </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
+  local below=$(( (hi < eph_lo - 1 ? hi : eph_lo - 1) - lo + 1 ))
+  local above=$(( hi - (lo > eph_hi + 1 ? lo : eph_hi + 1) + 1 ))
+  if [ "$below" -lt "$need" ] && [ "$above" -lt "$need" ]; then
+    echo "ray-cluster.sh: RAY_PORT_RANGE=${RAY_PORT_RANGE:-20000-65535} leaves no $need ports in a row" \
+         "(RAY_WORKER_PORTS=${RAY_WORKER_PORTS:-1000} worker ports + 9) outside this node's ephemeral port range" \
+         "$eph_lo-$eph_hi, which Ray's ports must avoid: widen it or move it outside" >&2
+    return 2
+  fi
 }
 
 _ray_node_addr() {  # the address Slurm uses for a node (NodeAddr), else its name

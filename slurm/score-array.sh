@@ -26,6 +26,10 @@ fi
 # Without ALLCLUSTER_SHARDS the array itself must be 0..N-1: --array=1-8 would make N 9 and leave
 # part 0's files without rows; --array=3 alone would run part 3 of 4 beside an 8-part job's tasks.
 if [ -n "${ALLCLUSTER_SHARDS:-}" ]; then
+  if ! [[ $ALLCLUSTER_SHARDS =~ ^[1-9][0-9]{0,5}$ ]] || [ "$SLURM_ARRAY_TASK_ID" -ge "$ALLCLUSTER_SHARDS" ]; then
+    echo "score-array.sh: ALLCLUSTER_SHARDS=$ALLCLUSTER_SHARDS is not a number of parts above this task's index $SLURM_ARRAY_TASK_ID" >&2
+    exit 2
+  fi
   shards=$ALLCLUSTER_SHARDS
 elif [ "${SLURM_ARRAY_TASK_MIN:-0}" != 0 ] || [ "${SLURM_ARRAY_TASK_COUNT:-$((SLURM_ARRAY_TASK_MAX + 1))}" != "$((SLURM_ARRAY_TASK_MAX + 1))" ]; then
   echo "score-array.sh: this array's tasks are ${SLURM_ARRAY_TASK_MIN:-?}..${SLURM_ARRAY_TASK_MAX} (${SLURM_ARRAY_TASK_COUNT:-?} of them): submit --array=0-(N-1) for an N-part job, or name N to run some of its parts: ALLCLUSTER_SHARDS=N sbatch --array=K[,K...] slurm/score-array.sh ..." >&2

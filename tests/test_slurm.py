@@ -613,6 +613,11 @@ def test_score_array_refuses_an_array_that_is_not_0_to_n_minus_1_unless_n_is_giv
     named = subprocess.run(script, cwd=REPO, env={**env, **array, "ALLCLUSTER_SHARDS": "8"}, capture_output=True,
                            text=True, timeout=60)
     assert "submit --array=0-(N-1)" not in named.stderr and "not inside a Slurm job" in named.stderr, named.stderr
+    for shards in ("eight", "0", "5"):      # not a number of parts above this task's index (5)
+        refused = subprocess.run(script, cwd=REPO, env={**env, **array, "SLURM_ARRAY_TASK_ID": "5",
+                                                        "ALLCLUSTER_SHARDS": shards},
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and f"ALLCLUSTER_SHARDS={shards} is not a number of parts" in refused.stderr
 
 
 def _stubbed_slurm(tmp_path: Path, kill_wait_s: int = 30) -> tuple[dict, Path]:
@@ -864,21 +869,33 @@ def test_a_driver_failure_is_the_jobs_when_no_ray_restart_is_left_or_ray_still_r
     assert "stopped: Ray's steps ended" in log, log
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    return int(low), int(high)
+
+
 @pytest.mark.parametrize("name, value, accepted", [
     ("ALLCLUSTER_RAY_RESTARTS", "one", False), ("ALLCLUSTER_RAY_RESTARTS", "0", True),
+    ("ALLCLUSTER_RAY_RESTARTS", "", True),                  # empty: the default
     ("ALLCLUSTER_MAX_STALLED_STARTS", "0", False), ("ALLCLUSTER_MIN_RUN_BEFORE_REQUEUE_S", "1m", False),
     ("ALLCLUSTER_CLEANUP_RESERVE_S", "08", False), ("ALLCLUSTER_CLEANUP_RESERVE_S", "off", True),
-    ("RAY_JOIN_TIMEOUT_S", "0", False), ("RAY_START_TRIES", "two", False), ("RAY_WORKER_PORTS", "-5", False),
+    ("RAY_JOIN_TIMEOUT_S", "0", False), ("RAY_START_TRIES", "two", False),
+    ("RAY_START_TRIES", "99999999999", False),              # bash's test would read it as no number
+    ("RAY_WORKER_PORTS", "-5", False), ("RAY_WORKER_PORTS", "1", False),   # Ray: max worker port > min
     ("RAY_PORT_RANGE", "30000-20000", False), ("RAY_PORT_RANGE", "20000-70000", False),
-    ("RAY_PORT_RANGE", "40000-50000", True)])
+    ("RAY_PORT_RANGE", "1023-2000", False), ("RAY_PORT_RANGE", "1024-65535", True),
+    ("RAY_PORT_RANGE", "EPHEMERAL", False),                 # inside the ephemeral range: no room for Ray
+    ("RAY_PORT_RANGE", "BELOW_EPHEMERAL", True)])
 def test_a_job_script_setting_of_the_wrong_form_is_refused_by_name(tmp_path, name, value, accepted):
     """Each setting of the README's table is checked before anything starts (a bad one used to surface
-    as a bash or Python error mid-job, or not at all)."""
+    as a bash or Python error mid-job, or not at all), in a shell with the job scripts' options."""
+    low, high = _ephemeral_ports()
+    value = {"EPHEMERAL": f"{low + 10}-{low + 2000}", "BELOW_EPHEMERAL": f"{low - 1009}-{low - 1}"}.get(value, value)
     env, _ = _stubbed_slurm(tmp_path)
-    shell = f"ALLCLUSTER_PYTHON={sys.executable}; source slurm/ray-cluster.sh; _ray_check_env"
+    shell = f"set -euo pipefail; ALLCLUSTER_PYTHON={sys.executable}; source slurm/ray-cluster.sh; _ray_check_env"
     done = subprocess.run(["bash", "-c", shell], cwd=REPO, env={**env, name: value},
                           capture_output=True, text=True, timeout=60)
     if accepted:
         assert done.returncode == 0 and not done.stderr, done.stderr
     else:
-        assert done.returncode == 2 and done.stderr.startswith(f"ray-cluster.sh: {name}={value} is "), done.stderr
+        assert done.returncode == 2 and done.stderr.startswith(f"ray-cluster.sh: {name}={value} "), done.stderr
