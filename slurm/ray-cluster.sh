@@ -115,21 +115,10 @@ _ray_check_settings() {  # the job scripts' settings (README: "The job scripts' 
   _ray_check_port_room
 }
 
-_ray_check_port_room() {  # ray-node.sh picks every port of a node outside the kernel's ephemeral range: one
-  # span of RAY_PORT_RANGE outside it must hold the worker block and the 9 single ports (this node's
-  # range; the job's other nodes are taken to share it)
-  local lo hi eph_lo=32768 eph_hi=60999 need=$(( ${RAY_WORKER_PORTS:-1000} + 9 ))
-  IFS=- read -r lo hi <<<"${RAY_PORT_RANGE:-20000-65535}"
-  lo=$((10#$lo)) hi=$((10#$hi))
-  read -r eph_lo eph_hi </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
-  local below=$(( (hi < eph_lo - 1 ? hi : eph_lo - 1) - lo + 1 ))
-  local above=$(( hi - (lo > eph_hi + 1 ? lo : eph_hi + 1) + 1 ))
-  if [ "$below" -lt "$need" ] && [ "$above" -lt "$need" ]; then
-    echo "ray-cluster.sh: RAY_PORT_RANGE=${RAY_PORT_RANGE:-20000-65535} leaves no $need ports in a row" \
-         "(RAY_WORKER_PORTS=${RAY_WORKER_PORTS:-1000} worker ports + 9) outside this node's ephemeral port range" \
-         "$eph_lo-$eph_hi, which Ray's ports must avoid: widen it or move it outside" >&2
-    return 2
-  fi
+_ray_check_port_room() {  # ray-node.sh picks every port of a node by allcluster/slurm_ports.py's rule:
+  # refused here when RAY_PORT_RANGE can never hold them (this node's ephemeral range; the job's other
+  # nodes are taken to share it). 9: the single ports ray-node.sh names besides the worker block.
+  "$ALLCLUSTER_PYTHON" -m allcluster.slurm_ports check 9 "${RAY_WORKER_PORTS:-1000}" "${RAY_PORT_RANGE:-20000-65535}"
 }
 
 _ray_node_addr() {  # the address Slurm uses for a node (NodeAddr), else its name

@@ -39,63 +39,15 @@ private=$(mktemp -d "$tmp_base/ray-XXXXXXXX")
 trap 'rm -rf "$private"' EXIT
 tmp=$private/r
 
-# ---- ports: every port this node's Ray listens on, picked now and checked free by binding it (a
-# listening socket on any address makes the wildcard bind fail). They come from RAY_PORT_RANGE
-# (default 20000-65535) minus the kernel's ephemeral range (outgoing connections take ports from
-# there) and minus Ray's fixed defaults (6379, 8265, 10001, 52365...: other users' plain `ray start`).
+# ---- ports: every port this node's Ray listens on, picked now from RAY_PORT_RANGE (default
+# 20000-65535) outside the kernel's ephemeral range and Ray's fixed defaults, and checked free by
+# binding it (allcluster/slurm_ports.py, whose rule ray-cluster.sh also checks before the job starts).
 # The worker ports are one contiguous block (--min/--max-worker-port) of RAY_WORKER_PORTS ports, all
 # free now; Ray's raylet also skips a port of its range that is in use when it starts a worker.
 # What is left is the short race between this check and Ray binding them.
 names=(gcs dashboard client node_manager object_manager agent_grpc agent_http metrics runtime_env)
-read -r "${names[@]}" worker_min worker_max < <("$ALLCLUSTER_PYTHON" - "${#names[@]}" "${RAY_WORKER_PORTS:-1000}" \
-    "${RAY_PORT_RANGE:-20000-65535}" <<'EOF' || true
-import random, socket, sys
-
-singles, block = int(sys.argv[1]), int(sys.argv[2])
-# Ray's fixed defaults (GCS, dashboard, client server, dashboard agent, object manager): left to other
-# users' plain `ray start`, even inside a custom RAY_PORT_RANGE
-RAY_DEFAULTS = {6379, 8265, 10001, 52365, 8076}
-lo, hi = (int(x) for x in sys.argv[3].split("-"))
-try:
-    eph_lo, eph_hi = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
-except OSError:
-    eph_lo, eph_hi = 32768, 60999
-spans = [(a, b) for a, b in ((lo, min(hi, eph_lo - 1)), (max(lo, eph_hi + 1), hi)) if b - a + 1 >= block + singles]
-if not spans:
-    sys.exit(f"ray-node.sh: RAY_PORT_RANGE={sys.argv[3]} minus the ephemeral range {eph_lo}-{eph_hi} "
-             f"has no room for {block} worker ports + {singles} others")
-
-
-def free(port):
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("", port))
-        except OSError:
-            return False
-    return True
-
-
-rng = random.SystemRandom()
-for _ in range(200):
-    a, b = rng.choice(spans)
-    start = rng.randint(a, b - block + 1)
-    if not RAY_DEFAULTS & set(range(start, start + block)) and all(free(p) for p in range(start, start + block)):
-        break
-else:
-    sys.exit(f"ray-node.sh: no block of {block} free ports in {sys.argv[3]} after 200 tries")
-taken, picked = set(range(start, start + block)) | RAY_DEFAULTS, []
-tries = 0
-while len(picked) < singles and tries < 100 * singles:
-    tries += 1
-    p = rng.randint(*rng.choice(spans))
-    if p not in taken and free(p):
-        taken.add(p)
-        picked.append(p)
-if len(picked) < singles:
-    sys.exit(f"ray-node.sh: fewer than {singles} free ports in {sys.argv[3]}")
-print(*picked, start, start + block - 1)
-EOF
-)
+read -r "${names[@]}" worker_min worker_max < <("$ALLCLUSTER_PYTHON" -m allcluster.slurm_ports pick \
+    "${#names[@]}" "${RAY_WORKER_PORTS:-1000}" "${RAY_PORT_RANGE:-20000-65535}" || true)
 [ -n "$worker_max" ] || { echo "ray-node.sh: could not pick free ports on $(hostname -s)" >&2; exit 1; }
 ports=(--node-manager-port="$node_manager" --object-manager-port="$object_manager"
        --dashboard-agent-grpc-port="$agent_grpc" --dashboard-agent-listen-port="$agent_http"

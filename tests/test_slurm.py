@@ -885,6 +885,7 @@ def _ephemeral_ports() -> tuple[int, int]:
     ("RAY_PORT_RANGE", "30000-20000", False), ("RAY_PORT_RANGE", "20000-70000", False),
     ("RAY_PORT_RANGE", "1023-2000", False), ("RAY_PORT_RANGE", "1024-65535", True),
     ("RAY_PORT_RANGE", "EPHEMERAL", False),                 # inside the ephemeral range: no room for Ray
+    ("RAY_PORT_RANGE", "6000-7100", False),                 # cut at Ray's default 6379: no 1000 in a row
     ("RAY_PORT_RANGE", "BELOW_EPHEMERAL", True)])
 def test_a_job_script_setting_of_the_wrong_form_is_refused_by_name(tmp_path, name, value, accepted):
     """Each setting of the README's table is checked before anything starts (a bad one used to surface
