@@ -51,6 +51,10 @@ def good_files(folder: Path) -> dict[str, Path]:
         "palette_png": save(folder / "palette.png", Image.fromarray(arr).convert("P")),
         "cmyk_jpeg": save(folder / "cmyk.jpg", Image.fromarray(arr).convert("CMYK"), quality=90),
         "tiff16_gray": save(folder / "gray16.tif", Image.fromarray((gray.astype(np.uint16) * 257))),
+        "gif": save(folder / "rgb.gif", Image.fromarray(arr)),
+        "webp": save(folder / "rgb.webp", Image.fromarray(arr)),
+        "jpeg2000": save(folder / "rgb.jp2", Image.fromarray(arr)),
+        "ppm": save(folder / "rgb.ppm", Image.fromarray(arr)),
     }
     import tifffile
     rgb16 = folder / "rgb16.tif"

@@ -1,8 +1,12 @@
 """Decoding: every supported format becomes RGB uint8; every broken input is a typed DecodeError."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+import tifffile
+from PIL import Image
 
 from allcluster.data import decode as dec
 from allcluster.data.normalize import Normalize
@@ -17,7 +21,7 @@ def zoo(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["jpeg", "png", "bmp", "tiff8", "gray_png", "rgba_png", "palette_png",
-                                  "cmyk_jpeg", "tiff16_gray", "tiff16_rgb"])
+                                  "cmyk_jpeg", "tiff16_gray", "tiff16_rgb", "gif", "webp", "jpeg2000", "ppm"])
 def test_supported_formats_decode_to_rgb_uint8(zoo, kind):
     image = dec.load(zoo[0][kind])
     assert image.array.dtype == np.uint8 and image.array.shape == (40, 40, 3)
@@ -46,6 +50,58 @@ def test_broken_inputs_raise_typed_errors_naming_the_file(zoo, name):
         dec.load(path)
     assert err.value.kind == EXPECTED_ERROR[name]
     assert str(path) in str(err.value)
+
+
+def _encoded(fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb_array(300, seed=1)).save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt, options", [
+    ("JPEG", {}), ("PNG", {}), ("GIF", {}), ("BMP", {}), ("PPM", {}), ("WEBP", {}), ("WEBP", {"lossless": True}),
+    ("JPEG2000", {}), ("TIFF", {}), ("TIFF", {"compression": "tiff_lzw"}), ("TIFF", {"compression": "tiff_adobe_deflate"}),
+    ("TIFF", {"big": True})])
+def test_an_image_cut_short_in_any_format_is_truncated_so_the_rerun_scores_it(fmt, options):
+    """A copy still in progress must be the transient ``truncated``: Pillow calls a cut TIFF, WebP or JPEG
+    2000 undecodable or no image at all (Pillow writes a TIFF's directory after its pixels), which no
+    rerun would try again."""
+    if options.pop("big", False):
+        buffer = io.BytesIO()
+        tifffile.imwrite(buffer, rgb_array(300, seed=1), bigtiff=True)
+        data = buffer.getvalue()
+    else:
+        data = _encoded(fmt, **options)
+    assert dec.decode(data, "whole").array.shape == (300, 300, 3)
+    for fraction in (0.02, 0.5, 0.99):
+        with pytest.raises(dec.DecodeError) as err:
+            dec.decode(data[: int(len(data) * fraction)], "part.img")
+        assert err.value.kind == "truncated" and "part.img" in str(err.value), (fraction, str(err.value))
+        assert "truncated" in dec.TRANSIENT_ERRORS
+
+
+def test_a_broken_image_of_full_length_stays_undecodable():
+    data = bytearray(_encoded("WEBP"))
+    data[20:30] = b"\xff" * 10                   # a damaged VP8 header, not a cut: no rerun would help
+    with pytest.raises(dec.DecodeError) as err:
+        dec.decode(bytes(data), "bad.webp")
+    assert err.value.kind == "undecodable"
+
+
+def test_postscript_in_a_dump_is_no_image_and_never_reaches_ghostscript(monkeypatch):
+    """Pillow hands EPS (whatever the file's name) to Ghostscript where one is installed: untrusted input
+    must not run a PostScript interpreter, so only the formats of ``READ_FORMATS`` are opened."""
+    from PIL import EpsImagePlugin
+
+    calls = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: calls.append(a) or Image.new("RGB", (40, 40)))
+    for fmt in ("EPS", "ICO"):
+        with pytest.raises(dec.DecodeError) as err:
+            dec.decode(_encoded(fmt), f"slide.{fmt.lower()}")
+        assert err.value.kind == "not_an_image" and "JPEG, PNG, TIFF" in str(err.value)
+    assert not calls
+    Image.init()
+    assert set(dec.READ_FORMATS) <= set(Image.OPEN), "a name Pillow does not know would fail every open"
 
 
 def test_bomb_is_refused_before_decoding(zoo):

@@ -3,6 +3,7 @@ as error rows. Real ALL images, an untrained 64 px ALL-Net model dir (tests/conf
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from allcluster.data.paths import to_text
 from allcluster.xai import EXPLAINERS
 from allcluster.explain.panel import explain_images, format_results
 
@@ -142,13 +144,15 @@ def test_explain_command_prints_one_line_per_image_and_fails_on_a_bad_one(tiny_m
                                                                          capsys):
     from allcluster.cli import main
 
-    good = sorted((real_data_dir / "Pro").glob("*.jpg"))[0]
+    good = tmp_path / os.fsdecode(b"latin\xe9 \xff.jpg")      # a name that is not UTF-8 is drawn and printed
+    good.write_bytes(sorted((real_data_dir / "Pro").glob("*.jpg"))[0].read_bytes())
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(good.read_bytes()[:500])
     args = ["explain", str(good), "--model", str(tiny_model_dir), "--out", str(tmp_path / "panels"),
             "--methods", "gradcam,gradcam++"]
     assert main(args) == 0
-    assert len(list((tmp_path / "panels").glob("*.explain.png"))) == 1 and str(good) in capsys.readouterr().out
+    assert len(list((tmp_path / "panels").glob("*.explain.png"))) == 1
+    assert to_text(good) in capsys.readouterr().out
     assert main(args[:1] + [str(broken)] + args[1:]) == 1
     assert str(broken) in capsys.readouterr().out
     assert main(args[:-1] + ["gradcam,shap"]) == 2 and "shap" in capsys.readouterr().err

@@ -82,8 +82,8 @@ def test_manifest_and_text_inputs_keep_their_paths_and_manifest_columns(tmp_path
     pd.DataFrame({"path": ["a.jpg", "b.jpg"], "ward": ["W1", None], "confidence": [1, 2]}).to_parquet(own)
     assert list_inputs(own).extra == {"ward": ["W1", ""], "input_confidence": ["1", "2"]}
     text = tmp_path / "list.txt"
-    text.write_text("# cells\nrel/a.jpg\n\n/abs/b.png\n")
-    assert list_inputs(text).paths == [str(tmp_path / "rel" / "a.jpg"), "/abs/b.png"]
+    text.write_text("#12 cell.jpg\nrel/a.jpg\n\n  \n/abs/b.png\n")   # no comments: `ls` prints names like #12
+    assert list_inputs(text).paths == [str(tmp_path / "#12 cell.jpg"), str(tmp_path / "rel" / "a.jpg"), "/abs/b.png"]
     with pytest.raises(ConfigError, match="missing-folder"):
         list_inputs(tmp_path / "missing-folder")
 
@@ -146,9 +146,12 @@ def test_a_refused_input_leaves_no_output_and_locks_in_no_settings(tiny_model_di
     no_paths, garbage = tmp_path / "no-paths.parquet", tmp_path / "garbage.parquet"
     pd.DataFrame({"file": ["a.jpg"]}).to_parquet(no_paths)
     garbage.write_bytes(b"not parquet")
+    holes = tmp_path / "holes.pq"           # rows naming no file: made relative, "" would be the folder
+    pd.DataFrame({"path": ["a.jpg", None, "", " ", "b.jpg"]}).to_parquet(holes)
     out = tmp_path / "out"
     for source, message in [(tmp_path / "typo", "typo: input not found"),
                             (no_paths, "no-paths.parquet: a manifest to score needs a 'path' column"),
+                            (holes, r"holes.pq: 3 row\(s\) have an empty or null 'path' \(row 1, 2, 3; counted from 0\)"),
                             (garbage, "garbage.parquet: cannot read this manifest as Parquet")]:
         with pytest.raises(ConfigError, match=message):
             run_score(score_config(tiny_model_dir, source, out))
@@ -728,14 +731,14 @@ def test_explain_shows_a_scoring_jobs_stored_maps_found_by_content(tiny_model_di
     cfg = score_config(tiny_model_dir, tmp_path, out, explain={"budget": {"methods": []}})
     scored_rows(cfg, _decoded(paths[:2]))
     ModelCard.read(tiny_model_dir).write_model_info(out)
-    moved = tmp_path / "elsewhere" / "renamed.jpg"              # found by content, not by name
+    moved = tmp_path / "elsewhere" / os.fsdecode(b"renamed \xe9.jpg")   # found by content, not by name; not UTF-8
     moved.parent.mkdir()
     shutil.copy(paths[0], moved)
     panels = tmp_path / "panels"
     assert main(["explain", "--scores", str(out), str(moved), str(paths[3]), "--out", str(panels)]) == 1
     printed = capsys.readouterr().out
     assert "not_scored" in printed and str(paths[3]) in printed, "an image the job never scored is an error naming it"
-    panel, = panels.glob("renamed-*.explain.png")
+    panel, = panels.glob("renamed *.explain.png")
     assert Image.open(panel).size[0] > Image.open(panel).size[1] * 1.5, "the image and the stored map side by side"
     assert main(["explain", str(moved)]) == 2 and "give --model" in capsys.readouterr().err
 

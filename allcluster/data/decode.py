@@ -1,4 +1,4 @@
-"""Bounded, format-tolerant image decoding: any JPEG/PNG/BMP/TIFF becomes an RGB uint8 array.
+"""Bounded, format-tolerant image decoding: any JPEG/PNG/TIFF/BMP/GIF/WebP/JPEG 2000/PNM becomes an RGB uint8 array.
 
 Every failure is a :class:`DecodeError` with a short ``kind`` (a stable error type for result
 tables) and a message naming the file; callers turn it into an error row, never a crash.
@@ -13,6 +13,7 @@ import io
 import math
 import os
 import stat
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,12 @@ DEFAULT_MAX_PIXELS = 50_000_000   # ~7000 x 7000: far above any cell image, far 
 DEFAULT_MIN_SIDE = 8              # a 1x1 "image" carries no cell; it is an input error
 DEFAULT_MAX_BYTES = 512 * 2**20   # far above any microscope image; a whole-slide .svs or a tar is refused
 _CHUNK = 1 << 20
+# The formats read (Pillow's names); any other file is ``not_an_image``. An allow-list, because a
+# dump is untrusted input: Pillow would hand an EPS/PostScript file (any name) to Ghostscript where
+# one is installed, and each further plugin is more parser code exposed to whatever lies in a dump.
+READ_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "DIB", "GIF", "WEBP", "JPEG2000", "PPM")
+READ_FORMATS_TEXT = "JPEG, PNG, TIFF, BMP, GIF, WebP, JPEG 2000, PNM"
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 # Error types that may not be the file's own fault (I/O hiccups, a file still being copied, an
 # out-of-memory GPU while scoring): a rerun tries such files again. Every other type is
@@ -255,19 +262,68 @@ def _oriented(rgb: np.ndarray, orientation) -> np.ndarray:
     return rgb if method is None else np.asarray(Image.fromarray(rgb).transpose(method))
 
 
+def _tiff_cut_short(data: bytes) -> bool:
+    """Whether a TIFF's first directory, or the pixel data it points to, lies past the file's end
+    (Pillow writes the directory after the pixels, so a partial copy of its files has none)."""
+    big = data[2:4] in (b"+\x00", b"\x00+")
+    order = "<" if data[:2] == b"II" else ">"
+    head = 16 if big else 8
+    if len(data) < head:
+        return True
+    first = struct.unpack(order + ("Q" if big else "I"), data[head - (8 if big else 4):head])[0]
+    if first >= len(data):
+        return True
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            page = tif.pages.first
+            return max((o + c for o, c in zip(page.dataoffsets, page.databytecounts)), default=0) > len(data)
+    except Exception:  # noqa: BLE001 - a directory tifffile cannot read says nothing about the file's end
+        return False
+
+
+def cut_short(data: bytes) -> bool:
+    """Whether ``data`` stops before the end that its own header declares: a TIFF (see
+    :func:`_tiff_cut_short`), a WebP (the RIFF size), a BMP (the file size field), a JPEG 2000 (no
+    end-of-codestream marker). Pillow reports such files of these formats as undecodable or not an
+    image at all; JPEG, PNG and GIF it reports as truncated itself."""
+    if data[:4] in _TIFF_MAGIC:
+        return _tiff_cut_short(data)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return struct.unpack("<I", data[4:8])[0] + 8 > len(data)
+    if data[:2] == b"BM" and len(data) >= 6:
+        return struct.unpack("<I", data[2:6])[0] > len(data)
+    if data.startswith((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")):
+        return not data.endswith(b"\xff\xd9")
+    return False
+
+
 def decode(data: bytes, name: str = "<bytes>", *, max_pixels: int = DEFAULT_MAX_PIXELS,
            min_side: int = DEFAULT_MIN_SIDE, draft: int | None = None) -> DecodedImage:
     """Decode image bytes to RGB uint8.
 
     ``draft`` lets JPEG decoding skip detail that a resize to ``draft`` pixels would discard (libjpeg
     DCT scaling); the whole entropy stream is still decoded, so truncation is still detected.
+    A file that fails and stops before the end its header declares is ``truncated`` (transient: a
+    copy still in progress is scored by the rerun), whatever the decoder said.
     """
+    try:
+        return _decode(data, name, max_pixels, min_side, draft)
+    except DecodeError as err:
+        if err.kind not in ("undecodable", "not_an_image") or not cut_short(data):
+            raise
+        raise DecodeError("truncated", f"{name}: the file ends after {len(data):,} bytes, before the end its "
+                                       f"header declares (a copy still in progress?); {err}") from err
+
+
+def _decode(data: bytes, name: str, max_pixels: int, min_side: int, draft: int | None) -> DecodedImage:
     if not data:
         raise DecodeError("empty_file", f"{name}: file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=READ_FORMATS)
             width, height = im.size
             check_size(width, height, name, max_pixels, min_side)
             if draft and im.format == "JPEG":
@@ -285,13 +341,13 @@ def decode(data: bytes, name: str = "<bytes>", *, max_pixels: int = DEFAULT_MAX_
     except DecodeError:
         raise
     except UnidentifiedImageError as err:
-        raise DecodeError("not_an_image", f"{name}: not a recognised image format") from err
+        raise DecodeError("not_an_image", f"{name}: not a recognised image format (read: {READ_FORMATS_TEXT})") from err
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise DecodeError("too_large", f"{name}: {err}") from err
     except MemoryError as err:
         raise out_of_memory(name, err) from err
     except (OSError, ValueError, SyntaxError, EOFError, KeyError) as err:
-        if data[:4] in (b"II*\x00", b"MM\x00*"):
+        if data[:4] in _TIFF_MAGIC:
             return _decode_with_tifffile(data, name, max_pixels, min_side)
         kind = "truncated" if "truncated" in str(err).lower() else "undecodable"
         raise DecodeError(kind, f"{name}: {err}") from err

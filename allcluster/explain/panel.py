@@ -26,6 +26,7 @@ import torch
 
 from allcluster.atomic import atomic_write
 from allcluster.config import ConfigError, from_dict
+from allcluster.data.paths import clean_text, to_text
 from allcluster.device import pick_device
 
 DEFAULT_METHODS = ("gradcam", "gradcam++", "scorecam", "lime")
@@ -85,8 +86,9 @@ def check_out_dir(out_dir: str | Path) -> Path:
 
 
 def panel_name(path: str | Path, digest: str) -> str:
-    """``<stem>-<digest>.explain.png`` for an image file and the first hex digits of its sha256."""
-    return f"{Path(path).stem}-{digest}.explain.png"
+    """``<stem>-<digest>.explain.png`` for an image file and the first hex digits of its sha256 (a stem
+    that is not UTF-8 in its escaped table form, so every panel's name is text)."""
+    return f"{to_text(Path(path).stem)}-{digest}.explain.png"
 
 
 def _load(path: str | Path, preprocess) -> _Item:
@@ -146,6 +148,7 @@ def _axes_for(item: _Item, index: int, found: dict) -> list[tuple[str, np.ndarra
 
 def prediction_title(name: str, class_name: str, probability: float, calibrated: bool = True) -> str:
     """Two-line axis title: the file name, then e.g. ``Pre  p=0.91 (calibrated)``."""
+    name = to_text(name)                # a non-UTF-8 name as its escaped table form: matplotlib takes only text
     name = name if len(name) <= 32 else name[:14] + "..." + name[-15:]
     return f"{name}\n{class_name}  p={probability:.2f} ({'calibrated' if calibrated else 'uncalibrated'})"
 
@@ -175,7 +178,8 @@ def draw_panel(out_path: str | Path, title: str, rgb: np.ndarray,
 def _result(item: _Item, panel: str = "", class_name: str = "", confidence: float = 0.0, error: str = "") -> dict:
     """The per-image result row (errors carry no panel, no class and confidence 0)."""
     error = error or item.error
-    return {"image": str(item.path), "panel": panel, "status": "error" if error else "ok", "error": error,
+    return {"image": to_text(item.path), "panel": panel, "status": "error" if error else "ok",
+            "error": clean_text(error) if error else error,
             "predicted_class": class_name, "confidence": float(confidence)}
 
 

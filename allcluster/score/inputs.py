@@ -271,13 +271,14 @@ def _may_not_be_text(type_: pa.DataType) -> bool:
 
 
 def list_text(path: Path) -> Listing:
-    """One path per line (any bytes but a newline); blank lines and ``#`` comments skipped; relative
-    paths from the file's folder."""
+    """One path per line (any bytes but a newline); relative paths from the file's folder. Only lines
+    of nothing but white space are skipped: there are no comments, since ``#12 slide.jpg`` (the
+    output of ``ls``) is a file name, which a comment rule would drop without a row."""
     base = Path(path).resolve().parent
     paths = []
     for raw in Path(path).read_bytes().removeprefix(codecs.BOM_UTF8).split(b"\n"):
         line = os.fsdecode(raw.rstrip(b"\r"))
-        if line.strip() and not line.lstrip().startswith("#"):
+        if line.strip():
             paths.append(table_path(line, base))
     return Listing(pa.table({"path": pa.array(paths, pa.string())})).first_of_each_path()
 
@@ -327,6 +328,19 @@ def _check_manifest(source: Path) -> None:
     for field_ in schema:
         if _may_not_be_text(field_.type):
             _text_column(parquet, field_.name, source)
+    _check_every_row_names_a_path(_text_column(parquet, "path", source), source)
+
+
+def _check_every_row_names_a_path(paths: pa.ChunkedArray, source: Path) -> None:
+    """Refuse a manifest with null or empty paths: such a row names no file, so it could get no row of
+    its own (made relative to the manifest's folder, it would become that folder)."""
+    missing = pc.or_(pc.is_null(paths), pc.equal(pc.utf8_trim_whitespace(paths), "")).fill_null(True)
+    count = pc.sum(missing).as_py() or 0
+    if count:
+        rows = np.flatnonzero(missing.to_numpy(zero_copy_only=False))[:5].tolist()
+        raise ConfigError(f"{source}: {count:,} row(s) have an empty or null 'path' (row {', '.join(map(str, rows))}"
+                          f"{', ...' if count > 5 else ''}; counted from 0): every row must name one file to "
+                          "score; drop or fill them")
 
 
 def list_inputs(source: str | Path, exclude: tuple[str | Path, ...] = ()) -> Listing:
