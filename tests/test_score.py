@@ -468,6 +468,20 @@ def zoo_job(ray_local, tiny_model_dir, real_data_dir, tmp_path_factory):
 
 
 @pytest.mark.ray
+def test_what_an_error_row_does_not_know_is_null_not_a_placeholder(zoo_job):
+    """README: columns absent for a row are null (a -1 width or size would count in avg() and sum())."""
+    rows = zoo_job["rows"]
+    errors = rows[rows["status"] == "error"]
+    assert len(errors) >= 8 and errors["width"].isna().all() and errors["height"].isna().all()
+    assert (rows["size_bytes"].dropna() >= 0).all() and (rows["sha256"].dropna() != "").all()
+    truncated = errors[errors["error_type"] == "truncated"].iloc[0]
+    assert truncated["size_bytes"] == os.path.getsize(truncated["path"]) and len(truncated["sha256"]) == 64, \
+        "a file read but not decoded keeps its size and hash"
+    unread = errors[errors["error_type"] == "empty_file"].iloc[0]
+    assert pd.isna(unread["sha256"]) and pd.isna(unread["size_bytes"])
+
+
+@pytest.mark.ray
 def test_every_entry_of_the_dump_gets_exactly_one_row_and_the_job_exits_0(zoo_job):
     rows, root = zoo_job["rows"], zoo_job["root"]
     entries = {str(p) for p in root.rglob("*") if p.is_file() or p.is_symlink() or p.is_fifo()}
@@ -780,19 +794,25 @@ def test_a_duplicate_takes_its_first_copys_results_but_keeps_its_own_input_colum
     from allcluster.score.rows import empty_columns, row_schema
 
     schema = row_schema(["A", "B"], ["gradcam"], ["ward"])
-    cols = empty_columns(schema, 3)
-    cols.update(path=["first.jpg", "copy.jpg", "orphan.jpg"], sha256=["aa" * 32, "aa" * 32, "bb" * 32],
-                status=["ok"] * 3, duplicate_of=["", "first.jpg", "gone.jpg"], ward=["W1", "W2", "W3"],
-                predicted_class=["B", None, None], confidence=[0.9, None, None], t_model_ms=[5.0, None, None])
+    cols = empty_columns(schema, 5)
+    cols.update(path=["first.jpg", "bad.jpg", "copy.jpg", "orphan.jpg", "bad copy.jpg"],
+                sha256=["aa" * 32, "cc" * 32, "aa" * 32, "bb" * 32, "cc" * 32],
+                status=["ok", "error", "ok", "ok", "ok"], duplicate_of=["", "", "first.jpg", "gone.jpg", "bad.jpg"],
+                ward=["W1", "W0", "W2", "W3", "W4"], predicted_class=["B", None, None, None, None],
+                error_type=["", "not_an_image", "", "", ""], error=["", "bad.jpg: not a recognised image format", "", "", ""],
+                confidence=[0.9, None, None, None, None], t_model_ms=[5.0, None, None, None, None])
     table = pa.Table.from_pydict(cols, schema=schema)
     writer = ShardWriter(tmp_path, schema, "run", rows_per_shard=100, flush_seconds=60)
-    writer.add(table.slice(0, 1))
+    writer.add(table.slice(0, 2))
     writer.flush()
-    filled = resolve_duplicates(tmp_path, table.slice(1), ["ward"]).to_pylist()
-    copy, orphan = filled
+    filled = resolve_duplicates(tmp_path, table.slice(2), ["ward"]).to_pylist()
+    copy, orphan, bad_copy = filled
     assert (copy["path"], copy["ward"], copy["duplicate_of"]) == ("copy.jpg", "W2", "first.jpg")
     assert (copy["predicted_class"], copy["confidence"], copy["t_model_ms"]) == ("B", pytest.approx(0.9), None)
     assert (orphan["status"], orphan["error_type"]) == ("error", "duplicate_unresolved")
+    assert (bad_copy["status"], bad_copy["error_type"]) == ("error", "not_an_image")
+    assert bad_copy["error"].startswith("bad copy.jpg: same bytes as bad.jpg, whose row says: bad.jpg: not a"), \
+        "an error row names its own file first"
 
 
 def test_the_writer_counts_final_rows_apart_so_a_start_that_only_rewrites_transient_errors_made_no_progress(

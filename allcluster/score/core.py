@@ -27,6 +27,14 @@ from allcluster.score.rows import (STORAGE_FULL_ROWS, class_columns, empty_colum
 from allcluster.xai.localisation import mass_inside
 
 
+def unknown_as_null(cols: dict[str, list]) -> None:
+    """Reading's placeholders (-1, ``""``: not known for a file that could not be read or decoded) as
+    nulls, as the README's row schema says: a -1 would count in ``sum(size_bytes)`` or ``avg(width)``."""
+    for name in ("size_bytes", "width", "height"):
+        cols[name] = [None if v == -1 else v for v in cols[name]]
+    cols["sha256"] = [v or None for v in cols["sha256"]]
+
+
 def build_explainer(name: str, model: torch.nn.Module, layer: str, cfg: ScoreConfig):
     """An explainer from the registry, with the job's LIME / IG settings."""
     from allcluster.xai import ExplainSettings, make_explainer
@@ -76,6 +84,7 @@ class Scorer:
         for name in self.schema.names:
             if name in batch and name != "pixels":
                 cols[name] = [v.item() if isinstance(v, np.generic) else v for v in batch[name]]
+        unknown_as_null(cols)
         todo = [i for i in range(n) if cols["status"][i] == "ok" and not cols["duplicate_of"][i]]
         if todo:
             try:

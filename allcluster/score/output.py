@@ -449,6 +449,9 @@ def resolve_duplicates(out: Path, waiting: pa.Table, extra: list[str] = ()) -> p
         if owner is None:
             filled.append({**row, "status": "error", "error_type": "duplicate_unresolved",
                            "error": f"{row['path']}: same bytes as {row['duplicate_of']}, which has no result row"})
+        elif owner["status"] == "error":        # the message names this file, then the copy it shares
+            filled.append({**owner, **{k: row[k] for k in own},
+                           "error": f"{row['path']}: same bytes as {row['duplicate_of']}, whose row says: {owner['error']}"})
         else:
             filled.append({**owner, **{k: row[k] for k in own}})
     return pa.Table.from_pylist(filled, schema=waiting.schema)
