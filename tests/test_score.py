@@ -173,6 +173,13 @@ def test_check_refuses_what_the_run_would_and_writes_nothing(tiny_model_dir, rea
     assert check(model=tmp_path / "no-model") == 2 and "no-model" in capsys.readouterr().err
     assert check(input=tmp_path / "typo") == 2 and "typo: input not found" in capsys.readouterr().err
     assert check(shard="3/3") == 2 and "--shard: '3/3' needs 0 <= K < N" in capsys.readouterr().err
+    # what only the model rules out: found while scoring, CAM would make every image a retried model_error
+    for setting, named in (("explain.methods=[gradcam, cam]", "explain.methods: CAM needs a head with no hidden"),
+                           ("explain.budget.methods=[cam]", "explain.budget.methods: CAM needs a head"),
+                           ("explain.budget.classes=[Pre, Blast]", "explain.budget.classes: 'Blast' not among")):
+        code = main(["score", "--check", "--config", str(CI_TINY), *[x for kv in given.items() for x in kv],
+                     "--set", setting])
+        assert code == 2 and named in capsys.readouterr().err, setting
     assert not out.exists()
     task = lock_output(out, Shard(0, 2))            # array task 0 of 2 of this job is running
     assert check(shard="1/2") == 0, "array tasks run side by side"

@@ -135,11 +135,29 @@ def check_before_run(cfg: ScoreConfig, shard: Shard = Shard()) -> ModelCard:
     holds (a whole job, or the same array task), an ``out`` that holds rows scored with another model
     or other row-shaping settings. ``--check`` runs exactly this."""
     card = ModelCard.read(cfg.model)
+    check_explain_fits_model(cfg, card)
     check_input(cfg.input)
     out = Path(cfg.out).resolve()
     check_output_free(out, shard)
     check_job_settings(out, job_settings(card, cfg), record=False)
     return card
+
+
+def check_explain_fits_model(cfg: ScoreConfig, card: ModelCard) -> None:
+    """Refuse, naming the key, what only the model can rule out: CAM on a head with hidden layers, and
+    budget classes the model does not have. Found while scoring, the first would make every image a
+    (transient, so retried every night) ``model_error``; the second would explain nothing in depth."""
+    from allcluster.xai.cams import CAM_NEEDS_A_PLAIN_HEAD
+
+    for key, methods in (("explain.methods", cfg.explain.methods),
+                         ("explain.budget.methods", cfg.explain.budget.methods)):
+        if "cam" in methods and card.head_spec().hidden:
+            raise ConfigError(f"{key}: {CAM_NEEDS_A_PLAIN_HEAD} (model {cfg.model}, head hidden "
+                              f"{list(card.head_spec().hidden)})")
+    unknown = [c for c in cfg.explain.budget.classes if c not in card.classes]
+    if unknown:
+        raise ConfigError(f"explain.budget.classes: {', '.join(map(repr, unknown))} not among the model's classes "
+                          f"{', '.join(card.classes)} ({cfg.model})")
 
 
 def job_settings(card: ModelCard, cfg: ScoreConfig) -> dict:

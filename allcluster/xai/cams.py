@@ -58,6 +58,12 @@ class ScoreCAM(Explainer):
         return (up - lo) / (hi - lo + 1e-8)
 
 
+# CAM (Zhou et al. 2016) weighs the last feature maps by the dense layer right after pooling: a head
+# with hidden layers has no such layer. Also checked from the model card before a scoring job starts.
+CAM_NEEDS_A_PLAIN_HEAD = ("CAM needs a head with no hidden layer (GAP -> dense); this model's head has hidden "
+                          "layers: use gradcam, or train with model.head.hidden: []")
+
+
 class CAM(Explainer):
     """Class activation mapping (Zhou et al. 2016, Eq. 2): weights are the final dense layer's row
     for the class. Defined only for a GAP -> dense head (``model.head.hidden: []``)."""
@@ -67,8 +73,7 @@ class CAM(Explainer):
     def check_head(self) -> None:
         """Raise ``ValueError`` unless the model's head is GAP -> dense (no hidden layer)."""
         if any(isinstance(m, torch.nn.Linear) for m in self.model.head.mlp):
-            raise ValueError("CAM needs a head with no hidden layer (GAP -> dense); this model's head has "
-                             "hidden layers: use gradcam, or train with model.head.hidden: []")
+            raise ValueError(CAM_NEEDS_A_PLAIN_HEAD)
 
     def channel_weights(self, images, targets, activations, grads):
         self.check_head()
