@@ -140,7 +140,7 @@ def load_score_config(args: argparse.Namespace):
     data = read_yaml(args.config) if args.config else {}
     data.update({k: getattr(args, k) for k in ("model", "input", "out") if getattr(args, k)})
     source = args.config or "allcluster score"
-    cfg = from_dict(ScoreConfig, apply_overrides(data, args.overrides), source)
+    cfg = from_dict(ScoreConfig, apply_overrides(data, args.overrides, ScoreConfig), source)
     return check(cfg, source)
 
 

@@ -204,13 +204,31 @@ def set_path(data: dict, keys: list[str], value: Any, what: str) -> None:
     node[keys[-1]] = value
 
 
-def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
-    """Return a copy of ``data`` with each ``a.b=c`` override applied."""
+def apply_overrides(data: dict, overrides: typing.Iterable[str], cls: type | None = None) -> dict:
+    """Return a copy of ``data`` with each ``a.b=c`` override applied. With the config dataclass
+    ``cls``, a field whose keys are themselves dotted names (metadata ``dotted_keys``: a sweep's
+    ``grid`` and ``sample``) takes the rest of the key whole: ``grid.optim.name=[adam]`` sets
+    ``grid["optim.name"]``."""
     data = json.loads(json.dumps(data or {}))
     for text in overrides:
         keys, value = parse_override(text)
-        set_path(data, keys, value, f"--set {text!r}")
+        set_path(data, _sections(cls, keys), value, f"--set {text!r}")
     return data
+
+
+def _sections(cls: type | None, keys: list[str]) -> list[str]:
+    """``keys`` as the sections they walk through in ``cls`` (see :func:`apply_overrides`)."""
+    node = cls
+    for depth, key in enumerate(keys[:-1]):
+        if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
+            break
+        field_ = {f.name: f for f in dataclasses.fields(node)}.get(key)
+        if field_ is None:
+            break
+        if field_.metadata.get("dotted_keys"):
+            return [*keys[:depth + 1], ".".join(keys[depth + 1:])]
+        node = typing.get_type_hints(node).get(key)
+    return keys
 
 
 def deep_merge(base: dict, top: dict) -> dict:
@@ -283,7 +301,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: typing.Iterabl
     source = str(path) if path is not None else "<defaults>"
     if overrides:
         source += " (with --set " + " ".join(overrides) + ")"
-    return from_dict(cls, apply_overrides(data, overrides), source)
+    return from_dict(cls, apply_overrides(data, overrides, cls), source)
 
 
 def to_dict(cfg: Any) -> dict:

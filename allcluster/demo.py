@@ -34,7 +34,7 @@ def demo_config(out: Path, overrides: list[str] = ()):
     data = json.loads(json.dumps(DEMO_CONFIG))
     data["output_dir"] = str(out / "train")
     data["data"]["manifest"] = str(out / "manifest.parquet")
-    data = apply_overrides(data, overrides)
+    data = apply_overrides(data, overrides, TrainConfig)
     return resolve(from_dict(TrainConfig, data, "demo config"), "demo config")
 
 

@@ -59,6 +59,23 @@ def test_set_overrides_apply_and_are_validated(tmp_path):
         load(TrainConfig, path, ["optim.lr"])
 
 
+def test_a_sweeps_grid_and_sample_keys_are_set_whole_from_the_command_line():
+    """``grid`` and ``sample`` map dotted training keys to values: ``--set grid.optim.name=[adam]`` is
+    the grid's key ``optim.name``, not sections grid -> optim -> name (which no grid accepts)."""
+    from allcluster.sweep.config import SweepConfig
+    from allcluster.sweep.driver import load_sweep
+
+    path = REPO / "configs" / "sweep" / "ci_tiny.yaml"
+    sweep = load(SweepConfig, path, ["grid.optim.name=[adam]", "sample.optim.lr={uniform: [0.001, 0.01]}",
+                                     "train.optim.weight_decay=0.001", "asha.enabled=true"])
+    assert sweep.grid["optim.name"] == ["adam"] and sweep.grid["augment.name"] == ["mixup", "cutmix"]
+    assert sweep.sample == {"optim.lr": {"uniform": [0.001, 0.01]}} and sweep.asha.enabled
+    assert sweep.train["optim"]["weight_decay"] == 0.001
+    assert len(load_sweep(str(path), ["grid.optim.name=[adam]"])[1]) == 2
+    with pytest.raises(ConfigError, match=r"sample\.optim\.lr\.uniform: expected \[low, high\]"):
+        load_sweep(str(path), ["sample.optim.lr={uniform: [2, 1]}"])
+
+
 def test_exponent_without_a_dot_is_a_number_in_files_and_overrides(tmp_path):
     path = tmp_path / "lr.yaml"
     path.write_text("optim:\n  lr: 3e-4\n  weight_decay: 1E-5\n")

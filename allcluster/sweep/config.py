@@ -30,9 +30,10 @@ class SweepConfig:
     experiment_dir: str = "runs/sweep"     # a shared-filesystem path on a cluster: every node writes here
     base: str = ""                         # optional training YAML the `train` section is laid over
     train: dict[str, Any] = field(default_factory=dict)   # TrainConfig keys shared by every trial
-    grid: dict[str, list] = field(default_factory=dict)   # dotted key -> values; all combinations
+    # dotted key -> values; all combinations (--set grid.optim.name=[adam]: the key is "optim.name")
+    grid: dict[str, list] = field(default_factory=dict, metadata={"dotted_keys": True})
     # dotted key -> {choice: [..]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} | {randint: [lo, hi]}
-    sample: dict[str, dict] = field(default_factory=dict)
+    sample: dict[str, dict] = field(default_factory=dict, metadata={"dotted_keys": True})
     num_samples: int = field(default=1, metadata=bounds(ge=1))     # random draws per grid cell
     seed: int = 0                          # seeds the draws, so a rerun plans the same trials
     max_concurrent: int = field(default=0, metadata=bounds(ge=0))  # 0: as many as the cluster fits
