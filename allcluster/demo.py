@@ -40,13 +40,18 @@ def demo_config(out: Path, overrides: list[str] = ()):
 
 def run_demo(out: Path, overrides: list[str] = ()) -> dict:
     """Generate -> index -> train; prints a summary and returns the final metrics."""
-    from allcluster.config import from_dict
+    from allcluster.config import ConfigError, from_dict
     from allcluster.data.manifest import IndexConfig, format_summary, run_index
     from allcluster.data.synthetic import generate
-    from allcluster.train.ray_train import run_training
+    from allcluster.train.ray_train import check_resumable, run_training
 
     start = time.time()
     out = out.resolve()
+    cfg = demo_config(out, overrides)       # a bad --set, or one an earlier demo in --out was not trained
+    try:                                    # with, is refused before a single image is made
+        check_resumable(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{err}. For the demo: give it another --out, e.g. --out {out}-2") from None
     print("allcluster demo: these images are SYNTHETIC (generated smear-like cells); the numbers below "
           "show the pipeline works and mean nothing medically.\n")
     images = generate(out / "synthetic", **SYNTHETIC)
@@ -54,7 +59,6 @@ def run_demo(out: Path, overrides: list[str] = ()) -> dict:
     index_cfg = from_dict(IndexConfig, {"source": str(images), "out": str(out / "manifest.parquet")})
     _, summary = run_index(index_cfg)
     print(format_summary(summary))
-    cfg = demo_config(out, overrides)
 
     final = run_training(cfg)
     card = final["model_card"]

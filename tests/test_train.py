@@ -289,6 +289,12 @@ def test_demo_generates_indexes_trains_and_reports_where_outputs_are(ray_local, 
         assert str(tmp_path / "demo" / path) in printed
     card = json.loads((tmp_path / "demo" / "train" / "model" / "model_card.json").read_text())
     assert card["split_sizes"]["train"] > card["split_sizes"]["test"] > 0
+    # the same --out with other settings: refused before any image is made again, pointing at --out
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*") if p.is_file()}
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--set", "fit.epochs=3"]) == 2
+    refusal = capsys.readouterr().err
+    assert "fit.epochs: 2 -> 3" in refusal and f"--out {tmp_path / 'demo'}-2" in refusal, refusal
+    assert written == {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*") if p.is_file()}
 
 
 def test_bf16_autocast_path_trains_and_exports_on_cpu(synthetic_manifest, tmp_path):
