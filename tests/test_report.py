@@ -320,11 +320,22 @@ def test_a_scoring_job_that_is_unfinished_is_said_so_above_its_counts_and_one_wi
     (job / "summary.json").write_text(json.dumps({"rows": 2}))
     assert unfinished_notes(job) == []
 
+    only_journal = tmp_path / "killed-early"          # SIGKILL before the first shard: no rows/*.parquet
+    (only_journal / "rows" / ".journal-0-of-1").mkdir(parents=True)
+    (only_journal / "rows" / ".journal-0-of-1" / "part-r-00000.rows.arrows").write_bytes(b"rows held")
+    with pytest.raises(ConfigError, match=r"killed-early: a scoring output with no row shard in rows/ yet \(a "
+                                          r"killed run's last rows wait in its journal.*rerun its `allcluster score`"):
+        build_report([only_journal], tmp_path / "r1", ReportOptions(group_by=[]))
+    assert not (tmp_path / "r1").exists() and sorted(p.name for p in only_journal.rglob("*")) == [
+        ".journal-0-of-1", "part-r-00000.rows.arrows", "rows"], "the report writes nothing into the output"
+
     empty = tmp_path / "empty" / "rows"
     empty.mkdir(parents=True)
     pq.write_table(pq.read_table(job / "rows" / "part-0.parquet").slice(0, 0), empty / "part-0.parquet")
     result = build_report([empty.parent], tmp_path / "r0", ReportOptions(group_by=[]))
     assert result["scoring"]["rows"] == 0 and result["scoring"]["ok"] == 0
+    assert (tmp_path / "r0" / "tables" / "errors_by_type.csv").read_text().split() == ["error_type,errors"], \
+        "a table the README lists is written also when it has no row"
 
 
 def test_a_report_is_one_writers_and_a_killed_one_is_rebuilt_by_its_rerun(tmp_path):

@@ -228,8 +228,8 @@ def scoring_parts(report: Report, inputs: Inputs, data: tables.ScoreData, option
         parts += report.table("explanation_quality", quality,
                               "Explanations: share of each map on the stained cell, faithfulness")
     errors = tables.errors_by_type(counts["error_type"])
-    parts += report.table("errors_by_type", errors, "Errors by type") if len(errors) else [
-        html.heading("Errors by type"), html.paragraph("no error rows")]
+    shown = report.table("errors_by_type", errors, "Errors by type")    # its files also when empty: scripts read them
+    parts += shown if len(errors) else [html.heading("Errors by type"), html.paragraph("no error rows")]
     for key in options.group_by:
         parts += report.table(f"rollup_{safe_name(key)}", counts[key], f"By {key}")
     parts += morning

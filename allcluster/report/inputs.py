@@ -88,12 +88,26 @@ def classify_file(path: Path) -> SweepSource | ScoreSource:
     return ScoreSource(_rows_root(path), [path])
 
 
+def _refuse_an_output_without_shards(path: Path) -> None:
+    """A scoring output with no row shard yet: say why (a killed run's rows waiting in its journal, a
+    run writing it now) and what to do, rather than that it is no output at all. Reads only: the
+    report never writes into a scoring output (one writer per output)."""
+    from allcluster.score.output import unfinished
+
+    why = unfinished(path)
+    raise ConfigError(f"{path}: a scoring output with no row shard in rows/ yet ({why or 'no run wrote one'}); "
+                      "rerun its `allcluster score` command, which writes a killed run's journaled rows "
+                      "first (or wait for the run writing it), then report")
+
+
 def classify_folder(path: Path) -> SweepSource | ScoreSource:
     """A folder INPUT: sweep experiment, scoring OUT, or a folder of row shards."""
     if (path / "trials.parquet").is_file():
         return SweepSource(path, path / "trials.parquet", _sibling(path / "trials.parquet", "epochs.parquet"))
     if (path / "rows").is_dir() and parquet_files(path / "rows"):
         return ScoreSource(path, parquet_files(path / "rows"))
+    if (path / "rows").is_dir():
+        _refuse_an_output_without_shards(path)
     files = parquet_files(path)
     try:
         if files and parquet_kind(files[0]) == "rows":
