@@ -33,11 +33,13 @@ MORNING_ROWS = 3         # --morning-rows
 CLASSES = ["Benign", "Early", "Pre", "Pro"]
 MALIGNANT = ["Early", "Pre", "Pro"]         # the default: every class but Benign
 
-def readme_pandas_recipe() -> str:
-    """The README's "without allcluster" pandas recipe, read from the README itself (so they agree)."""
+def readme_recipe(language: str = "python") -> str:
+    """The README's "without allcluster" recipe in ``language`` (python: pandas, sql: DuckDB), read
+    from the README itself (so they agree)."""
     text = (REPO / "README.md").read_text()
     section = text[text.index("### The same tables without allcluster"):]
-    return section[section.index("```python") + len("```python"):section.index("```", section.index("```python") + 9)]
+    start = section.index(f"```{language}\n") + len(f"```{language}\n")
+    return section[start:section.index("```", start)]
 
 
 # ---- pure parts ----------------------------------------------------------------------------------------------
@@ -724,15 +726,36 @@ def test_bad_options_and_inputs_are_one_clear_error(runs, tmp_path, capsys):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_the_readme_pandas_recipe_gives_the_reports_headline_tables(runs):
+def test_the_readme_recipe_gives_the_reports_headline_tables(runs):
     scope = {"EXP": str(runs["experiment"]), "OUT": str(runs["scored"])}
-    exec(readme_pandas_recipe(), scope)
+    exec(readme_recipe(), scope)
     board = table(runs, "leaderboard")
     assert scope["leaderboard"]["trial_id"].tolist() == board["trial_id"].tolist()
     assert np.allclose(scope["leaderboard"]["test_macro_f1"], board["test_macro_f1"])
     counts = table(runs, "class_counts").set_index("predicted_class")
     assert scope["per_class"]["images"].to_dict() == counts["images"].to_dict()
     assert scope["errors"].to_dict() == table(runs, "errors_by_type").set_index("error_type")["errors"].to_dict()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_readme_duckdb_queries_give_the_reports_tables(runs):
+    import duckdb
+
+    sql = readme_recipe("sql").replace("'EXP/", f"'{runs['experiment']}/").replace("'OUT/", f"'{runs['scored']}/")
+    sql = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))   # (a ; in a comment)
+    board, _pivot, per_class, errors, by_folder, morning, confusion = [
+        duckdb.sql(statement).df() for statement in sql.split(";") if statement.strip()]
+    assert board["trial_id"].tolist() == table(runs, "leaderboard")["trial_id"].tolist()
+    counts = table(runs, "class_counts").set_index("predicted_class")
+    assert per_class.set_index("predicted_class")["images"].to_dict() == counts["images"].to_dict()
+    assert errors.set_index("error_type")["errors"].to_dict() == \
+        table(runs, "errors_by_type").set_index("error_type")["errors"].to_dict()
+    rollup = table(runs, "rollup_folder").set_index("folder")[["rows", "ok", "errors", "uncertain"]]
+    assert by_folder.set_index("folder")[["rows", "ok", "errors", "uncertain"]].to_dict() == rollup.to_dict()
+    listed = pd.read_csv(runs["report"] / "morning_list.csv", keep_default_na=False)
+    assert len(listed) > MORNING_ROWS and morning["path"].tolist() == listed["path"].tolist()
+    assert confusion["n"].sum() == (runs["rows"]["status"].eq("ok") & runs["rows"]["label"].ne("")).sum()
 
 
 # ---- the HTML in a real browser --------------------------------------------------------------------------
