@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -145,7 +146,9 @@ class _Builder:
                 try:
                     return self.coerce(option, value, path, meta)
                 except ConfigError as err:
-                    errors.append(str(err))
+                    errors.append(err)
+            if len(errors) == 1:        # "X or null": X's own error says what is allowed (its range)
+                raise errors[0]
             self.fail(path, f"expected {_describe(tp)}, got {value!r}")
         if origin in (tuple, list):
             if not isinstance(value, (list, tuple)):
@@ -170,6 +173,8 @@ class _Builder:
             if not numeric or (tp is int and isinstance(value, float) and not value.is_integer()):
                 self.fail(path, f"expected {tp.__name__}, got {value!r}")
             value = tp(value)
+            if not math.isfinite(value):
+                self.fail(path, f"expected a finite number, got {value!r}")
             problem = _range_error(value, meta)
             if problem:
                 self.fail(path, problem)

@@ -42,6 +42,12 @@ def test_out_of_range_value_names_the_range(tmp_path):
     path = write_yaml(tmp_path / "bad.yaml", {"fit": {"label_smoothing": 1.5}})
     with pytest.raises(ConfigError, match=r"fit\.label_smoothing: value 1\.5 is out of range; allowed: >= 0 and < 1"):
         load(TrainConfig, path)
+    # an optional key ("float or null") names its range too, not only its types
+    with pytest.raises(ConfigError, match=r"model\.head\.dropout: value 1\.0 is out of range; allowed: >= 0 and < 1"):
+        load(TrainConfig, path, ["fit.label_smoothing=0", "model.head.dropout=1"])
+    for value in (".inf", "-.inf", ".nan"):
+        with pytest.raises(ConfigError, match=r"optim\.lr: expected a finite number"):
+            load(TrainConfig, path, ["fit.label_smoothing=0", f"optim.lr={value}"])
 
 
 def test_section_given_a_scalar_is_rejected():
