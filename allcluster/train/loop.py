@@ -371,7 +371,8 @@ class WorkerRun:
             final["model_dir"] = str(self.export(final, state))
         state.final = {k: v for k, v in final.items() if not k.endswith("_metrics")}
         self.checkpoint(state, state.final)
-        self.log(f"[train] best epoch {state.best_epoch + 1}: val macro-F1 {final['val_macro_f1']:.4f}; "
+        self.log(f"[train] best epoch {state.best_epoch + 1} (best_epoch {state.best_epoch}: the tables count "
+                 f"from 0): val macro-F1 {final['val_macro_f1']:.4f}; "
                  f"test accuracy {final['test_accuracy']:.4f}, macro-F1 {final['test_macro_f1']:.4f}")
         return final
 
