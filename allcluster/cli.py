@@ -17,13 +17,13 @@ def _add_set(parser: argparse.ArgumentParser, example: str = "optim.lr=1e-4") ->
 
 def cmd_index(args: argparse.Namespace) -> int:
     from allcluster.data.manifest import IndexConfig, format_summary, run_index
-    from allcluster.config import from_dict
+    from allcluster.config import as_option, from_dict
 
     limits = {"max_pixels": args.max_pixels, "min_side": args.min_side}     # unset: IndexConfig's defaults
     cfg = from_dict(IndexConfig, {
         "source": args.source, "out": args.out, "ratios": args.ratios, "folds": args.folds, "seed": args.seed,
         "patient_regex": args.patient_regex, "workers": args.workers,
-        **{key: value for key, value in limits.items() if value is not None}}, "allcluster index")
+        **{key: value for key, value in limits.items() if value is not None}}, "allcluster index", as_option)
     _, summary = run_index(cfg)
     print(format_summary(summary))
     print(f"manifest: {Path(cfg.out).resolve()}")
@@ -168,16 +168,25 @@ def cmd_score(args: argparse.Namespace) -> int:
     return EX_TEMPFAIL if summary.get("interrupted") else 0
 
 
+EXPLAIN_METHODS = "gradcam,gradcam++,scorecam,lime"     # explain --model's defaults
+EXPLAIN_LIME_SAMPLES = 1000
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from allcluster.explain.panel import explain_from_scores, explain_images, format_results
 
     if bool(args.model) == bool(args.scores):
         raise ConfigError("explain: give --model (run the explainers) or --scores OUT (show a scoring job's stored maps)")
+    if args.scores and args.lime_samples is not None:
+        raise ConfigError("explain --scores: --lime-samples applies to --model only (a scoring job's LIME maps "
+                          "are drawn as it stored them)")
     try:
         if args.scores:
-            results = explain_from_scores(args.scores, args.images, args.out)
+            results = explain_from_scores(args.scores, args.images, args.out, args.methods)
         else:
-            results = explain_images(args.model, args.images, args.out, args.methods, args.device, args.lime_samples)
+            results = explain_images(args.model, args.images, args.out, args.methods or EXPLAIN_METHODS,
+                                     args.device,
+                                     EXPLAIN_LIME_SAMPLES if args.lime_samples is None else args.lime_samples)
     except ValueError as err:                      # unknown method, CUDA asked for but absent
         raise ConfigError(str(err)) from err
     print(format_results(results))
@@ -185,13 +194,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from allcluster.config import from_dict
+    from allcluster.config import as_option, from_dict
     from allcluster.report import ReportOptions, build_report
 
     options = from_dict(ReportOptions, {
         "metric": args.metric, "group_by": args.group_by or ["folder"], "malignant": args.malignant,
         "gallery_per_class": args.gallery_per_class, "curves": args.curves, "morning_rows": args.morning_rows},
-        "allcluster report")
+        "allcluster report", as_option)
     result = build_report(args.inputs, args.out, options)
     counts = {k: v for k, v in result.get("scoring", {}).items() if k != "confusion"}
     print(json.dumps({"trials": result["trials"], "scoring": counts, "notes": result["notes"]}, indent=2))
@@ -336,10 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("--out", default="explanations", help="folder for the panels (default: ./explanations)")
     p.add_argument("--model", help="exported model directory: run the explainers on the images")
-    p.add_argument("--methods", default="gradcam,gradcam++,scorecam,lime", help="comma-separated explainers")
+    p.add_argument("--methods", help=f"comma-separated explainers (default: {EXPLAIN_METHODS}); with --scores: "
+                   "which stored maps to draw (default: all)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--lime-samples", type=int, default=1000,
-                   help="LIME's perturbed images per image (at least 10; default: %(default)s)")
+    p.add_argument("--lime-samples", type=int,
+                   help=f"LIME's perturbed images per image (at least 10; default: {EXPLAIN_LIME_SAMPLES}; --model only)")
     p.add_argument("--scores", metavar="OUT", help="instead of --model: a scoring output; show the maps it "
                    "stored for the images (found by content; no model runs)")
     p.set_defaults(func=cmd_explain)

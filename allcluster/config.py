@@ -100,8 +100,9 @@ def _range_error(value: float, meta: dict) -> str | None:
 class _Builder:
     """Builds a dataclass tree from plain data, collecting the key path for error messages."""
 
-    def __init__(self, source: str):
+    def __init__(self, source: str, spell: typing.Callable[[str], str] | None = None):
         self.source = source
+        self.spell = spell          # how the user wrote a top-level key (a command-line option)
 
     def fail(self, path: str, message: str) -> typing.NoReturn:
         raise ConfigError(f"{self.source}: {path or '<top level>'}: {message}")
@@ -119,7 +120,7 @@ class _Builder:
             self.fail(key, f"unknown key; allowed keys here: {', '.join(fields)}")
         values = {}
         for name, value in data.items():
-            key = f"{path}.{name}" if path else name
+            key = f"{path}.{name}" if path else (self.spell or str)(name)
             values[name] = self.coerce(hints[name], value, key, fields[name].metadata)
         try:
             return cls(**values)
@@ -277,9 +278,16 @@ def config_diff(stored: dict[str, Any], current: dict[str, Any], skip: typing.It
     return lines
 
 
-def from_dict(cls: type[T], data: dict | None, source: str = "<dict>") -> T:
-    """Validate plain data into the config dataclass ``cls``."""
-    return _Builder(source).build(cls, data or {})
+def from_dict(cls: type[T], data: dict | None, source: str = "<dict>",
+              spell: typing.Callable[[str], str] | None = None) -> T:
+    """Validate plain data into the config dataclass ``cls``; ``spell`` names a top-level key in
+    errors as the user gave it (:func:`as_option`, where the keys came from command-line options)."""
+    return _Builder(source, spell).build(cls, data or {})
+
+
+def as_option(key: str) -> str:
+    """A config key as the command-line option that set it: ``min_side`` -> ``--min-side``."""
+    return "--" + key.replace("_", "-")
 
 
 def read_yaml(path: str | Path) -> dict:

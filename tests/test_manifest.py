@@ -219,11 +219,15 @@ def test_more_folds_than_groups_is_refused_naming_folds_and_before_hashing_when_
     assert not list(tmp_path.glob("m.*")), "a refused index writes nothing"
 
 
-def test_bad_index_options_are_clear_errors():
+def test_bad_index_options_are_clear_errors(tmp_path, capsys):
+    from allcluster.cli import main
+
     with pytest.raises(ConfigError, match="ratios"):
         from_dict(IndexConfig, {"source": "x", "ratios": [0.5, 0.5, 0.5]})
     with pytest.raises(ConfigError, match="patient_regex"):
         from_dict(IndexConfig, {"source": "x", "patient_regex": "("})
+    assert main(["index", str(tmp_path), "--out", str(tmp_path / "m.parquet"), "--min-side", "0"]) == 2
+    assert "allcluster index: --min-side: value 0 is out of range" in capsys.readouterr().err, "named as typed"
 
 
 def test_index_size_limits_from_the_command_line_make_error_rows_and_are_recorded(tmp_path):

@@ -713,7 +713,8 @@ def test_bad_options_and_inputs_are_one_clear_error(runs, tmp_path, capsys):
              ([str(runs["scored"]), "--group-by", "ward"], "--group-by ward: not a column of the scoring rows"),
              ([str(runs["scored"]), "--malignant", "Blast"], "--malignant Blast: not a class of the model; classes: Benign"),
              ([str(tmp_path / "missing")], "report input not found"),
-             ([str(runs["base"] / "extra")], "not a sweep experiment folder")]
+             ([str(runs["base"] / "extra")], "not a sweep experiment folder"),
+             ([str(runs["scored"]), "--curves", "0"], "--curves: value 0 is out of range; allowed: >= 1")]
     for args, message in cases:
         assert main(["report", *args, "--out", str(tmp_path / "r")]) == 2
         assert message in capsys.readouterr().err, args

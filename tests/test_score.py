@@ -762,6 +762,15 @@ def test_explain_shows_a_scoring_jobs_stored_maps_found_by_content(tiny_model_di
     panel, = panels.glob("renamed *.explain.png")
     assert Image.open(panel).size[0] > Image.open(panel).size[1] * 1.5, "the image and the stored map side by side"
     assert main(["explain", str(moved)]) == 2 and "give --model" in capsys.readouterr().err
+    from allcluster.score.rows import methods_of
+
+    stored = ",".join(methods_of(pq.read_schema(next((out / "rows").glob("*.parquet")))))
+    assert main(["explain", "--scores", str(out), str(moved), "--out", str(panels), "--methods", stored]) == 0
+    capsys.readouterr()
+    for option, refusal in ((["--methods", "lime"], f"stores no lime maps; it stores: {stored.replace(',', ', ')}"),
+                            (["--lime-samples", "50"], "--lime-samples applies to --model only")):
+        assert main(["explain", "--scores", str(out), str(moved), "--out", str(panels), *option]) == 2
+        assert refusal in capsys.readouterr().err, option
 
 
 def test_a_pack_that_cannot_be_written_turns_its_rows_into_transient_write_errors(tiny_model_dir, real_data_dir,

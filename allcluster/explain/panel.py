@@ -238,12 +238,13 @@ def explain_images(model_dir: str | Path, images: Sequence[str | Path], out_dir:
     return [results[i] for i in range(len(paths))]
 
 
-def explain_from_scores(scores: str | Path, images: Sequence[str | Path], out_dir: str | Path) -> list[dict]:
+def explain_from_scores(scores: str | Path, images: Sequence[str | Path], out_dir: str | Path,
+                        methods: str | Iterable[str] | None = None) -> list[dict]:
     """Panels of each image's *stored* maps in scoring output ``scores`` (no model runs): the image's
     row is found by its content (sha256), its ``heatmap_<m>`` columns give the axes (packed or loose
-    maps alike) and its calibrated prediction the title. Same results as :func:`explain_images`; an
-    image the output holds no ok row for is an error naming it. ``ValueError`` if ``scores`` is not
-    a scoring output."""
+    maps alike; only ``methods``, if given) and its calibrated prediction the title. Same results as
+    :func:`explain_images`; an image the output holds no ok row for is an error naming it.
+    ``ValueError`` if ``scores`` is not a scoring output or stores no map of a method asked for."""
     import pyarrow.dataset as pads
 
     from allcluster.data.preprocess import Preprocess
@@ -255,7 +256,13 @@ def explain_from_scores(scores: str | Path, images: Sequence[str | Path], out_di
     if not info or not any((scores / "rows").glob("*.parquet")):
         raise ValueError(f"{scores}: not a scoring output (no model.json and rows/*.parquet)")
     rows = pads.dataset(scores / "rows", format="parquet")
-    methods = methods_of(rows.schema)
+    stored = methods_of(rows.schema)
+    asked = check_methods(methods) if methods else stored
+    missing = [m for m in asked if m not in stored]
+    if missing:
+        raise ValueError(f"--methods: {scores} stores no {', '.join(missing)} maps; it stores: "
+                         f"{', '.join(stored) or 'none'}")
+    methods = asked
     preprocess = Preprocess(info["input_size"], info["roi_crop"], info["roi_margin"])
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
