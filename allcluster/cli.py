@@ -31,11 +31,11 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from allcluster.config import load
+    from allcluster.config import config_source, load
     from allcluster.train.config import TrainConfig, resolve
     from allcluster.train.ray_train import run_training
 
-    cfg = resolve(load(TrainConfig, args.config, args.overrides), args.config)
+    cfg = resolve(load(TrainConfig, args.config, args.overrides), config_source(args.config, args.overrides))
     final = run_training(cfg, args.address)
     print(json.dumps({k: v for k, v in final.items() if k != "model_card"}, indent=2, default=str))
     print(f"outputs: {Path(cfg.output_dir).resolve()} (model/, metrics.parquet, config.yaml)")
@@ -44,11 +44,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from allcluster.console import say
-    from allcluster.sweep.driver import collect_only, config_changes, grid_cells, load_sweep, run_sweep, sweep_source
+    from allcluster.config import config_source
+    from allcluster.sweep.driver import collect_only, config_changes, grid_cells, load_sweep, run_sweep
     from allcluster.interrupt import EX_TEMPFAIL, Interrupted
     from allcluster.sweep.results import summary_text
 
-    source = sweep_source(args.config, args.overrides)
+    source = config_source(args.config, args.overrides)
     if args.trial_index is not None and args.new_config:
         raise ConfigError("--new-config cannot go with --trial-index (array tasks run at once): run "
                           f"`allcluster sweep --config {args.config} --collect --new-config` first")
@@ -134,12 +135,12 @@ def _sweep_array_task(args: argparse.Namespace, sweep, trials, source: str) -> i
 
 def load_score_config(args: argparse.Namespace):
     """The scoring config: YAML (optional), then --model/--input/--out, then --set overrides."""
-    from allcluster.config import apply_overrides, from_dict, read_yaml
+    from allcluster.config import apply_overrides, config_source, from_dict, read_yaml
     from allcluster.score.config import ScoreConfig, check
 
     data = read_yaml(args.config) if args.config else {}
     data.update({k: getattr(args, k) for k in ("model", "input", "out") if getattr(args, k)})
-    source = args.config or "allcluster score"
+    source = config_source(args.config or "allcluster score", args.overrides)
     cfg = from_dict(ScoreConfig, apply_overrides(data, args.overrides, ScoreConfig), source)
     return check(cfg, source)
 

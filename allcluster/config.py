@@ -311,10 +311,14 @@ def load(cls: type[T], path: str | Path | None = None, overrides: typing.Iterabl
     """Load ``cls`` from a YAML file (or ``base`` data) with ``--set`` overrides applied."""
     data = read_yaml(path) if path is not None else dict(base or {})
     overrides = list(overrides)
-    source = str(path) if path is not None else "<defaults>"
-    if overrides:
-        source += " (with --set " + " ".join(overrides) + ")"
-    return from_dict(cls, apply_overrides(data, overrides, cls), source)
+    return from_dict(cls, apply_overrides(data, overrides, cls), config_source(path, overrides))
+
+
+def config_source(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> str:
+    """How errors name a config: its file (or ``<defaults>``) and its ``--set`` overrides."""
+    overrides = list(overrides)
+    return (str(path) if path is not None else "<defaults>") + (
+        " (with --set " + " ".join(overrides) + ")" if overrides else "")
 
 
 def to_dict(cfg: Any) -> dict:

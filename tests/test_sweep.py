@@ -584,13 +584,14 @@ def _listing(folder: Path) -> dict:
 
 def test_rerun_with_a_changed_base_config_is_refused_naming_the_key_and_writes_nothing(
         synthetic_manifest, tmp_path, capsys):
-    from allcluster.sweep.driver import load_sweep, sweep_source
+    from allcluster.config import config_source
+    from allcluster.sweep.driver import load_sweep
     from allcluster.sweep.experiment import resolved_base, store_base
 
     exp = tmp_path / "exp"
     config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, exp)
     sweep, _ = load_sweep(str(config))
-    store_base(exp, resolved_base(sweep, sweep_source(str(config))))        # as the first run left it
+    store_base(exp, resolved_base(sweep, config_source(str(config))))        # as the first run left it
     before = _listing(exp)
     assert main(["sweep", "--config", str(config), "--set", "train.fit.epochs=3"]) == 2
     err = capsys.readouterr().err

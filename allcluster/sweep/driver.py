@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from allcluster.atomic import atomic_write_parquet
-from allcluster.config import ConfigError, load, write_resolved
+from allcluster.config import ConfigError, config_source, load, write_resolved
 from allcluster.console import say
 from allcluster.interrupt import InterruptionCaught, StopSignals, report_progress
 from allcluster.locks import check_folder_free, holding
@@ -22,15 +22,10 @@ SWEEP_STOPPING = ("[sweep] {signal} received: stopping; running trials keep thei
                   "the tables are written")
 
 
-def sweep_source(path: str, overrides: list[str] = ()) -> str:
-    """How errors name the sweep config: the file and its ``--set`` overrides."""
-    return str(path) + (" (with --set " + " ".join(overrides) + ")" if overrides else "")
-
-
 def load_sweep(path: str, overrides: list[str] = ()) -> tuple[SweepConfig, list[Trial]]:
     """Read and validate a sweep YAML and plan its trials (every trial config validated)."""
     sweep = load(SweepConfig, path, overrides)
-    return sweep, plan_trials(sweep, sweep_source(path, overrides))
+    return sweep, plan_trials(sweep, config_source(path, overrides))
 
 
 def config_changes(sweep: SweepConfig, source: str) -> list[str]:
