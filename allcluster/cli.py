@@ -185,7 +185,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if args.scores:
             results = explain_from_scores(args.scores, args.images, args.out, args.methods)
         else:
-            results = explain_images(args.model, args.images, args.out, args.methods or EXPLAIN_METHODS,
+            results = explain_images(args.model, args.images, args.out,
+                                     EXPLAIN_METHODS if args.methods is None else args.methods,
                                      args.device,
                                      EXPLAIN_LIME_SAMPLES if args.lime_samples is None else args.lime_samples)
     except ValueError as err:                      # unknown method, CUDA asked for but absent

@@ -124,7 +124,10 @@ class _Builder:
             values[name] = self.coerce(hints[name], value, key, fields[name].metadata)
         try:
             return cls(**values)
-        except ConfigError:
+        except ConfigError as err:      # a cross-field check of the class ("field: why"), named as given
+            name, colon, why = str(err).partition(":")
+            if self.spell and not path and colon and name in fields:
+                raise ConfigError(f"{self.spell(name)}:{why}") from None
             raise
         except (TypeError, ValueError) as err:
             self.fail(path, str(err))
@@ -149,7 +152,7 @@ class _Builder:
                 except ConfigError as err:
                     errors.append(err)
             if len(errors) == 1:        # "X or null": X's own error says what is allowed (its range)
-                raise errors[0]
+                raise ConfigError(f"{errors[0]} (or null)") from None
             self.fail(path, f"expected {_describe(tp)}, got {value!r}")
         if origin in (tuple, list):
             if not isinstance(value, (list, tuple)):

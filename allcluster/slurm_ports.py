@@ -108,16 +108,18 @@ def pick(singles: int, block: int, low: int, high: int, ephemeral: tuple[int, in
             break
     else:
         raise NoRoom(f"no block of {block} free ports in {low}-{high} after {BLOCK_TRIES} tries")
-    taken, picked = set(range(first, first + block)), []
-    for _ in range(100 * singles):
+    # every usable port outside the block, in random order (at most 64k numbers): a range with just
+    # room enough, which the check accepts, is filled too, not only likely to be
+    others = [p for a, b in spans for p in range(a, b + 1) if not first <= p < first + block]
+    rng.shuffle(others)
+    picked = []
+    for port in others:
         if len(picked) == singles:
             break
-        port = rng.randint(*rng.choice(spans))
-        if port not in taken and is_free(port):
-            taken.add(port)
+        if is_free(port):
             picked.append(port)
     if len(picked) < singles:
-        raise NoRoom(f"fewer than {singles} free ports in {low}-{high}")
+        raise NoRoom(f"fewer than {singles} free ports in {low}-{high} outside the worker block")
     return picked, first, first + block - 1
 
 

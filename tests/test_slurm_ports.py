@@ -44,6 +44,13 @@ def test_picked_ports_are_free_distinct_in_range_and_the_block_is_in_a_row():
         assert all(20000 <= p <= 21000 for p in block | set(singles))
 
 
+def test_a_range_with_just_room_enough_is_always_filled():
+    """What the check accepts, the pick fills (random single ports alone would rarely find the last few)."""
+    for seed in range(30):
+        singles, first, last = pick(9, 1000, 30000, 31008, EPHEMERAL, is_free=lambda p: True, rng=random.Random(seed))
+        assert sorted([*singles, *range(first, last + 1)]) == list(range(30000, 31009))
+
+
 def test_no_free_block_is_an_error_naming_the_range():
     with pytest.raises(NoRoom, match="no block of 100 free ports in 20000-21000"):
         pick(9, 100, 20000, 21000, EPHEMERAL, is_free=lambda p: p % 50 != 0, rng=random.Random(1))

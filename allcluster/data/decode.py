@@ -8,8 +8,10 @@ decoded.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import logging
 import math
 import os
 import stat
@@ -216,13 +218,26 @@ def _tiff_plane(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[0], shape[1] if len(shape) > 1 else 1
 
 
+@contextlib.contextmanager
+def _tifffile_quiet():
+    """tifffile logs a warning or error for each odd tag of a file it reads; a file we cannot read becomes an
+    error row that says why, so its warnings would only flood a job's log (one per tag per file)."""
+    log = logging.getLogger("tifffile")
+    level = log.level
+    log.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _decode_with_tifffile(data: bytes, name: str, max_pixels: int, min_side: int) -> DecodedImage:
     """TIFFs PIL cannot read, or reads only as 8 bits (16-bit-per-channel RGB): every sample at its
     declared scale, turned upright by the Orientation tag."""
     import tifffile
 
     try:
-        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        with _tifffile_quiet(), tifffile.TiffFile(io.BytesIO(data)) as tif:
             height, width = _tiff_plane(tif.series[0].shape)    # from the tags: no pixel decoded yet
             check_size(width, height, name, max_pixels, min_side)
             arr = tif.series[0].asarray()
@@ -262,39 +277,96 @@ def _oriented(rgb: np.ndarray, orientation) -> np.ndarray:
     return rgb if method is None else np.asarray(Image.fromarray(rgb).transpose(method))
 
 
+# TIFF field types -> bytes per value (TIFF 6.0 and BigTIFF)
+_TIFF_TYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8, 18: 8}
+
+
 def _tiff_cut_short(data: bytes) -> bool:
-    """Whether a TIFF's first directory, or the pixel data it points to, lies past the file's end
-    (Pillow writes the directory after the pixels, so a partial copy of its files has none)."""
+    """Whether a TIFF's first directory, a value it keeps elsewhere, or the pixel data it points to
+    lies past the file's end (Pillow writes the directory after the pixels, tifffile before them)."""
     big = data[2:4] in (b"+\x00", b"\x00+")
     order = "<" if data[:2] == b"II" else ">"
-    head = 16 if big else 8
+    word, head = ("Q", 16) if big else ("I", 8)
     if len(data) < head:
         return True
-    first = struct.unpack(order + ("Q" if big else "I"), data[head - (8 if big else 4):head])[0]
-    if first >= len(data):
+    first = struct.unpack_from(order + word, data, head - struct.calcsize(word))[0]
+    if _tiff_directory_past_end(data, order, big, first):
         return True
     try:
         import tifffile
 
-        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        with _tifffile_quiet(), tifffile.TiffFile(io.BytesIO(data)) as tif:
             page = tif.pages.first
             return max((o + c for o, c in zip(page.dataoffsets, page.databytecounts)), default=0) > len(data)
     except Exception:  # noqa: BLE001 - a directory tifffile cannot read says nothing about the file's end
         return False
 
 
+def _tiff_directory_past_end(data: bytes, order: str, big: bool, first: int) -> bool:
+    """Whether the directory at ``first`` (its entries, its next-directory pointer, or a value stored
+    outside an entry) runs past the end of ``data``."""
+    count_format, entry_bytes, word = (order + "Q", 20, order + "Q") if big else (order + "H", 12, order + "I")
+    inline = struct.calcsize(word)
+    entries = first + struct.calcsize(count_format)
+    if entries > len(data):
+        return True
+    count = struct.unpack_from(count_format, data, first)[0]
+    if count > 4096:                          # no real directory has that many tags (tifffile's limit): garbage
+        return False
+    if entries + count * entry_bytes + inline > len(data):
+        return True
+    for entry in range(entries, entries + count * entry_bytes, entry_bytes):
+        kind, = struct.unpack_from(order + "H", data, entry + 2)
+        values, = struct.unpack_from(word, data, entry + 4)
+        size = _TIFF_TYPE_BYTES.get(kind, 1) * values
+        if size > inline and struct.unpack_from(word, data, entry + 4 + inline)[0] + size > len(data):
+            return True
+    return False
+
+
+def _jp2_cut_short(data: bytes) -> bool:
+    """Whether a JP2 file's boxes run past its end (or its last box, the codestream to the end of
+    the file, lacks the end-of-codestream marker)."""
+    at = 0
+    while at + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, at)
+        header = 8
+        if length == 1:                       # a 64-bit length follows
+            if at + 16 > len(data):
+                return True
+            length, header = struct.unpack_from(">Q", data, at + 8)[0], 16
+        elif length == 0:                     # the last box: it runs to the end of the file
+            return kind == b"jp2c" and not data.endswith(b"\xff\xd9")
+        if length < header:
+            return False                      # no box structure to judge by
+        if at + length > len(data):
+            return True
+        at += length
+    return at < len(data)                     # a box header cut short
+
+
 def cut_short(data: bytes) -> bool:
-    """Whether ``data`` stops before the end that its own header declares: a TIFF (see
-    :func:`_tiff_cut_short`), a WebP (the RIFF size), a BMP (the file size field), a JPEG 2000 (no
-    end-of-codestream marker). Pillow reports such files of these formats as undecodable or not an
-    image at all; JPEG, PNG and GIF it reports as truncated itself."""
+    """Whether ``data`` stops before the end that its own structure declares: a TIFF (see
+    :func:`_tiff_cut_short`), a WebP (the RIFF size), a BMP (the file size field), a JPEG 2000 (its
+    boxes' lengths; a bare codestream: no end-of-codestream marker), a JPEG, PNG or GIF without its
+    closing marker (EOI, IEND, trailer; trailing zero bytes allowed). Pillow reports a file cut in its
+    header or directory as undecodable or as no image at all; asked only of a file that failed."""
+    ending = data.rstrip(b"\x00")
+    if data[:3] == b"\xff\xd8\xff":
+        return not ending.endswith(b"\xff\xd9")
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return not ending.endswith(b"IEND\xaeB`\x82")
+    if data[:4] == b"GIF8":
+        return not ending.endswith(b";")
     if data[:4] in _TIFF_MAGIC:
         return _tiff_cut_short(data)
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return struct.unpack("<I", data[4:8])[0] + 8 > len(data)
     if data[:2] == b"BM" and len(data) >= 6:
         return struct.unpack("<I", data[2:6])[0] > len(data)
-    if data.startswith((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")):
+    if data.startswith(b"\x00\x00\x00\x0cjP  \r\n\x87\n"):
+        return _jp2_cut_short(data)
+    if data.startswith(b"\xff\x4f\xff\x51"):
         return not data.endswith(b"\xff\xd9")
     return False
 
@@ -341,6 +413,8 @@ def _decode(data: bytes, name: str, max_pixels: int, min_side: int, draft: int |
     except DecodeError:
         raise
     except UnidentifiedImageError as err:
+        if data[:4] in _TIFF_MAGIC:           # a TIFF Pillow does not open (a big-endian BigTIFF)
+            return _decode_with_tifffile(data, name, max_pixels, min_side)
         raise DecodeError("not_an_image", f"{name}: not a recognised image format (read: {READ_FORMATS_TEXT})") from err
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise DecodeError("too_large", f"{name}: {err}") from err

@@ -257,7 +257,7 @@ def explain_from_scores(scores: str | Path, images: Sequence[str | Path], out_di
         raise ValueError(f"{scores}: not a scoring output (no model.json and rows/*.parquet)")
     rows = pads.dataset(scores / "rows", format="parquet")
     stored = methods_of(rows.schema)
-    asked = check_methods(methods) if methods else stored
+    asked = stored if methods is None else check_methods(methods)
     missing = [m for m in asked if m not in stored]
     if missing:
         raise ValueError(f"--methods: {scores} stores no {', '.join(missing)} maps; it stores: "
