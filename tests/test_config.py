@@ -43,8 +43,10 @@ def test_out_of_range_value_names_the_range(tmp_path):
     with pytest.raises(ConfigError, match=r"fit\.label_smoothing: value 1\.5 is out of range; allowed: >= 0 and < 1"):
         load(TrainConfig, path)
     # an optional key ("float or null") names its range too, not only its types
-    with pytest.raises(ConfigError, match=r"model\.head\.dropout: value 1\.0 is out of range; allowed: >= 0 and < 1"):
+    with pytest.raises(ConfigError, match=r"model\.head\.dropout: value 1\.0 is out of range; allowed: >= 0 and < 1 \(or null\)"):
         load(TrainConfig, path, ["fit.label_smoothing=0", "model.head.dropout=1"])
+    with pytest.raises(ConfigError, match=r"model\.head\.dropout: expected float, got 'abc' \(or null\)"):
+        load(TrainConfig, path, ["fit.label_smoothing=0", "model.head.dropout=abc"])
     for value in (".inf", "-.inf", ".nan"):
         with pytest.raises(ConfigError, match=r"optim\.lr: expected a finite number"):
             load(TrainConfig, path, ["fit.label_smoothing=0", f"optim.lr={value}"])

@@ -228,6 +228,9 @@ def test_bad_index_options_are_clear_errors(tmp_path, capsys):
         from_dict(IndexConfig, {"source": "x", "patient_regex": "("})
     assert main(["index", str(tmp_path), "--out", str(tmp_path / "m.parquet"), "--min-side", "0"]) == 2
     assert "allcluster index: --min-side: value 0 is out of range" in capsys.readouterr().err, "named as typed"
+    assert main(["index", str(tmp_path), "--out", str(tmp_path / "m.parquet"), "--patient-regex", "("]) == 2
+    assert "error: --patient-regex: '(' is not a valid regex" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_index_size_limits_from_the_command_line_make_error_rows_and_are_recorded(tmp_path):
