@@ -165,16 +165,16 @@ def run_array_task(sweep: SweepConfig, trials: list[Trial], index: int, retry_er
 
 
 def _run_array_on_ray(trial: Trial, address: str | None) -> None:
-    from allcluster.ray_utils import leave_ray, ray_connected
+    from allcluster.ray_utils import ray_connected
     from allcluster.sweep.ray_tune import run_array_trial
 
-    with ray_connected(address):
-        with InterruptionCaught() as caught:
-            run_array_trial(trial)
-        if caught.signal_name:
-            # End the trial's Train run now, also on a Ray this process did not start: its controller
-            # actor is owned by this driver and dies with the connection (a local Ray stops altogether).
-            leave_ray()
+    # A stop signal leaves the trial's Train run going in call_in_thread's thread; it ends with this
+    # process, which the command line then ends at once (interrupt.end_of_process: os._exit, a local
+    # Ray killed with it; the run's controller actor is this driver's and dies with it on a joined
+    # cluster). No ray.shutdown() beside that thread: it crashed the driver (exit 139, not 75, so
+    # the array task was not requeued) in 4 of 5 tries of a review.
+    with ray_connected(address), InterruptionCaught():
+        run_array_trial(trial)
 
 
 def collect_only(sweep: SweepConfig, trials: list[Trial], source: str = "sweep config",
