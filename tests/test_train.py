@@ -132,16 +132,22 @@ def _run_yaml(path: Path, manifest: Path, out: Path, epochs: int) -> Path:
 
 
 @pytest.mark.slow
-def test_rerun_after_sigkill_resumes_from_the_latest_checkpoint_and_a_finished_run_is_not_retrained(
+def test_a_stopped_run_ends_at_once_with_75_and_its_rerun_resumes_from_the_latest_checkpoint(
         ray_local, synthetic_manifest, tmp_path):
+    """SIGTERM (scancel, Slurm's time limit) ends `allcluster train` at once with 75, the epochs done
+    kept (it used to train on to the end, then say it was interrupted); the rerun resumes, also past
+    a checkpoint snapshot a kill cut; a finished run is not retrained."""
     out = tmp_path / "killed"
-    config = _run_yaml(tmp_path / "cfg.yaml", synthetic_manifest, out, epochs=6)
+    config = _run_yaml(tmp_path / "cfg.yaml", synthetic_manifest, out, epochs=12)
     command = [sys.executable, "-m", "allcluster.cli", "train", "--config", str(config)]
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
-    with LoggedProcess(command, env) as first:   # leaving it: SIGKILL to the driver and its local Ray
+    with LoggedProcess(command, env) as first:
         first.wait_until(lambda: _checkpointed_epochs(out, 2), 300, f"2 checkpointed epochs in {out}")
+        first.send_signal(signal.SIGTERM)
+        log = first.printed_by_exit(60)
+    assert first.returncode == 75 and "interrupted by SIGTERM" in log, log[-3000:]
     done_before = pq.read_metadata(out / "metrics.parquet").num_rows
-    assert done_before < 6
+    assert done_before < 12 and not (out / "model").exists(), "stopped, not trained to the end"
     snapshot = out / "ray" / "checkpoint_manager_snapshot.json"     # as a kill or a full disk in Ray's write leaves it
     snapshot.write_bytes(snapshot.read_bytes()[:40])
     forgotten = set(checkpoint_folders(out / "ray"))          # Ray Train no longer lists them
@@ -151,18 +157,18 @@ def test_rerun_after_sigkill_resumes_from_the_latest_checkpoint_and_a_finished_r
     assert "unreadable (a full disk, or a kill while Ray Train wrote it): set aside" in log
     kept = set(checkpoint_folders(out / "ray"))
     assert forgotten and not forgotten & kept and len(kept) <= 2, (forgotten, kept)    # num_to_keep=2
-    assert "resuming after epoch" in log and "[train] epoch 6 " in log       # workers' lines reach the driver
+    assert "resuming after epoch" in log and "[train] epoch 12 " in log       # workers' lines reach the driver
     ray_noise = re.findall(r".*(?:TrainController|core_worker\.cc|Token authentication|Setting up process group).*", log)
     assert not ray_noise, ray_noise[:5]                                     # Ray's own lines do not
     history = pq.read_table(out / "metrics.parquet").to_pandas()
-    assert history["epoch"].tolist() == list(range(6))
+    assert history["epoch"].tolist() == list(range(12))
     assert (out / "model" / "model_card.json").is_file()
 
     weights = out / "model" / "weights.safetensors"
     before = (file_sha256(weights), weights.stat().st_mtime_ns)
     assert main(["train", "--config", str(config)]) == 0          # finished: a rerun trains nothing
     assert (file_sha256(weights), weights.stat().st_mtime_ns) == before
-    assert pq.read_table(out / "metrics.parquet")["epoch"].to_pylist() == list(range(6))
+    assert pq.read_table(out / "metrics.parquet")["epoch"].to_pylist() == list(range(12))
 
     written = (out / "config.yaml").read_bytes()         # another recipe into the same folder: refused
     assert main(["train", "--config", str(config), "--set", "fit.epochs=8"]) == 2

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from allcluster.config import ConfigError, config_diff, flatten, from_dict, read_yaml, to_dict, write_resolved
 from allcluster.atomic import atomic_write_text
-from allcluster.interrupt import storage_full_at
+from allcluster.interrupt import call_in_thread, storage_full_at
 from allcluster.locks import holding
 from allcluster.models.card import CARD_FILE, ModelCard
 from allcluster.models.weights import worker_env
@@ -224,7 +224,9 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
             run_id = run_id_for(output_dir)
             write_resolved(cfg, output_dir / "config.yaml", f"allcluster train, run {run_id}")
             try:
-                result = build_trainer(cfg, run_id).fit()
+                # in a thread, so that a stop signal (Slurm's SIGTERM, Ctrl-C) ends the command now: the
+                # main thread blocked in fit() ran no handler until the whole run had finished
+                result = call_in_thread(build_trainer(cfg, run_id).fit)
                 if result.error:
                     raise result.error
             except Exception as err:          # Train V2 raises a failed run (TrainingFailedError)
