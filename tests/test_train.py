@@ -318,6 +318,20 @@ def test_bf16_autocast_path_trains_and_exports_on_cpu(synthetic_manifest, tmp_pa
     assert (tmp_path / "bf16" / "model" / "model_card.json").is_file()
 
 
+def test_a_run_whose_loss_becomes_nan_fails_before_checkpointing_the_nan_weights(synthetic_manifest, tmp_path):
+    """A learning rate of 1e12 makes every weight NaN in one epoch; the model then predicts one class for
+    every image. The run fails naming why (a sweep records the trial as errored, never its best model)."""
+    from allcluster.train.loop import Diverged, WorkerRun
+    from allcluster.train.session import LocalSession
+
+    cfg = tiny_train_config(synthetic_manifest, tmp_path / "nan", fit={"epochs": 2},
+                            optim={"name": "sgd", "lr": 1e12}, finetune={"head_epochs": 0, "unfreeze_blocks": -1})
+    root = tmp_path / "nan" / "checkpoints"
+    with pytest.raises(Diverged, match=r"training diverged: train_loss nan.* at epoch 0 .*lower optim\.lr"):
+        WorkerRun(cfg, LocalSession(root)).run()
+    assert not list(root.glob("checkpoint_*")) and not (tmp_path / "nan" / "model").exists()
+
+
 def test_a_run_is_not_resumed_on_a_manifest_re_indexed_under_it(synthetic_manifest, tmp_path):
     import shutil
 

@@ -167,8 +167,17 @@ def mark_errored(trial_dir: Path, err: BaseException, note: str = "") -> None:
 
 
 def _exception_text(err: BaseException) -> str:
-    """The exception's type and message, as a traceback's last line (at most 4,000 characters)."""
-    return "".join(traceback.format_exception_only(type(err), err)).strip()[-4000:]
+    """The trial's own exception (the first behind Ray's and Ray Train's wrappers, whose text repeats
+    whole tracebacks in terminal colours) as a traceback's last line: type and message, no escape
+    codes, at most 4,000 characters."""
+    from allcluster.interrupt import behind
+
+    own = next((e for e in behind(err) if not type(e).__module__.startswith("ray.")), err)
+    text = "".join(traceback.format_exception_only(type(own), own)).strip()
+    return _TERMINAL_COLOURS.sub("", text)[-4000:]
+
+
+_TERMINAL_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
 
 
 # Runs in a row, each with no new epoch, in which a trial's Ray processes may die with no stop signal

@@ -39,6 +39,19 @@ from allcluster.train.data import (CachedImages, Split, balanced_class_weights, 
 from allcluster.train.session import EPOCHS_DONE, Session, scratch_dir
 
 
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite: the weights are no model any more."""
+
+
+def check_converging(row: dict, stage: str) -> None:
+    """Raise :class:`Diverged` for an epoch whose training or validation loss is not finite, before its
+    checkpoint is written. Such weights predict one class for every image (macro-F1 of a constant
+    guess): left to run, a sweep recorded the trial as finished and could export it as best_model."""
+    bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(row[k])]
+    if bad:
+        raise Diverged(f"training diverged: {' and '.join(f'{k} {row[k]}' for k in bad)} at epoch {row['epoch']} "
+                       f"(stage {stage}, lr {row['lr']:g}); lower optim.lr")
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -326,6 +339,7 @@ class WorkerRun:
         self.log(f"[train] epoch {epoch + 1} ({stage.name}) loss {row['train_loss']:.4f} "
                  f"acc {row['train_accuracy']:.3f} | val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f} "
                  f"macro-F1 {row['val_macro_f1']:.3f} | {row['train_images_per_s']:.0f} img/s")
+        check_converging(row, stage.name)
         return row
 
     def checkpoint(self, state: TrainState, metrics: dict) -> None:
