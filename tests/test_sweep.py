@@ -196,7 +196,20 @@ def test_dry_run_prints_grid_states_and_measured_estimates(synthetic_manifest, t
     assert "grid: 4 cells, 4 trials; states: 4 pending" in out
     assert "estimates measured on cpu" in out and "GPU-hours" in out
     assert "est_hours" in out and "mixup" in out and "cutmix" in out
+    assert "Ray's start-up come on top" in out, "the estimate says what it leaves out"
     assert not (tmp_path / "exp").exists(), "a dry run schedules and writes nothing"
+    # a 2-pixel input passes validation but no ALL-Net step: refused naming the trial, no traceback
+    assert main(["sweep", "--config", str(config), "--dry-run", "--set", "grid.data.image_size=[32, 2]"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"trial \d+ \(\S+: .*data\.image_size=2\): its model cannot take one training step: "
+                     r"RuntimeError: ", err), err
+    assert not (tmp_path / "exp").exists()
+
+
+def test_a_trial_id_keeps_the_sign_of_an_exponent():
+    from allcluster.sweep.plan import trial_id
+
+    assert trial_id({"optim.lr": 1e12}).startswith("1e12-") and trial_id({"optim.lr": 1e-4}).startswith("0.0001-")
 
 
 # ---- real Tune runs ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import time
 import pandas as pd
 import torch
 
+from allcluster.config import ConfigError
 from allcluster.data.manifest import read_manifest
 from allcluster.device import pick_device
 from allcluster.models import build_model
@@ -47,6 +48,18 @@ def probe_images_per_s(cfg: TrainConfig, device: torch.device, num_classes: int 
     return PROBE_STEPS * batch / (time.perf_counter() - start)
 
 
+def _probe_or_refuse(trial: Trial, device: torch.device) -> float:
+    """:func:`probe_images_per_s` for ``trial``; a model that cannot take one training step (an input
+    size too small for the backbone's pooling) is a :class:`ConfigError` naming the trial and its
+    values: the sweep itself would record the trial as errored."""
+    try:
+        return probe_images_per_s(trial.config, device)
+    except (RuntimeError, ValueError) as err:
+        values = ", ".join(f"{k}={v!r}" for k, v in trial.params.items())
+        raise ConfigError(f"trial {trial.index} ({trial.trial_id}: {values}): its model cannot take one training "
+                          f"step: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+
+
 def _split_class_counts(manifest: str) -> pd.Series:
     frame = read_manifest(manifest)
     return frame[frame["status"] == "ok"].groupby(["split", "label"]).size()
@@ -73,7 +86,7 @@ def estimate_table(trials: list[Trial], probe: bool = True) -> pd.DataFrame:
         if probe:
             key = (cfg.model.backbone, cfg.data.image_size, min(cfg.fit.batch_size, 32), tuple(cfg.model.head.hidden))
             if key not in measured:
-                measured[key] = probe_images_per_s(cfg, device)
+                measured[key] = _probe_or_refuse(trial, device)
             ips = measured[key] * cfg.resources.num_workers
             n_train, n_val = _split_sizes(cfg, counts[cfg.data.manifest])
             epochs = cfg.finetune.head_epochs + cfg.fit.epochs
@@ -91,7 +104,8 @@ def dry_run_text(trials: list[Trial], grid_cells: int, probe: bool = True) -> st
     lines = [f"grid: {grid_cells} cells, {len(trials)} trials; states: "
              + ", ".join(f"{n} {s}" for s, n in table["state"].value_counts().items())]
     if probe:
-        lines.append(f"estimates measured on {table.attrs['device']}; upper bounds (all epochs): "
+        lines.append(f"estimates measured on {table.attrs['device']} (all epochs; bare training steps: data "
+                     f"loading, augmentation, evaluation and Ray's start-up come on top): "
                      f"{table['est_hours'].sum():.2f} trial-hours, {table['est_gpu_hours'].sum():.2f} GPU-hours")
     lines.append(table.to_string(index=False))
     return "\n".join(lines)
