@@ -184,7 +184,9 @@ def progress_callback(total: int):
             self._ended(trial, "ended")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._ended(trial, "ERRORED")
+            # not yet "errored": a trial whose Ray processes died (a node lost, a stop signal) is resumed
+            # by the rerun; record_errors decides, after the run, and says which
+            self._ended(trial, "raised")
 
     return Progress()
 
