@@ -214,6 +214,9 @@ def end_of_process(code: int) -> int:
     and clean up. A local Ray this process started is killed with it (:func:`kill_descendants`)."""
     if "ray" not in sys.modules or (code != EX_TEMPFAIL and not STOP_REQUESTED.is_set()):
         return code
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:      # a second SIGTERM (ray-cluster.sh sends one) must not cut this short
+            signal.signal(sig, signal.SIG_IGN)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

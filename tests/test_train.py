@@ -139,7 +139,7 @@ def test_a_stopped_run_ends_at_once_with_75_and_its_rerun_resumes_from_the_lates
     a checkpoint snapshot a kill cut; a finished run is not retrained."""
     out = tmp_path / "killed"
     config = _run_yaml(tmp_path / "cfg.yaml", synthetic_manifest, out, epochs=12)
-    command = [sys.executable, "-m", "allcluster.cli", "train", "--config", str(config)]
+    command = [sys.executable, "jobs/train.py", "--config", str(config)]      # the driver Slurm scripts run
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
     with LoggedProcess(command, env) as first:
         first.wait_until(lambda: _checkpointed_epochs(out, 2), 300, f"2 checkpointed epochs in {out}")

@@ -54,6 +54,8 @@ def _probe_or_refuse(trial: Trial, device: torch.device) -> float:
     values: the sweep itself would record the trial as errored."""
     try:
         return probe_images_per_s(trial.config, device)
+    except torch.OutOfMemoryError:
+        raise                                 # a busy GPU, not the trial's fault
     except (RuntimeError, ValueError) as err:
         values = ", ".join(f"{k}={v!r}" for k, v in trial.params.items())
         raise ConfigError(f"trial {trial.index} ({trial.trial_id}: {values}): its model cannot take one training "

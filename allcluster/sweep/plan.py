@@ -109,8 +109,10 @@ def expand(sweep: SweepConfig, source: str) -> list[dict[str, Any]]:
 def trial_id(params: dict[str, Any]) -> str:
     """Readable and stable: the varied values' short form plus a hash of all of them."""
     digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    # 1e+12 short as 1e12: the slug turns '+' into '-', which read as 1e-12
-    words = [str(v) if not isinstance(v, float) else f"{v:.3g}".replace("e+", "e") for v in params.values()]
+    # Kept as first written, though 1e+12 reads 1e-12 in the slug ('+' becomes '-'): a trial's folder is
+    # named by its id, so a changed slug would orphan the trials of existing experiments (the hash
+    # suffix and trials.parquet hold the exact values)
+    words = [str(v) if not isinstance(v, float) else f"{v:.3g}" for v in params.values()]
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", "-".join(words)).strip("-")[:60]
     return f"{slug}-{digest}" if slug else digest
 
