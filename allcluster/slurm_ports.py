@@ -64,10 +64,15 @@ def usable_spans(low: int, high: int, ephemeral: tuple[int, int]) -> list[tuple[
     return spans
 
 
+def _runs_holding(spans: list[tuple[int, int]], block: int) -> list[tuple[int, int]]:
+    """The spans with room for ``block`` ports in a row."""
+    return [(a, b) for a, b in spans if b - a + 1 >= block]
+
+
 def room_problem(singles: int, block: int, low: int, high: int, ephemeral: tuple[int, int]) -> str | None:
     """Why ``low..high`` can never hold a block of ``block`` ports and ``singles`` more, or None."""
     spans = usable_spans(low, high, ephemeral)
-    fitting = [(a, b) for a, b in spans if b - a + 1 >= block]
+    fitting = _runs_holding(spans, block)
     # the singles may lie in any span, also in the block's own span beside it
     rest = sum(b - a + 1 for a, b in spans) - block
     if fitting and rest >= singles:
@@ -100,7 +105,7 @@ def pick(singles: int, block: int, low: int, high: int, ephemeral: tuple[int, in
         raise NoRoom(f"RAY_PORT_RANGE={low}-{high} {problem}")
     rng = rng or random.SystemRandom()
     spans = usable_spans(low, high, ephemeral)
-    fitting = [(a, b) for a, b in spans if b - a + 1 >= block]
+    fitting = _runs_holding(spans, block)
     for _ in range(BLOCK_TRIES):
         a, b = rng.choice(fitting)
         first = rng.randint(a, b - block + 1)
