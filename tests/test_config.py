@@ -142,6 +142,19 @@ def test_unset_early_stopping_is_off_under_cosine_and_10_otherwise_and_a_set_val
         from_dict(TrainConfig, {"fit": {"early_stopping_patience": -1}})
 
 
+def test_a_cosine_warm_up_as_long_as_the_run_is_refused_naming_both_keys():
+    def resolved(warmup: int, epochs: int, schedule: str = "cosine"):
+        return resolve(from_dict(TrainConfig, {"data": {"manifest": "m.parquet"}, "fit": {"epochs": epochs},
+                                               "schedule": {"name": schedule, "warmup_epochs": warmup}}), "my.yaml")
+
+    for warmup, epochs in ((2, 1), (2, 2)):
+        with pytest.raises(ConfigError, match=rf"my\.yaml: schedule\.warmup_epochs: {warmup} must be below "
+                                              rf"fit\.epochs \({epochs}\)"):
+            resolved(warmup, epochs)
+    assert resolved(1, 2).schedule.warmup_epochs == 1
+    assert resolved(5, 1, "plateau").fit.epochs == 1          # warm-up is a cosine key only
+
+
 def test_resolve_rejects_unregistered_backbone():
     cfg = from_dict(TrainConfig, {"data": {"manifest": "m.parquet"}, "model": {"backbone": "resnet9000"}})
     with pytest.raises(ConfigError, match=r"model\.backbone: 'resnet9000' is not registered; allowed values: .*allnet"):
