@@ -22,6 +22,7 @@ worker thread (where Tune installs none); the handler sets :data:`STOP_REQUESTED
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import signal
@@ -131,17 +132,19 @@ def behind(err: BaseException):
     """``err`` and every exception behind it: Python's ``__cause__``/``__context__`` and Ray's
     wrappers (``RayTaskError.cause``, Ray Train's ``ControllerError.controller_failure``,
     ``WorkerGroupError.worker_failures`` and ``WorkerHealthCheckFailedError.health_check_failure``,
-    which is how a Train worker's death reaches the trial), each once."""
-    todo, seen = [err], set()
+    which is how a Train worker's death reaches the trial), each once, nearest first: breadth-first, so
+    that of several failed Train workers rank 0's comes first."""
+    todo, seen = collections.deque([err]), set()
     while todo:
-        found = todo.pop()
+        found = todo.popleft()
         if found is None or id(found) in seen:
             continue
         seen.add(id(found))
         yield found
-        todo += [found.__cause__, found.__context__, getattr(found, "cause", None),
-                 getattr(found, "controller_failure", None), getattr(found, "health_check_failure", None),
-                 *(getattr(found, "worker_failures", None) or {}).values()]
+        # what Ray's wrappers carry before the Python chain of the wrapper itself (raised in Ray's code)
+        todo += [getattr(found, "cause", None), getattr(found, "controller_failure", None),
+                 getattr(found, "health_check_failure", None),
+                 *(getattr(found, "worker_failures", None) or {}).values(), found.__cause__, found.__context__]
 
 
 def storage_full_cause(err: BaseException) -> OSError | None:

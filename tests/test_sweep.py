@@ -246,6 +246,20 @@ def test_sweep_runs_every_trial_and_exports_the_best_by_validation(ray_local, re
         "Ray Train's drain watcher is off in every job (ray_utils.RAY_TRAIN_DEFAULTS)"
 
 
+def test_a_trial_error_of_several_failed_workers_is_rank_0s_own_exception():
+    """Ray Train's WorkerGroupError carries each failed rank's exception; the trial's row quotes rank 0's,
+    not Ray's wrapper nor an exception Ray's own code raised while wrapping (the wrapper's Python chain)."""
+    from allcluster.sweep.plan import _exception_text
+
+    wrapper = type("WorkerGroupError", (RuntimeError,), {"__module__": "ray.train.v2.api.exceptions"})
+    failed = wrapper("\x1b[31mTraining failed on 2 workers\x1b[0m")
+    failed.worker_failures = {0: ValueError("rank 0: bad batch"), 1: ValueError("rank 1: bad batch")}
+    failed.__context__ = KeyError("raised inside Ray while wrapping")
+    outer = type("TrainingFailedError", (RuntimeError,), {"__module__": "ray.tune.error"})("trial failed")
+    outer.__cause__ = failed
+    assert _exception_text(outer) == "ValueError: rank 0: bad batch"
+
+
 @pytest.mark.ray
 def test_errored_trial_is_recorded_and_retried_only_when_asked(ray_local, synthetic_manifest, tmp_path):
     # a 2-pixel input passes validation but cannot go through ALL-Net's pooling: a runtime error
