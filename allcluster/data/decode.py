@@ -324,6 +324,9 @@ def _tiff_directory_past_end(data: bytes, order: str, big: bool, first: int) -> 
     return False
 
 
+_END_MARKER = b"\xff\xd9"                 # JPEG's end of image, JPEG 2000's end of codestream
+
+
 def _jp2_cut_short(data: bytes) -> bool:
     """Whether a JP2 file's boxes run past its end (or its last box, the codestream to the end of
     the file, lacks the end-of-codestream marker)."""
@@ -336,7 +339,7 @@ def _jp2_cut_short(data: bytes) -> bool:
                 return True
             length, header = struct.unpack_from(">Q", data, at + 8)[0], 16
         elif length == 0:                     # the last box: it runs to the end of the file
-            return kind == b"jp2c" and not data.endswith(b"\xff\xd9")
+            return kind == b"jp2c" and not data.endswith(_END_MARKER)
         if length < header:
             return False                      # no box structure to judge by
         if at + length > len(data):
@@ -353,7 +356,7 @@ def cut_short(data: bytes) -> bool:
     header or directory as undecodable or as no image at all; asked only of a file that failed."""
     ending = data.rstrip(b"\x00")
     if data[:3] == b"\xff\xd8\xff":
-        return not ending.endswith(b"\xff\xd9")
+        return not ending.endswith(_END_MARKER)
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return not ending.endswith(b"IEND\xaeB`\x82")
     if data[:4] == b"GIF8":
@@ -367,7 +370,7 @@ def cut_short(data: bytes) -> bool:
     if data.startswith(b"\x00\x00\x00\x0cjP  \r\n\x87\n"):
         return _jp2_cut_short(data)
     if data.startswith(b"\xff\x4f\xff\x51"):
-        return not data.endswith(b"\xff\xd9")
+        return not data.endswith(_END_MARKER)
     return False
 
 
