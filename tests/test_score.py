@@ -2,6 +2,7 @@
 broken files (rows, heatmaps, duplicates, budgets, resume after SIGKILL)."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -29,8 +30,9 @@ from allcluster.score.reading import read_decode
 from allcluster.score.config import ScoreConfig, check
 from allcluster.score.inputs import Shard, list_inputs
 from allcluster.score.heatmaps import load_heatmap
+from allcluster.score.journal import read_journal
 from allcluster.score.output import check_job_settings, lock_output
-from conftest import REPO, real_images
+from conftest import REPO, real_images, tmpfs
 
 CI_TINY = REPO / "configs" / "score" / "ci_tiny.yaml"
 
@@ -850,6 +852,28 @@ def test_the_writer_counts_final_rows_apart_so_a_start_that_only_rewrites_transi
     writer.add(pa.Table.from_pydict(cols, schema=schema).slice(2))
     writer.flush()
     assert (writer.written, writer.final) == (4, 2)
+
+
+def test_a_journal_that_finds_no_room_stops_the_run_and_keeps_its_whole_batches(tmp_path):
+    """A full disk or quota met by the journal (appended at every batch, so often the first write to
+    meet it) is a full output like any other: the writer raises ENOSPC naming the journal, and what the
+    journal held stays for the rerun. Giving the journal up there let the run score on into memory
+    that its next shard write (failing the same way) lost."""
+    from allcluster.score.output import ShardWriter
+    from allcluster.score.rows import row_schema
+
+    schema = row_schema(["A", "B"], ["gradcam"], [])
+    with tmpfs(tmp_path / "small", "size=64k") as mount:
+        writer = ShardWriter(mount / "scored", schema, "run-1", rows_per_shard=10**6, flush_seconds=3600,
+                             packed_methods=["gradcam"])
+        added = 0
+        with pytest.raises(OSError) as full:
+            for batch in range(1000):
+                writer.add(_journal_rows(schema, [f"{batch}/{i}-{'x' * 200}.jpg" for i in range(20)]))
+                added += 1
+        assert full.value.errno == errno.ENOSPC and full.value.filename == str(writer.journal_dir)
+        kept = read_journal(writer.journal_dir / f"{writer.name()}.rows.arrows")
+        assert added and kept is not None and kept.num_rows == 20 * added, "every whole batch stays journaled"
 
 
 def _journal_rows(schema, paths: list[str]) -> "pa.Table":

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from allcluster.atomic import atomic_write_parquet, atomic_write_text, is_storage_full
+from allcluster.atomic import atomic_write_parquet, atomic_write_text, is_storage_full, storage_full_error
 from allcluster.config import ConfigError
 from allcluster.console import say
 from allcluster.data.decode import TRANSIENT_ERRORS
@@ -304,14 +304,18 @@ class ShardWriter:
             self.flush()
 
     def journal_batch(self, rows: pa.Table, maps: pa.Table | None) -> None:
-        """Append the batch to this shard's journal; a journal that cannot be written (disk full, a
-        quota) is given up with one line: the rows stay in memory and reach the shard as before."""
+        """Append the batch to this shard's journal. No room (a full disk, a quota) stops the run like
+        any write into the output (exit 74), keeping the journal's whole batches for the rerun; a journal
+        that cannot be written otherwise (a broken folder) is given up with one line: the rows stay in
+        memory and reach the shard as before."""
         if not self.journaling:
             return
         try:
             self.journal = self.journal or Journal(self.journal_dir, self.name())
             self.journal.append(rows, maps)
         except OSError as err:
+            if is_storage_full(err):      # going on would score the night into memory the next write loses
+                raise storage_full_error(err.errno, self.journal_dir) from err
             self.journaling = False
             self.drop_journal()
             say(f"[score] warning: journal {self.journal_dir} not written ({type(err).__name__}: {err}); "
