@@ -186,6 +186,22 @@ def test_a_12_bit_tiff_in_a_16_bit_container_is_scaled_by_the_maximum_it_declare
     np.testing.assert_array_equal(dec.decode(rgb.getvalue(), "cam-rgb.tif").array, gray)
 
 
+def test_wide_samples_are_scaled_to_8_bits_within_a_few_times_their_own_bytes():
+    """A large 16-bit RGB slide (allowed by max_pixels) is scaled in one float32 copy: float64
+    temporaries took 12x its bytes, and a few such files at once on a node meant the OOM killer."""
+    import tracemalloc
+
+    wide = np.random.default_rng(0).integers(0, 65536, size=(1500, 2000, 3), dtype=np.uint16)
+    tracemalloc.start()
+    try:
+        scaled = dec._wide_to_uint8(wide)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3.5 * wide.nbytes, f"peak {peak / wide.nbytes:.1f}x the samples' bytes"
+    np.testing.assert_array_equal(scaled, np.rint(wide / 65535 * 255).astype(np.uint8))
+
+
 def _lzw_rgb16_tiff(rgb: np.ndarray, declared_max: int) -> bytes:
     """A little-endian 16-bit RGB TIFF, LZW-compressed (the microscope exports' usual kind), which
     tifffile cannot decompress without the imagecodecs package. LZW by hand: literal 9-bit codes with a
