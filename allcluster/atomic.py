@@ -36,15 +36,34 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(6)}.tmp")
 
 
+def _flush_to_disk(path: Path) -> None:
+    """fsync ``path`` (a file or a folder). Some filesystems refuse it on a folder (EINVAL): nothing to do."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(temporary_path)``, then move the result onto ``path`` (parent folders created);
-    a failed write leaves no temporary file behind. Every other helper here is this one."""
+    a failed write leaves no temporary file behind. Every other helper here is this one.
+
+    The data reach the disk before the rename, and the rename before this returns (fsync of the file,
+    then of its folder): a node that crashes with the write still in its page cache (Lustre and NFS
+    clients cache writes too) leaves the old file or the whole new one, never an empty or torn file
+    under the new name, and a caller that deletes what the file replaces (a journal) loses nothing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(path)
     try:
         write(tmp)
+        _flush_to_disk(tmp)
         os.replace(tmp, path)
+        _flush_to_disk(path.parent)
     except OSError as err:
         if is_storage_full(err):
             raise storage_full_error(err.errno, path) from err

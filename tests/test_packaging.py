@@ -78,6 +78,34 @@ def test_the_one_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path)
     assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["table.json"]
 
 
+def test_the_one_atomic_write_puts_the_data_on_disk_before_the_rename_and_the_rename_before_it_returns(
+        tmp_path, monkeypatch):
+    """A node crash (no test can make one here; os.fsync and os.replace are watched) must leave the old
+    file or the whole new one: the file's data are fsynced before the rename, its folder after."""
+    import os as real_os
+
+    from allcluster import atomic
+
+    calls = []
+    fsync, replace = real_os.fsync, real_os.replace
+
+    def watched_fsync(fd):
+        calls.append(("fsync", real_os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def watched_replace(src, dst):
+        calls.append(("replace", str(dst)))
+        return replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "fsync", watched_fsync)
+    monkeypatch.setattr(atomic.os, "replace", watched_replace)
+    target = atomic.atomic_write_text(tmp_path / "rows" / "part-1.parquet", "rows")
+    assert [c for c, _ in calls] == ["fsync", "replace", "fsync"], calls
+    assert calls[0][1].startswith(str(target.parent / ".part-1.parquet.")) and calls[0][1].endswith(".tmp")
+    assert calls[1][1] == str(target) and calls[2][1] == str(target.parent)
+    assert target.read_text() == "rows"
+
+
 def test_two_writers_of_one_file_with_the_same_pid_never_take_each_others_temporary(tmp_path):
     """Array tasks on two nodes (or in two PID namespaces) write the same job.json / base_config.yaml at
     once with equal pids: two real processes, each pid 1 in its own namespace (``unshare``), write one

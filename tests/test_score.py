@@ -876,6 +876,34 @@ def test_a_journal_that_finds_no_room_stops_the_run_and_keeps_its_whole_batches(
         assert added and kept is not None and kept.num_rows == 20 * added, "every whole batch stays journaled"
 
 
+def test_an_empty_or_torn_shard_is_set_aside_and_its_files_are_scored_again(tmp_path, capsys):
+    """A shard a crash or a cut copy left empty or torn made every later start die (ArrowInvalid, exit 1).
+    The rows of the readable shards stand; a run moves the others to rows/.damaged/, naming them, and
+    their files have no row, so they are scored again; a dry run only leaves them out."""
+    from allcluster.score.output import RowsState, ShardWriter, rows_dataset
+    from allcluster.score.rows import row_schema
+
+    schema = row_schema(["A", "B"], ["gradcam"], [])
+    for run, paths in (("run-1", ["a.jpg", "b.jpg"]), ("run-2", ["c.jpg"]), ("run-3", ["d.jpg"])):
+        writer = ShardWriter(tmp_path, schema, run, rows_per_shard=100, flush_seconds=3600)
+        writer.add(_journal_rows(schema, paths).drop_columns(["_png_gradcam"]))
+        writer.flush()
+    rows = tmp_path / "rows"
+    empty, torn = sorted(rows.glob("part-run-[23]-*.parquet"))
+    empty.write_bytes(b"")
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
+
+    looked = RowsState.read(tmp_path)                   # a dry run: writes nothing
+    assert sorted(looked.done_paths().to_pylist()) == ["a.jpg", "b.jpg"]
+    assert empty.exists() and torn.exists() and str(empty) in capsys.readouterr().err
+    state = RowsState.read(tmp_path, set_aside=True)    # a run
+    assert sorted(state.done_paths().to_pylist()) == ["a.jpg", "b.jpg"]
+    err = capsys.readouterr().err
+    assert f"{torn} is not a readable Parquet file" in err and "moved to" in err and "scored again" in err
+    assert sorted(p.name for p in (rows / ".damaged").iterdir()) == sorted([empty.name, torn.name])
+    assert sorted(rows_dataset(tmp_path).to_table(columns=["path"])["path"].to_pylist()) == ["a.jpg", "b.jpg"]
+
+
 def _journal_rows(schema, paths: list[str]) -> "pa.Table":
 
     from allcluster.score.rows import empty_columns

@@ -71,6 +71,26 @@ def final_rows(status: pa.ChunkedArray | pa.Array, error_type: pa.ChunkedArray |
     return pc.fill_null(final, False)
 
 
+def _readable_shards(shards: list[Path], set_aside: bool) -> list[Path]:
+    """The shards whose Parquet footer reads; the others are named in a warning (and moved to
+    ``rows/.damaged/`` with ``set_aside``)."""
+    readable = []
+    for shard in shards:
+        try:
+            pq.read_metadata(shard)
+            readable.append(shard)
+        except pa.ArrowInvalid as err:
+            where = "left out"
+            if set_aside:
+                (shard.parent / ".damaged").mkdir(exist_ok=True)
+                with contextlib.suppress(FileNotFoundError):     # another array task moved it first
+                    shard.rename(shard.parent / ".damaged" / shard.name)
+                where = f"moved to {shard.parent / '.damaged'}"
+            say(f"[score] warning: {shard} is not a readable Parquet file ({err}); {where}: its files are "
+                "scored again", logging.WARNING)
+    return readable
+
+
 class RowsState:
     """The rows already in ``out``, as their bookkeeping columns (:data:`STATE_COLUMNS`), read once."""
 
@@ -78,13 +98,19 @@ class RowsState:
         self.table = table
 
     @classmethod
-    def read(cls, out: Path) -> "RowsState":
+    def read(cls, out: Path, set_aside: bool = False) -> "RowsState":
+        """The rows of ``out``. A shard that is no Parquet file (empty or torn: a crash, a copy cut
+        short) is left out with a warning, so its files are scored again; with ``set_aside`` (a run,
+        under the output's lock) it is also moved to ``rows/.damaged/``, where no reader looks."""
         rows = out / "rows"
         shards = sorted(p for p in rows.glob("*.parquet") if not p.name.startswith(".")) if rows.is_dir() else []
-        if not shards:
-            return cls(pa.table({c: pa.array([], pa.string()) for c in STATE_COLUMNS}))
         fmt = pads.ParquetFileFormat(read_options=pads.ParquetReadOptions(dictionary_columns=STATE_DICTIONARY))
-        return cls(pads.dataset(shards, format=fmt).to_table(columns=list(STATE_COLUMNS)))
+        try:
+            table = pads.dataset(shards, format=fmt).to_table(columns=list(STATE_COLUMNS)) if shards else None
+        except pa.ArrowInvalid:          # looked for shard by shard only then: a healthy start opens each once
+            shards = _readable_shards(shards, set_aside)
+            table = pads.dataset(shards, format=fmt).to_table(columns=list(STATE_COLUMNS)) if shards else None
+        return cls(table if table is not None else pa.table({c: pa.array([], pa.string()) for c in STATE_COLUMNS}))
 
     @functools.cached_property
     def one_row_per_path(self) -> bool:

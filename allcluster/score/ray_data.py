@@ -186,7 +186,7 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
         if recovered:
             say(f"[score] {sum(recovered.values())} rows a killed run had not written yet recovered from "
                 f"its journal into {', '.join(sorted(recovered))}")
-        state = RowsState.read(out)         # the rows already here, read once for the whole start
+        state = RowsState.read(out, set_aside=True)    # the rows already here, read once for the whole start
         run_id = new_run_id(shard, after=state.newest_run())
         dropped = compact(out, shard, state)  # a run killed while replacing retried rows left two
         if dropped:
