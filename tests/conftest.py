@@ -126,6 +126,35 @@ def real_images(real_data_dir: Path, per_class: int) -> list[Path]:
     return [p for c in sorted(real_data_dir.iterdir()) for p in sorted(c.glob("*.jpg"))[:per_class]]
 
 
+POISON = b"ALLCLUSTER-TEST: SEGFAULT"
+
+
+@pytest.fixture
+def segfaulting_decoder(tmp_path):
+    """A folder to put first on PYTHONPATH: its sitecustomize.py makes every Python process started
+    with it (Ray's workers, a decoder's child) die by a real SIGSEGV when Pillow is asked to open bytes
+    that hold :data:`POISON` (as a native decoder's crash would end it), and a function that writes a
+    real JPEG with that marker in a comment segment."""
+    site = tmp_path / "segfault-site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, signal\n"
+        "from PIL import Image\n"
+        "_open = Image.open\n"
+        "def _open_or_die(fp, *args, **kwargs):\n"
+        "    if hasattr(fp, 'getvalue') and " + repr(POISON) + " in fp.getvalue():\n"
+        "        os.kill(os.getpid(), signal.SIGSEGV)\n"
+        "    return _open(fp, *args, **kwargs)\n"
+        "Image.open = _open_or_die\n")
+
+    def poisoned_copy(image: Path, target: Path) -> Path:
+        data = image.read_bytes()
+        comment = b"\xff\xfe" + (len(POISON) + 2).to_bytes(2, "big") + POISON
+        target.write_bytes(data[:2] + comment + data[2:])
+        return target
+    return site, poisoned_copy
+
+
 @pytest.fixture(scope="session")
 def real_sweep(ray_local, real_manifest, tmp_path_factory) -> dict:
     """One real sweep shared by the sweep and report tests (a trial's cost is mostly Ray Train's start,

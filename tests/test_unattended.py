@@ -119,6 +119,55 @@ def test_any_exception_reading_decoding_or_preprocessing_one_file_becomes_its_er
     assert out["pixels"][3:].std() > 0
 
 
+def test_a_retried_batch_decodes_in_a_child_so_a_file_that_kills_its_decoder_gets_a_row(
+        tmp_path, monkeypatch, real_data_dir, segfaulting_decoder):
+    """A native decoder's crash (here a real SIGSEGV) is no exception: it ends the process, and Ray
+    runs the task again, without limit. A batch's second try decodes each file in a child process:
+    the file that kills it gets a ``reader_crashed`` row naming the signal, the others their pixels
+    as a first try gives them. A batch whose tries keep dying gets its rows without being read."""
+    site, poisoned_copy = segfaulting_decoder
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), str(REPO)]))
+    clean = [shutil.copy(image, tmp_path / image.name) for image in real_images(real_data_dir, 1)[:3]]
+    poison = poisoned_copy(clean[0], tmp_path / "poison.jpg")
+    paths = [Path(clean[0]), poison, *map(Path, clean[1:])]
+    batch = {"path": np.array([table_path(p) for p in paths], dtype=object)}
+
+    first_try = read_decode({"path": batch["path"][[0, 2, 3]]}, 32, False, 0.1, 10_000_000, Ledger(0).claim)
+    second = read_decode(batch, 32, False, 0.1, 10_000_000, Ledger(0).claim, attempt=2)   # in children
+    assert list(second["status"]) == ["ok", "error", "ok", "ok"]
+    assert second["error_type"][1] == "reader_crashed" and "reader_crashed" in dec.TRANSIENT_ERRORS
+    assert second["error"][1] == f"{poison}: the process decoding it died (killed by SIGSEGV)", second["error"][1]
+    np.testing.assert_array_equal(second["pixels"][[0, 2, 3]], first_try["pixels"])
+    assert list(second["width"][[0, 2, 3]]) == list(first_try["width"]) and second["sha256"][1]
+
+    last = read_decode(batch, 32, False, 0.1, 10_000_000, Ledger(0).claim, attempt=2 + reading.ISOLATED_TRIES)
+    assert set(last["error_type"]) == {"reader_crashed"} and not last["t_read_ms"].any(), "not read again"
+    assert "the process reading its batch died 3 times" in last["error"][0]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_file_that_crashes_the_decoder_in_a_real_job_gets_one_row_and_the_job_finishes(
+        tiny_model_dir, real_data_dir, tmp_path, segfaulting_decoder):
+    """The whole path: a scoring job (its own local Ray, whose workers die by SIGSEGV on the poisoned
+    file) ends with exit 0 and one row per file: Ray retries the task, whose second try isolates
+    the file. Before, Ray retried the batch forever and the job never ended."""
+    site, poisoned_copy = segfaulting_decoder
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    images = [Path(shutil.copy(image, dump / image.name)) for image in real_images(real_data_dir, 2)]
+    poison = poisoned_copy(images[0], dump / "poison.jpg")
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
+    done = subprocess.run([sys.executable, "-m", "allcluster.cli", *score_args(tiny_model_dir, dump, out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = rows_of(out).set_index("path")
+    assert sorted(rows.index) == sorted(map(str, [*images, poison]))
+    assert rows.loc[str(poison), "error_type"] == "reader_crashed", rows.loc[str(poison)].to_dict()
+    assert (rows.drop(index=str(poison))["status"] == "ok").all()
+
+
 def test_an_exception_while_listing_one_entry_becomes_its_row_and_listing_goes_on(tmp_path, monkeypatch):
     from allcluster.score import inputs
 

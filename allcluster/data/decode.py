@@ -56,6 +56,7 @@ TRANSIENT_ERRORS = frozenset({
     "write_error",       # the shard's heatmap pack could not be written (a full disk or quota stops the run)
     "duplicate_unresolved",  # the first copy of these bytes got no row (it will on the rerun)
     "out_of_memory",     # the node had no memory for this file's pixels (a shared node): not the file's fault
+    "reader_crashed",    # the process decoding it died (a native decoder's crash, the OOM killer, a lost node)
 })
 
 

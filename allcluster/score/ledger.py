@@ -15,6 +15,13 @@ class Ledger:
     def __init__(self, budget_cap: int, budget_used: int = 0):
         self.owners: dict[bytes, str] = {}
         self.budget_left = max(0, budget_cap - budget_used)
+        self.tries: dict[str, int] = {}
+
+    def attempt(self, batch: str) -> int:
+        """Which try of the batch ``batch`` (its first path) this is: Ray runs a task again when its
+        process died (``allcluster.score.reading``)."""
+        self.tries[batch] = self.tries.get(batch, 0) + 1
+        return self.tries[batch]
 
     def claim(self, shas: list[str], paths: list[str]) -> list[str]:
         owners = []

@@ -74,7 +74,9 @@ class ScoreActor:
 
 def _read_decode(batch, ledger, **kwargs):
     import ray
-    return read_decode(batch, claim=lambda shas, paths: ray.get(ledger.claim.remote(shas, paths)), **kwargs)
+    attempt = ray.get(ledger.attempt.remote(str(batch["path"][0]))) if len(batch["path"]) else 1
+    return read_decode(batch, claim=lambda shas, paths: ray.get(ledger.claim.remote(shas, paths)),
+                       attempt=attempt, **kwargs)
 
 
 def todo_blocks(todo: Listing, batch_size: int, max_blocks: int = 4096) -> list:

@@ -1,7 +1,21 @@
 """Stage 1 of scoring (CPU tasks): read, hash and decode a batch of files into model-sized pixels.
-Every file keeps its row: a failure is recorded on it, never raised."""
+Every file keeps its row: a failure is recorded on it, never raised.
+
+A failure that is no Python exception (a native decoder's segfault, the kernel's OOM killer) ends
+the task's process instead, and Ray Data retries such a task without limit (``max_retries=-1``):
+one poisonous file would stop the whole job's progress for good. So a batch that is tried again
+decodes each file in a child process of its own (:class:`IsolatedDecoder`): a file that kills it
+gets a ``reader_crashed`` row and the others are decoded; a batch whose tries keep dying gets
+``reader_crashed`` rows without being read (:data:`ISOLATED_TRIES`).
+"""
 from __future__ import annotations
 
+import contextlib
+import os
+import pickle
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -16,15 +30,22 @@ def _fail(out: dict, i: int, err: dec.DecodeError) -> None:
     out["status"][i], out["error_type"][i], out["error"][i] = "error", err.kind, clean_text(str(err))
 
 
+# Tries of one batch, after its first, that decode each file in a child process; a batch whose
+# process died that often too (a node lost each time, or the task itself killed for memory) gets its
+# rows without being read, so the job always ends. Transient: the next run tries them again.
+ISOLATED_TRIES = 2
+
+
 def read_decode(batch: dict[str, np.ndarray], size: int, roi_crop: bool, roi_margin: float, max_pixels: int,
-                claim: Claim, max_bytes: int = dec.DEFAULT_MAX_BYTES) -> dict[str, np.ndarray]:
+                claim: Claim, max_bytes: int = dec.DEFAULT_MAX_BYTES, attempt: int = 1) -> dict[str, np.ndarray]:
     """Read, hash and decode a batch of files into uint8 ``pixels`` (N, size, size, 3).
 
     ``batch["path"]`` holds table paths (:mod:`allcluster.data.paths`). Every file keeps its row: any
     failure while reading, hashing, decoding or preprocessing it gets ``status="error"``; a file whose
     bytes another file of the job already has gets ``duplicate_of`` and is not decoded (it is filled
     in at the end). Files are read ahead of their decoding by at most :data:`READ_AHEAD_BYTES` (and
-    one file), so a batch of large files never sits in memory whole.
+    one file), so a batch of large files never sits in memory whole. ``attempt``: which try of this
+    batch this is (see the module's docstring).
     """
     paths = [str(p) for p in batch["path"]]
     n = len(paths)
@@ -36,11 +57,17 @@ def read_decode(batch: dict[str, np.ndarray], size: int, roi_crop: bool, roi_mar
                error=np.full(n, "", dtype=object), duplicate_of=np.full(n, "", dtype=object),
                t_read_ms=np.zeros(n, np.float32), t_decode_ms=np.zeros(n, np.float32),
                pixels=np.zeros((n, size, size, 3), np.uint8))
+    if attempt > 1 + ISOLATED_TRIES:
+        for i, path in enumerate(paths):
+            _fail(out, i, dec.DecodeError("reader_crashed", f"{path}: the process reading its batch died "
+                                          f"{attempt - 1} times (a lost node, or one killed for memory)"))
+        return out
     preprocess = Preprocess(size, roi_crop, roi_margin)
-    first = 0
-    while first < n:                          # read ahead at most READ_AHEAD_BYTES, then decode those
-        blobs, first = _read_ahead(out, paths, first, max_bytes)
-        _decode_read(out, paths, blobs, claim, preprocess, max_pixels)
+    with IsolatedDecoder() if attempt > 1 else contextlib.nullcontext(decode_into) as decode_one:
+        first = 0
+        while first < n:                      # read ahead at most READ_AHEAD_BYTES, then decode those
+            blobs, first = _read_ahead(out, paths, first, max_bytes)
+            _decode_read(out, paths, blobs, claim, preprocess, max_pixels, decode_one)
     return out
 
 
@@ -68,7 +95,7 @@ def _read_ahead(out: dict, paths: list[str], first: int, max_bytes: int) -> tupl
 
 
 def _decode_read(out: dict, paths: list[str], blobs: dict[int, bytes], claim: Claim, preprocess: Preprocess,
-                 max_pixels: int) -> None:
+                 max_pixels: int, decode_one=None) -> None:
     """Decode the files read (``blobs``, emptied as it goes) whose bytes no other file of the job owns."""
     hashed = list(blobs)
     owners = claim([out["sha256"][i] for i in hashed], [paths[i] for i in hashed]) if hashed else []
@@ -79,7 +106,7 @@ def _decode_read(out: dict, paths: list[str], blobs: dict[int, bytes], claim: Cl
             continue
         start = time.perf_counter()
         try:
-            decode_into(out, i, data, paths[i], preprocess, max_pixels)
+            (decode_one or decode_into)(out, i, data, paths[i], preprocess, max_pixels)
         except dec.DecodeError as err:
             _fail(out, i, err)
         del data
@@ -90,3 +117,67 @@ def decode_into(out: dict, i: int, data: bytes, path: str, preprocess: Preproces
     """Decode + preprocess one file into row ``i`` of ``out``; every failure is a :class:`DecodeError`."""
     image, out["pixels"][i] = decode_preprocessed(data, path, preprocess, max_pixels)   # as the training cache
     out["width"][i], out["height"][i] = image.width, image.height
+
+
+class IsolatedDecoder:
+    """:func:`decode_into` run in a child process (``python -m allcluster.score.reading``, fed over
+    its pipes), started again after a file that killed it; that file gets a ``reader_crashed`` error."""
+
+    def __init__(self):
+        self.child: subprocess.Popen | None = None
+
+    def __enter__(self) -> "IsolatedDecoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.child is not None:
+            with contextlib.suppress(OSError):
+                self.child.stdin.close()
+            self.child.wait()
+
+    def __call__(self, out: dict, i: int, data: bytes, path: str, preprocess: Preprocess, max_pixels: int) -> None:
+        if self.child is None:
+            self.child = subprocess.Popen([sys.executable, "-m", "allcluster.score.reading"],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            pickle.dump((data, path, preprocess, max_pixels), self.child.stdin)
+            self.child.stdin.flush()
+            answer = pickle.load(self.child.stdout)
+        except (OSError, EOFError, pickle.UnpicklingError):
+            child, self.child = self.child, None
+            raise dec.DecodeError("reader_crashed", f"{path}: the process decoding it died "
+                                  f"({_death(child.wait())})") from None
+        if answer[0] == "error":
+            raise dec.DecodeError(answer[1], answer[2])
+        out["width"][i], out["height"][i], out["pixels"][i] = answer[1:]
+
+
+def _death(code: int) -> str:
+    if code >= 0:
+        return f"exit {code}"
+    name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
+    return f"killed by {name}" + ("; the out-of-memory killer sends it" if -code == signal.SIGKILL else "")
+
+
+def _serve() -> None:
+    """The child's loop: decode what arrives on stdin, answer on stdout, until stdin closes."""
+    from allcluster.data.preprocess import decode_preprocessed
+
+    requests, answers = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)                             # a library's print must not corrupt the answers
+    while True:
+        try:
+            data, path, preprocess, max_pixels = pickle.load(requests)
+        except EOFError:
+            return
+        try:
+            image, pixels = decode_preprocessed(data, path, preprocess, max_pixels)
+            answer = ("ok", image.width, image.height, pixels)
+        except dec.DecodeError as err:
+            answer = ("error", err.kind, str(err))
+        pickle.dump(answer, answers)
+        answers.flush()
+
+
+if __name__ == "__main__":
+    _serve()
