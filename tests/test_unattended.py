@@ -210,6 +210,27 @@ def test_a_folder_without_execute_permission_gets_an_unlistable_row_and_listing_
     assert all("Permission denied" in e["error"] and e["path"] in e["error"] for e in errors), errors
 
 
+def test_an_array_part_says_which_folders_it_could_not_list_whose_row_another_part_keeps(capsys):
+    """Every array task lists the whole input. A folder's ``unlistable`` row falls in one part (by the
+    folder's path), but its files fall in every part: the others get no row for their files this run,
+    so each of them says so in its log, naming the folder."""
+    from allcluster.score.inputs import Listing, Shard
+    from allcluster.score.ray_data import _say_folders_left_to_other_parts
+
+    whole = Listing(pa.table({"path": ["/d/a.jpg", "/d/b.jpg"]}),
+                    [{"path": "/d/locked", "error_type": "unlistable", "error": "/d/locked: Input/output error"},
+                     {"path": "/d/c.jpg", "error_type": "unreadable", "error": "/d/c.jpg: Permission denied"}])
+    owner = next(Shard(k, 3) for k in range(3) if Shard(k, 3).holds(["/d/locked"])[0])
+    for part in (Shard(k, 3) for k in range(3)):
+        _say_folders_left_to_other_parts(whole, whole.part(part))
+        said = capsys.readouterr().err
+        if part == owner:
+            assert "could not be listed" not in said, "the owner writes the folder's row"
+        else:
+            assert "1 folder(s) could not be listed here (/d/locked); this part's files in them are not " \
+                   "scored this run" in said, said
+
+
 def test_an_input_file_is_a_manifest_by_its_bytes_and_a_csv_or_binary_file_is_refused_by_the_check(tmp_path):
     from allcluster.score.inputs import check_input, list_inputs
 

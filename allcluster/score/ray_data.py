@@ -10,6 +10,7 @@ driver; with ``explain.heatmaps: files`` the actors write one PNG per map.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -125,10 +126,24 @@ def plan_job(cfg: ScoreConfig, out: Path, retry_errors: bool = False, shard: Sha
     """List the inputs (of ``shard``) and drop those with a final row in ``out`` (``state``: its rows
     already read). The job's own output is never listed as input, even when ``out`` lies inside
     ``input``; the full listing is not kept."""
-    listing = list_inputs(cfg.input, exclude=(out,)).part(shard)
+    whole = list_inputs(cfg.input, exclude=(out,))
+    listing = whole.part(shard)
+    _say_folders_left_to_other_parts(whole, listing)
     inputs = len(listing)
     todo = listing.without((state or RowsState.read(out)).done_paths(retry_errors))
     return JobPlan(todo, inputs, inputs - len(todo))
+
+
+def _say_folders_left_to_other_parts(whole: Listing, mine: Listing) -> None:
+    """An array task lists the whole input; a folder it could not list has its row in the part its
+    path falls in, but its files fall in every part: this part's files in it get no row this run."""
+    own = {e["path"] for e in mine.errors}
+    others = [e["path"] for e in whole.errors if e["error_type"] == "unlistable" and e["path"] not in own]
+    if others:
+        say(f"[score] warning: {len(others)} folder(s) could not be listed here ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}); this part's files in them are not scored this run (the "
+            "folder's unlistable row is another part's); a rerun of this part scores them once listed",
+            logging.WARNING)
 
 
 def check_before_run(cfg: ScoreConfig, shard: Shard = Shard()) -> ModelCard:
