@@ -122,6 +122,19 @@ def pick_device(choice: "str | torch.device" = "auto", what: str = "device") -> 
     return device
 
 
+def device_is_broken(err: BaseException) -> bool:
+    """Whether ``err`` is one of CUDA's sticky errors (an illegal memory access, a device-side assert,
+    ``torch.AcceleratorError``): the process's CUDA context is unusable from then on, so every later
+    call fails too and only a fresh process helps. An out-of-memory error is not one (the next batch
+    may fit)."""
+    import torch
+
+    if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    return isinstance(err, accelerator_error) or (isinstance(err, RuntimeError) and "CUDA error" in str(err))
+
+
 def use_bf16(precision: str, device: "torch.device") -> bool:
     """``bf16`` autocast for ``precision`` on ``device``: ``auto`` means bf16 on CUDA (tensor cores;
     fp32 weights kept), fp32 on CPU; ``bf16`` / ``fp32`` force it either way (bf16 on CPU runs the GPU

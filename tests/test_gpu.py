@@ -36,3 +36,26 @@ def test_training_on_cuda_in_bf16_runs_and_exports(synthetic_manifest, tmp_path)
                             resources={"use_gpu": True, "num_workers": 1})
     final = WorkerRun(cfg, LocalSession(tmp_path / "cuda" / "checkpoints", "cuda")).run()
     assert math.isfinite(final["val_loss"]) and (tmp_path / "cuda" / "model" / "model_card.json").is_file()
+
+
+def test_a_device_side_assert_is_told_apart_from_out_of_memory():
+    """A real device-side assert (an index out of range in a kernel) breaks the CUDA context of its
+    process for good, so it runs in a child: what allcluster.device.device_is_broken must recognise
+    (the scoring replica then ends for a fresh process); an out-of-memory error must stay recoverable."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from allcluster.device import device_is_broken\n"
+        "try:\n"
+        "    torch.empty(2**50, device='cuda')\n"
+        "except Exception as err:\n"
+        "    print('oom', device_is_broken(err))\n"
+        "try:\n"
+        "    x = torch.zeros(4, device='cuda')[torch.tensor([99], device='cuda')]\n"
+        "    torch.cuda.synchronize()\n"
+        "except Exception as err:\n"
+        "    print('assert', device_is_broken(err), type(err).__name__)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "oom False" in done.stdout and "assert True" in done.stdout, done.stdout + done.stderr[-2000:]

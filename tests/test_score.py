@@ -369,6 +369,30 @@ def test_a_model_failure_becomes_error_rows_not_a_crash(tiny_model_dir, real_dat
     assert all(path in err for path, err in zip(rows["path"], rows["error"]))
 
 
+def test_a_broken_gpu_context_ends_the_replica_while_out_of_memory_stays_error_rows(tiny_model_dir, real_data_dir,
+                                                                                     tmp_path):
+    """CUDA's sticky errors (injected: no GPU here) leave the process's context unusable: writing them as
+    model_error rows turned the rest of the night into error rows and an exit 0. They raise
+    DeviceBroken, whose Ray wrapper ends the replica for a fresh one; an out-of-memory error stays a
+    batch of model_error rows, as the next batch may fit."""
+    cfg = score_config(tiny_model_dir, tmp_path, tmp_path / "out")
+    scorer = core.Scorer(cfg, str(tmp_path / "out"), "run", lambda n: n)
+    decoded = _decoded(real_images(real_data_dir, 1))
+    for sticky in (torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+                   RuntimeError("CUDA error: device-side assert triggered")):
+        def fails(*args, err=sticky):
+            raise err
+        scorer.first_pass = fails
+        with pytest.raises(core.DeviceBroken, match="illegal memory access|device-side assert"):
+            scorer(decoded)
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    scorer.first_pass = out_of_memory
+    rows = scorer(decoded).to_pandas()
+    assert (rows["error_type"] == "model_error").all() and rows["error"].str.contains("CUDA out of memory").all()
+
+
 def test_an_image_whose_model_output_is_nan_is_an_error_row_not_a_confident_class_0(tiny_model_dir, real_data_dir,
                                                                                     tmp_path):
     """softmax(NaN).max() is class 0 at confidence NaN, and NaN < uncertain_below is false: the image

@@ -17,7 +17,7 @@ import torch
 from allcluster.atomic import is_storage_full
 from allcluster.data.paths import clean_text
 from allcluster.data.preprocess import cell_mask
-from allcluster.device import autocast, channels_last, pick_device, use_bf16
+from allcluster.device import autocast, channels_last, device_is_broken, pick_device, use_bf16
 from allcluster.score.budget import budget_reasons, sha_fraction
 from allcluster.score.config import ScoreConfig
 from allcluster.score.heatmaps import bytes_columns, encode_maps, write_heatmap_files
@@ -40,6 +40,13 @@ def build_explainer(name: str, model: torch.nn.Module, layer: str, cfg: ScoreCon
     from allcluster.xai import ExplainSettings, make_explainer
 
     return make_explainer(name, model, layer, ExplainSettings(cfg.explain.lime_samples, cfg.explain.ig_steps))
+
+
+class DeviceBroken(RuntimeError):
+    """The replica's GPU context is unusable (:func:`allcluster.device.device_is_broken`): its batches
+    would all become ``model_error`` rows, quickly, and the job would end with exit 0 on an archive of
+    error rows. The Ray wrapper ends the replica's process instead; Ray starts a fresh one and runs the
+    batch again."""
 
 
 class Scorer:
@@ -91,6 +98,8 @@ class Scorer:
                 with autocast(self.device, self.bf16):
                     self.fill(cols, todo, np.asarray(batch["pixels"])[todo])
             except Exception as err:       # noqa: BLE001 - any model-side failure becomes error rows
+                if device_is_broken(err):  # ...but not every later batch of the night: see DeviceBroken
+                    raise DeviceBroken(f"{self.device}: {type(err).__name__}: {err}") from err
                 self.fail(cols, todo, err)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         for key, value in {**self.constants, "scored_at": stamp}.items():

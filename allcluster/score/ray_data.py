@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,14 @@ class ScoreActor:
         self.scorer = Scorer(cfg, out_dir, run_id, lambda n: ray.get(ledger.reserve.remote(n)), extra, device)
 
     def __call__(self, batch):
-        return self.scorer(batch)
+        from allcluster.score.core import DeviceBroken
+
+        try:
+            return self.scorer(batch)
+        except DeviceBroken as err:      # Ray restarts a dead replica and runs its batch again (max_restarts=-1)
+            say(f"[score] {err}: the replica's GPU context is unusable; ending its process for a fresh one",
+                logging.WARNING)
+            os._exit(1)
 
 
 def _read_decode(batch, ledger, **kwargs):
