@@ -6,15 +6,20 @@ within one folder is atomic on local filesystems and on NFS/Lustre/GPFS. Tempora
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import re
 import secrets
 import shutil
 import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
+
+from allcluster.console import say
 
 STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT)   # a full disk, a block or inode quota: no rerun helps until freed
 
@@ -57,20 +62,32 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     clients cache writes too) leaves the old file or the whole new one, never an empty or torn file
     under the new name, and a caller that deletes what the file replaces (a journal) loses nothing."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(path)
-    try:
-        write(tmp)
-        _flush_to_disk(tmp)
-        os.replace(tmp, path)
-        _flush_to_disk(path.parent)
-    except OSError as err:
-        if is_storage_full(err):
-            raise storage_full_error(err.errno, path) from err
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    for wait in (*PASSING_ERROR_WAITS_S, None):
+        tmp = _temporary(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(tmp)
+            _flush_to_disk(tmp)
+            os.replace(tmp, path)
+            _flush_to_disk(path.parent)
+            return path
+        except OSError as err:
+            if is_storage_full(err):
+                raise storage_full_error(err.errno, path) from err
+            if err.errno not in PASSING_ERRORS or wait is None:
+                raise
+            say(f"warning: writing {path}: {err.strerror or err}; trying again in {wait} s", logging.WARNING)
+            time.sleep(wait)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+    raise AssertionError("unreachable")
+
+
+# A shared filesystem's passing errors (an NFS or Lustre server failing over, a stale handle): the
+# whole write is tried again after these waits before the error ends the run; a full disk is not.
+PASSING_ERRORS = (errno.EIO, errno.ESTALE, errno.ETIMEDOUT)
+PASSING_ERROR_WAITS_S = (2, 10, 30)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

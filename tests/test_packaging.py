@@ -106,6 +106,42 @@ def test_the_one_atomic_write_puts_the_data_on_disk_before_the_rename_and_the_re
     assert target.read_text() == "rows"
 
 
+def test_the_one_atomic_write_tries_a_shared_filesystems_passing_error_again_but_not_a_full_disk(
+        tmp_path, monkeypatch, capsys):
+    """An NFS/Lustre server failing over answers EIO or ESTALE for a while (injected: os.replace fails):
+    an overnight job must not end on it. A full disk is not retried, a lasting EIO ends the write."""
+    import errno
+    import os as real_os
+
+    import pytest
+
+    from allcluster import atomic
+
+    monkeypatch.setattr(atomic, "PASSING_ERROR_WAITS_S", (0, 0, 0))
+    replace, failures = real_os.replace, []
+
+    def failing_replace(number: int, times: int):
+        def fake(src, dst):
+            if len(failures) < times:
+                failures.append(number)
+                raise OSError(number, real_os.strerror(number))
+            return replace(src, dst)
+        return fake
+
+    monkeypatch.setattr(atomic.os, "replace", failing_replace(errno.ESTALE, 2))
+    target = atomic.atomic_write_text(tmp_path / "summary.json", "{}")
+    assert target.read_text() == "{}" and failures == [errno.ESTALE] * 2
+    assert "Stale file handle; trying again" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"], "no temporary left by the failed tries"
+    for number, times, calls in ((errno.EIO, 99, 4), (errno.ENOSPC, 99, 1)):
+        failures.clear()
+        monkeypatch.setattr(atomic.os, "replace", failing_replace(number, times))
+        with pytest.raises(OSError) as failed:
+            atomic.atomic_write_text(tmp_path / "summary.json", "new")
+        assert failed.value.errno == number and len(failures) == calls
+        assert target.read_text() == "{}"
+
+
 def test_two_writers_of_one_file_with_the_same_pid_never_take_each_others_temporary(tmp_path):
     """Array tasks on two nodes (or in two PID namespaces) write the same job.json / base_config.yaml at
     once with equal pids: two real processes, each pid 1 in its own namespace (``unshare``), write one
