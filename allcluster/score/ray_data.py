@@ -272,13 +272,17 @@ def stream_rows(cfg: ScoreConfig, card: ModelCard, todo: Listing, writer: ShardW
     runs of ``shard`` already made (the cap spans reruns)."""
     import pyarrow as pa
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ray.data.DataContext.get_current().enable_progress_bars = False     # our own progress line instead
     plan = actor_plan(cfg, ray.cluster_resources())
     say(f"[score] {plan['size']} model replica(s) on {plan['device']} "
         f"({plan['num_gpus']:g} GPU, {plan['num_cpus']:g} CPU each), batch {cfg.batch_size}")
     cap = shard.share(cfg.explain.budget.max_images)
-    ledger = ray.remote(Ledger).options(num_cpus=0).remote(cap, budget_spent)
+    # on the driver's node: a worker node whose Ray dies takes only its tasks (Ray Data retries them),
+    # while a ledger placed there would fail every later claim, and with it the whole dataset
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    ledger = ray.remote(Ledger).options(num_cpus=0, scheduling_strategy=here).remote(cap, budget_spent)
     progress = Progress(len(todo), cfg.progress_seconds)
     waiting, times = [], {} if times is None else times
     for table in build_dataset(cfg, card, todo, ledger, run_id, plan).iter_batches(batch_size=None,
