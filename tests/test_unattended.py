@@ -532,6 +532,8 @@ def test_transient_errors_are_scored_again_and_replace_their_rows(ray_local, tin
     copying = files / "still-copying.jpg"
     copying.write_bytes(whole[: len(whole) // 2])                  # a copy in progress: truncated
     (files / "notes.jpg").write_text("not an image")                # deterministic: not_an_image
+    partial = files / "renamed.jpg.part"                             # a copy tool's name until it renames it
+    partial.write_bytes(images[2].read_bytes()[:3000])
     later = files / "arrives-later.jpg"                              # listed, not there yet: unreadable
     listing = tmp_path / "lists" / "files.txt"
     listing.parent.mkdir()
@@ -542,7 +544,8 @@ def test_transient_errors_are_scored_again_and_replace_their_rows(ray_local, tin
     monkeypatch.chdir(tmp_path)
     assert main(score_args(tiny_model_dir, "lists/files.txt", out)) == 0
     first = rows_of(out).set_index("path")
-    assert len(first) == len(images) + 3
+    assert len(first) == len(images) + 4
+    assert first.loc[table_path(partial), "error_type"] == "truncated"
     assert (first.loc[[table_path(files / p.name) for p in images], "error_type"] == "write_error").all()
     assert first.loc[table_path(copying), "error_type"] == "truncated"
     assert first.loc[table_path(later), "error_type"] == "unreadable"
@@ -551,12 +554,15 @@ def test_transient_errors_are_scored_again_and_replace_their_rows(ray_local, tin
     (out / "heatmaps").unlink()                                      # the disk is fine again
     copying.write_bytes(whole)                                       # the copy finished
     shutil.copy(images[1], later)                                    # the late file arrived
+    partial.unlink()
+    shutil.copy(images[2], files / "renamed.jpg")                    # ...and renamed its finished copy
     absolute_list = tmp_path / "other.txt"                           # same files, other spelling, other cwd
     absolute_list.write_text("".join(f"{files}/./{p.name}\n" for p in sorted(files.iterdir())))
     monkeypatch.chdir("/")
     assert main(score_args(tiny_model_dir, absolute_list, out)) == 0
     second = rows_of(out)
-    assert second["path"].is_unique and len(second) == len(images) + 3, "exactly one row per file"
+    assert second["path"].is_unique and len(second) == len(images) + 4, "exactly one row per file"
+    assert table_path(partial) not in set(second["path"]), "a transient row of a file gone from the input goes"
     second = second.set_index("path")
     assert (second.drop(index=table_path(files / "notes.jpg"))["status"] == "ok").all()
     notes = second.loc[table_path(files / "notes.jpg")]
@@ -564,7 +570,7 @@ def test_transient_errors_are_scored_again_and_replace_their_rows(ray_local, tin
 
     assert main(score_args(tiny_model_dir, absolute_list, out, "--retry-errors")) == 0
     third = rows_of(out)
-    assert third["path"].is_unique and len(third) == len(images) + 3
+    assert third["path"].is_unique and len(third) == len(images) + 4
     assert third.set_index("path").loc[notes.name, "run_id"] not in set(second["run_id"]), "--retry-errors rescored it"
 
 

@@ -155,6 +155,14 @@ class RowsState:
             if pa.types.is_dictionary(column.type) else column
         return pc.max(runs).as_py() or ""
 
+    def retried_paths(self, shard: Shard = Shard()) -> pa.Array:
+        """Paths of ``shard`` whose row is a transient error of a file (not an ``unlistable`` folder's):
+        what a run tries again, if the file is still there."""
+        error_type = self.text("error_type")
+        retried = pc.and_(pc.invert(final_rows(self.text("status"), error_type)), pc.not_equal(error_type, "unlistable"))
+        paths = pc.unique(large_text(self.table.column("path").filter(pc.fill_null(retried, False))))
+        return paths.filter(pa.array(shard.holds(paths.to_pylist()), pa.bool_()))
+
     def relisted(self, still_unlistable: list[str], shard: Shard = Shard()) -> pa.Array:
         """Folders of ``shard`` with an ``unlistable`` row that are not in ``still_unlistable`` (this
         run's listing errors of that type): this run listed them, and their files' rows replace it."""

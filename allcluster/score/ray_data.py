@@ -14,13 +14,16 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from allcluster.config import ConfigError
 from allcluster.console import process_age_s, say
+from allcluster.data.paths import to_fs
 from allcluster.interrupt import InterruptionCaught, StopSignals, report_progress
 from allcluster.models.card import ModelCard
 from allcluster.ray_utils import ensure_ray, leave_ray, stopping_joined_cluster
@@ -123,10 +126,12 @@ SCORE_STOPPING = "[score] {signal} received: stopping after the batch in hand; i
 
 @dataclass
 class JobPlan:
-    """What a run will do: the inputs still to score, out of ``inputs``, ``done`` having a final row."""
+    """What a run will do: the inputs still to score, out of ``inputs``, ``done`` having a final row;
+    ``gone``: paths whose transient error row no retry can replace (the file has left the input)."""
     todo: Listing
     inputs: int
     done: int
+    gone: list[str] = field(default_factory=list)
 
 
 def plan_job(cfg: ScoreConfig, out: Path, retry_errors: bool = False, shard: Shard = Shard(),
@@ -138,8 +143,22 @@ def plan_job(cfg: ScoreConfig, out: Path, retry_errors: bool = False, shard: Sha
     listing = whole.part(shard)
     _say_folders_left_to_other_parts(whole, listing)
     inputs = len(listing)
-    todo = listing.without((state or RowsState.read(out)).done_paths(retry_errors))
-    return JobPlan(todo, inputs, inputs - len(todo))
+    state = state or RowsState.read(out)
+    todo = listing.without(state.done_paths(retry_errors))
+    return JobPlan(todo, inputs, inputs - len(todo), _gone(state.retried_paths(shard), listing))
+
+
+def _gone(retried: pa.Array, listing: Listing) -> list[str]:
+    """Of the paths ``retried`` (transient error rows), those this listing lacks and that no longer
+    exist: a file deleted or renamed (``x.jpg.part`` to ``x.jpg``) after its row. The hash set is of
+    the few retried paths, not of the listing."""
+    if not len(retried):
+        return []
+    paths = listing.files.column("path")
+    listed = pc.unique(paths.filter(pc.is_in(paths, value_set=retried.cast(paths.type))))
+    listed = pa.concat_arrays([listed.cast(retried.type), pa.array([e["path"] for e in listing.errors], retried.type)])
+    unlisted = retried.filter(pc.invert(pc.is_in(retried, value_set=listed))).to_pylist()
+    return [path for path in unlisted if not os.path.lexists(to_fs(path))]
 
 
 def _say_folders_left_to_other_parts(whole: Listing, mine: Listing) -> None:
@@ -233,7 +252,7 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
                 if todo.files.num_rows:
                     stream_rows(cfg, card, todo, writer, run_id, out, shard, stop, state.budget_used(shard), times)
             stop.hold()                   # writing what it has: no signal cuts it short
-            summary = _finish(out, shard, state, todo, writer, time.monotonic() - start)
+            summary = _finish(out, shard, state, todo, writer, time.monotonic() - start, plan.gone)
             summary.update(times)
             if caught.signal_name:
                 summary["interrupted"] = caught.signal_name
@@ -250,15 +269,20 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
             lock.release()
 
 
-def _finish(out: Path, shard: Shard, state: RowsState, todo: Listing, writer: ShardWriter, seconds: float) -> dict:
+def _finish(out: Path, shard: Shard, state: RowsState, todo: Listing, writer: ShardWriter, seconds: float,
+            gone: list[str] = ()) -> dict:
     """Write the rows in hand, tidy the output; the run's summary."""
     writer.flush()
     # final rows only: a folder that stays unlistable, or a file that stays unreadable, gets its
     # error row again at every start, which is no progress (a requeue loop would go unnoticed)
     report_progress(writer.final, "final rows")
     # retried transient errors: the new row replaces the old; a folder listed this time: its files' rows
-    compact(out, shard, relisted=state.relisted(
-        [e["path"] for e in todo.errors if e["error_type"] == "unlistable"], shard))
+    # replace its own; a transient error of a file gone from the input: nothing will, so it goes
+    relisted = state.relisted([e["path"] for e in todo.errors if e["error_type"] == "unlistable"], shard)
+    if gone:
+        say(f"[score] {len(gone)} transient error row(s) of files no longer in the input removed "
+            f"({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''})")
+    compact(out, shard, relisted=pa.concat_arrays([relisted, pa.array(list(gone), relisted.type)]))
     return summarize(out, seconds, writer.written)
 
 
