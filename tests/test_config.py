@@ -371,6 +371,17 @@ def test_one_device_choice_refuses_cuda_where_there_is_none_naming_the_setting()
             pick_device("cuda:1", "--device")
 
 
+@pytest.mark.parametrize("bench", ["train", "sweep", "lime", "score"])
+def test_a_bench_without_the_real_images_says_where_to_point_it_and_writes_nothing(bench, tmp_path, capsys):
+    from allcluster.cli import main
+
+    empty, out = tmp_path / "no-images", tmp_path / "out"
+    empty.mkdir()
+    assert main(["bench", bench, "--data", str(empty), *(["--out", str(out)] if bench != "lime" else [])]) == 2
+    assert f"{empty}: real ALL images not found (set --data or $ALLCLUSTER_ALL_DATA)" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def _bench_args(command: str):
     import argparse
 

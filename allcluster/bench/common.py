@@ -4,10 +4,20 @@ from __future__ import annotations
 import os
 import platform
 import time
+from pathlib import Path
 from typing import Callable
 
 from allcluster.data.real import REPO
 from allcluster.device import pick_device
+
+
+def real_images(data: str | Path, limit: int | None = None) -> list[Path]:
+    """The JPEGs under ``data`` (the real ALL images; sorted, at most ``limit``); none is an error
+    naming the folder and how to point at it."""
+    files = sorted(Path(data).rglob("*.jpg"))[:limit] if Path(data).is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"{data}: real ALL images not found (set --data or $ALLCLUSTER_ALL_DATA)")
+    return files
 
 
 def child_env(**extra: str) -> dict[str, str]:

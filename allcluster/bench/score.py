@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from allcluster.bench.common import child_env, device_info, rate
+from allcluster.bench.common import child_env, device_info, rate, real_images
 from allcluster.data.real import REPO
 from allcluster.device import TORCH_ALLOCATOR_ENV, allocator_env, channels_last, pick_device
 
@@ -130,9 +130,7 @@ def bench_score(args: argparse.Namespace) -> dict:
 
     from allcluster.models.model_dir import export_untrained
 
-    files = sorted(Path(args.data).rglob("*.jpg"))[: args.images]
-    if not files:
-        raise FileNotFoundError(f"{args.data}: no JPEG images (set --data or $ALLCLUSTER_ALL_DATA)")
+    files = real_images(args.data, args.images)
     out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)

@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from allcluster.bench.common import device_info
+from allcluster.bench.common import device_info, real_images
 from allcluster.device import pick_device
 
 
@@ -81,8 +81,7 @@ def bench_train(args: argparse.Namespace) -> dict:
     from allcluster.train.ray_train import run_training
 
     data = Path(args.data)
-    if not data.is_dir():
-        raise FileNotFoundError(f"{data}: real ALL images not found (set --data or $ALLCLUSTER_ALL_DATA)")
+    real_images(data, 1)
     out = Path(args.out).resolve()
     start = time.time()
     seeds = [int(s) for s in str(args.seeds).split(",")]
@@ -168,8 +167,7 @@ def bench_sweep(args: argparse.Namespace) -> dict:
     from allcluster.train.session import LocalSession
 
     data, out = Path(args.data), Path(args.out).resolve()
-    if not data.is_dir():
-        raise FileNotFoundError(f"{data}: real ALL images not found (set --data or $ALLCLUSTER_ALL_DATA)")
+    real_images(data, 1)
     run_index(from_dict(IndexConfig, {"source": str(data), "out": str(out / "manifest.parquet")}))
     device = str(pick_device())
     cfg = resolve(from_dict(TrainConfig, {

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from allcluster.bench.common import bench_model, interleaved_rates, device_info
+from allcluster.bench.common import bench_model, device_info, interleaved_rates, real_images
 
 
 def bench_cam(args: argparse.Namespace) -> dict:
@@ -54,7 +53,7 @@ def bench_lime(args: argparse.Namespace) -> dict:
     model, layer, device = bench_model(args.backbone)
     spec = get_spec(args.backbone)
     norm = Normalize(spec.mean, spec.std).to(device)
-    path = sorted(Path(args.data).rglob("*.jpg"))[0]
+    path = real_images(args.data, 1)[0]
     rgb = resize(load(path).array, args.image_size)
 
     def classify(batch: np.ndarray) -> np.ndarray:
