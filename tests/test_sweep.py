@@ -189,6 +189,20 @@ def test_unknown_grid_key_and_bad_distribution_are_clear_errors():
         _sweep({"experiment": "x"})
 
 
+def test_a_key_varied_in_two_places_is_refused_naming_both():
+    """One would silently win over the other (the grid's values, even invalid ones, never trained)."""
+    base = {"train": {"data": {"manifest": "m"}}}
+    with pytest.raises(ConfigError, match=r"s: sample\.optim\.lr: varies train\.optim\.lr, which grid\.optim\.lr "
+                                          r"varies too; give each key in one place"):
+        plan_trials(_sweep({**base, "grid": {"optim.lr": [1e-3, "abc"]},
+                            "sample": {"optim.lr": {"uniform": [0.1, 0.2]}}}), "s")
+    with pytest.raises(ConfigError, match=r"grid\.fit\.epochs: varies train\.fit\.epochs, which grid\.fit varies"):
+        plan_trials(_sweep({**base, "grid": {"fit": [{"epochs": 1}, {"epochs": 2}], "fit.epochs": [3]}}), "s")
+    coupled = plan_trials(_sweep({**base, "grid": {"optim": [{"name": "sgd", "lr": 0.01}, {"name": "adam"}]},
+                                  "sample": {"optim.weight_decay": {"uniform": [0.0, 0.1]}}}), "s")
+    assert len(coupled) == 2, "keys of one section varied apart are fine"
+
+
 def test_dry_run_prints_grid_states_and_measured_estimates(synthetic_manifest, tmp_path, capsys):
     config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, tmp_path / "exp")
     assert main(["sweep", "--config", str(config), "--dry-run"]) == 0

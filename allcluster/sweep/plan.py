@@ -94,6 +94,7 @@ def expand(sweep: SweepConfig, source: str) -> list[dict[str, Any]]:
     for key, values in sweep.grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{source}: grid.{key}: expected a non-empty list of values")
+    _check_each_key_set_once(sweep, source)
     keys = list(sweep.grid)
     cells = [dict(zip(keys, combo)) for combo in itertools.product(*(sweep.grid[k] for k in keys))]
     draws = sweep.num_samples if sweep.sample else 1
@@ -104,6 +105,21 @@ def expand(sweep: SweepConfig, source: str) -> list[dict[str, Any]]:
             values = {**cell, **{k: _draw(v, k, rng, source) for k, v in sweep.sample.items()}}
             trials.append({k: v for key, value in values.items() for k, v in flatten(key, value).items()})
     return trials
+
+
+def _check_each_key_set_once(sweep: SweepConfig, source: str) -> None:
+    """A training key varied by two entries (``grid.optim.lr`` and ``sample.optim.lr``, or a coupled
+    ``grid.fit`` mapping and ``grid.fit.epochs``) is refused naming both: one would silently win and
+    the other's values would never be trained."""
+    setters: dict[str, str] = {}
+    entries = [*((f"grid.{key}", [flatten(key, v) for v in values]) for key, values in sweep.grid.items()),
+               *((f"sample.{key}", [{key: None}]) for key in sweep.sample)]
+    for entry, settings in entries:
+        for key in sorted({k for setting in settings for k in setting}):
+            if key in setters:
+                raise ConfigError(f"{source}: {entry}: varies train.{key}, which {setters[key]} varies too; "
+                                  "give each key in one place")
+            setters[key] = entry
 
 
 def trial_id(params: dict[str, Any]) -> str:
