@@ -220,6 +220,25 @@ def test_dry_run_prints_grid_states_and_measured_estimates(synthetic_manifest, t
     assert not (tmp_path / "exp").exists()
 
 
+def test_a_sigterm_while_ray_starts_is_named_as_the_signal_not_as_lost_ray_processes(synthetic_manifest, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """ray.init puts its own SIGTERM handler in place while it starts (a sys.exit that
+    ray_utils._ray_start_guarded turns into Interrupted): ours never ran, and the exit-75 line blamed
+    lost Ray processes "(see above)" where nothing above said so. Injected: no Ray starts here."""
+    from allcluster.interrupt import Interrupted
+    from allcluster.sweep import driver
+
+    def ray_start_signalled(*args, **kwargs):
+        raise Interrupted("SIGTERM")
+    monkeypatch.setattr(driver, "_run_on_ray", ray_start_signalled)
+    monkeypatch.setattr(driver, "_run_array_on_ray", ray_start_signalled)
+    config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, tmp_path / "exp")
+    assert main(["sweep", "--config", str(config)]) == 75
+    assert "[sweep] interrupted by SIGTERM: 4 of 4 trials unfinished" in capsys.readouterr().err
+    assert main(["sweep", "--config", str(config), "--trial-index", "1"]) == 75
+    assert "[sweep] interrupted by SIGTERM: trial 1" in capsys.readouterr().err
+
+
 def test_trial_ids_stay_as_first_written_so_existing_experiments_keep_their_trials():
     from allcluster.sweep.plan import trial_id
 

@@ -70,14 +70,16 @@ def run_sweep(sweep: SweepConfig, trials: list[Trial], retry_errored: bool = Fal
         stop.graceful()                   # moving and writing files: a signal waits until they are done
         _start(exp, sweep, base, trials, changes, new_config)
         before = work_done(to_run)
+        caught = InterruptionCaught()
         if to_run and not stop.requested:
             stop.graceful(False)          # starting Ray, building caches: a signal ends it at once
-            with InterruptionCaught():    # no trial was running yet, or a second signal
+            with caught:                  # no trial was running yet, or a second signal
                 _run_on_ray(sweep, to_run, exp, address, stop)
         stop.hold()                       # writing the tables: no signal cuts them short
         report_progress(work_done(to_run) - before, "epochs or trial endings")
         table = collect(sweep, trials)
-    return table, stop.signal_name
+    # a SIGTERM while ray.init ran met Ray's handler, not ours (ray_utils._ray_start_guarded)
+    return table, stop.signal_name or caught.signal_name
 
 
 def check_before_run(sweep: SweepConfig, trials: list[Trial], source: str, retry_errored: bool = False,
@@ -152,7 +154,7 @@ def run_array_task(sweep: SweepConfig, trials: list[Trial], index: int, retry_er
         return trial_status(trial.dir), ""
     if sweep.asha.enabled:
         say("[sweep] array mode runs every trial to its end: asha is a Tune-only feature, ignored here")
-    with holding(*_experiment_locks(exp, trials, index)), StopSignals() as stop, InterruptionCaught():     # never graceful: a signal ends the task at once
+    with holding(*_experiment_locks(exp, trials, index)), StopSignals() as stop, InterruptionCaught() as caught:     # never graceful: a signal ends the task at once
         if read_stored_base(exp) is None:
             store_base(exp, base)
         say(f"[sweep] trial {index} of {len(trials)}: {trial.trial_id} in {trial.dir}")
@@ -161,7 +163,7 @@ def run_array_task(sweep: SweepConfig, trials: list[Trial], index: int, retry_er
             _run_array_on_ray(trial, address)
         finally:
             report_progress(work_done([trial]) - before, "epochs or trial endings")
-    return trial_status(trial.dir), stop.signal_name
+    return trial_status(trial.dir), stop.signal_name or caught.signal_name   # (see run_sweep)
 
 
 def _run_array_on_ray(trial: Trial, address: str | None) -> None:
