@@ -131,6 +131,17 @@ def test_missing_and_unreadable_files_are_decode_errors(tmp_path):
     assert err.value.kind == "unreadable"
 
 
+def test_a_symlink_loop_named_in_a_list_is_a_symlink_loop_as_in_a_listed_folder(tmp_path):
+    """ELOOP is the link's own fault: deterministic ``symlink_loop`` (the folder listing's type), not a
+    transient ``unreadable`` that every rerun and requeue would try again."""
+    (tmp_path / "a.jpg").symlink_to(tmp_path / "b.jpg")
+    (tmp_path / "b.jpg").symlink_to(tmp_path / "a.jpg")
+    with pytest.raises(dec.DecodeError) as err:
+        dec.read_hashed(tmp_path / "a.jpg")
+    assert (err.value.kind, str(err.value)) == ("symlink_loop", f"{tmp_path / 'a.jpg'}: symlink loop")
+    assert "symlink_loop" not in dec.TRANSIENT_ERRORS
+
+
 def test_preprocess_resizes_and_normalize_standardises():
     rgb = rgb_array(50)
     out = Preprocess(32)(rgb)

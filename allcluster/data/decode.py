@@ -9,6 +9,7 @@ decoded.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import logging
@@ -84,6 +85,8 @@ def _open_regular(path: str | Path, name: str, max_bytes: int) -> tuple[int, int
     except PermissionError as err:
         raise DecodeError("unreadable", f"{name}: permission denied") from err
     except OSError as err:
+        if err.errno == errno.ELOOP:        # as a listed folder's loop is (score.inputs): no rerun mends it
+            raise DecodeError("symlink_loop", f"{name}: symlink loop") from err
         raise DecodeError("unreadable", f"{name}: {err.strerror or err}") from err
     info = os.fstat(fd)
     problem = None
