@@ -187,8 +187,14 @@ def test_check_refuses_what_the_run_would_and_writes_nothing(tiny_model_dir, rea
     assert check(shard="1/2") == 0, "array tasks run side by side"
     assert check(shard="0/2") == 2 and f"shard 0/2 of {out} is in use by another run" in capsys.readouterr().err
     assert check() == 2 and f"output folder {out} is in use by another run" in capsys.readouterr().err
+    # a part of another split (ALLCLUSTER_SHARDS=3 while a 2-part job runs): its files overlap
+    assert check(shard="1/3") == 2 and (f"output folder {out} (part 0/2 of another split than 1/3) is in use by "
+                                        "another run") in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"part 0/2 of another split than 1/3"):
+        lock_output(out, Shard(1, 3))
     for lock in task:
         lock.release()
+    assert check() == 0 and check(shard="1/3") == 0, "the refused part holds nothing; ended parts leave lock files"
     check_job_settings(out, {"model_sha256": "another model"})        # an out of another job...
     held = lock_output(out)                                           # ...still running: that comes first
     before = tree_fingerprint(out)

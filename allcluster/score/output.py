@@ -22,6 +22,7 @@ import contextlib
 import functools
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -219,13 +220,38 @@ def replace_shard(path: Path, table: pa.Table) -> None:
 
 def lock_output(out: Path, shard: Shard = Shard()) -> list[ExclusiveLock]:
     """Make ``out`` and hold its locks for this run (:func:`allcluster.locks.lock_folder`): a whole job
-    exclusively, array tasks side by side with ``.lock-K-of-N`` each."""
-    return lock_folder(*_output_locks(out, shard))
+    exclusively, array tasks side by side with ``.lock-K-of-N`` each, but not beside a part of another
+    split (another N), whose files overlap theirs."""
+    locks = lock_folder(*_output_locks(out, shard))
+    try:
+        _refuse_other_splits(out, shard)     # after taking ours: of two starting at once, one sees the other
+    except ConfigError:
+        for lock in reversed(locks):
+            lock.release()
+        raise
+    return locks
 
 
 def check_output_free(out: Path, shard: Shard = Shard()) -> None:
     """Refuse, as :func:`lock_output` would, an ``out`` that another run holds; takes and writes nothing."""
     check_folder_free(*_output_locks(out, shard))
+    _refuse_other_splits(out, shard)
+
+
+_PART_LOCK = re.compile(r"\.lock-(\d+)-of-(\d+)")
+
+
+def _refuse_other_splits(out: Path, shard: Shard) -> None:
+    """A part of another split (``--shard K/M``, M != N: say a resubmission with ALLCLUSTER_SHARDS=8
+    while a 4-part job runs) that holds its lock: its files overlap this part's, both would score
+    them and each would drop the other's rows."""
+    if shard.whole:
+        return
+    for lock_file in sorted(out.glob(".lock-*-of-*")):
+        part = _PART_LOCK.fullmatch(lock_file.name)
+        if part and int(part[2]) != shard.count:
+            ExclusiveLock(lock_file, f"output folder {out} (part {part[1]}/{part[2]} of another split than "
+                                     f"{shard.index}/{shard.count})").probe()
 
 
 def _output_locks(out: Path, shard: Shard) -> tuple:
