@@ -322,6 +322,24 @@ def test_a_scoring_job_that_is_unfinished_is_said_so_above_its_counts_and_one_wi
     (job / "summary.json").write_text(json.dumps({"rows": 2}))
     assert unfinished_notes(job) == []
 
+    # an array job: the part that ends last writes summary.json, and must not hide another's interruption
+    from allcluster.score.inputs import Shard
+    from allcluster.score.output import write_summary
+
+    (job / "summary.json").unlink()
+    write_summary(job, Shard(0, 3), {"rows": 1, "run_rows": 1, "interrupted": "SIGTERM"})
+    write_summary(job, Shard(2, 3), {"rows": 2, "run_rows": 1})
+    assert "the last run of part 0/3 of its array job was interrupted (by SIGTERM)" in unfinished_notes(job)[0]
+    write_summary(job, Shard(0, 3), {"rows": 2, "run_rows": 0})           # part 0 rerun, to its end
+    assert "part 1/3 of its array job has not finished a run" in unfinished_notes(job)[0]
+    write_summary(job, Shard(1, 3), {"rows": 2, "run_rows": 0})
+    assert unfinished_notes(job) == []
+    assert list(json.loads((job / "summary.json").read_text())["parts"]) == ["0-of-3", "1-of-3", "2-of-3"]
+    write_summary(job, Shard(1, 2), {"rows": 2, "run_rows": 0})           # another split starts afresh
+    assert "part 0/2 of its array job has not finished a run" in unfinished_notes(job)[0]
+    write_summary(job, Shard(), {"rows": 2, "run_rows": 0})               # a whole run covers every part
+    assert unfinished_notes(job) == [] and "parts" not in json.loads((job / "summary.json").read_text())
+
     only_journal = tmp_path / "killed-early"          # SIGKILL before the first shard: no rows/*.parquet
     (only_journal / "rows" / ".journal-0-of-1").mkdir(parents=True)
     (only_journal / "rows" / ".journal-0-of-1" / "part-r-00000.rows.arrows").write_bytes(b"rows held")

@@ -45,6 +45,7 @@ from allcluster.score.rows import OWN_COLUMNS, method_columns, methods_of, slug
 
 BUDGET_REASONS = ["low_confidence", "class", "sample"]     # rows that got the expensive methods
 COMPACTING_LOCK = ".compacting.lock"
+SUMMARY_LOCK = ".summary.lock"            # array parts write summary.json in turn
 
 
 def rows_dataset(out: Path) -> pads.Dataset | None:
@@ -275,7 +276,47 @@ def unfinished(out: Path) -> str:
         summary = json.loads((out / "summary.json").read_text())
     except (OSError, ValueError):
         return "no run into it has finished" if (out / "job.json").is_file() else ""
-    return f"its last run was interrupted by {summary['interrupted']}" if summary.get("interrupted") else ""
+    if summary.get("interrupted"):
+        return f"its last run was interrupted by {summary['interrupted']}"
+    return _unfinished_parts(summary.get("parts") or {})
+
+
+def _unfinished_parts(parts: dict[str, dict]) -> str:
+    """Why an array job's parts (``summary.json``'s ``parts``: each part's last run) leave it
+    unfinished: a part whose last run was interrupted, or parts with no finished run."""
+    interrupted = sorted((name for name, part in parts.items() if part.get("interrupted")), key=_part_order)
+    if interrupted:
+        return (f"the last run of part {', '.join(_part_text(n) for n in interrupted)} of its array job was "
+                f"interrupted (by {parts[interrupted[0]]['interrupted']})")
+    count = max((_part_order(name)[1] for name in parts), default=0)
+    missing = [f"{k}/{count}" for k in range(count) if f"{k}-of-{count}" not in parts]
+    return f"part {', '.join(missing)} of its array job has not finished a run" if missing else ""
+
+
+def _part_order(name: str) -> tuple[int, int]:
+    index, count = name.split("-of-")
+    return int(index), int(count)
+
+
+def _part_text(name: str) -> str:
+    return "/".join(map(str, _part_order(name)))
+
+
+def write_summary(out: Path, shard: Shard, summary: dict) -> None:
+    """Write ``summary.json``. Array parts share it: each adds its own last run under ``parts``
+    (whether a signal interrupted it), so that the part that ends last does not hide another's
+    interruption; a part of another split (another N) starts the record afresh, a whole run drops it."""
+    with taking_turns(out / SUMMARY_LOCK):
+        if not shard.whole:
+            try:
+                earlier = json.loads((out / "summary.json").read_text()).get("parts") or {}
+            except (OSError, ValueError, AttributeError):
+                earlier = {}
+            parts = {name: part for name, part in earlier.items() if name.endswith(f"-of-{shard.count}")}
+            parts[shard.name] = {"interrupted": summary.get("interrupted", ""), "run_rows": summary["run_rows"],
+                                 "ended_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            summary = {**summary, "parts": dict(sorted(parts.items(), key=lambda item: _part_order(item[0])))}
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
 
 
 def check_job_settings(out: Path, settings: dict, record: bool = True) -> None:

@@ -9,7 +9,6 @@ driver; with ``explain.heatmaps: files`` the actors write one PNG per map.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -32,10 +31,9 @@ from allcluster.score.reading import read_decode
 from allcluster.score.rows import error_rows, provenance, storage_full_in
 from allcluster.score.config import ScoreConfig, row_settings
 from allcluster.score.inputs import Listing, Shard, check_input, list_inputs
-from allcluster.atomic import atomic_write_text
 from allcluster.score.output import (Progress, RowsState, ShardWriter, check_job_settings, check_output_free, compact,
                                      lock_output, new_run_id, recover_journals, resolve_duplicates, split_duplicates,
-                                     summarize, summary_text)
+                                     summarize, summary_text, write_summary)
 from allcluster.score.rows import row_schema
 
 
@@ -258,7 +256,7 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
                 summary["interrupted"] = caught.signal_name
                 say(f"[score] interrupted by {caught.signal_name}: rows so far are written; rerun the same "
                     "command to resume")
-            atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+            write_summary(out, shard, summary)
             say(summary_text(summary))
         # interrupted, or a stop signal on a joined cluster: the process ends at once (end_of_process)
         if connected and not caught.signal_name and not stopping_joined_cluster(address):
