@@ -200,6 +200,8 @@ def quiet_worker_output() -> None:
     if a Ray version names it otherwise, its output stays as it is."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
+    if not sys.stderr.isatty():           # a Slurm log or a file: Ray's prefixes without colour codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")     # (read by Ray's printer at each line)
     printers = [handler for name, handler in dispatcher.handlers if name == "ray_print_logs"]
     if len(printers) != 1:
         return

@@ -351,6 +351,23 @@ def test_ray_bookkeeping_lines_are_dropped_and_the_jobs_own_worker_lines_kept():
     assert job_lines({"task_name": "_read_decode", "lines": ["[score] a line"]}) == ["[score] a line"]
 
 
+def test_worker_lines_reach_a_log_file_without_colour_codes(monkeypatch):
+    """Ray colours each worker line's prefix (ANSI codes) also when the driver's stderr is a Slurm log."""
+    import io
+
+    from ray._private.worker import print_worker_logs
+
+    from allcluster.ray_utils import quiet_worker_output
+
+    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+    monkeypatch.setattr("sys.stderr", io.StringIO())           # not a terminal
+    quiet_worker_output()
+    log = io.StringIO()
+    print_worker_logs({"pid": 4242, "ip": "10.0.0.2", "localhost": "10.0.0.1", "task_name": "_read_decode",
+                       "lines": ["[score] a line"], "is_err": False}, log)
+    assert "[score] a line" in log.getvalue() and "\x1b[" not in log.getvalue(), repr(log.getvalue())
+
+
 def test_the_log_level_of_one_test_does_not_leak_into_the_next():
     from allcluster.console import LOG_LEVEL_ENV, logger
 
