@@ -359,7 +359,8 @@ def test_worker_lines_reach_a_log_file_without_colour_codes(monkeypatch):
 
     from allcluster.ray_utils import quiet_worker_output
 
-    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "unset")              # (so that the value set below is undone)
+    monkeypatch.delenv("RAY_COLOR_PREFIX")
     monkeypatch.setattr("sys.stderr", io.StringIO())           # not a terminal
     quiet_worker_output()
     log = io.StringIO()
