@@ -863,6 +863,36 @@ def test_a_duplicate_takes_its_first_copys_results_but_keeps_its_own_input_colum
         "an error row names its own file first"
 
 
+def test_held_back_duplicates_are_resolved_and_written_a_pass_at_a_time(tmp_path, monkeypatch):
+    """A dump where half the files are copies holds millions of duplicates until the end of the run:
+    resolved all at once, as Python objects, they could take the driver's memory."""
+    from allcluster.score import output
+    from allcluster.score.rows import empty_columns, row_schema
+
+    schema = row_schema(["A", "B"], [], [])
+    firsts = empty_columns(schema, 2)
+    firsts.update(path=["a.jpg", "b.jpg"], sha256=["aa" * 32, "bb" * 32], status=["ok", "ok"], duplicate_of=["", ""],
+                  predicted_class=["A", "B"], run_id=["run"] * 2)
+    copies = empty_columns(schema, 5)
+    copies.update(path=[f"copy-{i}.jpg" for i in range(5)], sha256=["aa" * 32, "bb" * 32] * 2 + ["cc" * 32],
+                  status=["ok"] * 5, duplicate_of=["a.jpg", "b.jpg"] * 2 + ["gone.jpg"], run_id=["run"] * 5)
+    writer = output.ShardWriter(tmp_path, schema, "run", rows_per_shard=1000, flush_seconds=3600)
+    writer.add(pa.Table.from_pydict(firsts, schema=schema))        # not flushed yet: the pass flushes first
+    passes, resolve = [], output.resolve_duplicates
+
+    def counted(out, waiting, extra=()):
+        passes.append(waiting.num_rows)
+        return resolve(out, waiting, extra)
+    monkeypatch.setattr(output, "DUPLICATES_PER_PASS", 2)
+    monkeypatch.setattr(output, "resolve_duplicates", counted)
+    table = pa.Table.from_pydict(copies, schema=schema)
+    output.write_resolved_duplicates(tmp_path, [table.slice(0, 3), table.slice(3)], writer)
+    assert passes == [2, 1, 2]
+    rows = pd.read_parquet(tmp_path / "rows").set_index("path")
+    assert len(rows) == 7 and list(rows.loc[[f"copy-{i}.jpg" for i in range(4)], "predicted_class"]) == ["A", "B"] * 2
+    assert rows.loc["copy-4.jpg", "error_type"] == "duplicate_unresolved"
+
+
 def test_the_writer_counts_final_rows_apart_so_a_start_that_only_rewrites_transient_errors_made_no_progress(
         tmp_path):
     """A folder that stays unlistable (a file that stays unreadable) gets its error row again at every

@@ -533,6 +533,21 @@ def split_duplicates(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     return table.filter(pc.invert(waiting)), table.filter(waiting)
 
 
+# Duplicates resolved per pass at the end of a run: :func:`resolve_duplicates` turns rows into Python
+# objects, and a dump where half the files are copies holds millions of them.
+DUPLICATES_PER_PASS = 100_000
+
+
+def write_resolved_duplicates(out: Path, waiting: list[pa.Table], writer: "ShardWriter", extra: list[str] = ()) -> None:
+    """Resolve the duplicates a run held back (:func:`split_duplicates`) and write them, a pass of
+    :data:`DUPLICATES_PER_PASS` rows at a time, after the run's own rows are written."""
+    writer.flush()                        # their first copies' rows must be in the shards first
+    for table in waiting:
+        for start in range(0, table.num_rows, DUPLICATES_PER_PASS):
+            writer.add(resolve_duplicates(out, table.slice(start, DUPLICATES_PER_PASS), extra))
+    writer.flush()
+
+
 def resolve_duplicates(out: Path, waiting: pa.Table, extra: list[str] = ()) -> pa.Table:
     """Each waiting duplicate gets its first copy's results (read back from the written shards; the
     newest row where a retried first copy still has an older one) with its own path, identity, run

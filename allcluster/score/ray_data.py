@@ -32,8 +32,8 @@ from allcluster.score.rows import error_rows, provenance, storage_full_in
 from allcluster.score.config import ScoreConfig, row_settings
 from allcluster.score.inputs import Listing, Shard, check_input, list_inputs
 from allcluster.score.output import (Progress, RowsState, ShardWriter, check_job_settings, check_output_free, compact,
-                                     lock_output, new_run_id, recover_journals, resolve_duplicates, split_duplicates,
-                                     summarize, summary_text, write_summary)
+                                     lock_output, new_run_id, recover_journals, split_duplicates, summarize,
+                                     summary_text, write_resolved_duplicates, write_summary)
 from allcluster.score.rows import row_schema
 
 
@@ -323,7 +323,4 @@ def stream_rows(cfg: ScoreConfig, card: ModelCard, todo: Listing, writer: ShardW
     writer.add(pa.Table.from_pylist([], schema=writer.schema))
     progress.update(len(todo.errors), len(todo.errors))
     progress.show(final=True)
-    writer.flush()
-    if waiting:
-        writer.add(resolve_duplicates(out, pa.concat_tables(waiting), todo.input_columns))
-        writer.flush()
+    write_resolved_duplicates(out, waiting, writer, todo.input_columns)
