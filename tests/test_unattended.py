@@ -231,6 +231,22 @@ def test_an_array_part_says_which_folders_it_could_not_list_whose_row_another_pa
                    "scored this run" in said, said
 
 
+def test_an_input_on_a_failing_mount_is_refused_naming_it_not_a_traceback(tmp_path, monkeypatch):
+    """A stale NFS handle (injected) at a job's start: one line naming the input, exit 2 from the CLI."""
+    from allcluster.score.inputs import check_input
+
+    stale = tmp_path / "dump"
+    is_dir = Path.is_dir
+
+    def failing(path):
+        if path == stale:
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), str(path))
+        return is_dir(path)
+    monkeypatch.setattr(Path, "is_dir", failing)
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(stale))}: input cannot be reached \(Stale file handle\)"):
+        check_input(stale)
+
+
 def test_an_input_file_is_a_manifest_by_its_bytes_and_a_csv_or_binary_file_is_refused_by_the_check(tmp_path):
     from allcluster.score.inputs import check_input, list_inputs
 

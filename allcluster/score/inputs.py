@@ -289,9 +289,14 @@ def check_input(source: str | Path, exclude: tuple[str | Path, ...] = ()) -> Cal
     column and every column has a text form; a list of paths is readable text, not a CSV or an
     image. A :class:`ConfigError` naming the file otherwise."""
     source = Path(source)
-    if source.is_dir():
+    try:
+        is_dir, is_file = source.is_dir(), source.is_file()
+    except OSError as err:        # EIO, ESTALE: a mount that fails (is_dir() hides only "not there")
+        raise ConfigError(f"{source}: input cannot be reached ({err.strerror or err}); check its mount and "
+                          "rerun the same command") from None
+    if is_dir:
         return functools.partial(list_tree, source, exclude)
-    if not source.is_file():
+    if not is_file:
         raise ConfigError(f"{source}: input not found (expected a folder, a manifest .parquet or a text file of paths)")
     head = _head(source)
     if source.suffix.lower() == ".parquet" or head.startswith(b"PAR1"):
