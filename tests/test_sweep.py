@@ -203,6 +203,17 @@ def test_a_key_varied_in_two_places_is_refused_naming_both():
     assert len(coupled) == 2, "keys of one section varied apart are fine"
 
 
+def test_grid_values_that_train_the_same_config_make_one_trial():
+    """1 and 1.0 epochs, or lr 0 (the optimiser's default) and that default written out, train the same."""
+    from allcluster.train.optim import default_lr
+
+    base = {"train": {"data": {"manifest": "m"}}}
+    same = plan_trials(_sweep({**base, "grid": {"fit.epochs": [1, 1.0, 2]}}), "s")
+    assert [t.config.fit.epochs for t in same] == [1, 2] and [t.index for t in same] == [0, 1]
+    default = default_lr("adam", fresh=True)
+    assert len(plan_trials(_sweep({**base, "grid": {"optim.lr": [0, default, default * 2]}}), "s")) == 2
+
+
 def test_dry_run_prints_grid_states_and_measured_estimates(synthetic_manifest, tmp_path, capsys):
     config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, tmp_path / "exp")
     assert main(["sweep", "--config", str(config), "--dry-run"]) == 0

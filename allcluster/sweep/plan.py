@@ -14,7 +14,7 @@ import math
 import re
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from allcluster.atomic import atomic_write_text
-from allcluster.config import ConfigError, deep_merge, from_dict, read_yaml, set_path
+from allcluster.config import ConfigError, config_hash, deep_merge, from_dict, read_yaml, set_path
 from allcluster.sweep.config import DISTRIBUTIONS, SweepConfig
 from allcluster.sweep.schema import UNFINISHED
 from allcluster.train.config import TrainConfig, resolve
@@ -146,14 +146,21 @@ def trial_config(base: dict, params: dict[str, Any], sweep: SweepConfig, tid: st
 def plan_trials(sweep: SweepConfig, source: str) -> list[Trial]:
     """All trials of the sweep, each with a validated, resolved training config."""
     base = base_train_dict(sweep, source)
-    trials, seen = [], set()
+    trials, seen, trained = [], set(), set()
     for params in expand(sweep, source):
         tid = trial_id(params)
         if tid in seen:
             continue                       # e.g. a choice drawn twice in one cell
         seen.add(tid)
+        config = trial_config(base, params, sweep, tid, source)
+        # values spelled apart that train the same thing (epochs 1 and 1.0; lr 0, the optimiser's
+        # default, and that default written out): one trial, as the dry run's "N cells, M trials" says
+        same = config_hash(replace(config, name="", output_dir=""))
+        if same in trained:
+            continue
+        trained.add(same)
         # index: 0..N-1 in plan order, what `allcluster sweep --trial-index I` (a Slurm array task) takes
-        trials.append(Trial(tid, len(trials), params, trial_config(base, params, sweep, tid, source)))
+        trials.append(Trial(tid, len(trials), params, config))
     return trials
 
 
