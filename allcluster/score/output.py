@@ -542,9 +542,9 @@ def write_resolved_duplicates(out: Path, waiting: list[pa.Table], writer: "Shard
     """Resolve the duplicates a run held back (:func:`split_duplicates`) and write them, a pass of
     :data:`DUPLICATES_PER_PASS` rows at a time, after the run's own rows are written."""
     writer.flush()                        # their first copies' rows must be in the shards first
-    for table in waiting:
-        for start in range(0, table.num_rows, DUPLICATES_PER_PASS):
-            writer.add(resolve_duplicates(out, table.slice(start, DUPLICATES_PER_PASS), extra))
+    held = pa.concat_tables(waiting) if waiting else None     # one table: each pass reads the shards once
+    for start in range(0, held.num_rows if held is not None else 0, DUPLICATES_PER_PASS):
+        writer.add(resolve_duplicates(out, held.slice(start, DUPLICATES_PER_PASS), extra))
     writer.flush()
 
 
