@@ -127,14 +127,15 @@ def real_images(real_data_dir: Path, per_class: int) -> list[Path]:
 
 
 POISON = b"ALLCLUSTER-TEST: SEGFAULT"
+STUCK = b"ALLCLUSTER-TEST: STUCK"
 
 
 @pytest.fixture
 def segfaulting_decoder(tmp_path):
     """A folder to put first on PYTHONPATH: its sitecustomize.py makes every Python process started
     with it (Ray's workers, a decoder's child) die by a real SIGSEGV when Pillow is asked to open bytes
-    that hold :data:`POISON` (as a native decoder's crash would end it), and a function that writes a
-    real JPEG with that marker in a comment segment."""
+    that hold :data:`POISON` (as a native decoder's crash would end it), or hang on :data:`STUCK`, and
+    a function that writes a real JPEG with a marker in a comment segment."""
     site = tmp_path / "segfault-site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(
@@ -144,12 +145,14 @@ def segfaulting_decoder(tmp_path):
         "def _open_or_die(fp, *args, **kwargs):\n"
         "    if hasattr(fp, 'getvalue') and " + repr(POISON) + " in fp.getvalue():\n"
         "        os.kill(os.getpid(), signal.SIGSEGV)\n"
+        "    if hasattr(fp, 'getvalue') and " + repr(STUCK) + " in fp.getvalue():\n"
+        "        signal.pause()\n"
         "    return _open(fp, *args, **kwargs)\n"
         "Image.open = _open_or_die\n")
 
-    def poisoned_copy(image: Path, target: Path) -> Path:
+    def poisoned_copy(image: Path, target: Path, marker: bytes = POISON) -> Path:
         data = image.read_bytes()
-        comment = b"\xff\xfe" + (len(POISON) + 2).to_bytes(2, "big") + POISON
+        comment = b"\xff\xfe" + (len(marker) + 2).to_bytes(2, "big") + marker
         target.write_bytes(data[:2] + comment + data[2:])
         return target
     return site, poisoned_copy

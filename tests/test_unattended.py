@@ -30,7 +30,7 @@ from allcluster.score import reading
 from allcluster.score.heatmaps import find_heatmap
 from allcluster.score.ledger import Ledger
 from allcluster.score.reading import read_decode
-from conftest import REPO, LoggedProcess, real_images, run_then_sigkill, tmpfs
+from conftest import REPO, STUCK, LoggedProcess, real_images, run_then_sigkill, tmpfs
 
 CI_TINY = REPO / "configs" / "score" / "ci_tiny.yaml"
 ODD_NAMES = [b"latin1-caf\xe9.jpg", b"new\nline.jpg", b"tab\there.jpg", b"-leading-dash.jpg", b"back\\slash.jpg"]
@@ -125,8 +125,10 @@ def test_a_retried_batch_decodes_in_a_child_so_a_file_that_kills_its_decoder_get
     runs the task again, without limit. A batch's second try decodes each file in a child process:
     the file that kills it gets a ``reader_crashed`` row naming the signal, the others their pixels
     as a first try gives them. A batch whose tries keep dying gets its rows without being read."""
+    from allcluster.data.preprocess import Preprocess
+
     site, poisoned_copy = segfaulting_decoder
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), str(REPO)]))
+    monkeypatch.setenv("PYTHONPATH", str(site))         # the children find allcluster on our own sys.path
     clean = [shutil.copy(image, tmp_path / image.name) for image in real_images(real_data_dir, 1)[:3]]
     poison = poisoned_copy(clean[0], tmp_path / "poison.jpg")
     paths = [Path(clean[0]), poison, *map(Path, clean[1:])]
@@ -139,6 +141,14 @@ def test_a_retried_batch_decodes_in_a_child_so_a_file_that_kills_its_decoder_get
     assert second["error"][1] == f"{poison}: the process decoding it died (killed by SIGSEGV)", second["error"][1]
     np.testing.assert_array_equal(second["pixels"][[0, 2, 3]], first_try["pixels"])
     assert list(second["width"][[0, 2, 3]]) == list(first_try["width"]) and second["sha256"][1]
+
+    stuck = poisoned_copy(clean[1], tmp_path / "stuck.jpg", STUCK)      # a decoder in an endless loop
+    with reading.IsolatedDecoder(timeout_s=2) as decode_one:
+        out = {"width": np.zeros(2, np.int32), "height": np.zeros(2, np.int32), "pixels": np.zeros((2, 32, 32, 3), np.uint8)}
+        with pytest.raises(dec.DecodeError, match=r"stuck\.jpg: the process decoding it died \(stuck: no answer in 2 s\)"):
+            decode_one(out, 0, stuck.read_bytes(), str(stuck), Preprocess(32), 10_000_000)
+        decode_one(out, 1, Path(clean[1]).read_bytes(), str(clean[1]), Preprocess(32), 10_000_000)
+        np.testing.assert_array_equal(out["pixels"][1], first_try["pixels"][1])
 
     last = read_decode(batch, 32, False, 0.1, 10_000_000, Ledger(0).claim, attempt=2 + reading.ISOLATED_TRIES)
     assert set(last["error_type"]) == {"reader_crashed"} and not last["t_read_ms"].any(), "not read again"

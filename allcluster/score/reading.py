@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import select
 import signal
 import subprocess
 import sys
@@ -34,6 +35,9 @@ def _fail(out: dict, i: int, err: dec.DecodeError) -> None:
 # process died that often too (a node lost each time, or the task itself killed for memory) gets its
 # rows without being read, so the job always ends. Transient: the next run tries them again.
 ISOLATED_TRIES = 2
+# A file the child decodes for longer than this is taken for a decoder stuck in a loop (the largest
+# allowed TIFF decodes in seconds).
+DECODE_TIMEOUT_S = 300.0
 
 
 def read_decode(batch: dict[str, np.ndarray], size: int, roi_crop: bool, roi_margin: float, max_pixels: int,
@@ -123,8 +127,9 @@ class IsolatedDecoder:
     """:func:`decode_into` run in a child process (``python -m allcluster.score.reading``, fed over
     its pipes), started again after a file that killed it; that file gets a ``reader_crashed`` error."""
 
-    def __init__(self):
+    def __init__(self, timeout_s: float = 0.0):
         self.child: subprocess.Popen | None = None
+        self.timeout_s = timeout_s or DECODE_TIMEOUT_S
 
     def __enter__(self) -> "IsolatedDecoder":
         return self
@@ -133,23 +138,41 @@ class IsolatedDecoder:
         if self.child is not None:
             with contextlib.suppress(OSError):
                 self.child.stdin.close()
-            self.child.wait()
+            self._end(self.child, kill=False)
 
     def __call__(self, out: dict, i: int, data: bytes, path: str, preprocess: Preprocess, max_pixels: int) -> None:
         if self.child is None:
+            # the worker's own import path: Ray puts the driver's folder on a worker's sys.path, not in
+            # its environment, and allcluster may be a checkout that is not installed
+            paths = [*os.environ.get("PYTHONPATH", "").split(os.pathsep), *sys.path]
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(p for p in paths if p))}
             self.child = subprocess.Popen([sys.executable, "-m", "allcluster.score.reading"],
-                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         try:
             pickle.dump((data, path, preprocess, max_pixels), self.child.stdin)
             self.child.stdin.flush()
+            if not select.select([self.child.stdout], [], [], self.timeout_s)[0]:
+                raise TimeoutError
             answer = pickle.load(self.child.stdout)
-        except (OSError, EOFError, pickle.UnpicklingError):
+        except (OSError, EOFError, pickle.UnpicklingError) as err:
             child, self.child = self.child, None
-            raise dec.DecodeError("reader_crashed", f"{path}: the process decoding it died "
-                                  f"({_death(child.wait())})") from None
+            code = self._end(child, kill=True)
+            how = f"stuck: no answer in {self.timeout_s:g} s" if isinstance(err, TimeoutError) else _death(code)
+            raise dec.DecodeError("reader_crashed", f"{path}: the process decoding it died ({how})") from None
         if answer[0] == "error":
             raise dec.DecodeError(answer[1], answer[2])
         out["width"][i], out["height"][i], out["pixels"][i] = answer[1:]
+
+    def _end(self, child: subprocess.Popen, kill: bool) -> int:
+        """Wait for ``child`` (killed first with ``kill``: it may be alive, stuck or mid-answer), close
+        its pipes; its exit code."""
+        if kill and child.poll() is None:
+            child.kill()
+        code = child.wait()
+        for pipe in (child.stdin, child.stdout):
+            with contextlib.suppress(OSError):
+                pipe.close()
+        return code
 
 
 def _death(code: int) -> str:
