@@ -391,6 +391,9 @@ def test_a_broken_gpu_context_ends_the_replica_while_out_of_memory_stays_error_r
         scorer.first_pass = fails
         with pytest.raises(core.DeviceBroken, match="illegal memory access|device-side assert"):
             scorer(decoded)
+        # the batch's last try (ray_data.DEVICE_TRIES): its rows, so a faulty GPU cannot loop for ever
+        rows = scorer(decoded, device_may_be_broken=True).to_pandas()
+        assert (rows["error_type"] == "model_error").all() and rows["error"].str.contains("CUDA error").all()
 
     def out_of_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -85,7 +85,10 @@ class Scorer:
         # what an error row must not keep (its prediction, maps, scores; the maps' bytes in a batch)
         self.results = [*result_columns(self.schema), *self.batch_schema.names[len(self.schema.names):]]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def __call__(self, batch: dict[str, np.ndarray], device_may_be_broken: bool = False) -> pa.Table:
+        """The batch's result rows. A CUDA error that breaks this process's context raises
+        :class:`DeviceBroken`, unless ``device_may_be_broken`` (a batch whose tries keep meeting one):
+        its rows are then ``model_error`` rows like any failure's."""
         n = len(batch["path"])
         cols = empty_columns(self.batch_schema, n)
         for name in self.schema.names:
@@ -98,7 +101,7 @@ class Scorer:
                 with autocast(self.device, self.bf16):
                     self.fill(cols, todo, np.asarray(batch["pixels"])[todo])
             except Exception as err:       # noqa: BLE001 - any model-side failure becomes error rows
-                if device_is_broken(err):  # ...but not every later batch of the night: see DeviceBroken
+                if device_is_broken(err) and not device_may_be_broken:  # see DeviceBroken
                     raise DeviceBroken(f"{self.device}: {type(err).__name__}: {err}") from err
                 self.fail(cols, todo, err)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -69,17 +69,29 @@ class ScoreActor:
 
         if threads:
             torch.set_num_threads(threads)
+        self.ledger = ledger
         self.scorer = Scorer(cfg, out_dir, run_id, lambda n: ray.get(ledger.reserve.remote(n)), extra, device)
 
     def __call__(self, batch):
+        import ray
+
         from allcluster.score.core import DeviceBroken
 
         try:
             return self.scorer(batch)
-        except DeviceBroken as err:      # Ray restarts a dead replica and runs its batch again (max_restarts=-1)
-            say(f"[score] {err}: the replica's GPU context is unusable; ending its process for a fresh one",
-                logging.WARNING)
+        except DeviceBroken as err:
+            # Ray restarts a dead replica and runs its batch again (max_restarts=-1, max_task_retries=-1):
+            # a fresh process mends a broken context; an error that comes back every time (a faulty GPU,
+            # a kernel this batch always breaks) becomes the batch's model_error rows after a few tries
+            tries = ray.get(self.ledger.attempt.remote(f"model: {batch['path'][0]}"))
+            if tries >= DEVICE_TRIES:
+                return self.scorer(batch, device_may_be_broken=True)
+            say(f"[score] {err}: the replica's GPU context is unusable; ending its process for a fresh one "
+                f"(try {tries} of {DEVICE_TRIES} of this batch)", logging.WARNING)
             os._exit(1)
+
+
+DEVICE_TRIES = 3
 
 
 def _read_decode(batch, ledger, **kwargs):
