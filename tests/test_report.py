@@ -324,19 +324,25 @@ def test_a_scoring_job_that_is_unfinished_is_said_so_above_its_counts_and_one_wi
 
     # an array job: the part that ends last writes summary.json, and must not hide another's interruption
     from allcluster.score.inputs import Shard
-    from allcluster.score.output import write_summary
+    from allcluster.score.output import mark_run_started, write_summary
 
+    mark_run_started(job, Shard())                          # a run killed on its way (SIGKILL, a full disk)
+    assert "its last run (started 20" in unfinished_notes(job)[0] and "ended without finishing" in unfinished_notes(job)[0]
+    write_summary(job, Shard(), {"rows": 2, "run_rows": 0})
+    assert unfinished_notes(job) == []
     (job / "summary.json").unlink()
     write_summary(job, Shard(0, 3), {"rows": 1, "run_rows": 1, "interrupted": "SIGTERM"})
     write_summary(job, Shard(2, 3), {"rows": 2, "run_rows": 1})
     assert "the last run of part 0/3 of its array job was interrupted (by SIGTERM)" in unfinished_notes(job)[0]
     write_summary(job, Shard(0, 3), {"rows": 2, "run_rows": 0})           # part 0 rerun, to its end
-    assert "part 1/3 of its array job has not finished a run" in unfinished_notes(job)[0]
+    assert "part 1/3 of its array job has no finished run recorded" in unfinished_notes(job)[0]
+    mark_run_started(job, Shard(1, 3))
+    assert "the last run of part 1/3 of its array job ended without finishing" in unfinished_notes(job)[0]
     write_summary(job, Shard(1, 3), {"rows": 2, "run_rows": 0})
     assert unfinished_notes(job) == []
     assert list(json.loads((job / "summary.json").read_text())["parts"]) == ["0-of-3", "1-of-3", "2-of-3"]
     write_summary(job, Shard(1, 2), {"rows": 2, "run_rows": 0})           # another split starts afresh
-    assert "part 0/2 of its array job has not finished a run" in unfinished_notes(job)[0]
+    assert "part 0/2 of its array job has no finished run recorded" in unfinished_notes(job)[0]
     write_summary(job, Shard(), {"rows": 2, "run_rows": 0})               # a whole run covers every part
     assert unfinished_notes(job) == [] and "parts" not in json.loads((job / "summary.json").read_text())
 

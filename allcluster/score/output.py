@@ -26,6 +26,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -278,6 +279,9 @@ def unfinished(out: Path) -> str:
         return "no run into it has finished" if (out / "job.json").is_file() else ""
     if summary.get("interrupted"):
         return f"its last run was interrupted by {summary['interrupted']}"
+    if summary.get("running"):
+        return (f"its last run (started {summary['running']}) ended without finishing (killed, or it failed): "
+                "rerun its command")
     return _unfinished_parts(summary.get("parts") or {})
 
 
@@ -288,9 +292,13 @@ def _unfinished_parts(parts: dict[str, dict]) -> str:
     if interrupted:
         return (f"the last run of part {', '.join(_part_text(n) for n in interrupted)} of its array job was "
                 f"interrupted (by {parts[interrupted[0]]['interrupted']})")
+    unended = sorted((name for name, part in parts.items() if not part.get("ended_at")), key=_part_order)
+    if unended:
+        return (f"the last run of part {', '.join(_part_text(n) for n in unended)} of its array job ended "
+                "without finishing (killed, or it failed)")
     count = max((_part_order(name)[1] for name in parts), default=0)
     missing = [f"{k}/{count}" for k in range(count) if f"{k}-of-{count}" not in parts]
-    return f"part {', '.join(missing)} of its array job has not finished a run" if missing else ""
+    return f"part {', '.join(missing)} of its array job has no finished run recorded" if missing else ""
 
 
 def _part_order(name: str) -> tuple[int, int]:
@@ -302,21 +310,43 @@ def _part_text(name: str) -> str:
     return "/".join(map(str, _part_order(name)))
 
 
+def mark_run_started(out: Path, shard: Shard) -> None:
+    """Record in ``summary.json`` that a run (of ``shard``) has started; :func:`write_summary` at its end
+    replaces the mark, so a run killed or failed on its way (a SIGKILL, a full disk) leaves it, and
+    :func:`unfinished` says so where the counts of an earlier run would read as final."""
+    _update_summary(out, shard, lambda earlier: {**earlier, "running": _now()},
+                    {"interrupted": "", "started_at": _now(), "ended_at": None})
+
+
 def write_summary(out: Path, shard: Shard, summary: dict) -> None:
-    """Write ``summary.json``. Array parts share it: each adds its own last run under ``parts``
-    (whether a signal interrupted it), so that the part that ends last does not hide another's
-    interruption; a part of another split (another N) starts the record afresh, a whole run drops it."""
-    with taking_turns(out / SUMMARY_LOCK):
+    """Write ``summary.json`` at a run's end. Array parts share it: each adds its own last run under
+    ``parts`` (whether a signal interrupted it), so that the part that ends last does not hide
+    another's interruption; a part of another split (another N) starts the record afresh, a whole
+    run drops it."""
+    _update_summary(out, shard, lambda earlier: summary,
+                    {"interrupted": summary.get("interrupted", ""), "run_rows": summary["run_rows"],
+                     "ended_at": _now()})
+
+
+def _update_summary(out: Path, shard: Shard, whole: Callable[[dict], dict], part: dict) -> None:
+    with taking_turns(out / SUMMARY_LOCK):           # array parts write it in turn
+        try:
+            earlier = json.loads((out / "summary.json").read_text())
+            earlier = earlier if isinstance(earlier, dict) else {}
+        except (OSError, ValueError):
+            earlier = {}
+        summary = whole({k: v for k, v in earlier.items() if k != "parts"})
         if not shard.whole:
-            try:
-                earlier = json.loads((out / "summary.json").read_text()).get("parts") or {}
-            except (OSError, ValueError, AttributeError):
-                earlier = {}
-            parts = {name: part for name, part in earlier.items() if name.endswith(f"-of-{shard.count}")}
-            parts[shard.name] = {"interrupted": summary.get("interrupted", ""), "run_rows": summary["run_rows"],
-                                 "ended_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            parts = {name: entry for name, entry in (earlier.get("parts") or {}).items()
+                     if name.endswith(f"-of-{shard.count}")}
+            parts[shard.name] = {**parts.get(shard.name, {}), **part}
             summary = {**summary, "parts": dict(sorted(parts.items(), key=lambda item: _part_order(item[0])))}
+            summary.pop("running", None)              # parts say it each for itself
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def check_job_settings(out: Path, settings: dict, record: bool = True) -> None:

@@ -32,8 +32,8 @@ from allcluster.score.rows import error_rows, provenance, storage_full_in
 from allcluster.score.config import ScoreConfig, row_settings
 from allcluster.score.inputs import Listing, Shard, check_input, list_inputs
 from allcluster.score.output import (Progress, RowsState, ShardWriter, check_job_settings, check_output_free, compact,
-                                     lock_output, new_run_id, recover_journals, split_duplicates, summarize,
-                                     summary_text, write_resolved_duplicates, write_summary)
+                                     lock_output, mark_run_started, new_run_id, recover_journals, split_duplicates,
+                                     summarize, summary_text, write_resolved_duplicates, write_summary)
 from allcluster.score.rows import row_schema
 
 
@@ -234,6 +234,7 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
         check_job_settings(out, job_settings(card, cfg))   # again, under the lock: the first run records them
         card.write_model_info(out)
         write_resolved(cfg, out / "score.yaml", "allcluster score")
+        mark_run_started(out, shard)          # a run killed on its way leaves the mark: "unfinished"
         methods = list(cfg.explain.methods) + list(cfg.explain.budget.methods)
         packed = methods if cfg.explain.heatmaps == "packed" else []
         recovered = recover_journals(out, shard)   # rows a killed run held in memory
