@@ -947,23 +947,25 @@ def test_an_empty_or_torn_shard_is_set_aside_and_its_files_are_scored_again(tmp_
     from allcluster.score.rows import row_schema
 
     schema = row_schema(["A", "B"], ["gradcam"], [])
-    for run, paths in (("run-1", ["a.jpg", "b.jpg"]), ("run-2", ["c.jpg"]), ("run-3", ["d.jpg"])):
+    for run, paths in (("run-1", ["a.jpg", "b.jpg"]), ("run-2", ["c.jpg"]), ("run-3", ["d.jpg"]), ("run-4", ["e.jpg"])):
         writer = ShardWriter(tmp_path, schema, run, rows_per_shard=100, flush_seconds=3600)
         writer.add(_journal_rows(schema, paths).drop_columns(["_png_gradcam"]))
         writer.flush()
     rows = tmp_path / "rows"
-    empty, torn = sorted(rows.glob("part-run-[23]-*.parquet"))
+    empty, torn, zeroed = sorted(rows.glob("part-run-[234]-*.parquet"))
     empty.write_bytes(b"")
     torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
+    data = zeroed.read_bytes()                           # a crash's zero-filled pages, its length kept
+    zeroed.write_bytes(data[:4] + bytes(len(data) // 2) + data[4 + len(data) // 2:])
 
     looked = RowsState.read(tmp_path)                   # a dry run: writes nothing
     assert sorted(looked.done_paths().to_pylist()) == ["a.jpg", "b.jpg"]
-    assert empty.exists() and torn.exists() and str(empty) in capsys.readouterr().err
+    assert empty.exists() and torn.exists() and zeroed.exists() and str(empty) in capsys.readouterr().err
     state = RowsState.read(tmp_path, set_aside=True)    # a run
     assert sorted(state.done_paths().to_pylist()) == ["a.jpg", "b.jpg"]
     err = capsys.readouterr().err
     assert f"{torn} is not a readable Parquet file" in err and "moved to" in err and "scored again" in err
-    assert sorted(p.name for p in (rows / ".damaged").iterdir()) == sorted([empty.name, torn.name])
+    assert sorted(p.name for p in (rows / ".damaged").iterdir()) == sorted([empty.name, torn.name, zeroed.name])
     assert sorted(rows_dataset(tmp_path).to_table(columns=["path"])["path"].to_pylist()) == ["a.jpg", "b.jpg"]
 
 

@@ -198,6 +198,9 @@ def test_a_key_varied_in_two_places_is_refused_naming_both():
                             "sample": {"optim.lr": {"uniform": [0.1, 0.2]}}}), "s")
     with pytest.raises(ConfigError, match=r"grid\.fit\.epochs: varies train\.fit\.epochs, which grid\.fit varies"):
         plan_trials(_sweep({**base, "grid": {"fit": [{"epochs": 1}, {"epochs": 2}], "fit.epochs": [3]}}), "s")
+    with pytest.raises(ConfigError, match=r"sample\.optim: varies train\.optim\.lr, which grid\.optim\.lr varies"):
+        plan_trials(_sweep({**base, "grid": {"optim.lr": [1e-3]},
+                            "sample": {"optim": {"choice": [{"name": "sgd", "lr": 0.01}, {"name": "adam"}]}}}), "s")
     coupled = plan_trials(_sweep({**base, "grid": {"optim": [{"name": "sgd", "lr": 0.01}, {"name": "adam"}]},
                                   "sample": {"optim.weight_decay": {"uniform": [0.0, 0.1]}}}), "s")
     assert len(coupled) == 2, "keys of one section varied apart are fine"

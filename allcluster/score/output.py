@@ -80,9 +80,11 @@ def _readable_shards(shards: list[Path], set_aside: bool) -> list[Path]:
     readable = []
     for shard in shards:
         try:
-            pq.read_metadata(shard)
+            pq.read_table(shard, columns=list(STATE_COLUMNS))     # its pages too, not only the footer
             readable.append(shard)
-        except pa.ArrowInvalid as err:
+        except (pa.ArrowInvalid, OSError) as err:
+            if getattr(err, "errno", None) is not None:          # EIO, ESTALE: the filesystem's, not the file's
+                raise
             where = "left out"
             if set_aside:
                 (shard.parent / ".damaged").mkdir(exist_ok=True)
@@ -110,7 +112,9 @@ class RowsState:
         fmt = pads.ParquetFileFormat(read_options=pads.ParquetReadOptions(dictionary_columns=STATE_DICTIONARY))
         try:
             table = pads.dataset(shards, format=fmt).to_table(columns=list(STATE_COLUMNS)) if shards else None
-        except pa.ArrowInvalid:          # looked for shard by shard only then: a healthy start opens each once
+        except (pa.ArrowInvalid, OSError) as err:   # shard by shard only then: a healthy start opens each once
+            if getattr(err, "errno", None) is not None:
+                raise
             shards = _readable_shards(shards, set_aside)
             table = pads.dataset(shards, format=fmt).to_table(columns=list(STATE_COLUMNS)) if shards else None
         return cls(table if table is not None else pa.table({c: pa.array([], pa.string()) for c in STATE_COLUMNS}))

@@ -168,7 +168,18 @@ def _gone(retried: pa.Array, listing: Listing) -> list[str]:
     listed = pc.unique(paths.filter(pc.is_in(paths, value_set=retried.cast(paths.type))))
     listed = pa.concat_arrays([listed.cast(retried.type), pa.array([e["path"] for e in listing.errors], retried.type)])
     unlisted = retried.filter(pc.invert(pc.is_in(retried, value_set=listed))).to_pylist()
-    return [path for path in unlisted if not os.path.lexists(to_fs(path))]
+    return [path for path in unlisted if _missing(path)]
+
+
+def _missing(path: str) -> bool:
+    """Whether ``path`` is gone (not a mount that fails to answer: EIO, ESTALE, EACCES keep its row)."""
+    try:
+        os.lstat(to_fs(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _say_folders_left_to_other_parts(whole: Listing, mine: Listing) -> None:

@@ -113,13 +113,22 @@ def _check_each_key_set_once(sweep: SweepConfig, source: str) -> None:
     the other's values would never be trained."""
     setters: dict[str, str] = {}
     entries = [*((f"grid.{key}", [flatten(key, v) for v in values]) for key, values in sweep.grid.items()),
-               *((f"sample.{key}", [{key: None}]) for key in sweep.sample)]
+               *((f"sample.{key}", _sampled_settings(key, spec)) for key, spec in sweep.sample.items())]
     for entry, settings in entries:
         for key in sorted({k for setting in settings for k in setting}):
             if key in setters:
                 raise ConfigError(f"{source}: {entry}: varies train.{key}, which {setters[key]} varies too; "
                                   "give each key in one place")
             setters[key] = entry
+
+
+def _sampled_settings(key: str, spec: Any) -> list[dict[str, Any]]:
+    """The dotted keys a ``sample`` entry can set: a ``choice`` of mappings sets each mapping's keys
+    (as a grid mapping does, :func:`flatten`); any other draw sets ``key``."""
+    choices = spec.get("choice") if isinstance(spec, dict) else None
+    if isinstance(choices, list) and choices:
+        return [flatten(key, choice) for choice in choices]
+    return [{key: None}]
 
 
 def trial_id(params: dict[str, Any]) -> str:
