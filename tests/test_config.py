@@ -153,6 +153,10 @@ def test_a_cosine_warm_up_as_long_as_the_run_is_refused_naming_both_keys():
             resolved(warmup, epochs)
     assert resolved(1, 2).schedule.warmup_epochs == 1
     assert resolved(5, 1, "plateau").fit.epochs == 1          # warm-up is a cosine key only
+    head_stage = {"data": {"manifest": "m.parquet"}, "fit": {"epochs": 20}, "finetune": {"head_epochs": 2},
+                  "schedule": {"name": "cosine", "warmup_epochs": 2}}
+    with pytest.raises(ConfigError, match=r"schedule\.warmup_epochs: 2 must be below finetune\.head_epochs \(2\)"):
+        resolve(from_dict(TrainConfig, head_stage))
 
 
 def test_resolve_rejects_unregistered_backbone():

@@ -192,11 +192,13 @@ def resolve(cfg: TrainConfig, source: str = "config") -> TrainConfig:
     fit = cfg.fit
     if fit.early_stopping_patience is None:
         fit = replace(fit, early_stopping_patience=default_patience(cfg.schedule.name))
-    if cfg.schedule.name == "cosine" and cfg.schedule.warmup_epochs >= cfg.fit.epochs:
-        # train.optim.EpochScheduler: every epoch would be warm-up, the rate never reaching optim.lr
-        raise ConfigError(f"{source}: schedule.warmup_epochs: {cfg.schedule.warmup_epochs} must be below "
-                          f"fit.epochs ({cfg.fit.epochs}) under the cosine schedule; otherwise every epoch "
-                          f"is warm-up and the learning rate never reaches optim.lr")
+    # train.optim.EpochScheduler runs each stage's schedule on its own: a stage no longer than the warm-up
+    # would be all warm-up, its rate never reaching its own (optim.lr; finetune.head_lr for the head stage)
+    for stage_key, epochs in (("fit.epochs", cfg.fit.epochs), ("finetune.head_epochs", cfg.finetune.head_epochs)):
+        if cfg.schedule.name == "cosine" and epochs and cfg.schedule.warmup_epochs >= epochs:
+            raise ConfigError(f"{source}: schedule.warmup_epochs: {cfg.schedule.warmup_epochs} must be below "
+                              f"{stage_key} ({epochs}) under the cosine schedule; otherwise every epoch of that "
+                              "stage is warm-up and its learning rate never reaches the rate it is given")
     if cfg.augment.name in BATCH_MIXING and cfg.fit.batch_size % 2:
         raise ConfigError(f"{source}: fit.batch_size: {cfg.fit.batch_size} must be even for {cfg.augment.name}")
     # Ray workers do not share the driver's working directory: every path leaves here absolute.
