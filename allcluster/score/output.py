@@ -74,16 +74,22 @@ def final_rows(status: pa.ChunkedArray | pa.Array, error_type: pa.ChunkedArray |
     return pc.fill_null(final, False)
 
 
+def _damaged_parquet(err: BaseException) -> bool:
+    """Whether ``err`` (pyarrow's, reading a Parquet file) says the file is damaged: a parse error,
+    which carries no errno, unlike the filesystem's own (EIO, ESTALE), which are no fault of the file."""
+    return isinstance(err, (pa.ArrowInvalid, OSError)) and getattr(err, "errno", None) is None
+
+
 def _readable_shards(shards: list[Path], set_aside: bool) -> list[Path]:
-    """The shards whose Parquet footer reads; the others are named in a warning (and moved to
-    ``rows/.damaged/`` with ``set_aside``)."""
+    """The shards whose state columns read (footer and pages); the others are named in a warning (and
+    moved to ``rows/.damaged/`` with ``set_aside``)."""
     readable = []
     for shard in shards:
         try:
             pq.read_table(shard, columns=list(STATE_COLUMNS))     # its pages too, not only the footer
             readable.append(shard)
         except (pa.ArrowInvalid, OSError) as err:
-            if getattr(err, "errno", None) is not None:          # EIO, ESTALE: the filesystem's, not the file's
+            if not _damaged_parquet(err):
                 raise
             where = "left out"
             if set_aside:
@@ -110,14 +116,17 @@ class RowsState:
         rows = out / "rows"
         shards = sorted(p for p in rows.glob("*.parquet") if not p.name.startswith(".")) if rows.is_dir() else []
         fmt = pads.ParquetFileFormat(read_options=pads.ParquetReadOptions(dictionary_columns=STATE_DICTIONARY))
+
+        def state_of(files: list[Path]) -> pa.Table:
+            if not files:
+                return pa.table({c: pa.array([], pa.string()) for c in STATE_COLUMNS})
+            return pads.dataset(files, format=fmt).to_table(columns=list(STATE_COLUMNS))
         try:
-            table = pads.dataset(shards, format=fmt).to_table(columns=list(STATE_COLUMNS)) if shards else None
+            return cls(state_of(shards))
         except (pa.ArrowInvalid, OSError) as err:   # shard by shard only then: a healthy start opens each once
-            if getattr(err, "errno", None) is not None:
+            if not _damaged_parquet(err):
                 raise
-            shards = _readable_shards(shards, set_aside)
-            table = pads.dataset(shards, format=fmt).to_table(columns=list(STATE_COLUMNS)) if shards else None
-        return cls(table if table is not None else pa.table({c: pa.array([], pa.string()) for c in STATE_COLUMNS}))
+            return cls(state_of(_readable_shards(shards, set_aside)))
 
     @functools.cached_property
     def one_row_per_path(self) -> bool:
@@ -576,8 +585,10 @@ def write_resolved_duplicates(out: Path, waiting: list[pa.Table], writer: "Shard
     """Resolve the duplicates a run held back (:func:`split_duplicates`) and write them, a pass of
     :data:`DUPLICATES_PER_PASS` rows at a time, after the run's own rows are written."""
     writer.flush()                        # their first copies' rows must be in the shards first
-    held = pa.concat_tables(waiting) if waiting else None     # one table: each pass reads the shards once
-    for start in range(0, held.num_rows if held is not None else 0, DUPLICATES_PER_PASS):
+    if not waiting:
+        return
+    held = pa.concat_tables(waiting)      # one table: each pass reads the shards once
+    for start in range(0, held.num_rows, DUPLICATES_PER_PASS):
         writer.add(resolve_duplicates(out, held.slice(start, DUPLICATES_PER_PASS), extra))
     writer.flush()
 

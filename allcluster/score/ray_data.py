@@ -178,7 +178,7 @@ def _missing(path: str) -> bool:
     except (FileNotFoundError, NotADirectoryError):
         return True
     except OSError:
-        return False
+        pass
     return False
 
 

@@ -99,7 +99,7 @@ def _read_ahead(out: dict, paths: list[str], first: int, max_bytes: int) -> tupl
 
 
 def _decode_read(out: dict, paths: list[str], blobs: dict[int, bytes], claim: Claim, preprocess: Preprocess,
-                 max_pixels: int, decode_one=None) -> None:
+                 max_pixels: int, decode_one) -> None:
     """Decode the files read (``blobs``, emptied as it goes) whose bytes no other file of the job owns."""
     hashed = list(blobs)
     owners = claim([out["sha256"][i] for i in hashed], [paths[i] for i in hashed]) if hashed else []
@@ -110,7 +110,7 @@ def _decode_read(out: dict, paths: list[str], blobs: dict[int, bytes], claim: Cl
             continue
         start = time.perf_counter()
         try:
-            (decode_one or decode_into)(out, i, data, paths[i], preprocess, max_pixels)
+            decode_one(out, i, data, paths[i], preprocess, max_pixels)
         except dec.DecodeError as err:
             _fail(out, i, err)
         del data
