@@ -218,7 +218,15 @@ def test_ledger_gives_each_content_one_owner_and_retries_keep_ownership():
     a, b = "aa" * 32, "bb" * 32
     assert ledger.claim([a, b, a], ["x", "y", "z"]) == ["", "", "x"]
     assert ledger.claim([a], ["x"]) == [""], "a retried task must still own its content"
-    assert (ledger.reserve(2), ledger.reserve(4), ledger.reserve(1)) == (2, 1, 0)
+    assert (ledger.reserve(2, "b1"), ledger.reserve(4, "b2"), ledger.reserve(1, "b3")) == (2, 1, 0)
+
+
+def test_a_retried_batch_gets_back_what_its_dead_try_was_granted():
+    ledger = Ledger(budget_cap=3)
+    assert ledger.reserve(2, "b1") == 2
+    assert ledger.reserve(2, "b1") == 2, "the dead try's grant must come back to its retry"
+    assert ledger.reserve(5, "b2") == 1
+    assert ledger.budget_left == 0
 
 
 def test_budget_rules_pick_low_confidence_named_classes_and_a_stable_sample():
@@ -301,7 +309,7 @@ def scored_rows(cfg: ScoreConfig, decoded: dict, run_id: str = "run") -> pd.Data
     """One batch through the Scorer and the job's shard writer (which packs the maps) into ``cfg.out``."""
     from allcluster.score.output import ShardWriter
 
-    scorer = core.Scorer(cfg, cfg.out, run_id, lambda n: n)
+    scorer = core.Scorer(cfg, cfg.out, run_id, lambda n, batch: n)
     methods = list(cfg.explain.methods) + list(cfg.explain.budget.methods)
     writer = ShardWriter(Path(cfg.out), scorer.schema, run_id, 10_000, 3600,
                          methods if cfg.explain.heatmaps == "packed" else [])
@@ -356,7 +364,7 @@ def test_the_gpu_precision_path_bf16_autocast_runs_on_cpu_and_agrees_with_fp32(t
     for precision in ("fp32", "bf16"):
         cfg = score_config(tiny_model_dir, tmp_path, tmp_path / precision, workers={"precision": precision},
                            explain={"budget": {"methods": []}})
-        assert core.Scorer(cfg, cfg.out, "run", lambda n: n).bf16 == (precision == "bf16")
+        assert core.Scorer(cfg, cfg.out, "run", lambda n, batch: n).bf16 == (precision == "bf16")
         rows[precision] = scored_rows(cfg, decoded)
     fp32, bf16 = rows["fp32"], rows["bf16"]
     assert (bf16["status"] == "ok").all() and bf16["heatmap_gradcam"].notna().all()
@@ -367,7 +375,7 @@ def test_the_gpu_precision_path_bf16_autocast_runs_on_cpu_and_agrees_with_fp32(t
 
 def test_a_model_failure_becomes_error_rows_not_a_crash(tiny_model_dir, real_data_dir, tmp_path):
     cfg = score_config(tiny_model_dir, tmp_path, tmp_path / "out")
-    scorer = core.Scorer(cfg, str(tmp_path / "out"), "run", lambda n: n)
+    scorer = core.Scorer(cfg, str(tmp_path / "out"), "run", lambda n, batch: n)
     decoded = _decoded(real_images(real_data_dir, 1), size=32)       # wrong size: the model path fails
     decoded["pixels"] = np.zeros((4, 3, 3, 3), np.uint8)
     rows = scorer(decoded).to_pandas()
@@ -382,7 +390,7 @@ def test_a_broken_gpu_context_ends_the_replica_while_out_of_memory_stays_error_r
     DeviceBroken, whose Ray wrapper ends the replica for a fresh one; an out-of-memory error stays a
     batch of model_error rows, as the next batch may fit."""
     cfg = score_config(tiny_model_dir, tmp_path, tmp_path / "out")
-    scorer = core.Scorer(cfg, str(tmp_path / "out"), "run", lambda n: n)
+    scorer = core.Scorer(cfg, str(tmp_path / "out"), "run", lambda n, batch: n)
     decoded = _decoded(real_images(real_data_dir, 1))
     for sticky in (torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
                    RuntimeError("CUDA error: device-side assert triggered")):
@@ -402,6 +410,28 @@ def test_a_broken_gpu_context_ends_the_replica_while_out_of_memory_stays_error_r
     assert (rows["error_type"] == "model_error").all() and rows["error"].str.contains("CUDA out of memory").all()
 
 
+def test_a_batch_whose_budgeted_method_fails_gives_its_budget_back(tiny_model_dir, real_data_dir, tmp_path):
+    """Error rows spend no budget: the batch's grant goes back to the job's ledger (a rerun would
+    count the same from the rows), so later images still get the budgeted method."""
+    cfg = score_config(tiny_model_dir, tmp_path, tmp_path / "out",
+                       explain={"heatmaps": "files", "budget": {"methods": ["lime"], "sample_fraction": 1.0}})
+    ledger = Ledger(budget_cap=4)
+    scorer = core.Scorer(cfg, str(tmp_path / "out"), "run", ledger.reserve)
+    decoded = _decoded(real_images(real_data_dir, 2), size=32)
+    explain = scorer.budgeted["lime"].explain
+
+    def fails(*args):
+        raise RuntimeError("LIME ran out of something")
+    scorer.budgeted["lime"].explain = fails
+    rows = scorer(decoded).to_pandas()
+    assert (rows["error_type"] == "model_error").all() and ledger.budget_left == 4
+    scorer.budgeted["lime"].explain = explain
+    rows = scorer(decoded).to_pandas()
+    assert (rows["status"] == "ok").all() and len(rows) == 8
+    assert (rows["budget_reason"] == "over_cap").sum() == 4 and rows["heatmap_lime"].notna().sum() == 4
+    assert ledger.budget_left == 0
+
+
 def test_an_image_whose_model_output_is_nan_is_an_error_row_not_a_confident_class_0(tiny_model_dir, real_data_dir,
                                                                                     tmp_path):
     """softmax(NaN).max() is class 0 at confidence NaN, and NaN < uncertain_below is false: the image
@@ -410,7 +440,7 @@ def test_an_image_whose_model_output_is_nan_is_an_error_row_not_a_confident_clas
     loose files, no heatmap or overlay file names it (an orphan a cleanup could never attribute)."""
     out = tmp_path / "out"
     cfg = score_config(tiny_model_dir, tmp_path, out, explain={"heatmaps": "files", "overlays": True})
-    scorer = core.Scorer(cfg, str(out), "run", lambda n: n)
+    scorer = core.Scorer(cfg, str(out), "run", lambda n, batch: n)
     first_pass = scorer.first_pass
 
     def one_nan(x):
@@ -1095,6 +1125,30 @@ def _state_rows(out: Path, name: str, run: str, paths: list[str], status: str) -
     pq.write_table(pa.table({"path": paths, "run_id": [run] * n, "status": [status] * n,
                              "error_type": [None if status == "ok" else "unreadable"] * n,
                              "duplicate_of": [""] * n, "budget_reason": [""] * n}), out / "rows" / name)
+
+
+def test_a_parts_summary_counts_a_retried_files_newer_row_only_while_another_part_still_runs(tmp_path):
+    """Part 1 of 2 ends while part 0 still runs: part 0's retried file has its old (transient) row
+    beside its new one until part 0 compacts. The summary part 1 writes must count the newer only."""
+    from allcluster.score.output import summarize
+
+    def shard(name: str, run: str, paths: list[str], status: str) -> None:
+        n = len(paths)
+        (tmp_path / "rows").mkdir(exist_ok=True)
+        ok = status == "ok"
+        pq.write_table(pa.table({
+            "path": paths, "run_id": [run] * n, "status": [status] * n,
+            "error_type": pa.array([None if ok else "unreadable"] * n, pa.string()), "duplicate_of": [""] * n,
+            "budget_reason": [""] * n, "predicted_class": pa.array(["Pre" if ok else None] * n, pa.string()),
+            "uncertain": pa.array([False if ok else None] * n, pa.bool_())}), tmp_path / "rows" / name)
+
+    paths = [f"img-{i}.jpg" for i in range(6)]
+    shard("part-r1-00000.parquet", "r1", paths, "error")               # an earlier whole run's
+    for k in (0, 1):
+        shard(f"part-r2-{k}-00000.parquet", f"r2-{k}", [p for p, mine in zip(paths, Shard(k, 2).holds(paths)) if mine], "ok")
+    summary = summarize(tmp_path, 2.0, 3, Shard(1, 2))
+    assert (summary["rows"], summary["ok"], summary["errors"]) == (6, 6, 0)
+    assert summary["per_class"] == {"Pre": 6} and summary["errors_by_type"] == {}
 
 
 def test_array_tasks_compacting_a_shard_they_share_at_once_leave_one_row_per_file(tmp_path):

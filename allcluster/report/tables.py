@@ -120,7 +120,7 @@ class ScoreData:
     roots: dict[str, Path]          # shard file -> its job's OUT folder (heatmap paths are relative to it)
     classes: list[str]
     methods: list[str]
-    superseded: pa.Array | None = None     # keys of rows a newer run replaced: skipped (see _superseded)
+    superseded: pa.Array | None = None     # keys of rows a newer run replaced: skipped (see stale_row_keys)
     shard_classes: dict[str, list[str]] = field(default_factory=dict)   # shard file -> its model's classes
 
     @property
@@ -154,7 +154,9 @@ OPTIONAL_ROW_COLUMNS = (pa.field("uncertain", pa.bool_()), pa.field("duplicate_o
 
 def open_scoring(sources: list[ScoreSource]) -> ScoreData:
     """A dataset over every shard of every scoring input. Read here: the Parquet footers, each job's
-    ``run_id`` column and, for a job several runs wrote, its ``path`` column (see :func:`_superseded`)."""
+    ``run_id`` column and, for a job several runs wrote, its ``path`` column (see :func:`~allcluster.score.output.stale_row_keys`)."""
+    from allcluster.score.output import stale_row_keys
+
     files = [f for s in sources for f in s.files]
     schemas = [pq.read_schema(f) for f in files]
     has_run_id = {str(f): "run_id" in schema.names for f, schema in zip(files, schemas)}
@@ -164,7 +166,7 @@ def open_scoring(sources: list[ScoreSource]) -> ScoreData:
             schema = schema.append(column)
     dataset = pads.dataset([str(f) for f in files], schema=schema, format="parquet")
     roots = {str(f): s.root for s in sources for f in s.files}
-    stale = [_superseded(s.files) for s in sources if all(has_run_id[str(f)] for f in s.files)]
+    stale = [stale_row_keys(s.files) for s in sources if all(has_run_id[str(f)] for f in s.files)]
     stale = [keys for keys in stale if keys is not None]
     return ScoreData(dataset, roots, _listed(schemas, _shard_classes), _listed(schemas, methods_of),
                      pa.concat_arrays(stale) if stale else None,
@@ -187,23 +189,6 @@ def per_model(data: ScoreData) -> Iterator[ScoreData]:
         dataset = pads.dataset(shards, schema=data.dataset.schema, format="parquet")
         yield replace(data, dataset=dataset, classes=list(classes),
                       shard_classes={f: list(classes) for f in shards})
-
-
-def _superseded(files: list[Path]) -> pa.Array | None:
-    """The keys (:func:`~allcluster.score.output.row_keys`) of one job's rows that a newer run's row
-    replaced, or None. A run killed before its final compaction (or one still running) leaves a
-    retried file's old row beside its new one until the next run compacts; a report counts the
-    newer only, as ``summary.json`` will. Run ids are unique, so keys never match another job's rows."""
-    from allcluster.score.output import RowsState, row_keys, superseded_rows
-
-    fmt = pads.ParquetFileFormat(read_options=pads.ParquetReadOptions(dictionary_columns=["run_id"]))
-    rows = pads.dataset([str(f) for f in files], format=fmt)
-    runs = rows.to_table(columns=["run_id"])["run_id"]
-    if len({run for chunk in runs.chunks for run in chunk.dictionary.to_pylist()}) < 2:
-        return None
-    keys = rows.to_table(columns=["path", "run_id"])
-    stale = superseded_rows(keys, *RowsState(keys).superseded())
-    return row_keys(keys).filter(stale).combine_chunks() if pc.any(stale).as_py() else None
 
 
 def batches(data: ScoreData, columns: list[str], where: pc.Expression | None = None,

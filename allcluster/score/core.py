@@ -97,12 +97,14 @@ class Scorer:
         unknown_as_null(cols)
         todo = [i for i in range(n) if cols["status"][i] == "ok" and not cols["duplicate_of"][i]]
         if todo:
+            key = cols["sha256"][todo[0]]  # the batch's key in the job's budget: its first content's
             try:
                 with autocast(self.device, self.bf16):
-                    self.fill(cols, todo, np.asarray(batch["pixels"])[todo])
+                    self.fill(cols, todo, np.asarray(batch["pixels"])[todo], key)
             except Exception as err:       # noqa: BLE001 - any model-side failure becomes error rows
                 if device_is_broken(err) and not device_may_be_broken:  # see DeviceBroken
                     raise DeviceBroken(f"{self.device}: {type(err).__name__}: {err}") from err
+                self.reserve(0, key)       # error rows spend no budget: what the batch was granted goes back
                 self.fail(cols, todo, err)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         for key, value in {**self.constants, "scored_at": stamp}.items():
@@ -128,8 +130,9 @@ class Scorer:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def fill(self, cols: dict[str, list], todo: list[int], pixels: np.ndarray) -> None:
-        """Predict and explain the rows ``todo`` (their uint8 ``pixels``) into ``cols`` in place."""
+    def fill(self, cols: dict[str, list], todo: list[int], pixels: np.ndarray, key: str) -> None:
+        """Predict and explain the rows ``todo`` (their uint8 ``pixels``) into ``cols`` in place; ``key``
+        names the batch to the job's budget."""
         start = self._sync()
         x = self.normalize(torch.from_numpy(pixels).to(self.device, non_blocking=True).permute(0, 3, 1, 2))
         x = channels_last(x)
@@ -150,7 +153,7 @@ class Scorer:
         faithful = faithfulness_rows(confidence.cpu().numpy(), shas, self.cfg)
         self.store_explanations(cols, todo, explanations, x, probs, predicted, shas, pixels, faithful)
         every_done = self._sync()
-        budget_ms = self.run_budget(cols, todo, x, probs, predicted, confidence, shas, pixels)
+        budget_ms = self.run_budget(cols, todo, x, probs, predicted, confidence, shas, pixels, key)
         self.store_prediction(cols, todo, probs, calibrated, confidence, predicted)
         for j, i in enumerate(todo):
             cols["t_model_ms"][i] = (model_done - start) * 1e3 / len(todo)
@@ -227,12 +230,12 @@ class Scorer:
         for j, i in enumerate(rows):
             cols[method_columns(method)["heatmap"]][i] = names[j]
 
-    def run_budget(self, cols, todo, x, probs, predicted, confidence, shas, pixels) -> list[float]:
+    def run_budget(self, cols, todo, x, probs, predicted, confidence, shas, pixels, key) -> list[float]:
         """Expensive methods on the selected rows (within the job-wide cap); per-row extra ms."""
         names = [self.classes[int(k)] for k in predicted.cpu().numpy()]
         reasons = budget_reasons(confidence.cpu().numpy(), names, shas, self.cfg.explain.budget)
         chosen = [j for j, r in enumerate(reasons) if r]
-        granted = self.reserve(len(chosen)) if chosen else 0
+        granted = self.reserve(len(chosen), key) if chosen else 0
         for j in chosen[granted:]:
             reasons[j] = "over_cap"
         chosen = chosen[:granted]

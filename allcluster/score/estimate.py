@@ -61,7 +61,7 @@ def measure(cfg: ScoreConfig, paths: list[str], card: ModelCard) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         # one model load: a reserve that grants nothing keeps the budgeted methods out of the timed pass
-        scorer = Scorer(cfg, tmp, "dry-run", lambda n: 0)
+        scorer = Scorer(cfg, tmp, "dry-run", lambda n, batch: 0)
         scorer(decoded)                                  # first batch: allocations, kernel selection
         cold_start_s = time.perf_counter() - cold
         for _ in range(2):                               # warm-up: huge pages come in over the first batches

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 Claim = Callable[[list[str], list[str]], list[str]]   # (sha256s, paths) -> owner path per file ("" = you)
-Reserve = Callable[[int], int]                        # ask for n budgeted explanations -> granted
+Reserve = Callable[[int, str], int]                   # (n budgeted explanations, batch key) -> granted
 
 
 class Ledger:
@@ -16,6 +16,7 @@ class Ledger:
         self.owners: dict[bytes, str] = {}
         self.budget_left = max(0, budget_cap - budget_used)
         self.tries: dict[str, int] = {}
+        self.granted: dict[str, int] = {}
 
     def attempt(self, batch: str) -> int:
         """Which try of the batch ``batch`` (its first path) this is: Ray runs a task again when its
@@ -30,7 +31,11 @@ class Ledger:
             owners.append("" if owner == path else owner)
         return owners
 
-    def reserve(self, n: int) -> int:
-        granted = min(n, self.budget_left)
+    def reserve(self, n: int, batch: str) -> int:
+        """Grant up to ``n`` of the budget to the batch ``batch``. A batch asking again is a retry whose
+        process died before its rows were written (a broken GPU's replica): its earlier grant comes back
+        first, so a dead replica never spends budget on rows nobody wrote."""
+        self.budget_left += self.granted.pop(batch, 0)
+        granted = self.granted[batch] = min(n, self.budget_left)
         self.budget_left -= granted
         return granted

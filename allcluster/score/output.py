@@ -658,11 +658,28 @@ class Progress:
         self.stream.flush()
 
 
-def summarize(out: Path, run_seconds: float, run_rows: int) -> dict:
-    """Counts over every row of ``out`` (all runs), plus this run's throughput."""
-    data = rows_dataset(out)
-    columns = ["status", "error_type", "predicted_class", "uncertain", "duplicate_of", "budget_reason"]
-    df = data.to_table(columns=columns).to_pandas() if data else None
+def stale_row_keys(files: list[Path] | list[str]) -> pa.Array | None:
+    """The keys (:func:`row_keys`) of the rows of one job's shards ``files`` that a newer run's row
+    replaced, or None. A run killed before its final compaction (or one still running: another array
+    part) leaves a retried file's old row beside its new one until that run compacts; counts take the
+    newer only. Reads the ``run_id`` column and, for a job several runs wrote, the ``path`` column."""
+    fmt = pads.ParquetFileFormat(read_options=pads.ParquetReadOptions(dictionary_columns=["run_id"]))
+    rows = pads.dataset([str(f) for f in files], format=fmt)
+    runs = rows.to_table(columns=["run_id"])["run_id"]
+    if len({run for chunk in runs.chunks for run in chunk.dictionary.to_pylist()}) < 2:
+        return None
+    keys = rows.to_table(columns=["path", "run_id"])
+    stale = superseded_rows(keys, *RowsState(keys).superseded())
+    return row_keys(keys).filter(stale).combine_chunks() if pc.any(stale).as_py() else None
+
+
+def summarize(out: Path, run_seconds: float, run_rows: int, shard: Shard = Shard()) -> dict:
+    """Counts over every row of ``out`` (all runs; a row a newer run replaced is not counted), plus this
+    run's throughput. An array part reads the shards between the other parts' compactions (which
+    rewrite shared shards: a file replaced under an NFS reader is ESTALE)."""
+    with contextlib.nullcontext() if shard.whole else taking_turns(out / COMPACTING_LOCK):
+        table = _summary_columns(out)
+    df = table.to_pandas() if table is not None else None
     if df is None or df.empty:
         return {"rows": 0, "ok": 0, "errors": 0, "run_rows": run_rows, "run_seconds": round(run_seconds, 1)}
     ok = df[df["status"] == "ok"]
@@ -676,6 +693,18 @@ def summarize(out: Path, run_seconds: float, run_rows: int) -> dict:
         "run_rows": run_rows, "run_seconds": round(run_seconds, 1),
         "run_images_per_s": round(run_rows / run_seconds, 2) if run_seconds > 0 else 0.0,
     }
+
+
+def _summary_columns(out: Path) -> pa.Table | None:
+    data = rows_dataset(out)
+    if data is None:
+        return None
+    columns = ["status", "error_type", "predicted_class", "uncertain", "duplicate_of", "budget_reason"]
+    stale = stale_row_keys(data.files)
+    table = data.to_table(columns=columns + (["path", "run_id"] if stale is not None else []))
+    if stale is not None:
+        table = table.filter(pc.invert(pc.is_in(row_keys(table), stale)))
+    return table.select(columns)
 
 
 def summary_text(summary: dict) -> str:

@@ -70,7 +70,7 @@ class ScoreActor:
         if threads:
             torch.set_num_threads(threads)
         self.ledger = ledger
-        self.scorer = Scorer(cfg, out_dir, run_id, lambda n: ray.get(ledger.reserve.remote(n)), extra, device)
+        self.scorer = Scorer(cfg, out_dir, run_id, lambda n, batch: ray.get(ledger.reserve.remote(n, batch)), extra, device)
 
     def __call__(self, batch):
         import ray
@@ -305,7 +305,7 @@ def _finish(out: Path, shard: Shard, state: RowsState, todo: Listing, writer: Sh
         say(f"[score] {len(gone)} transient error row(s) of files no longer in the input removed "
             f"({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''})")
     compact(out, shard, relisted=pa.concat_arrays([relisted, pa.array(list(gone), relisted.type)]))
-    return summarize(out, seconds, writer.written)
+    return summarize(out, seconds, writer.written, shard)
 
 
 def stream_rows(cfg: ScoreConfig, card: ModelCard, todo: Listing, writer: ShardWriter, run_id: str, out: Path,
