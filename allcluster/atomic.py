@@ -29,6 +29,14 @@ def is_storage_full(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in STORAGE_FULL
 
 
+def damaged_parquet(err: BaseException) -> bool:
+    """Whether ``err`` (pyarrow's, reading a Parquet file) says the file is damaged: a parse error,
+    which carries no errno, unlike the filesystem's own (EIO, ESTALE), which are no fault of the file."""
+    import pyarrow as pa
+
+    return isinstance(err, (pa.ArrowInvalid, OSError)) and getattr(err, "errno", None) is None
+
+
 def storage_full_error(number: int, filename: str | Path | None) -> OSError:
     """The OSError of a full disk or quota (``number``: ENOSPC or EDQUOT) naming ``filename``: the
     target a user knows, not a hidden temporary (pyarrow's errors name no file at all)."""

@@ -251,7 +251,8 @@ def classification_metrics(y_true, probs, class_names: list[str]) -> dict:
     """A flat, JSON-serialisable summary of predictions ``argmax(probs)`` against ``y_true``.
 
     Keys: accuracy, macro_precision, macro_recall, macro_specificity, macro_f1 (unweighted means
-    over all classes), auc and map (means of the per-class one-vs-rest AUC / AP, ignoring NaN),
+    over the classes that occur in ``y_true`` or in the predictions, scikit-learn's default: a class
+    absent from both, e.g. from an evaluation set holding some classes only, is no 0 in them), auc and map (means of the per-class one-vs-rest AUC / AP, ignoring NaN),
     ece, nll (mean of ``-log p_true``, p clipped at 1e-12), n, confusion (list of lists, rows
     true) and per_class ``{name: {precision, recall, specificity, f1, auc, ap, support}}``.
     With ``N = 0`` every float is NaN and the confusion matrix is all zeros.
@@ -270,8 +271,10 @@ def classification_metrics(y_true, probs, class_names: list[str]) -> dict:
         for key in ("precision", "recall", "specificity", "f1"):
             prf[key] = np.full(num_classes, np.nan)
 
+    seen = (cm.sum(axis=0) + cm.sum(axis=1)) > 0
+
     def macro(values) -> float:
-        return float(np.mean(values)) if n else float("nan")
+        return float(np.mean(values[seen])) if n else float("nan")
 
     per_class = {
         name: {"precision": float(prf["precision"][k]), "recall": float(prf["recall"][k]),

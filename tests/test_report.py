@@ -64,20 +64,23 @@ def test_inputs_are_told_apart_by_their_files_and_columns(tmp_path):
         collect_inputs([tmp_path / "gone"])
 
 
-def test_explanation_quality_means_skip_rows_without_a_map_across_shards(tmp_path):
+def test_explanation_quality_means_skip_rows_without_a_map_and_duplicates_across_shards(tmp_path):
     from allcluster.score.rows import row_schema
 
     schema = row_schema(["A", "B"], ["gradcam", "lime"])
     rows = tmp_path / "out" / "rows"
     rows.mkdir(parents=True)
-    shards = [  # shard 1: two gradcam maps, one with LIME; shard 2: one gradcam map and an error row
+    shards = [  # shard 1: two gradcam maps, one with LIME; shard 2: one gradcam map, an error row and a
+        # duplicate of c, which carries c's map and scores (counted once, with c)
         {"path": ["a", "b"], "status": ["ok", "ok"], "heatmap_gradcam": ["h/a", "h/b"], "on_cell_gradcam": [0.9, 0.5],
          "faith_drop_gradcam": [0.2, 0.4], "heatmap_lime": ["h/a2", None], "on_cell_lime": [0.3, None]},
-        {"path": ["c", "d"], "status": ["ok", "error"], "heatmap_gradcam": ["h/c", None], "on_cell_gradcam": [0.7, None],
-         "faith_drop_gradcam": [float("nan"), None]},
+        {"path": ["c", "d", "e"], "status": ["ok", "error", "ok"], "heatmap_gradcam": ["h/c", None, "h/c"],
+         "on_cell_gradcam": [0.7, None, 0.7], "faith_drop_gradcam": [float("nan"), None, float("nan")],
+         "duplicate_of": ["", "", "c"]},
     ]
     for k, columns in enumerate(shards):
-        table = pa.table({name: columns.get(name, [None] * 2) for name in schema.names}, schema=schema)
+        n = len(columns["path"])
+        table = pa.table({name: columns.get(name, [None] * n) for name in schema.names}, schema=schema)
         pq.write_table(table, rows / f"part-{k}.parquet")
     quality = tables.explanation_quality(tables.open_scoring(collect_inputs([tmp_path / "out"]).scorings))
     got = quality.set_index("method")
@@ -292,6 +295,59 @@ def test_rows_with_only_the_four_required_columns_report_and_a_rerun_leaves_no_s
         assert not (report / "morning_list.csv").exists(), "an earlier report's file stays for the new one"
         assert not (report / "report.json").exists(), "an unfinished report looks finished"
         assert (report / "report.yaml").is_file()
+
+
+def test_a_damaged_row_shard_is_left_out_and_named_while_the_others_report(tmp_path):
+    """A zero-byte or torn shard (a copy cut short) is what a scoring run sets aside and rescores; the
+    report used to die on it with pyarrow's traceback. Its rows are left out and a note names it."""
+    job = four_column_rows(tmp_path / "job")
+    good = (job / "rows" / "part-0.parquet").read_bytes()
+    (job / "rows" / "part-1.parquet").write_bytes(b"")
+    (job / "rows" / "part-2.parquet").write_bytes(good[: len(good) // 2])
+    result = build_report([job], tmp_path / "r", ReportOptions(group_by=[]))
+    assert result["scoring"]["rows"] == 2 and "2 damaged, left out" in result["inputs"][0]["read"]
+    assert any("2 row shard(s) left out" in n and "part-1.parquet" in n for n in result["notes"])
+    (job / "rows" / "part-0.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ConfigError, match="none of its 3 row shard"):
+        build_report([job], tmp_path / "r2", ReportOptions(group_by=[]))
+    assert not (tmp_path / "r2").exists()
+
+
+def test_a_folder_of_row_files_holding_another_parquet_is_refused_naming_it(tmp_path):
+    """A manifest beside exported rows was counted as rows of status null (or the folder refused,
+    by name order): every file is classified, and the odd one named."""
+    rows = four_column_rows(tmp_path / "job") / "rows"
+    shutil.copytree(rows, tmp_path / "mine")
+    pq.write_table(pa.table({"path": ["a.jpg"], "label": ["Pre"], "split": ["test"]}), tmp_path / "mine" / "z-manifest.parquet")
+    with pytest.raises(ConfigError, match="z-manifest.parquet, which is no rows file"):
+        collect_inputs([tmp_path / "mine"])
+    (tmp_path / "mine" / "z-manifest.parquet").unlink()
+    assert collect_inputs([tmp_path / "mine"]).scorings[0].files == [(tmp_path / "mine" / "part-0.parquet").resolve()]
+    assert collect_inputs([rows]).scorings[0].root == (tmp_path / "job").resolve(), "OUT/rows keeps OUT as its root"
+
+
+def test_flagged_rows_without_sha256_make_a_morning_list_and_missing_labels_no_nan_caption(tmp_path):
+    from allcluster.report.html import gallery_html
+
+    rows = four_column_rows(tmp_path / "mine")
+    pq.write_table(pq.read_table(rows / "rows" / "part-0.parquet").append_column("uncertain", pa.array([True, False])),
+                   rows / "rows" / "part-0.parquet")
+    result = build_report([rows], tmp_path / "r", ReportOptions(group_by=[]))
+    morning = pd.read_csv(tmp_path / "r" / "morning_list.csv")
+    assert result["scoring"]["uncertain"] == 1 and morning["path"].tolist() == ["a.jpg"]
+    items = pd.DataFrame({"predicted_class": ["Pre", "Pre"], "kind": ["most confident"] * 2, "image": ["a.png", "b.png"],
+                          "confidence": [0.9, 0.8], "path": ["a.jpg", "b.jpg"],
+                          "label": pd.array(["Pre", None], dtype="string")})
+    page = gallery_html(items)
+    assert "true Pre" in page and "nan" not in page and "<NA>" not in page
+
+
+def test_labelled_rows_that_are_all_errors_are_said_so(tmp_path):
+    job = hand_rows(tmp_path / "job", ["Benign", "Pre"], {"path": ["a", "b"], "status": ["error", "error"],
+                                                           "error_type": ["truncated"] * 2, "label": ["Pre", "Benign"]},
+                    extra=["label"])
+    notes = build_report([job], tmp_path / "r", ReportOptions(group_by=[]))["notes"]
+    assert any("2 labelled rows, none of them ok" in n for n in notes), notes
 
 
 def test_a_scoring_job_that_is_unfinished_is_said_so_above_its_counts_and_one_with_no_rows_reports_zeros(tmp_path):
@@ -555,8 +611,9 @@ def test_counts_errors_and_rollups_equal_counts_over_the_rows(runs):
     assert errors == rows.loc[rows["status"] == "error", "error_type"].value_counts().to_dict()
     assert set(errors) == {"truncated", "unreadable"}
     quality = table(runs, "explanation_quality").set_index("method").loc["gradcam"]
-    assert quality["maps"] == rows["heatmap_gradcam"].notna().sum()
-    assert quality["on_cell_mean"] == pytest.approx(rows["on_cell_gradcam"].mean(), abs=1e-4)
+    first_copies = rows[rows["duplicate_of"] == ""]          # a duplicate carries its first copy's map
+    assert quality["maps"] == first_copies["heatmap_gradcam"].notna().sum() < rows["heatmap_gradcam"].notna().sum()
+    assert quality["on_cell_mean"] == pytest.approx(first_copies["on_cell_gradcam"].mean(), abs=1e-4)
     for key in ("folder", "label"):
         rollup = table(runs, f"rollup_{key}").set_index(key)
         assert rollup["rows"].to_dict() == rows[key].value_counts().to_dict()

@@ -798,6 +798,15 @@ def test_the_packed_store_writes_one_pack_per_shard_that_holds_every_map_once(ti
     scope = {"OUT": str(out), "IMAGE": str(first["path"].iloc[0])}
     exec(recipe[:recipe.index("```")], scope)                  # the README's pandas recipe for one map
     assert scope["png"] == find_heatmap(out, first["sha256"].iloc[0], "gradcam")
+    # a damaged pack (a copy cut short): an OSError naming it, which `explain --scores` and the report
+    # turn into one image's note; by sha256, the other packs are still searched
+    damaged = out / "heatmaps" / "part-r1-00000.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    with pytest.raises(OSError, match="part-r1-00000.parquet: not a readable heatmap pack"):
+        load_heatmap(damaged, first["sha256"].iloc[0], "gradcam")
+    assert find_heatmap(out, second["sha256"].iloc[0], "gradcam")
+    with pytest.raises(OSError, match="not a readable heatmap pack"):
+        find_heatmap(out, first["sha256"].iloc[0], "gradcam")
 
 
 def test_a_stored_map_that_is_not_a_png_is_an_oserror_naming_it(tmp_path):
@@ -806,6 +815,23 @@ def test_a_stored_map_that_is_not_a_png_is_an_oserror_naming_it(tmp_path):
     broken.write_bytes(b"\x89PNG but cut short")
     with pytest.raises(OSError, match=r"ab12.gradcam.png: the gradcam map of sha256 ab12 is not a readable PNG"):
         load_heatmap(broken, "ab12", "gradcam")
+
+
+def test_a_scoring_outputs_model_record_reads_typed_with_the_cards_defaults(tiny_model_dir, tmp_path):
+    from allcluster.models.card import CardError, ModelCard, ModelInfo
+
+    card = ModelCard.read(tiny_model_dir).replace(roi_crop=True, roi_margin=0.25)
+    card.write_model_info(tmp_path)
+    info = ModelInfo.read(tmp_path)
+    assert (info.input_size, info.classes, info.roi_crop, info.roi_margin, info.cam_layer, info.weights_sha256) == \
+        (card.input_size, card.classes, True, 0.25, card.cam_layer, card.weights_sha256)
+    (tmp_path / "model.json").write_text(json.dumps({"input_size": 64, "newer_key": 1}))   # older/newer writers
+    assert ModelInfo.read(tmp_path) == ModelInfo(input_size=64)
+    assert (ModelInfo().roi_crop, ModelInfo().roi_margin) == (ModelCard.roi_crop, ModelCard.roi_margin)
+    assert ModelInfo.read(tmp_path / "gone") == ModelInfo()
+    (tmp_path / "model.json").write_text("[1, 2]")
+    with pytest.raises(CardError, match="model.json: not a model record"):
+        ModelInfo.read(tmp_path)
 
 
 def test_explain_shows_a_scoring_jobs_stored_maps_found_by_content(tiny_model_dir, real_data_dir, tmp_path, capsys):

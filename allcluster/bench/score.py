@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from allcluster.bench.common import child_env, device_info, rate, real_images
 from allcluster.data.real import REPO
 from allcluster.device import TORCH_ALLOCATOR_ENV, allocator_env, channels_last, pick_device
+from allcluster.models.card import CARD_FILE
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -317,7 +318,7 @@ def bench_plan(args: argparse.Namespace) -> dict:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     model = out / "model"
-    if not (model / "model_card.json").is_file():
+    if not (model / CARD_FILE).is_file():
         export_untrained(model, "allnet", ["Benign", "Early", "Pre", "Pro"], input_size=64, head=HeadSpec((16,), 0, 0))
     table = synthetic_manifest_table(args.rows)
     manifest = out / "manifest.parquet"

@@ -248,12 +248,12 @@ def explain_from_scores(scores: str | Path, images: Sequence[str | Path], out_di
     import pyarrow.dataset as pads
 
     from allcluster.data.preprocess import Preprocess
-    from allcluster.models.card import ModelCard
+    from allcluster.models.card import ModelInfo
     from allcluster.score.rows import methods_of
 
     scores, out_dir = Path(scores), check_out_dir(out_dir)
-    info = ModelCard.read_model_info(scores)
-    if not info or not any((scores / "rows").glob("*.parquet")):
+    info = ModelInfo.read(scores)
+    if not info.input_size or not any((scores / "rows").glob("*.parquet")):
         raise ValueError(f"{scores}: not a scoring output (no model.json and rows/*.parquet)")
     rows = pads.dataset(scores / "rows", format="parquet")
     stored = methods_of(rows.schema)
@@ -263,7 +263,7 @@ def explain_from_scores(scores: str | Path, images: Sequence[str | Path], out_di
         raise ValueError(f"--methods: {scores} stores no {', '.join(missing)} maps; it stores: "
                          f"{', '.join(stored) or 'none'}")
     methods = asked
-    preprocess = Preprocess(info["input_size"], info["roi_crop"], info["roi_margin"])
+    preprocess = Preprocess(info.input_size, info.roi_crop, info.roi_margin)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     images = list(images)

@@ -17,9 +17,7 @@ from allcluster.atomic import atomic_write_text
 
 CARD_FILE = "model_card.json"
 CARD_VERSION = 1
-MODEL_INFO_FILE = "model.json"        # in a scoring OUT: what the report needs of the model
-MODEL_INFO_KEYS = ("backbone", "classes", "input_size", "roi_crop", "roi_margin", "cam_layer", "temperature",
-                   "weights_sha256", "run_id")
+MODEL_INFO_FILE = "model.json"        # in a scoring OUT: what the report needs of the model (ModelInfo)
 # What shapes a scoring job's rows besides the weights: a rerun into its OUT must keep them all (a
 # re-calibrated or re-sized export of the same weights would mix two models' rows in one table).
 SCORING_KEYS = ("weights_sha256", "classes", "input_size", "mean", "std", "roi_crop", "roi_margin", "cam_layer",
@@ -106,16 +104,11 @@ class ModelCard:
         return {f"model.{k}": getattr(self, k) for k in SCORING_KEYS}
 
     def write_model_info(self, out: str | Path) -> Path:
-        """``OUT/model.json``: the card fields a scoring output's readers need (the report's overlays
-        use the ROI crop settings), so they never walk back to a model folder that may be gone."""
-        info = {k: getattr(self, k) for k in MODEL_INFO_KEYS}
+        """``OUT/model.json``: the card fields a scoring output's readers need (:class:`ModelInfo`: the
+        report's overlays and ``explain --scores`` crop as the model did), so they never walk back to a
+        model folder that may be gone."""
+        info = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelInfo)}
         return atomic_write_text(Path(out) / MODEL_INFO_FILE, json.dumps(info, indent=2, default=float))
-
-    @staticmethod
-    def read_model_info(out: str | Path) -> dict:
-        """What :meth:`write_model_info` wrote ({} when absent: an output of an older allcluster)."""
-        path = Path(out) / MODEL_INFO_FILE
-        return json.loads(path.read_text()) if path.is_file() else {}
 
     def replace(self, **changes: Any) -> "ModelCard":
         return dataclasses.replace(self, **changes)
@@ -176,3 +169,32 @@ def _package_version(name: str) -> str:
         if found:
             return found.group(1)
     return importlib.metadata.version(name)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """``OUT/model.json`` of a scoring output: the fields of its model's card that readers of the output
+    need. ``ModelInfo()`` (input size 0) stands for an output that has none (an older allcluster's)."""
+    input_size: int = 0
+    classes: list[str] = field(default_factory=list)
+    backbone: str = ""
+    roi_crop: bool = ModelCard.roi_crop
+    roi_margin: float = ModelCard.roi_margin
+    cam_layer: str = ""
+    temperature: float = ModelCard.temperature
+    weights_sha256: str = ""
+    run_id: str = ""
+
+    @classmethod
+    def read(cls, out: str | Path) -> "ModelInfo":
+        """What :meth:`ModelCard.write_model_info` wrote in ``out`` (``ModelInfo()`` when absent); a
+        :class:`CardError` naming the file when it is no such record."""
+        path = Path(out) / MODEL_INFO_FILE
+        if not path.is_file():
+            return cls()
+        try:
+            data = json.loads(path.read_text())
+            names = {f.name for f in dataclasses.fields(cls)}
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except (ValueError, TypeError, AttributeError) as err:
+            raise CardError(f"{path}: not a model record of a scoring output ({err})") from err

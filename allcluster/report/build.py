@@ -20,8 +20,9 @@ from allcluster.config import ConfigError, bounds, write_resolved
 from allcluster.console import say
 from allcluster.data.decode import DecodeError
 from allcluster.locks import check_folder_free, holding
+from allcluster.models.card import ModelInfo
 from allcluster.report import html, plots, tables
-from allcluster.report.inputs import Inputs, collect_inputs, roi_settings
+from allcluster.report.inputs import Inputs, collect_inputs, model_info
 from allcluster.score.rows import class_columns
 
 
@@ -47,7 +48,7 @@ class Report:
         self.out = out
         self.files: dict[str, str] = {}
         self.notes: list[str] = []
-        self.rois: dict[str, tuple[bool, float]] = {}     # scoring OUT -> the model's ROI crop settings
+        self.models: dict[str, ModelInfo] = {}             # scoring OUT -> its model (the overlays' ROI crop)
         self.missing: dict[str, str] = {}                  # image path -> why its overlay could not be made
 
     def rel(self, path: Path) -> str:
@@ -58,9 +59,9 @@ class Report:
         base = self.out / "tables" / name
         base.parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(base.with_suffix(".csv"), index=False)
-        base.with_suffix(".md").write_text(html.markdown_table(df))
+        atomic_write_text(base.with_suffix(".md"), html.markdown_table(df))    # UTF-8 whatever the node's locale
         table = html.table_html(df, name.replace("_", "-"), image_columns)
-        base.with_suffix(".html").write_text(table + "\n")
+        atomic_write_text(base.with_suffix(".html"), table + "\n")
         self.files[name] = self.rel(base.with_suffix(".csv"))
         return [html.heading(title), table]
 
@@ -80,7 +81,8 @@ class Report:
 
         try:
             heat = load_heatmap(row.heatmap, row.sha256, method)
-            return self.rel(plots.overlay(row.path, heat, target, *self.rois.get(row.scoring_out, (False, 0.1))))
+            model = self.models.get(row.scoring_out, ModelInfo())
+            return self.rel(plots.overlay(row.path, heat, target, model.roi_crop, model.roi_margin))
         except (OSError, DecodeError, ValueError) as err:
             self.missing.setdefault(row.path, str(err))      # an image tried again is still one image
             return ""
@@ -152,6 +154,7 @@ def labelled_parts(report: Report, data: tables.ScoreData) -> tuple[list[str], d
                                    "unknown_label_rows": int(labelled.unknown["rows"].sum())}
     if not len(rows):
         why = ("no labelled row has a label its model knows" if len(labelled.unknown)
+               else f"{n} labelled rows, none of them ok" if (n := tables.labelled_count(data))
                else "no labelled rows (score a manifest to get a label column)")
         return report.note(f"{why}: no confusion matrix, ROC, reliability or per-class F1") \
             + unknown_label_parts(report, labelled.unknown), counts
@@ -216,9 +219,13 @@ def scoring_parts(report: Report, inputs: Inputs, data: tables.ScoreData, option
         if why := unfinished(source.root):
             parts += report.note(f"scoring job {source.root} is unfinished ({why}): its counts here are partial; "
                                  "rerun its scoring command to finish it")
+        if source.damaged:
+            parts += report.note(f"scoring job {source.root}: {len(source.damaged)} row shard(s) left out, no readable "
+                                 f"Parquet file (e.g. {source.damaged[0].name}): their rows are not counted here; "
+                                 "rerun its scoring command, which sets them aside and scores their files again")
     keys = list(dict.fromkeys(["predicted_class", "error_type", *options.group_by]))
     counts = tables.aggregate(data, keys, options.malignant)
-    report.rois = {str(s.root): roi_settings(s.root) for s in inputs.scorings}
+    report.models = {str(s.root): model_info(s.root) for s in inputs.scorings}
     morning, n_morning = morning_parts(report, data, options)
     overview = tables.overview(counts["predicted_class"], n_morning)
     parts += report.table("overview", overview, "Overview")

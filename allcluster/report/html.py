@@ -89,7 +89,8 @@ def gallery_html(items: pd.DataFrame) -> str:
     for (name, kind), group in items.groupby(["predicted_class", "kind"], sort=True):
         parts.append(heading(f"{name}: {kind}", 4))
         for row in group.itertuples(index=False):
-            label = getattr(row, "label", "") or ""
+            label = getattr(row, "label", None)
+            label = label if isinstance(label, str) else ""        # a missing label is NaN in pandas 3
             caption = f"p={row.confidence:.3f}" + (f", true {label}" if label else "") + f" - {PurePath(row.path).name}"
             parts.append(figure_html(row.image, caption))
     parts.append("</div>")

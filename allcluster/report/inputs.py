@@ -5,9 +5,12 @@ Each INPUT is classified without reading its rows (only Parquet footers):
 * a folder with ``trials.parquet`` is a sweep experiment (``epochs.parquet`` next to it is used when present);
 * a folder with ``rows/*.parquet`` is a scoring output folder (``OUT``; heatmap paths are relative to it);
 * a folder of Parquet files, or one ``.parquet`` file, is classified by its columns: trials, epochs or
-  scoring rows (rows inside ``OUT/rows/`` keep ``OUT`` as their root).
+  scoring rows (rows inside ``OUT/rows/`` keep ``OUT`` as their root); a folder of row files must hold
+  nothing else.
 
-Anything else is a :class:`ConfigError` naming the path.
+A scoring output's shard that is no readable Parquet file (empty, torn: a run killed while a copy was
+cut short) is left out and named in the report's notes, as a scoring run leaves it out (and sets it
+aside, scoring its files again). Anything else is a :class:`ConfigError` naming the path.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from allcluster.atomic import damaged_parquet
 from allcluster.config import ConfigError
 
 TRIALS_COLUMNS = {"trial_id", "status", "val_macro_f1", "backbone"}
@@ -36,6 +40,7 @@ class ScoreSource:
     """One scoring output folder ``root`` and the row shards read from it."""
     root: Path
     files: list[Path] = field(default_factory=list)
+    damaged: list[Path] = field(default_factory=list)      # shards left out: no readable Parquet
 
 
 @dataclass
@@ -47,8 +52,8 @@ class Inputs:
         """One plain dict per source, for report.yaml / report.json."""
         sweeps = [{"kind": "sweep", "folder": str(s.dir),
                    "read": ", ".join(p.name for p in (s.trials, s.epochs) if p)} for s in self.sweeps]
-        return sweeps + [{"kind": "scoring", "folder": str(s.root), "read": f"{len(s.files)} row shard(s)"}
-                         for s in self.scorings]
+        return sweeps + [{"kind": "scoring", "folder": str(s.root), "read": f"{len(s.files)} row shard(s)"
+                          + (f" ({len(s.damaged)} damaged, left out)" if s.damaged else "")} for s in self.scorings]
 
 
 def parquet_files(folder: Path) -> list[Path]:
@@ -67,6 +72,24 @@ def parquet_kind(path: Path) -> str:
             return kind
     raise ConfigError(f"{path}: a Parquet file with neither sweep columns ({', '.join(sorted(TRIALS_COLUMNS))}) "
                       f"nor scoring-row columns ({', '.join(sorted(ROWS_COLUMNS))})")
+
+
+def scoring_source(root: Path, files: list[Path]) -> ScoreSource:
+    """The row shards ``files`` of the scoring output ``root``, those whose footer does not read left out."""
+    readable, damaged = [], []
+    for shard in files:
+        try:
+            pq.read_schema(shard)
+            readable.append(shard)
+        except Exception as err:     # noqa: BLE001 - pyarrow raises several types for a damaged file
+            if not damaged_parquet(err):
+                raise
+            damaged.append(shard)
+    if not readable:
+        raise ConfigError(f"{root}: none of its {len(files)} row shard(s) is a readable Parquet file (e.g. "
+                          f"{files[0]}); rerun its `allcluster score` command, which sets them aside and "
+                          "scores their files again")
+    return ScoreSource(root, readable, damaged)
 
 
 def _rows_root(path: Path) -> Path:
@@ -105,17 +128,28 @@ def classify_folder(path: Path) -> SweepSource | ScoreSource:
     if (path / "trials.parquet").is_file():
         return SweepSource(path, path / "trials.parquet", _sibling(path / "trials.parquet", "epochs.parquet"))
     if (path / "rows").is_dir() and parquet_files(path / "rows"):
-        return ScoreSource(path, parquet_files(path / "rows"))
+        return scoring_source(path, parquet_files(path / "rows"))
     if (path / "rows").is_dir():
         _refuse_an_output_without_shards(path)
     files = parquet_files(path)
-    try:
-        if files and parquet_kind(files[0]) == "rows":
-            return ScoreSource(_rows_root(files[0]), files)
-    except ConfigError:
-        pass                                   # Parquet of another kind: the folder is none of ours
+    if path.name == "rows" and files:          # OUT/rows named itself
+        return scoring_source(path.parent, files)
+    if files and _kind_or_none(files[0]) == "rows":
+        others = [f for f in files[1:] if _kind_or_none(f) != "rows"]
+        if others:
+            raise ConfigError(f"{path}: a folder of scoring rows that also holds {others[0].name}, which is no "
+                              "rows file; name the row files themselves, or move the others out")
+        return ScoreSource(path, files)
     raise ConfigError(f"{path}: not a sweep experiment folder (no trials.parquet) nor a scoring output folder "
                       "(no rows/*.parquet)")
+
+
+def _kind_or_none(path: Path) -> str | None:
+    """:func:`parquet_kind`, or None for a file that is no Parquet file of ours."""
+    try:
+        return parquet_kind(path)
+    except ConfigError:
+        return None
 
 
 def classify(path: str | Path) -> SweepSource | ScoreSource:
@@ -145,16 +179,16 @@ def collect_inputs(paths: list[str | Path]) -> Inputs:
         else:
             known = scorings.setdefault(source.root, ScoreSource(source.root))
             known.files = sorted(set(known.files) | set(source.files))
+            known.damaged = sorted(set(known.damaged) | set(source.damaged))
     return Inputs(list(sweeps.values()), list(scorings.values()))
 
 
-def roi_settings(root: Path) -> tuple[bool, float]:
-    """(roi_crop, roi_margin) of the model a scoring job used, from ``OUT/model.json`` (the scoring
-    job records them); (False, 0.1) when it is gone or unreadable."""
-    from allcluster.models.card import ModelCard
+def model_info(root: Path):
+    """The :class:`~allcluster.models.card.ModelInfo` of the model a scoring job used (its
+    ``OUT/model.json``); ``ModelInfo()``, the card's defaults, when it is gone or unreadable."""
+    from allcluster.models.card import ModelInfo
 
     try:
-        info = ModelCard.read_model_info(root)
-        return bool(info.get("roi_crop", False)), float(info.get("roi_margin", 0.1))
-    except (OSError, TypeError, ValueError):
-        return False, 0.1
+        return ModelInfo.read(root)
+    except (OSError, ValueError):
+        return ModelInfo()

@@ -132,7 +132,8 @@ class ScoreData:
 
     @property
     def heatmap_column(self) -> str:
-        """The first every-image method's map (the one a row's ``cam_method`` names)."""
+        """The first method's map column: the first every-image method's (the one a row's ``cam_method``
+        names), as a job lists those before its budgeted ones; with none, the first budgeted method's."""
         found = [method_columns(m)["heatmap"] for m in self.methods if method_columns(m)["heatmap"] in self.names]
         return found[0] if found else ""
 
@@ -149,7 +150,7 @@ def _listed(schemas: list[pa.Schema], of: Callable[[pa.Schema], list[str]]) -> l
 # Columns the report reads that a rows table written by other tools may lack: read as nulls (not
 # uncertain, not a duplicate, no error type), so that such a table reports instead of failing half way.
 OPTIONAL_ROW_COLUMNS = (pa.field("uncertain", pa.bool_()), pa.field("duplicate_of", pa.string()),
-                        pa.field("error_type", pa.string()))
+                        pa.field("error_type", pa.string()), pa.field("sha256", pa.string()))
 
 
 def open_scoring(sources: list[ScoreSource]) -> ScoreData:
@@ -239,16 +240,21 @@ def check_group_keys(keys: list[str]) -> None:
                           "group by another column")
 
 
+# rows that are no duplicate of another file (a duplicate carries its first copy's map and scores)
+FIRST_COPIES = pc.field("duplicate_of").is_null() | (pc.field("duplicate_of") == "")
+
+
 def explanation_quality(data: ScoreData) -> pd.DataFrame:
     """Per explanation method: maps written and the means, over the rows that have them, of the map's
-    share on the cell (``on_cell_<m>``) and of its faithfulness (``faith_drop_<m>``, ``faith_kept_<m>``)."""
+    share on the cell (``on_cell_<m>``) and of its faithfulness (``faith_drop_<m>``, ``faith_kept_<m>``);
+    first copies only (a duplicate's values are its first copy's)."""
     methods = [m for m in data.methods if method_columns(m)["heatmap"] in data.names]
     stats = {"on_cell": "on_cell_mean", "drop": "faith_drop_mean", "kept": "faith_kept_mean"}
     columns = [method_columns(m)[k] for m in methods for k in ("heatmap", *stats)]
     sums = pd.Series(0.0, index=data.present(columns))
     counts = sums.copy()
-    for df in scan(data, columns):
-        sums = sums.add(df.drop(columns=df.select_dtypes("object").columns).sum(), fill_value=0)
+    for df in scan(data, columns, FIRST_COPIES):
+        sums = sums.add(df.select_dtypes("number").sum(), fill_value=0)
         counts = counts.add(df.count(), fill_value=0)
     rows = []
     for m in methods:
@@ -411,6 +417,13 @@ def labelled_rows(data: ScoreData) -> Labelled:
     return Labelled(_in_all_classes(known, data.classes), _count_unknown(unknown))
 
 
+def labelled_count(data: ScoreData) -> int:
+    """Rows with a non-empty label, whatever their status (footers and the label column only)."""
+    if "label" not in data.names:
+        return 0
+    return sum(t.num_rows for t in batches(data, ["label"], pc.field("label").is_valid() & (pc.field("label") != "")))
+
+
 def _labelled_of(model: ScoreData) -> pd.DataFrame:
     """One model's ok rows with a label: label, its probability columns and ``scoring_out``."""
     raw, calibrated = class_columns(model.classes)
@@ -474,8 +487,7 @@ def gallery_rows(data: ScoreData, n: int) -> pd.DataFrame:
     heat = data.heatmap_column
     if not heat or n <= 0:
         return pd.DataFrame(columns=GALLERY_COLUMNS)
-    where = ((pc.field("status") == "ok") & pc.field(heat).is_valid() & (pc.field(heat) != "")
-             & (pc.field("duplicate_of").is_null() | (pc.field("duplicate_of") == "")))
+    where = (pc.field("status") == "ok") & pc.field(heat).is_valid() & (pc.field(heat) != "") & FIRST_COPIES
     keep = None
     for table in batches(data, ["path", "sha256", "predicted_class", "confidence", "label", heat], where,
                          with_root=True):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from allcluster.atomic import atomic_write, atomic_write_bytes
+from allcluster.atomic import atomic_write, atomic_write_bytes, damaged_parquet
 from allcluster.score.rows import method_columns, slug
 from allcluster.xai.overlay import jet_overlay
 
@@ -108,24 +108,33 @@ def write_pack(path: Path, pack: pa.Table) -> Path:
 def _from_pack(packs: list[Path], sha256: str, method: str) -> bytes | None:
     """The PNG under (sha256, method) in the first of ``packs`` holding it. Each pack is sorted by
     sha256, so its footer's row-group statistics rule out all groups but one; of that group only the
-    key columns are read, then the one PNG column chunk."""
+    key columns are read, then the one PNG column chunk. A damaged pack (no readable Parquet) is an
+    ``OSError`` naming it, unless another pack holds the map."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     method = slug(method)
+    damaged = None
     for pack in packs:
-        file = pq.ParquetFile(pack)
-        meta = file.metadata
-        key = meta.schema.to_arrow_schema().get_field_index("sha256")
-        for group in range(meta.num_row_groups):
-            stats = meta.row_group(group).column(key).statistics
-            if stats is not None and stats.has_min_max and not stats.min <= sha256 <= stats.max:
-                continue
-            keys = file.read_row_group(group, columns=["sha256", "method"])
-            hit = pc.and_(pc.equal(keys["sha256"], sha256), pc.equal(keys["method"], method))
-            index = pc.index(hit, True).as_py()
-            if index >= 0:
-                return file.read_row_group(group, columns=["png"])["png"][index].as_py()
+        try:
+            file = pq.ParquetFile(pack)
+            meta = file.metadata
+            key = meta.schema.to_arrow_schema().get_field_index("sha256")
+            for group in range(meta.num_row_groups):
+                stats = meta.row_group(group).column(key).statistics
+                if stats is not None and stats.has_min_max and not stats.min <= sha256 <= stats.max:
+                    continue
+                keys = file.read_row_group(group, columns=["sha256", "method"])
+                hit = pc.and_(pc.equal(keys["sha256"], sha256), pc.equal(keys["method"], method))
+                index = pc.index(hit, True).as_py()
+                if index >= 0:
+                    return file.read_row_group(group, columns=["png"])["png"][index].as_py()
+        except (pa.ArrowInvalid, OSError) as err:
+            if not damaged_parquet(err):
+                raise
+            damaged = OSError(f"{pack}: not a readable heatmap pack ({err})")     # another may hold the map
+    if damaged is not None:
+        raise damaged
     return None
 
 

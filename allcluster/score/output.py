@@ -33,7 +33,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from allcluster.atomic import atomic_write_parquet, atomic_write_text, is_storage_full, storage_full_error
+from allcluster.atomic import (atomic_write_parquet, atomic_write_text, damaged_parquet, is_storage_full,
+                               storage_full_error)
 from allcluster.config import ConfigError
 from allcluster.console import say
 from allcluster.data.decode import TRANSIENT_ERRORS
@@ -74,12 +75,6 @@ def final_rows(status: pa.ChunkedArray | pa.Array, error_type: pa.ChunkedArray |
     return pc.fill_null(final, False)
 
 
-def _damaged_parquet(err: BaseException) -> bool:
-    """Whether ``err`` (pyarrow's, reading a Parquet file) says the file is damaged: a parse error,
-    which carries no errno, unlike the filesystem's own (EIO, ESTALE), which are no fault of the file."""
-    return isinstance(err, (pa.ArrowInvalid, OSError)) and getattr(err, "errno", None) is None
-
-
 def _readable_shards(shards: list[Path], set_aside: bool) -> list[Path]:
     """The shards whose state columns read (footer and pages); the others are named in a warning (and
     moved to ``rows/.damaged/`` with ``set_aside``)."""
@@ -89,7 +84,7 @@ def _readable_shards(shards: list[Path], set_aside: bool) -> list[Path]:
             pq.read_table(shard, columns=list(STATE_COLUMNS))     # its pages too, not only the footer
             readable.append(shard)
         except (pa.ArrowInvalid, OSError) as err:
-            if not _damaged_parquet(err):
+            if not damaged_parquet(err):
                 raise
             where = "left out"
             if set_aside:
@@ -124,7 +119,7 @@ class RowsState:
         try:
             return cls(state_of(shards))
         except (pa.ArrowInvalid, OSError) as err:   # shard by shard only then: a healthy start opens each once
-            if not _damaged_parquet(err):
+            if not damaged_parquet(err):
                 raise
             return cls(state_of(_readable_shards(shards, set_aside)))
 

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from allcluster.atomic import atomic_write_text
 from allcluster.config import ConfigError, config_hash, deep_merge, from_dict, read_yaml, set_path
+from allcluster.models.card import CARD_FILE
 from allcluster.sweep.config import DISTRIBUTIONS, SweepConfig
 from allcluster.sweep.schema import UNFINISHED
 from allcluster.train.config import TrainConfig, resolve
@@ -175,7 +176,7 @@ def plan_trials(sweep: SweepConfig, source: str) -> list[Trial]:
 
 def trial_status(trial_dir: Path) -> str:
     """What the folder says: finished, stopped (early, by ASHA), errored, interrupted or pending."""
-    if (trial_dir / "model" / "model_card.json").is_file():
+    if (trial_dir / "model" / CARD_FILE).is_file():
         return "finished"
     if (trial_dir / "stopped.json").is_file():
         return "stopped"
