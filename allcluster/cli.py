@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -129,7 +130,8 @@ def _sweep_array_task(args: argparse.Namespace, sweep, trials, source: str) -> i
             f"rerun the same command to resume (exit {EX_TEMPFAIL})")
         return EX_TEMPFAIL
     print(f"trial {args.trial_index} ({trial.trial_id}): {status}; folder {trial.dir}")
-    print(f"when every array task has ended: allcluster sweep --config {args.config} --collect")
+    sets = "".join(f" --set {shlex.quote(o)}" for o in args.overrides)    # the same experiment, as run here
+    print(f"when every array task has ended: allcluster sweep --config {shlex.quote(args.config)}{sets} --collect")
     return 1 if status == "errored" else 0
 
 

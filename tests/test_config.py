@@ -159,6 +159,21 @@ def test_a_cosine_warm_up_as_long_as_the_run_is_refused_naming_both_keys():
         resolve(from_dict(TrainConfig, head_stage))
 
 
+def test_a_backbone_from_random_init_with_default_finetuning_trains_every_block_in_one_stage():
+    """The defaults are paper 002's transfer recipe: from random init they kept the random backbone
+    frozen for 10 head epochs and all but its last 2 blocks random for good."""
+    def finetune(**model_and_finetune):
+        data = {"data": {"manifest": "m.parquet"}, "model": {"backbone": "densenet121"}}
+        for section, keys in model_and_finetune.items():
+            data[section] = {**data.get(section, {}), **keys}
+        resolved = resolve(from_dict(TrainConfig, data)).finetune
+        return resolved.head_epochs, resolved.unfreeze_blocks
+
+    assert finetune() == (0, -1)
+    assert finetune(model={"pretrained": True}) == (10, 2) == finetune(model={"weights": "w.safetensors"})
+    assert finetune(finetune={"unfreeze_blocks": 4}) == (10, 4), "what the user set is kept"
+
+
 def test_resolve_rejects_unregistered_backbone():
     cfg = from_dict(TrainConfig, {"data": {"manifest": "m.parquet"}, "model": {"backbone": "resnet9000"}})
     with pytest.raises(ConfigError, match=r"model\.backbone: 'resnet9000' is not registered; allowed values: .*allnet"):

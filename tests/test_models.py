@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from allcluster.models import REGISTRY, HeadSpec, WeightsNotFoundError, build_model, resolve_module
+from allcluster.models.classifier import check_weights_available
 from allcluster.models.registry import get_spec
 
 # Small inputs that every network accepts (Inception-style stems need more than 75 px).
@@ -125,7 +126,26 @@ def test_a_weights_file_is_loaded_whole_or_refused_naming_it_never_half_loaded(t
 def test_missing_weight_file_is_a_clear_error(tmp_path):
     with pytest.raises(WeightsNotFoundError, match=r"model\.weights: .*nope\.pth does not exist") as err:
         build_model("resnet50", 4, weights=str(tmp_path / "nope.pth"))
-    assert "allcluster weights fetch resnet50" in str(err.value)
+    assert "weights fetch" not in str(err.value), "a file of the user's own: no hub to fetch it from"
+
+
+def test_a_weights_file_that_is_no_state_dict_is_refused_naming_the_key_and_file(tmp_path):
+    """An empty, truncated or foreign file was a loader's traceback (KeyError, EOFError, SafetensorError)
+    and exit 1, also from the drivers' --check the Slurm scripts rely on (exit 2 there)."""
+    from allcluster.config import ConfigError
+
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "text.pth").write_text("hello")
+    (tmp_path / "text.safetensors").write_text("hello")
+    torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "checkpoint.pth")
+    (tmp_path / "folder").mkdir()
+    for name, says in [("empty.pth", "is not a readable"), ("text.pth", "is not a readable"),
+                       ("text.safetensors", "is not a readable"), ("checkpoint.pth", "holds no state dict of tensors \\(keys epoch"),
+                       ("folder", "is a folder; give the weights file")]:
+        with pytest.raises(ConfigError, match=rf"model\.weights: .*{name} {says}"):
+            build_model("allnet", 4, weights=str(tmp_path / name))
+    with pytest.raises(ConfigError, match="model.pretrained: backbone allnet has no public pretrained weights"):
+        check_weights_available(get_spec("allnet"), pretrained=True)
 
 
 def test_pretrained_weights_absent_from_the_offline_cache_say_how_to_prestage(tmp_path, monkeypatch):

@@ -228,6 +228,34 @@ def test_jobs_of_models_with_other_classes_are_each_scored_against_their_own(tmp
     assert any(n.startswith("no labelled row has a label its model knows") for n in notes), notes
 
 
+def test_labelled_rows_of_a_whole_manifest_are_measured_per_split_and_the_figures_on_test(tmp_path):
+    """Scoring the whole manifest (the quick start's way) put train and val images, which chose the
+    model and fitted its temperature, into one accuracy: the test figure hid under an optimistic one."""
+    classes = ["Benign", "Pre"]
+    right, wrong = [0.9, 0.1], [0.2, 0.8]            # prob_Benign, prob_Pre of a Benign image
+    probs = [right, right, right, right, wrong, right]   # train x2, val x2 right; test: 1 wrong of 2
+    hand_rows(tmp_path / "job", classes, {
+        "path": list("abcdef"), "status": ["ok"] * 6, "label": ["Benign"] * 6,
+        "split": ["train", "train", "val", "val", "test", "test"],
+        "predicted_class": ["Pre" if p == wrong else "Benign" for p in probs], "confidence": [max(p) for p in probs],
+        **{f"{kind}prob_{c}": [p[k] for p in probs] for kind in ("", "cal_") for k, c in enumerate(classes)}},
+        extra=["label", "split"])
+    result = build_report([tmp_path / "job"], tmp_path / "r", ReportOptions(group_by=[]))
+    summary = read_table(tmp_path / "r", "labelled_metrics").set_index("split")
+    assert list(summary.index) == ["test", "val", "train", "all"]
+    assert summary.loc["test", "accuracy"] == 0.5 and summary.loc["train", "accuracy"] == 1.0
+    assert summary.loc["all", "n"] == 6 and summary.loc["all", "accuracy"] == pytest.approx(5 / 6)
+    assert result["scoring"]["confusion"] == [[1, 1], [0, 0]], "the figures show the test split"
+    assert read_table(tmp_path / "r", "per_class").set_index("class").loc["Benign", "support"] == 2
+    shutil.rmtree(tmp_path / "job")
+    hand_rows(tmp_path / "job", classes, {"path": ["a"], "status": ["ok"], "label": ["Benign"], "split": ["val"],
+                                          "predicted_class": ["Benign"], "confidence": [0.9], "prob_Benign": [0.9],
+                                          "prob_Pre": [0.1], "cal_prob_Benign": [0.9], "cal_prob_Pre": [0.1]},
+              extra=["label", "split"])
+    notes = build_report([tmp_path / "job"], tmp_path / "r2", ReportOptions(group_by=[]))["notes"]
+    assert any(n.startswith("no test-split row among the labelled rows") for n in notes), notes
+
+
 def test_an_image_whose_overlay_fails_twice_is_one_image_in_the_note(tmp_path):
     """Each image is on the morning list and in the gallery, so its overlay is tried twice; the note
     counts images."""

@@ -160,6 +160,21 @@ def test_a_refused_input_leaves_no_output_and_locks_in_no_settings(tiny_model_di
         assert not out.exists(), f"{source.name}: refused after writing {sorted(os.listdir(out))}"
 
 
+def test_a_run_refused_by_the_cluster_records_nothing_that_binds_the_next(ray_local, tiny_model_dir, real_data_dir,
+                                                                         tmp_path):
+    """workers.device cuda on a cluster with no GPU is only known once Ray runs: the refused run used to
+    leave job.json (its settings, binding the next run into OUT though no row was written), model.json,
+    score.yaml and a summary saying a run ended without finishing."""
+    from allcluster.score.ray_data import run_score
+
+    out = tmp_path / "out"
+    cfg = score_config(tiny_model_dir, real_data_dir, out, workers={"device": "cuda"})
+    with pytest.raises(ConfigError, match="workers.device: 'cuda', but the Ray cluster has no GPU"):
+        run_score(cfg)
+    left = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert not {"job.json", "model.json", "score.yaml", "summary.json"} & set(left), left
+
+
 def test_check_refuses_what_the_run_would_and_writes_nothing(tiny_model_dir, real_data_dir, tmp_path, capsys):
     """`--check` (what the Slurm scripts run before Ray starts): the run's own refusals, nothing written."""
     from allcluster.cli import main

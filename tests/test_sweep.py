@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import signal
@@ -204,6 +205,9 @@ def test_a_key_varied_in_two_places_is_refused_naming_both():
     coupled = plan_trials(_sweep({**base, "grid": {"optim": [{"name": "sgd", "lr": 0.01}, {"name": "adam"}]},
                                   "sample": {"optim.weight_decay": {"uniform": [0.0, 0.1]}}}), "s")
     assert len(coupled) == 2, "keys of one section varied apart are fine"
+    for key in ("output_dir", "name"):           # the sweep sets them for each trial: the axis vanished
+        with pytest.raises(ConfigError, match=rf"grid\.{key}: varies train\.{key}, which the sweep sets for each trial"):
+            plan_trials(_sweep({**base, "grid": {key: ["a", "b"]}}), "s")
 
 
 def test_grid_values_that_train_the_same_config_make_one_trial():
@@ -685,6 +689,31 @@ def test_rerun_with_a_changed_base_config_is_refused_naming_the_key_and_writes_n
     assert _listing(exp) == before
 
 
+def test_a_manifest_re_indexed_at_the_same_path_is_refused_like_a_changed_base(synthetic_manifest, tmp_path, capsys):
+    """The config names the manifest by path: one re-indexed there (another seed or ratios) put trials
+    trained and compared on two different splits into one table and one best_model."""
+    from allcluster.config import config_source
+    from allcluster.sweep.driver import load_sweep
+    from allcluster.sweep.experiment import CONTENT_KEY, resolved_base, store_base
+
+    manifest, exp = tmp_path / "manifest.parquet", tmp_path / "exp"
+    shutil.copy(synthetic_manifest, manifest)
+    config = sweep_yaml(tmp_path / "s.yaml", manifest, exp)
+    sweep, _ = load_sweep(str(config))
+    base = resolved_base(sweep, config_source(str(config)))
+    store_base(exp, base)                                                    # as the first run left it
+    frame = pd.read_parquet(manifest)
+    frame["split"] = frame["split"].iloc[::-1].to_numpy()                    # re-indexed: other splits
+    frame.to_parquet(manifest)
+    before = _listing(exp)
+    assert main(["sweep", "--config", str(config), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert f"the content of data.manifest {manifest} (re-indexed since" in err and "--new-config" in err
+    assert _listing(exp) == before
+    store_base(exp, {k: v for k, v in base.items() if k != CONTENT_KEY})     # an older allcluster's experiment
+    assert main(["sweep", "--config", str(config), "--check"]) == 0
+
+
 def test_check_refuses_what_the_run_would_and_writes_nothing(synthetic_manifest, tmp_path, capsys):
     """`--check` (what the Slurm scripts run before Ray starts): the run's own refusals, nothing written."""
     exp = tmp_path / "exp"
@@ -839,6 +868,9 @@ def test_a_run_that_leaves_trials_unfinished_without_a_signal_exits_75_but_colle
         monkeypatch.setattr(driver, "run_array_task", lambda *args, status=status, **kwargs: (status, ""))
         assert main(["sweep", "--config", str(config), "--trial-index", "1"]) == code, status
     assert "its Ray processes died: trial 1 (" in capsys.readouterr().err
+    # the collect hint repeats the task's own --set: the same experiment (it was refused without them)
+    assert main(["sweep", "--config", str(config), "--set", "train.fit.epochs=1", "--trial-index", "1"]) == 0
+    assert f"allcluster sweep --config {config} --set train.fit.epochs=1 --collect" in capsys.readouterr().out
     # a stop signal (the time-limit warning) is 75 while trials are left, but one that came after the
     # last trial ended is not: 75 would have Slurm requeue a finished sweep
     for statuses, code in ((["finished", "interrupted"], 75), (["finished", "errored"], 0), (["errored"], 1)):

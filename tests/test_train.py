@@ -94,13 +94,30 @@ def test_missing_weight_file_fails_before_ray_starts(synthetic_manifest, tmp_pat
         "model": {"backbone": "densenet121", "weights": str(tmp_path / "nope.safetensors")}})
     assert main(["train", "--config", str(config)]) == 2
     err = capsys.readouterr().err
-    assert "model.weights" in err and "nope.safetensors" in err and "allcluster weights fetch densenet121" in err
+    assert "model.weights" in err and "nope.safetensors does not exist" in err and "weights fetch" not in err
     assert not (tmp_path / "out").exists()
     torch.save({"conv1.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "other.pth")      # another network's file
     assert main(["train", "--config", str(config), "--set", f"model.weights={tmp_path / 'other.pth'}"]) == 2
     err = capsys.readouterr().err
     assert f"model.weights: {tmp_path / 'other.pth'} does not fit backbone densenet121" in err, err[-2000:]
     assert not (tmp_path / "out").exists(), "refused on the driver, before anything is written"
+
+
+def test_an_empty_val_split_or_an_input_too_small_for_the_backbone_is_refused_before_ray_starts(
+        synthetic_manifest, tmp_path, capsys):
+    """Both were found by every worker after Ray started: a traceback, exit 1, config.yaml, run.json
+    and ray/ written."""
+    import pandas as pd
+
+    config = _run_yaml(tmp_path / "cfg.yaml", synthetic_manifest, tmp_path / "out", epochs=1)
+    assert main(["train", "--config", str(config), "--set", "data.image_size=8"]) == 2
+    assert "data.image_size: 8 is too small for backbone allnet" in capsys.readouterr().err
+    frame = pd.read_parquet(synthetic_manifest)
+    frame["split"] = frame["split"].replace({"val": "train"})             # indexed with --ratios 1 0 0 or so
+    frame.to_parquet(tmp_path / "no-val.parquet")
+    assert main(["train", "--config", str(config), "--set", f"data.manifest={tmp_path / 'no-val.parquet'}"]) == 2
+    assert "no-val.parquet has no ok image in its val split" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_manifest_names_the_key_and_the_fix(tmp_path, capsys):
@@ -354,6 +371,9 @@ def test_a_run_is_not_resumed_on_a_manifest_re_indexed_under_it(synthetic_manife
     frame.to_parquet(manifest)                                     # restored: the run resumes
     final = WorkerRun(tiny_train_config(manifest, tmp_path / "run", fit={"epochs": 2}), LocalSession(root)).run()
     assert final["best_epoch"] in (0, 1) and len(pd.read_parquet(tmp_path / "run" / "metrics.parquet")) == 2
+    frame.iloc[:-1].to_parquet(manifest)             # re-indexed after it finished: not "finished" on it
+    with pytest.raises(ConfigError, match=r"manifest.parquet: its content changed since the checkpoints"):
+        WorkerRun(tiny_train_config(manifest, tmp_path / "run", fit={"epochs": 2}), LocalSession(root)).run()
 
 
 def test_a_split_smaller_than_the_worker_count_is_refused_naming_it(synthetic_manifest, tmp_path):

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from allcluster.models.pretrained import PIP_EXTRA, installed_path, load_package_weights
+from allcluster.config import ConfigError
+from allcluster.models.pretrained import PIP_EXTRA, WeightsConversionError, installed_path, load_package_weights
 from allcluster.models.registry import BackboneSpec, HeadSpec, get_spec
 
 
@@ -146,11 +147,17 @@ def check_weights_available(spec: BackboneSpec, pretrained: bool, weights: str =
     Cheap: drivers call it before Ray starts, so a missing file fails in seconds, not in a worker.
     Returns the file the weights will come from ("" for random initialisation).
     """
+    if weights and Path(weights).is_dir():
+        raise ConfigError(f"model.weights: {weights} is a folder; give the weights file itself (a .safetensors "
+                          "or .pth state dict; an exported model's is <model>/weights.safetensors)")
     if weights and not Path(weights).is_file():
-        raise WeightsNotFoundError(f"model.weights: {weights} does not exist (backbone {spec.name}). "
-                                   f"{_hub_cache_hint(spec)}")
+        raise WeightsNotFoundError(f"model.weights: {weights} does not exist (backbone {spec.name}); give a "
+                                   ".safetensors or .pth state dict on a filesystem the compute nodes see")
     if weights:
         return weights
+    if pretrained and not spec.package_weights and not spec.timm_name:
+        raise ConfigError(f"model.pretrained: backbone {spec.name} has no public pretrained weights; set "
+                          "model.pretrained: false, or model.weights to a file of your own")
     if pretrained and spec.package_weights:
         return str(installed_path(spec.package_weights, spec.name))
     if pretrained and spec.timm_name:
@@ -228,14 +235,9 @@ def _load_state_file(backbone: nn.Module, path: str, spec: BackboneSpec) -> None
     a wrong file left the backbone random while the card said it came from the file). Takes a
     backbone's state dict, a whole timm model's (its ImageNet classifier dropped) or an allcluster
     model's ``weights.safetensors`` (its ``backbone.`` tensors); ``module.`` prefixes (DDP) are removed."""
-    from allcluster.models.pretrained import WeightsConversionError, convert_state
+    from allcluster.models.pretrained import convert_state
 
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = _read_state_file(path)
     state = {re.sub(r"^module\.", "", k): v for k, v in state.items()}
     if any(k.startswith("backbone.") for k in state):          # an allcluster Classifier's tensors
         state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
@@ -248,6 +250,28 @@ def _load_state_file(backbone: nn.Module, path: str, spec: BackboneSpec) -> None
             "backbone (timm's names)" + (", or model.pretrained: true for the installed ImageNet weights"
                                          if spec.package_weights else "")) from None
     backbone.load_state_dict(state, strict=True)
+
+
+def _read_state_file(path: str) -> dict:
+    """The tensors of ``model.weights`` by name; a file that is no state dict (empty, truncated, another
+    format, a whole pickled model) is a :class:`ConfigError` naming it, not a loader's traceback."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+    except OSError:
+        raise                                   # the filesystem's own errors (EIO, EACCES) say what they are
+    except Exception as err:                    # noqa: BLE001 - pickle, zipfile and safetensors raise many types
+        raise WeightsConversionError(f"model.weights: {path} is not a readable .safetensors or .pth state dict "
+                                     f"({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        what = f"keys {', '.join(map(str, list(state)[:5]))}" if isinstance(state, dict) else type(state).__name__
+        raise WeightsConversionError(f"model.weights: {path} holds no state dict of tensors ({what}); give the "
+                                     "network's state_dict(), or a checkpoint with it under 'state_dict'")
+    return state
 
 
 def _unused_prefixes(spec: BackboneSpec) -> tuple[str, ...]:

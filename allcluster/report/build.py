@@ -159,17 +159,20 @@ def labelled_parts(report: Report, data: tables.ScoreData) -> tuple[list[str], d
         return report.note(f"{why}: no confusion matrix, ROC, reliability or per-class F1") \
             + unknown_label_parts(report, labelled.unknown), counts
     raw_cols, cal_cols = class_columns(data.classes)
-    y, raw, cal = rows["y"].to_numpy(), rows[raw_cols].to_numpy(np.float64), rows[cal_cols].to_numpy(np.float64)
+    groups = _split_groups(rows)
+    shown_as, shown = groups[0]
+    summary = pd.DataFrame([_labelled_summary(name, part, data.classes) for name, part in groups])
+    y, raw, cal = shown["y"].to_numpy(), shown[raw_cols].to_numpy(np.float64), shown[cal_cols].to_numpy(np.float64)
     found = metrics.classification_metrics(y, cal, data.classes)
-    found["ece_before_calibration"] = metrics.expected_calibration_error(raw, y)
-    summary = pd.DataFrame([{k: found[k] for k in ("n", "accuracy", "macro_f1", "macro_precision", "macro_recall",
-                                                    "macro_specificity", "auc", "map", "nll")}
-                            | {"ece_before": found["ece_before_calibration"], "ece_after": found["ece"]}])
     per_class = pd.DataFrame([{"class": c, **v} for c, v in found["per_class"].items()])
     cm = np.asarray(found["confusion"])
     parts = [html.heading("Against the labels"),
              html.paragraph(f"{len(rows)} ok rows with a label among the classes of the model that scored them "
-                            "(calibrated probabilities; 0 for a class that model lacks).")]
+                            "(calibrated probabilities; 0 for a class that model lacks). "
+                            + _split_caveat(shown_as, groups))]
+    if shown_as != "test" and any(name in ("train", "val") for name, _ in groups):
+        parts += report.note("no test-split row among the labelled rows: the metrics include images the model was "
+                    "trained on or selected and calibrated by (train, val), and read better than it is")
     parts += unknown_label_parts(report, labelled.unknown)
     parts += report.table("labelled_metrics", summary, "Metrics on labelled rows")
     parts += report.table("per_class", per_class, "Per class")
@@ -181,6 +184,40 @@ def labelled_parts(report: Report, data: tables.ScoreData) -> tuple[list[str], d
     parts += report.figure("f1_per_class", "F1 per class",
                            lambda p: plots.f1_bars({c: v["f1"] for c, v in found["per_class"].items()}, p))
     return parts, {**counts, "confusion": found["confusion"]}
+
+
+SPLIT_ORDER = ("test", "val", "train")
+
+
+def _split_groups(rows: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(name, rows) of the labelled rows, the one the figures and per-class table show first: the test
+    split when the rows hold several splits (a whole manifest scored: train and val images were seen
+    in training, model selection and calibration), else all rows; then each split, then all."""
+    named = [s for s in SPLIT_ORDER if (rows["split"] == s).any()]
+    named += sorted(set(rows["split"]) - set(SPLIT_ORDER) - {""})
+    if len(named) < 2 and (rows["split"] == (named[0] if named else "")).all():
+        return [(named[0] if named else "all", rows)]
+    groups = [(name, rows[rows["split"] == name]) for name in named] + [("all", rows)]
+    return groups if "test" in named else [groups[-1], *groups[:-1]]
+
+
+def _labelled_summary(name: str, rows: pd.DataFrame, classes: list[str]) -> dict:
+    """One row of ``labelled_metrics``: the metrics of ``rows`` (calibrated) and ECE before calibration."""
+    raw_cols, cal_cols = class_columns(classes)
+    y = rows["y"].to_numpy()
+    found = metrics.classification_metrics(y, rows[cal_cols].to_numpy(np.float64), classes)
+    return ({"split": name} | {k: found[k] for k in ("n", "accuracy", "macro_f1", "macro_precision", "macro_recall",
+                                                      "macro_specificity", "auc", "map", "nll")}
+            | {"ece_before": metrics.expected_calibration_error(rows[raw_cols].to_numpy(np.float64), y),
+               "ece_after": found["ece"]})
+
+
+def _split_caveat(shown_as: str, groups: list[tuple[str, pd.DataFrame]]) -> str:
+    if len(groups) == 1:
+        return f"Split: {shown_as}." if shown_as != "all" else ""
+    return (f"Per class and the figures: the {shown_as} rows ({len(groups[0][1])}); labelled_metrics has one row "
+            "per split. Train and val images were seen in training, model selection and calibration: only the "
+            "test split's figures estimate new images.")
 
 
 def unknown_label_parts(report: Report, unknown: pd.DataFrame) -> list[str]:

@@ -54,7 +54,8 @@ def roc_plot(y: np.ndarray, probs: np.ndarray, classes: list[str], path: Path) -
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     ax.set_title("ROC per class (one vs rest, calibrated probabilities)")
-    ax.legend(loc="lower right", fontsize=8)
+    if np.isfinite(auc).any():          # none: labels of one class only, no curve to name
+        ax.legend(loc="lower right", fontsize=8)
     return save(fig, path)
 
 

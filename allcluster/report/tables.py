@@ -425,21 +425,25 @@ def labelled_count(data: ScoreData) -> int:
 
 
 def _labelled_of(model: ScoreData) -> pd.DataFrame:
-    """One model's ok rows with a label: label, its probability columns and ``scoring_out``."""
+    """One model's ok rows with a label: label, split (the manifest's, "" when the rows have none), its
+    probability columns and ``scoring_out``."""
     raw, calibrated = class_columns(model.classes)
-    columns = ["label", *raw, *calibrated, "scoring_out"]
+    columns = ["label", "split", *raw, *calibrated, "scoring_out"]
     if not model.classes or "label" not in model.names or not set(raw + calibrated) <= set(model.names):
         return pd.DataFrame(columns=columns)
     where = (pc.field("status") == "ok") & pc.field("label").is_valid() & (pc.field("label") != "")
-    parts = list(scan(model, ["label", *raw, *calibrated], where, with_root=True))
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+    parts = list(scan(model, ["label", *model.present(["split"]), *raw, *calibrated], where, with_root=True))
+    if not parts:
+        return pd.DataFrame(columns=columns)
+    rows = pd.concat(parts, ignore_index=True)
+    return rows.assign(split=rows["split"].fillna("").astype(str) if "split" in rows else "")
 
 
 def _in_all_classes(parts: list[pd.DataFrame], classes: list[str]) -> pd.DataFrame:
     """Rows of several models in the probability columns of all ``classes`` (0 where a model lacks
     one), with ``y``, the label's index in ``classes``."""
     raw, calibrated = class_columns(classes)
-    columns = ["label", *raw, *calibrated]
+    columns = ["label", "split", *raw, *calibrated]
     parts = [p.reindex(columns=columns, fill_value=0.0) for p in parts if len(p)]
     rows = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
     rows = rows.astype(dict.fromkeys(raw + calibrated, "float64"))

@@ -242,10 +242,6 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
     card = check_before_run(cfg, shard)
     locks = lock_output(out, shard)         # before anything is written: a refused second run writes nothing
     try:
-        check_job_settings(out, job_settings(card, cfg))   # again, under the lock: the first run records them
-        card.write_model_info(out)
-        write_resolved(cfg, out / "score.yaml", "allcluster score")
-        mark_run_started(out, shard)          # a run killed on its way leaves the mark: "unfinished"
         methods = list(cfg.explain.methods) + list(cfg.explain.budget.methods)
         packed = methods if cfg.explain.heatmaps == "packed" else []
         recovered = recover_journals(out, shard)   # rows a killed run held in memory
@@ -259,14 +255,21 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
             state = RowsState.read(out)
         plan = plan_job(cfg, out, retry_errors, shard, state)
         todo = plan.todo
-        schema = row_schema(card.classes, methods, todo.input_columns)
-        writer = ShardWriter(out, schema, run_id, cfg.rows_per_shard, cfg.flush_seconds, packed, shard)
         say(f"[score] {plan.inputs} inputs, {plan.done} already scored in {out}, {len(todo)} to do (run {run_id})"
             + (f"; {dropped} superseded rows removed" if dropped else ""))
         start, connected = time.monotonic(), False
         times = {"seconds_to_first_row": None}      # set by stream_rows, kept when a signal ends it
         if todo.files.num_rows:   # first: our signal handlers must be the ones in force
+            import ray
+
             connected = ensure_ray(address, dashboard=False)
+            actor_plan(cfg, ray.cluster_resources())   # what only the cluster can refuse (cuda, no GPU): before
+        check_job_settings(out, job_settings(card, cfg))   # this run's records; under the lock, the first run's
+        card.write_model_info(out)
+        write_resolved(cfg, out / "score.yaml", "allcluster score")
+        mark_run_started(out, shard)          # a run killed on its way leaves the mark: "unfinished"
+        schema = row_schema(card.classes, methods, todo.input_columns)
+        writer = ShardWriter(out, schema, run_id, cfg.rows_per_shard, cfg.flush_seconds, packed, shard)
         with StopSignals(SCORE_STOPPING) as stop:
             stop.graceful()
             with InterruptionCaught() as caught:

@@ -18,12 +18,16 @@ import yaml
 
 from allcluster.atomic import atomic_write_text
 from allcluster.config import ConfigError, config_diff, flatten, from_dict, read_yaml, to_dict
+from allcluster.data.manifest import manifest_fingerprint, read_manifest
 from allcluster.sweep.config import SweepConfig
-from allcluster.sweep.plan import base_train_dict
+from allcluster.sweep.plan import PER_TRIAL_KEYS, base_train_dict
 from allcluster.train.config import RESUME_FREE_KEYS, TrainConfig
 
 BASE_FILE = "base_config.yaml"
-PER_TRIAL_KEYS = ("name", "output_dir")          # set for each trial by the planner
+# Not a config key: the fingerprint of the manifest's content (paths, hashes, labels, splits). The
+# config names the manifest by path only; one re-indexed at that path (another seed or ratios) would
+# put trials of two splits, compared on two validation sets, in one table and one best_model.
+CONTENT_KEY = "data.manifest_content"
 # What a sweep writes into its experiment folder (and --new-config moves aside); tune-*/ as well.
 OUTPUTS = ("trials", "trials.parquet", "epochs.parquet", "best_model", "sweep.yaml", BASE_FILE)
 
@@ -31,7 +35,10 @@ OUTPUTS = ("trials", "trials.parquet", "epochs.parquet", "best_model", "sweep.ya
 def resolved_base(sweep: SweepConfig, source: str) -> dict[str, Any]:
     """The base training config of every trial, every default filled, as dotted keys."""
     cfg = from_dict(TrainConfig, base_train_dict(sweep, source), f"{source}: train")
-    return {k: v for k, v in flatten(to_dict(cfg)).items() if k not in PER_TRIAL_KEYS}
+    base = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in PER_TRIAL_KEYS}
+    if "data.manifest" not in varied_keys(sweep) and Path(cfg.data.manifest).is_file():
+        base[CONTENT_KEY] = manifest_fingerprint(read_manifest(cfg.data.manifest))
+    return base
 
 
 def varied_keys(sweep: SweepConfig) -> set[str]:
@@ -43,7 +50,11 @@ def base_diff(stored: dict[str, Any], current: dict[str, Any], varied: set[str] 
     samples set (``varied``) are skipped: every trial overrides them; so are the keys a run may change
     and still resume (``RESUME_FREE_KEYS``: resources, cache folder, loader workers), so a requeued
     sweep can land on nodes of another shape and a run refused for its resources can be fixed."""
-    return config_diff(stored, current, skip=(*varied, *RESUME_FREE_KEYS), prefix="train.")
+    if CONTENT_KEY not in stored:               # an experiment of an older allcluster: not recorded
+        current = {k: v for k, v in current.items() if k != CONTENT_KEY}
+    lines = config_diff(stored, current, skip=(*varied, *RESUME_FREE_KEYS), prefix="train.")
+    return [f"the content of data.manifest {current.get('data.manifest')} (re-indexed since: {line.split(': ', 1)[1]})"
+            if line.startswith(f"train.{CONTENT_KEY}:") else line for line in lines]
 
 
 def read_stored_base(experiment_dir: Path) -> dict[str, Any] | None:

@@ -108,6 +108,9 @@ def expand(sweep: SweepConfig, source: str) -> list[dict[str, Any]]:
     return trials
 
 
+PER_TRIAL_KEYS = ("name", "output_dir")          # set for each trial by trial_config
+
+
 def _check_each_key_set_once(sweep: SweepConfig, source: str) -> None:
     """A training key varied by two entries (``grid.optim.lr`` and ``sample.optim.lr``, or a coupled
     ``grid.fit`` mapping and ``grid.fit.epochs``) is refused naming both: one would silently win and
@@ -117,6 +120,9 @@ def _check_each_key_set_once(sweep: SweepConfig, source: str) -> None:
                *((f"sample.{key}", _sampled_settings(key, spec)) for key, spec in sweep.sample.items())]
     for entry, settings in entries:
         for key in sorted({k for setting in settings for k in setting}):
+            if key in PER_TRIAL_KEYS:
+                raise ConfigError(f"{source}: {entry}: varies train.{key}, which the sweep sets for each trial "
+                                  f"itself ({key}: <sweep name>/<trial id>, the trial's folder); vary another key")
             if key in setters:
                 raise ConfigError(f"{source}: {entry}: varies train.{key}, which {setters[key]} varies too; "
                                   "give each key in one place")

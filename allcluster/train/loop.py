@@ -263,6 +263,7 @@ class WorkerRun:
         with self.session.latest_checkpoint() as resume:
             state = TrainState.load(resume) if resume else TrainState()
         if state.final is not None:
+            self.check_same_data(state)       # not "finished" with metrics of a manifest re-indexed since
             self.log(f"[train] {self.out}: already finished; nothing to do")
             if self.session.resumed_unlisted:   # a stop came before Ray Train recorded it: record it now
                 self.checkpoint(state, state.final)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from allcluster.config import ConfigError, config_diff, flatten, from_dict, read_yaml, to_dict, write_resolved
 from allcluster.atomic import atomic_write_text
-from allcluster.interrupt import call_in_thread, storage_full_at
+from allcluster.interrupt import behind, call_in_thread, storage_full_at
 from allcluster.locks import holding
 from allcluster.models.card import CARD_FILE, ModelCard
 from allcluster.models.weights import worker_env
@@ -181,15 +181,45 @@ def preflight(cfg: TrainConfig) -> None:
     if not Path(cfg.data.manifest).is_file():
         raise ConfigError(f"data.manifest: {cfg.data.manifest} does not exist; build it with "
                           "`allcluster index SOURCE --out MANIFEST.parquet`")
-    if cfg.data.fold >= 0:        # a fold the manifest lacks: refused here, not by every worker after Ray starts
-        from allcluster.data.manifest import read_manifest
-        from allcluster.data.splits import splits_for_fold
-        manifest = read_manifest(cfg.data.manifest)
-        splits_for_fold(manifest[manifest["status"] == "ok"], cfg.data.fold, cfg.data.manifest)
+    check_splits(cfg)
     spec = get_spec(cfg.model.backbone)
     check_weights_available(spec, cfg.model.pretrained, cfg.model.weights)
     if cfg.model.weights:         # every tensor checked here, in seconds, not in each worker after Ray starts
         build_backbone(spec, cfg.model.pretrained, cfg.model.weights)
+    check_input_size(cfg)
+
+
+def check_splits(cfg: TrainConfig) -> None:
+    """A fold the manifest lacks, an empty train or val split: refused here, not by every worker after
+    Ray starts (a traceback after config.yaml, run.json and ray/ were written)."""
+    from allcluster.data.manifest import read_manifest
+    from allcluster.data.splits import splits_for_fold
+
+    manifest = read_manifest(cfg.data.manifest)
+    ok = manifest[manifest["status"] == "ok"]
+    sizes = splits_for_fold(ok, cfg.data.fold, cfg.data.manifest).value_counts()
+    empty = [name for name in ("train", "val") if not sizes.get(name, 0)]
+    if empty:
+        raise ConfigError(f"data.manifest: {cfg.data.manifest} has no ok image in its {' and '.join(empty)} split "
+                          f"(splits: {', '.join(f'{k} {v}' for k, v in sorted(sizes.items())) or 'none'}); "
+                          "index it again with ratios that give every split images (allcluster index --ratios)")
+
+
+def check_input_size(cfg: TrainConfig) -> None:
+    """One forward pass of a randomly initialised model at ``data.image_size`` (milliseconds to a few
+    seconds on CPU): an input too small for the backbone's pooling is refused naming the key."""
+    import torch
+
+    from allcluster.models import build_model
+    from allcluster.train.config import head_spec
+
+    model = build_model(cfg.model.backbone, 2, head_spec(cfg)).eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size))
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"data.image_size: {cfg.data.image_size} is too small for backbone {cfg.model.backbone} "
+                          f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
 
 
 def check_resumable(cfg: TrainConfig) -> None:
@@ -232,6 +262,8 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
             except Exception as err:          # Train V2 raises a failed run (TrainingFailedError)
                 if full := storage_full_at(err, output_dir):     # exit 74 naming where, not "writing"
                     raise full from err
+                if refused := next((f for f in behind(err) if isinstance(f, ConfigError)), None):
+                    raise ConfigError(str(refused)) from err     # a worker's refusal: its line, not a traceback
                 raise
     final = dict(result.metrics or {})
     if (output_dir / "model" / CARD_FILE).is_file():
