@@ -9,25 +9,26 @@ from typing import Any, Callable
 
 def _train():
     from allcluster.train.config import TrainConfig, resolve
-    return TrainConfig, lambda cfg, path: resolve(cfg, str(path))
+    return TrainConfig, lambda cfg, path, source: resolve(cfg, source)
 
 
 def _sweep():
     from allcluster.sweep.config import SweepConfig
-    from allcluster.sweep.plan import plan_trials
+    from allcluster.sweep.plan import base_beside, plan_trials
 
-    def validate(cfg, path: Path):
-        plan_trials(cfg, str(path))
+    def validate(cfg, path: Path, source: str):
+        plan_trials(base_beside(cfg, path), source)
         return cfg
     return SweepConfig, validate
 
 
 def _score():
     from allcluster.score.config import ScoreConfig, check
-    return ScoreConfig, lambda cfg, path: check(cfg, str(path), require_paths=False)
+    return ScoreConfig, lambda cfg, path, source: check(cfg, source, require_paths=False)
 
 
-STAGES: dict[str, Callable[[], tuple[type, Callable[[Any, Path], Any]]]] = {
+# each stage: (config class, validator(cfg, config file, source as errors name it))
+STAGES: dict[str, Callable[[], tuple[type, Callable[[Any, Path, str], Any]]]] = {
     "train": _train,
     "demo": _train,
     "sweep": _sweep,
@@ -44,16 +45,16 @@ def stage_of(path: str | Path) -> str:
     return stage
 
 
-def config_class_for(path: str | Path, stage: str | None = None) -> tuple[type, Callable[[Any, Path], Any]]:
+def config_class_for(path: str | Path, stage: str | None = None) -> tuple[type, Callable[[Any, Path, str], Any]]:
     """(config class, validator) for a config file of ``stage`` (default: from its folder)."""
     return STAGES[stage or stage_of(path)]()
 
 
 def check_config(path: str | Path, stage: str | None = None, overrides: list[str] = ()) -> str:
     """Load and fully validate a config file as a run would; returns its stage. Raises ``ConfigError``."""
-    from allcluster.config import load
+    from allcluster.config import config_source, load
 
     stage = stage or stage_of(path)
     cls, validate = config_class_for(path, stage)
-    validate(load(cls, path, overrides), Path(path))
+    validate(load(cls, path, overrides), Path(path), config_source(path, overrides))
     return stage

@@ -206,20 +206,22 @@ def run_driver(command: str, argv: list[str]) -> int:
 
 
 def end_of_process(code: int) -> int:
-    """The command line's last step: ``code``, or, in a process that used Ray, for a run a signal
-    ended (75) or one a stop signal reached on its way out (whatever its code: its trials had just
-    finished), the end of the process at once (``os._exit`` after flushing), its output all written.
+    """The command line's last step, its work done and ``code`` decided: from here no stop signal
+    changes the code (the time-limit warning a moment late, ``ray-cluster.sh``'s second SIGTERM), and
+    a process that used Ray ends at once (``os._exit`` after flushing), its output all written.
 
     Python's own shutdown would first join the threads Ray and Tune started, then run Ray's exit
     hook, and both wait on the job's Ray, which after Slurm's SIGTERM may be gone. Seen: a sweep
     driver that had written its tables and printed its exit line was still alive at Slurm's
     ``KillWait`` 30 s later, and that SIGKILL took the batch shell too, before it could log the exit
-    and clean up. A local Ray this process started is killed with it (:func:`kill_descendants`)."""
-    if "ray" not in sys.modules or (code != EX_TEMPFAIL and not STOP_REQUESTED.is_set()):
-        return code
+    and clean up. And a signal during that shutdown met our handler inside an atexit callback (a
+    traceback) or, later, the default action: a finished array task exited 138 and Slurm requeued
+    it. A local Ray this process started is killed with it (:func:`kill_descendants`)."""
     if threading.current_thread() is threading.main_thread():
-        for sig in STOP_SIGNALS:      # a second SIGTERM (ray-cluster.sh sends one) must not cut this short
+        for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
+    if "ray" not in sys.modules:
+        return code
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -354,6 +354,10 @@ ray_cluster_stop() {  # the EXIT trap
     _ray_requeue && requeued=1
   else
     rm -f "$(_ray_stalls_file)"            # the job ends here: no count is left for a later job
+    if [ "$rc" = "$EX_TEMPFAIL" ] && [ -z "$_ray_warned" ]; then   # said at 7 a.m.: nothing will resume it
+      _log "not requeued: no time-limit warning came first (scancel, a time limit reached without" \
+           "--signal=B:USR1@<seconds>, preemption); resubmit the same command to resume"
+    fi
   fi
   if [ "${#_ray_steps[@]}" -gt 0 ]; then
     _ray_stop_steps "$requeued" || ending=1
@@ -584,6 +588,8 @@ _ray_run_driver() {  # DRIVER ARGS...: one run of the driver (a condition: errex
     "$EX_IOERR") _log "driver exited with $rc: the output's storage is full (see its error above); free space or raise the quota, then resubmit the same command to resume" ;;
     *) if [ -n "$_ray_driver_killed" ] && [ "$rc" = 137 ]; then
          _log "driver killed (exit $rc) after SIG$_ray_stopping; a rerun (a requeued job's next start) recovers what it had not written (scoring: its journal) or redoes it (sweep: from each trial's last checkpoint)"
+       elif [ "$rc" = 137 ] && [ -z "$_ray_stopping" ]; then
+         _log "driver killed by SIGKILL (exit 137: the kernel's OOM killer when the job outgrew its memory, or a kill -9); what it wrote is kept and nothing requeues it: resubmit the same command to resume (with more --mem if it ran out)"
        elif [ -n "$_ray_stopping" ]; then
          # Slurm's SIGTERM reached this node's Ray too; when the raylet stops first, Ray's core worker
          # ends the driver (exit 1, "connection to the plasma store is failed"), not the driver itself

@@ -210,6 +210,24 @@ def test_a_key_varied_in_two_places_is_refused_naming_both():
             plan_trials(_sweep({**base, "grid": {key: ["a", "b"]}}), "s")
 
 
+def test_a_base_file_beside_the_sweep_is_found_whatever_the_overrides_and_its_typo_named_in_it(tmp_path, monkeypatch):
+    """The base was looked up beside a path parsed from the error source, which an override holding a
+    '/' cut elsewhere ("base: ... not found"); a typo in the base file was blamed on the sweep file."""
+    from allcluster.sweep.driver import load_sweep
+
+    (tmp_path / "conf").mkdir()
+    write_yaml(tmp_path / "conf" / "base.yaml", {"data": {"manifest": str(tmp_path / "m.parquet")}, "fit": {"epochs": 3}})
+    write_yaml(tmp_path / "conf" / "s.yaml", {"experiment_dir": str(tmp_path / "exp"), "base": "base.yaml",
+                                              "grid": {"optim.name": ["adam", "sgd"]}})
+    monkeypatch.chdir(tmp_path)                               # not the sweep file's folder
+    sweep, trials = load_sweep("conf/s.yaml", [f"train.data.manifest={tmp_path / 'other' / 'm.parquet'}"])
+    assert len(trials) == 2 and all(t.config.fit.epochs == 3 for t in trials)
+    assert trials[0].config.data.manifest == str(tmp_path / "other" / "m.parquet")
+    write_yaml(tmp_path / "conf" / "base.yaml", {"data": {"manifest": "m.parquet", "image_sise": 64}})
+    with pytest.raises(ConfigError, match=r"conf/base\.yaml \(base of conf/s\.yaml\): data\.image_sise"):
+        load_sweep("conf/s.yaml")
+
+
 def test_grid_values_that_train_the_same_config_make_one_trial():
     """1 and 1.0 epochs, or lr 0 (the optimiser's default) and that default written out, train the same."""
     from allcluster.train.optim import default_lr
@@ -286,6 +304,7 @@ def test_sweep_runs_every_trial_and_exports_the_best_by_validation(ray_local, re
     card = json.loads((exp / "best_model" / "model_card.json").read_text())
     assert card["sweep"]["trial_id"] == best["trial_id"]
     assert card["sweep"]["val_macro_f1"] == pytest.approx(trials["val_macro_f1"].max())
+    assert (card["sweep"]["finished_trials"], card["sweep"]["planned_trials"]) == (2, 2)
     assert (exp / "best_model" / "weights.safetensors").is_file()
     assert "2 trials: 2 finished" in real_sweep["printed"] and "val_macro_f1" in real_sweep["printed"]
     assert _cpus_free_soon(ray_local, 2.0) == pytest.approx(2.0), "finished trials must release their CPUs"
@@ -985,7 +1004,10 @@ def test_array_tasks_run_one_trial_each_a_sigterm_rerun_resumes_and_collect_writ
     assert len(pd.read_parquet(exp / "epochs.parquet")) == EPOCHS_TO_INTERRUPT
     card = json.loads((exp / "best_model" / "model_card.json").read_text())
     assert card["sweep"]["trial_id"] == trials.loc[1, "trial_id"]
-    assert "2 trials: 1 finished, 1 pending" in capsys.readouterr().out
+    assert (card["sweep"]["finished_trials"], card["sweep"]["planned_trials"]) == (1, 2), "a best so far says so"
+    printed = capsys.readouterr()
+    assert "2 trials: 1 finished, 1 pending" in printed.out
+    assert "(best of 1 finished of 2 trials so far: a later run may replace it)" in printed.err
 
 
 def _checkpoint_registered(exp: Path) -> bool:

@@ -733,6 +733,29 @@ def test_a_run_that_a_stop_signal_reached_on_its_way_out_keeps_its_code_and_ends
     assert done.returncode == 0 and "outputs written" in done.stdout, done.stdout + done.stderr
 
 
+def test_a_stop_signal_after_a_finished_run_decided_its_code_changes_nothing(tmp_path):
+    """Seen on Slurm: the time-limit warning came 0.1 s after a finished array task's last line; in
+    Python's shutdown it met the driver's handler inside an atexit callback (a traceback) or the default
+    action (exit 138, and Slurm requeued the finished task). Real signals, real processes: one that used
+    Ray ends at once (not after the 120 s thread Ray would leave), one that did not ignores the signal."""
+    used_ray = tmp_path / "used_ray.py"
+    used_ray.write_text(
+        "import sys, threading, time\nimport ray  # noqa: F401 - a process that used Ray\n"
+        "from allcluster.interrupt import end_of_process, stop_at_once\n"
+        "stop_at_once()\nthreading.Thread(target=time.sleep, args=(120,)).start()\n"
+        "print('work done', flush=True)\nsys.exit(end_of_process(0))\n")
+    done = subprocess.run([sys.executable, str(used_ray)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "work done" in done.stdout, done.stdout + done.stderr
+    plain = tmp_path / "plain.py"
+    plain.write_text(
+        "import atexit, os, signal, sys, time\nfrom allcluster.interrupt import end_of_process, stop_at_once\n"
+        "stop_at_once()\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGUSR1), time.sleep(0.2)))   # in the shutdown\n"
+        "sys.exit(end_of_process(0))\n")
+    done = subprocess.run([sys.executable, str(plain)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "Interrupted" not in done.stderr and "Exception" not in done.stderr, done.stderr
+
+
 def test_an_interrupted_command_kills_what_its_children_start_while_it_kills_them(tmp_path):
     """An interrupted command ends its local Ray's processes (kill_descendants) while the raylet may be
     starting workers: one started between the look at /proc and the kill must not be left orphaned. Stood

@@ -14,7 +14,7 @@ from allcluster.locks import check_folder_free, holding
 from allcluster.sweep.config import SweepConfig
 from allcluster.sweep.experiment import (BASE_FILE, check_base, read_stored_base, resolved_base, retire_best, store_base,
                                          supersede, varied_keys)
-from allcluster.sweep.plan import Trial, plan_trials, trial_status, trials_to_run
+from allcluster.sweep.plan import Trial, base_beside, plan_trials, trial_status, trials_to_run
 from allcluster.sweep.schema import best_trial
 from allcluster.sweep.results import epochs_table, export_best, trials_table, work_done
 
@@ -24,7 +24,7 @@ SWEEP_STOPPING = ("[sweep] {signal} received: stopping; running trials keep thei
 
 def load_sweep(path: str, overrides: list[str] = ()) -> tuple[SweepConfig, list[Trial]]:
     """Read and validate a sweep YAML and plan its trials (every trial config validated)."""
-    sweep = load(SweepConfig, path, overrides)
+    sweep = base_beside(load(SweepConfig, path, overrides), path)
     return sweep, plan_trials(sweep, config_source(path, overrides))
 
 
@@ -46,8 +46,11 @@ def collect(sweep: SweepConfig, trials: list[Trial]) -> pd.DataFrame:
     atomic_write_parquet(exp / "epochs.parquet", epochs_table(trials))
     best = best_trial(table)
     if best is not None:
-        target = export_best(best, exp)
-        say(f"[sweep] best trial {best['trial_id']} (val macro-F1 {best['val_macro_f1']:.4f}) -> {target}")
+        finished = int((table["status"] == "finished").sum())
+        target = export_best(best, exp, finished, len(table))
+        say(f"[sweep] best trial {best['trial_id']} (val macro-F1 {best['val_macro_f1']:.4f}) -> {target}"
+            + (f" (best of {finished} finished of {len(table)} trials so far: a later run may replace it)"
+               if finished < len(table) else ""))
     else:
         stale = retire_best(exp)
         say("[sweep] no trial finished: no best model exported"

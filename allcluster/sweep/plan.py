@@ -43,16 +43,23 @@ class Trial:
         return Path(self.config.output_dir)
 
 
+def base_beside(sweep: SweepConfig, config_file: str | Path) -> SweepConfig:
+    """``sweep`` with its ``base`` found as documented: as given (from the working directory), else
+    relative to the sweep file ``config_file``."""
+    if sweep.base and not Path(sweep.base).is_file() and (Path(config_file).parent / sweep.base).is_file():
+        return replace(sweep, base=str(Path(config_file).parent / sweep.base))
+    return sweep
+
+
 def base_train_dict(sweep: SweepConfig, source: str) -> dict:
-    """The training config every trial starts from: ``base`` YAML with ``train`` laid over it."""
+    """The training config every trial starts from: ``base`` YAML (see :func:`base_beside`) with
+    ``train`` laid over it. A key of the base file that no training config has is named in it."""
     base = {}
     if sweep.base:
-        path = Path(sweep.base)
-        if not path.is_file() and Path(source).parent.joinpath(sweep.base).is_file():
-            path = Path(source).parent / sweep.base
-        if not path.is_file():
-            raise ConfigError(f"{source}: base: {sweep.base} not found")
-        base = read_yaml(path)
+        if not Path(sweep.base).is_file():
+            raise ConfigError(f"{source}: base: {sweep.base} not found (from the working directory or the sweep file)")
+        base = read_yaml(sweep.base)
+        from_dict(TrainConfig, base, f"{sweep.base} (base of {source})")     # its own keys and types
     return deep_merge(base, sweep.train)
 
 

@@ -118,13 +118,16 @@ def epochs_table(trials: list[Trial]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"trial_id": pd.Series(dtype=str)})
 
 
-def export_best(best: pd.Series, experiment_dir: Path) -> Path:
-    """Copy the best trial's model directory to ``<experiment>/best_model`` (replacing an older one)."""
+def export_best(best: pd.Series, experiment_dir: Path, finished: int = 1, planned: int = 1) -> Path:
+    """Copy the best trial's model directory to ``<experiment>/best_model`` (replacing an older one);
+    its card says of how many finished of how many planned trials it is the best (a start that a
+    time limit ended exports the best so far, which a later start may replace)."""
     target = experiment_dir / "best_model"
     with atomic_folder(target) as tmp:
         shutil.copytree(best["model_dir"], tmp, dirs_exist_ok=True)
         ModelCard.read(tmp).replace(sweep={"trial_id": best["trial_id"], "chosen_by": "val_macro_f1",
-                                           "val_macro_f1": float(best["val_macro_f1"])}).write(tmp)
+                                           "val_macro_f1": float(best["val_macro_f1"]),
+                                           "finished_trials": finished, "planned_trials": planned}).write(tmp)
     return target
 
 

@@ -186,7 +186,6 @@ def preflight(cfg: TrainConfig) -> None:
     check_weights_available(spec, cfg.model.pretrained, cfg.model.weights)
     if cfg.model.weights:         # every tensor checked here, in seconds, not in each worker after Ray starts
         build_backbone(spec, cfg.model.pretrained, cfg.model.weights)
-    check_input_size(cfg)
 
 
 def check_splits(cfg: TrainConfig) -> None:
@@ -246,6 +245,7 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     from allcluster.ray_utils import ray_connected
 
     preflight(cfg)
+    check_input_size(cfg)     # a sweep's trial records it as its own error instead (its dry run refuses it)
     output_dir = Path(cfg.output_dir)
     with holding(output_dir, f"training run folder {output_dir}"):     # one writer per run folder
         check_resumable(cfg)
