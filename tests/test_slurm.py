@@ -656,7 +656,7 @@ def test_a_job_whose_warned_starts_make_no_progress_stops_requeueing_after_three
     assert "this start's progress: 12 rows" in start("12 rows") and "REQUEUED" in start("12 rows")
     assert not stalls.exists()
     assert "REQUEUED" not in start("12 rows", rc=74), "a full disk (EX_IOERR) is not requeued: it would fail again"
-    unwarned = subprocess.run(["bash", "-c", f'source slurm/ray-cluster.sh; trap ray_cluster_stop EXIT\nexit 75\n'],
+    unwarned = subprocess.run(["bash", "-c", 'source slurm/ray-cluster.sh; trap ray_cluster_stop EXIT\nexit 75\n'],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert unwarned.returncode == 75 and "not requeued: no time-limit warning came first" in unwarned.stdout, \
         unwarned.stdout + unwarned.stderr

@@ -719,18 +719,21 @@ def test_a_run_that_a_stop_signal_reached_on_its_way_out_keeps_its_code_and_ends
     the last trial ended) leaves the run's code as it is (0), but the process must end at once: Python's own
     shutdown would join the threads Ray and Tune leave (stood in for by a thread that waits 120 s) and wait
     on a Ray that the same SIGTERM is stopping, past Slurm's KillWait. A real signal, a real process."""
-    script = tmp_path / "finished_run.py"
-    script.write_text(
-        "import os, signal, sys, threading, time\nimport ray  # noqa: F401 - a process that used Ray\n"
-        "from allcluster.interrupt import StopSignals, end_of_process\n"
-        "threading.Thread(target=time.sleep, args=(120,)).start()\n"
-        "with StopSignals('{signal}: stopping') as stop:\n"
-        "    stop.hold()                      # writing what it has\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    print('outputs written', flush=True)\n"
-        "sys.exit(end_of_process(0))\n")
-    done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    done = _run_script(tmp_path / "finished_run.py",
+                       "import os, signal, sys, threading, time\nimport ray  # noqa: F401 - a process that used Ray\n"
+                       "from allcluster.interrupt import StopSignals, end_of_process\n"
+                       "threading.Thread(target=time.sleep, args=(120,)).start()\n"
+                       "with StopSignals('{signal}: stopping') as stop:\n"
+                       "    stop.hold()                      # writing what it has\n"
+                       "    os.kill(os.getpid(), signal.SIGTERM)\n"
+                       "    print('outputs written', flush=True)\n"
+                       "sys.exit(end_of_process(0))\n")
     assert done.returncode == 0 and "outputs written" in done.stdout, done.stdout + done.stderr
+
+
+def _run_script(path: Path, text: str) -> subprocess.CompletedProcess:
+    path.write_text(text)
+    return subprocess.run([sys.executable, str(path)], cwd=REPO, capture_output=True, text=True, timeout=60)
 
 
 def test_a_stop_signal_after_a_finished_run_decided_its_code_changes_nothing(tmp_path):
@@ -738,21 +741,17 @@ def test_a_stop_signal_after_a_finished_run_decided_its_code_changes_nothing(tmp
     Python's shutdown it met the driver's handler inside an atexit callback (a traceback) or the default
     action (exit 138, and Slurm requeued the finished task). Real signals, real processes: one that used
     Ray ends at once (not after the 120 s thread Ray would leave), one that did not ignores the signal."""
-    used_ray = tmp_path / "used_ray.py"
-    used_ray.write_text(
-        "import sys, threading, time\nimport ray  # noqa: F401 - a process that used Ray\n"
-        "from allcluster.interrupt import end_of_process, stop_at_once\n"
-        "stop_at_once()\nthreading.Thread(target=time.sleep, args=(120,)).start()\n"
-        "print('work done', flush=True)\nsys.exit(end_of_process(0))\n")
-    done = subprocess.run([sys.executable, str(used_ray)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    done = _run_script(tmp_path / "used_ray.py",
+                       "import sys, threading, time\nimport ray  # noqa: F401 - a process that used Ray\n"
+                       "from allcluster.interrupt import end_of_process, stop_at_once\n"
+                       "stop_at_once()\nthreading.Thread(target=time.sleep, args=(120,)).start()\n"
+                       "print('work done', flush=True)\nsys.exit(end_of_process(0))\n")
     assert done.returncode == 0 and "work done" in done.stdout, done.stdout + done.stderr
-    plain = tmp_path / "plain.py"
-    plain.write_text(
-        "import atexit, os, signal, sys, time\nfrom allcluster.interrupt import end_of_process, stop_at_once\n"
-        "stop_at_once()\n"
-        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGUSR1), time.sleep(0.2)))   # in the shutdown\n"
-        "sys.exit(end_of_process(0))\n")
-    done = subprocess.run([sys.executable, str(plain)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    done = _run_script(tmp_path / "plain.py",
+                       "import atexit, os, signal, sys, time\nfrom allcluster.interrupt import end_of_process, stop_at_once\n"
+                       "stop_at_once()\n"
+                       "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGUSR1), time.sleep(0.2)))   # in the shutdown\n"
+                       "sys.exit(end_of_process(0))\n")
     assert done.returncode == 0 and "Interrupted" not in done.stderr and "Exception" not in done.stderr, done.stderr
 
 
