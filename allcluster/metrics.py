@@ -252,7 +252,8 @@ def classification_metrics(y_true, probs, class_names: list[str]) -> dict:
 
     Keys: accuracy, macro_precision, macro_recall, macro_specificity, macro_f1 (unweighted means
     over the classes that occur in ``y_true`` or in the predictions, scikit-learn's default: a class
-    absent from both, e.g. from an evaluation set holding some classes only, is no 0 in them), auc and map (means of the per-class one-vs-rest AUC / AP, ignoring NaN),
+    absent from both, e.g. from an evaluation set holding some classes only, is no 0 in them;
+    specificity also only over classes with negatives, NaN when none has), auc and map (means of the per-class one-vs-rest AUC / AP, ignoring NaN),
     ece, nll (mean of ``-log p_true``, p clipped at 1e-12), n, confusion (list of lists, rows
     true) and per_class ``{name: {precision, recall, specificity, f1, auc, ap, support}}``.
     With ``N = 0`` every float is NaN and the confusion matrix is all zeros.
@@ -272,9 +273,10 @@ def classification_metrics(y_true, probs, class_names: list[str]) -> dict:
             prf[key] = np.full(num_classes, np.nan)
 
     seen = (cm.sum(axis=0) + cm.sum(axis=1)) > 0
+    with_negatives = seen & (n - cm.sum(axis=1) > 0)   # specificity of a class with no negatives is 0/0
 
-    def macro(values) -> float:
-        return float(np.mean(values[seen])) if n else float("nan")
+    def macro(values, over: np.ndarray = seen) -> float:
+        return float(np.mean(values[over])) if n and over.any() else float("nan")
 
     per_class = {
         name: {"precision": float(prf["precision"][k]), "recall": float(prf["recall"][k]),
@@ -286,7 +288,7 @@ def classification_metrics(y_true, probs, class_names: list[str]) -> dict:
         "accuracy": float(np.trace(cm) / n) if n else float("nan"),
         "macro_precision": macro(prf["precision"]),
         "macro_recall": macro(prf["recall"]),
-        "macro_specificity": macro(prf["specificity"]),
+        "macro_specificity": macro(prf["specificity"], with_negatives),
         "macro_f1": macro(prf["f1"]),
         "auc": _nanmean(auc),
         "map": _nanmean(ap),

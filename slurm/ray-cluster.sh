@@ -355,8 +355,9 @@ ray_cluster_stop() {  # the EXIT trap
   else
     rm -f "$(_ray_stalls_file)"            # the job ends here: no count is left for a later job
     if [ "$rc" = "$EX_TEMPFAIL" ] && [ -z "$_ray_warned" ]; then   # said at 7 a.m.: nothing will resume it
-      _log "not requeued: no time-limit warning came first (scancel, a time limit reached without" \
-           "--signal=B:USR1@<seconds>, preemption); resubmit the same command to resume"
+      _log "not requeued by this script: no time-limit warning came first (scancel, a time limit reached" \
+           "without --signal=B:USR1@<seconds>, preemption); unless Slurm requeues the job itself" \
+           "(PreemptMode=REQUEUE), resubmit the same command to resume"
     fi
   fi
   if [ "${#_ray_steps[@]}" -gt 0 ]; then
@@ -589,7 +590,7 @@ _ray_run_driver() {  # DRIVER ARGS...: one run of the driver (a condition: errex
     *) if [ -n "$_ray_driver_killed" ] && [ "$rc" = 137 ]; then
          _log "driver killed (exit $rc) after SIG$_ray_stopping; a rerun (a requeued job's next start) recovers what it had not written (scoring: its journal) or redoes it (sweep: from each trial's last checkpoint)"
        elif [ "$rc" = 137 ] && [ -z "$_ray_stopping" ]; then
-         _log "driver killed by SIGKILL (exit 137: the kernel's OOM killer when the job outgrew its memory, or a kill -9); what it wrote is kept and nothing requeues it: resubmit the same command to resume (with more --mem if it ran out)"
+         _log "driver killed by SIGKILL (exit 137: the kernel's OOM killer when the job outgrew its memory, or a kill -9); what it wrote is kept$([ -n "$_ray_warned" ] || echo "; this script does not requeue it: resubmit the same command to resume (with more --mem if it ran out)")"
        elif [ -n "$_ray_stopping" ]; then
          # Slurm's SIGTERM reached this node's Ray too; when the raylet stops first, Ray's core worker
          # ends the driver (exit 1, "connection to the plasma store is failed"), not the driver itself

@@ -159,19 +159,22 @@ def test_a_cosine_warm_up_as_long_as_the_run_is_refused_naming_both_keys():
         resolve(from_dict(TrainConfig, head_stage))
 
 
-def test_a_backbone_from_random_init_with_default_finetuning_trains_every_block_in_one_stage():
-    """The defaults are paper 002's transfer recipe: from random init they kept the random backbone
-    frozen for 10 head epochs and all but its last 2 blocks random for good."""
-    def finetune(**model_and_finetune):
-        data = {"data": {"manifest": "m.parquet"}, "model": {"backbone": "densenet121"}}
-        for section, keys in model_and_finetune.items():
-            data[section] = {**data.get(section, {}), **keys}
-        resolved = resolve(from_dict(TrainConfig, data)).finetune
-        return resolved.head_epochs, resolved.unfreeze_blocks
+def test_a_backbone_from_random_init_under_the_transfer_recipe_is_named_with_what_stays_random():
+    """finetune's defaults are paper 002's transfer recipe: from random init they keep the random backbone
+    frozen for 10 head epochs and all but its last 2 blocks random for good. Said before a run starts
+    (changing the defaults would change what existing runs and experiments resolve to)."""
+    from allcluster.train.config import frozen_random_layers
 
-    assert finetune() == (0, -1)
-    assert finetune(model={"pretrained": True}) == (10, 2) == finetune(model={"weights": "w.safetensors"})
-    assert finetune(finetune={"unfreeze_blocks": 4}) == (10, 4), "what the user set is kept"
+    def kept(**sections) -> str:
+        data = {"data": {"manifest": "m.parquet"}, "model": {"backbone": "densenet121"}}
+        for section, keys in sections.items():
+            data[section] = {**data.get(section, {}), **keys}
+        return frozen_random_layers(resolve(from_dict(TrainConfig, data)))
+
+    assert kept() == "frozen for the 10 head epochs; all but its last 2 blocks never trained"
+    assert kept(finetune={"head_epochs": 0}) == "all but its last 2 blocks never trained"
+    assert kept(finetune={"head_epochs": 0, "unfreeze_blocks": -1}) == ""
+    assert kept(model={"pretrained": True}) == "" == kept(model={"weights": "w.safetensors"})
 
 
 def test_resolve_rejects_unregistered_backbone():

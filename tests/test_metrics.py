@@ -90,6 +90,8 @@ def test_precision_recall_f1_support_match_sklearn_per_class_and_macro():
     # macro: over the classes true or predicted (sklearn's default labels), so class 3 is no 0 in it
     mp, mr, mf, _ = skm.precision_recall_fscore_support(y, pred, average="macro", zero_division=0)
     assert mf > skm.f1_score(y, pred, labels=range(4), average="macro", zero_division=0)
+    one_class = classification_metrics([0, 0, 0], np.eye(4)[[0, 0, 0]], NAMES)     # a one-class evaluation set
+    assert one_class["macro_f1"] == 1.0 and math.isnan(one_class["macro_specificity"]), "0/0 is no specificity 0"
     result = classification_metrics(y, np.eye(4)[pred], NAMES)
     assert result["macro_precision"] == pytest.approx(mp, abs=EXACT)
     assert result["macro_recall"] == pytest.approx(mr, abs=EXACT)

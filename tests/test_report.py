@@ -246,6 +246,7 @@ def test_labelled_rows_of_a_whole_manifest_are_measured_per_split_and_the_figure
     assert summary.loc["test", "accuracy"] == 0.5 and summary.loc["train", "accuracy"] == 1.0
     assert summary.loc["all", "n"] == 6 and summary.loc["all", "accuracy"] == pytest.approx(5 / 6)
     assert result["scoring"]["confusion"] == [[1, 1], [0, 0]], "the figures show the test split"
+    assert result["scoring"]["confusion_split"] == "test" and result["scoring"]["labelled_rows"] == 6
     assert read_table(tmp_path / "r", "per_class").set_index("class").loc["Benign", "support"] == 2
     shutil.rmtree(tmp_path / "job")
     hand_rows(tmp_path / "job", classes, {"path": ["a"], "status": ["ok"], "label": ["Benign"], "split": ["val"],
@@ -350,7 +351,10 @@ def test_a_folder_of_row_files_holding_another_parquet_is_refused_naming_it(tmp_
     with pytest.raises(ConfigError, match="z-manifest.parquet, which is no rows file"):
         collect_inputs([tmp_path / "mine"])
     (tmp_path / "mine" / "z-manifest.parquet").unlink()
-    assert collect_inputs([tmp_path / "mine"]).scorings[0].files == [(tmp_path / "mine" / "part-0.parquet").resolve()]
+    (tmp_path / "mine" / "a-torn.parquet").write_bytes(b"PAR1 cut short")      # sorts first: a torn row file
+    found = collect_inputs([tmp_path / "mine"]).scorings[0]
+    assert found.files == [(tmp_path / "mine" / "part-0.parquet").resolve()]
+    assert found.damaged == [(tmp_path / "mine" / "a-torn.parquet").resolve()], "left out and named, as in OUT/rows"
     assert collect_inputs([rows]).scorings[0].root == (tmp_path / "job").resolve(), "OUT/rows keeps OUT as its root"
 
 
@@ -376,6 +380,11 @@ def test_labelled_rows_that_are_all_errors_are_said_so(tmp_path):
                     extra=["label"])
     notes = build_report([job], tmp_path / "r", ReportOptions(group_by=[]))["notes"]
     assert any("2 labelled rows, none of them ok" in n for n in notes), notes
+    rows = four_column_rows(tmp_path / "mine")                 # ok and labelled, but no probabilities
+    pq.write_table(pq.read_table(rows / "rows" / "part-0.parquet").append_column("label", pa.array(["Pre", "Pre"])),
+                   rows / "rows" / "part-0.parquet")
+    notes = build_report([rows], tmp_path / "r2", ReportOptions(group_by=[]))["notes"]
+    assert any("2 labelled ok rows, but without the probability columns" in n for n in notes), notes
 
 
 def test_a_scoring_job_that_is_unfinished_is_said_so_above_its_counts_and_one_with_no_rows_reports_zeros(tmp_path):

@@ -658,7 +658,7 @@ def test_a_job_whose_warned_starts_make_no_progress_stops_requeueing_after_three
     assert "REQUEUED" not in start("12 rows", rc=74), "a full disk (EX_IOERR) is not requeued: it would fail again"
     unwarned = subprocess.run(["bash", "-c", 'source slurm/ray-cluster.sh; trap ray_cluster_stop EXIT\nexit 75\n'],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    assert unwarned.returncode == 75 and "not requeued: no time-limit warning came first" in unwarned.stdout, \
+    assert unwarned.returncode == 75 and "not requeued by this script: no time-limit warning came first" in unwarned.stdout, \
         unwarned.stdout + unwarned.stderr
     for count, progress in ((1, None), (2, "0 epochs or trial endings")):
         log = start(progress)

@@ -713,7 +713,8 @@ def test_a_manifest_re_indexed_at_the_same_path_is_refused_like_a_changed_base(s
     trained and compared on two different splits into one table and one best_model."""
     from allcluster.config import config_source
     from allcluster.sweep.driver import load_sweep
-    from allcluster.sweep.experiment import CONTENT_KEY, resolved_base, store_base
+    from allcluster.sweep.experiment import (CONTENT_KEY, manifest_content, read_stored_base, record_base,
+                                             resolved_base, store_base)
 
     manifest, exp = tmp_path / "manifest.parquet", tmp_path / "exp"
     shutil.copy(synthetic_manifest, manifest)
@@ -729,8 +730,16 @@ def test_a_manifest_re_indexed_at_the_same_path_is_refused_like_a_changed_base(s
     err = capsys.readouterr().err
     assert f"the content of data.manifest {manifest} (re-indexed since" in err and "--new-config" in err
     assert _listing(exp) == before
-    store_base(exp, {k: v for k, v in base.items() if k != CONTENT_KEY})     # an older allcluster's experiment
+    manifest.rename(tmp_path / "away.parquet")                              # not here: said so, not "re-indexed"
+    assert main(["sweep", "--config", str(config), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert f"data.manifest: {manifest} does not exist" in err and "re-indexed" not in err, err
+    (tmp_path / "away.parquet").rename(manifest)
+    older = {k: v for k, v in base.items() if k != CONTENT_KEY}
+    store_base(exp, older)                                                   # an older allcluster's experiment
     assert main(["sweep", "--config", str(config), "--check"]) == 0
+    assert not record_base(exp, resolved_base(sweep, config_source(str(config))))
+    assert read_stored_base(exp) == {**older, CONTENT_KEY: manifest_content(str(manifest))}, "recorded from now on"
 
 
 def test_check_refuses_what_the_run_would_and_writes_nothing(synthetic_manifest, tmp_path, capsys):
@@ -1007,7 +1016,7 @@ def test_array_tasks_run_one_trial_each_a_sigterm_rerun_resumes_and_collect_writ
     assert (card["sweep"]["finished_trials"], card["sweep"]["planned_trials"]) == (1, 2), "a best so far says so"
     printed = capsys.readouterr()
     assert "2 trials: 1 finished, 1 pending" in printed.out
-    assert "(best of 1 finished of 2 trials so far: a later run may replace it)" in printed.err
+    assert "(best of 1 finished trials so far, 1 still to run: a later run may replace it)" in printed.err
 
 
 def _checkpoint_registered(exp: Path) -> bool:

@@ -111,7 +111,7 @@ def test_an_empty_val_split_or_an_input_too_small_for_the_backbone_is_refused_be
 
     config = _run_yaml(tmp_path / "cfg.yaml", synthetic_manifest, tmp_path / "out", epochs=1)
     assert main(["train", "--config", str(config), "--set", "data.image_size=8"]) == 2
-    assert "data.image_size: 8 is too small for backbone allnet" in capsys.readouterr().err
+    assert "data.image_size: backbone allnet cannot take a 8 px input" in capsys.readouterr().err
     frame = pd.read_parquet(synthetic_manifest)
     frame["split"] = frame["split"].replace({"val": "train"})             # indexed with --ratios 1 0 0 or so
     frame.to_parquet(tmp_path / "no-val.parquet")

@@ -739,8 +739,9 @@ def _run_script(path: Path, text: str) -> subprocess.CompletedProcess:
 def test_a_stop_signal_after_a_finished_run_decided_its_code_changes_nothing(tmp_path):
     """Seen on Slurm: the time-limit warning came 0.1 s after a finished array task's last line; in
     Python's shutdown it met the driver's handler inside an atexit callback (a traceback) or the default
-    action (exit 138, and Slurm requeued the finished task). Real signals, real processes: one that used
-    Ray ends at once (not after the 120 s thread Ray would leave), one that did not ignores the signal."""
+    action (exit 138, and Slurm requeued the finished task). Real processes: one that used Ray ends at
+    once with its code, leaving no shutdown for a signal to land in (not after the 120 s thread Ray would
+    leave); one that did not ignores a real SIGUSR1 sent during its shutdown."""
     done = _run_script(tmp_path / "used_ray.py",
                        "import sys, threading, time\nimport ray  # noqa: F401 - a process that used Ray\n"
                        "from allcluster.interrupt import end_of_process, stop_at_once\n"

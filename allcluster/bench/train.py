@@ -51,7 +51,7 @@ def on_cell_mean(model_dir: Path, paths: list[str], method: str = "gradcam", bat
     with tempfile.TemporaryDirectory() as out:
         cfg = from_dict(ScoreConfig, {"model": str(model_dir), "input": "-", "out": out,
                                       "explain": {"methods": [method], "faithfulness_fraction": 0}})
-        scorer = core.Scorer(cfg, out, "bench", lambda n: 0, device="cpu")
+        scorer = core.Scorer(cfg, out, "bench", lambda n, batch: 0, device="cpu")
         card, values, areas = scorer.card, [], []
         for start in range(0, len(paths), batch_size):
             batch = {"path": np.array(paths[start:start + batch_size], dtype=object)}

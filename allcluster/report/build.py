@@ -154,6 +154,8 @@ def labelled_parts(report: Report, data: tables.ScoreData) -> tuple[list[str], d
                                    "unknown_label_rows": int(labelled.unknown["rows"].sum())}
     if not len(rows):
         why = ("no labelled row has a label its model knows" if len(labelled.unknown)
+               else f"{n} labelled ok rows, but without the probability columns (prob_<class>, cal_prob_<class>) "
+                    "the metrics need" if (n := tables.labelled_count(data, ok_only=True))
                else f"{n} labelled rows, none of them ok" if (n := tables.labelled_count(data))
                else "no labelled rows (score a manifest to get a label column)")
         return report.note(f"{why}: no confusion matrix, ROC, reliability or per-class F1") \
@@ -183,7 +185,7 @@ def labelled_parts(report: Report, data: tables.ScoreData) -> tuple[list[str], d
                            lambda p: plots.reliability_plot(y, raw, cal, p))
     parts += report.figure("f1_per_class", "F1 per class",
                            lambda p: plots.f1_bars({c: v["f1"] for c, v in found["per_class"].items()}, p))
-    return parts, {**counts, "confusion": found["confusion"]}
+    return parts, {**counts, "confusion": found["confusion"], "confusion_split": shown_as}
 
 
 SPLIT_ORDER = ("test", "val", "train")

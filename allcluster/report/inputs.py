@@ -134,18 +134,26 @@ def classify_folder(path: Path) -> SweepSource | ScoreSource:
     files = parquet_files(path)
     if path.name == "rows" and files:          # OUT/rows named itself
         return scoring_source(path.parent, files)
-    if files and _kind_or_none(files[0]) == "rows":
-        others = [f for f in files[1:] if _kind_or_none(f) != "rows"]
+    kinds = {f: _kind_of(f) for f in files}
+    if "rows" in kinds.values():
+        others = [f for f, kind in kinds.items() if kind not in ("rows", "damaged")]
         if others:
             raise ConfigError(f"{path}: a folder of scoring rows that also holds {others[0].name}, which is no "
                               "rows file; name the row files themselves, or move the others out")
-        return ScoreSource(path, files)
+        return scoring_source(path, files)
     raise ConfigError(f"{path}: not a sweep experiment folder (no trials.parquet) nor a scoring output folder "
                       "(no rows/*.parquet)")
 
 
-def _kind_or_none(path: Path) -> str | None:
-    """:func:`parquet_kind`, or None for a file that is no Parquet file of ours."""
+def _kind_of(path: Path) -> str | None:
+    """:func:`parquet_kind`; "damaged" for a file whose footer does not read (a torn row file is left
+    out like one in ``OUT/rows``); None for Parquet of another kind."""
+    try:
+        pq.read_schema(path)
+    except Exception as err:     # noqa: BLE001 - pyarrow raises several types for a damaged file
+        if damaged_parquet(err):
+            return "damaged"
+        raise
     try:
         return parquet_kind(path)
     except ConfigError:

@@ -417,11 +417,13 @@ def labelled_rows(data: ScoreData) -> Labelled:
     return Labelled(_in_all_classes(known, data.classes), _count_unknown(unknown))
 
 
-def labelled_count(data: ScoreData) -> int:
-    """Rows with a non-empty label, whatever their status (footers and the label column only)."""
+def labelled_count(data: ScoreData, ok_only: bool = False) -> int:
+    """Rows with a non-empty label (with ``ok_only``, ``ok`` rows only), read from the label column."""
     if "label" not in data.names:
         return 0
-    return sum(t.num_rows for t in batches(data, ["label"], pc.field("label").is_valid() & (pc.field("label") != "")))
+    where = pc.field("label").is_valid() & (pc.field("label") != "")
+    where = where & (pc.field("status") == "ok") if ok_only else where
+    return sum(t.num_rows for t in batches(data, ["label"], where))
 
 
 def _labelled_of(model: ScoreData) -> pd.DataFrame:

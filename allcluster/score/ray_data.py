@@ -242,6 +242,7 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
     card = check_before_run(cfg, shard)
     locks = lock_output(out, shard)         # before anything is written: a refused second run writes nothing
     try:
+        check_job_settings(out, job_settings(card, cfg), record=False)   # again, under the lock (a race)
         methods = list(cfg.explain.methods) + list(cfg.explain.budget.methods)
         packed = methods if cfg.explain.heatmaps == "packed" else []
         recovered = recover_journals(out, shard)   # rows a killed run held in memory
@@ -264,7 +265,7 @@ def run_score(cfg: ScoreConfig, address: str | None = None, retry_errors: bool =
 
             connected = ensure_ray(address, dashboard=False)
             actor_plan(cfg, ray.cluster_resources())   # what only the cluster can refuse (cuda, no GPU): before
-        check_job_settings(out, job_settings(card, cfg))   # this run's records; under the lock, the first run's
+        check_job_settings(out, job_settings(card, cfg))   # recorded by the first run (after the cluster's check)
         card.write_model_info(out)
         write_resolved(cfg, out / "score.yaml", "allcluster score")
         mark_run_started(out, shard)          # a run killed on its way leaves the mark: "unfinished"

@@ -12,10 +12,10 @@ from allcluster.console import say
 from allcluster.interrupt import InterruptionCaught, StopSignals, report_progress
 from allcluster.locks import check_folder_free, holding
 from allcluster.sweep.config import SweepConfig
-from allcluster.sweep.experiment import (BASE_FILE, check_base, read_stored_base, resolved_base, retire_best, store_base,
+from allcluster.sweep.experiment import (BASE_FILE, check_base, read_stored_base, record_base, resolved_base, retire_best,
                                          supersede, varied_keys)
 from allcluster.sweep.plan import Trial, base_beside, plan_trials, trial_status, trials_to_run
-from allcluster.sweep.schema import best_trial
+from allcluster.sweep.schema import UNFINISHED, best_trial
 from allcluster.sweep.results import epochs_table, export_best, trials_table, work_done
 
 SWEEP_STOPPING = ("[sweep] {signal} received: stopping; running trials keep their last epoch checkpoint, "
@@ -48,9 +48,10 @@ def collect(sweep: SweepConfig, trials: list[Trial]) -> pd.DataFrame:
     if best is not None:
         finished = int((table["status"] == "finished").sum())
         target = export_best(best, exp, finished, len(table))
+        left = int(table["status"].isin(UNFINISHED).sum())        # stopped (ASHA) and errored trials are final
         say(f"[sweep] best trial {best['trial_id']} (val macro-F1 {best['val_macro_f1']:.4f}) -> {target}"
-            + (f" (best of {finished} finished of {len(table)} trials so far: a later run may replace it)"
-               if finished < len(table) else ""))
+            + (f" (best of {finished} finished trials so far, {left} still to run: a later run may replace it)"
+               if left else ""))
     else:
         stale = retire_best(exp)
         say("[sweep] no trial finished: no best model exported"
@@ -122,11 +123,10 @@ def _start(exp: Path, sweep: SweepConfig, base: dict, trials: list[Trial], chang
         say(f"[sweep] --new-config: {'; '.join(changes)}; the old outputs moved to {moved}")
     elif new_config:
         say("[sweep] --new-config: the base config is unchanged; continuing the experiment")
-    if read_stored_base(exp) is None:
-        if (exp / "trials").is_dir():
-            say(f"[sweep] {exp} has no {BASE_FILE} (started by an older allcluster): recording the current "
-                "base config; the trials already there are taken to match it")
-        store_base(exp, base)
+    older = (exp / "trials").is_dir() and read_stored_base(exp) is None
+    if record_base(exp, base) and older:
+        say(f"[sweep] {exp} has no {BASE_FILE} (started by an older allcluster): recording the current "
+            "base config; the trials already there are taken to match it")
     exp.mkdir(parents=True, exist_ok=True)
     write_resolved(sweep, exp / "sweep.yaml", f"allcluster sweep {sweep.name}")
     states = pd.Series([trial_status(t.dir) for t in trials]).value_counts().to_dict()
@@ -158,8 +158,7 @@ def run_array_task(sweep: SweepConfig, trials: list[Trial], index: int, retry_er
     if sweep.asha.enabled:
         say("[sweep] array mode runs every trial to its end: asha is a Tune-only feature, ignored here")
     with holding(*_experiment_locks(exp, trials, index)), StopSignals() as stop, InterruptionCaught() as caught:     # never graceful: a signal ends the task at once
-        if read_stored_base(exp) is None:
-            store_base(exp, base)
+        record_base(exp, base)
         say(f"[sweep] trial {index} of {len(trials)}: {trial.trial_id} in {trial.dir}")
         before = work_done([trial])
         try:

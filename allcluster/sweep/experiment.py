@@ -37,8 +37,14 @@ def resolved_base(sweep: SweepConfig, source: str) -> dict[str, Any]:
     cfg = from_dict(TrainConfig, base_train_dict(sweep, source), f"{source}: train")
     base = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in PER_TRIAL_KEYS}
     if "data.manifest" not in varied_keys(sweep) and Path(cfg.data.manifest).is_file():
-        base[CONTENT_KEY] = manifest_fingerprint(read_manifest(cfg.data.manifest))
+        base[CONTENT_KEY] = manifest_content(cfg.data.manifest)
     return base
+
+
+def manifest_content(path: str) -> str:
+    """The fingerprint of a manifest's content; a null is "" whatever pandas spells it ('None', 'nan')."""
+    frame = read_manifest(path)
+    return manifest_fingerprint(frame.astype(object).where(frame.notna(), ""))
 
 
 def varied_keys(sweep: SweepConfig) -> set[str]:
@@ -50,8 +56,10 @@ def base_diff(stored: dict[str, Any], current: dict[str, Any], varied: set[str] 
     samples set (``varied``) are skipped: every trial overrides them; so are the keys a run may change
     and still resume (``RESUME_FREE_KEYS``: resources, cache folder, loader workers), so a requeued
     sweep can land on nodes of another shape and a run refused for its resources can be fixed."""
-    if CONTENT_KEY not in stored:               # an experiment of an older allcluster: not recorded
-        current = {k: v for k, v in current.items() if k != CONTENT_KEY}
+    if CONTENT_KEY not in stored or CONTENT_KEY not in current:
+        # an experiment of an older allcluster (not recorded), or a manifest not here (--collect on a
+        # login node; a run is refused for the missing file itself, by preflight)
+        stored, current = ({k: v for k, v in d.items() if k != CONTENT_KEY} for d in (stored, current))
     lines = config_diff(stored, current, skip=(*varied, *RESUME_FREE_KEYS), prefix="train.")
     return [f"the content of data.manifest {current.get('data.manifest')} (re-indexed since: {line.split(': ', 1)[1]})"
             if line.startswith(f"train.{CONTENT_KEY}:") else line for line in lines]
@@ -69,6 +77,18 @@ def store_base(experiment_dir: Path, base: dict[str, Any]) -> Path:
                              "# the resolved base training config this experiment was started with; a rerun whose\n"
                              "# base differs is refused (allcluster sweep --new-config starts afresh)\n"
                              + yaml.safe_dump(base, sort_keys=True))
+
+
+def record_base(experiment_dir: Path, base: dict[str, Any]) -> bool:
+    """Store ``base`` as the experiment's when it has none (True), or add the manifest's content to a
+    base an older allcluster stored without it, so that a re-index is caught from now on."""
+    stored = read_stored_base(experiment_dir)
+    if stored is None:
+        store_base(experiment_dir, base)
+        return True
+    if CONTENT_KEY in base and CONTENT_KEY not in stored:
+        store_base(experiment_dir, {**stored, CONTENT_KEY: base[CONTENT_KEY]})
+    return False
 
 
 def check_base(experiment_dir: Path, base: dict[str, Any], varied: set[str], source: str,

@@ -188,18 +188,13 @@ def resolve(cfg: TrainConfig, source: str = "config") -> TrainConfig:
                    else head.hidden_dropout)
     pretrained = cfg.model.pretrained or bool(cfg.model.weights)
     optim = replace(cfg.optim, lr=cfg.optim.lr or default_lr(cfg.optim.name, fresh=not pretrained))
-    finetune = cfg.finetune
-    if not pretrained and finetune == FinetuneConfig():
-        # the defaults are paper 002's transfer recipe; from random init they would keep a random backbone
-        # frozen for the head stage and all but its last 2 blocks random for good: one stage, every block
-        finetune = FinetuneConfig(head_epochs=0, unfreeze_blocks=-1)
-    finetune = replace(finetune, head_lr=finetune.head_lr or default_lr(cfg.optim.name, fresh=True))
+    finetune = replace(cfg.finetune, head_lr=cfg.finetune.head_lr or default_lr(cfg.optim.name, fresh=True))
     fit = cfg.fit
     if fit.early_stopping_patience is None:
         fit = replace(fit, early_stopping_patience=default_patience(cfg.schedule.name))
     # train.optim.EpochScheduler runs each stage's schedule on its own: a stage no longer than the warm-up
     # would be all warm-up, its rate never reaching its own (optim.lr; finetune.head_lr for the head stage)
-    for stage_key, epochs in (("fit.epochs", cfg.fit.epochs), ("finetune.head_epochs", finetune.head_epochs)):
+    for stage_key, epochs in (("fit.epochs", cfg.fit.epochs), ("finetune.head_epochs", cfg.finetune.head_epochs)):
         if cfg.schedule.name == "cosine" and epochs and cfg.schedule.warmup_epochs >= epochs:
             raise ConfigError(f"{source}: schedule.warmup_epochs: {cfg.schedule.warmup_epochs} must be below "
                               f"{stage_key} ({epochs}) under the cosine schedule; otherwise every epoch of that "
@@ -213,6 +208,16 @@ def resolve(cfg: TrainConfig, source: str = "config") -> TrainConfig:
                                 cache_dir=absolute(cfg.data.cache_dir) if cfg.data.cache_dir else ""),
                    model=replace(cfg.model, head=head,
                                  weights=absolute(cfg.model.weights) if cfg.model.weights else ""))
+
+
+def frozen_random_layers(cfg: TrainConfig) -> str:
+    """What a backbone from random init (no ``model.pretrained``, no ``model.weights``) keeps random under
+    ``finetune`` (paper 002's transfer recipe, the section's defaults), or "" when it trains every block."""
+    if cfg.model.pretrained or cfg.model.weights:
+        return ""
+    kept = ([f"frozen for the {cfg.finetune.head_epochs} head epochs"] if cfg.finetune.head_epochs else []) + \
+        ([f"all but its last {cfg.finetune.unfreeze_blocks} blocks never trained"] if cfg.finetune.unfreeze_blocks >= 0 else [])
+    return "; ".join(kept)
 
 
 def head_spec(cfg: TrainConfig):

@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from pathlib import Path
 
 from allcluster.config import ConfigError, config_diff, flatten, from_dict, read_yaml, to_dict, write_resolved
+from allcluster.console import say
 from allcluster.atomic import atomic_write_text
 from allcluster.interrupt import behind, call_in_thread, storage_full_at
 from allcluster.locks import holding
 from allcluster.models.card import CARD_FILE, ModelCard
 from allcluster.models.weights import worker_env
-from allcluster.train.config import RESUME_FREE_KEYS, TrainConfig
+from allcluster.train.config import RESUME_FREE_KEYS, TrainConfig, frozen_random_layers
 from allcluster.train.run_folder import RAY_RUN_FOLDER, RAY_SNAPSHOT, checkpoint_folders
 
 
@@ -97,7 +99,6 @@ def repair_run_folder(run_folder: Path) -> None:
     refused (:class:`UnsafeCheckpointError`), as at resume, and never deleted."""
     import shutil
 
-    from allcluster.console import say
     from allcluster.train.loop import TrainState, UnsafeCheckpointError
 
     listed = _listed_checkpoints(run_folder / RAY_SNAPSHOT)
@@ -182,6 +183,10 @@ def preflight(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.manifest: {cfg.data.manifest} does not exist; build it with "
                           "`allcluster index SOURCE --out MANIFEST.parquet`")
     check_splits(cfg)
+    if kept := frozen_random_layers(cfg):
+        say(f"[train] warning: backbone {cfg.model.backbone} starts from random init, yet under finetune it stays "
+            f"random where it is not trained ({kept}); to train from scratch set finetune.head_epochs: 0 and "
+            "finetune.unfreeze_blocks: -1 (or start from model.pretrained / model.weights)", logging.WARNING)
     spec = get_spec(cfg.model.backbone)
     check_weights_available(spec, cfg.model.pretrained, cfg.model.weights)
     if cfg.model.weights:         # every tensor checked here, in seconds, not in each worker after Ray starts
@@ -216,9 +221,11 @@ def check_input_size(cfg: TrainConfig) -> None:
     try:
         with torch.no_grad():
             model(torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size))
+    except torch.OutOfMemoryError:
+        raise                                  # this node's memory, not the setting
     except (RuntimeError, ValueError) as err:
-        raise ConfigError(f"data.image_size: {cfg.data.image_size} is too small for backbone {cfg.model.backbone} "
-                          f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        raise ConfigError(f"data.image_size: backbone {cfg.model.backbone} cannot take a {cfg.data.image_size} px "
+                          f"input (too small for its pooling?): {type(err).__name__}: {str(err).splitlines()[0]}") from None
 
 
 def check_resumable(cfg: TrainConfig) -> None:
