@@ -835,6 +835,9 @@ def test_shards_split_every_input_exactly_once_and_are_stable():
     for bad in ("4/4", "a/2", "1", "-1/3"):
         with pytest.raises(ConfigError, match="--shard"):
             Shard.parse(bad)
+    part = Shard.parse("3/8")            # one spelling each: K/N in messages, K-of-N in file names
+    assert (part.text, part.name) == ("3/8", "3-of-8") and Shard.from_name(part.name) == part
+    assert Shard.from_name(".lock-3-of-8") is None and Shard.from_name("3-of-8.tmp") is None
 
 
 @pytest.mark.ray

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import math
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from typing import Callable
@@ -142,7 +143,19 @@ class Shard:
 
     @property
     def name(self) -> str:
+        """``K-of-N``: how files and folders of the part are named (its lock, journal, summary entry)."""
         return f"{self.index}-of-{self.count}"
+
+    @property
+    def text(self) -> str:
+        """``K/N``, as ``--shard`` takes it and messages say it."""
+        return f"{self.index}/{self.count}"
+
+    @classmethod
+    def from_name(cls, name: str) -> "Shard | None":
+        """The part a :attr:`name` names (None for any other text)."""
+        found = re.fullmatch(r"(\d+)-of-(\d+)", name)
+        return cls(int(found[1]), int(found[2])) if found else None
 
     def share(self, total: int) -> int:
         """This part's share of a job-wide cap (the budget's ``max_images``), split evenly."""

@@ -22,7 +22,6 @@ import contextlib
 import functools
 import json
 import logging
-import re
 import sys
 import time
 from pathlib import Path
@@ -248,9 +247,6 @@ def check_output_free(out: Path, shard: Shard = Shard()) -> None:
     _refuse_other_splits(out, shard)
 
 
-_PART_LOCK = re.compile(r"\.lock-(\d+)-of-(\d+)")
-
-
 def _refuse_other_splits(out: Path, shard: Shard) -> None:
     """A part of another split (``--shard K/M``, M != N: say a resubmission with ALLCLUSTER_SHARDS=8
     while a 4-part job runs) that holds its lock: its files overlap this part's, both would score
@@ -258,15 +254,15 @@ def _refuse_other_splits(out: Path, shard: Shard) -> None:
     if shard.whole:
         return
     for lock_file in sorted(out.glob(".lock-*-of-*")):
-        part = _PART_LOCK.fullmatch(lock_file.name)
-        if part and int(part[2]) != shard.count:
-            ExclusiveLock(lock_file, f"output folder {out} (part {part[1]}/{part[2]} of another split than "
-                                     f"{shard.index}/{shard.count})").probe()
+        part = Shard.from_name(lock_file.name.removeprefix(".lock-"))
+        if part and part.count != shard.count:
+            ExclusiveLock(lock_file, f"output folder {out} (part {part.text} of another split than "
+                                     f"{shard.text})").probe()
 
 
 def _output_locks(out: Path, shard: Shard) -> tuple:
     return (out, f"output folder {out}", "" if shard.whole else shard.name,
-            f"shard {shard.index}/{shard.count} of {out}")
+            f"shard {shard.text} of {out}")
 
 
 def unfinished(out: Path) -> str:
@@ -296,26 +292,23 @@ def unfinished(out: Path) -> str:
 def _unfinished_parts(parts: dict[str, dict]) -> str:
     """Why an array job's parts (``summary.json``'s ``parts``: each part's last run) leave it
     unfinished: a part whose last run was interrupted, or parts with no finished run."""
+    parts = {name: part for name, part in parts.items() if Shard.from_name(name)}     # a hand-edited file's others
     interrupted = sorted((name for name, part in parts.items() if part.get("interrupted")), key=_part_order)
     if interrupted:
-        return (f"the last run of part {', '.join(_part_text(n) for n in interrupted)} of its array job was "
-                f"interrupted (by {parts[interrupted[0]]['interrupted']})")
+        return (f"the last run of part {', '.join(Shard.from_name(n).text for n in interrupted)} of its array "
+                f"job was interrupted (by {parts[interrupted[0]]['interrupted']})")
     unended = sorted((name for name, part in parts.items() if not part.get("ended_at")), key=_part_order)
     if unended:
-        return (f"the last run of part {', '.join(_part_text(n) for n in unended)} of its array job ended "
-                "without finishing (killed, or it failed)")
+        return (f"the last run of part {', '.join(Shard.from_name(n).text for n in unended)} of its array job "
+                "ended without finishing (killed, or it failed)")
     count = max((_part_order(name)[1] for name in parts), default=0)
-    missing = [f"{k}/{count}" for k in range(count) if f"{k}-of-{count}" not in parts]
+    missing = [Shard(k, count).text for k in range(count) if Shard(k, count).name not in parts]
     return f"part {', '.join(missing)} of its array job has no finished run recorded" if missing else ""
 
 
 def _part_order(name: str) -> tuple[int, int]:
-    index, count = name.split("-of-")
-    return int(index), int(count)
-
-
-def _part_text(name: str) -> str:
-    return "/".join(map(str, _part_order(name)))
+    part = Shard.from_name(name)
+    return part.index, part.count
 
 
 def mark_run_started(out: Path, shard: Shard) -> None:
@@ -346,7 +339,7 @@ def _update_summary(out: Path, shard: Shard, whole: Callable[[dict], dict], part
         summary = whole({k: v for k, v in earlier.items() if k != "parts"})
         if not shard.whole:
             parts = {name: entry for name, entry in (earlier.get("parts") or {}).items()
-                     if name.endswith(f"-of-{shard.count}")}
+                     if Shard.from_name(name) and Shard.from_name(name).count == shard.count}
             parts[shard.name] = {**parts.get(shard.name, {}), **part}
             summary = {**summary, "parts": dict(sorted(parts.items(), key=lambda item: _part_order(item[0])))}
             summary.pop("running", None)              # parts say it each for itself
