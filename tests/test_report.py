@@ -22,7 +22,7 @@ from PIL import Image
 from allcluster.cli import main
 from allcluster.config import ConfigError
 from allcluster.report import ReportOptions, build_report, tables
-from allcluster.report.inputs import ScoreSource, SweepSource, collect_inputs
+from allcluster.report.inputs import SweepSource, collect_inputs
 from allcluster.score.heatmaps import load_heatmap
 from conftest import REPO
 
@@ -43,6 +43,23 @@ def readme_recipe(language: str = "python") -> str:
 
 
 # ---- pure parts ----------------------------------------------------------------------------------------------
+def test_the_report_reads_the_columns_the_writers_write():
+    """The report names columns of trials.parquet and of the row shards: each must be one the sweep or the
+    scorer writes (a renamed column would otherwise vanish from the report without a word)."""
+    from allcluster.report import inputs
+    from allcluster.score.rows import row_schema
+    from allcluster.sweep.schema import TRIAL_COLUMNS
+    from allcluster.train.config import TrainConfig
+    from allcluster.config import flatten, to_dict
+
+    assert inputs.TRIALS_COLUMNS <= set(TRIAL_COLUMNS) and inputs.EPOCHS_COLUMNS <= set(TRIAL_COLUMNS) | {"epoch"}
+    assert set(tables.LEADERBOARD_COLUMNS) - set(TRIAL_COLUMNS) == {"trials"}     # the count the report adds
+    assert tables.SHOWN_KEYS <= set(flatten(to_dict(TrainConfig())))
+    written = row_schema(["A", "B"], ["gradcam"])
+    assert inputs.ROWS_COLUMNS <= set(written.names)
+    assert all(written.field(column.name).type == column.type for column in tables.OPTIONAL_ROW_COLUMNS)
+
+
 def test_inputs_are_told_apart_by_their_files_and_columns(tmp_path):
     (tmp_path / "exp").mkdir()
     pq.write_table(pa.table({"trial_id": ["t"], "status": ["finished"], "val_macro_f1": [0.5], "backbone": ["a"]}),
@@ -53,7 +70,7 @@ def test_inputs_are_told_apart_by_their_files_and_columns(tmp_path):
     (tmp_path / "out" / "rows" / ".part-1.parquet.tmp").write_bytes(b"half a shard")
     found = collect_inputs([tmp_path / "exp", tmp_path / "out", shard])
     assert found.sweeps == [SweepSource((tmp_path / "exp").resolve(), (tmp_path / "exp" / "trials.parquet").resolve())]
-    assert found.scorings == [ScoreSource((tmp_path / "out").resolve(), [shard.resolve()])]
+    assert [(s.root, s.files, s.damaged) for s in found.scorings] == [((tmp_path / "out").resolve(), [shard.resolve()], [])]
     pq.write_table(pa.table({"a": [1]}), tmp_path / "other.parquet")
     (tmp_path / "notes.txt").write_text("x")
     for path, message in [(tmp_path / "other.parquet", "neither sweep columns"), (tmp_path / "notes.txt", "expected a folder"),
@@ -801,7 +818,7 @@ def test_parquet_files_as_inputs_give_the_same_tables(runs, tmp_path):
     found = collect_inputs([runs["experiment"] / "trials.parquet", runs["experiment"] / "epochs.parquet", *shards])
     exp, scored = runs["experiment"].resolve(), runs["scored"].resolve()
     assert found.sweeps == [SweepSource(exp, exp / "trials.parquet", exp / "epochs.parquet")]
-    assert found.scorings == [ScoreSource(scored, [p.resolve() for p in shards])]
+    assert [(s.root, s.files) for s in found.scorings] == [(scored, [p.resolve() for p in shards])]
     result = build_report([runs["experiment"] / "trials.parquet", *shards], tmp_path / "r",
                           ReportOptions(gallery_per_class=1, group_by=["label"]))
     for name in ("leaderboard", "class_counts", "rollup_label"):

@@ -163,9 +163,11 @@ def labelled_parts(report: Report, data: tables.ScoreData) -> tuple[list[str], d
     raw_cols, cal_cols = class_columns(data.classes)
     groups = _split_groups(rows)
     shown_as, shown = groups[0]
-    summary = pd.DataFrame([_labelled_summary(name, part, data.classes) for name, part in groups])
+    found_per_group = [_labelled_metrics(part, data.classes) for _, part in groups]
+    summary = pd.DataFrame([{"split": name} | {k: found[k] for k in LABELLED_METRICS}
+                            for (name, _), found in zip(groups, found_per_group)])
     y, raw, cal = shown["y"].to_numpy(), shown[raw_cols].to_numpy(np.float64), shown[cal_cols].to_numpy(np.float64)
-    found = metrics.classification_metrics(y, cal, data.classes)
+    found = found_per_group[0]
     per_class = pd.DataFrame([{"class": c, **v} for c, v in found["per_class"].items()])
     cm = np.asarray(found["confusion"])
     parts = [html.heading("Against the labels"),
@@ -203,15 +205,19 @@ def _split_groups(rows: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return groups if "test" in named else [groups[-1], *groups[:-1]]
 
 
-def _labelled_summary(name: str, rows: pd.DataFrame, classes: list[str]) -> dict:
-    """One row of ``labelled_metrics``: the metrics of ``rows`` (calibrated) and ECE before calibration."""
+# the columns of ``labelled_metrics`` after ``split`` (README "Report" documents each)
+LABELLED_METRICS = ("n", "accuracy", "macro_f1", "macro_precision", "macro_recall", "macro_specificity", "auc", "map",
+                    "nll", "ece_before", "ece_after")
+
+
+def _labelled_metrics(rows: pd.DataFrame, classes: list[str]) -> dict:
+    """:func:`~allcluster.metrics.classification_metrics` of ``rows`` (calibrated probabilities), with
+    ``ece_after`` and the ECE of the raw probabilities, ``ece_before``."""
     raw_cols, cal_cols = class_columns(classes)
     y = rows["y"].to_numpy()
     found = metrics.classification_metrics(y, rows[cal_cols].to_numpy(np.float64), classes)
-    return ({"split": name} | {k: found[k] for k in ("n", "accuracy", "macro_f1", "macro_precision", "macro_recall",
-                                                      "macro_specificity", "auc", "map", "nll")}
-            | {"ece_before": metrics.expected_calibration_error(rows[raw_cols].to_numpy(np.float64), y),
-               "ece_after": found["ece"]})
+    return found | {"ece_before": metrics.expected_calibration_error(rows[raw_cols].to_numpy(np.float64), y),
+                    "ece_after": found["ece"]}
 
 
 def _split_caveat(shown_as: str, groups: list[tuple[str, pd.DataFrame]]) -> str:

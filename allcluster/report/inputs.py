@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from allcluster.atomic import damaged_parquet
@@ -37,10 +38,15 @@ class SweepSource:
 
 @dataclass
 class ScoreSource:
-    """One scoring output folder ``root`` and the row shards read from it."""
+    """One scoring output folder ``root`` and the row shards read from it, each with its footer's
+    schema (read once, here)."""
     root: Path
-    files: list[Path] = field(default_factory=list)
+    schemas: dict[Path, pa.Schema] = field(default_factory=dict)
     damaged: list[Path] = field(default_factory=list)      # shards left out: no readable Parquet
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(self.schemas)
 
 
 @dataclass
@@ -61,35 +67,53 @@ def parquet_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
 
 
-def parquet_kind(path: Path) -> str:
-    """``trials``, ``epochs`` or ``rows`` from a Parquet file's columns (its footer only)."""
+def footer(path: Path) -> pa.Schema | None:
+    """The schema in a Parquet file's footer; None for a damaged file (empty, torn: a run killed while
+    a copy was cut short). Anything else that fails to read raises."""
     try:
-        names = set(pq.read_schema(path).names)
-    except Exception as err:   # pyarrow raises several types for a file that is not Parquet
-        raise ConfigError(f"{path}: cannot read as Parquet ({err})") from err
+        return pq.read_schema(path)
+    except Exception as err:     # noqa: BLE001 - pyarrow raises several types for a damaged file
+        if damaged_parquet(err):
+            return None
+        raise
+
+
+def kind_of(schema: pa.Schema) -> str | None:
+    """``trials``, ``epochs`` or ``rows`` from a Parquet schema's columns; None for another kind."""
+    names = set(schema.names)
     for kind, needed in (("trials", TRIALS_COLUMNS), ("epochs", EPOCHS_COLUMNS), ("rows", ROWS_COLUMNS)):
         if needed <= names:
             return kind
-    raise ConfigError(f"{path}: a Parquet file with neither sweep columns ({', '.join(sorted(TRIALS_COLUMNS))}) "
-                      f"nor scoring-row columns ({', '.join(sorted(ROWS_COLUMNS))})")
+    return None
 
 
-def scoring_source(root: Path, files: list[Path]) -> ScoreSource:
-    """The row shards ``files`` of the scoring output ``root``, those whose footer does not read left out."""
-    readable, damaged = [], []
-    for shard in files:
-        try:
-            pq.read_schema(shard)
-            readable.append(shard)
-        except Exception as err:     # noqa: BLE001 - pyarrow raises several types for a damaged file
-            if not damaged_parquet(err):
-                raise
-            damaged.append(shard)
+def parquet_kind(path: Path) -> tuple[str, pa.Schema]:
+    """The kind (:func:`kind_of`) and schema of one named Parquet file; a ConfigError naming it when it
+    does not read or is none of the kinds."""
+    try:
+        schema = pq.read_schema(path)
+    except Exception as err:   # pyarrow raises several types for a file that is not Parquet
+        raise ConfigError(f"{path}: cannot read as Parquet ({err})") from err
+    kind = kind_of(schema)
+    if kind is None:
+        raise ConfigError(f"{path}: a Parquet file with neither sweep columns ({', '.join(sorted(TRIALS_COLUMNS))}) "
+                          f"nor scoring-row columns ({', '.join(sorted(ROWS_COLUMNS))})")
+    return kind, schema
+
+
+def scoring_source(root: Path, footers: dict[Path, pa.Schema | None]) -> ScoreSource:
+    """The row shards of the scoring output ``root`` by their :func:`footer`; those whose footer does
+    not read are left out."""
+    readable = {shard: schema for shard, schema in footers.items() if schema is not None}
     if not readable:
-        raise ConfigError(f"{root}: none of its {len(files)} row shard(s) is a readable Parquet file (e.g. "
-                          f"{files[0]}); rerun its `allcluster score` command, which sets them aside and "
+        raise ConfigError(f"{root}: none of its {len(footers)} row shard(s) is a readable Parquet file (e.g. "
+                          f"{min(footers)}); rerun its `allcluster score` command, which sets them aside and "
                           "scores their files again")
-    return ScoreSource(root, readable, damaged)
+    return ScoreSource(root, readable, sorted(set(footers) - set(readable)))
+
+
+def _footers(files: list[Path]) -> dict[Path, pa.Schema | None]:
+    return {shard: footer(shard) for shard in files}
 
 
 def _rows_root(path: Path) -> Path:
@@ -103,12 +127,12 @@ def _sibling(path: Path, name: str) -> Path | None:
 
 def classify_file(path: Path) -> SweepSource | ScoreSource:
     """A single ``.parquet`` INPUT as a sweep or scoring source."""
-    kind = parquet_kind(path)
+    kind, schema = parquet_kind(path)
     if kind == "trials":
         return SweepSource(path.parent, path, _sibling(path, "epochs.parquet"))
     if kind == "epochs":
         return SweepSource(path.parent, _sibling(path, "trials.parquet"), path)
-    return ScoreSource(_rows_root(path), [path])
+    return ScoreSource(_rows_root(path), {path: schema})
 
 
 def _refuse_an_output_without_shards(path: Path) -> None:
@@ -128,36 +152,22 @@ def classify_folder(path: Path) -> SweepSource | ScoreSource:
     if (path / "trials.parquet").is_file():
         return SweepSource(path, path / "trials.parquet", _sibling(path / "trials.parquet", "epochs.parquet"))
     if (path / "rows").is_dir() and parquet_files(path / "rows"):
-        return scoring_source(path, parquet_files(path / "rows"))
+        return scoring_source(path, _footers(parquet_files(path / "rows")))
     if (path / "rows").is_dir():
         _refuse_an_output_without_shards(path)
-    files = parquet_files(path)
-    if path.name == "rows" and files:          # OUT/rows named itself
-        return scoring_source(path.parent, files)
-    kinds = {f: _kind_of(f) for f in files}
+    footers = _footers(parquet_files(path))
+    if path.name == "rows" and footers:          # OUT/rows named itself
+        return scoring_source(path.parent, footers)
+    # a torn file is left out like one in OUT/rows; any other kind of file refuses the folder
+    kinds = {f: kind_of(schema) if schema is not None else "damaged" for f, schema in footers.items()}
     if "rows" in kinds.values():
         others = [f for f, kind in kinds.items() if kind not in ("rows", "damaged")]
         if others:
             raise ConfigError(f"{path}: a folder of scoring rows that also holds {others[0].name}, which is no "
                               "rows file; name the row files themselves, or move the others out")
-        return scoring_source(path, files)
+        return scoring_source(path, footers)
     raise ConfigError(f"{path}: not a sweep experiment folder (no trials.parquet) nor a scoring output folder "
                       "(no rows/*.parquet)")
-
-
-def _kind_of(path: Path) -> str | None:
-    """:func:`parquet_kind`; "damaged" for a file whose footer does not read (a torn row file is left
-    out like one in ``OUT/rows``); None for Parquet of another kind."""
-    try:
-        pq.read_schema(path)
-    except Exception as err:     # noqa: BLE001 - pyarrow raises several types for a damaged file
-        if damaged_parquet(err):
-            return "damaged"
-        raise
-    try:
-        return parquet_kind(path)
-    except ConfigError:
-        return None
 
 
 def classify(path: str | Path) -> SweepSource | ScoreSource:
@@ -186,7 +196,7 @@ def collect_inputs(paths: list[str | Path]) -> Inputs:
             known.epochs = known.epochs or source.epochs
         else:
             known = scorings.setdefault(source.root, ScoreSource(source.root))
-            known.files = sorted(set(known.files) | set(source.files))
+            known.schemas.update(source.schemas)
             known.damaged = sorted(set(known.damaged) | set(source.damaged))
     return Inputs(list(sweeps.values()), list(scorings.values()))
 

@@ -26,15 +26,14 @@ import pyarrow.parquet as pq
 from allcluster.config import ConfigError
 from allcluster.report.inputs import ScoreSource, SweepSource
 from allcluster.score.rows import class_columns, classes_of, method_columns, methods_of
-from allcluster.sweep.schema import CELL, CONFIG_COLUMNS, ranked
+from allcluster.sweep.schema import CELL, CONFIG_COLUMNS, KEY_COLUMNS, ranked
 
 LEADERBOARD_COLUMNS = CELL + [
     "trials", "trial_id", "train_accuracy", "val_accuracy", "test_accuracy", "train_loss", "val_loss", "test_loss",
     "train_macro_f1", "val_macro_f1", "test_macro_f1", "test_auc", "test_macro_specificity", "test_ece",
     "test_ece_calibrated", "wall_seconds", "gpu_hours", "sweep"]
 # swept keys already shown under the names above
-SHOWN_KEYS = {"model.backbone", "augment.name", "optim.name", "optim.lr", "data.image_size", "finetune.head_epochs",
-              "finetune.unfreeze_blocks", "fit.batch_size"}
+SHOWN_KEYS = set(KEY_COLUMNS)
 NONE = "(none)"
 BATCH_ROWS = 65_536
 GALLERY_COLUMNS = ["predicted_class", "kind", "confidence", "path", "heatmap", "sha256", "scoring_out", "label"]
@@ -159,7 +158,7 @@ def open_scoring(sources: list[ScoreSource]) -> ScoreData:
     from allcluster.score.output import stale_row_keys
 
     files = [f for s in sources for f in s.files]
-    schemas = [pq.read_schema(f) for f in files]
+    schemas = [s.schemas[f] for s in sources for f in s.files]
     has_run_id = {str(f): "run_id" in schema.names for f, schema in zip(files, schemas)}
     schema = pa.unify_schemas(schemas, promote_options="permissive")
     for column in OPTIONAL_ROW_COLUMNS:

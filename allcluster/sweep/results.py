@@ -14,11 +14,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from allcluster.atomic import atomic_folder
-from allcluster.config import config_hash
+from allcluster.config import config_hash, flatten, to_dict
 from allcluster.models.card import CARD_FILE, ModelCard
 from allcluster.models.card import versions
 from allcluster.sweep.plan import Trial, epochs_recorded, trial_status
-from allcluster.sweep.schema import METRIC_KEYS, ordered
+from allcluster.sweep.schema import KEY_COLUMNS, METRIC_KEYS, ordered
 from allcluster.train.run_folder import RAY_RUN_FOLDER, newest_checkpoint
 
 SUMMARY_COLUMNS = ["backbone", "augmentation", "optimizer", "status", "best_epoch", "train_accuracy", "train_macro_f1",
@@ -62,13 +62,12 @@ def _split_metrics(prefix: str, metrics: dict) -> dict:
 def trial_row(trial: Trial) -> dict:
     """One row of ``trials.parquet`` for a trial, from whatever its folder holds."""
     cfg, history, card = trial.config, _history(trial), _card(trial)
+    values = flatten(to_dict(cfg))
     status = trial_status(trial.dir)
     res = cfg.resources
     gpus = res.gpus
     row = {"trial_id": trial.trial_id, "trial_index": trial.index, **trial.params,
-           "backbone": cfg.model.backbone, "augmentation": cfg.augment.name, "optimizer": cfg.optim.name,
-           "lr": cfg.optim.lr, "image_size": cfg.data.image_size, "head_epochs": cfg.finetune.head_epochs,
-           "unfreeze_blocks": cfg.finetune.unfreeze_blocks, "batch_size": cfg.fit.batch_size,
+           **{column: values[key] for key, column in KEY_COLUMNS.items()},
            "num_workers": res.num_workers, "gpus_per_trial": gpus,
            "status": status, "error": _read_json(trial.dir / "error.json").get("error", "")}
     best = history.loc[history["val_macro_f1"].idxmax()] if len(history) else None

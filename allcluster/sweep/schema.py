@@ -10,7 +10,11 @@ from allcluster.metrics import EVAL_METRICS
 SPLITS = ("train", "val", "test")
 METRIC_KEYS = EVAL_METRICS                  # <split>_<metric> columns (val_/test_ for every one)
 CELL = ["backbone", "augmentation", "optimizer"]          # one grid cell of the papers' tables
-CONFIG_COLUMNS = ["augmentation", "optimizer", "lr", "image_size", "head_epochs", "unfreeze_blocks", "batch_size"]
+# the trial columns that show a config key's value (the report gives a varied key shown here no column of its own)
+KEY_COLUMNS = {"model.backbone": "backbone", "augment.name": "augmentation", "optim.name": "optimizer",
+               "optim.lr": "lr", "data.image_size": "image_size", "finetune.head_epochs": "head_epochs",
+               "finetune.unfreeze_blocks": "unfreeze_blocks", "fit.batch_size": "batch_size"}
+CONFIG_COLUMNS = [c for c in KEY_COLUMNS.values() if c != "backbone"]
 # trials.parquet: these columns in this order, with one column per varied key (its dotted name, e.g.
 # ``optim.lr``) after ``trial_index`` (README "Sweeps" documents each)
 TRIAL_COLUMNS = [
