@@ -762,6 +762,33 @@ def test_check_refuses_what_the_run_would_and_writes_nothing(synthetic_manifest,
     assert not exp.exists()
 
 
+def test_the_start_up_checks_parse_the_manifest_once_and_a_rewrite_again(synthetic_manifest, tmp_path, monkeypatch):
+    """The content fingerprint and the split check of each backbone read one manifest: a million-row
+    manifest costs seconds a parse, so the checks share one; a file rewritten in between is parsed again."""
+    from allcluster.data import manifest as manifest_module
+
+    parsed = []
+    parse = manifest_module._read_manifest_file
+    monkeypatch.setattr(manifest_module, "_read_manifest_file", lambda path: parsed.append(path) or parse(path))
+    config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, tmp_path / "exp",
+                        grid={"model.backbone": ["allnet", "resnet18"], "optim.name": ["adam", "sgd"]})
+    assert main(["sweep", "--config", str(config), "--check"]) == 0
+    assert parsed == [synthetic_manifest]
+    with manifest_module.shared_manifest_reads():
+        first = manifest_module.read_manifest(synthetic_manifest)
+        first.loc[0, "label"] = "changed by a caller"
+        assert manifest_module.read_manifest(synthetic_manifest).loc[0, "label"] != "changed by a caller"
+        copy = tmp_path / "m.parquet"
+        shutil.copy(synthetic_manifest, copy)
+        manifest_module.read_manifest(copy)
+        shutil.copy(synthetic_manifest, tmp_path / "m2.parquet")
+        (tmp_path / "m2.parquet").replace(copy)                              # an atomic rewrite: a new file
+        manifest_module.read_manifest(copy)
+    assert parsed == [synthetic_manifest] * 2 + [copy] * 2
+    manifest_module.read_manifest(copy)
+    assert len(parsed) == 5, "outside the checks every read parses (nothing held)"
+
+
 @pytest.mark.ray
 def test_new_config_moves_the_old_outputs_aside_and_runs_every_trial_afresh(ray_local, synthetic_manifest, tmp_path):
     exp = tmp_path / "exp"

@@ -13,9 +13,10 @@ import logging
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -336,11 +337,37 @@ def write_manifest(df: pd.DataFrame, out: str | Path) -> Path:
     return atomic_write_parquet(out, table)
 
 
+_shared_reads: dict[tuple, pd.DataFrame] | None = None     # see shared_manifest_reads
+
+
+@contextmanager
+def shared_manifest_reads() -> Iterator[None]:
+    """Within it, :func:`read_manifest` parses each manifest file once and returns copies: a driver's
+    start-up checks (content fingerprint, splits per backbone) read the same file several times, a
+    million-row manifest seconds each. The frames are dropped on leaving (not held by training)."""
+    global _shared_reads
+    _shared_reads = {}
+    try:
+        yield
+    finally:
+        _shared_reads = None
+
+
 def read_manifest(path: str | Path) -> pd.DataFrame:
     """Read a manifest, checking that it has the columns training needs."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: manifest not found; build it with `allcluster index SOURCE --out {path}`")
+    if _shared_reads is None:
+        return _read_manifest_file(path)
+    info = path.stat()              # a rewrite (atomic: a new inode) is read again
+    identity = (str(path.resolve()), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    if identity not in _shared_reads:
+        _shared_reads[identity] = _read_manifest_file(path)
+    return _shared_reads[identity].copy()
+
+
+def _read_manifest_file(path: Path) -> pd.DataFrame:
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as err:

@@ -9,10 +9,11 @@ import pandas as pd
 from allcluster.atomic import atomic_write_parquet
 from allcluster.config import ConfigError, config_source, load, write_resolved
 from allcluster.console import say
+from allcluster.data.manifest import shared_manifest_reads
 from allcluster.interrupt import InterruptionCaught, StopSignals, report_progress
 from allcluster.locks import check_folder_free, holding
 from allcluster.sweep.config import SweepConfig
-from allcluster.sweep.experiment import (BASE_FILE, check_base, read_stored_base, record_base, resolved_base, retire_best,
+from allcluster.sweep.experiment import (BASE_FILE, check_base, record_base, resolved_base, retire_best,
                                          supersede, varied_keys)
 from allcluster.sweep.plan import Trial, base_beside, plan_trials, trial_status, trials_to_run
 from allcluster.sweep.schema import UNFINISHED, best_trial
@@ -98,12 +99,13 @@ def check_before_run(sweep: SweepConfig, trials: list[Trial], source: str, retry
         raise ConfigError(f"--trial-index {index}: {source} plans {len(trials)} trials, indices 0 to "
                           f"{len(trials) - 1} (`allcluster sweep --dry-run` lists them)")
     check_folder_free(*_experiment_locks(Path(sweep.experiment_dir), trials, index))
-    base = resolved_base(sweep, source)
-    changes = check_base(Path(sweep.experiment_dir), base, varied_keys(sweep), source, new_config)
-    planned = trials if index is None else [trials[index]]
-    to_run = planned if changes else trials_to_run(planned, retry_errored or sweep.retry_errored)
-    for trial in {t.config.model.backbone: t for t in to_run}.values():
-        preflight(trial.config)
+    with shared_manifest_reads():
+        base = resolved_base(sweep, source)
+        changes = check_base(Path(sweep.experiment_dir), base, varied_keys(sweep), source, new_config)
+        planned = trials if index is None else [trials[index]]
+        to_run = planned if changes else trials_to_run(planned, retry_errored or sweep.retry_errored)
+        for trial in {t.config.model.backbone: t for t in to_run}.values():
+            preflight(trial.config)
     return base, changes, to_run
 
 
@@ -123,8 +125,8 @@ def _start(exp: Path, sweep: SweepConfig, base: dict, trials: list[Trial], chang
         say(f"[sweep] --new-config: {'; '.join(changes)}; the old outputs moved to {moved}")
     elif new_config:
         say("[sweep] --new-config: the base config is unchanged; continuing the experiment")
-    older = (exp / "trials").is_dir() and read_stored_base(exp) is None
-    if record_base(exp, base) and older:
+    trials_there = (exp / "trials").is_dir()
+    if record_base(exp, base) and trials_there:      # True: it had no stored base
         say(f"[sweep] {exp} has no {BASE_FILE} (started by an older allcluster): recording the current "
             "base config; the trials already there are taken to match it")
     exp.mkdir(parents=True, exist_ok=True)
