@@ -23,7 +23,7 @@ from allcluster.cli import main
 from allcluster.config import ConfigError
 from allcluster.report import ReportOptions, build_report, tables
 from allcluster.report.inputs import SweepSource, collect_inputs
-from allcluster.score.heatmaps import load_heatmap
+from allcluster.score.heatmaps import PACK_COLUMNS, load_heatmap
 from conftest import REPO
 
 CI_TINY_SCORE = REPO / "configs" / "score" / "ci_tiny.yaml"
@@ -287,6 +287,33 @@ def test_an_image_whose_overlay_fails_twice_is_one_image_in_the_note(tmp_path):
     notes = [n for n in result["notes"] if n.startswith("no overlay")]
     assert len(notes) == 1 and notes[0].startswith("no overlay for 2 image(s)"), notes
     assert "/heatmaps/gone-" in notes[0], "the note names a map it could not read"
+
+
+def test_jobs_with_other_explain_methods_each_show_their_own_maps(real_data_dir, tmp_path):
+    """Two nights scored with different `explain.methods` (Grad-CAM, then HiResCAM): the morning list
+    and the gallery show each row's own first map, named by `heatmap_method`, not only the first job's."""
+    from allcluster.score.heatmaps import encode_maps, write_pack
+    from allcluster.score.rows import method_columns
+
+    image_a, image_b = sorted((real_data_dir / "Pre").glob("*.jpg"))[:2]
+    for job, method, image, sha in (("a", "gradcam", image_a, "a" * 64), ("b", "hirescam", image_b, "b" * 64)):
+        png = encode_maps(np.full((1, 32, 32), 200, np.uint8))[0][0]
+        write_pack(tmp_path / job / "heatmaps" / "part-0.parquet",
+                   pa.table({"sha256": [sha], "method": [method], "png": [png], "overlay_jpg": [None]},
+                            schema=pa.schema(PACK_COLUMNS)))
+        hand_rows(tmp_path / job, ["Benign", "Pre"], {
+            "path": [str(image)], "status": ["ok"], "duplicate_of": [""], "predicted_class": ["Pre"],
+            "confidence": [0.9], "sha256": [sha], method_columns(method)["heatmap"]: ["heatmaps/part-0.parquet"]},
+            methods=[method])
+    result = build_report([tmp_path / "a", tmp_path / "b"], tmp_path / "r",
+                          ReportOptions(group_by=[], gallery_per_class=1))
+    morning = pd.read_csv(tmp_path / "r" / "morning_list.csv").set_index("path")
+    assert morning.loc[str(image_b), "heatmap"] == str((tmp_path / "b" / "heatmaps" / "part-0.parquet").resolve())
+    assert morning["heatmap_method"].to_dict() == {str(image_a): "gradcam", str(image_b): "hirescam"}
+    gallery = pd.read_csv(tmp_path / "r" / "gallery" / "gallery.csv")
+    assert sorted(gallery["heatmap_method"]) == ["gradcam", "hirescam"] and gallery["image"].notna().all()
+    assert all((tmp_path / "r" / image).is_file() for image in gallery["image"])
+    assert not [n for n in result["notes"] if n.startswith("no overlay")], result["notes"]
 
 
 def test_a_retried_files_old_row_is_not_counted_until_compaction_and_other_jobs_rows_stay(tmp_path):
@@ -723,7 +750,7 @@ def test_every_priority_tier_on_the_real_rows_with_other_flags(runs, tmp_path):
     data = tables.open_scoring(collect_inputs([tmp_path]).scorings)
     morning = tables.morning_list(data, ["Pre"]).to_pandas()
     df = rows.to_pandas()
-    assert data.classes == CLASSES and data.heatmap_column == "heatmap_gradcam"
+    assert data.classes == CLASSES and data.heatmap_columns[0] == "heatmap_gradcam"
     expected = df[(df["status"] == "ok") & (df["uncertain"] | (df["predicted_class"] == "Pre"))]
     assert sorted(morning["path"]) == sorted(expected["path"])
     assert set(morning["reason"]) == set(tables.TIERS.values()), morning["reason"].value_counts()

@@ -74,13 +74,13 @@ class Report:
         self.notes.append(text)
         return [html.note_html(text)]
 
-    def overlay(self, row, method: str, target: Path) -> str:
-        """An overlay of the row's ``method`` map in the report folder (its relative path), or "" with
-        a note if it cannot be made."""
+    def overlay(self, row, target: Path) -> str:
+        """An overlay of the row's map (``heatmap``, ``heatmap_method``) in the report folder (its
+        relative path), or "" with a note if it cannot be made."""
         from allcluster.score.heatmaps import load_heatmap
 
         try:
-            heat = load_heatmap(row.heatmap, row.sha256, method)
+            heat = load_heatmap(row.heatmap, row.sha256, row.heatmap_method)
             model = self.models.get(row.scoring_out, ModelInfo())
             return self.rel(plots.overlay(row.path, heat, target, model.roi_crop, model.roi_margin))
         except (OSError, DecodeError, ValueError) as err:
@@ -136,8 +136,7 @@ def morning_parts(report: Report, data: tables.ScoreData, options: ReportOptions
                             "3 uncertain. All of them, with heatmap paths: morning_list.csv.")]
     shown = morning.slice(0, options.morning_rows).to_pandas()
     if len(shown):
-        method = data.heatmap_column[len("heatmap_"):]
-        shown.insert(2, "overlay", [report.overlay(row, method, report.out / "morning" / f"{row.priority:05d}.jpg")
+        shown.insert(2, "overlay", [report.overlay(row, report.out / "morning" / f"{row.priority:05d}.jpg")
                                     if row.heatmap else "" for row in shown.itertuples(index=False)])
         columns = ["priority", "reason", "overlay", "path", "predicted_class", "confidence", "malignant_probability",
                    "label", "patient"]
@@ -243,15 +242,14 @@ def gallery_parts(report: Report, data: tables.ScoreData, options: ReportOptions
     picks = tables.gallery_rows(data, options.gallery_per_class)
     if not len(picks):
         return [html.heading("Heatmap gallery")] + report.note("no ok rows with a heatmap: no gallery")
-    method = data.heatmap_column[len("heatmap_"):]
-    picks["image"] = [report.overlay(row, method,
-                                     report.out / "gallery" / f"{i:03d}-{safe_name(row.predicted_class)}.jpg")
+    picks["image"] = [report.overlay(row, report.out / "gallery" / f"{i:03d}-{safe_name(row.predicted_class)}.jpg")
                       for i, row in enumerate(picks.itertuples(index=False))]
     picks = picks[picks["image"] != ""]
     (report.out / "gallery").mkdir(exist_ok=True)
     picks.to_csv(report.out / "gallery" / "gallery.csv", index=False)
     report.files["gallery"] = "gallery/gallery.csv"
-    return [html.heading(f"Heatmap gallery ({method}, {options.gallery_per_class} per class and kind)"),
+    methods = ", ".join(dict.fromkeys(picks["heatmap_method"]))
+    return [html.heading(f"Heatmap gallery ({methods}, {options.gallery_per_class} per class and kind)"),
             html.gallery_html(picks)]
 
 

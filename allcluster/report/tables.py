@@ -12,6 +12,8 @@ lowest validation loss; the test split never picks.
 """
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -36,7 +38,8 @@ LEADERBOARD_COLUMNS = CELL + [
 SHOWN_KEYS = set(KEY_COLUMNS)
 NONE = "(none)"
 BATCH_ROWS = 65_536
-GALLERY_COLUMNS = ["predicted_class", "kind", "confidence", "path", "heatmap", "sha256", "scoring_out", "label"]
+GALLERY_COLUMNS = ["predicted_class", "kind", "confidence", "path", "heatmap", "heatmap_method", "sha256", "scoring_out",
+                   "label"]
 TIERS = {1: "malignant, uncertain", 2: "malignant", 3: "uncertain"}
 COUNTERS = ["rows", "ok", "errors", "uncertain", "malignant", "duplicates"]   # per group, then one per class
 CLASS_COUNT_PREFIX = "predicted:"    # no counter has it, so no class name can take a counter's column
@@ -130,11 +133,11 @@ class ScoreData:
         return [c for c in columns if c in self.names]
 
     @property
-    def heatmap_column(self) -> str:
-        """The first method's map column: the first every-image method's (the one a row's ``cam_method``
-        names), as a job lists those before its budgeted ones; with none, the first budgeted method's."""
-        found = [method_columns(m)["heatmap"] for m in self.methods if method_columns(m)["heatmap"] in self.names]
-        return found[0] if found else ""
+    def heatmap_columns(self) -> list[str]:
+        """The map columns, in method order: a row's map is that of the first which has one, its first
+        every-image method's (the one its ``cam_method`` names; jobs list those before their budgeted
+        ones), else its first budgeted method's. Jobs with other methods each show their own."""
+        return self.present([method_columns(m)["heatmap"] for m in self.methods])
 
 
 def _listed(schemas: list[pa.Schema], of: Callable[[pa.Schema], list[str]]) -> list[str]:
@@ -356,12 +359,17 @@ def _priority_keys(table: pa.Table, malignant: list[str], malignant_cols: list[s
             .append_column("malignant_probability", probability))
 
 
-def _heatmap_paths(table: pa.Table, heat: str) -> pa.Array:
-    """Absolute heatmap paths (``scoring_out`` / relative path), "" where a row has none."""
-    if not heat:
-        return pa.array([""] * table.num_rows, pa.string())
-    rel = pc.fill_null(table[heat], "")
-    return pc.if_else(pc.equal(rel, ""), "", pc.binary_join_element_wise(table["scoring_out"], rel, "/"))
+def _with_heatmap(table: pa.Table, heats: list[str]) -> pa.Table:
+    """``table`` with ``heatmap``, the absolute path (``scoring_out`` / relative path) of each row's first
+    map among the columns ``heats``, and ``heatmap_method``, whose map it is ("" where a row has none);
+    the ``heats`` columns dropped."""
+    path = method = pa.array([""] * table.num_rows, pa.string())
+    for column in reversed(heats):                      # the earlier column wins
+        rel = pc.fill_null(table[column], "")
+        has = pc.not_equal(rel, "")
+        path = pc.if_else(has, pc.binary_join_element_wise(table["scoring_out"], rel, "/"), path)
+        method = pc.if_else(has, pa.scalar(column[len("heatmap_"):]), method)
+    return table.drop_columns(heats).append_column("heatmap", path).append_column("heatmap_method", method)
 
 
 def morning_list(data: ScoreData, malignant: list[str]) -> pa.Table:
@@ -375,13 +383,13 @@ def morning_list(data: ScoreData, malignant: list[str]) -> pa.Table:
     """
     _, calibrated = class_columns(data.classes)
     malignant_cols = data.present([c for name, c in zip(data.classes, calibrated) if name in malignant])
-    heat = data.heatmap_column
+    heats = data.heatmap_columns
     shown = data.present(["path", "predicted_class", "confidence", "uncertain", "label", "patient"])
-    parts = [_priority_keys(t, malignant, malignant_cols).append_column("heatmap", _heatmap_paths(t, heat))
-             .select(["tier", "reason", *shown, "malignant_probability", "heatmap", "sha256", "scoring_out"])
-             for t in batches(data, [*shown, *malignant_cols, heat, "sha256"], _flagged(malignant), with_root=True)]
+    columns = ["reason", *shown, "malignant_probability", "heatmap", "heatmap_method", "sha256", "scoring_out"]
+    parts = [_with_heatmap(_priority_keys(t, malignant, malignant_cols), heats).select(["tier", *columns])
+             for t in batches(data, [*shown, *malignant_cols, *heats, "sha256"], _flagged(malignant), with_root=True)]
     if not parts:
-        names = ["priority", "reason", *shown, "malignant_probability", "heatmap", "sha256", "scoring_out"]
+        names = ["priority", *columns]
         return pa.table({n: pa.array([], pa.string()) for n in names})
     table = pa.concat_tables(parts)
     order = pc.sort_indices(table, sort_keys=[("tier", "ascending"), ("malignant_probability", "descending"),
@@ -489,14 +497,14 @@ def _ends(table: pa.Table, n: int) -> pa.Table:
 def gallery_rows(data: ScoreData, n: int) -> pd.DataFrame:
     """Per predicted class, the ``n`` most confident then the ``n`` most uncertain ok rows that have
     a heatmap (first copies only: a duplicate would show the same image twice)."""
-    heat = data.heatmap_column
-    if not heat or n <= 0:
+    heats = data.heatmap_columns
+    if not heats or n <= 0:
         return pd.DataFrame(columns=GALLERY_COLUMNS)
-    where = (pc.field("status") == "ok") & pc.field(heat).is_valid() & (pc.field(heat) != "") & FIRST_COPIES
+    has_map = functools.reduce(operator.or_, [pc.field(h).is_valid() & (pc.field(h) != "") for h in heats])
     keep = None
-    for table in batches(data, ["path", "sha256", "predicted_class", "confidence", "label", heat], where,
-                         with_root=True):
-        table = table.append_column("heatmap", _heatmap_paths(table, heat)).drop_columns([heat])
+    for table in batches(data, ["path", "sha256", "predicted_class", "confidence", "label", *heats],
+                         (pc.field("status") == "ok") & has_map & FIRST_COPIES, with_root=True):
+        table = _with_heatmap(table, heats)
         keep = _ends(table if keep is None else pa.concat_tables([keep, table]), n)
     if keep is None:
         return pd.DataFrame(columns=GALLERY_COLUMNS)
