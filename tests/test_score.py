@@ -880,6 +880,11 @@ def test_explain_shows_a_scoring_jobs_stored_maps_found_by_content(tiny_model_di
                             (["--lime-samples", "50"], "--lime-samples applies to --model only")):
         assert main(["explain", "--scores", str(out), str(moved), "--out", str(panels), *option]) == 2
         assert refusal in capsys.readouterr().err, option
+    shard = next((out / "rows").glob("*.parquet"))
+    (out / "rows" / "part-a-copy.parquet").write_bytes(shard.read_bytes()[:200])       # a copy cut short
+    assert main(["explain", "--scores", str(out), str(moved), "--out", str(panels)]) == 0
+    assert f"1 of {out}'s row shards are no readable Parquet (e.g. {out / 'rows' / 'part-a-copy.parquet'})" \
+        in capsys.readouterr().err
 
 
 def test_a_pack_that_cannot_be_written_turns_its_rows_into_transient_write_errors(tiny_model_dir, real_data_dir,

@@ -16,6 +16,7 @@ error result naming it; the other files are still explained.
 from __future__ import annotations
 
 import hashlib
+import logging
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import torch
 
 from allcluster.atomic import atomic_write
 from allcluster.config import ConfigError, from_dict
+from allcluster.console import say
 from allcluster.data.paths import clean_text, to_text
 from allcluster.device import pick_device
 
@@ -249,13 +251,22 @@ def explain_from_scores(scores: str | Path, images: Sequence[str | Path], out_di
 
     from allcluster.data.preprocess import Preprocess
     from allcluster.models.card import ModelInfo
+    from allcluster.score.output import parquet_files, parquet_footer
     from allcluster.score.rows import methods_of
 
     scores, out_dir = Path(scores), check_out_dir(out_dir)
     info = ModelInfo.read(scores)
-    if not info.input_size or not any((scores / "rows").glob("*.parquet")):
+    shards = parquet_files(scores / "rows")
+    if not info.input_size or not shards:
         raise ValueError(f"{scores}: not a scoring output (no model.json and rows/*.parquet)")
-    rows = pads.dataset(scores / "rows", format="parquet")
+    readable = [shard for shard in shards if parquet_footer(shard) is not None]
+    if len(readable) < len(shards):         # a copy cut short: its images are "not scored", said below
+        say(f"[explain] {len(shards) - len(readable)} of {scores}'s row shards are no readable Parquet "
+            f"(e.g. {sorted(set(shards) - set(readable))[0]}): their rows are left out", logging.WARNING)
+    if not readable:
+        raise ValueError(f"{scores}: none of its row shards is a readable Parquet file; rerun its `allcluster "
+                         "score` command, which sets them aside and scores their files again")
+    rows = pads.dataset([str(shard) for shard in readable], format="parquet")
     stored = methods_of(rows.schema)
     asked = stored if methods is None else check_methods(methods)
     missing = [m for m in asked if m not in stored]

@@ -20,8 +20,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from allcluster.atomic import damaged_parquet
 from allcluster.config import ConfigError
+from allcluster.score.output import parquet_files, parquet_footer
 
 TRIALS_COLUMNS = {"trial_id", "status", "val_macro_f1", "backbone"}
 EPOCHS_COLUMNS = {"trial_id", "epoch", "val_macro_f1"}
@@ -62,22 +62,6 @@ class Inputs:
                           + (f" ({len(s.damaged)} damaged, left out)" if s.damaged else "")} for s in self.scorings]
 
 
-def parquet_files(folder: Path) -> list[Path]:
-    """Finished Parquet files of a folder (temporary files start with '.')."""
-    return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
-
-
-def footer(path: Path) -> pa.Schema | None:
-    """The schema in a Parquet file's footer; None for a damaged file (empty, torn: a run killed while
-    a copy was cut short). Anything else that fails to read raises."""
-    try:
-        return pq.read_schema(path)
-    except Exception as err:     # noqa: BLE001 - pyarrow raises several types for a damaged file
-        if damaged_parquet(err):
-            return None
-        raise
-
-
 def kind_of(schema: pa.Schema) -> str | None:
     """``trials``, ``epochs`` or ``rows`` from a Parquet schema's columns; None for another kind."""
     names = set(schema.names)
@@ -102,7 +86,7 @@ def parquet_kind(path: Path) -> tuple[str, pa.Schema]:
 
 
 def scoring_source(root: Path, footers: dict[Path, pa.Schema | None]) -> ScoreSource:
-    """The row shards of the scoring output ``root`` by their :func:`footer`; those whose footer does
+    """The row shards of the scoring output ``root`` by their :func:`~allcluster.score.output.parquet_footer`; those whose footer does
     not read are left out."""
     readable = {shard: schema for shard, schema in footers.items() if schema is not None}
     if not readable:
@@ -113,7 +97,7 @@ def scoring_source(root: Path, footers: dict[Path, pa.Schema | None]) -> ScoreSo
 
 
 def _footers(files: list[Path]) -> dict[Path, pa.Schema | None]:
-    return {shard: footer(shard) for shard in files}
+    return {shard: parquet_footer(shard) for shard in files}
 
 
 def _rows_root(path: Path) -> Path:

@@ -49,12 +49,27 @@ COMPACTING_LOCK = ".compacting.lock"
 SUMMARY_LOCK = ".summary.lock"            # array parts write summary.json in turn
 
 
+def parquet_files(folder: Path) -> list[Path]:
+    """The finished Parquet files of a folder, sorted: temporary files (and ``.damaged/``) start with
+    '.'. Every reader of row shards lists them here."""
+    return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(".")) if folder.is_dir() else []
+
+
+def parquet_footer(path: Path) -> pa.Schema | None:
+    """The schema in a Parquet file's footer; None for a damaged file (empty, torn: a run killed while
+    a copy was cut short). Anything else that fails to read (EIO, ESTALE) raises."""
+    try:
+        return pq.read_schema(path)
+    except Exception as err:     # noqa: BLE001 - pyarrow raises several types for a damaged file
+        if damaged_parquet(err):
+            return None
+        raise
+
+
 def rows_dataset(out: Path) -> pads.Dataset | None:
-    """All finished shards of ``out`` (temporary files start with '.' and are ignored)."""
-    rows = out / "rows"
-    if not rows.is_dir() or not any(rows.glob("*.parquet")):
-        return None
-    return pads.dataset(rows, format="parquet")
+    """All finished shards of ``out`` (:func:`parquet_files` of ``rows/``); None when there is none."""
+    shards = parquet_files(out / "rows")
+    return pads.dataset([str(s) for s in shards], format="parquet") if shards else None
 
 
 # The bookkeeping columns a run reads once at its start (resume, compaction, budget spent); the
@@ -107,8 +122,7 @@ class RowsState:
         """The rows of ``out``. A shard that is no Parquet file (empty or torn: a crash, a copy cut
         short) is left out with a warning, so its files are scored again; with ``set_aside`` (a run,
         under the output's lock) it is also moved to ``rows/.damaged/``, where no reader looks."""
-        rows = out / "rows"
-        shards = sorted(p for p in rows.glob("*.parquet") if not p.name.startswith(".")) if rows.is_dir() else []
+        shards = parquet_files(out / "rows")
         fmt = pads.ParquetFileFormat(read_options=pads.ParquetReadOptions(dictionary_columns=STATE_DICTIONARY))
 
         def state_of(files: list[Path]) -> pa.Table:
