@@ -58,6 +58,18 @@ def test_a_symlinked_class_folder_is_an_error_row_not_a_vanished_class(tmp_path)
     assert summary["errors"]["by_type"] == {"symlinked_folder": 1} and "Pre" not in summary["classes"], summary
 
 
+def test_a_linked_dump_folder_is_resolved_once_as_scoring_resolves_it(tmp_path):
+    """`/scratch/dump -> /lustre/...`: indexing the link and scoring it must give a file one path, or
+    the manifest's rows and the scored rows of the same image would not join."""
+    from allcluster.score.inputs import list_inputs
+
+    root = make_tree(tmp_path / "real" / "images", 2)
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    df, _ = index(tmp_path / "link" / "images", tmp_path / "m.parquet")
+    assert sorted(df["path"]) == sorted(list_inputs(tmp_path / "link" / "images").paths)
+    assert all(p.startswith(str(root.resolve()) + "/") for p in df["path"]) and len(df) == 4 * 2
+
+
 def test_an_out_that_cannot_take_the_manifest_is_refused_before_any_file_is_read(tmp_path, monkeypatch):
     import allcluster.data.manifest as manifest
 

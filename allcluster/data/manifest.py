@@ -84,8 +84,9 @@ def list_folder(root: Path, hidden: list[str] | None = None) -> list[SourceFile]
     linked class folder must not vanish unseen); files at the top level get no label; a folder that
     cannot be listed is one error row (``unlistable``). Hidden files and folders (``.name``, as
     scoring skips them) get no row and are not entered; their paths are added to ``hidden``
-    (folders ending in ``/``) where given."""
-    root = Path(absolute(root))
+    (folders ending in ``/``) where given. ``root`` itself is resolved once (a linked dump folder),
+    as scoring resolves its folder input: one file gets one ``path`` in manifests and rows."""
+    root = Path(absolute(root)).resolve()
     files = []
     hidden = [] if hidden is None else hidden
 
