@@ -10,5 +10,6 @@ DEFAULT_ALL_DATA = REPO.parent / "shared" / "data" / "all_aria_2021" / "Original
 
 
 def all_data_dir() -> Path:
-    """The real ALL images (Aria et al. 2021): ``$ALLCLUSTER_ALL_DATA`` or ``../shared/...``."""
-    return Path(os.environ.get("ALLCLUSTER_ALL_DATA", DEFAULT_ALL_DATA))
+    """The real ALL images (Aria et al. 2021): ``$ALLCLUSTER_ALL_DATA`` or ``../shared/...``, resolved
+    (indexing and scoring resolve a linked folder: paths built from this one then match theirs)."""
+    return Path(os.environ.get("ALLCLUSTER_ALL_DATA", DEFAULT_ALL_DATA)).resolve()
