@@ -266,13 +266,38 @@ def test_a_sigterm_while_ray_starts_is_named_as_the_signal_not_as_lost_ray_proce
 
     def ray_start_signalled(*args, **kwargs):
         raise Interrupted("SIGTERM")
-    monkeypatch.setattr(driver, "_run_on_ray", ray_start_signalled)
+    monkeypatch.setattr(driver, "_join_ray", ray_start_signalled)
     monkeypatch.setattr(driver, "_run_array_on_ray", ray_start_signalled)
     config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, tmp_path / "exp")
     assert main(["sweep", "--config", str(config)]) == 75
     assert "[sweep] interrupted by SIGTERM: 4 of 4 trials unfinished" in capsys.readouterr().err
     assert main(["sweep", "--config", str(config), "--trial-index", "1"]) == 75
     assert "[sweep] interrupted by SIGTERM: trial 1" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_a_trial_the_ray_cluster_cannot_hold_is_refused_before_anything_is_written_or_moved(
+        ray_local, synthetic_manifest, tmp_path, capsys):
+    """Resources are checked against the cluster once Ray runs; the refusal must still come before the
+    run records its base or sweep.yaml, and before --new-config moves the old outputs aside."""
+    from allcluster.config import config_source
+    from allcluster.sweep.driver import load_sweep
+    from allcluster.sweep.experiment import resolved_base, store_base
+
+    exp = tmp_path / "exp"
+    config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, exp)
+    too_big = ["--set", "train.resources.cpus_per_worker=64"]
+    assert main(["sweep", "--config", str(config), *too_big]) == 2
+    assert "train.resources: 1 workers x 64 CPUs = 64 CPUs, but the Ray cluster has" in capsys.readouterr().err
+    assert [p.name for p in exp.iterdir()] == [".lock"], "a new experiment: only the run's lock"
+    sweep, _ = load_sweep(str(config))
+    store_base(exp, {**resolved_base(sweep, config_source(str(config))), "fit.epochs": 99})   # an older base
+    (exp / "trials" / "old").mkdir(parents=True)
+    before = _listing(exp)
+    assert main(["sweep", "--config", str(config), *too_big, "--new-config"]) == 2
+    after = _listing(exp)
+    assert after.pop(".lock") and before.pop(".lock"), "the run's lock (it records the holder)"
+    assert after == before, "--new-config moved nothing aside for a run that was then refused"
 
 
 def test_trial_ids_stay_as_first_written_so_existing_experiments_keep_their_trials():

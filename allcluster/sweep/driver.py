@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from pathlib import Path
 
 import pandas as pd
@@ -71,15 +72,20 @@ def run_sweep(sweep: SweepConfig, trials: list[Trial], retry_errored: bool = Fal
     """
     exp = Path(sweep.experiment_dir)
     base, changes, to_run = check_before_run(sweep, trials, source, retry_errored, new_config)
-    with holding(*_experiment_locks(exp, trials)), StopSignals(SWEEP_STOPPING) as stop:
+    caught = InterruptionCaught()         # a signal while no trial was running yet, or a second signal
+    with holding(*_experiment_locks(exp, trials)), StopSignals(SWEEP_STOPPING) as stop, ExitStack() as on_ray:
+        limit = 0
+        if to_run:
+            with caught:                  # starting Ray: a signal ends it at once
+                limit = _join_ray(sweep, to_run, address, on_ray)
         stop.graceful()                   # moving and writing files: a signal waits until they are done
         _start(exp, sweep, base, trials, changes, new_config)
         before = work_done(to_run)
-        caught = InterruptionCaught()
-        if to_run and not stop.requested:
-            stop.graceful(False)          # starting Ray, building caches: a signal ends it at once
-            with caught:                  # no trial was running yet, or a second signal
-                _run_on_ray(sweep, to_run, exp, address, stop)
+        if limit and not stop.requested:
+            stop.graceful(False)          # building caches: a signal ends it at once
+            with caught:
+                _run_on_ray(sweep, to_run, exp, stop, limit)
+        on_ray.close()                    # Ray is left before the tables are written, as the run ends
         stop.hold()                       # writing the tables: no signal cuts them short
         report_progress(work_done(to_run) - before, "epochs or trial endings")
         table = collect(sweep, trials)
@@ -136,13 +142,20 @@ def _start(exp: Path, sweep: SweepConfig, base: dict, trials: list[Trial], chang
         + ", ".join(f"{n} {s}" for s, n in sorted(states.items())))
 
 
-def _run_on_ray(sweep: SweepConfig, to_run: list[Trial], exp: Path, address: str | None,
-                stop: StopSignals) -> None:
+def _join_ray(sweep: SweepConfig, to_run: list[Trial], address: str | None, scope: ExitStack) -> int:
+    """Start or join Ray until ``scope`` closes; how many trials run at once. A trial the cluster can
+    never hold is refused here, before the run moves or writes anything."""
     from allcluster.ray_utils import ray_connected
+    from allcluster.sweep.ray_tune import trial_limit
+
+    scope.enter_context(ray_connected(address))
+    return trial_limit(sweep, to_run)
+
+
+def _run_on_ray(sweep: SweepConfig, to_run: list[Trial], exp: Path, stop: StopSignals, limit: int) -> None:
     from allcluster.sweep.ray_tune import run_tune
 
-    with ray_connected(address):
-        run_tune(sweep, to_run, exp, stop)
+    run_tune(sweep, to_run, exp, stop, limit)
 
 
 def run_array_task(sweep: SweepConfig, trials: list[Trial], index: int, retry_errored: bool = False,

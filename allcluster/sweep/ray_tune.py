@@ -315,20 +315,26 @@ def raise_if_storage_full(experiment_dir: Path, cause: BaseException | None = No
         raise full from cause
 
 
-def run_tune(sweep: SweepConfig, to_run: list[Trial], experiment_dir: Path, stop: StopSignals) -> None:
-    """Fit the given trials with Tune; outcomes are written into each trial's folder.
+def trial_limit(sweep: SweepConfig, to_run: list[Trial]) -> int:
+    """:func:`concurrency` on the connected Ray cluster."""
+    import ray
+
+    from allcluster.train.ray_train import node_resources
+
+    return concurrency(to_run, ray.cluster_resources(), sweep.max_concurrent, node_resources())
+
+
+def run_tune(sweep: SweepConfig, to_run: list[Trial], experiment_dir: Path, stop: StopSignals, limit: int) -> None:
+    """Fit the given trials with Tune, ``limit`` at a time (:func:`trial_limit`); outcomes are written
+    into each trial's folder.
 
     A stop signal (see :mod:`allcluster.interrupt`) ends the run early: running trials are
     stopped (their last epoch checkpoint stays), pending ones never start, Tune saves its state.
     """
-    import ray
     from ray import tune
 
     for trial in to_run:
         clear_error(trial.dir)                                   # a retried trial starts clean
-    from allcluster.train.ray_train import node_resources
-
-    limit = concurrency(to_run, ray.cluster_resources(), sweep.max_concurrent, node_resources())
     say(f"[sweep] {len(to_run)} trials to run, {limit} at a time")
     prebuild_caches(to_run)
     scheduler = build_scheduler(sweep, to_run)
