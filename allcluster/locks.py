@@ -18,6 +18,7 @@ import stat
 import time
 from pathlib import Path
 
+from allcluster.atomic import is_storage_full, storage_full_error
 from allcluster.config import ConfigError
 
 
@@ -29,6 +30,8 @@ def open_lock_file(path: str | Path, create: bool = True) -> int:
     except OSError as err:
         if err.errno == errno.ENOENT and not create:
             return -1
+        if is_storage_full(err):              # no inode left: a full disk (exit 74), not a refusal
+            raise storage_full_error(err.errno, path) from err
         if err.errno == errno.ELOOP:          # the final component is a symlink
             raise ConfigError(f"{path}: lock file is a symlink; refusing to follow it (remove it if it is yours)") from err
         raise ConfigError(f"{path}: cannot open lock file: {err.strerror or err}") from err
@@ -155,7 +158,7 @@ def lock_folder(folder: str | Path, what: str, part: str = "", part_what: str = 
 def check_folder_free(folder: str | Path, what: str, part: str = "", part_what: str = "") -> None:
     """Refuse, as :func:`lock_folder` with the same arguments would, a folder that another run holds;
     takes no lock and creates nothing (a check before the run: the run still takes its locks)."""
-    _check_writable_folder(Path(folder))
+    check_writable_folder(Path(folder))
     for lock in _folder_locks(folder, what, part, part_what):
         lock.probe()
 
@@ -165,11 +168,12 @@ def _make_writable_folder(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"{folder}: cannot write into this folder ({err.strerror or err})") from None
-    _check_writable_folder(folder)
+    check_writable_folder(folder)
 
 
-def _check_writable_folder(folder: Path) -> None:
-    """Refuse a folder that cannot be made, or written into, by this user (as the run would be)."""
+def check_writable_folder(folder: Path) -> None:
+    """Refuse a folder that cannot be made, or written into, by this user (as the run would be): the
+    folder, or where it does not exist yet, its nearest existing parent."""
     existing = folder
     while not os.path.lexists(existing) and existing != existing.parent:
         existing = existing.parent

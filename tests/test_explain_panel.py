@@ -185,6 +185,25 @@ def test_explain_command_refuses_an_out_that_is_a_file(tiny_model_dir, real_data
     assert taken.read_bytes() == b"not a folder"
 
 
+def test_explain_refuses_a_read_only_out_and_stops_with_74_on_a_full_disk(tiny_model_dir, real_data_dir, tmp_path,
+                                                                           capsys):
+    """A read-only --out was a traceback (exit 1); a full disk made every image a write_failed error, as
+    if the images were at fault (exit 1), where score and report stop with 74."""
+    from allcluster.cli import main
+    from conftest import tmpfs
+
+    image = str(_first_jpeg(real_data_dir, "Pro"))
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as mount:
+        assert main(["explain", image, "--model", str(tiny_model_dir), "--out", str(mount / "panels")]) == 2
+        assert f"--out {mount / 'panels'}: cannot write into this folder" in capsys.readouterr().err
+    with tmpfs(tmp_path / "full", "size=4k") as mount:
+        (mount / "filler").write_bytes(b"x" * 4096)                  # the disk is full
+        assert main(["explain", image, "--model", str(tiny_model_dir), "--out", str(mount),
+                     "--methods", "gradcam"]) == 74
+        err = capsys.readouterr().err
+        assert f"error: {mount}/" in err and ".explain.png: No space left on device" in err, err
+
+
 def test_a_model_card_with_an_unknown_backbone_is_refused_naming_it(tiny_model_dir, real_data_dir, tmp_path, capsys):
     import json
 

@@ -24,7 +24,7 @@ from allcluster.config import ConfigError
 from allcluster.report import ReportOptions, build_report, tables
 from allcluster.report.inputs import SweepSource, collect_inputs
 from allcluster.score.heatmaps import PACK_COLUMNS, load_heatmap
-from conftest import REPO
+from conftest import REPO, tmpfs
 
 CI_TINY_SCORE = REPO / "configs" / "score" / "ci_tiny.yaml"
 PER_CLASS = 6            # scored test-split images per class
@@ -314,6 +314,48 @@ def test_jobs_with_other_explain_methods_each_show_their_own_maps(real_data_dir,
     assert sorted(gallery["heatmap_method"]) == ["gradcam", "hirescam"] and gallery["image"].notna().all()
     assert all((tmp_path / "r" / image).is_file() for image in gallery["image"])
     assert not [n for n in result["notes"] if n.startswith("no overlay")], result["notes"]
+
+
+def _job_with_maps(tmp_path: Path, images: list[Path]) -> Path:
+    """A scoring output of ``images``, all predicted Pre (malignant: on the morning list), each with a
+    packed Grad-CAM map."""
+    from allcluster.score.heatmaps import encode_maps, write_pack
+
+    shas = [f"{i:064x}" for i in range(len(images))]
+    pngs = encode_maps(np.full((len(images), 32, 32), 200, np.uint8))[0]
+    write_pack(tmp_path / "job" / "heatmaps" / "part-0.parquet",
+               pa.table({"sha256": shas, "method": ["gradcam"] * len(images), "png": pngs,
+                         "overlay_jpg": [None] * len(images)}, schema=pa.schema(PACK_COLUMNS)))
+    return hand_rows(tmp_path / "job", ["Benign", "Pre"], {
+        "path": [str(p) for p in images], "status": ["ok"] * len(images), "duplicate_of": [""] * len(images),
+        "predicted_class": ["Pre"] * len(images), "confidence": [0.9] * len(images), "sha256": shas,
+        "heatmap_gradcam": ["heatmaps/part-0.parquet"] * len(images)}, methods=["gradcam"])
+
+
+def test_a_report_meeting_a_full_disk_ends_with_74_naming_the_file_and_leaves_no_empty_file(real_data_dir, tmp_path,
+                                                                                            capsys):
+    """A full disk while writing the overlays was taken for "image or heatmap not readable" (a note and
+    the overlays gone); a CSV written in place named no file ("writing") and left an empty one."""
+    job = _job_with_maps(tmp_path, sorted((real_data_dir / "Pre").glob("*.jpg"))[:30])
+    with tmpfs(tmp_path / "small", "size=48k") as mount:
+        assert main(["report", str(job), "--out", str(mount / "r")]) == 74
+        err = capsys.readouterr().err
+        assert f"error: {mount / 'r'}/" in err and "No space left on device" in err, err
+        left = [p for p in (mount / "r").rglob("*") if p.is_file() and p.name != ".lock"]
+        assert not [p for p in left if not p.stat().st_size], "no empty file left behind"
+        assert not (mount / "r" / "report.json").exists(), "not a finished report"
+
+
+def test_an_earlier_reports_folder_this_user_cannot_replace_is_refused_before_anything_is_removed(tmp_path, capsys):
+    hand_rows(tmp_path / "job", ["Benign", "Pre"], {"path": ["a"], "status": ["ok"], "predicted_class": ["Pre"],
+                                                    "confidence": [0.9]})
+    assert main(["report", str(tmp_path / "job"), "--out", str(tmp_path / "r")]) == 0
+    before = sorted(p.name for p in (tmp_path / "r").iterdir())
+    shutil.rmtree(tmp_path / "r" / "tables")
+    with tmpfs(tmp_path / "r" / "tables", "ro,size=64k"):          # a read-only mount where tables/ goes
+        assert main(["report", str(tmp_path / "job"), "--out", str(tmp_path / "r")]) == 2
+        assert f"{tmp_path / 'r' / 'tables'}: cannot write into this folder" in capsys.readouterr().err
+        assert sorted(p.name for p in (tmp_path / "r").iterdir()) == before, "the earlier report stays whole"
 
 
 def test_a_retried_files_old_row_is_not_counted_until_compaction_and_other_jobs_rows_stay(tmp_path):

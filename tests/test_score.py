@@ -175,6 +175,27 @@ def test_a_run_refused_by_the_cluster_records_nothing_that_binds_the_next(ray_lo
     assert not {"job.json", "model.json", "score.yaml", "summary.json"} & set(left), left
 
 
+def test_an_out_whose_rows_or_heatmaps_folder_takes_no_files_is_refused_before_scoring(tiny_model_dir, real_data_dir,
+                                                                                      tmp_path, capsys):
+    """Another user's folder, a read-only mount or a file where OUT/rows or OUT/heatmaps goes was found
+    only at the first shard: a traceback after the scoring, or every row a write_error each rerun repeats."""
+    from allcluster.cli import main
+
+    dump, out = tmp_path / "dump", tmp_path / "out"
+    dump.mkdir()
+    shutil.copy(real_images(real_data_dir, 1)[0], dump / "cell.jpg")
+    args = ["score", "--config", str(CI_TINY), "--model", str(tiny_model_dir), "--input", str(dump), "--out", str(out)]
+    with tmpfs(out / "heatmaps", "ro,size=64k"):                     # a read-only mount
+        for command in (args + ["--check"], args):
+            assert main(command) == 2, command
+            assert f"{out / 'heatmaps'}: cannot write into this folder" in capsys.readouterr().err, command
+        assert sorted(p.name for p in out.iterdir()) == ["heatmaps"], "refused before writing anything"
+    os.rmdir(out / "heatmaps")
+    (out / "rows").write_text("a file where the rows folder goes")
+    assert main(args) == 2 and f"{out / 'rows'}: cannot write into this folder" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["rows"]
+
+
 def test_check_refuses_what_the_run_would_and_writes_nothing(tiny_model_dir, real_data_dir, tmp_path, capsys):
     """`--check` (what the Slurm scripts run before Ray starts): the run's own refusals, nothing written."""
     from allcluster.cli import main
@@ -1150,18 +1171,19 @@ def test_one_read_of_the_rows_gives_done_paths_budget_spent_and_the_rows_to_comp
 
     shard("part-r1-00000.parquet", "r1", [("a", "ok", None, "", "low_confidence"), ("b", "error", "unreadable", "", ""),
                                           ("c", "error", "not_an_image", "", ""), ("d", "ok", None, "a", "low_confidence"),
-                                          ("locked", "error", "unlistable", "", "")])
+                                          ("locked", "error", "unlistable", "", ""),
+                                          ("e", "error", "write_error", "", "low_confidence")])   # its maps were lost
     shard("part-r2-00000.parquet", "r2", [("b", "ok", None, "", "sample")])
     state = RowsState.read(tmp_path)
     assert sorted(state.done_paths().to_pylist()) == ["a", "b", "c", "d"]
     assert sorted(state.done_paths(retry_errors=True).to_pylist()) == ["a", "b", "d"]
-    assert state.budget_used() == 2, "a and the retried b; d is a duplicate of a"
+    assert state.budget_used() == 2, "a and the retried b; d is a duplicate of a; e's grant came back"
     assert state.superseded()[0].to_pylist() == ["b"]
     # a folder this run's listing still could not list keeps its row; one it listed loses it
     assert state.relisted(["locked"]).to_pylist() == [] and state.relisted([]).to_pylist() == ["locked"]
     assert compact(tmp_path, state=state, relisted=state.relisted([])) == 2
     after = RowsState.read(tmp_path)
-    assert not len(after.superseded()[0]) and after.table.num_rows == 4
+    assert not len(after.superseded()[0]) and after.table.num_rows == 5
     assert "locked" not in after.table.column("path").to_pylist()
     assert sorted(after.done_paths().to_pylist()) == ["a", "b", "c", "d"]
     assert RowsState.read(tmp_path / "nothing-here").done_paths().to_pylist() == []

@@ -26,7 +26,7 @@ import pytest
 from allcluster.config import ConfigError, from_dict
 from allcluster.data import decode as dec
 from allcluster.data.paths import table_path, to_fs, to_text
-from allcluster.score import reading
+from allcluster.score import heatmaps, reading
 from allcluster.score.heatmaps import find_heatmap
 from allcluster.score.ledger import Ledger
 from allcluster.score.reading import read_decode
@@ -415,6 +415,24 @@ def test_an_output_on_a_filesystem_without_flock_is_refused_naming_its_lock_file
     assert main(args + ["--check"]) == 2 and f"{out / '.lock'}: cannot lock it" in capsys.readouterr().err
 
 
+def test_an_output_on_a_filesystem_out_of_inodes_ends_with_74_naming_its_lock_file(tiny_model_dir, real_data_dir,
+                                                                                    tmp_path, capsys):
+    """No inode left for OUT/.lock is a full disk (free space, rerun: 74), not a refusal of the command."""
+    from allcluster.cli import main
+
+    with tmpfs(tmp_path / "small", "size=1M,nr_inodes=3") as mount:
+        (mount / "out").mkdir()
+        for n in range(8):                                           # use up every inode left
+            try:
+                (mount / "out" / f"f{n}").touch()
+            except OSError as err:
+                assert err.errno == errno.ENOSPC
+                break
+        assert main(score_args(tiny_model_dir, real_data_dir, mount / "out")) == 74
+        err = capsys.readouterr().err
+        assert f"error: {mount / 'out' / '.lock'}: No space left on device" in err, err
+
+
 def test_an_output_on_a_read_only_filesystem_is_refused_by_the_run_and_its_check_naming_it(tiny_model_dir,
                                                                                             real_data_dir, tmp_path,
                                                                                             capsys):
@@ -565,8 +583,11 @@ def test_transient_errors_are_scored_again_and_replace_their_rows(ray_local, tin
     listing.parent.mkdir()
     listing.write_text("".join(f"../files/{p.name}\n" for p in sorted(files.iterdir())) + "../files/arrives-later.jpg\n")
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "heatmaps").write_text("a file where the heatmap folder goes: every batch fails to write its maps")
+    from allcluster.score import output
+
+    def folder_gone(path, pack):            # heatmaps/ stops taking files after the run's start-up checks
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+    monkeypatch.setattr(output, "write_pack", folder_gone)       # injected: the driver writes the packs
     monkeypatch.chdir(tmp_path)
     assert main(score_args(tiny_model_dir, "lists/files.txt", out)) == 0
     first = rows_of(out).set_index("path")
@@ -577,7 +598,7 @@ def test_transient_errors_are_scored_again_and_replace_their_rows(ray_local, tin
     assert first.loc[table_path(later), "error_type"] == "unreadable"
     assert first.loc[table_path(files / "notes.jpg"), "error_type"] == "not_an_image"
 
-    (out / "heatmaps").unlink()                                      # the disk is fine again
+    monkeypatch.setattr(output, "write_pack", heatmaps.write_pack)  # the folder is fine again
     copying.write_bytes(whole)                                       # the copy finished
     shutil.copy(images[1], later)                                    # the late file arrived
     partial.unlink()

@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from allcluster.atomic import atomic_write
+from allcluster.atomic import atomic_write, is_storage_full
 from allcluster.config import ConfigError, from_dict
 from allcluster.console import say
 from allcluster.data.paths import clean_text, to_text
 from allcluster.device import pick_device
+from allcluster.locks import check_writable_folder
 
 DEFAULT_METHODS = ("gradcam", "gradcam++", "scorecam", "lime")
 CHUNK = 16                 # images per batched explain call
@@ -78,12 +79,17 @@ def check_lime_samples(lime_samples: int) -> None:
 
 
 def check_out_dir(out_dir: str | Path) -> Path:
-    """``out_dir`` as a Path; ``ConfigError`` naming ``--out`` when it (or a folder above it) is a file."""
+    """``out_dir`` as a Path; ``ConfigError`` naming ``--out`` when it (or a folder above it) is a file,
+    or this user cannot write there (a read-only mount, another user's folder)."""
     out_dir = Path(out_dir)
     existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         what = "exists" if existing == out_dir else f"{existing} exists"
         raise ConfigError(f"--out {out_dir}: {what} and is not a folder")
+    try:
+        check_writable_folder(out_dir)
+    except ConfigError as err:
+        raise ConfigError(f"--out {err}") from None
     return out_dir
 
 
@@ -198,6 +204,8 @@ def _explain_items(loaded, items: list[_Item], explainers: dict, normalize, devi
             panel = draw_panel(out_dir / panel_name(item.path, item.digest), title, item.rgb,
                                _axes_for(item, index, found))
         except OSError as err:
+            if is_storage_full(err):            # no image's fault: the command stops (exit 74)
+                raise
             results.append(_result(item, class_name=class_name, confidence=prob,
                                    error=f"write_failed: {item.path}: panel not written: {err}"))
             continue
@@ -304,6 +312,8 @@ def _stored_panel(item: "_Item", row: dict | None, scores: Path, methods: list[s
         title = prediction_title(item.path.name, row["predicted_class"], row["confidence"])
         panel = draw_panel(out_dir / panel_name(item.path, item.digest), title, item.rgb, axes)
     except OSError as err:
+        if is_storage_full(err):
+            raise
         return _result(item, error=f"map_unreadable: {item.path}: {err}")
     return _result(item, str(panel), row["predicted_class"], row["confidence"])
 

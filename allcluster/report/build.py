@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import time
@@ -15,11 +16,11 @@ import pandas as pd
 import pyarrow.csv as pacsv
 
 from allcluster import metrics
-from allcluster.atomic import atomic_write_text
+from allcluster.atomic import atomic_write, atomic_write_text, is_storage_full
 from allcluster.config import ConfigError, bounds, write_resolved
 from allcluster.console import say
 from allcluster.data.decode import DecodeError
-from allcluster.locks import check_folder_free, holding
+from allcluster.locks import check_folder_free, check_writable_folder, holding
 from allcluster.models.card import ModelInfo
 from allcluster.report import html, plots, tables
 from allcluster.report.inputs import Inputs, collect_inputs, model_info
@@ -58,7 +59,7 @@ class Report:
         """Write ``tables/<name>.csv|.md|.html``; return the heading and the table as HTML parts."""
         base = self.out / "tables" / name
         base.parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(base.with_suffix(".csv"), index=False)
+        atomic_write(base.with_suffix(".csv"), lambda tmp: df.to_csv(tmp, index=False))
         atomic_write_text(base.with_suffix(".md"), html.markdown_table(df))    # UTF-8 whatever the node's locale
         table = html.table_html(df, name.replace("_", "-"), image_columns)
         atomic_write_text(base.with_suffix(".html"), table + "\n")
@@ -84,6 +85,8 @@ class Report:
             model = self.models.get(row.scoring_out, ModelInfo())
             return self.rel(plots.overlay(row.path, heat, target, model.roi_crop, model.roi_margin))
         except (OSError, DecodeError, ValueError) as err:
+            if is_storage_full(err):           # writing the overlay: the report stops (exit 74), not the image
+                raise
             self.missing.setdefault(row.path, str(err))      # an image tried again is still one image
             return ""
 
@@ -128,7 +131,7 @@ def morning_parts(report: Report, data: tables.ScoreData, options: ReportOptions
     """``morning_list.csv`` (every flagged row) and its first rows in the HTML with overlays."""
     malignant = options.malignant
     morning = tables.morning_list(data, malignant)
-    pacsv.write_csv(morning, report.out / "morning_list.csv")
+    atomic_write(report.out / "morning_list.csv", lambda tmp: pacsv.write_csv(morning, str(tmp)))
     report.files["morning_list"] = "morning_list.csv"
     parts = [html.heading("Morning list"),
              html.paragraph(f"{morning.num_rows} flagged images (predicted {', '.join(malignant) or 'no class'} as "
@@ -246,7 +249,7 @@ def gallery_parts(report: Report, data: tables.ScoreData, options: ReportOptions
                       for i, row in enumerate(picks.itertuples(index=False))]
     picks = picks[picks["image"] != ""]
     (report.out / "gallery").mkdir(exist_ok=True)
-    picks.to_csv(report.out / "gallery" / "gallery.csv", index=False)
+    atomic_write(report.out / "gallery" / "gallery.csv", lambda tmp: picks.to_csv(tmp, index=False))
     report.files["gallery"] = "gallery/gallery.csv"
     methods = ", ".join(dict.fromkeys(picks["heatmap_method"]))
     return [html.heading(f"Heatmap gallery ({methods}, {options.gallery_per_class} per class and kind)"),
@@ -312,6 +315,9 @@ def writing_out(out: Path):
     check_folder_free(out, f"report folder {out}")
     if _holds_another_kind_of_file(out):
         raise ConfigError(f"{out}: exists, is not empty and holds no earlier report; choose a new --out")
+    for folder in (out / name for name in GENERATED):      # an earlier report's folder this user cannot replace
+        if os.path.lexists(folder):
+            check_writable_folder(folder)
     with holding(out, f"report folder {out}"):
         for name in GENERATED:
             shutil.rmtree(out / name, ignore_errors=True)

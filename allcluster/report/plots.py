@@ -145,6 +145,5 @@ def overlay(image_path: str, heat: np.ndarray, out_path: Path, roi_crop: bool = 
     _, rgb = decode_preprocessed(data, image_path, Preprocess(heat.shape[0], roi_crop, roi_margin))
     if rgb.shape[:2] != heat.shape:
         rgb = np.asarray(Image.fromarray(rgb).resize(heat.shape[::-1], Image.BILINEAR))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(jet_overlay(rgb, heat, HEAT_ALPHA)).save(out_path, format="JPEG", quality=88)
-    return out_path
+    image = Image.fromarray(jet_overlay(rgb, heat, HEAT_ALPHA))
+    return atomic_write(out_path, lambda tmp: image.save(tmp, format="JPEG", quality=88))

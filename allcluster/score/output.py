@@ -22,6 +22,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,8 @@ from allcluster.atomic import (atomic_write_parquet, atomic_write_text, damaged_
 from allcluster.config import ConfigError
 from allcluster.console import say
 from allcluster.data.decode import TRANSIENT_ERRORS
-from allcluster.locks import ExclusiveLock, LockHeld, check_folder_free, lock_folder, taking_turns
+from allcluster.locks import (ExclusiveLock, LockHeld, check_folder_free, check_writable_folder, lock_folder,
+                              taking_turns)
 from allcluster.score.config import IMPLIED_BEFORE
 from allcluster.score.heatmaps import pack_of, point_rows_at_pack, write_pack
 from allcluster.score.inputs import Shard, all_distinct, large_text, path_codes
@@ -154,8 +156,10 @@ class RowsState:
         return done if self.one_row_per_path or all_distinct(done) else pc.unique(done)
 
     def budget_used(self, shard: Shard = Shard()) -> int:
-        """Budgeted explanations already spent by earlier runs of ``shard`` (the cap spans reruns)."""
-        spent = pc.and_(pc.equal(self.text("duplicate_of"), ""),
+        """Budgeted explanations already spent by earlier runs of ``shard`` (the cap spans reruns): ok
+        first copies only, as a run gives back the grant of rows that end as errors (an error row whose
+        maps were not written still names its budget reason; its file is scored again)."""
+        spent = pc.and_(pc.and_(pc.equal(self.text("duplicate_of"), ""), pc.equal(self.text("status"), "ok")),
                         pc.is_in(self.text("budget_reason"), pa.array(BUDGET_REASONS)))
         return sum(shard.holds(self.table.column("path").filter(pc.fill_null(spent, False)).to_pylist()))
 
@@ -247,6 +251,7 @@ def lock_output(out: Path, shard: Shard = Shard()) -> list[ExclusiveLock]:
     split (another N), whose files overlap theirs."""
     locks = lock_folder(*_output_locks(out, shard))
     try:
+        _refuse_unwritable_folders(out)
         _refuse_other_splits(out, shard)     # after taking ours: of two starting at once, one sees the other
     except ConfigError:
         for lock in reversed(locks):
@@ -258,7 +263,17 @@ def lock_output(out: Path, shard: Shard = Shard()) -> list[ExclusiveLock]:
 def check_output_free(out: Path, shard: Shard = Shard()) -> None:
     """Refuse, as :func:`lock_output` would, an ``out`` that another run holds; takes and writes nothing."""
     check_folder_free(*_output_locks(out, shard))
+    _refuse_unwritable_folders(out)
     _refuse_other_splits(out, shard)
+
+
+def _refuse_unwritable_folders(out: Path) -> None:
+    """``rows/`` and ``heatmaps/`` of an existing ``out`` must take this run's files too (another
+    user's, a read-only mount, a file in their place): found after scoring, every row of the run
+    would be lost or turn into a ``write_error``."""
+    for folder in (out / "rows", out / "heatmaps"):
+        if os.path.lexists(folder):
+            check_writable_folder(folder)
 
 
 def _refuse_other_splits(out: Path, shard: Shard) -> None:
