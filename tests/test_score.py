@@ -72,6 +72,21 @@ def test_listing_follows_inner_symlinks_and_refuses_those_leaving_the_root(tmp_p
     assert not any("secret" in p for p in listing.paths)
 
 
+def test_a_retried_files_row_goes_when_the_file_is_gone_or_a_folder_now(tmp_path):
+    """A transient error row of a file no longer listed: removed when the file was deleted, or replaced by
+    a folder of that name (its files are listed with rows of their own: the old row made one more row
+    than inputs)."""
+    from allcluster.score.ray_data import _gone
+
+    root = tmp_path / "dump"
+    (root / "now-a-folder.jpg").mkdir(parents=True)
+    (root / "now-a-folder.jpg" / "inner.jpg").write_bytes(imagezoo.jpeg_bytes())
+    (root / "kept.jpg").write_bytes(imagezoo.jpeg_bytes(1))
+    listing = list_inputs(root)
+    retried = pa.array([str(root / n) for n in ("now-a-folder.jpg", "deleted.jpg", "kept.jpg")], pa.large_string())
+    assert _gone(retried, listing) == [str(root / "now-a-folder.jpg"), str(root / "deleted.jpg")]
+
+
 def test_manifest_and_text_inputs_keep_their_paths_and_manifest_columns(tmp_path, synthetic_manifest):
     listing = list_inputs(synthetic_manifest)
     manifest = pd.read_parquet(synthetic_manifest)

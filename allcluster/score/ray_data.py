@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,14 +173,14 @@ def _gone(retried: pa.Array, listing: Listing) -> list[str]:
 
 
 def _missing(path: str) -> bool:
-    """Whether ``path`` is gone (not a mount that fails to answer: EIO, ESTALE, EACCES keep its row)."""
+    """Whether the file ``path`` is gone: deleted, or a folder now (whose files get rows of their own);
+    not a mount that fails to answer (EIO, ESTALE, EACCES keep its row)."""
     try:
-        os.lstat(to_fs(path))
+        return stat.S_ISDIR(os.lstat(to_fs(path)).st_mode)
     except (FileNotFoundError, NotADirectoryError):
         return True
     except OSError:
-        pass
-    return False
+        return False
 
 
 def _say_folders_left_to_other_parts(whole: Listing, mine: Listing) -> None:
