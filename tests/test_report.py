@@ -52,7 +52,7 @@ def test_the_report_reads_the_columns_the_writers_write():
     from allcluster.train.config import TrainConfig
     from allcluster.config import flatten, to_dict
 
-    assert inputs.TRIALS_COLUMNS <= set(TRIAL_COLUMNS) and inputs.EPOCHS_COLUMNS <= set(TRIAL_COLUMNS) | {"epoch"}
+    assert inputs.TRIALS_COLUMNS <= set(TRIAL_COLUMNS)        # EPOCHS_COLUMNS: against a real sweep's, below
     assert set(tables.LEADERBOARD_COLUMNS) - set(TRIAL_COLUMNS) == {"trials"}     # the count the report adds
     assert tables.SHOWN_KEYS <= set(flatten(to_dict(TrainConfig())))
     written = row_schema(["A", "B"], ["gradcam"])
@@ -290,30 +290,34 @@ def test_an_image_whose_overlay_fails_twice_is_one_image_in_the_note(tmp_path):
 
 
 def test_jobs_with_other_explain_methods_each_show_their_own_maps(real_data_dir, tmp_path):
-    """Two nights scored with different `explain.methods` (Grad-CAM, then HiResCAM): the morning list
-    and the gallery show each row's own first map, named by `heatmap_method`, not only the first job's."""
+    """Two nights scored with different `explain.methods` (LIME only; then HiResCAM, LIME on a budget):
+    the morning list and the gallery show each row's first map in its own job's method order, named by
+    `heatmap_method`, whatever the order of the report's inputs (not only the first job's methods, nor
+    the first job's order: job b's row has a LIME map too, but HiResCAM is b's first method)."""
     from allcluster.score.heatmaps import encode_maps, write_pack
     from allcluster.score.rows import method_columns
 
     image_a, image_b = sorted((real_data_dir / "Pre").glob("*.jpg"))[:2]
-    for job, method, image, sha in (("a", "gradcam", image_a, "a" * 64), ("b", "hirescam", image_b, "b" * 64)):
-        png = encode_maps(np.full((1, 32, 32), 200, np.uint8))[0][0]
+    png = encode_maps(np.full((1, 32, 32), 200, np.uint8))[0][0]
+    for job, methods, image, sha in (("a", ["lime"], image_a, "a" * 64), ("b", ["hirescam", "lime"], image_b, "b" * 64)):
         write_pack(tmp_path / job / "heatmaps" / "part-0.parquet",
-                   pa.table({"sha256": [sha], "method": [method], "png": [png], "overlay_jpg": [None]},
-                            schema=pa.schema(PACK_COLUMNS)))
+                   pa.table({"sha256": [sha] * len(methods), "method": methods, "png": [png] * len(methods),
+                             "overlay_jpg": [None] * len(methods)}, schema=pa.schema(PACK_COLUMNS)))
         hand_rows(tmp_path / job, ["Benign", "Pre"], {
             "path": [str(image)], "status": ["ok"], "duplicate_of": [""], "predicted_class": ["Pre"],
-            "confidence": [0.9], "sha256": [sha], method_columns(method)["heatmap"]: ["heatmaps/part-0.parquet"]},
-            methods=[method])
-    result = build_report([tmp_path / "a", tmp_path / "b"], tmp_path / "r",
-                          ReportOptions(group_by=[], gallery_per_class=1))
-    morning = pd.read_csv(tmp_path / "r" / "morning_list.csv").set_index("path")
-    assert morning.loc[str(image_b), "heatmap"] == str((tmp_path / "b" / "heatmaps" / "part-0.parquet").resolve())
-    assert morning["heatmap_method"].to_dict() == {str(image_a): "gradcam", str(image_b): "hirescam"}
-    gallery = pd.read_csv(tmp_path / "r" / "gallery" / "gallery.csv")
-    assert sorted(gallery["heatmap_method"]) == ["gradcam", "hirescam"] and gallery["image"].notna().all()
-    assert all((tmp_path / "r" / image).is_file() for image in gallery["image"])
-    assert not [n for n in result["notes"] if n.startswith("no overlay")], result["notes"]
+            "confidence": [0.9], "sha256": [sha], **{method_columns(m)["heatmap"]: ["heatmaps/part-0.parquet"]
+                                                     for m in methods}}, methods=methods)
+    for order in ([tmp_path / "a", tmp_path / "b"], [tmp_path / "b", tmp_path / "a"]):
+        result = build_report(order, tmp_path / "r", ReportOptions(group_by=[], gallery_per_class=1))
+        morning = pd.read_csv(tmp_path / "r" / "morning_list.csv").set_index("path")
+        assert morning.loc[str(image_b), "heatmap"] == str((tmp_path / "b" / "heatmaps" / "part-0.parquet").resolve())
+        assert morning["heatmap_method"].to_dict() == {str(image_a): "lime", str(image_b): "hirescam"}, order
+        gallery = pd.read_csv(tmp_path / "r" / "gallery" / "gallery.csv")
+        assert sorted(gallery["heatmap_method"]) == ["hirescam", "lime"] and gallery["image"].notna().all()
+        assert all((tmp_path / "r" / image).is_file() for image in gallery["image"])
+        assert not [n for n in result["notes"] if n.startswith("no overlay")], result["notes"]
+        page = (tmp_path / "r" / "index.html").read_text()
+        assert "Heatmap gallery (" in page and "(hirescam)</figcaption>" in page, "captions name each map's method"
 
 
 def _job_with_maps(tmp_path: Path, images: list[Path]) -> Path:
@@ -885,6 +889,8 @@ def test_every_table_is_written_as_csv_markdown_and_html(runs):
 def test_parquet_files_as_inputs_give_the_same_tables(runs, tmp_path):
     shards = sorted((runs["scored"] / "rows").glob("*.parquet"))
     found = collect_inputs([runs["experiment"] / "trials.parquet", runs["experiment"] / "epochs.parquet", *shards])
+    from allcluster.report.inputs import EPOCHS_COLUMNS
+    assert EPOCHS_COLUMNS <= set(pq.read_schema(runs["experiment"] / "epochs.parquet").names), "what a sweep writes"
     exp, scored = runs["experiment"].resolve(), runs["scored"].resolve()
     assert found.sweeps == [SweepSource(exp, exp / "trials.parquet", exp / "epochs.parquet")]
     assert [(s.root, s.files) for s in found.scorings] == [(scored, [p.resolve() for p in shards])]

@@ -271,6 +271,7 @@ def test_a_sigterm_while_ray_starts_is_named_as_the_signal_not_as_lost_ray_proce
     config = sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, tmp_path / "exp")
     assert main(["sweep", "--config", str(config)]) == 75
     assert "[sweep] interrupted by SIGTERM: 4 of 4 trials unfinished" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "exp").iterdir()] == [".lock"], "stopped before anything ran: nothing written"
     assert main(["sweep", "--config", str(config), "--trial-index", "1"]) == 75
     assert "[sweep] interrupted by SIGTERM: trial 1" in capsys.readouterr().err
 
@@ -298,6 +299,26 @@ def test_a_trial_the_ray_cluster_cannot_hold_is_refused_before_anything_is_writt
     after = _listing(exp)
     assert after.pop(".lock") and before.pop(".lock"), "the run's lock (it records the holder)"
     assert after == before, "--new-config moved nothing aside for a run that was then refused"
+
+
+def test_a_second_signal_while_ray_shuts_down_still_leaves_the_tables_written(synthetic_manifest, tmp_path,
+                                                                             monkeypatch):
+    """Ctrl-C twice, the second while the driver leaves its local Ray (a second or so): the tables are
+    still written. Injected: the signals are real, Ray and Tune are stand-ins."""
+    from allcluster.sweep import driver
+
+    def join(sweep, to_run, address, scope):
+        scope.callback(os.kill, os.getpid(), signal.SIGTERM)          # the second signal, as Ray shuts down
+        return 1
+
+    def run(sweep, to_run, exp, stop, limit):
+        stop.graceful()
+        os.kill(os.getpid(), signal.SIGTERM)                            # the first: a graceful stop
+    monkeypatch.setattr(driver, "_join_ray", join)
+    monkeypatch.setattr(driver, "_run_on_ray", run)
+    exp = tmp_path / "exp"
+    assert main(["sweep", "--config", str(sweep_yaml(tmp_path / "s.yaml", synthetic_manifest, exp))]) == 75
+    assert (exp / "trials.parquet").is_file() and (exp / "epochs.parquet").is_file()
 
 
 def test_trial_ids_stay_as_first_written_so_existing_experiments_keep_their_trials():
@@ -812,6 +833,12 @@ def test_the_start_up_checks_parse_the_manifest_once_and_a_rewrite_again(synthet
     assert parsed == [synthetic_manifest] * 2 + [copy] * 2
     manifest_module.read_manifest(copy)
     assert len(parsed) == 5, "outside the checks every read parses (nothing held)"
+    with manifest_module.shared_manifest_reads():
+        manifest_module.read_manifest(copy)
+        with manifest_module.shared_manifest_reads():
+            manifest_module.read_manifest(copy)
+        manifest_module.read_manifest(copy)
+    assert len(parsed) == 6, "a nested block shares the outer block's reads, and the outer keeps them after it"
 
 
 @pytest.mark.ray

@@ -347,11 +347,12 @@ def shared_manifest_reads() -> Iterator[None]:
     start-up checks (content fingerprint, splits per backbone) read the same file several times, a
     million-row manifest seconds each. The frames are dropped on leaving (not held by training)."""
     global _shared_reads
-    _shared_reads = {}
+    outer = _shared_reads
+    _shared_reads = {} if outer is None else outer           # nested: the outer block's reads go on
     try:
         yield
     finally:
-        _shared_reads = None
+        _shared_reads = outer
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:

@@ -251,7 +251,7 @@ def gallery_parts(report: Report, data: tables.ScoreData, options: ReportOptions
     (report.out / "gallery").mkdir(exist_ok=True)
     atomic_write(report.out / "gallery" / "gallery.csv", lambda tmp: picks.to_csv(tmp, index=False))
     report.files["gallery"] = "gallery/gallery.csv"
-    methods = ", ".join(dict.fromkeys(picks["heatmap_method"]))
+    methods = ", ".join(dict.fromkeys(picks["heatmap_method"])) or "no overlay could be made"
     return [html.heading(f"Heatmap gallery ({methods}, {options.gallery_per_class} per class and kind)"),
             html.gallery_html(picks)]
 

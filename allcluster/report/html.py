@@ -91,7 +91,8 @@ def gallery_html(items: pd.DataFrame) -> str:
         for row in group.itertuples(index=False):
             label = getattr(row, "label", None)
             label = label if isinstance(label, str) else ""        # a missing label is NaN in pandas 3
-            caption = f"p={row.confidence:.3f}" + (f", true {label}" if label else "") + f" - {PurePath(row.path).name}"
+            caption = (f"p={row.confidence:.3f}" + (f", true {label}" if label else "") + f" - {PurePath(row.path).name}"
+                       + (f" ({row.heatmap_method})" if getattr(row, "heatmap_method", "") else ""))
             parts.append(figure_html(row.image, caption))
     parts.append("</div>")
     return "".join(parts)

@@ -124,6 +124,7 @@ class ScoreData:
     methods: list[str]
     superseded: pa.Array | None = None     # keys of rows a newer run replaced: skipped (see stale_row_keys)
     shard_classes: dict[str, list[str]] = field(default_factory=dict)   # shard file -> its model's classes
+    shard_heats: dict[str, list[str]] = field(default_factory=dict)     # shard file -> its map columns, in its job's method order
 
     @property
     def names(self) -> list[str]:
@@ -134,10 +135,8 @@ class ScoreData:
 
     @property
     def heatmap_columns(self) -> list[str]:
-        """The map columns, in method order: a row's map is that of the first which has one, its first
-        every-image method's (the one its ``cam_method`` names; jobs list those before their budgeted
-        ones), else its first budgeted method's. Jobs with other methods each show their own."""
-        return self.present([method_columns(m)["heatmap"] for m in self.methods])
+        """Every shard's map columns (see :func:`_with_heatmap` for the one a row shows)."""
+        return self.present(list(dict.fromkeys(c for heats in self.shard_heats.values() for c in heats)))
 
 
 def _listed(schemas: list[pa.Schema], of: Callable[[pa.Schema], list[str]]) -> list[str]:
@@ -173,13 +172,21 @@ def open_scoring(sources: list[ScoreSource]) -> ScoreData:
     stale = [keys for keys in stale if keys is not None]
     return ScoreData(dataset, roots, _listed(schemas, _shard_classes), _listed(schemas, methods_of),
                      pa.concat_arrays(stale) if stale else None,
-                     {str(f): _shard_classes(s) for f, s in zip(files, schemas)})
+                     {str(f): _shard_classes(s) for f, s in zip(files, schemas)},
+                     {str(f): _shard_heats(s) for f, s in zip(files, schemas)})
 
 
 def _shard_classes(schema: pa.Schema) -> list[str]:
     """The classes of the model that wrote a shard: its schema's metadata or, for rows written by
     hand, its ``prob_<class>`` columns."""
     return classes_of(schema) or [n[len("prob_"):] for n in schema.names if n.startswith("prob_")]
+
+
+def _shard_heats(schema: pa.Schema) -> list[str]:
+    """A shard's ``heatmap_<m>`` columns in its job's method order (every-image methods, then budgeted
+    ones); for rows written by hand, in column order."""
+    ordered = [method_columns(m)["heatmap"] for m in methods_of(schema)]
+    return [c for c in ordered if c in schema.names] or [n for n in schema.names if n.startswith("heatmap_")]
 
 
 def per_model(data: ScoreData) -> Iterator[ScoreData]:
@@ -196,8 +203,8 @@ def per_model(data: ScoreData) -> Iterator[ScoreData]:
 
 def batches(data: ScoreData, columns: list[str], where: pc.Expression | None = None,
             with_root: bool = False) -> Iterator[pa.Table]:
-    """The rows in record batches (one batch read ahead at a time), as Arrow tables; ``scoring_out``
-    (the job's OUT folder, when asked) is added from the shard each row comes from."""
+    """The rows in record batches (one batch read ahead at a time), as Arrow tables; with ``with_root``,
+    ``scoring_out`` (the job's OUT folder) and ``shard_file`` are added from the shard each row comes from."""
     from allcluster.score.output import row_keys
 
     shown = data.present(columns)
@@ -215,7 +222,7 @@ def batches(data: ScoreData, columns: list[str], where: pc.Expression | None = N
             if with_root:
                 shard = table.column("__filename")
                 table = table.drop_columns(["__filename"]).append_column(
-                    "scoring_out", pc.take(roots, pc.index_in(shard, value_set=files)))
+                    "scoring_out", pc.take(roots, pc.index_in(shard, value_set=files))).append_column("shard_file", shard)
             yield table
 
 
@@ -359,17 +366,22 @@ def _priority_keys(table: pa.Table, malignant: list[str], malignant_cols: list[s
             .append_column("malignant_probability", probability))
 
 
-def _with_heatmap(table: pa.Table, heats: list[str]) -> pa.Table:
-    """``table`` with ``heatmap``, the absolute path (``scoring_out`` / relative path) of each row's first
-    map among the columns ``heats``, and ``heatmap_method``, whose map it is ("" where a row has none);
-    the ``heats`` columns dropped."""
+def _with_heatmap(table: pa.Table, data: ScoreData) -> pa.Table:
+    """``table`` (from :func:`batches` ``with_root``) with ``heatmap``, the absolute path (``scoring_out``
+    / relative path) of each row's first map in its own job's method order (its first every-image
+    method's, the one its ``cam_method`` names; else its first budgeted method's), and ``heatmap_method``,
+    whose map it is ("" where a row has none); the map and ``shard_file`` columns dropped."""
     path = method = pa.array([""] * table.num_rows, pa.string())
-    for column in reversed(heats):                      # the earlier column wins
-        rel = pc.fill_null(table[column], "")
-        has = pc.not_equal(rel, "")
-        path = pc.if_else(has, pc.binary_join_element_wise(table["scoring_out"], rel, "/"), path)
-        method = pc.if_else(has, pa.scalar(column[len("heatmap_"):]), method)
-    return table.drop_columns(heats).append_column("heatmap", path).append_column("heatmap_method", method)
+    shards = table["shard_file"]
+    for shard in pc.unique(shards).to_pylist():
+        mine = pc.equal(shards, shard)
+        for column in reversed(data.shard_heats.get(shard, [])):         # the earlier column wins
+            rel = pc.fill_null(table[column], "")
+            has = pc.and_(mine, pc.not_equal(rel, ""))
+            path = pc.if_else(has, pc.binary_join_element_wise(table["scoring_out"], rel, "/"), path)
+            method = pc.if_else(has, pa.scalar(column[len("heatmap_"):]), method)
+    return (table.drop_columns([*data.heatmap_columns, "shard_file"])
+            .append_column("heatmap", path).append_column("heatmap_method", method))
 
 
 def morning_list(data: ScoreData, malignant: list[str]) -> pa.Table:
@@ -377,8 +389,8 @@ def morning_list(data: ScoreData, malignant: list[str]) -> pa.Table:
 
     Priority: 1 malignant and uncertain, 2 malignant, 3 uncertain (benign); inside a tier the higher
     calibrated malignant probability first, then the lower confidence, then the path. ``heatmap`` is
-    the absolute path of the row's first every-image heatmap (a PNG, or the pack holding it under the
-    row's ``sha256``). Only the flagged rows' few columns are held, as Arrow (about 320 bytes a row),
+    the absolute path of the row's first map in its job's method order (a PNG, or the pack holding it
+    under the row's ``sha256`` and ``heatmap_method``; see :func:`_with_heatmap`). Only the flagged rows' few columns are held, as Arrow (about 320 bytes a row),
     for the sort.
     """
     _, calibrated = class_columns(data.classes)
@@ -386,7 +398,7 @@ def morning_list(data: ScoreData, malignant: list[str]) -> pa.Table:
     heats = data.heatmap_columns
     shown = data.present(["path", "predicted_class", "confidence", "uncertain", "label", "patient"])
     columns = ["reason", *shown, "malignant_probability", "heatmap", "heatmap_method", "sha256", "scoring_out"]
-    parts = [_with_heatmap(_priority_keys(t, malignant, malignant_cols), heats).select(["tier", *columns])
+    parts = [_with_heatmap(_priority_keys(t, malignant, malignant_cols), data).select(["tier", *columns])
              for t in batches(data, [*shown, *malignant_cols, *heats, "sha256"], _flagged(malignant), with_root=True)]
     if not parts:
         names = ["priority", *columns]
@@ -504,7 +516,7 @@ def gallery_rows(data: ScoreData, n: int) -> pd.DataFrame:
     keep = None
     for table in batches(data, ["path", "sha256", "predicted_class", "confidence", "label", *heats],
                          (pc.field("status") == "ok") & has_map & FIRST_COPIES, with_root=True):
-        table = _with_heatmap(table, heats)
+        table = _with_heatmap(table, data)
         keep = _ends(table if keep is None else pa.concat_tables([keep, table]), n)
     if keep is None:
         return pd.DataFrame(columns=GALLERY_COLUMNS)

@@ -78,6 +78,8 @@ def run_sweep(sweep: SweepConfig, trials: list[Trial], retry_errored: bool = Fal
         if to_run:
             with caught:                  # starting Ray: a signal ends it at once
                 limit = _join_ray(sweep, to_run, address, on_ray)
+            if caught.signal_name:        # stopped before anything ran: nothing is moved or written
+                return trials_table(trials, sweep.name), caught.signal_name
         stop.graceful()                   # moving and writing files: a signal waits until they are done
         _start(exp, sweep, base, trials, changes, new_config)
         before = work_done(to_run)
@@ -85,7 +87,8 @@ def run_sweep(sweep: SweepConfig, trials: list[Trial], retry_errored: bool = Fal
             stop.graceful(False)          # building caches: a signal ends it at once
             with caught:
                 _run_on_ray(sweep, to_run, exp, stop, limit)
-        on_ray.close()                    # Ray is left before the tables are written, as the run ends
+        with caught:                      # Ray is left before the tables are written (a second signal
+            on_ray.close()                # while it shuts down still leaves them written)
         stop.hold()                       # writing the tables: no signal cuts them short
         report_progress(work_done(to_run) - before, "epochs or trial endings")
         table = collect(sweep, trials)
