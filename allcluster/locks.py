@@ -89,8 +89,10 @@ class ExclusiveLock:
             os.ftruncate(fd, 0)          # shared holders (array tasks) name themselves in their own lock
             if not self.shared:
                 os.pwrite(fd, (json.dumps(holder_info()) + "\n").encode(), 0)
-        except BaseException:            # a full disk: not left holding a lock nobody will release
+        except BaseException as err:     # a full disk: not left holding a lock nobody will release
             os.close(fd)
+            if is_storage_full(err):
+                raise storage_full_error(err.errno, self.path) from err
             raise
         self.fd = fd
         return self
@@ -167,6 +169,8 @@ def _make_writable_folder(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
+        if is_storage_full(err):            # no inode left: a full disk (exit 74), not a refusal
+            raise storage_full_error(err.errno, folder) from err
         raise ConfigError(f"{folder}: cannot write into this folder ({err.strerror or err})") from None
     check_writable_folder(folder)
 
@@ -181,6 +185,8 @@ def check_writable_folder(folder: Path) -> None:
         raise ConfigError(f"{folder}: cannot write into this folder ({existing} is not a folder)")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{folder}: cannot write into this folder ({existing} is not writable)")
+    if existing == folder and not os.access(folder, os.R_OK):     # a rerun reads what it holds
+        raise ConfigError(f"{folder}: cannot write into this folder (it cannot be listed: not readable)")
 
 
 def _folder_locks(folder: str | Path, what: str, part: str, part_what: str) -> list[ExclusiveLock]:

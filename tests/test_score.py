@@ -209,6 +209,9 @@ def test_an_out_whose_rows_or_heatmaps_folder_takes_no_files_is_refused_before_s
     (out / "rows").write_text("a file where the rows folder goes")
     assert main(args) == 2 and f"{out / 'rows'}: cannot write into this folder" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["rows"]
+    (out / "rows").unlink()
+    (out / "overlays").write_text("explain.overlays' folder (the files store)")
+    assert main(args) == 2 and f"{out / 'overlays'}: cannot write into this folder" in capsys.readouterr().err
 
 
 def test_check_refuses_what_the_run_would_and_writes_nothing(tiny_model_dir, real_data_dir, tmp_path, capsys):

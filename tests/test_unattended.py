@@ -415,9 +415,10 @@ def test_an_output_on_a_filesystem_without_flock_is_refused_naming_its_lock_file
     assert main(args + ["--check"]) == 2 and f"{out / '.lock'}: cannot lock it" in capsys.readouterr().err
 
 
-def test_an_output_on_a_filesystem_out_of_inodes_ends_with_74_naming_its_lock_file(tiny_model_dir, real_data_dir,
-                                                                                    tmp_path, capsys):
-    """No inode left for OUT/.lock is a full disk (free space, rerun: 74), not a refusal of the command."""
+def test_an_output_on_a_filesystem_out_of_inodes_ends_with_74_naming_the_file(tiny_model_dir, real_data_dir,
+                                                                              tmp_path, capsys):
+    """No inode left for OUT/.lock, or for OUT itself, is a full disk (free space, rerun: 74), not a
+    refusal of the command (exit 2)."""
     from allcluster.cli import main
 
     with tmpfs(tmp_path / "small", "size=1M,nr_inodes=3") as mount:
@@ -431,6 +432,9 @@ def test_an_output_on_a_filesystem_out_of_inodes_ends_with_74_naming_its_lock_fi
         assert main(score_args(tiny_model_dir, real_data_dir, mount / "out")) == 74
         err = capsys.readouterr().err
         assert f"error: {mount / 'out' / '.lock'}: No space left on device" in err, err
+        assert main(score_args(tiny_model_dir, real_data_dir, mount / "new-out")) == 74     # no inode for OUT itself
+        err = capsys.readouterr().err
+        assert f"error: {mount / 'new-out'}: No space left on device" in err, err
 
 
 def test_an_output_on_a_read_only_filesystem_is_refused_by_the_run_and_its_check_naming_it(tiny_model_dir,

@@ -222,7 +222,8 @@ def explain_images(model_dir: str | Path, images: Sequence[str | Path], out_dir:
     ``status`` ("ok"/"error"), ``error`` (naming the file), ``predicted_class`` and ``confidence``
     (the calibrated probability softmax(logits / temperature) of that class; 0 on error).
     Unknown methods, an unavailable device, too few ``lime_samples``, an ``out_dir`` that is a
-    file and CAM on a head with hidden layers raise ``ValueError`` before any work is done.
+    file or cannot be written and CAM on a head with hidden layers raise ``ValueError`` before any
+    work is done; a full disk while writing a panel raises its ``OSError`` (the CLI: exit 74).
     """
     from allcluster.models.model_dir import load_model_dir
 
@@ -259,7 +260,7 @@ def explain_from_scores(scores: str | Path, images: Sequence[str | Path], out_di
 
     from allcluster.data.preprocess import Preprocess
     from allcluster.models.card import ModelInfo
-    from allcluster.score.output import parquet_files, parquet_footer
+    from allcluster.score.output import parquet_files, shard_footers
     from allcluster.score.rows import methods_of
 
     scores, out_dir = Path(scores), check_out_dir(out_dir)
@@ -267,10 +268,10 @@ def explain_from_scores(scores: str | Path, images: Sequence[str | Path], out_di
     shards = parquet_files(scores / "rows")
     if not info.input_size or not shards:
         raise ValueError(f"{scores}: not a scoring output (no model.json and rows/*.parquet)")
-    readable = [shard for shard in shards if parquet_footer(shard) is not None]
-    if len(readable) < len(shards):         # a copy cut short: its images are "not scored", said below
-        say(f"[explain] {len(shards) - len(readable)} of {scores}'s row shards are no readable Parquet "
-            f"(e.g. {sorted(set(shards) - set(readable))[0]}): their rows are left out", logging.WARNING)
+    readable, damaged = shard_footers(shards)
+    if damaged:                             # a copy cut short: its images are "not scored", said below
+        say(f"[explain] {len(damaged)} of {scores}'s row shards are no readable Parquet (e.g. {damaged[0]}): "
+            "their rows are left out", logging.WARNING)
     if not readable:
         raise ValueError(f"{scores}: none of its row shards is a readable Parquet file; rerun its `allcluster "
                          "score` command, which sets them aside and scores their files again")

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from allcluster.config import ConfigError
-from allcluster.score.output import parquet_files, parquet_footer
+from allcluster.score.output import parquet_files, shard_footers
 
 TRIALS_COLUMNS = {"trial_id", "status", "val_macro_f1", "backbone"}
 EPOCHS_COLUMNS = {"trial_id", "epoch", "val_macro_f1"}
@@ -85,19 +85,15 @@ def parquet_kind(path: Path) -> tuple[str, pa.Schema]:
     return kind, schema
 
 
-def scoring_source(root: Path, footers: dict[Path, pa.Schema | None]) -> ScoreSource:
-    """The row shards of the scoring output ``root`` by their :func:`~allcluster.score.output.parquet_footer`; those whose footer does
-    not read are left out."""
-    readable = {shard: schema for shard, schema in footers.items() if schema is not None}
+def scoring_source(root: Path, files: list[Path]) -> ScoreSource:
+    """The row shards ``files`` of the scoring output ``root``, those whose footer does not read left
+    out (:func:`~allcluster.score.output.shard_footers`)."""
+    readable, damaged = shard_footers(files)
     if not readable:
-        raise ConfigError(f"{root}: none of its {len(footers)} row shard(s) is a readable Parquet file (e.g. "
-                          f"{min(footers)}); rerun its `allcluster score` command, which sets them aside and "
+        raise ConfigError(f"{root}: none of its {len(files)} row shard(s) is a readable Parquet file (e.g. "
+                          f"{min(files)}); rerun its `allcluster score` command, which sets them aside and "
                           "scores their files again")
-    return ScoreSource(root, readable, sorted(set(footers) - set(readable)))
-
-
-def _footers(files: list[Path]) -> dict[Path, pa.Schema | None]:
-    return {shard: parquet_footer(shard) for shard in files}
+    return ScoreSource(root, readable, damaged)
 
 
 def _rows_root(path: Path) -> Path:
@@ -136,20 +132,21 @@ def classify_folder(path: Path) -> SweepSource | ScoreSource:
     if (path / "trials.parquet").is_file():
         return SweepSource(path, path / "trials.parquet", _sibling(path / "trials.parquet", "epochs.parquet"))
     if (path / "rows").is_dir() and parquet_files(path / "rows"):
-        return scoring_source(path, _footers(parquet_files(path / "rows")))
+        return scoring_source(path, parquet_files(path / "rows"))
     if (path / "rows").is_dir():
         _refuse_an_output_without_shards(path)
-    footers = _footers(parquet_files(path))
-    if path.name == "rows" and footers:          # OUT/rows named itself
-        return scoring_source(path.parent, footers)
+    files = parquet_files(path)
+    if path.name == "rows" and files:          # OUT/rows named itself
+        return scoring_source(path.parent, files)
     # a torn file is left out like one in OUT/rows; any other kind of file refuses the folder
-    kinds = {f: kind_of(schema) if schema is not None else "damaged" for f, schema in footers.items()}
+    readable, damaged = shard_footers(files)
+    kinds = {f: kind_of(schema) for f, schema in readable.items()}
     if "rows" in kinds.values():
-        others = [f for f, kind in kinds.items() if kind not in ("rows", "damaged")]
+        others = [f for f, kind in kinds.items() if kind != "rows"]
         if others:
             raise ConfigError(f"{path}: a folder of scoring rows that also holds {others[0].name}, which is no "
                               "rows file; name the row files themselves, or move the others out")
-        return scoring_source(path, footers)
+        return ScoreSource(path, readable, damaged)
     raise ConfigError(f"{path}: not a sweep experiment folder (no trials.parquet) nor a scoring output folder "
                       "(no rows/*.parquet)")
 

@@ -68,6 +68,14 @@ def parquet_footer(path: Path) -> pa.Schema | None:
         raise
 
 
+def shard_footers(files: list[Path]) -> tuple[dict[Path, pa.Schema], list[Path]]:
+    """The schemas of the row shards ``files`` whose footer reads, and those that are damaged
+    (:func:`parquet_footer`): what a reader leaves out and names."""
+    footers = {shard: parquet_footer(shard) for shard in files}
+    return ({shard: schema for shard, schema in footers.items() if schema is not None},
+            [shard for shard, schema in footers.items() if schema is None])
+
+
 def rows_dataset(out: Path) -> pads.Dataset | None:
     """All finished shards of ``out`` (:func:`parquet_files` of ``rows/``); None when there is none."""
     shards = parquet_files(out / "rows")
@@ -268,10 +276,10 @@ def check_output_free(out: Path, shard: Shard = Shard()) -> None:
 
 
 def _refuse_unwritable_folders(out: Path) -> None:
-    """``rows/`` and ``heatmaps/`` of an existing ``out`` must take this run's files too (another
+    """``rows/``, ``heatmaps/`` (and ``overlays/``) of an existing ``out`` must take this run's files too (another
     user's, a read-only mount, a file in their place): found after scoring, every row of the run
     would be lost or turn into a ``write_error``."""
-    for folder in (out / "rows", out / "heatmaps"):
+    for folder in (out / "rows", out / "heatmaps", out / "overlays"):
         if os.path.lexists(folder):
             check_writable_folder(folder)
 
@@ -706,7 +714,7 @@ def summarize(out: Path, run_seconds: float, run_rows: int, shard: Shard = Shard
         "uncertain": int(ok["uncertain"].fillna(False).sum()),
         "errors_by_type": {str(k): int(v) for k, v in df.loc[df["status"] == "error", "error_type"].value_counts().items()},
         "duplicates": int((df["duplicate_of"].fillna("") != "").sum()),
-        "budget_explained": int((df["budget_reason"].isin(BUDGET_REASONS) & (df["duplicate_of"] == "")).sum()),
+        "budget_explained": int((ok["budget_reason"].isin(BUDGET_REASONS) & (ok["duplicate_of"] == "")).sum()),
         "run_rows": run_rows, "run_seconds": round(run_seconds, 1),
         "run_images_per_s": round(run_rows / run_seconds, 2) if run_seconds > 0 else 0.0,
     }
