@@ -356,8 +356,9 @@ ray_cluster_stop() {  # the EXIT trap
     rm -f "$(_ray_stalls_file)"            # the job ends here: no count is left for a later job
     if [ "$rc" = "$EX_TEMPFAIL" ] && [ -z "$_ray_warned" ]; then   # said at 7 a.m.: nothing will resume it
       _log "not requeued by this script: no time-limit warning came first (scancel, a time limit reached" \
-           "without --signal=B:USR1@<seconds>, preemption); unless Slurm requeues the job itself" \
-           "(PreemptMode=REQUEUE), resubmit the same command to resume"
+           "without --signal=B:USR1@<seconds>, preemption, scontrol requeue); unless Slurm requeues the job" \
+           "itself (scontrol requeue, PreemptMode=REQUEUE: squeue shows it pending again), resubmit the same" \
+           "command to resume"
     fi
   fi
   if [ "${#_ray_steps[@]}" -gt 0 ]; then
@@ -458,7 +459,7 @@ _ray_ended_step_nodes() {  # the nodes whose Ray step of this start has ended (b
 }
 
 _ray_restart_after_ray_failure() {  # $1 = what failed. True, with what is left of this start's Ray
-  # stopped, when that failure came after a Ray step ended by itself (ray-node.sh logged why) and
+  # stopped, when that failure came after a Ray step ended unasked (ray-node.sh logged why) and
   # a restart is left: a raylet or Ray agent that crashes (seen once in CI: a head's runtime_env_agent
   # failing right after the head published its address, the driver ending 60 s later) must not cost
   # the night's run. Not after a stop signal or the time-limit warning, also one that comes while
@@ -474,12 +475,13 @@ _ray_restart_after_ray_failure() {  # $1 = what failed. True, with what is left 
   [ -n "$ended" ] && _ray_not_stopping || return 1
   ended=$(paste -sd, - <<<"$ended")
   if [ "$_ray_restarts" -ge "$ALLCLUSTER_RAY_RESTARTS" ]; then
-    _log "$1 failed after this job's Ray on $ended ended by itself; Ray was restarted $_ray_restarts time(s)" \
+    _log "$1 failed after this job's Ray on $ended ended unasked; Ray was restarted $_ray_restarts time(s)" \
          "in this allocation already (ALLCLUSTER_RAY_RESTARTS=$ALLCLUSTER_RAY_RESTARTS): not again"
     return 1
   fi
   _ray_restarts=$((_ray_restarts + 1))
-  _log "$1 failed after this job's Ray on $ended ended by itself (its lines above say why): restarting Ray" \
+  _log "$1 failed after this job's Ray on $ended ended unasked (its lines above say why: a crash, or a signal" \
+       "to its step from outside this script): restarting Ray" \
        "in this allocation ($_ray_restarts of $ALLCLUSTER_RAY_RESTARTS); the driver then resumes"
   recorded=$(_ray_driver_progress)
   [ -z "$recorded" ] || _ray_earlier_progress=$recorded

@@ -5,6 +5,11 @@
 # Needs RAY_JOB_DIR (the job's private folder, mode 700, on a filesystem every node sees): the head
 # writes the cluster address there (file `address`) once its Ray runs, workers read it from there.
 set -euo pipefail
+# SIGUSR1 reaches a step only from `scancel --signal=USR1 JOB` without --batch (Slurm's time-limit
+# warning, --signal=B:USR1, goes to the batch shell alone): Ray's processes inherit it ignored, as by
+# default it ends them (the head's `ray start` died of it and the driver lost its cluster); the head's
+# shell passes it on to the batch shell (below), which takes it as the warning it meant to be.
+trap '' USR1
 role=$1 node_ip=$2
 ray_bin=$(dirname "$ALLCLUSTER_PYTHON")/ray
 cpus=${SLURM_CPUS_ON_NODE:-$(nproc)}
@@ -81,6 +86,21 @@ export RAY_ADDRESS=$address
 ray_pid=$!
 stopping=""
 trap 'stopping=1; kill -TERM "$ray_pid" 2>/dev/null || true' TERM INT
+_pass_warning_on() {   # the head's step: SIGUSR1 (see the top) to the job's batch shell, once per signal
+  if [ -z "${SLURM_JOB_ID:-}" ]; then
+    _log "SIGUSR1 to this step: ignored by Ray (no Slurm job to pass it on to)"
+  elif scancel --batch --signal=USR1 "$SLURM_JOB_ID"; then
+    _log "SIGUSR1 to this step: ignored by Ray, passed on to job $SLURM_JOB_ID's batch shell (scancel --batch)," \
+         "which takes it as the time-limit warning"
+  else
+    _log "SIGUSR1 to this step: ignored by Ray; passing it on to job $SLURM_JOB_ID's batch shell failed"
+  fi
+}
+if [ "$role" = head ]; then
+  trap _pass_warning_on USR1
+else
+  trap '_log "SIGUSR1 to this step: ignored by Ray (the head passes it on to the batch shell)"' USR1
+fi
 published=""
 if [ "$role" = head ]; then
   # Publish the address once every head process runs: `ray start` writes TEMP_DIR/ray_current_cluster

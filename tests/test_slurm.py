@@ -271,11 +271,14 @@ def test_sweep_script_refuses_to_run_outside_a_job(tmp_path):
     assert done.returncode == 2 and "not inside a Slurm job" in done.stderr
 
 
-def test_a_ray_head_whose_port_another_process_takes_first_starts_again_before_publishing_its_address(tmp_path):
+def test_a_ray_head_whose_port_another_process_takes_first_starts_again_before_publishing_its_address_and_outlives_a_usr1(
+        tmp_path):
     """The race ray-node.sh leaves: a port checked free is bound by another process (another job's Ray
     on a shared node) before Ray binds it. Here a socket of this test takes the head's dashboard port
     as soon as the step prints it; the head must start again on fresh ports and publish only the
-    address of the Ray that runs. No Slurm needed: the node script runs as its srun step would."""
+    address of the Ray that runs. Then a SIGUSR1 to every process of the step (`scancel --signal=USR1`
+    without --batch) leaves Ray running and is passed on to the batch shell. No Slurm needed: the node
+    script runs as its srun step would."""
     import socket
     import signal
 
@@ -285,6 +288,11 @@ def test_a_ray_head_whose_port_another_process_takes_first_starts_again_before_p
     (job_dir / "token").write_text("a-token-of-this-job\n")                    # as ray-cluster.sh sets it up
     env.update(ALLCLUSTER_PYTHON=sys.executable, RAY_JOB_DIR=str(job_dir), SLURM_CPUS_ON_NODE="1",
                RAY_WORKER_PORTS="50", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(job_dir / "token"))
+    calls = tmp_path / "scancel.calls"                  # a stand-in scancel on PATH, logging its arguments
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "scancel").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (tmp_path / "bin" / "scancel").chmod(0o755)
+    env.update(SLURM_JOB_ID="4242", PATH=f"{tmp_path / 'bin'}:{env['PATH']}")
     ports = re.compile(r"ports: gcs (\d+), dashboard (\d+),")
     with LoggedProcess(["bash", "slurm/ray-node.sh", "head", "127.0.0.1"], env) as head, socket.socket() as thief:
         head.wait_until(lambda: ports.search(head.printed()), 60, "the head picked its ports")
@@ -300,11 +308,30 @@ def test_a_ray_head_whose_port_another_process_takes_first_starts_again_before_p
                                 env={**env, "RAY_ADDRESS": f"127.0.0.1:{second_gcs}"}, capture_output=True, text=True,
                                 timeout=120)         # what ray-cluster.sh runs next, at the published address
         assert "all 1 nodes joined: 1 CPUs" in joined.stdout, joined
+        # `scancel --signal=USR1 JOB` (no --batch): Slurm signals every process of the step. Ray ignores
+        # it (it ended the head's `ray start`) and the head's shell passes it on to the batch shell
+        step = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if _session_of(pid) == head.pid]
+        for pid in step:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+        head.wait_until(lambda: "passed on to job 4242's batch shell" in head.printed(), 30, "the warning passed on")
+        assert calls.read_text() == "--batch --signal=USR1 4242\n" and len(step) > 3, (calls.read_text(), step)
+        again = subprocess.run([sys.executable, "-m", "allcluster.ray_utils", "wait", "1", "30"], cwd=REPO,
+                               env={**env, "RAY_ADDRESS": f"127.0.0.1:{second_gcs}"}, capture_output=True, text=True,
+                               timeout=60)
+        assert "all 1 nodes joined: 1 CPUs" in again.stdout and head.poll() is None, (again, head.printed())
         head.send_signal(signal.SIGTERM)            # what srun sends the step when ray-cluster.sh stops it
         printed = head.printed_by_exit(60)
     assert head.returncode == 0 and "Ray stopped on" in printed, printed
     for private in re.findall(r"temp root (\S+) ", printed):
         assert not Path(private).exists(), f"{private} left behind"
+
+
+def _session_of(pid: int) -> int:
+    try:
+        return os.getsid(pid)
+    except OSError:                                     # gone meanwhile
+        return -1
 
 
 def test_jobs_whose_arguments_are_refused_end_before_ray_starts(slurm, real_manifest, tmp_path):
@@ -525,7 +552,7 @@ def test_a_ray_that_dies_under_the_scoring_driver_restarts_in_the_allocation_and
     assert shown, f"the job never showed rows part way: {final}\n{text[-4000:]}"
     assert final["JobState"] == "COMPLETED" and int(final["Restarts"]) == 0, f"{final}\n{text[-6000:]}"
     before, after = re.split(r"restarting Ray in this allocation \(1 of 1\)", text)
-    assert re.search(r"the driver \(exit \d+\) failed after this job's Ray on \S+ ended by itself", before), before[-4000:]
+    assert re.search(r"the driver \(exit \d+\) failed after this job's Ray on \S+ ended unasked", before), before[-4000:]
     assert re.search(r"ray start exited with \d+ on ", before), "ray-node.sh says how the head's Ray ended"
     assert re.findall(r"driver exited with (\d+.*)", after) == ["0"] and " nodes joined" in after, after[-4000:]
     assert "requeueing" not in text
@@ -840,7 +867,7 @@ DIED, HEALTHY = "sleep 1", "trap 'exit 0' TERM; while :; do sleep 0.2; done"   #
 @pytest.mark.parametrize("failed", ["the driver", "Ray's start"])
 def test_a_ray_that_died_is_started_afresh_once_and_the_driver_runs_on_it(tmp_path, failed):
     """The decision of ray-cluster.sh alone (stubbed Slurm, stand-in steps and driver; the real thing is
-    test_a_ray_that_dies_under_the_scoring_driver...): a Ray step that ended by itself before the driver
+    test_a_ray_that_dies_under_the_scoring_driver...): a Ray step that ended unasked before the driver
     failed, or before Ray's start was done, gets one fresh Ray (and one more driver run), whose success is
     the job's; the work a first run recorded still counts as this start's progress (the time-limit
     requeue's loop guard)."""
@@ -848,7 +875,7 @@ def test_a_ray_that_died_is_started_afresh_once_and_the_driver_runs_on_it(tmp_pa
     code, log, _ = _batch_shell_with_rays(tmp_path, steps, exits)
     assert code == 0 and log.count("bring-up of a Ray") == 2 and log.count("driver exited with") == len(exits), log
     what = "the driver (exit 1)" if failed == "the driver" else "Ray's start"
-    assert f"{what} failed after this job's Ray on n1 ended by itself" in log, log
+    assert f"{what} failed after this job's Ray on n1 ended unasked" in log, log
     assert "restarting Ray in this allocation (1 of 1)" in log and "driver exited with 0" in log, log
     assert ("this start's progress: 5 final rows (before Ray restarted)" in log) == (failed == "the driver"), log
     assert log.count("stopping Ray (1 srun steps)") == 2 and "stopped: Ray's steps ended" in log, log
