@@ -150,7 +150,7 @@ def lock_folder(folder: str | Path, what: str, part: str = "", part_what: str = 
     try:
         for lock in _folder_locks(folder, what, part, part_what):
             held.append(lock.acquire())
-    except ConfigError:
+    except BaseException:                   # a refusal, a full disk (74): none of them stays held
         for lock in reversed(held):
             lock.release()
         raise
@@ -175,9 +175,10 @@ def _make_writable_folder(folder: Path) -> None:
     check_writable_folder(folder)
 
 
-def check_writable_folder(folder: Path) -> None:
+def check_writable_folder(folder: Path, readable: bool = True) -> None:
     """Refuse a folder that cannot be made, or written into, by this user (as the run would be): the
-    folder, or where it does not exist yet, its nearest existing parent."""
+    folder, or where it does not exist yet, its nearest existing parent; with ``readable``, an existing
+    folder must also list (a rerun reads what it holds; a drop folder that only takes files need not)."""
     existing = folder
     while not os.path.lexists(existing) and existing != existing.parent:
         existing = existing.parent
@@ -185,7 +186,7 @@ def check_writable_folder(folder: Path) -> None:
         raise ConfigError(f"{folder}: cannot write into this folder ({existing} is not a folder)")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{folder}: cannot write into this folder ({existing} is not writable)")
-    if existing == folder and not os.access(folder, os.R_OK):     # a rerun reads what it holds
+    if readable and existing == folder and not os.access(folder, os.R_OK):
         raise ConfigError(f"{folder}: cannot write into this folder (it cannot be listed: not readable)")
 
 

@@ -38,9 +38,9 @@
 #   ALLCLUSTER_MAX_STALLED_STARTS (3) warned starts in a row with none (an epoch, or Ray's start,
 #   longer than the time before the warning) the job stops requeueing and says why: it would
 #   otherwise return to the queue forever, spending the allocation on nothing.
-# - Ray failing under the job (a node's Ray ends by itself: a raylet or agent crash, a node's Ray
-#   killed) does not end it: when the driver fails after one of this start's Ray steps ended by
-#   itself, or Ray's start fails that way, the shell stops what is left of that Ray, starts a fresh
+# - Ray failing under the job (a node's Ray ends unasked: a raylet or agent crash, a node's Ray
+#   killed, a signal to its step from outside) does not end it: when the driver fails after one of
+#   this start's Ray steps ended unasked, or Ray's start fails that way, the shell stops what is left of that Ray, starts a fresh
 #   one in the same allocation and runs the driver again, which resumes (scoring: rows already
 #   written and its journal; sweep: each trial's last checkpoint). ALLCLUSTER_RAY_RESTARTS (1) times
 #   per start at most; a driver that fails while its Ray runs fails the job as before.
@@ -512,7 +512,7 @@ _ray_start_node() {  # $1 node, $2 head|worker: one srun step that runs `ray sta
   tres=$(tr ',' '\n' <<<"${SLURM_TRES_PER_TASK:-}" | grep -v -e 'gpu' -e '^cpu=' | paste -sd, -) || true
   env -u SLURM_GPUS -u SLURM_GPUS_PER_NODE -u SLURM_GPUS_PER_TASK -u SLURM_NTASKS_PER_GPU -u SLURM_CPUS_PER_TASK \
       -u SLURM_GPU_BIND -u SLURM_TRES_BIND -u SLURM_TRES_PER_TASK ${tres:+SLURM_TRES_PER_TASK="$tres"} \
-    srun --nodes=1 --ntasks=1 -w "$node" --overlap ${gpus:+"$gpus"} \
+    ALLCLUSTER_SLURM_SELF="$(_ray_self)" srun --nodes=1 --ntasks=1 -w "$node" --overlap ${gpus:+"$gpus"} \
        bash "$ALLCLUSTER_HOME/slurm/ray-node.sh" "$role" "$(_ray_node_addr "$node")" &
   _ray_steps+=($!) _ray_step_nodes+=("$node")
   [ "$role" = head ] || return 0

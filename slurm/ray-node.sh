@@ -5,10 +5,12 @@
 # Needs RAY_JOB_DIR (the job's private folder, mode 700, on a filesystem every node sees): the head
 # writes the cluster address there (file `address`) once its Ray runs, workers read it from there.
 set -euo pipefail
-# SIGUSR1 reaches a step only from `scancel --signal=USR1 JOB` without --batch (Slurm's time-limit
-# warning, --signal=B:USR1, goes to the batch shell alone): Ray's processes inherit it ignored, as by
-# default it ends them (the head's `ray start` died of it and the driver lost its cluster); the head's
-# shell passes it on to the batch shell (below), which takes it as the warning it meant to be.
+# SIGUSR1 reaches a step from `scancel --signal=USR1 JOB` without --batch, or a --signal=USR1@T
+# without B: (the scripts' own warning, --signal=B:USR1, goes to the batch shell alone). By default it
+# ends a process (the head's `ray start` died of it and the driver lost its cluster): Ray's processes
+# inherit it ignored, and the head's shell, once its address is published, passes it on to the batch
+# shell (below), which takes it as the warning it meant to be. Commands this shell starts after that
+# get SIGUSR1's default action back (bash resets handled signals in children): they are guarded.
 trap '' USR1
 role=$1 node_ip=$2
 ray_bin=$(dirname "$ALLCLUSTER_PYTHON")/ray
@@ -86,21 +88,22 @@ export RAY_ADDRESS=$address
 ray_pid=$!
 stopping=""
 trap 'stopping=1; kill -TERM "$ray_pid" 2>/dev/null || true' TERM INT
-_pass_warning_on() {   # the head's step: SIGUSR1 (see the top) to the job's batch shell, once per signal
-  if [ -z "${SLURM_JOB_ID:-}" ]; then
+passed_on=""
+_pass_warning_on() {   # the head's step: SIGUSR1 (see the top) to the job's batch shell, once per start
+  # (a second one would make the driver stop at once rather than write what it has)
+  local self=${ALLCLUSTER_SLURM_SELF:-${SLURM_JOB_ID:-}}   # an array task: ARRAYID_TASK, not the array
+  if [ -n "$passed_on" ]; then
+    _log "SIGUSR1 to this step again: ignored by Ray; passed on once already"
+  elif [ -z "$self" ]; then
     _log "SIGUSR1 to this step: ignored by Ray (no Slurm job to pass it on to)"
-  elif scancel --batch --signal=USR1 "$SLURM_JOB_ID"; then
-    _log "SIGUSR1 to this step: ignored by Ray, passed on to job $SLURM_JOB_ID's batch shell (scancel --batch)," \
+  elif timeout 10 scancel --batch --signal=USR1 "$self"; then
+    passed_on=1
+    _log "SIGUSR1 to this step: ignored by Ray, passed on to job $self's batch shell (scancel --batch)," \
          "which takes it as the time-limit warning"
   else
-    _log "SIGUSR1 to this step: ignored by Ray; passing it on to job $SLURM_JOB_ID's batch shell failed"
+    _log "SIGUSR1 to this step: ignored by Ray; passing it on to job $self's batch shell failed"
   fi
 }
-if [ "$role" = head ]; then
-  trap _pass_warning_on USR1
-else
-  trap '_log "SIGUSR1 to this step: ignored by Ray (the head passes it on to the batch shell)"' USR1
-fi
 published=""
 if [ "$role" = head ]; then
   # Publish the address once every head process runs: `ray start` writes TEMP_DIR/ray_current_cluster
@@ -117,11 +120,19 @@ if [ "$role" = head ]; then
     _log "Ray head running; address $address published in $RAY_JOB_DIR/address"
   fi
 fi
+if [ "$role" = head ]; then    # from here on this shell starts nothing but the guarded lines below
+  trap _pass_warning_on USR1
+else
+  trap '_log "SIGUSR1 to this step: ignored by Ray (the head passes it on to the batch shell)"' USR1
+fi
 rc=0
 while :; do
   rc=0; wait "$ray_pid" || rc=$?
   [ "$rc" -gt 128 ] && kill -0 "$ray_pid" 2>/dev/null || break
 done
+if [ "$rc" -gt 128 ]; then     # a trapped signal cut the wait short as Ray ended: Ray's own exit code
+  rc=0; wait "$ray_pid" 2>/dev/null || rc=$?
+fi
 if [ -n "$stopping" ]; then   # asked to stop (ray start --block ends with 1 then): not a failure of the step
   _log "Ray stopped on $(hostname -s) (ray start exited with $rc on SIGTERM)"
   exit 0
@@ -142,7 +153,7 @@ attempt=${RAY_NODE_ATTEMPT:-1}
 # Not once told to stop (a SIGTERM while the logs above were shown).
 if [ -z "$stopping" ] && { [ "$role" = worker ] || [ -z "$published" ]; } && [ "$attempt" -lt "${RAY_START_TRIES:-3}" ]; then
   _log "retrying ray start on $(hostname -s) (attempt $((attempt + 1)) of ${RAY_START_TRIES:-3})"
-  rm -rf "$private"
+  rm -rf "$private" || true
   RAY_NODE_ATTEMPT=$((attempt + 1)) exec bash "$0" "$role" "$node_ip"
 fi
 exit "$rc"

@@ -292,13 +292,15 @@ def test_a_ray_head_whose_port_another_process_takes_first_starts_again_before_p
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "scancel").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     (tmp_path / "bin" / "scancel").chmod(0o755)
-    env.update(SLURM_JOB_ID="4242", PATH=f"{tmp_path / 'bin'}:{env['PATH']}")
+    # an array task whose own id is the array's: ray-cluster.sh hands the step its ARRAYID_TASK form
+    env.update(SLURM_JOB_ID="4242", ALLCLUSTER_SLURM_SELF="4242_3", PATH=f"{tmp_path / 'bin'}:{env['PATH']}")
     ports = re.compile(r"ports: gcs (\d+), dashboard (\d+),")
     with LoggedProcess(["bash", "slurm/ray-node.sh", "head", "127.0.0.1"], env) as head, socket.socket() as thief:
         head.wait_until(lambda: ports.search(head.printed()), 60, "the head picked its ports")
         first_gcs, taken = ports.search(head.printed()).groups()
         thief.bind(("", int(taken)))
         thief.listen()
+        _signal_session(head.pid, signal.SIGUSR1)   # while the head waits to publish: ignored by all of it
         head.wait_until(lambda: (job_dir / "address").is_file(), 120, "the head published its address")
         printed = head.printed()
         assert "retrying ray start" in printed and f"{taken} because it's already occupied" in printed, printed
@@ -310,12 +312,12 @@ def test_a_ray_head_whose_port_another_process_takes_first_starts_again_before_p
         assert "all 1 nodes joined: 1 CPUs" in joined.stdout, joined
         # `scancel --signal=USR1 JOB` (no --batch): Slurm signals every process of the step. Ray ignores
         # it (it ended the head's `ray start`) and the head's shell passes it on to the batch shell
-        step = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if _session_of(pid) == head.pid]
-        for pid in step:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGUSR1)
-        head.wait_until(lambda: "passed on to job 4242's batch shell" in head.printed(), 30, "the warning passed on")
-        assert calls.read_text() == "--batch --signal=USR1 4242\n" and len(step) > 3, (calls.read_text(), step)
+        assert not calls.exists(), "a signal before the address is published is not passed on"
+        assert _signal_session(head.pid, signal.SIGUSR1) > 3, "the step's processes: its shell, Ray's"
+        head.wait_until(lambda: "passed on to job 4242_3's batch shell" in head.printed(), 30, "the warning passed on")
+        _signal_session(head.pid, signal.SIGUSR1)
+        head.wait_until(lambda: "passed on once already" in head.printed(), 30, "the second warning")
+        assert calls.read_text() == "--batch --signal=USR1 4242_3\n", calls.read_text()
         again = subprocess.run([sys.executable, "-m", "allcluster.ray_utils", "wait", "1", "30"], cwd=REPO,
                                env={**env, "RAY_ADDRESS": f"127.0.0.1:{second_gcs}"}, capture_output=True, text=True,
                                timeout=60)
@@ -327,11 +329,18 @@ def test_a_ray_head_whose_port_another_process_takes_first_starts_again_before_p
         assert not Path(private).exists(), f"{private} left behind"
 
 
-def _session_of(pid: int) -> int:
-    try:
-        return os.getsid(pid)
-    except OSError:                                     # gone meanwhile
-        return -1
+def _signal_session(sid: int, signum: int) -> int:
+    """Send ``signum`` to every process of session ``sid`` (as Slurm signals every process of a step);
+    how many there were."""
+    members = []
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        with contextlib.suppress(OSError):               # gone meanwhile
+            if os.getsid(pid) == sid:
+                members.append(pid)
+    for pid in members:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+    return len(members)
 
 
 def test_jobs_whose_arguments_are_refused_end_before_ray_starts(slurm, real_manifest, tmp_path):

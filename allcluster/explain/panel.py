@@ -87,7 +87,7 @@ def check_out_dir(out_dir: str | Path) -> Path:
         what = "exists" if existing == out_dir else f"{existing} exists"
         raise ConfigError(f"--out {out_dir}: {what} and is not a folder")
     try:
-        check_writable_folder(out_dir)
+        check_writable_folder(out_dir, readable=False)      # panels are only written there
     except ConfigError as err:
         raise ConfigError(f"--out {err}") from None
     return out_dir
