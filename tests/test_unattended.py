@@ -417,8 +417,8 @@ def test_an_output_on_a_filesystem_without_flock_is_refused_naming_its_lock_file
 
 def test_an_output_on_a_filesystem_out_of_inodes_ends_with_74_naming_the_file(tiny_model_dir, real_data_dir,
                                                                               tmp_path, capsys):
-    """No inode left for OUT/.lock, or for OUT itself, is a full disk (free space, rerun: 74), not a
-    refusal of the command (exit 2)."""
+    """No inode left for OUT/.lock, or for OUT itself, or no room for the lock's holder record, is a full
+    disk (free space, rerun: 74) naming the file, not a refusal of the command (exit 2) nor "writing"."""
     from allcluster.cli import main
 
     with tmpfs(tmp_path / "small", "size=1M,nr_inodes=3") as mount:
@@ -435,6 +435,12 @@ def test_an_output_on_a_filesystem_out_of_inodes_ends_with_74_naming_the_file(ti
         assert main(score_args(tiny_model_dir, real_data_dir, mount / "new-out")) == 74     # no inode for OUT itself
         err = capsys.readouterr().err
         assert f"error: {mount / 'new-out'}: No space left on device" in err, err
+    with tmpfs(tmp_path / "full", "size=4k") as mount:                 # an inode, but no page for the holder record
+        (mount / "filler").write_bytes(b"x" * 4096)
+        (mount / "out").mkdir()
+        assert main(score_args(tiny_model_dir, real_data_dir, mount / "out")) == 74
+        err = capsys.readouterr().err
+        assert f"error: {mount / 'out' / '.lock'}: No space left on device" in err, err
 
 
 def test_an_output_on_a_read_only_filesystem_is_refused_by_the_run_and_its_check_naming_it(tiny_model_dir,
